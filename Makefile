@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (the example DAG end to end) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow_home
+
+.PHONY: venv demo test lint check bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test,lint,emulator]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python -m airflow_provider_kontext.testing.demo
+
+lint: venv
+	$(BIN)/ruff check airflow_provider_kontext tests example_dags
+	$(BIN)/ruff format --check airflow_provider_kontext tests example_dags
+	$(BIN)/mypy
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+check: lint test
+
+clean:
+	rm -rf $(VENV) .airflow_home .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,133 @@
+"""The provider's exceptions: one small hierarchy for every way a call to the API can fail.
+
+Every message is written for the person who has to fix the cause, and none ever contains the API
+token: messages are built from the status, the server's problem document and the request path only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KontextError(Exception):
+    """Base class of every error this provider raises."""
+
+
+class KontextInputError(KontextError, ValueError):
+    """The model inputs or operator arguments are invalid; raised before any HTTP call is made.
+
+    ``errors`` holds one ``(field, message)`` pair per problem, for programs that want them.
+    """
+
+    def __init__(self, message: str, errors: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+class KontextAPIError(KontextError):
+    """The API answered with an error status, or with a body that is not what the API documents.
+
+    :param status: the HTTP status code (``None`` when no response arrived or it was malformed).
+    :param title: the problem's title (RFC 7807 ``title``) or the HTTP reason.
+    :param detail: the problem's detail, or the start of a plain-text body.
+    :param method: the HTTP method of the failed request.
+    :param path: the request path below the base URL (never a full URL, which may carry secrets).
+    :param hint: what the user can do about it.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        status: int | None = None,
+        title: str | None = None,
+        detail: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
+        hint: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.method = method
+        self.path = path
+        self.hint = hint
+        self.retry_after = retry_after
+        super().__init__(message or self._compose())
+
+    def _compose(self) -> str:
+        msg = f"{self.method} {self.path}" if self.method and self.path else (self.path or "Request")
+        msg += " failed"
+        if self.status is not None:
+            msg += f" with HTTP {self.status}"
+        if self.title:
+            msg += f" ({self.title})"
+        if self.detail:
+            msg += f": {self.detail}"
+        if self.hint:
+            msg += f". {self.hint}"
+        return msg
+
+
+class KontextAuthError(KontextAPIError):
+    """401 or 403: the token is missing, wrong, or lacks access."""
+
+
+class KontextNotFoundError(KontextAPIError):
+    """404: the model, version or prediction does not exist (or is not visible to this token)."""
+
+
+class KontextRateLimitError(KontextAPIError):
+    """429: the API throttled the request. ``retry_after`` holds the seconds it asked us to wait."""
+
+
+class KontextServerError(KontextAPIError):
+    """5xx: the API (or a proxy in front of it) failed."""
+
+
+class KontextTransportError(KontextAPIError):
+    """No response arrived: connection refused or reset, DNS failure, timeout.
+
+    ``request_sent`` is ``False`` only where the request provably never left this machine
+    (the connection could not be opened); otherwise the server may have acted on it.
+    """
+
+    def __init__(
+        self, message: str, *, request_sent: bool, method: str | None = None, path: str | None = None
+    ) -> None:
+        self.request_sent = request_sent
+        super().__init__(message, method=method, path=path)
+
+
+class KontextPredictionMayExistError(KontextAPIError):
+    """A create request failed in a way that does not prove the prediction was not created.
+
+    Creating is not idempotent, so it is not retried: a retry could start, and bill, a second
+    prediction. Check the account's predictions list before starting another.
+    """
+
+
+class KontextPredictionFailed(KontextError):
+    """The prediction ended in ``failed``, ``canceled`` or ``aborted``, or did not finish in time.
+
+    :param prediction_id: the prediction's id.
+    :param status: its terminal status (or ``timeout``).
+    :param error: the model's error text, if any.
+    :param logs_tail: the last lines of its logs, to see how far it got.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        prediction_id: str | None = None,
+        status: str | None = None,
+        error: Any = None,
+        logs_tail: str | None = None,
+    ) -> None:
+        self.prediction_id = prediction_id
+        self.status = status
+        self.error = error
+        self.logs_tail = logs_tail
+        super().__init__(message)

@@ -1,0 +1,1 @@
+"""Hooks of the FLUX.1 Kontext provider."""

@@ -1,0 +1,443 @@
+"""What the sync and async paths of the hook share: client settings, request building, the retry
+policy and response parsing. Each fact lives here once; the hook only moves bytes.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+from airflow_provider_kontext.exceptions import (
+    KontextAPIError,
+    KontextAuthError,
+    KontextNotFoundError,
+    KontextPredictionMayExistError,
+    KontextRateLimitError,
+    KontextServerError,
+    KontextTransportError,
+)
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
+
+DEFAULT_BASE_URL = "https://api.replicate.com"
+TOKEN_ENV_VAR = "REPLICATE_API_TOKEN"  # noqa: S105 (the variable's name, not a token)
+USER_AGENT = "airflow-provider-kontext"
+
+_HEX_VERSION = re.compile(r"^[0-9a-f]{64}$")
+_AVAILABLE_IN = re.compile(r"available in (\d+(?:\.\d+)?) second", re.IGNORECASE)
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _number(extras: Mapping[str, Any], key: str, default: float, minimum: float) -> float:
+    value = extras.get(key)
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"connection extra {key!r} must be a number, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"connection extra {key!r} must be at least {minimum}, got {value!r}")
+    return number
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Everything a request needs from the connection. ``token`` never shows in ``repr``."""
+
+    conn_id: str
+    base_url: str
+    token: str | None = field(default=None, repr=False)
+    timeout: float = 30.0
+    connect_timeout: float = 10.0
+    max_retries: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+    retry_after_max: float = 60.0
+
+    @classmethod
+    def from_connection(
+        cls,
+        conn: Any,
+        *,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+    ) -> ClientSettings:
+        """Build settings from an Airflow ``Connection`` (sync or async lookup alike).
+
+        ``host`` is the base URL (a scheme-less host means https); ``password`` the token, else the
+        ``REPLICATE_API_TOKEN`` environment variable, else none (some proxies need none).
+
+        :raises ValueError: an extra is not a number or is out of range.
+        """
+        extras: Mapping[str, Any] = conn.extra_dejson or {}
+        return cls(
+            conn_id=conn.conn_id,
+            base_url=normalize_base_url(conn.host, conn.port),
+            token=conn.password or os.environ.get(TOKEN_ENV_VAR) or None,
+            timeout=timeout if timeout is not None else _number(extras, "timeout", 30.0, 1),
+            connect_timeout=_number(extras, "connect_timeout", 10.0, 0.1),
+            max_retries=(
+                max_retries if max_retries is not None else int(_number(extras, "max_retries", 5, 0))
+            ),
+            backoff_base=_number(extras, "backoff_base", 1.0, 0),
+            backoff_max=_number(extras, "backoff_max", 30.0, 0),
+            retry_after_max=_number(extras, "retry_after_max", 60.0, 0),
+        )
+
+    def secrets(self) -> list[str]:
+        """Values that must never be shown: the token and any credential in the base URL."""
+        found = [self.token] if self.token else []
+        parts = urlsplit(self.base_url)
+        if parts.password:
+            found.append(parts.password)
+        found.extend(value for _, value in parse_qsl(parts.query) if len(value) >= 6)
+        return found
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets():
+            text = text.replace(secret, "***")
+        return text
+
+    def url(self, path: str) -> str:
+        parts = urlsplit(self.base_url)
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path))
+
+    def headers(self, extra: Mapping[str, str]) -> dict[str, str]:
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        headers.update(extra)
+        return headers
+
+
+def normalize_base_url(host: str | None, port: int | None = None) -> str:
+    """The base URL from a connection's host: a default, a scheme if missing, no trailing ``/v1``."""
+    if not host:
+        return DEFAULT_BASE_URL
+    url = host.strip()
+    if "://" not in url:
+        url = f"https://{url}"
+    parts = urlsplit(url)
+    if port and not parts.port:
+        parts = parts._replace(netloc=f"{parts.netloc}:{port}")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    return urlunsplit(parts._replace(path=path))
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """One API call as data, so the sync and async paths build and judge it identically.
+
+    ``idempotent`` is ``False`` for calls that create billable work: those are retried only where
+    the request provably did not reach the server.
+    """
+
+    method: str
+    path: str
+    json: dict[str, Any] | None = None
+    files: dict[str, tuple[str, bytes, str]] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    idempotent: bool = True
+    read_timeout: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.path}"
+
+
+def create_prediction_request(
+    model: str,
+    model_input: dict[str, Any],
+    *,
+    wait: int | None = None,
+    cancel_after: float | None = None,
+    webhook: str | None = None,
+    webhook_events_filter: list[str] | None = None,
+) -> ApiRequest:
+    """``POST /v1/models/{owner}/{name}/predictions``, or ``/v1/predictions`` for a pinned version.
+
+    :param wait: seconds (1..60) to hold the request open for the result (``Prefer: wait``).
+    :param cancel_after: seconds after which Replicate cancels the prediction (``Cancel-After``).
+    """
+    body: dict[str, Any] = {"input": model_input}
+    if webhook:
+        body["webhook"] = webhook
+        if webhook_events_filter:
+            body["webhook_events_filter"] = list(webhook_events_filter)
+    name, _, version = model.partition(":")
+    if version or _HEX_VERSION.match(name):
+        path = "/v1/predictions"
+        body["version"] = version or name
+    else:
+        owner, slash, rest = name.partition("/")
+        if not slash or not owner or not rest or "/" in rest:
+            raise ValueError(f"model must be 'owner/name' or 'owner/name:version', got {model!r}")
+        path = f"/v1/models/{owner}/{rest}/predictions"
+    headers: dict[str, str] = {}
+    read_timeout = None
+    if wait is not None:
+        if not 1 <= wait <= 60:
+            raise ValueError(f"wait must be between 1 and 60 seconds, got {wait}")
+        headers["Prefer"] = f"wait={wait}"
+        read_timeout = wait + 15.0
+    if cancel_after is not None:
+        headers["Cancel-After"] = f"{max(5, int(cancel_after))}s"
+    return ApiRequest("POST", path, json=body, headers=headers, idempotent=False, read_timeout=read_timeout)
+
+
+def _prediction_path(prediction_id: str) -> str:
+    if not prediction_id or not re.fullmatch(r"[A-Za-z0-9_-]+", prediction_id):
+        raise ValueError(f"not a prediction id: {prediction_id!r}")
+    return f"/v1/predictions/{prediction_id}"
+
+
+def get_prediction_request(prediction_id: str) -> ApiRequest:
+    return ApiRequest("GET", _prediction_path(prediction_id))
+
+
+def cancel_prediction_request(prediction_id: str) -> ApiRequest:
+    return ApiRequest("POST", _prediction_path(prediction_id) + "/cancel")
+
+
+def account_request() -> ApiRequest:
+    return ApiRequest("GET", "/v1/account")
+
+
+def upload_file_request(content: bytes, filename: str, content_type: str) -> ApiRequest:
+    """``POST /v1/files``. Retried like a read: a duplicate upload costs nothing."""
+    return ApiRequest(
+        "POST", "/v1/files", files={"content": (filename, content, content_type)}, read_timeout=120.0
+    )
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+def parse_retry_after(headers: Mapping[str, str], detail: str | None) -> float | None:
+    """Seconds to wait from ``Retry-After`` (seconds or HTTP date), else from Replicate's 429 text."""
+    value = headers.get("retry-after") or headers.get("Retry-After")
+    if value:
+        value = value.strip()
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                when = None
+            if when is not None:
+                return max(0.0, when.timestamp() - time.time())
+    if detail and (match := _AVAILABLE_IN.search(detail)):
+        return float(match.group(1))
+    return None
+
+
+def _problem(body: bytes, content_type: str) -> tuple[str | None, str | None]:
+    """(title, detail) from a problem+json document, a JSON error, an HTML page or plain text."""
+    text = body.decode("utf-8", errors="replace").strip()
+    if not text:
+        return None, None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        title = doc.get("title")
+        detail = doc.get("detail") or doc.get("error") or doc.get("message")
+        if isinstance(detail, dict | list):
+            detail = json.dumps(detail)[:500]
+        return (str(title) if title else None), (str(detail)[:1000] if detail else None)
+    if "html" in content_type or text.lstrip().startswith("<"):
+        match = _HTML_TITLE.search(text)
+        page = re.sub(r"\s+", " ", match.group(1)).strip() if match else "no title"
+        return None, f"an HTML page ({page[:200]}) instead of the API's JSON; is the base URL right?"
+    return None, re.sub(r"\s+", " ", text)[:500]
+
+
+def parse_response(
+    settings: ClientSettings,
+    request: ApiRequest,
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+) -> Any:
+    """Decode a 2xx JSON body, or raise the matching exception for any other answer.
+
+    :raises KontextAuthError: 401/403. :raises KontextNotFoundError: 404.
+    :raises KontextRateLimitError: 429 (with ``retry_after``). :raises KontextServerError: 5xx.
+    :raises KontextAPIError: any other error status, or a 2xx body that is not JSON.
+    """
+    content_type = headers.get("content-type") or headers.get("Content-Type") or ""
+    if 200 <= status < 300:
+        try:
+            return json.loads(body) if body else None
+        except ValueError:
+            _, detail = _problem(body, content_type)
+            raise KontextAPIError(
+                status=status,
+                title="malformed response",
+                detail=settings.redact(detail or "empty body") + " (expected JSON)",
+                method=request.method,
+                path=request.path,
+            ) from None
+    title, detail = _problem(body, content_type)
+    if detail:
+        detail = settings.redact(detail)
+    kwargs: dict[str, Any] = {
+        "status": status,
+        "title": title,
+        "detail": detail,
+        "method": request.method,
+        "path": request.path,
+    }
+    if status in (401, 403):
+        return _raise(
+            KontextAuthError,
+            kwargs,
+            hint=f"Check the API token in connection {settings.conn_id!r} (its password field, or the "
+            f"{TOKEN_ENV_VAR} environment variable)" + ("" if settings.token else "; no token is configured"),
+        )
+    if status == 404:
+        return _raise(KontextNotFoundError, kwargs, hint="Check the model name, version or prediction id")
+    if status == 429:
+        return _raise(KontextRateLimitError, kwargs, retry_after=parse_retry_after(headers, detail))
+    if status >= 500:
+        return _raise(KontextServerError, kwargs)
+    return _raise(KontextAPIError, kwargs)
+
+
+def _raise(cls: type[KontextAPIError], kwargs: dict[str, Any], **more: Any) -> Any:
+    raise cls(**kwargs, **more)
+
+
+# --- transport failures --------------------------------------------------------------------------
+
+
+def _not_sent_by_requests(exc: BaseException) -> bool:
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError) and not isinstance(
+        exc, requests.exceptions.SSLError
+    ):
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None
+        return isinstance(reason, NewConnectionError) or isinstance(exc.args[0], NewConnectionError)
+    return False
+
+
+def _not_sent_by_httpx(exc: BaseException) -> bool:
+    import httpx
+
+    if not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return False
+    cause = exc.__cause__
+    if cause is None or not type(cause).__module__.startswith("aiohttp"):
+        return True  # httpx's own transports raise these only before the request is written
+    import aiohttp
+
+    # httpx-aiohttp maps every aiohttp ClientConnectionError (a dropped keep-alive connection
+    # included) to ConnectTimeout, so only connector failures prove nothing was sent.
+    return isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+
+
+def transport_error(
+    settings: ClientSettings, request: ApiRequest, exc: BaseException
+) -> KontextTransportError:
+    """Wrap a requests/httpx transport exception, deciding whether the request provably never left."""
+    not_sent = (
+        _not_sent_by_httpx(exc) if type(exc).__module__.startswith("httpx") else _not_sent_by_requests(exc)
+    )
+    reason = settings.redact(f"{type(exc).__name__}: {exc}")[:500]
+    where = "could not connect" if not_sent else "no complete response"
+    return KontextTransportError(
+        f"{request.label} failed ({where}): {reason}",
+        request_sent=not not_sent,
+        method=request.method,
+        path=request.path,
+    )
+
+
+# --- retry policy --------------------------------------------------------------------------------
+
+
+def is_transient(exc: BaseException, request: ApiRequest) -> bool:
+    """Whether ``request`` may be sent again after ``exc``.
+
+    Reads are retried on 429, 5xx and transport errors. A non-idempotent create only on 429
+    (throttled before anything was created) and where the connection never opened.
+    """
+    if isinstance(exc, KontextRateLimitError):
+        return True
+    if isinstance(exc, KontextTransportError):
+        return request.idempotent or not exc.request_sent
+    if isinstance(exc, KontextServerError):
+        return request.idempotent
+    return False
+
+
+def backoff_seconds(settings: ClientSettings, attempt: int, exc: BaseException | None) -> float:
+    """Wait before retry number ``attempt`` (1-based): the server's ``Retry-After`` when given
+    (capped at ``retry_after_max``), else capped exponential backoff with jitter."""
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        return float(min(retry_after, settings.retry_after_max)) + random.uniform(0, 0.1)
+    ceiling: float = min(settings.backoff_max, settings.backoff_base * (2 ** (attempt - 1)))
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+def retry_kwargs(
+    settings: ClientSettings,
+    request: ApiRequest,
+    log_retry: Callable[[ApiRequest, int, BaseException, float], None],
+) -> dict[str, Any]:
+    """Keyword arguments for ``tenacity.Retrying`` and ``tenacity.AsyncRetrying`` alike."""
+    from tenacity import retry_if_exception, stop_after_attempt
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        return backoff_seconds(settings, state.attempt_number, exc)
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.upcoming_sleep if state.upcoming_sleep is not None else 0.0
+        if exc is not None:
+            log_retry(request, state.attempt_number, exc, delay)
+
+    return {
+        "stop": stop_after_attempt(settings.max_retries + 1),
+        "wait": wait,
+        "retry": retry_if_exception(lambda exc: is_transient(exc, request)),
+        "before_sleep": before_sleep,
+        "reraise": True,
+    }
+
+
+def final_error(request: ApiRequest, exc: BaseException) -> BaseException:
+    """The exception to raise once retrying stops: a create that may have reached the server
+    says so, so nobody retries it blindly and pays twice."""
+    if request.idempotent or not isinstance(exc, KontextTransportError | KontextServerError):
+        return exc
+    if isinstance(exc, KontextTransportError) and not exc.request_sent:
+        return exc
+    return KontextPredictionMayExistError(
+        f"{exc} -- the create request may have reached the server, so a prediction may exist and be "
+        "billed. It was not retried automatically, to avoid starting a second one; look for it in the "
+        "account's prediction list before starting another.",
+        status=getattr(exc, "status", None),
+        method=request.method,
+        path=request.path,
+    )

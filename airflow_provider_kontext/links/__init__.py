@@ -1,0 +1,1 @@
+"""Links of the FLUX.1 Kontext provider."""

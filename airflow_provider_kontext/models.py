@@ -1,0 +1,316 @@
+"""Pydantic models: the single source of the models' input schemas and of the prediction's shape.
+
+The operator validates its inputs here before any HTTP call, the hook parses every response here,
+and the emulator answers 422 from the same models, so a rule is written once.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from airflow_provider_kontext.exceptions import KontextInputError
+
+DEFAULT_MODEL = "black-forest-labs/flux-kontext-dev"
+
+#: Schemes accepted for an image handed to the model by reference.
+IMAGE_URI_SCHEMES = ("https://", "http://", "data:")
+
+#: Content types the model accepts for ``input_image``.
+IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+AspectRatio = Literal[
+    "match_input_image", "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"
+]
+ProAspectRatio = Literal[
+    "match_input_image",
+    "1:1",
+    "16:9",
+    "21:9",
+    "3:2",
+    "2:3",
+    "4:5",
+    "5:4",
+    "3:4",
+    "4:3",
+    "9:16",
+    "9:21",
+    "2:1",
+    "1:2",
+]
+
+
+def _check_image_uri(value: str) -> str:
+    if not value.startswith(IMAGE_URI_SCHEMES):
+        raise ValueError(
+            "must be an http(s) URL or a data: URI (local files, ObjectStoragePath and bytes are "
+            "uploaded by the operator first)"
+        )
+    return value
+
+
+class _KontextInput(BaseModel):
+    """Common configuration: unknown keys are errors, whitespace-only prompts are errors."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False, frozen=True)
+
+    prompt: str = Field(min_length=1, max_length=10_000, description="The edit instruction.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
+class FluxKontextDevInput(_KontextInput):
+    """Inputs of ``black-forest-labs/flux-kontext-dev`` with Replicate's defaults and bounds."""
+
+    input_image: str = Field(description="The image to edit: an https URL or a data: URI.")
+    aspect_ratio: AspectRatio = "match_input_image"
+    num_inference_steps: int = Field(28, ge=4, le=50)
+    guidance: float = Field(2.5, ge=0, le=10)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="0 or unset means random.")
+    output_format: Literal["webp", "jpg", "png"] = "webp"
+    output_quality: int = Field(80, ge=0, le=100, description="Ignored for png.")
+    disable_safety_checker: bool = False
+    go_fast: bool = True
+
+    @field_validator("input_image")
+    @classmethod
+    def _image_uri(cls, value: str) -> str:
+        return _check_image_uri(value)
+
+
+class FluxKontextProInput(_KontextInput):
+    """Inputs of ``flux-kontext-pro`` and ``flux-kontext-max``."""
+
+    input_image: str | None = None
+    aspect_ratio: ProAspectRatio = "match_input_image"
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    output_format: Literal["jpg", "png"] = "png"
+    safety_tolerance: int = Field(2, ge=0, le=6)
+    prompt_upsampling: bool = False
+
+    @field_validator("input_image")
+    @classmethod
+    def _image_uri(cls, value: str | None) -> str | None:
+        return None if value is None else _check_image_uri(value)
+
+    @model_validator(mode="after")
+    def _tolerance_with_image(self) -> FluxKontextProInput:
+        if self.input_image is not None and self.safety_tolerance > 2:
+            raise ValueError("safety_tolerance must be at most 2 when input_image is given")
+        return self
+
+
+class PassThroughInput(_KontextInput):
+    """Inputs of a Kontext model this provider has no schema for: ``prompt`` is checked, the rest is
+    passed through as given, so a newer model version is never blocked by this package."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+INPUT_MODELS: dict[str, type[_KontextInput]] = {
+    "black-forest-labs/flux-kontext-dev": FluxKontextDevInput,
+    "black-forest-labs/flux-kontext-pro": FluxKontextProInput,
+    "black-forest-labs/flux-kontext-max": FluxKontextProInput,
+}
+
+
+def model_name(model: str) -> str:
+    """``owner/name`` of a model reference that may carry a ``:version`` suffix."""
+    return model.split(":", 1)[0]
+
+
+def input_model_for(model: str) -> type[_KontextInput]:
+    """The input schema of ``model`` (``owner/name`` or ``owner/name:version``)."""
+    return INPUT_MODELS.get(model_name(model), PassThroughInput)
+
+
+def _describe(error: Any) -> tuple[str, str]:
+    loc = ".".join(str(part) for part in error["loc"]) or "input"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return loc, "unknown input"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if "input" in error and kind not in ("missing",):
+        shown = repr(error["input"])
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        message += f" (got {shown})"
+    return loc, message
+
+
+def validate_input(model: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``values`` against ``model``'s schema and return the JSON body's ``input``.
+
+    Only the keys the caller gave are sent (the model's own defaults apply to the rest), with
+    values normalised by the schema (``"28"`` from a template becomes ``28``).
+
+    :raises KontextInputError: naming each bad field, what is allowed, and what was given.
+    """
+    schema = input_model_for(model)
+    try:
+        parsed = schema.model_validate(values)
+    except ValidationError as exc:
+        problems = [_describe(err) for err in exc.errors()]
+        allowed = sorted(schema.model_fields)
+        lines = [f"{field}: {msg}" for field, msg in problems]
+        if any(msg == "unknown input" for _, msg in problems):
+            lines.append(f"allowed inputs for {model_name(model)}: {', '.join(allowed)}")
+        raise KontextInputError(
+            f"Invalid input for {model_name(model)}: " + "; ".join(lines), errors=problems
+        ) from None
+    return parsed.model_dump(mode="json", exclude_unset=True)
+
+
+class PredictionStatus(str, enum.Enum):
+    """Replicate's prediction statuses. ``aborted`` is terminal too (official clients forget it)."""
+
+    STARTING = "starting"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    ABORTED = "aborted"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {PredictionStatus.SUCCEEDED, PredictionStatus.FAILED, PredictionStatus.CANCELED, PredictionStatus.ABORTED}
+)
+
+
+class PredictionUrls(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    get: str | None = None
+    cancel: str | None = None
+    web: str | None = None
+    stream: str | None = None
+
+
+class PredictionMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    predict_time: float | None = None
+    total_time: float | None = None
+
+
+class Prediction(BaseModel):
+    """A prediction as the API returns it.
+
+    Also accepts the images-API shape some proxies answer with,
+    ``{"created": <unix time>, "data": [{"url": ...}, ...]}``: that is a finished edit, so it parses to
+    a ``succeeded`` prediction without an id whose output is those URLs.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    model: str | None = None
+    version: str | None = None
+    status: PredictionStatus
+    input: dict[str, Any] | None = None
+    output: Any = None
+    logs: str | None = None
+    error: Any = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    data_removed: bool = False
+    urls: PredictionUrls = Field(default_factory=PredictionUrls)
+    metrics: PredictionMetrics = Field(default_factory=PredictionMetrics)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _images_api_shape(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "status" not in data and isinstance(data.get("data"), list):
+            urls = [item.get("url") if isinstance(item, dict) else item for item in data["data"]]
+            created = data.get("created")
+            when = datetime.fromtimestamp(created).astimezone() if isinstance(created, int | float) else None
+            return {
+                "id": data.get("id"),
+                "status": PredictionStatus.SUCCEEDED,
+                "output": urls,
+                "created_at": when,
+                "completed_at": when,
+            }
+        return data
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+    @property
+    def output_urls(self) -> list[str]:
+        """The output as a list of URL strings, whatever shape the model or proxy used.
+
+        A single string, a list of strings, a list of ``{"url": ...}`` objects, ``data:`` URIs and
+        ``null`` are all handled; ``null`` (still running, or deleted after retention) gives ``[]``.
+        """
+        return _urls_in(self.output)
+
+    @property
+    def web_url(self) -> str | None:
+        return self.urls.web
+
+    def logs_tail(self, lines: int = 20, max_chars: int = 4000) -> str:
+        """The last ``lines`` lines of the logs, at most ``max_chars`` characters."""
+        if not self.logs:
+            return ""
+        tail = "\n".join(self.logs.rstrip("\n").splitlines()[-lines:])
+        return tail[-max_chars:]
+
+
+def _urls_in(output: Any) -> list[str]:
+    if output is None:
+        return []
+    if isinstance(output, str):
+        return [output]
+    if isinstance(output, dict):
+        url = output.get("url")
+        return [url] if isinstance(url, str) else []
+    if isinstance(output, list):
+        return [url for item in output for url in _urls_in(item)]
+    return []
+
+
+class Account(BaseModel):
+    """``GET /v1/account``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str | None = None
+    username: str
+    name: str | None = None
+    github_url: str | None = None
+
+
+class FileUrls(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    get: str
+
+
+class UploadedFile(BaseModel):
+    """A file created with ``POST /v1/files``; ``urls.get`` is what a model input refers to."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    name: str | None = None
+    content_type: str | None = None
+    size: int | None = None
+    urls: FileUrls
+    expires_at: datetime | None = None

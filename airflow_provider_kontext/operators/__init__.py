@@ -1,0 +1,1 @@
+"""Operators of the FLUX.1 Kontext provider."""

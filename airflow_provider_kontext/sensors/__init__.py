@@ -1,0 +1,1 @@
+"""Sensors of the FLUX.1 Kontext provider."""

@@ -1,0 +1,1 @@
+"""Triggers of the FLUX.1 Kontext provider."""

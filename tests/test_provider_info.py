@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from airflow_provider_kontext import __version__
+from airflow_provider_kontext.get_provider_info import get_provider_info
+from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+
+def test_entry_point_returns_provider_info() -> None:
+    (ep,) = [
+        e
+        for e in entry_points(group="apache_airflow_provider")
+        if e.value.startswith("airflow_provider_kontext")
+    ]
+    info = ep.load()()
+    assert info["package-name"] == "airflow-provider-kontext"
+    assert info["versions"] == [__version__]
+    (conn,) = info["connection-types"]
+    assert conn["connection-type"] == FluxKontextHook.conn_type == "flux_kontext"
+    assert conn["hook-class-name"] == f"{FluxKontextHook.__module__}.{FluxKontextHook.__name__}"
+
+
+def test_ui_field_behaviour_matches_provider_info() -> None:
+    (conn,) = get_provider_info()["connection-types"]
+    assert FluxKontextHook.get_ui_field_behaviour() == conn["ui-field-behaviour"]
+    assert conn["ui-field-behaviour"]["relabeling"]["password"] == "API Token"
