@@ -15,11 +15,11 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python -m airflow_provider_kontext.testing.demo
+	$(BIN)/python scripts/demo.py
 
 lint: venv
-	$(BIN)/ruff check airflow_provider_kontext tests example_dags
-	$(BIN)/ruff format --check airflow_provider_kontext tests example_dags
+	$(BIN)/ruff check airflow_provider_kontext tests example_dags scripts
+	$(BIN)/ruff format --check airflow_provider_kontext tests example_dags scripts
 	$(BIN)/mypy
 
 test: venv

@@ -49,6 +49,10 @@ def _check_image_uri(value: str) -> str:
             "must be an http(s) URL or a data: URI (local files, ObjectStoragePath and bytes are "
             "uploaded by the operator first)"
         )
+    if value.startswith("data:"):
+        media_type = value[5:].split(";", 1)[0].split(",", 1)[0].strip().lower()
+        if media_type not in (*IMAGE_CONTENT_TYPES, "image/jpg"):
+            raise ValueError(f"data: URI must hold one of {', '.join(IMAGE_CONTENT_TYPES)}")
     return value
 
 

@@ -222,6 +222,25 @@ def upload_file_request(content: bytes, filename: str, content_type: str) -> Api
     )
 
 
+def download_request(settings: ClientSettings, url: str) -> ApiRequest:
+    """``GET`` of an output file. ``path`` is the URL without query (which may hold a signature);
+    ``headers`` carry the token only when the file is on the API's own origin.
+
+    :raises KontextAPIError: the URL is not http(s) (``file:``, ``javascript:``, ...).
+    """
+    parts = urlsplit(url)
+    shown = urlunsplit(parts._replace(query="", fragment="", netloc=parts.hostname or ""))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise KontextAPIError(
+            title="refused",
+            detail=f"output URL {shown[:200]!r} is not an http(s) URL; it is not downloaded",
+        )
+    base = urlsplit(settings.base_url)
+    same_origin = (parts.scheme, parts.hostname, parts.port) == (base.scheme, base.hostname, base.port)
+    headers = {"Authorization": f"Bearer {settings.token}"} if same_origin and settings.token else {}
+    return ApiRequest("GET", shown, headers=headers)
+
+
 # --- responses ---------------------------------------------------------------------------------
 
 
@@ -284,7 +303,7 @@ def parse_response(
         try:
             return json.loads(body) if body else None
         except ValueError:
-            _, detail = _problem(body, content_type)
+            _, detail = _problem(_redacted(settings, body), content_type)
             raise KontextAPIError(
                 status=status,
                 title="malformed response",
@@ -292,9 +311,9 @@ def parse_response(
                 method=request.method,
                 path=request.path,
             ) from None
-    title, detail = _problem(body, content_type)
-    if detail:
-        detail = settings.redact(detail)
+    # Redact the whole body before it is parsed and shortened: a token echoed in the problem's title,
+    # or cut in half by the truncation of a long detail, must not show either.
+    title, detail = _problem(_redacted(settings, body), content_type)
     kwargs: dict[str, Any] = {
         "status": status,
         "title": title,
@@ -316,6 +335,10 @@ def parse_response(
     if status >= 500:
         return _raise(KontextServerError, kwargs)
     return _raise(KontextAPIError, kwargs)
+
+
+def _redacted(settings: ClientSettings, body: bytes) -> bytes:
+    return settings.redact(body.decode("utf-8", errors="replace")).encode()
 
 
 def _raise(cls: type[KontextAPIError], kwargs: dict[str, Any], **more: Any) -> Any:

@@ -11,22 +11,25 @@ import time
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from airflow.sdk import BaseHook
+from pydantic import BaseModel, ValidationError
 
-from airflow_provider_kontext.exceptions import KontextError
+from airflow_provider_kontext.exceptions import KontextAPIError, KontextError
 from airflow_provider_kontext.get_provider_info import (
     CONN_TYPE,
     DEFAULT_CONN_ID,
     UI_FIELD_BEHAVIOUR,
 )
 from airflow_provider_kontext.hooks._http import (
+    USER_AGENT,
     ApiRequest,
     ClientSettings,
     account_request,
     cancel_prediction_request,
     create_prediction_request,
+    download_request,
     final_error,
     get_prediction_request,
     parse_response,
@@ -123,6 +126,7 @@ class FluxKontextHook(BaseHook):
         self._settings: ClientSettings | None = None
         self._session: requests.Session | None = None
         self._aclient: httpx.AsyncClient | None = None
+        self._aclient_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(flux_kontext_conn_id={self.flux_kontext_conn_id!r})"
@@ -229,8 +233,17 @@ class FluxKontextHook(BaseHook):
         import httpx
 
         self._log_attempt(request, attempt, quiet)
-        if self._aclient is None or self._aclient.is_closed:
+        loop = asyncio.get_running_loop()
+        if (
+            self._aclient is None
+            or self._aclient.is_closed
+            or self._aclient_loop is None
+            or self._aclient_loop() is not loop
+        ):
+            # A client left from another (finished) event loop is bound to it: using it here raises
+            # "Event loop is closed". It cannot be released from this loop either, so it is dropped.
             self._aclient = self._make_async_client()
+            self._aclient_loop = weakref.ref(loop)
         try:
             response = await self._aclient.request(
                 request.method,
@@ -259,7 +272,9 @@ class FluxKontextHook(BaseHook):
     async def aclose(self) -> None:
         """Release the async client (closed once no other hook in this event loop uses it)."""
         client, self._aclient = self._aclient, None
-        if client is not None:
+        same_loop = self._aclient_loop is not None and self._aclient_loop() is asyncio.get_running_loop()
+        self._aclient_loop = None
+        if client is not None and same_loop:
             await _SharedAsyncClient.release(client)
 
     async def __aenter__(self) -> FluxKontextHook:
@@ -303,19 +318,19 @@ class FluxKontextHook(BaseHook):
             webhook=webhook,
             webhook_events_filter=webhook_events_filter,
         )
-        return Prediction.model_validate(self._request(request))
+        return _parsed(Prediction, self._request(request))
 
     def get_prediction(self, prediction_id: str) -> Prediction:
         """The prediction's current state."""
-        return Prediction.model_validate(self._request(get_prediction_request(prediction_id), quiet=True))
+        return _parsed(Prediction, self._request(get_prediction_request(prediction_id), quiet=True))
 
     def cancel_prediction(self, prediction_id: str) -> Prediction:
         """Ask Replicate to cancel the prediction; returns its state after the request."""
-        return Prediction.model_validate(self._request(cancel_prediction_request(prediction_id)))
+        return _parsed(Prediction, self._request(cancel_prediction_request(prediction_id)))
 
     def get_account(self) -> Account:
         """The account the token belongs to (``GET /v1/account``, free and side-effect free)."""
-        return Account.model_validate(self._request(account_request()))
+        return _parsed(Account, self._request(account_request()))
 
     def upload_file(
         self,
@@ -329,7 +344,58 @@ class FluxKontextHook(BaseHook):
         :param content: the bytes, a binary file object, or a local path.
         """
         data, name = _read_content(content, filename)
-        return UploadedFile.model_validate(self._request(upload_file_request(data, name, content_type)))
+        return _parsed(UploadedFile, self._request(upload_file_request(data, name, content_type)))
+
+    def download(self, url: str, dest: IO[bytes], *, max_bytes: int) -> str:
+        """Stream an output file into ``dest``; return its content type.
+
+        Only http(s) URLs are fetched. The token is sent only to the API's own origin (output files
+        on other hosts, like ``replicate.delivery``, never see it). Transient failures are retried
+        like any read; a retry starts the file over, so ``dest`` must be seekable.
+
+        :raises KontextAPIError: an error status, a non-http(s) URL, or a body over ``max_bytes``.
+        """
+        import requests
+        from tenacity import Retrying
+
+        settings = self.settings
+        request = download_request(settings, url)
+
+        def attempt_once(number: int) -> str:
+            self._log_attempt(request, number, quiet=False)
+            dest.seek(0)
+            dest.truncate()
+            try:
+                with self.get_conn().get(
+                    url,
+                    headers={"User-Agent": USER_AGENT, **request.headers},
+                    timeout=(settings.connect_timeout, settings.timeout),
+                    stream=True,
+                    allow_redirects=True,
+                ) as response:
+                    if response.status_code >= 300:
+                        parse_response(
+                            settings, request, response.status_code, response.headers, response.content
+                        )
+                    size = 0
+                    for chunk in response.iter_content(chunk_size=1 << 16):
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise KontextAPIError(
+                                title="output too large",
+                                detail=f"more than {max_bytes} bytes",
+                                method="GET",
+                                path=request.path,
+                            )
+                        dest.write(chunk)
+                    return str(response.headers.get("content-type", ""))
+            except requests.exceptions.RequestException as exc:
+                raise transport_error(settings, request, exc) from None
+
+        for attempt in Retrying(sleep=self._sleep, **retry_kwargs(settings, request, self._log_retry)):
+            with attempt:
+                return attempt_once(attempt.retry_state.attempt_number)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def test_connection(self) -> tuple[bool, str]:
         """Call ``GET /v1/account`` and say whose account the token opens, or why it failed."""
@@ -361,30 +427,42 @@ class FluxKontextHook(BaseHook):
             webhook=webhook,
             webhook_events_filter=webhook_events_filter,
         )
-        return Prediction.model_validate(await self._arequest(request))
+        return _parsed(Prediction, await self._arequest(request))
 
     async def aget_prediction(self, prediction_id: str) -> Prediction:
         """Async twin of :meth:`get_prediction`."""
-        return Prediction.model_validate(
-            await self._arequest(get_prediction_request(prediction_id), quiet=True)
-        )
+        return _parsed(Prediction, await self._arequest(get_prediction_request(prediction_id), quiet=True))
 
     async def acancel_prediction(self, prediction_id: str) -> Prediction:
         """Async twin of :meth:`cancel_prediction`."""
-        return Prediction.model_validate(await self._arequest(cancel_prediction_request(prediction_id)))
+        return _parsed(Prediction, await self._arequest(cancel_prediction_request(prediction_id)))
 
     async def aget_account(self) -> Account:
         """Async twin of :meth:`get_account`."""
-        return Account.model_validate(await self._arequest(account_request()))
+        return _parsed(Account, await self._arequest(account_request()))
 
     async def aupload_file(
         self, content: bytes | IO[bytes] | str | Path, *, filename: str | None = None, content_type: str
     ) -> UploadedFile:
         """Async twin of :meth:`upload_file` (a path or file object is read in a thread)."""
         data, name = await asyncio.to_thread(_read_content, content, filename)
-        return UploadedFile.model_validate(
-            await self._arequest(upload_file_request(data, name, content_type))
+        return _parsed(UploadedFile, await self._arequest(upload_file_request(data, name, content_type)))
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _parsed(model: type[_M], data: Any) -> _M:
+    """Validate a response body; an answer of the wrong shape is an API error, not a crash."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:5]
         )
+        raise KontextAPIError(
+            title="unexpected response", detail=f"not a valid {model.__name__}: {problems}"
+        ) from None
 
 
 def _read_content(content: bytes | IO[bytes] | str | Path, filename: str | None) -> tuple[bytes, str]:

@@ -1,0 +1,25 @@
+"""Operator extra link to the prediction's page on Replicate (or the proxy's equivalent)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from airflow.sdk import BaseOperatorLink
+from airflow.sdk.execution_time.xcom import XCom
+
+if TYPE_CHECKING:
+    from airflow.sdk import BaseOperator
+    from airflow.sdk.types import TaskInstanceKey
+
+#: The XCom key under which the operator pushes the prediction's web URL right after creating it.
+WEB_URL_XCOM_KEY = "prediction_web_url"
+
+
+class ReplicatePredictionLink(BaseOperatorLink):
+    """ "Replicate prediction": the web page of the prediction the task started (empty before)."""
+
+    name = "Replicate prediction"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        url = XCom.get_value(ti_key=ti_key, key=WEB_URL_XCOM_KEY)
+        return url if isinstance(url, str) and url.startswith(("https://", "http://")) else ""

@@ -1,0 +1,109 @@
+"""``FluxKontextPredictionTrigger``: waits for a prediction in the triggerer, off the worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_kontext.exceptions import KontextError
+from airflow_provider_kontext.get_provider_info import DEFAULT_CONN_ID
+from airflow_provider_kontext.progress import PredictionPoller, error_event
+
+__all__ = ["FluxKontextPredictionTrigger"]
+
+
+class FluxKontextPredictionTrigger(BaseTrigger):
+    """Polls one prediction until it reaches a terminal status or the deadline passes, then fires
+    exactly one event (see :mod:`airflow_provider_kontext.progress` for its shape).
+
+    It only reads: it never creates a prediction, so a restarted or duplicated trigger (triggerer
+    restart, HA triggerers) is harmless. Its kwargs are ids and numbers only, never a secret: the
+    token is looked up from the connection at run time. Status changes and new model log lines go to
+    the task's log. Transient poll failures (network, 429, 5xx) are retried by the hook and then
+    tolerated ``max_consecutive_errors`` times; auth and not-found errors end the wait with an
+    ``error`` event.
+
+    :param prediction_id: the prediction to watch.
+    :param flux_kontext_conn_id: the connection to poll with.
+    :param poll_interval: seconds between polls.
+    :param end_time: Unix time at which to give up with a ``timeout`` event (``None``: no deadline).
+    :param cancel_on_kill: cancel the prediction when a user kills the deferred task (Airflow >= 3.3).
+    :param max_consecutive_errors: failed polls in a row tolerated before an ``error`` event.
+    """
+
+    def __init__(
+        self,
+        prediction_id: str,
+        flux_kontext_conn_id: str = DEFAULT_CONN_ID,
+        poll_interval: float = 2.0,
+        end_time: float | None = None,
+        cancel_on_kill: bool = True,
+        max_consecutive_errors: int = 10,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.prediction_id = prediction_id
+        self.flux_kontext_conn_id = flux_kontext_conn_id
+        self.poll_interval = float(poll_interval)
+        self.end_time = None if end_time is None else float(end_time)
+        self.cancel_on_kill = bool(cancel_on_kill)
+        self.max_consecutive_errors = int(max_consecutive_errors)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "prediction_id": self.prediction_id,
+                "flux_kontext_conn_id": self.flux_kontext_conn_id,
+                "poll_interval": self.poll_interval,
+                "end_time": self.end_time,
+                "cancel_on_kill": self.cancel_on_kill,
+                "max_consecutive_errors": self.max_consecutive_errors,
+            },
+        )
+
+    def _hook(self) -> Any:
+        from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+        return FluxKontextHook(self.flux_kontext_conn_id)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        poller = PredictionPoller(
+            self.prediction_id,
+            poll_interval=self.poll_interval,
+            end_time=self.end_time,
+            max_consecutive_errors=self.max_consecutive_errors,
+            log=self.log.info,
+        )
+        hook = self._hook()
+        try:
+            while True:
+                try:
+                    event = poller.on_prediction(await hook.aget_prediction(self.prediction_id))
+                except KontextError as exc:
+                    event = poller.on_error(exc)
+                except ValueError as exc:  # a malformed connection (bad extra): no point polling on
+                    event = error_event(self.prediction_id, f"Cannot poll: {exc}")
+                if event is not None:
+                    yield TriggerEvent(event)  # type: ignore[no-untyped-call]
+                    return
+                await asyncio.sleep(poller.delay())
+        finally:
+            await hook.aclose()
+
+    async def on_kill(self) -> None:
+        """Cancel the prediction when a user kills the deferred task (not on triggerer restarts)."""
+        if not self.cancel_on_kill:
+            return
+        hook = self._hook()
+        try:
+            prediction = await hook.acancel_prediction(self.prediction_id)
+            self.log.info(
+                "Prediction %s canceled on kill (status %s)", self.prediction_id, prediction.status.value
+            )
+        except KontextError as exc:
+            self.log.warning("Could not cancel prediction %s on kill: %s", self.prediction_id, exc)
+        finally:
+            await hook.aclose()
