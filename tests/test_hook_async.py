@@ -1,0 +1,1021 @@
+"""``FluxKontextHook``'s async path (httpx), against ``httpx.MockTransport``.
+
+``FluxKontextHook._make_async_client`` is replaced by a client over a scripted mock transport, and
+``_asleep`` by a recorder, so retries do not wait and their waits can be asserted. The last section
+tests the real shared client (``_SharedAsyncClient`` over httpx-aiohttp) against servers on
+127.0.0.1 started by the tests themselves; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from httpx_aiohttp.transport import map_aiohttp_exceptions
+
+from airflow_provider_kontext.exceptions import (
+    KontextAPIError,
+    KontextAuthError,
+    KontextError,
+    KontextNotFoundError,
+    KontextPredictionMayExistError,
+    KontextRateLimitError,
+    KontextServerError,
+    KontextTransportError,
+)
+from airflow_provider_kontext.hooks._http import ClientSettings
+from airflow_provider_kontext.hooks.kontext import FluxKontextHook, _SharedAsyncClient
+from airflow_provider_kontext.models import PredictionStatus
+
+TOKEN = "r8_TOPSECRET_abc123"
+ENV_TOKEN = "r8_ENVTOKEN_xyz789"
+API = "https://api.replicate.com"
+PROXY = "https://proxy.example/replicate"
+DEV = "black-forest-labs/flux-kontext-dev"
+VERSION = "b" * 64
+CREATE_URL = f"{API}/v1/models/{DEV}/predictions"
+PRED_ID = "ufawqhfynnddngldkgtslldrkq"
+GET_URL = f"{API}/v1/predictions/{PRED_ID}"
+CANCEL_URL = f"{GET_URL}/cancel"
+ACCOUNT_URL = f"{API}/v1/account"
+FILES_URL = f"{API}/v1/files"
+INPUT = {"prompt": "make it a watercolour", "input_image": "https://example.com/cat.png"}
+PROBLEM = "application/problem+json"
+THROTTLED = {"detail": "Request was throttled. Expected available in 1 second."}
+
+
+def prediction_json(status: str = "starting", **fields: Any) -> dict[str, Any]:
+    return {
+        "id": PRED_ID,
+        "model": DEV,
+        "version": "hidden",
+        "input": INPUT,
+        "status": status,
+        "output": None,
+        "logs": "",
+        "error": None,
+        "urls": {"get": GET_URL, "cancel": CANCEL_URL, "web": f"https://replicate.com/p/{PRED_ID}"},
+        **fields,
+    }
+
+
+ACCOUNT_JSON = {"type": "user", "username": "alice", "name": "Alice Example"}
+FILE_JSON = {"id": "file-1", "size": 4, "urls": {"get": f"{API}/v1/files/file-1"}}
+
+
+class FakeApi:
+    """Scripted answers per (method, URL), in order; the last one repeats. Unknown calls fail the test.
+
+    An answer is a dict of ``httpx.Response`` arguments, or a zero-argument callable raising the
+    transport exception to simulate.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], list[Any]] = {}
+        self.requests: list[httpx.Request] = []
+        self.clients: list[httpx.AsyncClient] = []
+
+    def on(self, method: str, url: str, *answers: Any) -> None:
+        self.routes[(method, url)] = list(answers)
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answers = self.routes.get((request.method, str(request.url)))
+        if not answers:
+            raise AssertionError(f"unexpected request {request.method} {request.url}")
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        if callable(answer):
+            answer()
+        kwargs = dict(answer)
+        return httpx.Response(kwargs.pop("status_code", 200), **kwargs)
+
+    @property
+    def last(self) -> httpx.Request:
+        return self.requests[-1]
+
+
+def raises(exc_type: type[BaseException], *args: Any) -> Callable[[], None]:
+    def _raise() -> None:
+        raise exc_type(*args)
+
+    return _raise
+
+
+def raises_via_aiohttp(exc: BaseException) -> Callable[[], None]:
+    """Raise ``exc`` through httpx-aiohttp's own exception mapping, as its transport does."""
+
+    def _raise() -> None:
+        with map_aiohttp_exceptions():
+            raise exc
+
+    return _raise
+
+
+# --- fixtures ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def set_conn(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    def _set(conn_id: str = "flux_kontext_default", **fields: Any) -> None:
+        monkeypatch.setenv(
+            f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "flux_kontext", **fields})
+        )
+
+    return _set
+
+
+@pytest.fixture(autouse=True)
+def default_conn(monkeypatch: pytest.MonkeyPatch, set_conn: Callable[..., None]) -> None:
+    monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
+    set_conn(password=TOKEN)
+
+
+@pytest.fixture(autouse=True)
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    waits: list[float] = []
+
+    async def _asleep(self: FluxKontextHook, seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(FluxKontextHook, "_asleep", _asleep)
+    return waits
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
+    fake = FakeApi()
+
+    def _make_async_client(self: FluxKontextHook) -> httpx.AsyncClient:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(fake.handler))
+        fake.clients.append(client)
+        return client
+
+    monkeypatch.setattr(FluxKontextHook, "_make_async_client", _make_async_client)
+    return fake
+
+
+@pytest.fixture
+async def hook(api: FakeApi) -> AsyncIterator[FluxKontextHook]:
+    async with FluxKontextHook() as h:
+        yield h
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> Callable[[], str]:
+    """Everything logged: stdlib records (caplog, httpx's included) and the hook's structlog lines."""
+    caplog.set_level(logging.DEBUG)
+
+    def read() -> str:
+        out = capsys.readouterr()
+        return caplog.text + out.out + out.err
+
+    return read
+
+
+async def araised(coro: Any, kind: type[BaseException] = KontextError) -> Any:
+    with pytest.raises(kind) as info:
+        await coro
+    return info.value
+
+
+def assert_no_secret(*texts: Any) -> None:
+    for text in texts:
+        assert TOKEN not in str(text)
+        assert TOKEN[:10] not in str(text)
+
+
+def read_timeout(request: httpx.Request) -> float:
+    return request.extensions["timeout"]["read"]
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+async def test_aget_settings_from_env_connection(set_conn: Callable[..., None]) -> None:
+    set_conn(
+        "kontext_proxy",
+        host=f"{PROXY}/v1/",
+        password=TOKEN,
+        extra={"timeout": 45, "connect_timeout": "3", "max_retries": 2, "retry_after_max": 9},
+    )
+    hook = FluxKontextHook("kontext_proxy")
+    settings = await hook.aget_settings()
+    assert settings == ClientSettings(
+        conn_id="kontext_proxy",
+        base_url=PROXY,
+        token=TOKEN,
+        timeout=45.0,
+        connect_timeout=3.0,
+        max_retries=2,
+        retry_after_max=9.0,
+    )
+    # looked up once
+    assert await hook.aget_settings() is settings
+
+
+async def test_aget_settings_arguments_override_extras(set_conn: Callable[..., None]) -> None:
+    set_conn(extra={"timeout": 45, "max_retries": 4})
+    settings = await FluxKontextHook(timeout=5, max_retries=1).aget_settings()
+    assert (settings.timeout, settings.max_retries, settings.base_url, settings.token) == (5, 1, API, None)
+
+
+@pytest.mark.parametrize(
+    ("host", "base_url"),
+    [
+        (None, API),
+        ("", API),
+        (PROXY, PROXY),
+        (f"{PROXY}/v1", PROXY),
+        ("proxy.example/replicate/", PROXY),
+        ("https://api.replicate.com/v1/", API),
+    ],
+)
+async def test_base_url_handling(
+    set_conn: Callable[..., None], api: FakeApi, host: str | None, base_url: str
+) -> None:
+    set_conn(**({"password": TOKEN} if host is None else {"host": host, "password": TOKEN}))
+    api.on("GET", f"{base_url}/v1/predictions/{PRED_ID}", {"json": prediction_json()})
+    async with FluxKontextHook() as hook:
+        assert (await hook.aget_prediction(PRED_ID)).id == PRED_ID
+    assert str(api.last.url) == f"{base_url}/v1/predictions/{PRED_ID}"
+
+
+async def test_token_from_environment(
+    set_conn: Callable[..., None], monkeypatch: pytest.MonkeyPatch, api: FakeApi
+) -> None:
+    set_conn(host=PROXY)
+    monkeypatch.setenv("REPLICATE_API_TOKEN", ENV_TOKEN)
+    api.on("GET", f"{PROXY}/v1/account", {"json": ACCOUNT_JSON})
+    async with FluxKontextHook() as hook:
+        await hook.aget_account()
+    assert api.last.headers["Authorization"] == f"Bearer {ENV_TOKEN}"
+
+
+async def test_no_token_sends_no_authorization(set_conn: Callable[..., None], api: FakeApi) -> None:
+    set_conn(host=PROXY)
+    api.on("GET", f"{PROXY}/v1/account", {"json": ACCOUNT_JSON})
+    async with FluxKontextHook() as hook:
+        await hook.aget_account()
+    assert "authorization" not in api.last.headers
+
+
+async def test_repr_never_shows_the_token(hook: FluxKontextHook) -> None:
+    settings = await hook.aget_settings()
+    assert settings.token == TOKEN
+    assert_no_secret(repr(hook), repr(settings))
+
+
+# --- methods -------------------------------------------------------------------------------------------
+
+
+async def test_acreate_prediction_by_model(hook: FluxKontextHook, api: FakeApi) -> None:
+    api.on("POST", CREATE_URL, {"status_code": 201, "json": prediction_json()})
+    result = await hook.acreate_prediction(DEV, INPUT)
+    assert (result.id, result.status) == (PRED_ID, PredictionStatus.STARTING)
+    req = api.last
+    assert json.loads(req.content) == {"input": INPUT}
+    assert req.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert req.headers["Content-Type"] == "application/json"
+    assert req.headers["User-Agent"] == "airflow-provider-kontext"
+    assert "prefer" not in req.headers
+    assert "cancel-after" not in req.headers
+    assert req.extensions["timeout"] == {"connect": 10.0, "read": 30.0, "write": 30.0, "pool": 30.0}
+    assert len(api.requests) == 1
+
+
+async def test_acreate_prediction_wait_and_cancel_after(hook: FluxKontextHook, api: FakeApi) -> None:
+    api.on(
+        "POST",
+        CREATE_URL,
+        {"status_code": 201, "json": prediction_json("succeeded", output="https://x/o.png")},
+    )
+    result = await hook.acreate_prediction(DEV, INPUT, wait=60, cancel_after=300)
+    assert result.output_urls == ["https://x/o.png"]
+    assert api.last.headers["Prefer"] == "wait=60"
+    assert api.last.headers["Cancel-After"] == "300s"
+    assert read_timeout(api.last) == 75.0
+
+
+async def test_acreate_prediction_webhook(hook: FluxKontextHook, api: FakeApi) -> None:
+    api.on("POST", CREATE_URL, {"status_code": 201, "json": prediction_json()})
+    await hook.acreate_prediction(
+        DEV, INPUT, webhook="https://hooks.example/k", webhook_events_filter=["completed"]
+    )
+    assert json.loads(api.last.content) == {
+        "input": INPUT,
+        "webhook": "https://hooks.example/k",
+        "webhook_events_filter": ["completed"],
+    }
+
+
+async def test_acreate_prediction_by_version(hook: FluxKontextHook, api: FakeApi) -> None:
+    api.on("POST", f"{API}/v1/predictions", {"status_code": 201, "json": prediction_json()})
+    await hook.acreate_prediction(f"{DEV}:{VERSION}", INPUT)
+    assert json.loads(api.last.content) == {"input": INPUT, "version": VERSION}
+
+
+async def test_acreate_prediction_bad_arguments_send_nothing(hook: FluxKontextHook, api: FakeApi) -> None:
+    await araised(hook.acreate_prediction("no-owner", INPUT), ValueError)
+    await araised(hook.acreate_prediction(DEV, INPUT, wait=0), ValueError)
+    await araised(hook.aget_prediction("../account"), ValueError)
+    assert api.requests == []
+
+
+async def test_acreate_prediction_proxy_images_shape(set_conn: Callable[..., None], api: FakeApi) -> None:
+    set_conn(host=PROXY)
+    api.on(
+        "POST",
+        f"{PROXY}/v1/models/{DEV}/predictions",
+        {"json": {"created": 1589478378, "data": [{"url": "https://proxy.example/o/1.png"}]}},
+    )
+    async with FluxKontextHook() as hook:
+        result = await hook.acreate_prediction(DEV, INPUT)
+    assert result.status is PredictionStatus.SUCCEEDED
+    assert result.output_urls == ["https://proxy.example/o/1.png"]
+
+
+@pytest.mark.parametrize("status", ["starting", "processing", "succeeded", "failed", "canceled", "aborted"])
+async def test_aget_prediction(hook: FluxKontextHook, api: FakeApi, status: str) -> None:
+    api.on("GET", GET_URL, {"json": prediction_json(status)})
+    result = await hook.aget_prediction(PRED_ID)
+    assert result.status.value == status
+    assert result.is_terminal is (status in ("succeeded", "failed", "canceled", "aborted"))
+    assert api.last.method == "GET"
+    assert api.last.headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_acancel_prediction(hook: FluxKontextHook, api: FakeApi) -> None:
+    api.on("POST", CANCEL_URL, {"json": prediction_json("canceled")})
+    assert (await hook.acancel_prediction(PRED_ID)).status is PredictionStatus.CANCELED
+    assert api.last.method == "POST"
+
+
+async def test_aget_account(hook: FluxKontextHook, api: FakeApi) -> None:
+    api.on("GET", ACCOUNT_URL, {"json": ACCOUNT_JSON})
+    account = await hook.aget_account()
+    assert (account.username, account.name) == ("alice", "Alice Example")
+
+
+async def test_aupload_file_bytes(hook: FluxKontextHook, api: FakeApi) -> None:
+    api.on("POST", FILES_URL, {"status_code": 201, "json": FILE_JSON})
+    uploaded = await hook.aupload_file(b"\x89PNG", content_type="image/png")
+    assert uploaded.urls.get == f"{API}/v1/files/file-1"
+    req = api.last
+    assert req.headers["Content-Type"].startswith("multipart/form-data; boundary=")
+    assert b'name="content"; filename="input"' in req.content
+    assert b"Content-Type: image/png" in req.content
+    assert b"\x89PNG" in req.content
+    assert read_timeout(req) == 120.0
+
+
+async def test_aupload_file_path(hook: FluxKontextHook, api: FakeApi, tmp_path: Any) -> None:
+    path = tmp_path / "cat.png"
+    path.write_bytes(b"from-disk")
+    api.on("POST", FILES_URL, {"status_code": 201, "json": FILE_JSON})
+    await hook.aupload_file(path, content_type="image/png")
+    await hook.aupload_file(str(path), filename="renamed.png", content_type="image/png")
+    first, second = api.requests
+    assert b'filename="cat.png"' in first.content
+    assert b"from-disk" in first.content
+    assert b'filename="renamed.png"' in second.content
+
+
+async def test_aupload_file_object(hook: FluxKontextHook, api: FakeApi, tmp_path: Any) -> None:
+    path = tmp_path / "dog.webp"
+    path.write_bytes(b"RIFF-webp")
+    api.on("POST", FILES_URL, {"status_code": 201, "json": FILE_JSON})
+    with path.open("rb") as fh:
+        await hook.aupload_file(fh, content_type="image/webp")
+    assert b'filename="dog.webp"' in api.last.content
+    assert b"RIFF-webp" in api.last.content
+
+
+async def test_aclose_closes_the_client(api: FakeApi) -> None:
+    api.on("GET", ACCOUNT_URL, {"json": ACCOUNT_JSON})
+    hook = FluxKontextHook()
+    await hook.aclose()  # nothing opened yet: a no-op
+    await hook.aget_account()
+    (client,) = api.clients
+    assert not client.is_closed
+    await hook.aclose()
+    assert client.is_closed
+    # the hook reopens a client when used again
+    await hook.aget_account()
+    assert len(api.clients) == 2
+    await hook.aclose()
+
+
+# --- retries -------------------------------------------------------------------------------------------
+
+
+async def test_429_with_retry_after_is_honoured(
+    hook: FluxKontextHook, api: FakeApi, sleeps: list[float]
+) -> None:
+    api.on("GET", GET_URL, {"status_code": 429, "headers": {"Retry-After": "7"}}, {"json": prediction_json()})
+    await hook.aget_prediction(PRED_ID)
+    assert len(api.requests) == 2
+    (wait,) = sleeps
+    assert 7 <= wait <= 7.1
+
+
+async def test_429_retry_after_capped(
+    set_conn: Callable[..., None], api: FakeApi, sleeps: list[float]
+) -> None:
+    set_conn(password=TOKEN, extra={"retry_after_max": 4})
+    api.on(
+        "GET", GET_URL, {"status_code": 429, "headers": {"Retry-After": "3600"}}, {"json": prediction_json()}
+    )
+    async with FluxKontextHook() as hook:
+        await hook.aget_prediction(PRED_ID)
+    (wait,) = sleeps
+    assert 4 <= wait <= 4.1
+
+
+async def test_429_replicate_body_without_retry_after(
+    hook: FluxKontextHook, api: FakeApi, sleeps: list[float]
+) -> None:
+    api.on("GET", GET_URL, {"status_code": 429, "json": THROTTLED}, {"json": prediction_json()})
+    await hook.aget_prediction(PRED_ID)
+    (wait,) = sleeps
+    assert 1 <= wait <= 1.1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_5xx_retried_for_get(
+    hook: FluxKontextHook, api: FakeApi, sleeps: list[float], status: int
+) -> None:
+    api.on(
+        "GET",
+        GET_URL,
+        {"status_code": status},
+        {"status_code": status},
+        {"json": prediction_json("succeeded")},
+    )
+    assert (await hook.aget_prediction(PRED_ID)).status is PredictionStatus.SUCCEEDED
+    assert len(api.requests) == 3
+    first, second = sleeps
+    assert 0.5 <= first <= 1.0
+    assert 1.0 <= second <= 2.0
+
+
+async def test_5xx_retried_for_cancel(hook: FluxKontextHook, api: FakeApi, sleeps: list[float]) -> None:
+    api.on("POST", CANCEL_URL, {"status_code": 503}, {"json": prediction_json("canceled")})
+    await hook.acancel_prediction(PRED_ID)
+    assert len(api.requests) == 2
+    assert len(sleeps) == 1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        raises(httpx.ReadTimeout, "read timed out"),
+        raises(httpx.ConnectTimeout, "connect timed out"),
+        raises(httpx.ConnectError, "connection refused"),
+        raises(httpx.RemoteProtocolError, "Server disconnected without sending a response."),
+        raises_via_aiohttp(aiohttp.ServerDisconnectedError()),
+    ],
+    ids=["read-timeout", "connect-timeout", "refused", "disconnected", "aiohttp-disconnected"],
+)
+async def test_transport_errors_retried_for_get(
+    hook: FluxKontextHook, api: FakeApi, sleeps: list[float], failure: Callable[[], None]
+) -> None:
+    api.on("GET", GET_URL, failure, {"json": prediction_json()})
+    assert (await hook.aget_prediction(PRED_ID)).id == PRED_ID
+    assert len(api.requests) == 2
+    assert len(sleeps) == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+async def test_create_not_retried_after_5xx(
+    hook: FluxKontextHook, api: FakeApi, sleeps: list[float], status: int
+) -> None:
+    api.on("POST", CREATE_URL, {"status_code": status}, {"status_code": 201, "json": prediction_json()})
+    err = await araised(hook.acreate_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    assert len(api.requests) == 1
+    assert sleeps == []
+    assert err.status == status
+    assert "may have reached the server" in str(err)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        raises(httpx.ReadTimeout, "read timed out"),
+        raises(httpx.RemoteProtocolError, "Server disconnected without sending a response."),
+        raises(httpx.ReadError, "connection reset"),
+        # httpx-aiohttp maps a dropped keep-alive connection to ConnectTimeout: it was sent all the same
+        raises_via_aiohttp(aiohttp.ServerDisconnectedError()),
+        raises_via_aiohttp(aiohttp.ClientOSError(104, "Connection reset by peer")),
+    ],
+    ids=["read-timeout", "disconnected", "read-error", "aiohttp-disconnected", "aiohttp-reset"],
+)
+async def test_create_not_retried_when_the_request_may_have_been_sent(
+    hook: FluxKontextHook, api: FakeApi, sleeps: list[float], failure: Callable[[], None]
+) -> None:
+    api.on("POST", CREATE_URL, failure, {"status_code": 201, "json": prediction_json()})
+    err = await araised(hook.acreate_prediction(DEV, INPUT, wait=30), KontextPredictionMayExistError)
+    assert len(api.requests) == 1
+    assert sleeps == []
+    assert "no complete response" in str(err)
+
+
+async def test_create_retried_after_429(hook: FluxKontextHook, api: FakeApi, sleeps: list[float]) -> None:
+    api.on(
+        "POST",
+        CREATE_URL,
+        {"status_code": 429, "json": THROTTLED},
+        {"status_code": 201, "json": prediction_json()},
+    )
+    assert (await hook.acreate_prediction(DEV, INPUT)).id == PRED_ID
+    assert len(api.requests) == 2
+    (wait,) = sleeps
+    assert 1 <= wait <= 1.1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        raises(httpx.ConnectError, "[Errno 111] Connection refused"),
+        raises(httpx.ConnectTimeout, "connect timed out"),
+        raises_via_aiohttp(aiohttp.ConnectionTimeoutError("Connection timeout to host")),
+    ],
+    ids=["refused", "connect-timeout", "aiohttp-connect-timeout"],
+)
+async def test_create_retried_when_the_request_never_left(
+    hook: FluxKontextHook, api: FakeApi, sleeps: list[float], failure: Callable[[], None]
+) -> None:
+    api.on("POST", CREATE_URL, failure, {"status_code": 201, "json": prediction_json()})
+    assert (await hook.acreate_prediction(DEV, INPUT)).id == PRED_ID
+    assert len(api.requests) == 2
+    assert len(sleeps) == 1
+
+
+async def test_create_refused_until_retries_run_out(api: FakeApi, sleeps: list[float]) -> None:
+    api.on("POST", CREATE_URL, raises(httpx.ConnectError, "[Errno 111] Connection refused"))
+    async with FluxKontextHook(max_retries=2) as hook:
+        err = await araised(hook.acreate_prediction(DEV, INPUT), KontextTransportError)
+    assert not isinstance(err, KontextPredictionMayExistError)
+    assert err.request_sent is False
+    assert "could not connect" in str(err)
+    assert len(api.requests) == 3
+    assert len(sleeps) == 2
+
+
+async def test_create_429_until_retries_run_out(api: FakeApi, sleeps: list[float]) -> None:
+    api.on("POST", CREATE_URL, {"status_code": 429, "headers": {"Retry-After": "2"}})
+    async with FluxKontextHook(max_retries=1) as hook:
+        err = await araised(hook.acreate_prediction(DEV, INPUT), KontextRateLimitError)
+    assert err.retry_after == 2
+    assert len(api.requests) == 2
+
+
+@pytest.mark.parametrize("max_retries", [0, 1, 4])
+async def test_retries_stop_after_max_retries(
+    set_conn: Callable[..., None], api: FakeApi, sleeps: list[float], max_retries: int
+) -> None:
+    set_conn(password=TOKEN, extra={"max_retries": max_retries})
+    api.on("GET", GET_URL, {"status_code": 502, "text": "bad gateway"})
+    async with FluxKontextHook() as hook:
+        err = await araised(hook.aget_prediction(PRED_ID), KontextServerError)
+    assert err.detail == "bad gateway"
+    assert len(api.requests) == max_retries + 1
+    assert len(sleeps) == max_retries
+
+
+async def test_transport_errors_until_retries_run_out(api: FakeApi, sleeps: list[float]) -> None:
+    api.on("GET", GET_URL, raises(httpx.ReadTimeout, "read timed out"))
+    async with FluxKontextHook(max_retries=2) as hook:
+        err = await araised(hook.aget_prediction(PRED_ID), KontextTransportError)
+    assert err.request_sent is True
+    assert "ReadTimeout" in str(err)
+    assert len(api.requests) == 3
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+async def test_client_errors_are_not_retried(
+    hook: FluxKontextHook, api: FakeApi, sleeps: list[float], status: int
+) -> None:
+    api.on("GET", GET_URL, {"status_code": status, "json": {"detail": "no"}})
+    await araised(hook.aget_prediction(PRED_ID), KontextAPIError)
+    assert len(api.requests) == 1
+    assert sleeps == []
+
+
+async def test_retry_is_logged(hook: FluxKontextHook, api: FakeApi, logs: Callable[[], str]) -> None:
+    api.on("GET", GET_URL, {"status_code": 503, "text": "unavailable"}, {"json": prediction_json()})
+    await hook.aget_prediction(PRED_ID)
+    text = logs()
+    assert f"GET /v1/predictions/{PRED_ID} attempt 1 failed" in text
+    assert "HTTP 503" in text
+
+
+# --- error mapping -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_auth_errors(set_conn: Callable[..., None], api: FakeApi, status: int) -> None:
+    set_conn("kontext_prod", password=TOKEN)
+    api.on(
+        "GET",
+        ACCOUNT_URL,
+        {
+            "status_code": status,
+            "headers": {"Content-Type": PROBLEM},
+            "json": {"title": "Unauthenticated", "detail": "Invalid token.", "status": status},
+        },
+    )
+    async with FluxKontextHook("kontext_prod") as hook:
+        err = await araised(hook.aget_account(), KontextAuthError)
+    assert err.status == status
+    assert (err.title, err.detail) == ("Unauthenticated", "Invalid token.")
+    assert "Check the API token in connection 'kontext_prod'" in str(err)
+    assert_no_secret(str(err))
+
+
+async def test_404(hook: FluxKontextHook, api: FakeApi) -> None:
+    api.on("GET", GET_URL, {"status_code": 404, "json": {"title": "Not found", "status": 404}})
+    err = await araised(hook.aget_prediction(PRED_ID), KontextNotFoundError)
+    assert (err.status, err.title) == (404, "Not found")
+
+
+async def test_422_problem_json_keeps_title_and_detail(hook: FluxKontextHook, api: FakeApi) -> None:
+    problem = {"title": "Input validation failed", "status": 422, "detail": "- input.guidance: Must be <= 10"}
+    api.on("POST", CREATE_URL, {"status_code": 422, "headers": {"Content-Type": PROBLEM}, "json": problem})
+    err = await araised(hook.acreate_prediction(DEV, INPUT), KontextAPIError)
+    assert type(err) is KontextAPIError
+    assert (err.status, err.title, err.detail) == (
+        422,
+        "Input validation failed",
+        "- input.guidance: Must be <= 10",
+    )
+    assert str(err) == (
+        f"POST /v1/models/{DEV}/predictions failed with HTTP 422 (Input validation failed): "
+        "- input.guidance: Must be <= 10"
+    )
+
+
+async def test_plain_text_error(hook: FluxKontextHook, api: FakeApi) -> None:
+    api.on(
+        "GET",
+        GET_URL,
+        {"status_code": 400, "headers": {"Content-Type": "text/plain"}, "text": "bad\n request"},
+    )
+    err = await araised(hook.aget_prediction(PRED_ID), KontextAPIError)
+    assert (err.title, err.detail) == (None, "bad request")
+
+
+async def test_html_error_page(hook: FluxKontextHook, api: FakeApi) -> None:
+    api.on(
+        "GET",
+        GET_URL,
+        {
+            "status_code": 404,
+            "headers": {"Content-Type": "text/html"},
+            "text": "<html><title>Oops</title></html>",
+        },
+    )
+    err = await araised(hook.aget_prediction(PRED_ID), KontextNotFoundError)
+    assert err.detail == "an HTML page (Oops) instead of the API's JSON; is the base URL right?"
+
+
+async def test_2xx_with_non_json_body(hook: FluxKontextHook, api: FakeApi, sleeps: list[float]) -> None:
+    api.on(
+        "POST", CREATE_URL, {"status_code": 201, "headers": {"Content-Type": "text/html"}, "text": "<html/>"}
+    )
+    err = await araised(hook.acreate_prediction(DEV, INPUT), KontextAPIError)
+    assert (err.status, err.title) == (201, "malformed response")
+    assert err.detail.endswith("(expected JSON)")
+    assert len(api.requests) == 1
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b'{"unexpected": true}'])
+async def test_2xx_json_of_the_wrong_shape_is_an_api_error(
+    hook: FluxKontextHook, api: FakeApi, body: bytes
+) -> None:
+    api.on("GET", GET_URL, {"status_code": 200, "content": body})
+    err = await araised(hook.aget_prediction(PRED_ID), KontextAPIError)
+    assert "Prediction" in str(err)
+
+
+# --- secrets -------------------------------------------------------------------------------------------
+
+
+ECHOES = {
+    "problem-detail": {
+        "headers": {"Content-Type": PROBLEM},
+        "json": {"title": "No", "detail": f"bad {TOKEN}"},
+    },
+    "problem-title": {"headers": {"Content-Type": PROBLEM}, "json": {"title": f"Bad token {TOKEN}"}},
+    "plain-text": {"headers": {"Content-Type": "text/plain"}, "text": f"Authorization: Bearer {TOKEN}"},
+    "html-title": {"headers": {"Content-Type": "text/html"}, "text": f"<html><title>{TOKEN}</title></html>"},
+    "straddles-truncation": {"text": "x" * 490 + TOKEN},
+}
+
+
+@pytest.mark.parametrize("status", [401, 422, 429, 503])
+@pytest.mark.parametrize("echo", ECHOES.values(), ids=ECHOES.keys())
+async def test_token_echoed_by_the_server_is_never_shown(
+    api: FakeApi, logs: Callable[[], str], status: int, echo: dict[str, Any]
+) -> None:
+    api.on("GET", GET_URL, {"status_code": status, **echo})
+    async with FluxKontextHook(max_retries=1) as hook:
+        err = await araised(hook.aget_prediction(PRED_ID), KontextAPIError)
+    assert err.status == status
+    assert_no_secret(str(err), repr(err), err.title, err.detail, logs())
+
+
+@pytest.mark.parametrize("echo", ECHOES.values(), ids=ECHOES.keys())
+async def test_token_echoed_to_a_create_is_never_shown(
+    hook: FluxKontextHook, api: FakeApi, logs: Callable[[], str], echo: dict[str, Any]
+) -> None:
+    api.on("POST", CREATE_URL, {"status_code": 502, **echo})
+    err = await araised(hook.acreate_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    assert_no_secret(str(err), repr(err), logs())
+
+
+async def test_token_in_a_transport_error_is_never_shown(api: FakeApi, logs: Callable[[], str]) -> None:
+    api.on("GET", GET_URL, raises(httpx.ReadError, f"peer said Bearer {TOKEN}"))
+    async with FluxKontextHook(max_retries=1) as hook:
+        err = await araised(hook.aget_prediction(PRED_ID), KontextTransportError)
+    assert "***" in str(err)
+    assert_no_secret(str(err), repr(err), logs())
+
+
+async def test_logs_of_a_failing_run_never_show_the_token(
+    hook: FluxKontextHook, api: FakeApi, logs: Callable[[], str]
+) -> None:
+    api.on(
+        "POST",
+        CREATE_URL,
+        {"status_code": 429, "json": {"detail": f"slow {TOKEN}"}},
+        {"json": prediction_json()},
+    )
+    api.on(
+        "GET", GET_URL, {"status_code": 500, "text": f"down {TOKEN}"}, {"json": prediction_json("succeeded")}
+    )
+    await hook.acreate_prediction(DEV, INPUT)
+    await hook.aget_prediction(PRED_ID)
+    text = logs()
+    assert "attempt 1 failed" in text
+    assert "slow ***" in text
+    assert "down ***" in text
+    assert_no_secret(text)
+
+
+# --- the real shared client ------------------------------------------------------------------------------
+
+
+async def test_shared_client_is_shared_and_closed_after_the_last_release() -> None:
+    first = _SharedAsyncClient.acquire()
+    second = _SharedAsyncClient.acquire()
+    try:
+        assert first is second
+        assert isinstance(first, httpx.AsyncClient)
+        await _SharedAsyncClient.release(first)
+        assert not first.is_closed
+        assert asyncio.get_running_loop() in _SharedAsyncClient._clients
+    finally:
+        await _SharedAsyncClient.release(second)
+    assert first.is_closed
+    assert asyncio.get_running_loop() not in _SharedAsyncClient._clients
+    # a later user gets a fresh client
+    third = _SharedAsyncClient.acquire()
+    try:
+        assert third is not first
+        assert not third.is_closed
+    finally:
+        await _SharedAsyncClient.release(third)
+    assert third.is_closed
+
+
+async def test_shared_client_is_per_event_loop() -> None:
+    here = _SharedAsyncClient.acquire()
+    elsewhere: list[httpx.AsyncClient] = []
+
+    async def in_other_loop() -> None:
+        client = _SharedAsyncClient.acquire()
+        elsewhere.append(client)
+        await _SharedAsyncClient.release(client)
+
+    thread = threading.Thread(target=lambda: asyncio.run(in_other_loop()))
+    thread.start()
+    thread.join()
+    try:
+        (other,) = elsewhere
+        assert other is not here
+        assert other.is_closed
+        assert not here.is_closed
+    finally:
+        await _SharedAsyncClient.release(here)
+
+
+async def test_releasing_a_foreign_client_closes_it() -> None:
+    shared = _SharedAsyncClient.acquire()
+    own = httpx.AsyncClient()
+    try:
+        await _SharedAsyncClient.release(own)
+        assert own.is_closed
+        assert not shared.is_closed
+    finally:
+        await _SharedAsyncClient.release(shared)
+
+
+@pytest.fixture
+async def local_api(set_conn: Callable[..., None]) -> AsyncIterator[dict[str, Any]]:
+    """A tiny API on 127.0.0.1 (aiohttp server in the test's loop); the default connection points at it."""
+    seen: list[web.Request] = []
+    uploads: list[dict[str, Any]] = []
+    release = asyncio.Event()
+
+    async def account(request: web.Request) -> web.Response:
+        seen.append(request)
+        return web.json_response(ACCOUNT_JSON)
+
+    async def prediction(request: web.Request) -> web.Response:
+        seen.append(request)
+        if request.match_info["id"] == "slow":
+            await release.wait()
+        return web.json_response(prediction_json("processing", id=request.match_info["id"]))
+
+    async def slow(request: web.Request) -> web.Response:
+        seen.append(request)
+        await release.wait()
+        return web.json_response(prediction_json())
+
+    async def files(request: web.Request) -> web.Response:
+        seen.append(request)
+        form = await request.post()
+        field = form["content"]
+        uploads.append({"filename": field.filename, "type": field.content_type, "data": field.file.read()})
+        return web.json_response(FILE_JSON, status=201)
+
+    app = web.Application()
+    app.router.add_get("/replicate/v1/account", account)
+    app.router.add_get("/replicate/v1/predictions/{id}", prediction)
+    app.router.add_post("/replicate/v1/models/{owner}/{name}/predictions", slow)
+    app.router.add_post("/replicate/v1/files", files)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    base = f"http://127.0.0.1:{server.port}/replicate"
+    set_conn(host=base, password=TOKEN)
+    try:
+        yield {"base": base, "seen": seen, "uploads": uploads}
+    finally:
+        release.set()
+        await server.close()
+
+
+async def test_two_hooks_share_the_real_client_until_the_last_aclose(local_api: dict[str, Any]) -> None:
+    first, second = FluxKontextHook(), FluxKontextHook()
+    assert (await first.aget_account()).username == "alice"
+    assert (await second.aget_prediction("p1")).id == "p1"
+    client = first._aclient
+    assert client is not None
+    assert second._aclient is client
+    assert local_api["seen"][0].headers["Authorization"] == f"Bearer {TOKEN}"
+
+    await first.aclose()
+    assert not client.is_closed
+    # the other hook keeps working on the same client
+    assert (await second.aget_prediction("p2")).id == "p2"
+    assert second._aclient is client
+
+    await second.aclose()
+    assert client.is_closed
+    assert asyncio.get_running_loop() not in _SharedAsyncClient._clients
+
+    # a hook used after that opens a new shared client
+    async with FluxKontextHook() as third:
+        await third.aget_account()
+        assert third._aclient is not None
+        assert third._aclient is not client
+        reopened = third._aclient
+    assert reopened.is_closed
+
+
+async def test_concurrent_calls_on_one_hook_acquire_once(local_api: dict[str, Any]) -> None:
+    hook = FluxKontextHook()
+    results = await asyncio.gather(*(hook.aget_prediction(f"p{i}") for i in range(10)))
+    assert [r.id for r in results] == [f"p{i}" for i in range(10)]
+    client = hook._aclient
+    assert client is not None
+    await hook.aclose()
+    # one release was enough: the use count was one
+    assert client.is_closed
+
+
+async def test_real_upload_through_the_shared_client(local_api: dict[str, Any], tmp_path: Any) -> None:
+    path = tmp_path / "cat.png"
+    path.write_bytes(b"\x89PNG real bytes")
+    async with FluxKontextHook() as hook:
+        uploaded = await hook.aupload_file(path, content_type="image/png")
+    assert uploaded.id == "file-1"
+    assert local_api["uploads"] == [
+        {"filename": "cat.png", "type": "image/png", "data": b"\x89PNG real bytes"}
+    ]
+
+
+async def test_real_read_timeout_on_a_create_is_not_retried(
+    local_api: dict[str, Any], sleeps: list[float]
+) -> None:
+    async with FluxKontextHook(timeout=0.2, max_retries=3) as hook:
+        err = await araised(hook.acreate_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    assert len(local_api["seen"]) == 1
+    assert sleeps == []
+    assert "no complete response" in str(err)
+
+
+async def test_real_read_timeout_on_a_get_is_retried(local_api: dict[str, Any], sleeps: list[float]) -> None:
+    async with FluxKontextHook(timeout=0.2, max_retries=1) as hook:
+        err = await araised(hook.aget_prediction("slow"), KontextTransportError)
+    assert err.request_sent is True
+    assert len(local_api["seen"]) == 2
+    assert len(sleeps) == 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_real_connection_refused_create_is_retried(
+    set_conn: Callable[..., None], sleeps: list[float]
+) -> None:
+    set_conn(host=f"http://127.0.0.1:{free_port()}", password=TOKEN)
+    async with FluxKontextHook(max_retries=2) as hook:
+        err = await araised(hook.acreate_prediction(DEV, INPUT), KontextTransportError)
+    assert not isinstance(err, KontextPredictionMayExistError)
+    assert err.request_sent is False
+    assert "could not connect" in str(err)
+    assert len(sleeps) == 2
+    assert_no_secret(str(err))
+
+
+async def test_real_dropped_connection_create_is_not_retried(
+    set_conn: Callable[..., None], sleeps: list[float]
+) -> None:
+    connections: list[bytes] = []
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    set_conn(host=f"http://127.0.0.1:{port}", password=TOKEN)
+    try:
+        async with FluxKontextHook(max_retries=3) as hook:
+            await araised(hook.acreate_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(connections) == 1
+    assert connections[0].startswith(f"POST /v1/models/{DEV}/predictions HTTP/1.1".encode())
+    assert sleeps == []
+
+
+def test_a_hook_survives_being_used_from_two_event_loops(local_api_thread: str) -> None:
+    """``asyncio.run`` twice with one hook (and no aclose in between) must not hit the dead loop's client."""
+    hook = FluxKontextHook()
+    assert asyncio.run(hook.aget_account()).username == "alice"
+    assert asyncio.run(hook.aget_account()).username == "alice"
+
+    async def close() -> None:
+        await hook.aclose()
+
+    asyncio.run(close())
+
+
+@pytest.fixture
+def local_api_thread(set_conn: Callable[..., None]) -> Any:
+    """The account endpoint on 127.0.0.1, served from its own loop in a thread (for sync tests)."""
+    loop = asyncio.new_event_loop()
+
+    async def account(request: web.Request) -> web.Response:
+        return web.json_response(ACCOUNT_JSON)
+
+    app = web.Application()
+    app.router.add_get("/v1/account", account)
+    server = TestServer(app, host="127.0.0.1")
+    loop.run_until_complete(server.start_server())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    set_conn(host=f"http://127.0.0.1:{server.port}", password=TOKEN)
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
