@@ -44,12 +44,12 @@ ProAspectRatio = Literal[
 
 
 def _check_image_uri(value: str) -> str:
-    if not value.startswith(IMAGE_URI_SCHEMES):
+    if not value[:8].lower().startswith(IMAGE_URI_SCHEMES):
         raise ValueError(
             "must be an http(s) URL or a data: URI (local files, ObjectStoragePath and bytes are "
             "uploaded by the operator first)"
         )
-    if value.startswith("data:"):
+    if value[:5].lower() == "data:":
         media_type = value[5:].split(";", 1)[0].split(",", 1)[0].strip().lower()
         if media_type not in (*IMAGE_CONTENT_TYPES, "image/jpg"):
             raise ValueError(f"data: URI must hold one of {', '.join(IMAGE_CONTENT_TYPES)}")

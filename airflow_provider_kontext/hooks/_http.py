@@ -94,6 +94,13 @@ class ClientSettings:
             retry_after_max=_number(extras, "retry_after_max", 60.0, 0),
         )
 
+    def __repr__(self) -> str:
+        return (
+            f"ClientSettings(conn_id={self.conn_id!r}, base_url={self.redact(self.base_url)!r}, "
+            f"token={'***' if self.token else None}, timeout={self.timeout}, "
+            f"connect_timeout={self.connect_timeout}, max_retries={self.max_retries})"
+        )
+
     def secrets(self) -> list[str]:
         """Values that must never be shown: the token and any credential in the base URL."""
         found = [self.token] if self.token else []
@@ -417,7 +424,7 @@ def backoff_seconds(settings: ClientSettings, attempt: int, exc: BaseException |
     (capped at ``retry_after_max``), else capped exponential backoff with jitter."""
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
-        return float(min(retry_after, settings.retry_after_max)) + random.uniform(0, 0.1)
+        return float(min(retry_after + random.uniform(0, 0.1), settings.retry_after_max))
     ceiling: float = min(settings.backoff_max, settings.backoff_base * (2 ** (attempt - 1)))
     return ceiling * random.uniform(0.5, 1.0)
 

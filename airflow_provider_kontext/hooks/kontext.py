@@ -401,8 +401,8 @@ class FluxKontextHook(BaseHook):
         """Call ``GET /v1/account`` and say whose account the token opens, or why it failed."""
         try:
             account = self.get_account()
-        except (KontextError, ValueError) as exc:
-            return False, str(exc)
+        except Exception as exc:  # the UI shows whatever went wrong, a missing connection included
+            return False, f"{type(exc).__name__}: {exc}" if not isinstance(exc, KontextError) else str(exc)
         who = account.username + (f" ({account.name})" if account.name else "")
         return True, f"Connected to {self.settings.base_url} as {who}"
 
