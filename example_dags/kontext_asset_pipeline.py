@@ -3,7 +3,7 @@ manifest and a contact sheet.
 
 - ``list_inputs`` lists the images in ``params.input_dir``;
 - ``edit`` is one mapped ``FluxKontextEditOperator`` task per image: it defers while the model runs
-  and downloads the output into ``params.output_dir/<ds>/`` before Replicate deletes it (an hour);
+  and downloads the output into ``params.output_dir/<day of the run>/`` before Replicate deletes it (an hour);
 - ``write_manifest`` consumes the edits' XComs (durable paths and the ``prediction`` summaries) and
   writes ``manifest.json`` and ``contact_sheet.html`` next to the images.
 
@@ -57,21 +57,25 @@ with DAG(
         prompt="{{ params.prompt }}",
         aspect_ratio="1:1",
         output_format="png",
-        output_path="{{ params.output_dir }}/{{ ds }}",
+        # run_after, not ds: a manually triggered Airflow 3 run has no logical date.
+        output_path="{{ params.output_dir }}/{{ dag_run.run_after.strftime('%Y-%m-%d') }}",
         output_asset=EDITED_SHOTS,
         poll_interval=1.0,
         max_active_tis_per_dag=16,
     ).expand(input_image=list_inputs())
 
     @task
-    def write_manifest(outputs: list[list[str]], params: dict[str, Any], ds: str, ti: Any = None) -> str:
+    def write_manifest(
+        outputs: list[list[str]], params: dict[str, Any], dag_run: Any = None, ti: Any = None
+    ) -> str:
         """One row per edited image: where it is kept and the prediction that made it."""
         summaries = ti.xcom_pull(task_ids="edit", key="prediction")
         rows = list(summaries) if isinstance(summaries, list | tuple) else [summaries]
         paths = [path for row in rows for path in row["outputs"]]
         if sorted(paths) != sorted(path for output in outputs for path in output):
             raise ValueError("the edits' return values and their prediction summaries disagree")
-        folder = Path(params["output_dir"]) / ds
+        day = dag_run.run_after.strftime("%Y-%m-%d")
+        folder = Path(params["output_dir"]) / day
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "manifest.json").write_text(json.dumps(rows, indent=2, default=str))
         cells = "".join(
@@ -80,7 +84,7 @@ with DAG(
             for row in rows
             for path in row["outputs"]
         )
-        page = f"<!doctype html><title>Kontext edits {ds}</title><body style='display:flex'>{cells}"
+        page = f"<!doctype html><title>Kontext edits {day}</title><body style='display:flex'>{cells}"
         (folder / "contact_sheet.html").write_text(page)
         return str(folder / "manifest.json")
 
