@@ -1,0 +1,928 @@
+"""``FluxKontextEditOperator`` with the hook replaced by a mock: validation before any HTTP call, the
+create request, deferral, reattach on retry, completion, downloads, in-worker polling, on_kill,
+mapping and the extra link. Nothing sleeps or touches the network."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from unittest import mock
+
+import pendulum
+import pytest
+from airflow.sdk import DAG, Asset, ObjectStoragePath
+from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
+from airflow.sdk.execution_time.context import OutletEventAccessors
+
+from airflow_provider_kontext.exceptions import (
+    KontextAuthError,
+    KontextNotFoundError,
+    KontextPredictionFailed,
+    KontextPredictionMayExistError,
+    KontextServerError,
+)
+from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+from airflow_provider_kontext.links.kontext import ReplicatePredictionLink
+from airflow_provider_kontext.models import Prediction, UploadedFile
+from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
+from airflow_provider_kontext.progress import prediction_event
+from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
+
+PID = "gm3qorzdhgbfurvjtvhg6dckhu"
+OLD_PID = "old0prediction0from0try1"
+NEW_PID = "new0prediction0from0try2"
+IMAGE_URL = "https://example.com/cat.png"
+OUT_URL = "https://replicate.delivery/xezq/server-chosen-name.webp"
+PROMPT = "Make it a snowy winter scene"
+TOKEN = "r8_OperatorTestToken_9d2b4f61"  # recognisable, so a leak is easy to find
+STATE_KEY = FluxKontextEditOperator.STATE_KEY
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(64)
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def make_prediction(status: str, prediction_id: str | None = PID, **fields: Any) -> Prediction:
+    data: dict[str, Any] = {
+        "id": prediction_id,
+        "model": "black-forest-labs/flux-kontext-dev",
+        "status": status,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "urls": {
+            "get": f"https://api.replicate.com/v1/predictions/{prediction_id}",
+            "web": f"https://replicate.com/p/{prediction_id}",
+        },
+    }
+    data.update(fields)
+    return Prediction.model_validate(data)
+
+
+def succeeded(prediction_id: str | None = PID, output: Any = OUT_URL, **fields: Any) -> Prediction:
+    return make_prediction(
+        "succeeded",
+        prediction_id,
+        output=output,
+        completed_at="2025-05-01T10:00:06+00:00",
+        metrics={"predict_time": 4.2},
+        **fields,
+    )
+
+
+class FakeStore:
+    """The task state store's get/set/delete over a dict (survives "retries" within a test)."""
+
+    def __init__(self, data: dict[str, Any] | None = None) -> None:
+        self.data = dict(data or {})
+        self.calls: list[tuple[str, str]] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.calls.append(("get", key))
+        return self.data.get(key, default)
+
+    def set(self, key: str, value: Any, *, retention: timedelta | None = None) -> None:
+        assert value is not None
+        json.dumps(value)  # the real store accepts JSON values only
+        self.calls.append(("set", key))
+        self.data[key] = value
+
+    def delete(self, key: str) -> None:
+        self.calls.append(("delete", key))
+        self.data.pop(key, None)
+
+
+def make_context(store: Any = "new", outlet_events: Any = None) -> dict[str, Any]:
+    """A fake context; ``store=None`` leaves the task state store out (Airflow < 3.3)."""
+    context: dict[str, Any] = {"ti": mock.MagicMock(name="ti")}
+    if store is not None:
+        context["task_state_store"] = FakeStore() if store == "new" else store
+    if outlet_events is not None:
+        context["outlet_events"] = outlet_events
+    return context
+
+
+def pushed(context: dict[str, Any]) -> dict[str, Any]:
+    return {c.kwargs["key"]: c.kwargs["value"] for c in context["ti"].xcom_push.call_args_list}
+
+
+def make_op(**kwargs: Any) -> FluxKontextEditOperator:
+    kwargs.setdefault("task_id", "edit")
+    kwargs.setdefault("prompt", PROMPT)
+    kwargs.setdefault("input_image", IMAGE_URL)
+    op = FluxKontextEditOperator(**kwargs)
+    op._cached_logger = mock.Mock(name="log")  # where the Task SDK operator caches its logger
+    return op
+
+
+def logged(op: FluxKontextEditOperator, level: str = "info") -> list[str]:
+    return [c.args[0] % c.args[1:] for c in getattr(op._cached_logger, level).call_args_list]
+
+
+def sent_input(hook: mock.Mock) -> dict[str, Any]:
+    hook.create_prediction.assert_called_once()
+    return hook.create_prediction.call_args.args[1]
+
+
+@pytest.fixture
+def hook():
+    """A spec'd mock replacing the operator's ``hook`` cached_property for every instance."""
+    fake = mock.create_autospec(FluxKontextHook, instance=True)
+    fake.create_prediction.return_value = make_prediction("starting")
+    with mock.patch.object(FluxKontextEditOperator, "hook", fake):
+        yield fake
+
+
+@pytest.fixture
+def no_sleep():
+    with mock.patch("airflow_provider_kontext.operators.kontext.time.sleep") as sleep:
+        yield sleep
+
+
+def run_deferring(op: FluxKontextEditOperator, context: dict[str, Any]) -> TaskDeferred:
+    with pytest.raises(TaskDeferred) as info:
+        op.execute(context)
+    return info.value
+
+
+# --- validation before any HTTP call ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"aspect_ratio": "2:1"}, "aspect_ratio"),  # pro/max only, not dev
+        ({"output_format": "gif"}, "output_format"),
+        ({"num_inference_steps": 60}, "num_inference_steps"),
+        ({"guidance": "10.5"}, "guidance"),
+        ({"output_quality": -1}, "output_quality"),
+        ({"extra_input": {"safety_tolerance": 2}}, "safety_tolerance"),
+        ({"extra_input": {"seed": 1}, "seed": 2}, "seed"),
+        ({"extra_input": {"input_image": "https://x/y.png"}}, "input_image"),
+        ({"extra_input": {"prompt": "other"}}, "prompt"),
+        ({"extra_input": ["not", "a", "dict"]}, "extra_input"),
+        ({"prompt": "   "}, "prompt"),
+        ({"input_image": "ftp://example.com/cat.png"}, "input_image"),
+    ],
+)
+def test_invalid_input_fails_before_any_call(hook, kwargs, field):
+    op = make_op(**kwargs)
+    with pytest.raises(AirflowFailException, match=field):
+        op.execute(make_context())
+    assert hook.method_calls == []
+
+
+def test_extra_input_clash_names_the_argument(hook):
+    op = make_op(seed=2, extra_input={"seed": 1, "go_fast": True})
+    with pytest.raises(AirflowFailException, match=r"repeats arguments given directly: seed$"):
+        op.execute(make_context())
+
+
+def test_unreadable_local_path(hook, tmp_path):
+    missing = tmp_path / "missing.png"
+    with pytest.raises(AirflowFailException, match="input_image: cannot read") as info:
+        make_op(input_image=str(missing)).execute(make_context())
+    assert "missing.png" in str(info.value)
+    assert hook.method_calls == []
+
+
+def test_directory_is_unreadable(hook, tmp_path):
+    with pytest.raises(AirflowFailException, match="input_image"):
+        make_op(input_image=str(tmp_path)).execute(make_context())
+    assert hook.method_calls == []
+
+
+def test_local_file_that_is_not_an_image(hook, tmp_path):
+    text = tmp_path / "notes.png"  # the name claims png; the bytes decide
+    text.write_text("just some text, not an image\n")
+    with pytest.raises(AirflowFailException, match=re.escape("input_image: 'notes.png' is not a jpeg")):
+        make_op(input_image=text).execute(make_context())
+    assert hook.method_calls == []
+
+
+def test_bytes_that_are_not_an_image(hook):
+    with pytest.raises(AirflowFailException, match="input_image"):
+        make_op(input_image=b"<html>oops</html>").execute(make_context())
+    assert hook.method_calls == []
+
+
+def test_validation_failure_is_not_retried(hook):
+    # AirflowFailException (not a plain error) tells Airflow not to retry a bad input.
+    with pytest.raises(AirflowFailException) as info:
+        make_op(num_inference_steps=3).execute(make_context())
+    assert type(info.value) is AirflowFailException
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"wait_seconds": 0}, {"wait_seconds": 61}, {"poll_interval": 0}, {"timeout": -1}],
+)
+def test_bad_operator_arguments_rejected_at_construction(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        make_op(**kwargs)
+
+
+# --- the create request ----------------------------------------------------------------------------
+
+
+def test_templated_strings_are_converted(hook):
+    op = make_op(
+        num_inference_steps="28",
+        guidance="3.5",
+        seed="42",
+        output_quality="90",
+        disable_safety_checker="false",
+        go_fast="true",
+    )
+    run_deferring(op, make_context())
+    model_input = sent_input(hook)
+    assert model_input["num_inference_steps"] == 28
+    assert model_input["guidance"] == 3.5
+    assert model_input["seed"] == 42
+    assert model_input["output_quality"] == 90
+    assert model_input["disable_safety_checker"] is False
+    assert model_input["go_fast"] is True
+
+
+def test_every_model_argument_is_sent(hook):
+    op = make_op(
+        aspect_ratio="16:9",
+        num_inference_steps=30,
+        guidance=4,
+        seed=7,
+        output_format="png",
+        output_quality=95,
+        disable_safety_checker=True,
+        go_fast=False,
+    )
+    run_deferring(op, make_context())
+    assert sent_input(hook) == {
+        "prompt": PROMPT,
+        "input_image": IMAGE_URL,
+        "aspect_ratio": "16:9",
+        "num_inference_steps": 30,
+        "guidance": 4.0,
+        "seed": 7,
+        "output_format": "png",
+        "output_quality": 95,
+        "disable_safety_checker": True,
+        "go_fast": False,
+    }
+    assert hook.create_prediction.call_args.args[0] == "black-forest-labs/flux-kontext-dev"
+
+
+def test_unset_arguments_are_not_sent(hook):
+    run_deferring(make_op(), make_context())
+    assert sent_input(hook) == {"prompt": PROMPT, "input_image": IMAGE_URL}
+
+
+def test_extra_input_for_another_model(hook):
+    op = make_op(model="black-forest-labs/flux-kontext-pro", extra_input={"safety_tolerance": 1})
+    run_deferring(op, make_context())
+    assert hook.create_prediction.call_args.args[0] == "black-forest-labs/flux-kontext-pro"
+    assert sent_input(hook)["safety_tolerance"] == 1
+
+
+def test_data_uri_input_passed_on(hook):
+    uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    run_deferring(make_op(input_image=uri), make_context())
+    assert sent_input(hook)["input_image"] == uri
+    hook.upload_file.assert_not_called()
+
+
+@pytest.mark.parametrize("form", ["bytes", "str", "path", "file_url", "object_storage"])
+def test_small_local_image_sent_inline(hook, tmp_path, form):
+    image = tmp_path / "photo.png"
+    image.write_bytes(PNG)
+    value = {
+        "bytes": PNG,
+        "str": str(image),
+        "path": image,
+        "file_url": image.as_uri(),
+        "object_storage": ObjectStoragePath(image.as_uri()),
+    }[form]
+    run_deferring(make_op(input_image=value), make_context())
+    assert sent_input(hook)["input_image"] == "data:image/png;base64," + base64.b64encode(PNG).decode()
+    hook.upload_file.assert_not_called()
+
+
+def test_remote_object_storage_image_read_through_its_filesystem(hook):
+    image = ObjectStoragePath("memory://kontext-operator-test/in/photo.png")
+    image.parent.mkdir(parents=True, exist_ok=True)
+    image.write_bytes(PNG)
+    try:
+        run_deferring(make_op(input_image=image), make_context())
+    finally:
+        image.unlink()
+    assert sent_input(hook)["input_image"] == "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+
+def test_large_local_image_uploaded(hook, tmp_path):
+    image = tmp_path / "big.jpg"
+    image.write_bytes(JPEG + bytes(2000))
+    file_url = "https://api.replicate.com/v1/files/f1/download"
+    hook.upload_file.return_value = UploadedFile.model_validate({"id": "f1", "urls": {"get": file_url}})
+    run_deferring(make_op(input_image=str(image), inline_image_max_bytes=1000), make_context())
+    hook.upload_file.assert_called_once_with(
+        image.read_bytes(), filename="big.jpg", content_type="image/jpeg"
+    )
+    assert sent_input(hook)["input_image"] == file_url
+
+
+def test_image_at_the_inline_limit_is_inline(hook):
+    run_deferring(make_op(input_image=PNG, inline_image_max_bytes=len(PNG)), make_context())
+    assert sent_input(hook)["input_image"].startswith("data:image/png;base64,")
+    hook.upload_file.assert_not_called()
+
+
+def test_uploaded_bytes_get_a_file_name_with_extension(hook):
+    hook.upload_file.return_value = UploadedFile.model_validate({"id": "f1", "urls": {"get": "https://f/1"}})
+    run_deferring(make_op(input_image=JPEG, inline_image_max_bytes=10), make_context())
+    assert hook.upload_file.call_args.kwargs == {"filename": "input.jpg", "content_type": "image/jpeg"}
+
+
+# --- Cancel-After / timeout ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"timeout": 90}, 90.0),
+        ({"timeout": timedelta(minutes=2)}, 120.0),
+        ({"timeout": 45, "execution_timeout": timedelta(hours=1)}, 45.0),  # explicit timeout wins
+        ({"execution_timeout": timedelta(minutes=10)}, 540.0),  # less a 60 s margin
+        ({"execution_timeout": timedelta(seconds=100)}, 90.0),  # less 10 %
+        ({"execution_timeout": timedelta(seconds=10)}, 9.0),
+        ({}, 1800.0),  # Replicate's own 30-minute limit
+    ],
+    ids=["seconds", "timedelta", "explicit-wins", "exec-10m", "exec-100s", "exec-10s", "default"],
+)
+def test_cancel_after(hook, kwargs, expected):
+    run_deferring(make_op(**kwargs), make_context())
+    assert hook.create_prediction.call_args.kwargs["cancel_after"] == pytest.approx(expected)
+
+
+def test_wait_seconds_forwarded_and_finished_prediction_completes_without_deferring(hook):
+    hook.create_prediction.return_value = succeeded()
+    context = make_context()
+    result = make_op(wait_seconds=30).execute(context)
+    assert result == [OUT_URL]
+    assert hook.create_prediction.call_args.kwargs["wait"] == 30
+    hook.get_prediction.assert_not_called()
+    assert pushed(context)["prediction"]["id"] == PID
+
+
+def test_no_wait_by_default(hook):
+    run_deferring(make_op(), make_context())
+    assert hook.create_prediction.call_args.kwargs["wait"] is None
+
+
+def test_proxy_images_api_answer_completes(hook):
+    """A proxy answering ``{"created", "data": [{"url"}]}``: finished, without an id."""
+    hook.create_prediction.return_value = Prediction.model_validate(
+        {"created": 1_746_093_600, "data": [{"url": OUT_URL}]}
+    )
+    context = make_context()
+    assert make_op().execute(context) == [OUT_URL]
+    assert context["task_state_store"].data == {}
+
+
+# --- deferral --------------------------------------------------------------------------------------
+
+
+def test_defers_with_trigger_kwargs(hook):
+    created = datetime.now(timezone.utc) - timedelta(seconds=5)
+    hook.create_prediction.return_value = make_prediction("starting", created_at=created.isoformat())
+    op = make_op(flux_kontext_conn_id="kontext_prod", poll_interval=4, timeout=300, cancel_on_kill=False)
+    deferred = run_deferring(op, make_context())
+    trigger = deferred.trigger
+    assert isinstance(trigger, FluxKontextPredictionTrigger)
+    assert deferred.method_name == "execute_complete"
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "airflow_provider_kontext.triggers.kontext.FluxKontextPredictionTrigger"
+    assert kwargs["prediction_id"] == PID
+    assert kwargs["flux_kontext_conn_id"] == "kontext_prod"
+    assert kwargs["poll_interval"] == 4.0
+    assert kwargs["cancel_on_kill"] is False
+    # The deadline counts from the prediction's creation, not from now.
+    assert kwargs["end_time"] == pytest.approx(created.timestamp() + 300, abs=0.01)
+    # Airflow's own deferral timeout is only a backstop, later than the trigger's deadline.
+    assert deferred.timeout.total_seconds() > kwargs["end_time"] - time.time()
+
+
+def test_no_secret_in_the_trigger(hook, monkeypatch):
+    conn = {"conn_type": "flux_kontext", "host": "https://api.replicate.com", "password": TOKEN}
+    monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps(conn))
+    real = FluxKontextHook()
+    assert real.settings.token == TOKEN  # the connection really carries the token
+    with mock.patch.object(FluxKontextEditOperator, "hook", real):
+        with mock.patch.object(real, "create_prediction", return_value=make_prediction("starting")):
+            context = make_context()
+            deferred = run_deferring(make_op(), context)
+    trigger = deferred.trigger
+    assert trigger.serialize()[1]["flux_kontext_conn_id"] == "flux_kontext_default"
+    assert TOKEN not in json.dumps(trigger.serialize())
+    assert TOKEN not in repr(trigger)
+    assert TOKEN not in json.dumps(pushed(context))
+    for value in trigger.serialize()[1].values():
+        assert value is None or type(value) in (str, int, float, bool)
+
+
+def test_ids_pushed_right_after_create(hook):
+    context = make_context()
+    run_deferring(make_op(), context)
+    assert pushed(context) == {"prediction_id": PID, "prediction_web_url": f"https://replicate.com/p/{PID}"}
+
+
+def test_state_store_written_before_deferral(hook):
+    context = make_context()
+    run_deferring(make_op(), context)
+    store = context["task_state_store"]
+    saved = store.data[STATE_KEY]
+    assert saved["id"] == PID
+    assert isinstance(saved["fingerprint"], str)
+    assert len(saved["fingerprint"]) == 64
+    assert ("set", STATE_KEY) in store.calls
+
+
+def test_create_failure_leaves_store_untouched(hook):
+    hook.create_prediction.side_effect = KontextAuthError(status=401)
+    context = make_context()
+    with pytest.raises(KontextAuthError):
+        make_op().execute(context)
+    assert context["task_state_store"].data == {}
+
+
+# --- reattach on retry -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def first_try(hook):
+    """Run try 1 up to its deferral; return the store it left (XComs do not survive, the store does)."""
+    hook.create_prediction.return_value = make_prediction("processing", OLD_PID)
+    store = FakeStore()
+    run_deferring(make_op(), make_context(store))
+    assert store.data[STATE_KEY]["id"] == OLD_PID
+    hook.reset_mock(return_value=True, side_effect=True)
+    hook.create_prediction.return_value = make_prediction("starting", NEW_PID)
+    return store
+
+
+@pytest.mark.parametrize("status", ["starting", "processing"])
+def test_reattach_to_running_prediction(hook, first_try, status):
+    hook.get_prediction.return_value = make_prediction(status, OLD_PID)
+    context = make_context(first_try)
+    op = make_op()
+    deferred = run_deferring(op, context)
+    hook.create_prediction.assert_not_called()
+    hook.get_prediction.assert_called_once_with(OLD_PID)
+    assert deferred.trigger.serialize()[1]["prediction_id"] == OLD_PID
+    assert pushed(context)["prediction_id"] == OLD_PID  # pushed again: try 1's XComs are gone
+    assert any("Reattaching to prediction" in line for line in logged(op))
+
+
+def test_reattach_with_local_image_does_not_upload_again(hook, tmp_path):
+    image = tmp_path / "in.png"
+    image.write_bytes(PNG + bytes(5000))
+    hook.upload_file.return_value = UploadedFile.model_validate({"id": "f", "urls": {"get": "https://f/1"}})
+    hook.create_prediction.return_value = make_prediction("processing", OLD_PID)
+    store = FakeStore()
+    run_deferring(make_op(input_image=image, inline_image_max_bytes=100), make_context(store))
+    assert hook.upload_file.call_count == 1
+    hook.get_prediction.return_value = make_prediction("processing", OLD_PID)
+    deferred = run_deferring(make_op(input_image=image, inline_image_max_bytes=100), make_context(store))
+    assert deferred.trigger.prediction_id == OLD_PID
+    assert hook.upload_file.call_count == 1
+    assert hook.create_prediction.call_count == 1
+
+
+def test_reattach_to_succeeded_prediction_returns_its_output(hook, first_try):
+    hook.get_prediction.return_value = succeeded(OLD_PID)
+    context = make_context(first_try)
+    assert make_op().execute(context) == [OUT_URL]
+    hook.create_prediction.assert_not_called()
+    assert pushed(context)["prediction"]["id"] == OLD_PID
+    assert STATE_KEY not in first_try.data
+
+
+def test_succeeded_but_output_deleted_creates_new(hook, first_try):
+    hook.get_prediction.return_value = succeeded(OLD_PID, output=None, data_removed=True)
+    deferred = run_deferring(make_op(), make_context(first_try))
+    hook.create_prediction.assert_called_once()
+    assert deferred.trigger.prediction_id == NEW_PID
+
+
+@pytest.mark.parametrize("status", ["failed", "canceled", "aborted"])
+def test_ended_prediction_creates_new(hook, first_try, status):
+    hook.get_prediction.return_value = make_prediction(status, OLD_PID, error="boom")
+    deferred = run_deferring(make_op(), make_context(first_try))
+    hook.create_prediction.assert_called_once()
+    assert deferred.trigger.prediction_id == NEW_PID
+    assert first_try.data[STATE_KEY]["id"] == NEW_PID
+
+
+def test_changed_inputs_create_new(hook, first_try):
+    op = make_op(prompt="Make it a sunny summer scene")
+    deferred = run_deferring(op, make_context(first_try))
+    hook.get_prediction.assert_not_called()
+    hook.create_prediction.assert_called_once()
+    assert deferred.trigger.prediction_id == NEW_PID
+    assert any("Inputs changed" in line for line in logged(op, "warning"))
+
+
+def test_changed_local_image_creates_new(hook, tmp_path):
+    image = tmp_path / "in.png"
+    image.write_bytes(PNG)
+    hook.create_prediction.return_value = make_prediction("processing", OLD_PID)
+    store = FakeStore()
+    run_deferring(make_op(input_image=image), make_context(store))
+    image.write_bytes(PNG + b"changed")  # same path, other content
+    hook.create_prediction.return_value = make_prediction("starting", NEW_PID)
+    deferred = run_deferring(make_op(input_image=image), make_context(store))
+    hook.get_prediction.assert_not_called()
+    assert deferred.trigger.prediction_id == NEW_PID
+
+
+def test_vanished_prediction_creates_new(hook, first_try):
+    hook.get_prediction.side_effect = KontextNotFoundError(status=404)
+    op = make_op()
+    deferred = run_deferring(op, make_context(first_try))
+    hook.create_prediction.assert_called_once()
+    assert deferred.trigger.prediction_id == NEW_PID
+    assert any("no longer exists" in line for line in logged(op, "warning"))
+
+
+def test_reattach_disabled_always_creates(hook, first_try):
+    hook.get_prediction.return_value = make_prediction("processing", OLD_PID)
+    calls_before = list(first_try.calls)
+    deferred = run_deferring(make_op(reattach_on_retry=False), make_context(first_try))
+    hook.create_prediction.assert_called_once()
+    hook.get_prediction.assert_not_called()
+    assert deferred.trigger.prediction_id == NEW_PID
+    assert first_try.calls == calls_before  # the store is neither read nor written
+
+
+def test_no_store_in_context_creates_and_warns(hook):
+    op = make_op()
+    context = make_context(store=None)
+    deferred = run_deferring(op, context)
+    hook.create_prediction.assert_called_once()
+    assert deferred.trigger.prediction_id == PID
+    assert any("No task state store" in line for line in logged(op, "warning"))
+
+
+def test_malformed_store_value_is_ignored(hook):
+    store = FakeStore({STATE_KEY: "not-a-dict"})
+    run_deferring(make_op(), make_context(store))
+    hook.get_prediction.assert_not_called()
+    hook.create_prediction.assert_called_once()
+
+
+# --- uncertain create ------------------------------------------------------------------------------
+
+
+def test_uncertain_create_fails_without_retry_by_default(hook):
+    hook.create_prediction.side_effect = KontextPredictionMayExistError("read timed out after sending")
+    context = make_context()
+    with pytest.raises(AirflowFailException, match="read timed out after sending") as info:
+        make_op().execute(context)
+    assert "retry_uncertain_create" in str(info.value)
+    assert isinstance(info.value.__cause__, KontextPredictionMayExistError)
+    assert context["task_state_store"].data == {}
+
+
+def test_uncertain_create_reraised_when_retries_allowed(hook):
+    error = KontextPredictionMayExistError("read timed out after sending")
+    hook.create_prediction.side_effect = error
+    with pytest.raises(KontextPredictionMayExistError) as info:
+        make_op(retry_uncertain_create=True).execute(make_context())
+    assert info.value is error
+
+
+# --- execute_complete ------------------------------------------------------------------------------
+
+
+def stored_context() -> dict[str, Any]:
+    return make_context(FakeStore({STATE_KEY: {"id": PID, "fingerprint": "f"}, "other": 1}))
+
+
+def test_complete_succeeded(hook):
+    context = stored_context()
+    event = prediction_event(succeeded(output=[OUT_URL, "https://replicate.delivery/b.webp"]))
+    result = make_op().execute_complete(context, event)
+    assert result == [OUT_URL, "https://replicate.delivery/b.webp"]
+    summary = pushed(context)["prediction"]
+    assert summary["id"] == PID
+    assert summary["status"] == "succeeded"
+    assert summary["model"] == "black-forest-labs/flux-kontext-dev"
+    assert summary["predict_time"] == 4.2
+    assert summary["web_url"] == f"https://replicate.com/p/{PID}"
+    assert summary["completed_at"] == "2025-05-01T10:00:06+00:00"
+    assert summary["urls_expire_at"] == "2025-05-01T11:00:06+00:00"
+    assert summary["outputs"] == result
+    json.dumps(summary)
+    assert context["task_state_store"].data == {"other": 1}  # only our key is deleted
+    hook.cancel_prediction.assert_not_called()
+
+
+@pytest.mark.parametrize("status", ["failed", "canceled", "aborted"])
+def test_complete_unsuccessful(hook, status):
+    prediction = make_prediction(
+        status, error="NSFW content detected", logs="step 1/28\nstep 2/28\nrunning safety checker\n"
+    )
+    context = stored_context()
+    with pytest.raises(KontextPredictionFailed) as info:
+        make_op().execute_complete(context, prediction_event(prediction))
+    exc = info.value
+    assert exc.status == status
+    assert exc.prediction_id == PID
+    assert exc.error == "NSFW content detected"
+    assert exc.logs_tail == "step 1/28\nstep 2/28\nrunning safety checker"
+    message = str(exc)
+    assert f"Prediction {PID} {status}: NSFW content detected" in message
+    assert "running safety checker" in message
+    assert "prediction" not in pushed(context)
+    hook.cancel_prediction.assert_not_called()
+
+
+def test_complete_succeeded_without_output(hook):
+    with pytest.raises(KontextPredictionFailed, match="returned no output") as info:
+        make_op().execute_complete(stored_context(), prediction_event(succeeded(output=[])))
+    assert info.value.status == "succeeded"
+
+
+def test_complete_succeeded_but_data_removed(hook):
+    event = prediction_event(succeeded(output=None, data_removed=True))
+    with pytest.raises(KontextPredictionFailed, match="already deleted"):
+        make_op().execute_complete(stored_context(), event)
+
+
+def test_complete_timeout_cancels_then_fails(hook):
+    hook.cancel_prediction.return_value = make_prediction("canceled")
+    event = {"status": "timeout", "prediction_id": PID, "message": f"Prediction {PID} did not finish"}
+    op = make_op()
+    with pytest.raises(KontextPredictionFailed, match="did not finish") as info:
+        op.execute_complete(make_context(), event)
+    hook.cancel_prediction.assert_called_once_with(PID)
+    assert info.value.status == "timeout"
+    assert info.value.prediction_id == PID
+
+
+def test_complete_timeout_fails_even_if_cancel_fails(hook):
+    hook.cancel_prediction.side_effect = KontextServerError(status=500)
+    op = make_op()
+    with pytest.raises(KontextPredictionFailed) as info:
+        op.execute_complete(make_context(), {"status": "timeout", "prediction_id": PID, "message": "late"})
+    assert info.value.status == "timeout"
+    assert any("Could not cancel" in line for line in logged(op, "warning"))
+
+
+def test_complete_error_event(hook):
+    event = {"status": "error", "prediction_id": PID, "message": "Polling failed: HTTP 401"}
+    with pytest.raises(KontextPredictionFailed, match="HTTP 401") as info:
+        make_op().execute_complete(make_context(), event)
+    assert info.value.status == "error"
+    hook.cancel_prediction.assert_not_called()
+
+
+def test_output_asset_gets_its_event_extra(hook):
+    asset = Asset("file:///data/edited")
+    op = make_op(output_asset=asset)
+    assert asset in op.outlets
+    events = OutletEventAccessors()
+    context = make_context(outlet_events=events)
+    op.execute_complete(context, prediction_event(succeeded()))
+    assert events[asset].extra == {"prediction_id": PID, "outputs": [OUT_URL]}
+
+
+def test_output_asset_carries_the_saved_paths(hook, tmp_path):
+    asset = Asset("file:///data/edited")
+    hook.download.side_effect = writes(PNG)
+    events = OutletEventAccessors()
+    op = make_op(output_asset=asset, output_path=str(tmp_path))
+    result = op.execute_complete(make_context(outlet_events=events), prediction_event(succeeded()))
+    assert events[asset].extra == {"prediction_id": PID, "outputs": result}
+    assert result == [(tmp_path / f"{PID}-0.png").as_uri()]
+
+
+# --- output_path -----------------------------------------------------------------------------------
+
+
+def writes(*payloads: bytes):
+    """A ``hook.download`` side effect writing each payload into the file object it is given."""
+    queue = list(payloads)
+
+    def download(url: str, dest: Any, *, max_bytes: int) -> str:
+        dest.write(queue.pop(0))
+        return "image/webp"  # what the server claims; the bytes decide
+
+    return download
+
+
+def test_output_path_downloads_and_returns_paths(hook, tmp_path):
+    folder = tmp_path / "out"
+    second = "https://replicate.delivery/xezq/other.webp"
+    hook.download.side_effect = writes(PNG, JPEG)
+    context = make_context()
+    op = make_op(output_path=str(folder), max_output_bytes=1234)
+    result = op.execute_complete(context, prediction_event(succeeded(output=[OUT_URL, second])))
+    assert sorted(p.name for p in folder.iterdir()) == [f"{PID}-0.png", f"{PID}-1.jpg"]
+    assert (folder / f"{PID}-0.png").read_bytes() == PNG
+    assert (folder / f"{PID}-1.jpg").read_bytes() == JPEG
+    assert result == [(folder / f"{PID}-0.png").as_uri(), (folder / f"{PID}-1.jpg").as_uri()]
+    assert [c.args[0] for c in hook.download.call_args_list] == [OUT_URL, second]
+    assert all(c.kwargs["max_bytes"] == 1234 for c in hook.download.call_args_list)
+    summary = pushed(context)["prediction"]
+    assert summary["outputs"] == result
+    assert summary["output_urls"] == [OUT_URL, second]
+
+
+def test_output_appears_under_its_final_name_only_when_complete(hook, tmp_path):
+    """Written to a temporary name and renamed: a reader never sees a half-written final file."""
+    folder = tmp_path / "out"
+    hook.download.side_effect = writes(PNG)
+    renames: list[tuple[str, str, bool]] = []
+    original = ObjectStoragePath.rename
+
+    def spy(self: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+        renames.append((self.name, ObjectStoragePath(target).name, ObjectStoragePath(target).exists()))
+        return original(self, target, *args, **kwargs)
+
+    with mock.patch.object(ObjectStoragePath, "rename", spy):
+        make_op(output_path=str(folder)).execute_complete(make_context(), prediction_event(succeeded()))
+    assert renames == [(f".{PID}-0.png.partial", f"{PID}-0.png", False)]
+    assert [p.name for p in folder.iterdir()] == [f"{PID}-0.png"]
+
+
+def test_output_path_as_object_storage_path(hook, tmp_path):
+    hook.download.side_effect = writes(PNG)
+    folder = ObjectStoragePath((tmp_path / "nested" / "dir").as_uri())
+    result = make_op(output_path=folder).execute_complete(make_context(), prediction_event(succeeded()))
+    assert result == [str(folder / f"{PID}-0.png")]
+    assert (tmp_path / "nested" / "dir" / f"{PID}-0.png").read_bytes() == PNG
+
+
+def test_non_image_download_fails_and_leaves_no_file(hook, tmp_path):
+    folder = tmp_path / "out"
+    hook.download.side_effect = writes(b"<html><body>Access denied</body></html>")
+    context = stored_context()
+    with pytest.raises(KontextPredictionFailed, match="not a jpeg/png/gif/webp"):
+        make_op(output_path=str(folder)).execute_complete(context, prediction_event(succeeded()))
+    assert list(folder.iterdir()) == []
+    # Still stored, so a retry can reattach and download again while the files exist.
+    assert STATE_KEY in context["task_state_store"].data
+
+
+def test_data_uri_outputs_are_decoded(hook, tmp_path):
+    folder = tmp_path / "out"
+    uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    result = make_op(output_path=str(folder)).execute_complete(
+        make_context(), prediction_event(succeeded(output=[uri]))
+    )
+    hook.download.assert_not_called()
+    assert (folder / f"{PID}-0.png").read_bytes() == PNG
+    assert result == [(folder / f"{PID}-0.png").as_uri()]
+
+
+def test_server_chosen_id_cannot_leave_the_folder(hook, tmp_path):
+    folder = tmp_path / "a" / "out"
+    hook.download.side_effect = writes(PNG)
+    event = prediction_event(succeeded(prediction_id="/../../escaped"))
+    make_op(output_path=str(folder)).execute_complete(make_context(), event)
+    saved = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert [p.parent for p in saved] == [folder]
+    assert saved[0].name.endswith("-0.png")
+
+
+def test_output_without_prediction_id_gets_a_generated_name(hook, tmp_path):
+    folder = tmp_path / "out"
+    hook.download.side_effect = writes(PNG)
+    make_op(output_path=str(folder)).execute_complete(
+        make_context(), prediction_event(succeeded(prediction_id=None))
+    )
+    [saved] = list(folder.iterdir())
+    assert saved.name.startswith("edit-")
+    assert saved.name.endswith("-0.png")
+
+
+# --- waiting in the worker -------------------------------------------------------------------------
+
+
+def test_non_deferrable_polls_until_terminal(hook, no_sleep):
+    hook.create_prediction.return_value = make_prediction("starting")
+    hook.get_prediction.side_effect = [
+        make_prediction("starting"),
+        make_prediction("processing", logs="step 1/28\n"),
+        make_prediction("processing", logs="step 1/28\nstep 2/28\n"),
+        succeeded(logs="step 1/28\nstep 2/28\n"),
+    ]
+    op = make_op(deferrable=False, poll_interval=3)
+    context = make_context()
+    assert op.execute(context) == [OUT_URL]
+    assert hook.get_prediction.call_count == 4
+    hook.get_prediction.assert_called_with(PID)
+    assert [c.args[0] for c in no_sleep.call_args_list] == [3.0, 3.0, 3.0]
+    lines = logged(op)
+    assert lines.count(f"Prediction {PID} is processing") == 1
+    assert lines.count(f"Prediction {PID} is succeeded") == 1
+    assert lines.count("model: step 1/28") == 1
+    assert lines.count("model: step 2/28") == 1
+    assert STATE_KEY not in context["task_state_store"].data
+
+
+def test_non_deferrable_tolerates_transient_errors(hook, no_sleep):
+    hook.get_prediction.side_effect = [KontextServerError(status=502), succeeded()]
+    assert make_op(deferrable=False).execute(make_context()) == [OUT_URL]
+
+
+def test_non_deferrable_timeout_cancels(hook, no_sleep):
+    created = datetime.now(timezone.utc) - timedelta(minutes=5)
+    hook.create_prediction.return_value = make_prediction("processing", created_at=created.isoformat())
+    hook.get_prediction.return_value = make_prediction("processing")
+    hook.cancel_prediction.return_value = make_prediction("canceled")
+    with pytest.raises(KontextPredictionFailed) as info:
+        make_op(deferrable=False, timeout=60).execute(make_context())
+    assert info.value.status == "timeout"
+    hook.cancel_prediction.assert_called_once_with(PID)
+
+
+def test_on_kill_cancels_running_prediction(hook, no_sleep):
+    op = make_op(deferrable=False)
+    hook.cancel_prediction.return_value = make_prediction("canceled")
+    hook.get_prediction.side_effect = [make_prediction("processing"), make_prediction("canceled")]
+    no_sleep.side_effect = lambda _: op.on_kill()  # killed while waiting between polls
+    with pytest.raises(KontextPredictionFailed):
+        op.execute(make_context())
+    hook.cancel_prediction.assert_called_once_with(PID)
+
+
+def test_on_kill_after_finish_does_nothing(hook, no_sleep):
+    hook.get_prediction.return_value = succeeded()
+    op = make_op(deferrable=False)
+    op.execute(make_context())
+    op.on_kill()
+    hook.cancel_prediction.assert_not_called()
+
+
+def test_on_kill_after_failure_does_nothing(hook, no_sleep):
+    hook.get_prediction.return_value = make_prediction("failed", error="x")
+    op = make_op(deferrable=False)
+    with pytest.raises(KontextPredictionFailed):
+        op.execute(make_context())
+    op.on_kill()
+    hook.cancel_prediction.assert_not_called()
+
+
+def test_on_kill_disabled(hook, no_sleep):
+    op = make_op(deferrable=False, cancel_on_kill=False)
+    hook.get_prediction.side_effect = [make_prediction("processing"), succeeded()]
+    no_sleep.side_effect = lambda _: op.on_kill()
+    op.execute(make_context())
+    hook.cancel_prediction.assert_not_called()
+
+
+def test_on_kill_before_create_does_nothing(hook):
+    make_op().on_kill()
+    hook.cancel_prediction.assert_not_called()
+
+
+# --- mapping, templating, extra link ---------------------------------------------------------------
+
+
+def test_mapped_over_input_images():
+    images = ["https://example.com/1.png", "https://example.com/2.png"]
+    with DAG("kontext_mapped", schedule=None, start_date=pendulum.datetime(2025, 1, 1)):
+        mapped = FluxKontextEditOperator.partial(
+            task_id="edit", prompt=PROMPT, aspect_ratio="1:1", output_path="/tmp/out"
+        ).expand(input_image=images)
+    assert mapped.operator_class is FluxKontextEditOperator
+    assert mapped.partial_kwargs["prompt"] == PROMPT
+    assert mapped.partial_kwargs["aspect_ratio"] == "1:1"
+    assert mapped.partial_kwargs["output_path"] == "/tmp/out"
+    assert mapped.expand_input.value == {"input_image": images}
+
+
+def test_template_fields_cover_the_inputs():
+    fields = set(FluxKontextEditOperator.template_fields)
+    assert {"prompt", "input_image", "extra_input", "output_path", "num_inference_steps", "seed"} <= fields
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        (f"https://replicate.com/p/{PID}", f"https://replicate.com/p/{PID}"),
+        (None, ""),
+        ("javascript:alert(1)", ""),
+    ],
+)
+def test_extra_link_reads_the_web_url(stored, expected):
+    op = make_op()
+    [link] = op.operator_extra_links
+    assert isinstance(link, ReplicatePredictionLink)
+    ti_key = mock.Mock(name="ti_key")
+    with mock.patch("airflow_provider_kontext.links.kontext.XCom.get_value", return_value=stored) as get:
+        assert link.get_link(op, ti_key=ti_key) == expected
+    get.assert_called_once_with(ti_key=ti_key, key="prediction_web_url")

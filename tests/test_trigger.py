@@ -1,0 +1,396 @@
+"""``FluxKontextPredictionTrigger``: serialization, one event per terminal status, progress, errors,
+deadline, restart from kwargs, cleanup and on_kill. The hook is mocked; nothing waits or hits the
+network."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import time
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+
+import pytest
+from airflow.triggers.base import TriggerEvent
+
+from airflow_provider_kontext.exceptions import (
+    KontextAuthError,
+    KontextNotFoundError,
+    KontextRateLimitError,
+    KontextServerError,
+    KontextTransportError,
+)
+from airflow_provider_kontext.models import Prediction
+from airflow_provider_kontext.progress import prediction_event
+from airflow_provider_kontext.triggers import kontext as trigger_module
+from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
+
+CLASSPATH = "airflow_provider_kontext.triggers.kontext.FluxKontextPredictionTrigger"
+PID = "q8vz1d2ktxrmc0cn3a5b"
+CONN_ID = "my_kontext"
+TOKEN = "r8_TriggerTestToken_5c1e9a7d"  # recognisable, so a leak is easy to find
+
+
+def make_prediction(status: str, **fields: Any) -> Prediction:
+    data: dict[str, Any] = {
+        "id": PID,
+        "model": "black-forest-labs/flux-kontext-dev",
+        "status": status,
+        "created_at": "2025-05-01T10:00:00+00:00",
+        "urls": {
+            "get": f"https://api.replicate.com/v1/predictions/{PID}",
+            "web": f"https://replicate.com/p/{PID}",
+        },
+    }
+    data.update(fields)
+    return Prediction.model_validate(data)
+
+
+def make_trigger(**overrides: Any) -> FluxKontextPredictionTrigger:
+    kwargs: dict[str, Any] = {
+        "prediction_id": PID,
+        "flux_kontext_conn_id": CONN_ID,
+        "poll_interval": 3.0,
+        "end_time": None,
+    }
+    kwargs.update(overrides)
+    return FluxKontextPredictionTrigger(**kwargs)
+
+
+@pytest.fixture
+def hook():
+    """The hook instance the trigger builds (class patched where the trigger imports it from)."""
+    instance = mock.MagicMock(name="FluxKontextHook()")
+    instance.aget_prediction = mock.AsyncMock()
+    instance.acancel_prediction = mock.AsyncMock()
+    instance.acreate_prediction = mock.AsyncMock()
+    instance.aclose = mock.AsyncMock()
+    with mock.patch("airflow_provider_kontext.hooks.kontext.FluxKontextHook") as hook_cls:
+        hook_cls.return_value = instance
+        instance.cls = hook_cls
+        yield instance
+
+
+@pytest.fixture
+def sleeps():
+    """Replaces the trigger module's ``asyncio.sleep``; records the requested delays."""
+    delays: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        delays.append(seconds)
+
+    with mock.patch.object(trigger_module, "asyncio", SimpleNamespace(sleep=fake_sleep)):
+        yield delays
+
+
+def attach_log(trigger: FluxKontextPredictionTrigger) -> mock.Mock:
+    """Route the trigger's logger into a mock (LoggingMixin caches its logger in ``_log``)."""
+    log = mock.Mock()
+    trigger._log = log
+    return log
+
+
+def info_lines(log: mock.Mock) -> list[str]:
+    return [c.args[0] % c.args[1:] for c in log.info.call_args_list]
+
+
+async def collect(trigger: FluxKontextPredictionTrigger) -> list[TriggerEvent]:
+    return [event async for event in trigger.run()]
+
+
+# --- serialization ---------------------------------------------------------------------------------
+
+
+def test_serialize_round_trip():
+    trigger = make_trigger(end_time=1_750_000_000.5, cancel_on_kill=False, max_consecutive_errors=4)
+    classpath, kwargs = trigger.serialize()
+    assert classpath == CLASSPATH
+    assert kwargs == {
+        "prediction_id": PID,
+        "flux_kontext_conn_id": CONN_ID,
+        "poll_interval": 3.0,
+        "end_time": 1_750_000_000.5,
+        "cancel_on_kill": False,
+        "max_consecutive_errors": 4,
+    }
+    # What the triggerer does: import the classpath and build it from the kwargs.
+    module_name, class_name = classpath.rsplit(".", 1)
+    rebuilt = getattr(importlib.import_module(module_name), class_name)(**kwargs)
+    assert rebuilt.serialize() == (classpath, kwargs)
+
+
+def test_serialize_kwargs_are_json_primitives():
+    _, kwargs = make_trigger(end_time=time.time() + 60, poll_interval="2").serialize()
+    assert json.loads(json.dumps(kwargs)) == kwargs
+    for value in kwargs.values():
+        assert value is None or type(value) in (str, int, float, bool)
+    assert isinstance(kwargs["poll_interval"], float)
+    _, from_int = make_trigger(end_time=1_750_000_000).serialize()
+    assert type(from_int["end_time"]) is float
+
+
+def test_defaults_round_trip():
+    trigger = FluxKontextPredictionTrigger(prediction_id=PID)
+    _, kwargs = trigger.serialize()
+    assert kwargs["flux_kontext_conn_id"] == "flux_kontext_default"
+    assert kwargs["end_time"] is None
+    assert kwargs["cancel_on_kill"] is True
+    assert FluxKontextPredictionTrigger(**kwargs).serialize() == trigger.serialize()
+
+
+def test_no_secret_in_serialize_or_repr(monkeypatch):
+    conn = {"conn_type": "flux_kontext", "host": "https://api.replicate.com", "password": TOKEN}
+    monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps(conn))
+    trigger = FluxKontextPredictionTrigger(prediction_id=PID, end_time=time.time() + 60)
+    hook = trigger._hook()
+    assert hook.settings.token == TOKEN  # the token is reachable through the conn id ...
+    assert TOKEN not in json.dumps(trigger.serialize())  # ... but never in the trigger itself
+    assert TOKEN not in repr(trigger)
+
+
+# --- one event per terminal status -----------------------------------------------------------------
+
+
+async def test_succeeded(hook, sleeps):
+    done = make_prediction(
+        "succeeded",
+        output="https://replicate.delivery/xezq/out.webp",
+        logs="step 28/28\n",
+        metrics={"predict_time": 4.2},
+        completed_at="2025-05-01T10:00:06+00:00",
+    )
+    hook.aget_prediction.side_effect = [make_prediction("starting"), make_prediction("processing"), done]
+    events = await collect(make_trigger())
+    assert len(events) == 1
+    payload = events[0].payload
+    assert payload == prediction_event(done)
+    assert payload["status"] == "succeeded"
+    assert payload["prediction_id"] == PID
+    assert payload["output"] == ["https://replicate.delivery/xezq/out.webp"]
+    assert payload["predict_time"] == 4.2
+    hook.cls.assert_called_once_with(CONN_ID)
+    hook.aget_prediction.assert_awaited_with(PID)
+    assert hook.aget_prediction.await_count == 3
+    assert sleeps == [3.0, 3.0]  # waited between polls, not after the last one
+    hook.acreate_prediction.assert_not_called()  # the trigger only reads
+
+
+async def test_failed(hook, sleeps):
+    hook.aget_prediction.side_effect = [
+        make_prediction("processing"),
+        make_prediction("failed", error="NSFW content detected", logs="step 1\nchecking safety\n"),
+    ]
+    [event] = await collect(make_trigger())
+    assert event.payload["status"] == "failed"
+    assert event.payload["prediction_id"] == PID
+    assert event.payload["error"] == "NSFW content detected"
+    assert event.payload["logs_tail"] == "step 1\nchecking safety"
+    assert event.payload["output"] == []
+
+
+async def test_canceled(hook, sleeps):
+    hook.aget_prediction.return_value = make_prediction("canceled", logs="step 3\n")
+    [event] = await collect(make_trigger())
+    assert event.payload["status"] == "canceled"
+    assert event.payload["prediction_id"] == PID
+    assert event.payload["logs_tail"] == "step 3"
+    assert sleeps == []
+
+
+async def test_aborted(hook, sleeps):
+    hook.aget_prediction.side_effect = [
+        make_prediction("starting"),
+        make_prediction("aborted", error="Cancel-After deadline passed before start"),
+    ]
+    [event] = await collect(make_trigger())
+    assert event.payload["status"] == "aborted"  # terminal: not polled forever
+    assert event.payload["error"] == "Cancel-After deadline passed before start"
+    assert hook.aget_prediction.await_count == 2
+
+
+# --- progress --------------------------------------------------------------------------------------
+
+
+async def test_progress_lines_logged_once(hook, sleeps):
+    hook.aget_prediction.side_effect = [
+        make_prediction("starting"),
+        make_prediction("processing", logs="Loading\n"),
+        make_prediction("processing", logs="Loading\nstep 1/28\nstep 2/2"),
+        make_prediction("processing", logs="Loading\nstep 1/28\nstep 2/28\n"),
+        make_prediction("succeeded", logs="Loading\nstep 1/28\nstep 2/28\ndone", output="https://x/o.png"),
+    ]
+    trigger = make_trigger()
+    log = attach_log(trigger)
+    await collect(trigger)
+    assert info_lines(log) == [
+        f"Prediction {PID} is starting",
+        f"Prediction {PID} is processing",
+        "model: Loading",
+        "model: step 1/28",
+        "model: step 2/28",
+        f"Prediction {PID} is succeeded",
+        "model: done",
+    ]
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        KontextServerError(status=502, title="Bad Gateway"),
+        KontextTransportError("connection reset", request_sent=True),
+        KontextRateLimitError(status=429, detail="Request was throttled."),
+    ],
+    ids=["5xx", "transport", "429"],
+)
+async def test_transient_errors_then_success(hook, sleeps, exc):
+    hook.aget_prediction.side_effect = [
+        make_prediction("processing"),
+        exc,
+        exc,
+        make_prediction("succeeded", output="https://x/o.png"),
+    ]
+    trigger = make_trigger()
+    log = attach_log(trigger)
+    [event] = await collect(trigger)
+    assert event.payload["status"] == "succeeded"
+    assert event.payload["output"] == ["https://x/o.png"]
+    assert hook.aget_prediction.await_count == 4
+    assert sum("will poll again" in line for line in info_lines(log)) == 2
+
+
+async def test_too_many_consecutive_errors(hook, sleeps):
+    hook.aget_prediction.side_effect = KontextServerError(status=503, title="Service Unavailable")
+    events = await collect(make_trigger(max_consecutive_errors=3))
+    assert len(events) == 1
+    assert events[0].payload["status"] == "error"
+    assert events[0].payload["prediction_id"] == PID
+    assert "4 polls in a row failed" in events[0].payload["message"]
+    assert "503" in events[0].payload["message"]
+    assert hook.aget_prediction.await_count == 4  # 3 tolerated, the 4th ends it
+    hook.aclose.assert_awaited_once()
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [KontextAuthError(status=401, title="Unauthorized"), KontextNotFoundError(status=404)],
+    ids=["auth", "not-found"],
+)
+async def test_client_error_is_immediate(hook, sleeps, exc):
+    hook.aget_prediction.side_effect = exc
+    events = await collect(make_trigger(max_consecutive_errors=10))
+    assert [e.payload["status"] for e in events] == ["error"]
+    assert str(exc) in events[0].payload["message"]
+    assert hook.aget_prediction.await_count == 1
+    assert sleeps == []
+
+
+async def test_malformed_connection_gives_error_event(hook, sleeps):
+    hook.aget_prediction.side_effect = ValueError("extra 'timeout' must be a number")
+    [event] = await collect(make_trigger())
+    assert event.payload["status"] == "error"
+    assert "Cannot poll" in event.payload["message"]
+    assert "timeout" in event.payload["message"]
+
+
+# --- deadline --------------------------------------------------------------------------------------
+
+
+async def test_deadline_passed_gives_timeout(hook, sleeps):
+    hook.aget_prediction.return_value = make_prediction("processing")
+    [event] = await collect(make_trigger(end_time=time.time() - 1))
+    assert event.payload["status"] == "timeout"
+    assert event.payload["prediction_id"] == PID
+    assert "processing" in event.payload["message"]
+    hook.acancel_prediction.assert_not_called()  # the operator cancels, with the task's context
+
+
+async def test_sleep_never_overshoots_the_deadline(hook, sleeps):
+    hook.aget_prediction.side_effect = [make_prediction("processing"), make_prediction("succeeded")]
+    await collect(make_trigger(poll_interval=600.0, end_time=time.time() + 5))
+    assert len(sleeps) == 1
+    assert 0 < sleeps[0] <= 5
+
+
+async def test_recreated_from_kwargs_resumes_polling(hook, sleeps):
+    """A triggerer restart: only the serialized kwargs survive; the new instance just polls on."""
+    _, kwargs = make_trigger(end_time=time.time() + 600).serialize()
+    restarted = FluxKontextPredictionTrigger(**json.loads(json.dumps(kwargs)))
+    hook.aget_prediction.side_effect = [
+        make_prediction("processing", logs="step 14/28\n"),
+        make_prediction("succeeded", output="https://x/o.png"),
+    ]
+    [event] = await collect(restarted)
+    assert event.payload["status"] == "succeeded"
+    assert event.payload["prediction_id"] == PID
+    hook.cls.assert_called_once_with(CONN_ID)
+    hook.aget_prediction.assert_awaited_with(PID)
+    hook.acreate_prediction.assert_not_called()
+
+
+# --- cleanup ---------------------------------------------------------------------------------------
+
+
+async def test_aclose_after_success(hook, sleeps):
+    hook.aget_prediction.return_value = make_prediction("succeeded", output="https://x/o.png")
+    await collect(make_trigger())
+    hook.aclose.assert_awaited_once()
+
+
+async def test_aclose_after_error_event(hook, sleeps):
+    hook.aget_prediction.side_effect = KontextAuthError(status=403)
+    await collect(make_trigger())
+    hook.aclose.assert_awaited_once()
+
+
+async def test_aclose_when_polling_raises_unexpectedly(hook, sleeps):
+    hook.aget_prediction.side_effect = RuntimeError("bug")
+    with pytest.raises(RuntimeError, match="bug"):
+        await collect(make_trigger())
+    hook.aclose.assert_awaited_once()
+
+
+async def test_aclose_when_the_triggerer_cancels_the_run(hook):
+    """The triggerer cancels a trigger (task deferral ended, shutdown) while it sleeps."""
+    hook.aget_prediction.return_value = make_prediction("processing")
+    sleep = mock.AsyncMock(side_effect=[None, asyncio.CancelledError()])
+    with (
+        mock.patch.object(trigger_module, "asyncio", SimpleNamespace(sleep=sleep)),
+        pytest.raises(asyncio.CancelledError),
+    ):
+        await collect(make_trigger())
+    assert hook.aget_prediction.await_count == 2
+    hook.aclose.assert_awaited_once()
+
+
+# --- on_kill ---------------------------------------------------------------------------------------
+
+
+async def test_on_kill_cancels(hook):
+    hook.acancel_prediction.return_value = make_prediction("canceled")
+    trigger = make_trigger(cancel_on_kill=True)
+    log = attach_log(trigger)
+    await trigger.on_kill()
+    hook.acancel_prediction.assert_awaited_once_with(PID)
+    hook.aclose.assert_awaited_once()
+    assert any("canceled on kill" in line for line in info_lines(log))
+
+
+async def test_on_kill_disabled_does_nothing(hook):
+    await make_trigger(cancel_on_kill=False).on_kill()
+    hook.acancel_prediction.assert_not_called()
+    hook.cls.assert_not_called()
+
+
+async def test_on_kill_cancel_failure_is_logged_not_raised(hook):
+    hook.acancel_prediction.side_effect = KontextServerError(status=500)
+    trigger = make_trigger()
+    log = attach_log(trigger)
+    await trigger.on_kill()
+    log.warning.assert_called_once()
+    assert "Could not cancel" in log.warning.call_args.args[0]
+    hook.aclose.assert_awaited_once()
