@@ -47,8 +47,8 @@ class ProgressTracker:
         self._logs_seen += len(fresh)
         lines = [line.rstrip() for line in fresh.replace("\r", "\n").split("\n") if line.strip()]
         if len(lines) > MAX_LOG_LINES_PER_POLL:
-            skipped = len(lines) - MAX_LOG_LINES_PER_POLL
-            lines = [f"... {skipped} log lines skipped ...", *lines[-MAX_LOG_LINES_PER_POLL:]]
+            messages.append(f"({len(lines) - MAX_LOG_LINES_PER_POLL} model log lines skipped)")
+            lines = lines[-MAX_LOG_LINES_PER_POLL:]
         messages.extend(f"model: {line[:MAX_LOG_LINE]}" for line in lines)
         return messages
 

@@ -787,6 +787,27 @@ def test_data_uri_outputs_are_decoded(hook, tmp_path):
     assert result == [(folder / f"{PID}-0.png").as_uri()]
 
 
+def test_malformed_data_uri_output_fails_the_task_clearly(hook, tmp_path):
+    event = prediction_event(succeeded(output=["data:image/png;base64,@@not-base64@@"]))
+    with pytest.raises(KontextPredictionFailed, match=r"Output 0 of prediction .*malformed"):
+        make_op(output_path=str(tmp_path / "out")).execute_complete(make_context(), event)
+
+
+def test_failed_write_leaves_no_partial_file(hook, tmp_path, monkeypatch):
+    from airflow.sdk import ObjectStoragePath
+
+    folder = tmp_path / "out"
+    hook.download.side_effect = writes(PNG)
+
+    def broken_rename(self, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ObjectStoragePath, "rename", broken_rename)
+    with pytest.raises(OSError, match="disk full"):
+        make_op(output_path=str(folder)).execute_complete(make_context(), prediction_event(succeeded()))
+    assert list(folder.iterdir()) == []
+
+
 def test_server_chosen_id_cannot_leave_the_folder(hook, tmp_path):
     folder = tmp_path / "a" / "out"
     hook.download.side_effect = writes(PNG)

@@ -89,7 +89,7 @@ class TestProgressTracker:
         tracker = ProgressTracker(PID)
         messages = tracker.update(make_prediction("processing", logs))
         assert messages[0] == f"Prediction {PID} is processing"
-        assert messages[1] == "model: ... 25 log lines skipped ..."
+        assert messages[1] == "(25 model log lines skipped)"
         assert messages[2:] == [f"model: line {i}" for i in range(25, count)]
         assert len(messages) == 2 + MAX_LOG_LINES_PER_POLL
         # The skipped lines are not reported later either.

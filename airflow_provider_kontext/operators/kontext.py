@@ -443,7 +443,14 @@ class FluxKontextEditOperator(BaseOperator):
         for index, url in enumerate(urls):
             with tempfile.TemporaryFile() as buffer:
                 if url.startswith("data:"):
-                    buffer.write(decode_data_uri(url, self.max_output_bytes))
+                    try:
+                        buffer.write(decode_data_uri(url, self.max_output_bytes))
+                    except ValueError as exc:
+                        raise KontextPredictionFailed(
+                            f"Output {index} of prediction {prediction_id}: {exc}",
+                            prediction_id=prediction_id,
+                            status="succeeded",
+                        ) from None
                 else:
                     self.hook.download(url, buffer, max_bytes=self.max_output_bytes)
                 buffer.seek(0)
@@ -458,10 +465,14 @@ class FluxKontextEditOperator(BaseOperator):
                 target = folder / f"{stem}-{index}.{EXTENSIONS[kind]}"
                 partial = folder / f".{stem}-{index}.{EXTENSIONS[kind]}.partial"
                 buffer.seek(0)
-                with partial.open("wb") as out:  # type: ignore[no-untyped-call]
-                    while chunk := buffer.read(1 << 20):
-                        out.write(chunk)
-                partial.rename(target)
+                try:
+                    with partial.open("wb") as out:  # type: ignore[no-untyped-call]
+                        while chunk := buffer.read(1 << 20):
+                            out.write(chunk)
+                    partial.rename(target)
+                except BaseException:
+                    partial.unlink(missing_ok=True)  # never leave a half-written file behind
+                    raise
             self.log.info("Saved output %d of prediction %s to %s", index, prediction_id, target)
             paths.append(str(target))
         return paths
