@@ -25,3 +25,16 @@ def test_ui_field_behaviour_matches_provider_info() -> None:
     (conn,) = get_provider_info()["connection-types"]
     assert FluxKontextHook.get_ui_field_behaviour() == conn["ui-field-behaviour"]
     assert conn["ui-field-behaviour"]["relabeling"]["password"] == "API Token"
+
+
+def test_airflow_registers_the_connection_type_and_form() -> None:
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
+    assert "airflow-provider-kontext" in manager.providers
+    hook_info = manager.hooks["flux_kontext"]
+    assert hook_info is not None
+    assert hook_info.hook_class_name.endswith("FluxKontextHook")
+    assert manager.field_behaviours["flux_kontext"]["relabeling"]["host"] == "Base URL"
+    widgets = {name.rsplit("__", 1)[-1] for name in manager.connection_form_widgets if "flux_kontext" in name}
+    assert {"timeout", "connect_timeout", "max_retries", "backoff_max"} <= widgets
