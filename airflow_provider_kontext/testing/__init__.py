@@ -1,0 +1,32 @@
+"""Test support: an offline emulator of Replicate's predictions API for FLUX.1 Kontext.
+
+Importing this package is cheap; the emulator (FastAPI, uvicorn, Pillow: the ``emulator`` extra)
+loads on first use of :class:`KontextEmulator`. For pytest, enable the fixture ``kontext_emulator``
+with ``pytest_plugins = ["airflow_provider_kontext.testing.pytest_plugin"]``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airflow_provider_kontext.testing.emulator import KontextEmulator
+    from airflow_provider_kontext.testing.faults import Faults
+    from airflow_provider_kontext.testing.service import RequestRecord
+
+__all__ = ["Faults", "KontextEmulator", "RequestRecord"]
+
+_LAZY = {
+    "KontextEmulator": "airflow_provider_kontext.testing.emulator",
+    "Faults": "airflow_provider_kontext.testing.faults",
+    "RequestRecord": "airflow_provider_kontext.testing.service",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,250 @@
+"""A prediction's life, computed from the time since it was created (no task runs per prediction).
+
+``starting`` lasts ``start_seconds``, ``processing`` lasts ``prediction_seconds`` (its logs grow
+with progress lines the way the model's tqdm bar prints them), then the prediction ends
+``succeeded`` with its output. What can end it earlier is known in advance, as a time: a
+``Cancel-After`` deadline, a cancel request, a forced outcome, or a bad input image (found when
+processing starts). The earliest of those wins, so every poll sees one consistent history.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_kontext.models import Prediction, PredictionMetrics, PredictionStatus, PredictionUrls
+from airflow_provider_kontext.testing.faults import Outcome, PredictionFault
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from airflow_provider_kontext.testing.imaging import EditedImage
+
+#: How long after processing starts a prediction with an unusable input image fails (at the
+#: earliest: the edit is tried in the background when processing starts, and it fails when the
+#: edit has found out, but never later than the prediction would have ended).
+INPUT_ERROR_SECONDS = 0.05
+
+_BAR_WIDTH = 10
+_PARTIAL_BLOCKS = " ▏▎▍▌▋▊▉"
+
+
+def new_id() -> str:
+    """A random, URL-safe prediction or file id in Replicate's style (26 lower-case base32 chars)."""
+    return base64.b32encode(secrets.token_bytes(16)).decode("ascii").rstrip("=").lower()
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long each phase of a prediction lasts, and how long its data is kept after it ends."""
+
+    start_seconds: float = 0.3
+    prediction_seconds: float = 3.0
+    retention_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Ending:
+    """When (seconds after creation) and how a prediction ends."""
+
+    at: float
+    status: PredictionStatus
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A prediction as seen at one moment; times are seconds after creation."""
+
+    status: PredictionStatus
+    started: float | None
+    completed: float | None
+    error: str | None
+    logs: str
+    data_removed: bool
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+
+@dataclass
+class PredictionRecord:
+    """Everything the emulator knows about one prediction. Its status is derived, never stored."""
+
+    id: str
+    model: str
+    version: str
+    input: dict[str, Any]
+    base_url: str
+    created_wall: float
+    created_mono: float
+    timing: Timing
+    seed: int
+    steps: int
+    prompt: str
+    cancel_after: float | None = None
+    forced: PredictionFault | None = None
+    webhook: str | None = None
+    canceled_at: float | None = None
+    edit: EditedImage | None = None
+    edit_error: str | None = None
+    edit_done_at: float | None = None
+    purged: bool = False
+    edit_task: asyncio.Task[None] | None = field(default=None, repr=False, compare=False)
+
+    # --- the timeline -----------------------------------------------------------------------
+
+    def known_ending(self) -> Ending | None:
+        """The earliest ending known now. A natural ending (success, or failure on a bad input)
+        is known only once the edit has been tried, which the server starts when processing starts
+        and waits for when the prediction is due to end."""
+        start = self.timing.start_seconds
+        end = start + self.timing.prediction_seconds
+        candidates: list[Ending] = []
+        if self.cancel_after is not None:
+            status = PredictionStatus.ABORTED if self.cancel_after < start else PredictionStatus.CANCELED
+            candidates.append(Ending(self.cancel_after, status))
+        if self.canceled_at is not None:
+            candidates.append(Ending(self.canceled_at, PredictionStatus.CANCELED))
+        if self.forced is not None:
+            if self.forced.outcome is Outcome.ABORTED:
+                candidates.append(Ending(start, PredictionStatus.ABORTED))
+            elif self.forced.outcome is Outcome.CANCELED:
+                candidates.append(
+                    Ending(start + self.timing.prediction_seconds / 2, PredictionStatus.CANCELED)
+                )
+            else:
+                candidates.append(Ending(end, PredictionStatus.FAILED, self.forced.error))
+        elif self.edit_error is not None:
+            found = max(start + INPUT_ERROR_SECONDS, self.edit_done_at or 0.0)
+            candidates.append(Ending(min(found, end), PredictionStatus.FAILED, self.edit_error))
+        elif self.edit is not None:
+            candidates.append(Ending(end, PredictionStatus.SUCCEEDED))
+        return min(candidates, key=lambda ending: ending.at, default=None)
+
+    def needs_edit(self, elapsed: float) -> bool:
+        """Whether the edit must be tried before this prediction can be shown at ``elapsed``."""
+        if self.forced is not None or self.edit is not None or self.edit_error is not None:
+            return False
+        start = self.timing.start_seconds
+        ending = self.known_ending()
+        return elapsed >= start and (ending is None or ending.at > start)
+
+    def is_terminal(self, elapsed: float) -> bool:
+        """Whether the prediction has ended ``elapsed`` seconds after creation, as far as known."""
+        ending = self.known_ending()
+        return ending is not None and ending.at <= elapsed
+
+    def snapshot(self, elapsed: float) -> Snapshot:
+        """The prediction ``elapsed`` seconds after creation (``processing`` while an edit that is
+        due has not been tried yet)."""
+        start = self.timing.start_seconds
+        ending = self.known_ending()
+        if ending is not None and ending.at <= elapsed:
+            ran = ending.at >= start and ending.status is not PredictionStatus.ABORTED
+            started = start if ran else None
+            removed = elapsed >= ending.at + self.timing.retention_seconds
+            logs = self._logs(ending.at - start, ending.status) if ran else ""
+            return Snapshot(ending.status, started, ending.at, ending.error, logs, removed)
+        if elapsed < start:
+            return Snapshot(PredictionStatus.STARTING, None, None, None, "", False)
+        logs = self._logs(elapsed - start, PredictionStatus.PROCESSING)
+        return Snapshot(PredictionStatus.PROCESSING, start, None, None, logs, False)
+
+    def elapsed(self, now_mono: float) -> float:
+        return now_mono - self.created_mono
+
+    # --- presentation -----------------------------------------------------------------------
+
+    @property
+    def urls(self) -> dict[str, str]:
+        base = f"{self.base_url}/v1/predictions/{self.id}"
+        return {
+            "get": base,
+            "cancel": f"{base}/cancel",
+            "web": f"{self.base_url}/p/{self.id}",
+            "stream": f"{base}/stream",
+        }
+
+    @property
+    def output_url(self) -> str | None:
+        """Where the output file is served, once the edit is done."""
+        if self.edit is None:
+            return None
+        return f"{self.base_url}/files/{self.id}/output.{self.edit.extension}"
+
+    def to_prediction(self, elapsed: float) -> Prediction:
+        """The prediction object the API returns ``elapsed`` seconds after creation."""
+        snap = self.snapshot(elapsed)
+        created = datetime.fromtimestamp(self.created_wall, timezone.utc)
+
+        def at(offset: float | None) -> datetime | None:
+            return None if offset is None else created + timedelta(seconds=offset)
+
+        metrics: dict[str, float] = {}
+        if snap.completed is not None:
+            metrics["total_time"] = round(snap.completed, 6)
+            if snap.started is not None:
+                metrics["predict_time"] = round(snap.completed - snap.started, 6)
+        succeeded = snap.status is PredictionStatus.SUCCEEDED
+        return Prediction(
+            id=self.id,
+            model=self.model,
+            version=self.version,
+            input=self.input,
+            output=self.output_url if succeeded and not snap.data_removed else None,
+            logs=snap.logs,
+            error=snap.error,
+            status=snap.status,
+            created_at=created,
+            started_at=at(snap.started),
+            completed_at=at(snap.completed),
+            data_removed=snap.data_removed,
+            urls=PredictionUrls(**self.urls),
+            metrics=PredictionMetrics(**metrics),
+        )
+
+    def _logs(self, running: float, status: PredictionStatus) -> str:
+        """The logs after ``running`` seconds of processing: the seed, then one progress line per
+        finished step, all of them once the prediction has succeeded or failed after running."""
+        seconds_per_step = self.timing.prediction_seconds / self.steps
+        if (
+            seconds_per_step <= 0
+            or status is PredictionStatus.SUCCEEDED
+            or (status is PredictionStatus.FAILED and self.forced is not None)
+        ):
+            done = self.steps
+        else:
+            done = min(self.steps, int(max(0.0, running) / seconds_per_step + 1e-9))
+        lines = [f"Using seed: {self.seed}"]
+        lines.extend(progress_line(step, self.steps, seconds_per_step) for step in range(done + 1))
+        return "\n".join(lines) + "\n"
+
+
+def progress_line(step: int, steps: int, seconds_per_step: float) -> str:
+    """One tqdm progress line, e.g. ``  4%|▎         | 1/28 [00:00<00:02, 11.20it/s]``."""
+    fraction = step / steps
+    filled = fraction * _BAR_WIDTH
+    full = int(filled)
+    bar = "█" * full
+    if full < _BAR_WIDTH:
+        bar += _PARTIAL_BLOCKS[int((filled - full) * len(_PARTIAL_BLOCKS))]
+    bar = bar.ljust(_BAR_WIDTH)
+    if step == 0:
+        return f"  0%|{bar}| 0/{steps} [00:00<?, ?it/s]"
+    elapsed = _clock(step * seconds_per_step)
+    remaining = _clock((steps - step) * seconds_per_step)
+    if seconds_per_step <= 1:
+        rate = f"{1 / max(seconds_per_step, 1e-6):.2f}it/s"
+    else:
+        rate = f"{seconds_per_step:.2f}s/it"
+    return f"{int(fraction * 100):3d}%|{bar}| {step}/{steps} [{elapsed}<{remaining}, {rate}]"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes:02d}:{secs:02d}"

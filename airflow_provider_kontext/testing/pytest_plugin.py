@@ -1,0 +1,46 @@
+"""pytest plugin with the ``kontext_emulator`` fixture: a started :class:`KontextEmulator` per test.
+
+Enable it with ``pytest_plugins = ["airflow_provider_kontext.testing.pytest_plugin"]``. Options go
+to the emulator's constructor, from the ``kontext_emulator_options`` fixture (override it in a
+conftest) and then from a marker on the test::
+
+    @pytest.mark.kontext_emulator(prediction_seconds=0.2, output_scale=0.1, token="t")
+    def test_edit(kontext_emulator): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from airflow_provider_kontext.testing.emulator import KontextEmulator
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "kontext_emulator(**options): constructor options for the kontext_emulator fixture"
+    )
+
+
+@pytest.fixture
+def kontext_emulator_options() -> dict[str, Any]:
+    """Constructor options of ``kontext_emulator``; override this fixture to change the defaults."""
+    return {}
+
+
+@pytest.fixture
+def kontext_emulator(
+    request: pytest.FixtureRequest, kontext_emulator_options: dict[str, Any]
+) -> Iterator[KontextEmulator]:
+    """A started emulator on 127.0.0.1, stopped after the test."""
+    from airflow_provider_kontext.testing.emulator import KontextEmulator
+
+    options = dict(kontext_emulator_options)
+    marker = request.node.get_closest_marker("kontext_emulator")
+    if marker is not None:
+        options.update(marker.kwargs)
+    with KontextEmulator(**options) as emulator:
+        yield emulator
