@@ -100,17 +100,9 @@ class FluxKontextEditOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = (
-        "prompt",
         "input_image",
         "model",
-        "aspect_ratio",
-        "num_inference_steps",
-        "guidance",
-        "seed",
-        "output_format",
-        "output_quality",
-        "disable_safety_checker",
-        "go_fast",
+        *MODEL_ARGUMENTS,
         "extra_input",
         "output_path",
     )
