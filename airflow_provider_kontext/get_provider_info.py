@@ -30,7 +30,7 @@ CONN_FIELDS: dict[str, Any] = {
     },
     "connect_timeout": {
         "label": "Connect timeout (seconds)",
-        "schema": {"type": ["number", "null"], "minimum": 1, "default": 10},
+        "schema": {"type": ["number", "null"], "minimum": 0.1, "default": 10},
     },
     "max_retries": {
         "label": "Retries of transient errors (429, 5xx, network)",
@@ -39,6 +39,10 @@ CONN_FIELDS: dict[str, Any] = {
     "backoff_max": {
         "label": "Longest wait between retries (seconds)",
         "schema": {"type": ["number", "null"], "minimum": 0, "default": 30},
+    },
+    "retry_after_max": {
+        "label": "Longest wait a server's Retry-After may ask for (seconds)",
+        "schema": {"type": ["number", "null"], "minimum": 0, "default": 60},
     },
 }
 
