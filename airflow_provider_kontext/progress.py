@@ -7,10 +7,11 @@ them identically.
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
-from airflow_provider_kontext.models import Prediction
+from airflow_provider_kontext.models import Prediction, PredictionStatus
 
 #: Longest single log line passed on to the task log.
 MAX_LOG_LINE = 500
@@ -19,15 +20,76 @@ MAX_LOG_LINES_PER_POLL = 40
 #: Longest error text and log tail carried in an event (events are stored in the metadata DB).
 MAX_EVENT_TEXT = 4000
 
+#: While a prediction runs, progress bar lines are reported at most this often (seconds).
+PROGRESS_LOG_SECONDS = 10.0
+
+#: The polling policies of :class:`PredictionPoller`.
+POLL_POLICIES = ("adaptive", "fixed")
+#: The default policy, chosen from ``benchmarks/RESULTS.md`` (fewer requests per edit *and* lower
+#: detection latency than any fixed interval).
+DEFAULT_POLL_POLICY = "adaptive"
+#: Adaptive polling's wait before the first poll (at most one interval), in seconds.
+ADAPTIVE_FIRST_DELAY = 1.0
+#: Adaptive polling never waits longer than this many poll intervals, however far the estimate.
+ADAPTIVE_MAX_INTERVALS = 4.0
+#: Adaptive polling's first wait after the estimated end has passed (doubling up to the interval).
+ADAPTIVE_LATE_DELAY = 0.2
+
+# A tqdm progress bar line as Replicate shows it, e.g. " 46%|████▋     | 13/28 [00:01<00:01, 9.33it/s]".
+_TQDM = re.compile(r"^\s*\d{1,3}%\|[^|]*\|\s*(\d+)/(\d+)\s*\[([^\]]*)\]")
+_RATE = re.compile(r"(\d+(?:\.\d+)?)\s*(it/s|s/it)")
+
+
+class Progress(NamedTuple):
+    """A progress bar's state: ``step`` of ``total`` done, at ``seconds_per_step`` (if shown)."""
+
+    step: int
+    total: int
+    seconds_per_step: float | None
+
+    @property
+    def remaining_seconds(self) -> float | None:
+        """Seconds until the bar reaches ``total`` at its current rate, if the rate is known."""
+        if self.seconds_per_step is None:
+            return None
+        return max(0, self.total - self.step) * self.seconds_per_step
+
+
+def parse_progress(line: str) -> Progress | None:
+    """The progress of a tqdm bar line, or ``None`` if ``line`` is not one."""
+    match = _TQDM.match(line)
+    if match is None:
+        return None
+    step, total = int(match.group(1)), int(match.group(2))
+    if total <= 0:
+        return None
+    seconds_per_step = None
+    if rate := _RATE.search(match.group(3)):
+        value = float(rate.group(1))
+        if value > 0:
+            seconds_per_step = 1 / value if rate.group(2) == "it/s" else value
+    return Progress(step, total, seconds_per_step)
+
 
 class ProgressTracker:
     """Remembers what was already reported of one prediction, so each poll reports only what is new:
-    a status change and log lines that appeared since the last poll."""
+    a status change and log lines that appeared since the last poll.
+
+    Progress bar lines (tqdm's: Replicate's logs hold one per step) supersede each other, so they are
+    reported sparingly: of each run of them only the newest, and while the prediction runs at most one
+    every :data:`PROGRESS_LOG_SECONDS` (the first after that long); the newest is always reported when
+    the prediction ends. At 1000 triggers, logging every step line took a quarter of the triggerer's
+    CPU (``benchmarks/RESULTS.md``). Every other model line is reported as it comes.
+    """
 
     def __init__(self, prediction_id: str | None) -> None:
         self.prediction_id = prediction_id
         self.status: str | None = None
+        #: The newest progress bar state seen in the logs, if the model shows one.
+        self.progress: Progress | None = None
         self._logs_seen = 0
+        self._bar_logged_at = time.time()
+        self._held_bar: str | None = None  # the newest bar line not reported yet
 
     def update(self, prediction: Prediction) -> list[str]:
         """The lines to log for this poll (status change first, then new complete log lines)."""
@@ -45,12 +107,45 @@ class ProgressTracker:
             cut = fresh.rfind("\n") + 1
             fresh = fresh[:cut]
         self._logs_seen += len(fresh)
-        lines = [line.rstrip() for line in fresh.replace("\r", "\n").split("\n") if line.strip()]
+        lines = self._without_held_bars(
+            [line.rstrip() for line in fresh.replace("\r", "\n").split("\n") if line.strip()],
+            prediction.is_terminal,
+        )
         if len(lines) > MAX_LOG_LINES_PER_POLL:
             messages.append(f"({len(lines) - MAX_LOG_LINES_PER_POLL} model log lines skipped)")
             lines = lines[-MAX_LOG_LINES_PER_POLL:]
         messages.extend(f"model: {line[:MAX_LOG_LINE]}" for line in lines)
         return messages
+
+    def _without_held_bars(self, lines: list[str], terminal: bool) -> list[str]:
+        """``lines`` with each run of progress bar lines cut to its last one, and bar lines held back
+        unless it is time to report one; remembers the newest bar state."""
+        now = time.time()
+        show_bars = terminal or now - self._bar_logged_at >= PROGRESS_LOG_SECONDS
+        kept: list[str] = []
+        in_bar = False
+        newest_bar = None
+        for line in lines:
+            is_bar = "|" in line and _TQDM.match(line) is not None
+            if not is_bar:
+                kept.append(line)
+            elif not show_bars:
+                self._held_bar = line
+            elif in_bar:
+                kept[-1] = line
+            else:
+                kept.append(line)
+            newest_bar = line if is_bar else newest_bar
+            in_bar = is_bar and show_bars
+        if newest_bar is not None:
+            self.progress = parse_progress(newest_bar)
+            if show_bars:
+                self._held_bar = None
+                self._bar_logged_at = now
+        elif terminal and self._held_bar is not None:
+            kept.insert(0, self._held_bar)  # where the bar stood when the prediction ended
+            self._held_bar = None
+        return kept
 
 
 def _text(value: Any) -> str | None:
@@ -103,6 +198,7 @@ class PredictionPoller:
     :param max_consecutive_errors: polls in a row that may fail (each after the hook's own retries)
         before the wait ends with an ``error`` event; the deadline ends it earlier.
     :param log: where progress lines go (``logger.info``).
+    :param policy: ``"adaptive"`` (default) or ``"fixed"``; see :meth:`delay`.
     """
 
     def __init__(
@@ -113,15 +209,21 @@ class PredictionPoller:
         end_time: float | None,
         max_consecutive_errors: int = 10,
         log: Any = None,
+        policy: str = DEFAULT_POLL_POLICY,
     ) -> None:
+        if policy not in POLL_POLICIES:
+            raise ValueError(f"poll policy must be one of {', '.join(POLL_POLICIES)}, got {policy!r}")
         self.prediction_id = prediction_id
         self.poll_interval = poll_interval
         self.end_time = end_time
         self.max_consecutive_errors = max_consecutive_errors
+        self.policy = policy
         self.tracker = ProgressTracker(prediction_id)
         self._log = log
         self._errors = 0
         self._started = time.time()
+        self._expected_end: float | None = None  # time.time() the progress bar should reach its end
+        self._late_polls = 0
 
     def _deadline_passed(self) -> bool:
         return self.end_time is not None and time.time() >= self.end_time
@@ -132,6 +234,7 @@ class PredictionPoller:
     def on_prediction(self, prediction: Prediction) -> dict[str, Any] | None:
         """Report progress; return the final event if the wait is over, else ``None``."""
         self._errors = 0
+        progress_before = self.tracker.progress
         lines = self.tracker.update(prediction)  # also tracks the status the timeout message names
         if self._log is not None:
             for line in lines:
@@ -140,7 +243,22 @@ class PredictionPoller:
             return prediction_event(prediction)
         if self._deadline_passed():
             return self._timeout()
+        self._estimate_end(prediction, progress_before)
         return None
+
+    def _estimate_end(self, prediction: Prediction, progress_before: Progress | None) -> None:
+        """Update the expected end from the progress bar (local clock only: no server timestamps,
+        so clock skew between the triggerer and the API cannot mislead it)."""
+        progress = self.tracker.progress
+        remaining = progress.remaining_seconds if progress is not None else None
+        if prediction.status is not PredictionStatus.PROCESSING or progress is None or remaining is None:
+            self._expected_end = None
+            return
+        if progress != progress_before or self._expected_end is None:
+            # The newest bar line was printed up to one step ago; aim half a step past the estimate.
+            step = progress.seconds_per_step or 0.0
+            self._expected_end = time.time() + remaining + 0.5 * step
+            self._late_polls = 0
 
     def on_error(self, exc: Exception) -> dict[str, Any] | None:
         """Judge a failed poll: the final event if the wait is over, else ``None`` (poll again).
@@ -170,9 +288,39 @@ class PredictionPoller:
             return self._timeout()
         return None
 
+    def first_delay(self) -> float:
+        """Seconds to wait before the first poll. ``fixed``: none. ``adaptive``: one interval, at most
+        :data:`ADAPTIVE_FIRST_DELAY` (and never past the deadline). The operator created the
+        prediction and saw it unfinished a moment ago, so a poll at once would mostly tell only that
+        it is still ``starting``; a moment later it is usually ``processing`` with a progress bar to
+        time the next poll by, or already finished. Short, so that a prediction finishing quickly
+        (or a restarted trigger's) is still seen within an interval."""
+        if self.policy != "adaptive":
+            return 0.0
+        delay = min(self.poll_interval, ADAPTIVE_FIRST_DELAY)
+        if self.end_time is not None:
+            delay = max(0.0, min(delay, self.end_time - time.time()))
+        return delay
+
     def delay(self) -> float:
-        """Seconds until the next poll (never past the deadline by more than a moment)."""
+        """Seconds until the next poll (never past the deadline by more than a moment).
+
+        ``fixed``: the poll interval. ``adaptive``: the same while nothing better is known (a
+        prediction ``starting``, or a model without a progress bar); while a progress bar runs, the
+        time until its estimated end (from the bar's rate, at most
+        :data:`ADAPTIVE_MAX_INTERVALS` intervals), so the poll that sees the result comes right
+        after it exists instead of up to an interval later, and the polls in between are skipped.
+        Once the estimate has passed (the model finishing up after its last step), polls come
+        :data:`ADAPTIVE_LATE_DELAY` apart, doubling up to the interval.
+        """
         delay = self.poll_interval
+        if self.policy == "adaptive" and self._expected_end is not None:
+            until_end = self._expected_end - time.time()
+            if until_end > 0:
+                delay = min(until_end, ADAPTIVE_MAX_INTERVALS * self.poll_interval)
+            else:
+                delay = min(self.poll_interval, ADAPTIVE_LATE_DELAY * 2**self._late_polls)
+                self._late_polls += 1
         if self.end_time is not None:
             delay = max(0.0, min(delay, self.end_time - time.time()))
         return delay

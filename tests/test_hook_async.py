@@ -1,9 +1,10 @@
-"""``FluxKontextHook``'s async path (httpx), against ``httpx.MockTransport``.
+"""``FluxKontextHook``'s async path, against ``httpx.MockTransport``.
 
 ``FluxKontextHook._make_async_client`` is replaced by a client over a scripted mock transport, and
 ``_asleep`` by a recorder, so retries do not wait and their waits can be asserted. The last section
-tests the real shared client (``_SharedAsyncClient`` over httpx-aiohttp) against servers on
-127.0.0.1 started by the tests themselves; nothing leaves the machine.
+tests the real shared client (``_SharedAsyncClient``: aiohttp directly, its errors mapped to httpx's
+by httpx-aiohttp) against servers on 127.0.0.1 started by the tests themselves; nothing leaves the
+machine.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from airflow_provider_kontext.exceptions import (
     KontextServerError,
     KontextTransportError,
 )
+from airflow_provider_kontext.hooks import kontext as hook_module
 from airflow_provider_kontext.hooks._http import ClientSettings
-from airflow_provider_kontext.hooks.kontext import FluxKontextHook, _SharedAsyncClient
+from airflow_provider_kontext.hooks.kontext import AiohttpClient, FluxKontextHook, _SharedAsyncClient
 from airflow_provider_kontext.models import PredictionStatus
 
 TOKEN = "r8_TOPSECRET_abc123"
@@ -227,6 +229,83 @@ async def test_aget_settings_arguments_override_extras(set_conn: Callable[..., N
     set_conn(extra={"timeout": 45, "max_retries": 4})
     settings = await FluxKontextHook(timeout=5, max_retries=1).aget_settings()
     assert (settings.timeout, settings.max_retries, settings.base_url, settings.token) == (5, 1, API, None)
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The connection ids the hooks look up (the real lookup still runs)."""
+    seen: list[str] = []
+    original = FluxKontextHook.aget_connection
+
+    async def counting(cls: type[FluxKontextHook], conn_id: str) -> Any:
+        seen.append(conn_id)
+        return await original(conn_id)
+
+    monkeypatch.setattr(FluxKontextHook, "aget_connection", classmethod(counting))
+    return seen
+
+
+async def test_hooks_in_one_event_loop_share_the_settings(api: FakeApi, lookups: list[str]) -> None:
+    api.on("GET", GET_URL, {"json": prediction_json()})
+    for _ in range(3):  # three triggers, one lookup
+        async with FluxKontextHook() as hook:
+            await hook.aget_prediction(PRED_ID)
+    assert lookups == ["flux_kontext_default"]
+    async with FluxKontextHook(timeout=5) as other:  # other overrides: their own settings
+        assert (await other.aget_settings()).timeout == 5
+    assert lookups == ["flux_kontext_default", "flux_kontext_default"]
+
+
+async def test_shared_settings_expire(
+    api: FakeApi, lookups: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hook_module, "SETTINGS_TTL_SECONDS", 0.0)
+    api.on("GET", GET_URL, {"json": prediction_json()})
+    for _ in range(2):
+        async with FluxKontextHook() as hook:
+            await hook.aget_prediction(PRED_ID)
+    assert len(lookups) == 2
+
+
+def test_settings_are_not_shared_across_event_loops(api: FakeApi, lookups: list[str]) -> None:
+    api.on("GET", GET_URL, {"json": prediction_json()})
+
+    async def poll() -> None:
+        async with FluxKontextHook() as hook:
+            await hook.aget_prediction(PRED_ID)
+
+    asyncio.run(poll())
+    asyncio.run(poll())
+    assert len(lookups) == 2
+
+
+async def test_a_rotated_token_is_used_after_an_auth_error(
+    api: FakeApi, lookups: list[str], set_conn: Callable[..., None]
+) -> None:
+    unauthorized = {"status_code": 401, "json": {"detail": "Invalid token"}}
+    api.on("GET", GET_URL, {"json": prediction_json()}, unauthorized, {"json": prediction_json()})
+    async with FluxKontextHook() as first:
+        await first.aget_prediction(PRED_ID)
+    set_conn(password="r8_NEWTOKEN_rotated")  # the connection changes while its settings are shared
+    async with FluxKontextHook() as second:
+        assert (await second.aget_prediction(PRED_ID)).id == PRED_ID
+    assert [r.headers["Authorization"] for r in api.requests] == [
+        f"Bearer {TOKEN}",
+        f"Bearer {TOKEN}",
+        "Bearer r8_NEWTOKEN_rotated",
+    ]
+    assert len(lookups) == 2
+
+
+async def test_an_auth_error_with_unchanged_settings_is_not_resent(
+    api: FakeApi, lookups: list[str], sleeps: list[float]
+) -> None:
+    api.on("GET", GET_URL, {"status_code": 401, "json": {"detail": "Invalid token"}})
+    async with FluxKontextHook() as hook:
+        await araised(hook.aget_prediction(PRED_ID), KontextAuthError)
+    assert len(api.requests) == 1
+    assert len(lookups) == 2  # looked up again, found the same
+    assert sleeps == []
 
 
 @pytest.mark.parametrize(
@@ -780,7 +859,7 @@ async def test_shared_client_is_shared_and_closed_after_the_last_release() -> No
     second = _SharedAsyncClient.acquire()
     try:
         assert first is second
-        assert isinstance(first, httpx.AsyncClient)
+        assert isinstance(first, AiohttpClient)  # aiohttp directly, not httpx over it (benchmarks/)
         await _SharedAsyncClient.release(first)
         assert not first.is_closed
         assert asyncio.get_running_loop() in _SharedAsyncClient._clients
@@ -800,7 +879,7 @@ async def test_shared_client_is_shared_and_closed_after_the_last_release() -> No
 
 async def test_shared_client_is_per_event_loop() -> None:
     here = _SharedAsyncClient.acquire()
-    elsewhere: list[httpx.AsyncClient] = []
+    elsewhere: list[AiohttpClient] = []
 
     async def in_other_loop() -> None:
         client = _SharedAsyncClient.acquire()
@@ -845,6 +924,8 @@ async def local_api(set_conn: Callable[..., None]) -> AsyncIterator[dict[str, An
         seen.append(request)
         if request.match_info["id"] == "slow":
             await release.wait()
+        if request.match_info["id"] == "flaky" and len(seen) == 1:  # the first call fails
+            return web.json_response({"detail": "try again"}, status=503)
         return web.json_response(prediction_json("processing", id=request.match_info["id"]))
 
     async def slow(request: web.Request) -> web.Response:
@@ -1019,3 +1100,28 @@ def local_api_thread(set_conn: Callable[..., None]) -> Any:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=5)
         loop.close()
+
+
+async def test_real_server_error_is_retried(local_api: dict[str, Any], sleeps: list[float]) -> None:
+    async with FluxKontextHook(max_retries=2) as hook:
+        prediction = await hook.aget_prediction("flaky")
+    assert prediction.id == "flaky"
+    assert len(sleeps) == 1
+    assert [r.path for r in local_api["seen"]].count("/replicate/v1/predictions/flaky") == 2
+    first = local_api["seen"][0]
+    assert first.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert first.headers["User-Agent"] == "airflow-provider-kontext"
+
+
+async def test_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    for name in ("HTTP_PROXY", "http_proxy", "https_proxy", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    client = AiohttpClient()
+    try:
+        assert client._proxy("https://api.replicate.com/v1/account") == "http://proxy.corp:3128"
+        assert client._proxy("https://internal.example/v1/account") is None
+        assert client._proxy("http://api.replicate.com/v1/account") is None  # no HTTP_PROXY
+    finally:
+        await client.aclose()

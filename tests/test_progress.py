@@ -21,12 +21,18 @@ from airflow_provider_kontext.exceptions import (
 )
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.progress import (
+    ADAPTIVE_FIRST_DELAY,
+    ADAPTIVE_LATE_DELAY,
+    ADAPTIVE_MAX_INTERVALS,
     MAX_EVENT_TEXT,
     MAX_LOG_LINE,
     MAX_LOG_LINES_PER_POLL,
+    PROGRESS_LOG_SECONDS,
     PredictionPoller,
+    Progress,
     ProgressTracker,
     error_event,
+    parse_progress,
     prediction_event,
     timeout_event,
 )
@@ -281,3 +287,170 @@ class TestPredictionPollerDecisions:
     def test_transient_error_after_the_deadline_times_out(self, clock):
         poller = PredictionPoller(PID, poll_interval=1, end_time=NOW - 1, max_consecutive_errors=10)
         assert poller.on_error(KontextServerError(status=500))["status"] == "timeout"
+
+
+# --- progress bars ---------------------------------------------------------------------------------
+
+
+def bar(step: int, total: int = 28, rate: str = "2.00it/s") -> str:
+    """A tqdm line as Replicate's logs show it (the bar's drawing does not matter)."""
+    return f"{int(step / total * 100):3d}%|###       | {step}/{total} [00:05<00:09, {rate}]"
+
+
+def bars(*steps: int, rate: str = "2.00it/s") -> str:
+    return "".join(bar(step, rate=rate) + "\n" for step in steps)
+
+
+class TestParseProgress:
+    def test_iterations_per_second(self):
+        assert parse_progress(bar(10)) == Progress(10, 28, 0.5)
+        assert parse_progress(bar(10)).remaining_seconds == pytest.approx(9.0)
+
+    def test_seconds_per_iteration(self):
+        assert parse_progress(bar(3, rate="1.50s/it")) == Progress(3, 28, 1.5)
+
+    def test_unknown_rate(self):
+        progress = parse_progress("  0%|          | 0/28 [00:00<?, ?it/s]")
+        assert progress == Progress(0, 28, None)
+        assert progress.remaining_seconds is None
+
+    def test_real_tqdm_line(self):
+        line = " 46%|\u2588\u2588\u2588\u2588\u258b     | 13/28 [00:01<00:01, 9.33it/s]"
+        assert parse_progress(line) == Progress(13, 28, pytest.approx(1 / 9.33))
+
+    @pytest.mark.parametrize(
+        "line", ["step 1/28", "Using seed: 42", "10%", "a | b | 1/2", "100%|x| 0/0 [00:00<00:00, 1it/s]"]
+    )
+    def test_other_lines(self, line):
+        assert parse_progress(line) is None
+
+
+class TestProgressBarLines:
+    def test_bar_lines_are_held_back_while_running(self, clock):
+        tracker = ProgressTracker(PID)
+        messages = tracker.update(make_prediction("processing", "Using seed: 7\n" + bars(0, 1, 2, 3)))
+        assert messages == [f"Prediction {PID} is processing", "model: Using seed: 7"]
+        assert tracker.progress == Progress(3, 28, 0.5)
+
+    def test_only_the_newest_bar_line_when_it_ends(self, clock):
+        tracker = ProgressTracker(PID)
+        tracker.update(make_prediction("processing", bars(0, 1, 2)))
+        clock.value = NOW + 3
+        done = make_prediction("succeeded", bars(0, 1, 2, 3, 4) + "saved\n")
+        assert tracker.update(done) == [
+            f"Prediction {PID} is succeeded",
+            f"model: {bar(4)}",
+            "model: saved",
+        ]
+
+    def test_held_bar_line_is_reported_when_it_ends_without_new_ones(self, clock):
+        tracker = ProgressTracker(PID)
+        tracker.update(make_prediction("processing", bars(0, 1, 2)))
+        failed = make_prediction("failed", bars(0, 1, 2) + "CUDA out of memory\n")
+        assert tracker.update(failed) == [
+            f"Prediction {PID} is failed",
+            f"model: {bar(2)}",  # where it stood
+            "model: CUDA out of memory",
+        ]
+
+    def test_one_bar_line_per_interval_while_running(self, clock):
+        tracker = ProgressTracker(PID)
+        assert tracker.update(make_prediction("processing", bars(0, 1))) == [
+            f"Prediction {PID} is processing"
+        ]
+        clock.value = NOW + PROGRESS_LOG_SECONDS
+        assert tracker.update(make_prediction("processing", bars(0, 1, 2, 3))) == [f"model: {bar(3)}"]
+        clock.value = NOW + PROGRESS_LOG_SECONDS + 1
+        assert tracker.update(make_prediction("processing", bars(0, 1, 2, 3, 4))) == []
+        clock.value = NOW + 2 * PROGRESS_LOG_SECONDS
+        assert tracker.update(make_prediction("processing", bars(0, 1, 2, 3, 4, 5))) == [f"model: {bar(5)}"]
+
+    def test_separate_runs_of_bars_keep_their_last_lines(self, clock):
+        clock.value = NOW
+        tracker = ProgressTracker(PID)
+        logs = bars(1, 2) + "loaded\n" + bars(3, 4)
+        assert tracker.update(make_prediction("succeeded", logs)) == [
+            f"Prediction {PID} is succeeded",
+            f"model: {bar(2)}",
+            "model: loaded",
+            f"model: {bar(4)}",
+        ]
+
+
+class TestAdaptivePolling:
+    def running(self, *steps: int, rate: str = "2.00it/s") -> Prediction:
+        return make_prediction("processing", bars(*steps, rate=rate))
+
+    def test_unknown_policy_is_refused(self):
+        with pytest.raises(ValueError, match="poll policy"):
+            PredictionPoller(PID, poll_interval=1, end_time=None, policy="eager")
+
+    def test_first_poll_waits_a_moment(self, clock):
+        assert PredictionPoller(PID, poll_interval=0.5, end_time=None).first_delay() == 0.5
+        assert PredictionPoller(PID, poll_interval=30, end_time=None).first_delay() == ADAPTIVE_FIRST_DELAY
+        assert PredictionPoller(PID, poll_interval=2, end_time=NOW + 0.25).first_delay() == 0.25
+        assert PredictionPoller(PID, poll_interval=2, end_time=None, policy="fixed").first_delay() == 0
+
+    def test_interval_while_nothing_is_known(self, clock):
+        poller = PredictionPoller(PID, poll_interval=2, end_time=None)
+        assert poller.delay() == 2
+        poller.on_prediction(make_prediction("starting"))
+        assert poller.delay() == 2
+        poller.on_prediction(make_prediction("processing", "step 1/28\n"))  # no progress bar
+        assert poller.delay() == 2
+        poller.on_prediction(self.running(0, rate="?it/s"))  # a bar without a rate yet
+        assert poller.delay() == 2
+
+    def test_polls_when_the_bar_says_it_ends(self, clock):
+        poller = PredictionPoller(PID, poll_interval=2, end_time=None)
+        poller.on_prediction(self.running(*range(25)))
+        # 4 steps of 0.5 s left, and half a step for the line printed up to a step ago
+        assert poller.delay() == pytest.approx(4 * 0.5 + 0.25)
+
+    def test_far_end_waits_at_most_a_few_intervals(self, clock):
+        poller = PredictionPoller(PID, poll_interval=1, end_time=None)
+        poller.on_prediction(self.running(1))  # 27 steps of 0.5 s left
+        assert poller.delay() == ADAPTIVE_MAX_INTERVALS * 1
+
+    def test_the_estimate_keeps_between_polls_without_new_progress(self, clock):
+        poller = PredictionPoller(PID, poll_interval=2, end_time=None)
+        poller.on_prediction(self.running(24))
+        clock.value = NOW + 1
+        poller.on_prediction(self.running(24))  # the same bar line: the same estimated end
+        assert poller.delay() == pytest.approx(4 * 0.5 + 0.25 - 1)
+
+    def test_after_the_estimated_end_polls_come_soon_then_back_off(self, clock):
+        poller = PredictionPoller(PID, poll_interval=1, end_time=None)
+        poller.on_prediction(self.running(28))  # all steps done, still finishing up
+        clock.value = NOW + 1
+        poller.on_prediction(self.running(28))
+        delays = [poller.delay() for _ in range(5)]
+        assert delays == [ADAPTIVE_LATE_DELAY, 2 * ADAPTIVE_LATE_DELAY, 4 * ADAPTIVE_LATE_DELAY, 1, 1]
+
+    def test_new_progress_resets_the_back_off(self, clock):
+        poller = PredictionPoller(PID, poll_interval=1, end_time=None)
+        poller.on_prediction(self.running(27))
+        clock.value = NOW + 2
+        assert poller.delay() == ADAPTIVE_LATE_DELAY
+        assert poller.delay() == 2 * ADAPTIVE_LATE_DELAY
+        poller.on_prediction(self.running(27, 28))
+        clock.value = NOW + 3
+        assert poller.delay() == ADAPTIVE_LATE_DELAY
+
+    def test_deadline_still_wins(self, clock):
+        poller = PredictionPoller(PID, poll_interval=2, end_time=NOW + 0.1)
+        poller.on_prediction(self.running(20))
+        assert poller.delay() == pytest.approx(0.1)
+
+    def test_starting_again_forgets_the_estimate(self, clock):
+        poller = PredictionPoller(PID, poll_interval=2, end_time=None)
+        poller.on_prediction(self.running(20))
+        poller.on_prediction(make_prediction("starting"))
+        assert poller.delay() == 2
+
+    def test_fixed_policy_ignores_progress(self, clock):
+        poller = PredictionPoller(PID, poll_interval=2, end_time=None, policy="fixed")
+        poller.on_prediction(self.running(27))
+        assert poller.delay() == 2
+        clock.value = NOW + 5
+        assert poller.delay() == 2

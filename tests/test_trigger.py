@@ -104,7 +104,9 @@ async def collect(trigger: FluxKontextPredictionTrigger) -> list[TriggerEvent]:
 
 
 def test_serialize_round_trip():
-    trigger = make_trigger(end_time=1_750_000_000.5, cancel_on_kill=False, max_consecutive_errors=4)
+    trigger = make_trigger(
+        end_time=1_750_000_000.5, cancel_on_kill=False, max_consecutive_errors=4, poll_policy="fixed"
+    )
     classpath, kwargs = trigger.serialize()
     assert classpath == CLASSPATH
     assert kwargs == {
@@ -114,6 +116,7 @@ def test_serialize_round_trip():
         "end_time": 1_750_000_000.5,
         "cancel_on_kill": False,
         "max_consecutive_errors": 4,
+        "poll_policy": "fixed",
     }
     # What the triggerer does: import the classpath and build it from the kwargs.
     module_name, class_name = classpath.rsplit(".", 1)
@@ -137,7 +140,16 @@ def test_defaults_round_trip():
     assert kwargs["flux_kontext_conn_id"] == "flux_kontext_default"
     assert kwargs["end_time"] is None
     assert kwargs["cancel_on_kill"] is True
+    assert kwargs["poll_policy"] == "adaptive"
     assert FluxKontextPredictionTrigger(**kwargs).serialize() == trigger.serialize()
+    # kwargs serialized by an earlier version (no poll_policy) still build a trigger
+    del kwargs["poll_policy"]
+    assert FluxKontextPredictionTrigger(**kwargs).poll_policy == "adaptive"
+
+
+def test_unknown_poll_policy_is_refused():
+    with pytest.raises(ValueError, match="poll_policy"):
+        make_trigger(poll_policy="sometimes")
 
 
 def test_no_secret_in_serialize_or_repr(monkeypatch):
@@ -162,7 +174,7 @@ async def test_succeeded(hook, sleeps):
         completed_at="2025-05-01T10:00:06+00:00",
     )
     hook.aget_prediction.side_effect = [make_prediction("starting"), make_prediction("processing"), done]
-    events = await collect(make_trigger())
+    events = await collect(make_trigger(poll_policy="fixed"))
     assert len(events) == 1
     payload = events[0].payload
     assert payload == prediction_event(done)
@@ -196,7 +208,7 @@ async def test_canceled(hook, sleeps):
     assert event.payload["status"] == "canceled"
     assert event.payload["prediction_id"] == PID
     assert event.payload["logs_tail"] == "step 3"
-    assert sleeps == []
+    assert sleeps == [1.0]  # the adaptive policy's short wait before the first poll; none after the last
 
 
 async def test_aborted(hook, sleeps):
@@ -286,7 +298,7 @@ async def test_client_error_is_immediate(hook, sleeps, exc):
     assert [e.payload["status"] for e in events] == ["error"]
     assert str(exc) in events[0].payload["message"]
     assert hook.aget_prediction.await_count == 1
-    assert sleeps == []
+    assert sleeps == [1.0]  # only the short wait before the first poll
 
 
 async def test_malformed_connection_gives_error_event(hook, sleeps):
@@ -295,6 +307,48 @@ async def test_malformed_connection_gives_error_event(hook, sleeps):
     assert event.payload["status"] == "error"
     assert "Cannot poll" in event.payload["message"]
     assert "timeout" in event.payload["message"]
+
+
+# --- adaptive polling ------------------------------------------------------------------------------
+
+
+def tqdm(step: int, total: int = 28) -> str:
+    return f"{int(step / total * 100):3d}%|###       | {step}/{total} [00:01<00:02, 4.00it/s]\n"
+
+
+async def test_adaptive_polls_when_the_progress_bar_ends(hook, sleeps):
+    frozen = SimpleNamespace(time=lambda: 1_750_000_000.0)  # the policy's clock, so delays are exact
+    hook.aget_prediction.side_effect = [
+        make_prediction("processing", logs="Using seed: 1\n" + "".join(tqdm(i) for i in range(21))),
+        make_prediction(
+            "succeeded",
+            logs="Using seed: 1\n" + "".join(tqdm(i) for i in range(29)),
+            output="https://x/o.png",
+        ),
+    ]
+    trigger = make_trigger(poll_interval=3.0)
+    log = attach_log(trigger)
+    with mock.patch("airflow_provider_kontext.progress.time", frozen):
+        [event] = await collect(trigger)
+    assert event.payload["status"] == "succeeded"
+    # a moment before the first poll, then until the bar's end: 8 steps of 0.25 s + half a step
+    assert sleeps == [1.0, pytest.approx(8 * 0.25 + 0.125)]
+    assert [c.args[0] for c in log.info.call_args_list] == [
+        f"Prediction {PID} is processing",
+        "model: Using seed: 1",
+        f"Prediction {PID} is succeeded",
+        "model: " + tqdm(28).strip(),  # one bar line, not one per step
+    ]
+
+
+async def test_fixed_policy_polls_every_interval(hook, sleeps):
+    hook.aget_prediction.side_effect = [
+        make_prediction("processing", logs="".join(tqdm(i) for i in range(21))),
+        make_prediction("processing", logs="".join(tqdm(i) for i in range(28))),
+        make_prediction("succeeded", logs="".join(tqdm(i) for i in range(29)), output="https://x/o.png"),
+    ]
+    await collect(make_trigger(poll_interval=3.0, poll_policy="fixed"))
+    assert sleeps == [3.0, 3.0]  # no wait before the first poll, none after the last
 
 
 # --- deadline --------------------------------------------------------------------------------------
@@ -312,8 +366,8 @@ async def test_deadline_passed_gives_timeout(hook, sleeps):
 async def test_sleep_never_overshoots_the_deadline(hook, sleeps):
     hook.aget_prediction.side_effect = [make_prediction("processing"), make_prediction("succeeded")]
     await collect(make_trigger(poll_interval=600.0, end_time=time.time() + 5))
-    assert len(sleeps) == 1
-    assert 0 < sleeps[0] <= 5
+    assert len(sleeps) == 2  # before the first poll (adaptive) and between the two
+    assert all(0 < delay <= 5 for delay in sleeps)
 
 
 async def test_recreated_from_kwargs_resumes_polling(hook, sleeps):
@@ -357,7 +411,7 @@ async def test_aclose_when_polling_raises_unexpectedly(hook, sleeps):
 async def test_aclose_when_the_triggerer_cancels_the_run(hook):
     """The triggerer cancels a trigger (task deferral ended, shutdown) while it sleeps."""
     hook.aget_prediction.return_value = make_prediction("processing")
-    sleep = mock.AsyncMock(side_effect=[None, asyncio.CancelledError()])
+    sleep = mock.AsyncMock(side_effect=[None, None, asyncio.CancelledError()])
     with (
         mock.patch.object(trigger_module, "asyncio", SimpleNamespace(sleep=sleep)),
         pytest.raises(asyncio.CancelledError),

@@ -1,4 +1,4 @@
-"""``FluxKontextHook``: every HTTP call of the provider, sync (requests) and async (httpx).
+"""``FluxKontextHook``: every HTTP call of the provider, sync (requests) and async (aiohttp).
 
 Request building, the retry decision and response parsing are shared by both paths
 (:mod:`airflow_provider_kontext.hooks._http`); this module only sends bytes and waits.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 from airflow.sdk import BaseHook
 from pydantic import BaseModel, ValidationError
 
-from airflow_provider_kontext.exceptions import KontextAPIError, KontextError
+from airflow_provider_kontext.exceptions import KontextAPIError, KontextAuthError, KontextError
 from airflow_provider_kontext.get_provider_info import (
     CONN_TYPE,
     DEFAULT_CONN_ID,
@@ -27,11 +28,13 @@ from airflow_provider_kontext.hooks._http import (
     ApiRequest,
     ClientSettings,
     account_request,
+    backoff_seconds,
     cancel_prediction_request,
     create_prediction_request,
     download_request,
     final_error,
     get_prediction_request,
+    is_transient,
     parse_response,
     retry_kwargs,
     transport_error,
@@ -43,38 +46,157 @@ if TYPE_CHECKING:
     import httpx
     import requests
 
-__all__ = ["FluxKontextHook"]
+__all__ = ["AiohttpClient", "FluxKontextHook"]
+
+
+class AiohttpClient:
+    """The async path's HTTP client: one ``aiohttp.ClientSession`` and its connection pool.
+
+    httpx's own pool falls seconds behind at ~1000 concurrent pollers, and httpx over an aiohttp
+    transport still spends as much CPU per request in httpx's request/response models as aiohttp
+    spends on the whole request (see ``benchmarks/RESULTS.md``). So requests go to aiohttp directly;
+    its exceptions are mapped to httpx's with httpx-aiohttp's own table, so that
+    :func:`~airflow_provider_kontext.hooks._http.transport_error` judges them exactly as before.
+    Auth and timeouts are set per request: one client serves connections with different tokens and
+    base URLs. Must be created inside the event loop it serves.
+    """
+
+    def __init__(self) -> None:
+        import aiohttp
+        import httpx
+
+        # The same trust store as httpx (certifi, or SSL_CERT_FILE / SSL_CERT_DIR).
+        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30, ssl=httpx.create_ssl_context())
+        # Not trust_env=True: aiohttp then looks proxies (and .netrc) up in a thread on every request.
+        # The environment's HTTP(S)_PROXY / NO_PROXY are honoured all the same, decided once per origin.
+        self._session = aiohttp.ClientSession(connector=connector)
+        self._proxies = {
+            scheme: url for scheme, url in urllib.request.getproxies().items() if scheme in ("http", "https")
+        }
+        self._proxy_by_origin: dict[str, str | None] = {}
+        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
+
+    def _proxy(self, url: str) -> str | None:
+        """The proxy for ``url`` from the environment (as requests and httpx would pick it), if any."""
+        if not self._proxies:
+            return None
+        scheme, _, rest = url.partition("://")
+        origin = f"{scheme}://{rest.split('/', 1)[0]}"
+        if origin not in self._proxy_by_origin:
+            from urllib.parse import urlsplit
+
+            host = urlsplit(origin).hostname or ""
+            bypass = urllib.request.proxy_bypass(host)
+            self._proxy_by_origin[origin] = None if bypass else self._proxies.get(scheme.lower())
+        return self._proxy_by_origin[origin]
+
+    @property
+    def is_closed(self) -> bool:
+        return self._session.closed
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        json: Any = None,
+        files: Mapping[str, tuple[str, bytes, str]] | None = None,
+        read_timeout: float,
+        connect_timeout: float,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """Send one request and read the whole answer: ``(status, headers, body)``.
+
+        :raises httpx.TransportError: what httpx-aiohttp maps the aiohttp failure to (its cause).
+        """
+        import aiohttp
+        from httpx_aiohttp.transport import map_aiohttp_exceptions
+
+        timeout = self._timeouts.get((read_timeout, connect_timeout))
+        if timeout is None:
+            # As httpx-aiohttp maps httpx.Timeout(read, connect=c): pool wait + connect within `read`.
+            timeout = aiohttp.ClientTimeout(
+                sock_connect=connect_timeout, sock_read=read_timeout, connect=read_timeout
+            )
+            self._timeouts[(read_timeout, connect_timeout)] = timeout
+        data = None
+        if files:
+            data = aiohttp.FormData()
+            for field, (filename, content, content_type) in files.items():
+                data.add_field(field, content, filename=filename, content_type=content_type)
+        with map_aiohttp_exceptions():
+            async with self._session.request(
+                method,
+                url,
+                headers=headers,
+                json=json if data is None else None,
+                data=data,
+                allow_redirects=False,
+                timeout=timeout,
+                proxy=self._proxy(url),
+            ) as response:
+                body = await response.read()
+                return response.status, response.headers, body
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+#: How long hooks in one event loop (the triggerer's) reuse a connection's settings. Every trigger
+#: builds its own hook, and each lookup goes through the secrets backends (in a triggerer, a round
+#: trip over the supervisor to the API server): at 1000 triggers that was ~0.5 ms of CPU per trigger
+#: here. A rotated token is picked up at once all the same: an auth error looks the connection up
+#: again and retries with the new settings (see ``FluxKontextHook._arequest``).
+SETTINGS_TTL_SECONDS = 60.0
+
+_SettingsKey = tuple[str, float | None, int | None]
+
+
+class _SettingsCache:
+    """Connection settings per event loop, for :data:`SETTINGS_TTL_SECONDS`."""
+
+    _entries: weakref.WeakKeyDictionary[
+        asyncio.AbstractEventLoop, dict[_SettingsKey, tuple[ClientSettings, float]]
+    ] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def get(cls, key: _SettingsKey) -> ClientSettings | None:
+        entry = cls._entries.get(asyncio.get_running_loop(), {}).get(key)
+        if entry is None or time.monotonic() >= entry[1]:
+            return None
+        return entry[0]
+
+    @classmethod
+    def put(cls, key: _SettingsKey, settings: ClientSettings) -> None:
+        loop = asyncio.get_running_loop()
+        entries = cls._entries.setdefault(loop, {})
+        entries[key] = (settings, time.monotonic() + SETTINGS_TTL_SECONDS)
+
+    @classmethod
+    def drop(cls, key: _SettingsKey) -> None:
+        cls._entries.get(asyncio.get_running_loop(), {}).pop(key, None)
 
 
 class _SharedAsyncClient:
-    """One ``httpx.AsyncClient`` over an aiohttp transport per event loop, shared by every hook
-    (so every trigger) in that loop, opened on first use and closed when its last user releases it.
+    """One :class:`AiohttpClient` per event loop, shared by every hook (so every trigger) in that
+    loop, opened on first use and closed when its last user releases it."""
 
-    httpx's own pool falls seconds behind at ~1000 concurrent pollers; aiohttp's carries them (see
-    the project's performance baseline). Auth and timeouts are set per request, so one client can
-    serve connections with different tokens and base URLs.
-    """
-
-    _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, list[int]]] = (
+    _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[AiohttpClient, list[int]]] = (
         weakref.WeakKeyDictionary()
     )
 
     @classmethod
-    def acquire(cls) -> httpx.AsyncClient:
+    def acquire(cls) -> AiohttpClient:
         loop = asyncio.get_running_loop()
         entry = cls._clients.get(loop)
         if entry is None or entry[0].is_closed:
-            import httpx
-            from httpx_aiohttp import AiohttpTransport
-
-            transport = AiohttpTransport(limits=httpx.Limits(max_connections=256, keepalive_expiry=30))
-            entry = (httpx.AsyncClient(transport=transport, follow_redirects=False), [0])
+            entry = (AiohttpClient(), [0])
             cls._clients[loop] = entry
         entry[1][0] += 1
         return entry[0]
 
     @classmethod
-    async def release(cls, client: httpx.AsyncClient) -> None:
+    async def release(cls, client: AiohttpClient | httpx.AsyncClient) -> None:
         loop = asyncio.get_running_loop()
         entry = cls._clients.get(loop)
         if entry is None or entry[0] is not client:
@@ -125,7 +247,7 @@ class FluxKontextHook(BaseHook):
         self._max_retries = max_retries
         self._settings: ClientSettings | None = None
         self._session: requests.Session | None = None
-        self._aclient: httpx.AsyncClient | None = None
+        self._aclient: AiohttpClient | httpx.AsyncClient | None = None
         self._aclient_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
 
     def __repr__(self) -> str:
@@ -154,11 +276,27 @@ class FluxKontextHook(BaseHook):
         return self._settings
 
     async def aget_settings(self) -> ClientSettings:
-        """The connection's settings, looked up once without blocking the event loop."""
+        """The connection's settings, looked up without blocking the event loop: once per hook, and
+        reused by the other hooks of the same event loop for :data:`SETTINGS_TTL_SECONDS`."""
         if self._settings is None:
-            conn = await self.aget_connection(self.flux_kontext_conn_id)
-            self._settings = self._build_settings(conn)
+            key = self._settings_key()
+            settings = _SettingsCache.get(key)
+            if settings is None:
+                conn = await self.aget_connection(self.flux_kontext_conn_id)
+                settings = self._build_settings(conn)
+                _SettingsCache.put(key, settings)
+            self._settings = settings
         return self._settings
+
+    def _settings_key(self) -> _SettingsKey:
+        return (self.flux_kontext_conn_id, self._timeout, self._max_retries)
+
+    async def _arefreshed_settings(self, stale: ClientSettings) -> ClientSettings | None:
+        """Look the connection up again; the new settings if they differ from ``stale``."""
+        _SettingsCache.drop(self._settings_key())
+        self._settings = None
+        fresh = await self.aget_settings()
+        return fresh if fresh != stale else None
 
     def get_conn(self) -> requests.Session:
         """The ``requests.Session`` used by the sync methods."""
@@ -215,59 +353,90 @@ class FluxKontextHook(BaseHook):
         return parse_response(settings, request, response.status_code, response.headers, response.content)
 
     async def _arequest(self, request: ApiRequest, *, quiet: bool = False) -> Any:
-        """Async twin of :meth:`_request`: same policy, same parsing, over the shared async client."""
-        from tenacity import AsyncRetrying
+        """Async twin of :meth:`_request`: the same policy (:func:`is_transient`, :func:`backoff_seconds`,
+        ``max_retries``) and parsing, over the shared async client.
 
+        A plain loop rather than tenacity's ``AsyncRetrying``, which costs tens of microseconds per
+        call even when the first attempt succeeds: this runs once per poll of every trigger.
+
+        An auth error looks the connection up again (settings are shared between hooks for a while)
+        and, if it changed, for instance a rotated token, sends the request once more with it.
+        """
         settings = await self.aget_settings()
         try:
-            async for attempt in AsyncRetrying(
-                sleep=self._asleep, **retry_kwargs(settings, request, self._log_retry)
-            ):
-                with attempt:
-                    return await self._asend(settings, request, attempt.retry_state.attempt_number, quiet)
-        except KontextError as exc:
-            raise final_error(request, exc) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+            return await self._aretrying(settings, request, quiet)
+        except KontextAuthError:
+            fresh = await self._arefreshed_settings(settings)
+            if fresh is None:
+                raise
+        return await self._aretrying(fresh, request, quiet)
+
+    async def _aretrying(self, settings: ClientSettings, request: ApiRequest, quiet: bool) -> Any:
+        attempt = 1
+        while True:
+            try:
+                return await self._asend(settings, request, attempt, quiet)
+            except KontextError as exc:
+                if attempt > settings.max_retries or not is_transient(exc, request):
+                    raise final_error(request, exc) from None
+                delay = backoff_seconds(settings, attempt, exc)
+                self._log_retry(request, attempt, exc, delay)
+            await self._asleep(delay)
+            attempt += 1
 
     async def _asend(self, settings: ClientSettings, request: ApiRequest, attempt: int, quiet: bool) -> Any:
         import httpx
 
         self._log_attempt(request, attempt, quiet)
         loop = asyncio.get_running_loop()
+        client = self._aclient
         if (
-            self._aclient is None
-            or self._aclient.is_closed
+            client is None
+            or client.is_closed
             or self._aclient_loop is None
             or self._aclient_loop() is not loop
         ):
             # A client left from another (finished) event loop is bound to it: using it here raises
             # "Event loop is closed". It cannot be released from this loop either, so it is dropped.
-            self._aclient = self._make_async_client()
+            client = self._aclient = self._make_async_client()
             self._aclient_loop = weakref.ref(loop)
+        read_timeout = request.read_timeout or settings.timeout
         try:
-            response = await self._aclient.request(
-                request.method,
-                settings.url(request.path),
-                json=request.json if request.files is None else None,
-                files=request.files,
-                headers=settings.headers(request.headers),
-                timeout=httpx.Timeout(
-                    request.read_timeout or settings.timeout, connect=settings.connect_timeout
-                ),
-            )
+            if isinstance(client, AiohttpClient):
+                status, headers, body = await client.send(
+                    request.method,
+                    settings.url(request.path),
+                    headers=settings.headers(request.headers),
+                    json=request.json,
+                    files=request.files,
+                    read_timeout=read_timeout,
+                    connect_timeout=settings.connect_timeout,
+                )
+            else:  # an httpx client from an overridden _make_async_client (tests, custom transports)
+                response = await client.request(
+                    request.method,
+                    settings.url(request.path),
+                    json=request.json if request.files is None else None,
+                    files=request.files,
+                    headers=settings.headers(request.headers),
+                    timeout=httpx.Timeout(read_timeout, connect=settings.connect_timeout),
+                )
+                status, headers, body = response.status_code, response.headers, response.content
         except httpx.TransportError as exc:
             raise transport_error(settings, request, exc) from None
-        return parse_response(settings, request, response.status_code, response.headers, response.content)
+        return parse_response(settings, request, status, headers, body)
 
-    def _make_async_client(self) -> httpx.AsyncClient:
-        """The async client: by default the loop's shared one. Tests may substitute their own."""
+    def _make_async_client(self) -> AiohttpClient | httpx.AsyncClient:
+        """The async client: by default the loop's shared one. Tests may substitute an
+        ``httpx.AsyncClient`` (e.g. over ``httpx.MockTransport``)."""
         return _SharedAsyncClient.acquire()
 
     def _log_attempt(self, request: ApiRequest, attempt: int, quiet: bool) -> None:
         if attempt > 1 or not quiet:
             self.log.info("%s (attempt %d)", request.label, attempt)
         else:
-            self.log.debug("%s (attempt %d)", request.label, attempt)
+            # The class's logger: creating one per hook (so per trigger) costs more than the poll.
+            type(self).logger().debug("%s (attempt %d)", request.label, attempt)
 
     async def aclose(self) -> None:
         """Release the async client (closed once no other hook in this event loop uses it)."""

@@ -10,7 +10,12 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_kontext.exceptions import KontextError
 from airflow_provider_kontext.get_provider_info import DEFAULT_CONN_ID
-from airflow_provider_kontext.progress import PredictionPoller, error_event
+from airflow_provider_kontext.progress import (
+    DEFAULT_POLL_POLICY,
+    POLL_POLICIES,
+    PredictionPoller,
+    error_event,
+)
 
 __all__ = ["FluxKontextPredictionTrigger"]
 
@@ -28,10 +33,14 @@ class FluxKontextPredictionTrigger(BaseTrigger):
 
     :param prediction_id: the prediction to watch.
     :param flux_kontext_conn_id: the connection to poll with.
-    :param poll_interval: seconds between polls.
+    :param poll_interval: seconds between polls (with the adaptive policy: while no better estimate
+        of the end is known).
     :param end_time: Unix time at which to give up with a ``timeout`` event (``None``: no deadline).
     :param cancel_on_kill: cancel the prediction when a user kills the deferred task (Airflow >= 3.3).
     :param max_consecutive_errors: failed polls in a row tolerated before an ``error`` event.
+    :param poll_policy: ``"adaptive"`` (default: poll when the model's progress bar says it ends) or
+        ``"fixed"`` (every ``poll_interval``); see
+        :meth:`airflow_provider_kontext.progress.PredictionPoller.delay`.
     """
 
     def __init__(
@@ -42,14 +51,18 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         end_time: float | None = None,
         cancel_on_kill: bool = True,
         max_consecutive_errors: int = 10,
+        poll_policy: str = DEFAULT_POLL_POLICY,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        if poll_policy not in POLL_POLICIES:
+            raise ValueError(f"poll_policy must be one of {', '.join(POLL_POLICIES)}, got {poll_policy!r}")
         self.prediction_id = prediction_id
         self.flux_kontext_conn_id = flux_kontext_conn_id
         self.poll_interval = float(poll_interval)
         self.end_time = None if end_time is None else float(end_time)
         self.cancel_on_kill = bool(cancel_on_kill)
         self.max_consecutive_errors = int(max_consecutive_errors)
+        self.poll_policy = str(poll_policy)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -61,6 +74,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 "end_time": self.end_time,
                 "cancel_on_kill": self.cancel_on_kill,
                 "max_consecutive_errors": self.max_consecutive_errors,
+                "poll_policy": self.poll_policy,
             },
         )
 
@@ -76,9 +90,12 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             end_time=self.end_time,
             max_consecutive_errors=self.max_consecutive_errors,
             log=self.log.info,
+            policy=self.poll_policy,
         )
         hook = self._hook()
         try:
+            if (first := poller.first_delay()) > 0:
+                await asyncio.sleep(first)
             while True:
                 try:
                     event = poller.on_prediction(await hook.aget_prediction(self.prediction_id))

@@ -1,0 +1,78 @@
+"""``python -m benchmarks`` (``make bench``): run every scenario against the emulator on 127.0.0.1
+and write ``benchmarks/RESULTS.md`` (and the raw figures to ``benchmarks/results.json``).
+
+Options: ``--only scale,slots,parse,policy`` runs some scenarios (the report then holds only those);
+``--out PATH`` writes the report elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common, parse, policy, report, scale, slots
+
+SCENARIOS = ("scale", "policy", "slots", "parse")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios to run")
+    parser.add_argument("--out", default=str(common.BENCH_DIR / "RESULTS.md"), help="the report's path")
+    args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
+
+    command = "make bench" if args.only == ",".join(SCENARIOS) else f"python -m benchmarks --only {args.only}"
+    started = datetime.now(timezone.utc)
+    clock = common.Stopwatch()
+    facts = common.machine_facts()
+    results: dict[str, Any] = {}
+    scale_runs = slot_runs = policy_runs = None
+    parse_result = None
+    if "scale" in chosen:
+        print("1. triggerer scale", flush=True)
+        scale_runs = scale.run()
+        results["scale"] = [r.to_json() for r in scale_runs]
+    if "policy" in chosen:
+        print("4. polling policy", flush=True)
+        policy_runs = policy.run()
+        results["policy"] = [{"prediction_seconds": s, **r.to_json()} for s, _p, r in policy_runs]
+    if "slots" in chosen:
+        print("2. worker-slot cost", flush=True)
+        slot_runs = slots.run()
+        results["slots"] = [r.to_json() for r in slot_runs]
+        for row in slots.summary(slot_runs):
+            print(f"  {row['variant']}, {row['prediction_seconds']:g} s: {row['operator_mean_s']} s/edit")
+    if "parse" in chosen:
+        print("3. DAG-parse overhead", flush=True)
+        parse_result = parse.run(rounds=12)
+        results["parse"] = parse_result
+        print(f"  added {parse_result['added_median_ms']:.1f} ms")
+
+    text = report.render(
+        command=command,
+        facts=facts,
+        started=started.strftime("%Y-%m-%d %H:%M UTC"),
+        seconds=clock.seconds,
+        revision=common.git_revision(),
+        scale=scale_runs,
+        slots=slot_runs,
+        parse=parse_result,
+        policy=policy_runs,
+    )
+    out = Path(args.out)
+    out.write_text(text)
+    out.with_name("results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"wrote {out} in {clock.seconds / 60:.1f} minutes", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
