@@ -260,6 +260,10 @@ class PredictionPoller:
             self._expected_end = time.time() + remaining + 0.5 * step
             self._late_polls = 0
 
+    def on_deadline(self) -> dict[str, Any]:
+        """The ``timeout`` event, for a poll that was cut short at the deadline."""
+        return self._timeout()
+
     def on_error(self, exc: Exception) -> dict[str, Any] | None:
         """Judge a failed poll: the final event if the wait is over, else ``None`` (poll again).
 

@@ -474,6 +474,18 @@ def test_test_connection_success(set_conn: Callable[..., None], requests_mock: A
     assert FluxKontextHook().test_connection() == (True, f"Connected to {PROXY} as alice (Alice Example)")
 
 
+def test_test_connection_message_hides_credentials_in_the_base_url(
+    set_conn: Callable[..., None], requests_mock: Any
+) -> None:
+    set_conn(host="https://user:PROXYPASS99@proxy.example/replicate?key=QUERYKEY77", password=TOKEN)
+    requests_mock.get("https://user:PROXYPASS99@proxy.example/replicate/v1/account", json=ACCOUNT_JSON)
+    ok, message = FluxKontextHook().test_connection()
+    assert ok
+    assert "PROXYPASS99" not in message
+    assert "QUERYKEY77" not in message
+    assert "proxy.example/replicate" in message
+
+
 def test_test_connection_success_without_name(hook: FluxKontextHook, requests_mock: Any) -> None:
     requests_mock.get(ACCOUNT_URL, json={"type": "organization", "username": "acme"})
     assert hook.test_connection() == (True, f"Connected to {API} as acme")

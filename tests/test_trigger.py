@@ -81,7 +81,8 @@ def sleeps():
     async def fake_sleep(seconds: float) -> None:
         delays.append(seconds)
 
-    with mock.patch.object(trigger_module, "asyncio", SimpleNamespace(sleep=fake_sleep)):
+    fake = SimpleNamespace(sleep=fake_sleep, wait_for=asyncio.wait_for, TimeoutError=asyncio.TimeoutError)
+    with mock.patch.object(trigger_module, "asyncio", fake):
         yield delays
 
 
@@ -361,6 +362,19 @@ async def test_deadline_passed_gives_timeout(hook, sleeps):
     assert event.payload["prediction_id"] == PID
     assert "processing" in event.payload["message"]
     hook.acancel_prediction.assert_not_called()  # the operator cancels, with the task's context
+
+
+async def test_a_poll_stuck_past_the_deadline_ends_in_timeout(hook, sleeps):
+    """The hook's own retries (429 Retry-After, slow reads) must not hold the trigger past end_time."""
+
+    async def stuck(prediction_id: str) -> Prediction:
+        await asyncio.Event().wait()  # never answers
+        raise AssertionError("unreachable")
+
+    hook.aget_prediction.side_effect = stuck
+    # Without the cut-off the poll never returns; the outer guard turns that hang into a failure.
+    [event] = await asyncio.wait_for(collect(make_trigger(poll_interval=0.1, end_time=time.time() + 0.2)), 60)
+    assert event.payload["status"] == "timeout"
 
 
 async def test_sleep_never_overshoots_the_deadline(hook, sleeps):

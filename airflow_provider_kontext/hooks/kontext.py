@@ -261,11 +261,22 @@ class FluxKontextHook(BaseHook):
     # --- settings ---------------------------------------------------------------------------------
 
     def _build_settings(self, conn: Any) -> ClientSettings:
+        """Settings from the connection, every secret in them registered with Airflow's masker."""
         settings = ClientSettings.from_connection(conn, timeout=self._timeout, max_retries=self._max_retries)
         from airflow.sdk.log import mask_secret
 
         for secret in settings.secrets():
             mask_secret(secret)
+        return settings
+
+    async def _abuild_settings(self, conn: Any) -> ClientSettings:
+        """:meth:`_build_settings` for the event loop: masks with ``amask_secret``, which does not
+        block on the supervisor's channel."""
+        settings = ClientSettings.from_connection(conn, timeout=self._timeout, max_retries=self._max_retries)
+        from airflow.sdk.log import amask_secret
+
+        for secret in settings.secrets():
+            await amask_secret(secret)
         return settings
 
     @property
@@ -283,7 +294,7 @@ class FluxKontextHook(BaseHook):
             settings = _SettingsCache.get(key)
             if settings is None:
                 conn = await self.aget_connection(self.flux_kontext_conn_id)
-                settings = self._build_settings(conn)
+                settings = await self._abuild_settings(conn)
                 _SettingsCache.put(key, settings)
             self._settings = settings
         return self._settings
@@ -573,7 +584,7 @@ class FluxKontextHook(BaseHook):
         except Exception as exc:  # the UI shows whatever went wrong, a missing connection included
             return False, f"{type(exc).__name__}: {exc}" if not isinstance(exc, KontextError) else str(exc)
         who = account.username + (f" ({account.name})" if account.name else "")
-        return True, f"Connected to {self.settings.base_url} as {who}"
+        return True, f"Connected to {self.settings.redact(self.settings.base_url)} as {who}"
 
     # --- API: async ---------------------------------------------------------------------------------
 

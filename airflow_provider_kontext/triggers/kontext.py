@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -98,7 +99,9 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 await asyncio.sleep(first)
             while True:
                 try:
-                    event = poller.on_prediction(await hook.aget_prediction(self.prediction_id))
+                    event = poller.on_prediction(await self._poll(hook))
+                except asyncio.TimeoutError:
+                    event = poller.on_deadline()
                 except KontextError as exc:
                     event = poller.on_error(exc)
                 except ValueError as exc:  # a malformed connection (bad extra): no point polling on
@@ -109,6 +112,16 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 await asyncio.sleep(poller.delay())
         finally:
             await hook.aclose()
+
+    async def _poll(self, hook: Any) -> Any:
+        """One poll, including the hook's own retries, cut short at the deadline: a slow or throttling
+        API must not hold the trigger past ``end_time`` (Airflow's own defer timeout would then fail
+        the task without the cancel that the ``timeout`` event brings)."""
+        call = hook.aget_prediction(self.prediction_id)
+        if self.end_time is None:
+            return await call
+        remaining = max(0.0, self.end_time - time.time())
+        return await asyncio.wait_for(call, timeout=remaining + max(1.0, min(self.poll_interval, 5.0)))
 
     async def on_kill(self) -> None:
         """Cancel the prediction when a user kills the deferred task (not on triggerer restarts)."""
