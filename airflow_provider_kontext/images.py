@@ -21,6 +21,18 @@ def sniff_image_type(data: bytes) -> str | None:
     return None
 
 
+#: Declared content types that say nothing about the file (the bytes then decide alone).
+GENERIC_CONTENT_TYPES = ("", "application/octet-stream", "binary/octet-stream")
+
+
+def is_image_content_type(declared: str | None) -> bool:
+    """Whether a server's ``Content-Type`` (or a data: URI's media type) allows an image: any
+    ``image/*``, or a generic or missing type. ``text/html`` and the like do not, whatever the bytes
+    look like (a proxy's error page must not be saved as an edit)."""
+    media_type = (declared or "").split(";", 1)[0].strip().lower()
+    return media_type.startswith("image/") or media_type in GENERIC_CONTENT_TYPES
+
+
 def to_data_uri(data: bytes, content_type: str) -> str:
     return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
 

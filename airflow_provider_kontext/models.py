@@ -6,11 +6,17 @@ and the emulator answers 422 from the same models, so a rule is written once.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
+import math
+import re
 from datetime import datetime
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticSerializationError, to_json
 
 from airflow_provider_kontext.exceptions import KontextInputError
 
@@ -21,6 +27,13 @@ IMAGE_URI_SCHEMES = ("https://", "http://", "data:")
 
 #: Content types the model accepts for ``input_image``.
 IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+#: ``owner/name``, ``owner/name:version`` or a bare 64-hex version id. Nothing else may reach a URL
+#: path: ``?``, ``#``, ``/``, spaces or ``..`` in a model name would change the request's target.
+MODEL_REFERENCE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}/[A-Za-z0-9][A-Za-z0-9._-]{0,99}(?::[A-Za-z0-9][A-Za-z0-9._-]{0,127})?"
+    r"|[0-9a-f]{64}"
+)
 
 AspectRatio = Literal[
     "match_input_image", "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"
@@ -49,10 +62,20 @@ def _check_image_uri(value: str) -> str:
             "must be an http(s) URL or a data: URI (local files, ObjectStoragePath and bytes are "
             "uploaded by the operator first)"
         )
+    if value[:5].lower() != "data:" and not urlsplit(value).hostname:
+        raise ValueError("must be an http(s) URL with a host name")
     if value[:5].lower() == "data:":
-        media_type = value[5:].split(";", 1)[0].split(",", 1)[0].strip().lower()
+        header, comma, payload = value[5:].partition(",")
+        media_type = header.split(";", 1)[0].strip().lower()
         if media_type not in (*IMAGE_CONTENT_TYPES, "image/jpg"):
             raise ValueError(f"data: URI must hold one of {', '.join(IMAGE_CONTENT_TYPES)}")
+        if not comma:
+            raise ValueError("data: URI has no ',' before its data")
+        if header.lower().endswith(";base64"):
+            try:
+                base64.b64decode(payload, validate=True)
+            except (binascii.Error, UnicodeEncodeError, ValueError):
+                raise ValueError("data: URI is marked ;base64 but its data is not valid base64") from None
     return value
 
 
@@ -145,11 +168,38 @@ def _describe(error: Any) -> tuple[str, str]:
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
     if "input" in error and kind not in ("missing",):
-        shown = repr(error["input"])
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        message += f" (got {shown})"
+        message += f" (got {_shown(error['input'])})"
     return loc, message
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_model_reference(model: Any) -> str:
+    """``model`` if it is ``owner/name``, ``owner/name:version`` or a 64-hex version id.
+
+    :raises KontextInputError: anything else (it would end up in the request's URL path).
+    """
+    if not isinstance(model, str) or not MODEL_REFERENCE.fullmatch(model):
+        message = (
+            "must be 'owner/name' or 'owner/name:version' (letters, digits, '.', '_', '-') "
+            f"or a 64-hex version id (got {_shown(model)})"
+        )
+        raise KontextInputError(f"model: {message}", errors=[("model", message)])
+    return model
+
+
+def _json_problems(values: dict[str, Any]) -> list[tuple[str, str]]:
+    """The inputs that cannot be sent as JSON (bytes that are not text, arbitrary objects)."""
+    problems = []
+    for key, value in values.items():
+        try:
+            to_json(value)
+        except (PydanticSerializationError, ValueError) as exc:
+            problems.append((str(key), f"cannot be sent as JSON: {str(exc)[:200]} (got {_shown(value)})"))
+    return problems
 
 
 def validate_input(model: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -158,8 +208,10 @@ def validate_input(model: str, values: dict[str, Any]) -> dict[str, Any]:
     Only the keys the caller gave are sent (the model's own defaults apply to the rest), with
     values normalised by the schema (``"28"`` from a template becomes ``28``).
 
-    :raises KontextInputError: naming each bad field, what is allowed, and what was given.
+    :raises KontextInputError: naming each bad field, what is allowed, and what was given (``model``
+        itself when it is not a model reference).
     """
+    check_model_reference(model)
     schema = input_model_for(model)
     try:
         parsed = schema.model_validate(values)
@@ -172,7 +224,17 @@ def validate_input(model: str, values: dict[str, Any]) -> dict[str, Any]:
         raise KontextInputError(
             f"Invalid input for {model_name(model)}: " + "; ".join(lines), errors=problems
         ) from None
-    return parsed.model_dump(mode="json", exclude_unset=True)
+    try:
+        return parsed.model_dump(mode="json", exclude_unset=True)
+    except (PydanticSerializationError, ValueError):
+        # Inputs passed through for a model without a schema may be anything: name the bad ones.
+        problems = _json_problems(parsed.model_dump(exclude_unset=True)) or [
+            ("input", "cannot be sent as JSON")
+        ]
+        raise KontextInputError(
+            f"Invalid input for {model_name(model)}: " + "; ".join(f"{f}: {m}" for f, m in problems),
+            errors=problems,
+        ) from None
 
 
 class PredictionStatus(str, enum.Enum):
@@ -210,6 +272,18 @@ class PredictionMetrics(BaseModel):
     predict_time: float | None = None
     total_time: float | None = None
 
+    @field_validator("predict_time", "total_time", mode="before")
+    @classmethod
+    def _finite_or_none(cls, value: Any) -> Any:
+        """A metric that is not a finite number is dropped rather than failing the whole prediction
+        (and never becomes a NaN or infinity in an event, which a JSON column would refuse)."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        try:
+            return value if math.isfinite(value) else None
+        except OverflowError:  # an int too large for a float
+            return None
+
 
 class Prediction(BaseModel):
     """A prediction as the API returns it.
@@ -239,10 +313,14 @@ class Prediction(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _images_api_shape(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            # Descriptive parts a proxy may send as null: their defaults, not a rejected prediction.
+            for key in ("urls", "metrics", "data_removed"):
+                if key in data and data[key] is None:
+                    data = {k: v for k, v in data.items() if k != key}
         if isinstance(data, dict) and "status" not in data and isinstance(data.get("data"), list):
             urls = [item.get("url") if isinstance(item, dict) else item for item in data["data"]]
-            created = data.get("created")
-            when = datetime.fromtimestamp(created).astimezone() if isinstance(created, int | float) else None
+            when = _from_unix_time(data.get("created"))
             return {
                 "id": data.get("id"),
                 "status": PredictionStatus.SUCCEEDED,
@@ -275,6 +353,17 @@ class Prediction(BaseModel):
             return ""
         tail = "\n".join(self.logs.rstrip("\n").splitlines()[-lines:])
         return tail[-max_chars:]
+
+
+def _from_unix_time(value: Any) -> datetime | None:
+    """A server's Unix time as an aware datetime, or ``None`` when it is not a usable one (a value
+    out of the platform's range must be a validation problem, never an ``OverflowError``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return datetime.fromtimestamp(value).astimezone()
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _urls_in(output: Any) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import os
 import random
 import re
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from airflow_provider_kontext.exceptions import (
     KontextAPIError,
@@ -24,6 +25,7 @@ from airflow_provider_kontext.exceptions import (
     KontextServerError,
     KontextTransportError,
 )
+from airflow_provider_kontext.models import MODEL_REFERENCE
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
@@ -102,13 +104,22 @@ class ClientSettings:
         )
 
     def secrets(self) -> list[str]:
-        """Values that must never be shown: the token and any credential in the base URL."""
-        found = [self.token] if self.token else []
+        """Values that must never be shown: the token and any credential in the base URL (the
+        userinfo's password, or its user name when it stands alone as a token, and query values),
+        both as written and percent-decoded, since messages may quote either form."""
+        found: list[str] = []
         parts = urlsplit(self.base_url)
         if parts.password:
             found.append(parts.password)
-        found.extend(value for _, value in parse_qsl(parts.query) if len(value) >= 6)
-        return found
+        elif parts.username:
+            found.append(parts.username)  # https://<token>@proxy/...
+        found.extend(pair.partition("=")[2] for pair in parts.query.split("&"))
+        found.extend(value for _, value in parse_qsl(parts.query))
+        found.extend([unquote(value) for value in found])
+        # Short URL parts ("user", "1") are not worth hiding everywhere; the token always is.
+        # Longest first, so a secret that contains another is replaced whole.
+        secrets = {value for value in found if len(value) >= 6} | ({self.token} if self.token else set())
+        return sorted(secrets, key=len, reverse=True)
 
     def redact(self, text: str) -> str:
         for secret in self.secrets():
@@ -154,8 +165,9 @@ class ApiRequest:
     method: str
     path: str
     json: dict[str, Any] | None = None
-    files: dict[str, tuple[str, bytes, str]] | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+    files: dict[str, tuple[str, bytes, str]] | None = field(default=None, repr=False)
+    # May carry the token (a download from the API's own origin): never in a repr.
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
     idempotent: bool = True
     read_timeout: float | None = None
 
@@ -183,14 +195,15 @@ def create_prediction_request(
         body["webhook"] = webhook
         if webhook_events_filter:
             body["webhook_events_filter"] = list(webhook_events_filter)
+    if not isinstance(model, str) or not MODEL_REFERENCE.fullmatch(model):
+        # The name becomes part of the URL path: '?', '#', '/', '..' or spaces would retarget it.
+        raise ValueError(f"model must be 'owner/name' or 'owner/name:version', got {model!r:.200}")
     name, _, version = model.partition(":")
     if version or _HEX_VERSION.match(name):
         path = "/v1/predictions"
         body["version"] = version or name
     else:
-        owner, slash, rest = name.partition("/")
-        if not slash or not owner or not rest or "/" in rest:
-            raise ValueError(f"model must be 'owner/name' or 'owner/name:version', got {model!r}")
+        owner, _, rest = name.partition("/")
         path = f"/v1/models/{owner}/{rest}/predictions"
     headers: dict[str, str] = {}
     read_timeout = None
@@ -200,6 +213,8 @@ def create_prediction_request(
         headers["Prefer"] = f"wait={wait}"
         read_timeout = wait + 15.0
     if cancel_after is not None:
+        if not math.isfinite(cancel_after):
+            raise ValueError(f"cancel_after must be a finite number of seconds, got {cancel_after}")
         headers["Cancel-After"] = f"{max(5, int(cancel_after))}s"
     return ApiRequest("POST", path, json=body, headers=headers, idempotent=False, read_timeout=read_timeout)
 

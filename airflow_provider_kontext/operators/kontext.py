@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import tempfile
 import time
@@ -12,6 +13,7 @@ from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperator
 
@@ -23,13 +25,19 @@ from airflow_provider_kontext.exceptions import (
     KontextPredictionMayExistError,
 )
 from airflow_provider_kontext.get_provider_info import DEFAULT_CONN_ID
-from airflow_provider_kontext.images import EXTENSIONS, decode_data_uri, sniff_image_type, to_data_uri
+from airflow_provider_kontext.images import (
+    EXTENSIONS,
+    decode_data_uri,
+    is_image_content_type,
+    sniff_image_type,
+    to_data_uri,
+)
 from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, ReplicatePredictionLink
 from airflow_provider_kontext.models import DEFAULT_MODEL, Prediction, PredictionStatus, validate_input
 from airflow_provider_kontext.progress import PredictionPoller, prediction_event
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context
+    from airflow.sdk import Context, ObjectStoragePath
 
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
@@ -49,6 +57,11 @@ MODEL_ARGUMENTS = (
 )
 #: Replicate stops any prediction after 30 minutes; the default deadline when none is given.
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+#: The longest ``timeout`` and ``poll_interval`` accepted (a week): beyond any prediction's life, and
+#: far inside what ``timedelta`` and the trigger's deadline arithmetic can hold.
+MAX_WAIT = timedelta(days=7)
+#: Output file names are built from the server's prediction id, cut to this many characters.
+MAX_STEM = 100
 #: Output files are deleted by Replicate about an hour after the prediction completes.
 OUTPUT_RETENTION = timedelta(hours=1)
 _PENDING_IMAGE = "data:image/png;base64,"
@@ -145,6 +158,8 @@ class FluxKontextEditOperator(BaseOperator):
         if output_asset is not None:
             kwargs["outlets"] = [*(kwargs.get("outlets") or []), output_asset]
         super().__init__(**kwargs)
+        if not isinstance(flux_kontext_conn_id, str) or not flux_kontext_conn_id:
+            raise ValueError(f"flux_kontext_conn_id must be a non-empty string, got {flux_kontext_conn_id!r}")
         self.prompt = prompt
         self.input_image = input_image
         self.aspect_ratio = aspect_ratio
@@ -159,20 +174,26 @@ class FluxKontextEditOperator(BaseOperator):
         self.model = model
         self.flux_kontext_conn_id = flux_kontext_conn_id
         self.deferrable = deferrable
-        self.poll_interval = _positive("poll_interval", poll_interval)
-        if wait_seconds is not None and not 1 <= int(wait_seconds) <= 60:
-            raise ValueError(f"wait_seconds must be between 1 and 60, got {wait_seconds!r}")
-        self.wait_seconds = None if wait_seconds is None else int(wait_seconds)
+        self.poll_interval = _number("poll_interval", poll_interval, maximum=MAX_WAIT.total_seconds())
+        self.wait_seconds = (
+            None if wait_seconds is None else int(_number("wait_seconds", wait_seconds, 1, 60, integer=True))
+        )
         if timeout is not None:
-            _positive("timeout", timeout.total_seconds() if isinstance(timeout, timedelta) else timeout)
+            _number(
+                "timeout",
+                timeout.total_seconds() if isinstance(timeout, timedelta) else timeout,
+                maximum=MAX_WAIT.total_seconds(),
+            )
         self.timeout = timeout
         self.reattach_on_retry = reattach_on_retry
         self.retry_uncertain_create = retry_uncertain_create
         self.cancel_on_kill = cancel_on_kill
         self.output_path = output_path
-        self.max_output_bytes = int(_positive("max_output_bytes", max_output_bytes))
+        self.max_output_bytes = int(_number("max_output_bytes", max_output_bytes, 1, integer=True))
         self.output_asset = output_asset
-        self.inline_image_max_bytes = int(inline_image_max_bytes)
+        self.inline_image_max_bytes = int(
+            _number("inline_image_max_bytes", inline_image_max_bytes, 0, integer=True)
+        )
         self._prediction_id: str | None = None
         self._finished = False
 
@@ -262,6 +283,8 @@ class FluxKontextEditOperator(BaseOperator):
             pending = _read_local_image(image)
             values["input_image"] = _PENDING_IMAGE
         model_input = validate_input(self.model, values)
+        if self.output_path is not None:
+            self._output_folder()  # an unusable output_path fails now, not after paying for the edit
         identity = dict(model_input)
         if pending is not None:
             identity["input_image"] = "sha256:" + hashlib.sha256(pending[0]).hexdigest()
@@ -402,6 +425,15 @@ class FluxKontextEditOperator(BaseOperator):
                 message, prediction_id=prediction_id, status=status, error=error, logs_tail=tail
             )
         urls = [url for url in event.get("output") or [] if isinstance(url, str)]
+        for index, url in enumerate(urls):
+            if not _usable_output(url):
+                scheme = url.partition(":")[0] if ":" in url else ""
+                raise KontextPredictionFailed(
+                    f"Prediction {prediction_id} succeeded but output {index} is not an http(s) URL or a "
+                    f"data: URI (scheme {scheme[:20]!r}); it is neither returned nor downloaded",
+                    prediction_id=prediction_id,
+                    status=status,
+                )
         if not urls:
             why = "its outputs were already deleted" if event.get("data_removed") else "it returned no output"
             raise KontextPredictionFailed(
@@ -422,19 +454,19 @@ class FluxKontextEditOperator(BaseOperator):
     def _persist(self, urls: list[str], prediction_id: str | None) -> list[str]:
         """Download each output into ``output_path``: size-capped, checked to be an image, written
         under a name of our choosing to a temporary name and renamed when complete."""
-        from airflow.sdk import ObjectStoragePath
-
-        folder = self.output_path if isinstance(self.output_path, ObjectStoragePath) else None
-        if folder is None:
-            text = str(self.output_path)
-            folder = ObjectStoragePath(text if "://" in text else Path(text).absolute().as_uri())
+        folder = self._output_folder()
         folder.mkdir(parents=True, exist_ok=True)
-        # The id comes from the server: keep only safe characters so it cannot leave the folder.
-        stem = re.sub(r"[^A-Za-z0-9_-]", "_", prediction_id or "") or f"edit-{int(time.time() * 1000)}"
+        # The id comes from the server: keep only safe characters, and not too many of them, so it
+        # can neither leave the folder nor make a name the file system refuses.
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", prediction_id or "")[:MAX_STEM] or (
+            f"edit-{int(time.time() * 1000)}"
+        )
         paths = []
         for index, url in enumerate(urls):
             with tempfile.TemporaryFile() as buffer:
+                declared: str | None
                 if url.startswith("data:"):
+                    declared = url[5:].partition(",")[0].split(";", 1)[0]
                     try:
                         buffer.write(decode_data_uri(url, self.max_output_bytes))
                     except ValueError as exc:
@@ -444,13 +476,20 @@ class FluxKontextEditOperator(BaseOperator):
                             status="succeeded",
                         ) from None
                 else:
-                    self.hook.download(url, buffer, max_bytes=self.max_output_bytes)
+                    declared = self.hook.download(url, buffer, max_bytes=self.max_output_bytes)
                 buffer.seek(0)
                 head = buffer.read(16)
                 kind = sniff_image_type(head)
                 if kind is None:
                     raise KontextPredictionFailed(
                         f"Output {index} of prediction {prediction_id} is not a jpeg/png/gif/webp image",
+                        prediction_id=prediction_id,
+                        status="succeeded",
+                    )
+                if not is_image_content_type(declared):
+                    raise KontextPredictionFailed(
+                        f"Output {index} of prediction {prediction_id} was served as {declared[:100]!r}, "
+                        "not as an image",
                         prediction_id=prediction_id,
                         status="succeeded",
                     )
@@ -469,11 +508,66 @@ class FluxKontextEditOperator(BaseOperator):
             paths.append(str(target))
         return paths
 
+    def _output_folder(self) -> ObjectStoragePath:
+        """``output_path`` as an ``ObjectStoragePath`` (no I/O).
 
-def _positive(name: str, value: Any) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        :raises KontextInputError: a path with a NUL byte, or a URL no file system is known for.
+        """
+        from airflow.sdk import ObjectStoragePath
+
+        if isinstance(self.output_path, ObjectStoragePath):
+            return self.output_path
+        text = str(self.output_path)
+        try:
+            if "\x00" in text:
+                raise ValueError("contains a NUL byte")
+            folder = ObjectStoragePath(text if "://" in text else Path(text).absolute().as_uri())
+            folder.fs  # noqa: B018 (resolves the file system for the URL's scheme, or raises)
+        except (ValueError, TypeError, ImportError, OSError) as exc:
+            raise KontextInputError(f"output_path: cannot write to {text[:200]!r}: {exc}") from None
+        return folder
+
+
+def _usable_output(url: str) -> bool:
+    """Whether an output URL the server returned may be handed on or downloaded: an http(s) URL
+    with a host, or a data: URI. ``file:``, ``javascript:``, ``ftp:`` and the like may not."""
+    if url[:5].lower() == "data:":
+        return True
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+def _number(
+    name: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    integer: bool = False,
+) -> float:
+    """``value`` as a finite number within bounds (``minimum=None``: must be positive).
+
+    :raises ValueError: naming the argument, for anything else (a string that is not a number,
+        ``None``, NaN, infinity, a fraction where an integer is needed, out of range).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number, got {value!r:.100}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r:.100}")
+    if integer and not number.is_integer():
+        raise ValueError(f"{name} must be a whole number, got {value!r:.100}")
+    if (number <= 0 if minimum is None else number < minimum) or (maximum is not None and number > maximum):
+        allowed = "positive" if minimum is None else f"at least {minimum:g}"
+        if maximum is not None:
+            allowed += f" and at most {maximum:g}"
+        raise ValueError(f"{name} must be {allowed}, got {value!r:.100}")
     return number
 
 
@@ -492,8 +586,9 @@ def _read_local_image(image: Any) -> tuple[bytes, str, str]:
             else:
                 path = Path(text[len("file://") :] if text.startswith("file://") else text)
                 data, name = path.read_bytes(), path.name
-        except OSError as exc:
-            raise KontextInputError(f"input_image: cannot read {text!r}: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            reason = getattr(exc, "strerror", None) or exc
+            raise KontextInputError(f"input_image: cannot read {text[:200]!r}: {reason}") from None
     kind = sniff_image_type(data[:16])
     if kind is None:
         raise KontextInputError(
