@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from airflow_provider_kontext.models import Prediction, PredictionStatus
@@ -155,16 +156,23 @@ def _text(value: Any) -> str | None:
     return text[:MAX_EVENT_TEXT]
 
 
-def prediction_event(prediction: Prediction) -> dict[str, Any]:
+def prediction_event(prediction: Prediction, redact: Callable[[str], str] | None = None) -> dict[str, Any]:
     """The event for a prediction in a terminal status: JSON primitives only, no inputs (they may
-    hold a large data: URI), nothing secret."""
+    hold a large data: URI), nothing secret: the model's error and log tail, which a proxy may echo a
+    token into, pass through ``redact`` (the hook's), since events are logged and stored in plain text.
+    """
+    error = _text(prediction.error)
+    tail = prediction.logs_tail()[-MAX_EVENT_TEXT:]
+    if redact is not None:
+        error = None if error is None else redact(error)
+        tail = redact(tail)
     return {
         "status": prediction.status.value,
         "prediction_id": prediction.id,
         "model": prediction.model,
         "output": prediction.output_urls,
-        "error": _text(prediction.error),
-        "logs_tail": prediction.logs_tail()[-MAX_EVENT_TEXT:],
+        "error": error,
+        "logs_tail": tail,
         "predict_time": prediction.metrics.predict_time,
         "created_at": prediction.created_at.isoformat() if prediction.created_at else None,
         "completed_at": prediction.completed_at.isoformat() if prediction.completed_at else None,
@@ -210,6 +218,7 @@ class PredictionPoller:
         max_consecutive_errors: int = 10,
         log: Any = None,
         policy: str = DEFAULT_POLL_POLICY,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
         if policy not in POLL_POLICIES:
             raise ValueError(f"poll policy must be one of {', '.join(POLL_POLICIES)}, got {policy!r}")
@@ -220,6 +229,7 @@ class PredictionPoller:
         self.policy = policy
         self.tracker = ProgressTracker(prediction_id)
         self._log = log
+        self._redact = redact
         self._errors = 0
         self._started = time.time()
         self._expected_end: float | None = None  # time.time() the progress bar should reach its end
@@ -240,7 +250,7 @@ class PredictionPoller:
             for line in lines:
                 self._log(line)
         if prediction.is_terminal:
-            return prediction_event(prediction)
+            return prediction_event(prediction, self._redact)
         if self._deadline_passed():
             return self._timeout()
         self._estimate_end(prediction, progress_before)

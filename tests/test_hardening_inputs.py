@@ -145,6 +145,7 @@ def fresh_hook() -> mock.Mock:
         {"id": "p1", "status": "succeeded", "output": "https://example.com/out.png"}
     )  # polled in the worker when deferrable is false
     fake.upload_file.side_effect = AssertionError("no upload expected")
+    fake.redact.side_effect = lambda text: text  # not an HTTP call
     return fake
 
 
@@ -152,7 +153,7 @@ def assert_valid_request(op: FluxKontextEditOperator, hook: mock.Mock) -> None:
     """The create the operator asked for would be a well-formed request to one of the API's paths."""
     calls = [c[0] for c in hook.method_calls]
     assert calls[0] == "create_prediction"
-    assert set(calls) <= {"create_prediction", "get_prediction"}, calls
+    assert set(calls) <= {"create_prediction", "get_prediction", "redact"}, calls
     hook.create_prediction.assert_called_once()
     call = hook.create_prediction.call_args
     model, body = call.args

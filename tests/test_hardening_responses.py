@@ -362,16 +362,11 @@ PROTOCOL = {
         b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}"
     ),
 }
-ASYNC_PROTOCOL_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="hooks/kontext.py: AiohttpClient.send lets aiohttp.ClientResponseError (a malformed HTTP "
-    "answer) escape unmapped; it should become a transport error (request_sent=True)",
-)
 EVERY_ANSWER = [pytest.param(a, id=n) for n, a in MALFORMED.items()] + [
     pytest.param(a, id=n) for n, a in PROTOCOL.items()
 ]
 EVERY_ANSWER_ASYNC = [pytest.param(a, id=n) for n, a in MALFORMED.items()] + [
-    pytest.param(a, id=n, marks=ASYNC_PROTOCOL_BUG) for n, a in PROTOCOL.items()
+    pytest.param(a, id=n) for n, a in PROTOCOL.items()
 ]
 
 
@@ -406,8 +401,7 @@ def test_trigger_loop_ends_with_one_clear_event(server: ScriptedServer, answer: 
 
 
 @EXAMPLES
-# 204 is left out while a body on a 204 crashes the async path (see PROTOCOL above).
-@given(status=STATUS_CODES.filter(lambda code: code != 204), content_type=CONTENT_TYPES, body=bodies())
+@given(status=STATUS_CODES, content_type=CONTENT_TYPES, body=bodies())
 def test_trigger_loop_survives_any_answer(
     server: ScriptedServer, status: int, content_type: str, body: bytes
 ) -> None:

@@ -300,16 +300,14 @@ def test_trigger_kwargs_and_repr_hold_no_secret(conn: Callable[..., None]) -> No
     assert_hidden([TOKEN, URL_PASSWORD, QUERY_TOKEN], json.dumps(kwargs), repr(trigger), classpath)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="progress.prediction_event copies the server's error and logs into the event (stored in "
-    "task_instance.next_kwargs, logged by the triggerer) without redacting the connection's secrets",
-)
 def test_a_token_echoed_into_a_failed_predictions_error_does_not_reach_the_event() -> None:
+    settings = ClientSettings(conn_id=CONN_ID, base_url=proxy_url("https://proxy.example"), token=TOKEN)
     prediction = Prediction.model_validate(
         {"id": PID, "status": "failed", "error": f"proxy: bad header Bearer {TOKEN}", "logs": f"{TOKEN}\n"}
     )
-    assert_hidden([TOKEN], json.dumps(prediction_event(prediction)))
+    assert_hidden(
+        [TOKEN, URL_PASSWORD, QUERY_TOKEN], json.dumps(prediction_event(prediction, settings.redact))
+    )
 
 
 def test_test_connection_does_not_show_the_proxy_urls_secrets(

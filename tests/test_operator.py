@@ -47,6 +47,9 @@ JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(64)
 # --- helpers ---------------------------------------------------------------------------------------
 
 
+SECRET_ECHO = "r8_ECHOED_BY_A_PROXY"
+
+
 def make_prediction(status: str, prediction_id: str | None = PID, **fields: Any) -> Prediction:
     data: dict[str, Any] = {
         "id": prediction_id,
@@ -132,6 +135,7 @@ def hook():
     """A spec'd mock replacing the operator's ``hook`` cached_property for every instance."""
     fake = mock.create_autospec(FluxKontextHook, instance=True)
     fake.create_prediction.return_value = make_prediction("starting")
+    fake.redact.side_effect = lambda text: text.replace(SECRET_ECHO, "***")
     with mock.patch.object(FluxKontextEditOperator, "hook", fake):
         yield fake
 
@@ -947,3 +951,13 @@ def test_extra_link_reads_the_web_url(stored, expected):
     with mock.patch("airflow_provider_kontext.links.kontext.XCom.get_value", return_value=stored) as get:
         assert link.get_link(op, ti_key=ti_key) == expected
     get.assert_called_once_with(ti_key=ti_key, key="prediction_web_url")
+
+
+def test_in_worker_polling_redacts_a_secret_echoed_into_a_failed_prediction(hook, no_sleep):
+    hook.get_prediction.return_value = make_prediction(
+        "failed", error=f"upstream rejected Bearer {SECRET_ECHO}", logs=f"{SECRET_ECHO}\n"
+    )
+    with pytest.raises(KontextPredictionFailed) as info:
+        make_op(deferrable=False).execute(make_context())
+    assert SECRET_ECHO not in str(info.value)
+    assert "Bearer ***" in str(info.value)

@@ -33,6 +33,9 @@ CONN_ID = "my_kontext"
 TOKEN = "r8_TriggerTestToken_5c1e9a7d"  # recognisable, so a leak is easy to find
 
 
+SECRET_ECHO = "r8_ECHOED_BY_A_PROXY"
+
+
 def make_prediction(status: str, **fields: Any) -> Prediction:
     data: dict[str, Any] = {
         "id": PID,
@@ -67,6 +70,7 @@ def hook():
     instance.acancel_prediction = mock.AsyncMock()
     instance.acreate_prediction = mock.AsyncMock()
     instance.aclose = mock.AsyncMock()
+    instance.redact = lambda text: text.replace(SECRET_ECHO, "***")
     with mock.patch("airflow_provider_kontext.hooks.kontext.FluxKontextHook") as hook_cls:
         hook_cls.return_value = instance
         instance.cls = hook_cls
@@ -462,3 +466,12 @@ async def test_on_kill_cancel_failure_is_logged_not_raised(hook):
     log.warning.assert_called_once()
     assert "Could not cancel" in log.warning.call_args.args[0]
     hook.aclose.assert_awaited_once()
+
+
+async def test_a_secret_echoed_into_the_error_and_logs_is_redacted_in_the_event(hook, sleeps):
+    hook.aget_prediction.return_value = make_prediction(
+        "failed", error=f"proxy said: Bearer {SECRET_ECHO}", logs=f"auth {SECRET_ECHO}\n"
+    )
+    [event] = await collect(make_trigger())
+    assert SECRET_ECHO not in json.dumps(event.payload)
+    assert "proxy said: Bearer ***" in event.payload["error"]

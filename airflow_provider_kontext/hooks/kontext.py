@@ -110,6 +110,7 @@ class AiohttpClient:
         :raises httpx.TransportError: what httpx-aiohttp maps the aiohttp failure to (its cause).
         """
         import aiohttp
+        import httpx
         from httpx_aiohttp.transport import map_aiohttp_exceptions
 
         timeout = self._timeouts.get((read_timeout, connect_timeout))
@@ -125,18 +126,34 @@ class AiohttpClient:
             for field, (filename, content, content_type) in files.items():
                 data.add_field(field, content, filename=filename, content_type=content_type)
         with map_aiohttp_exceptions():
-            async with self._session.request(
-                method,
-                url,
-                headers=headers,
-                json=json if data is None else None,
-                data=data,
-                allow_redirects=False,
-                timeout=timeout,
-                proxy=self._proxy(url),
-            ) as response:
-                body = await response.read()
-                return response.status, response.headers, body
+            try:
+                return await self._exchange(method, url, headers, json, data, timeout)
+            except aiohttp.ClientResponseError as exc:
+                # A malformed answer (bad status line, broken chunking, a body on a 204, ...): no
+                # usable response, and the request was sent. httpx-aiohttp's table leaves it unmapped.
+                raise httpx.RemoteProtocolError(f"malformed HTTP response: {exc.message}") from exc
+
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        json: Any,
+        data: Any,
+        timeout: Any,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        async with self._session.request(
+            method,
+            url,
+            headers=headers,
+            json=json if data is None else None,
+            data=data,
+            allow_redirects=False,
+            timeout=timeout,
+            proxy=self._proxy(url),
+        ) as response:
+            body = await response.read()
+            return response.status, response.headers, body
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -298,6 +315,10 @@ class FluxKontextHook(BaseHook):
                 _SettingsCache.put(key, settings)
             self._settings = settings
         return self._settings
+
+    def redact(self, text: str) -> str:
+        """``text`` with the connection's secrets replaced by ``***`` (as is, before the first lookup)."""
+        return self._settings.redact(text) if self._settings is not None else text
 
     def _settings_key(self) -> _SettingsKey:
         return (self.flux_kontext_conn_id, self._timeout, self._max_retries)

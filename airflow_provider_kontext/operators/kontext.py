@@ -225,7 +225,7 @@ class FluxKontextEditOperator(BaseOperator):
         self._prediction_id = prediction.id
         self._push_ids(context, prediction)
         if prediction.is_terminal or prediction.id is None:
-            return self._complete(context, prediction_event(prediction))
+            return self._complete(context, prediction_event(prediction, self.hook.redact))
 
         created = prediction.created_at.timestamp() if prediction.created_at else time.time()
         end_time = created + timeout
@@ -379,7 +379,11 @@ class FluxKontextEditOperator(BaseOperator):
 
     def _poll_in_worker(self, prediction_id: str, end_time: float) -> dict[str, Any]:
         poller = PredictionPoller(
-            prediction_id, poll_interval=self.poll_interval, end_time=end_time, log=self.log.info
+            prediction_id,
+            poll_interval=self.poll_interval,
+            end_time=end_time,
+            log=self.log.info,
+            redact=self.hook.redact,
         )
         while True:
             try:

@@ -85,6 +85,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         return FluxKontextHook(self.flux_kontext_conn_id)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = self._hook()
         poller = PredictionPoller(
             self.prediction_id,
             poll_interval=self.poll_interval,
@@ -92,8 +93,8 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             max_consecutive_errors=self.max_consecutive_errors,
             log=self.log.info,
             policy=self.poll_policy,
+            redact=hook.redact,
         )
-        hook = self._hook()
         try:
             if (first := poller.first_delay()) > 0:
                 await asyncio.sleep(first)
