@@ -59,7 +59,7 @@ with DAG(
         output_format="png",
         # run_after, not ds: a manually triggered Airflow 3 run has no logical date.
         output_path="{{ params.output_dir }}/{{ dag_run.run_after.strftime('%Y-%m-%d') }}",
-        output_asset=EDITED_SHOTS,
+        outlets=[EDITED_SHOTS],
         poll_interval=1.0,
         max_active_tis_per_dag=16,
     ).expand(input_image=list_inputs())

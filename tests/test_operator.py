@@ -692,21 +692,20 @@ def test_complete_error_event(hook):
     hook.cancel_prediction.assert_not_called()
 
 
-def test_output_asset_gets_its_event_extra(hook):
+def test_asset_outlet_gets_its_event_extra(hook):
     asset = Asset("file:///data/edited")
-    op = make_op(output_asset=asset)
-    assert asset in op.outlets
+    op = make_op(outlets=[asset])
     events = OutletEventAccessors()
     context = make_context(outlet_events=events)
     op.execute_complete(context, prediction_event(succeeded()))
     assert events[asset].extra == {"prediction_id": PID, "outputs": [OUT_URL]}
 
 
-def test_output_asset_carries_the_saved_paths(hook, tmp_path):
+def test_asset_outlet_carries_the_saved_paths(hook, tmp_path):
     asset = Asset("file:///data/edited")
     hook.download.side_effect = writes(PNG)
     events = OutletEventAccessors()
-    op = make_op(output_asset=asset, output_path=str(tmp_path))
+    op = make_op(outlets=[asset], output_path=str(tmp_path))
     result = op.execute_complete(make_context(outlet_events=events), prediction_event(succeeded()))
     assert events[asset].extra == {"prediction_id": PID, "outputs": result}
     assert result == [(tmp_path / f"{PID}-0.png").as_uri()]

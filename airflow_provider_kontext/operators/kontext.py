@@ -108,7 +108,8 @@ class FluxKontextEditOperator(BaseOperator):
     :param output_path: a folder (string URL/path or ``ObjectStoragePath``, templated) to download the
         outputs to before Replicate deletes them; the task then returns those paths.
     :param max_output_bytes: the largest output file accepted.
-    :param output_asset: an ``Asset`` added to the task's outlets; its event carries the paths/URLs.
+    :param outlets: as for any operator; each ``Asset`` among them gets an event whose ``extra`` holds
+        the prediction id and the outputs (paths or URLs).
     :param inline_image_max_bytes: local images up to this size are sent inline as data: URIs.
     """
 
@@ -151,12 +152,9 @@ class FluxKontextEditOperator(BaseOperator):
         cancel_on_kill: bool = True,
         output_path: Any = None,
         max_output_bytes: int = 50 * 1024 * 1024,
-        output_asset: Any = None,
         inline_image_max_bytes: int = 256 * 1024,
         **kwargs: Any,
     ) -> None:
-        if output_asset is not None:
-            kwargs["outlets"] = [*(kwargs.get("outlets") or []), output_asset]
         super().__init__(**kwargs)
         if not isinstance(flux_kontext_conn_id, str) or not flux_kontext_conn_id:
             raise ValueError(f"flux_kontext_conn_id must be a non-empty string, got {flux_kontext_conn_id!r}")
@@ -190,7 +188,6 @@ class FluxKontextEditOperator(BaseOperator):
         self.cancel_on_kill = cancel_on_kill
         self.output_path = output_path
         self.max_output_bytes = int(_number("max_output_bytes", max_output_bytes, 1, integer=True))
-        self.output_asset = output_asset
         self.inline_image_max_bytes = int(
             _number("inline_image_max_bytes", inline_image_max_bytes, 0, integer=True)
         )
@@ -445,15 +442,21 @@ class FluxKontextEditOperator(BaseOperator):
             )
         result = self._persist(urls, prediction_id) if self.output_path else urls
         context["ti"].xcom_push(key="prediction", value=_summary(event, result))
-        if self.output_asset is not None:
-            context["outlet_events"][self.output_asset].extra = {
-                "prediction_id": prediction_id,
-                "outputs": list[Any](result),
-            }
+        self._describe_outlets(context, prediction_id, result)
         store = context.get("task_state_store") if self.reattach_on_retry else None
         if store is not None:
             store.delete(self.STATE_KEY)  # done: a later clear of this task edits afresh
         return result
+
+    def _describe_outlets(self, context: Context, prediction_id: str | None, outputs: list[str]) -> None:
+        """Put the outputs in the ``extra`` of each Asset among the task's outlets (declared with
+        ``outlets=[Asset(...)]``, which also works in ``.partial()``)."""
+        from airflow.sdk import Asset
+
+        for outlet in self.outlets or []:
+            if isinstance(outlet, Asset):
+                extra: dict[str, Any] = {"prediction_id": prediction_id, "outputs": list(outputs)}
+                context["outlet_events"][outlet].extra = extra
 
     def _persist(self, urls: list[str], prediction_id: str | None) -> list[str]:
         """Download each output into ``output_path``: size-capped, checked to be an image, written

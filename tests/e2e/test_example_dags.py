@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,16 @@ def test_pipeline_persists_every_edit_and_writes_a_manifest(
     assert TOKEN not in run.output
     db = (airflow.home / "airflow.db").read_bytes()
     assert TOKEN.encode() not in db  # not in XCom, rendered fields, trigger rows or logs
+    with sqlite3.connect(airflow.home / "airflow.db") as con:
+        extras = [
+            json.loads(extra)
+            for (extra,) in con.execute(
+                "SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id WHERE a.uri = ?",
+                ("kontext://example/edited-product-shots",),
+            )
+        ]
+    saved = {path for row in rows for path in row["outputs"]}
+    assert saved <= {path for extra in extras for path in extra["outputs"]}  # one event per mapped edit
 
 
 @pytest.mark.parametrize(
