@@ -913,9 +913,10 @@ def test_2xx_with_html_body(hook: FluxKontextHook, requests_mock: Any) -> None:
 
 def test_2xx_with_non_json_text(hook: FluxKontextHook, requests_mock: Any, sleeps: list[float]) -> None:
     requests_mock.post(CREATE_URL, status_code=201, text="OK")
-    err = raised(lambda: hook.create_prediction(DEV, INPUT), KontextAPIError)
-    assert err.title == "malformed response"
-    assert err.detail == "OK (expected JSON)"
+    # Unreadable, yet the server may have created it: an uncertain create, not retried.
+    err = raised(lambda: hook.create_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    assert err.status == 201
+    assert "(malformed response): OK (expected JSON)" in str(err)
     assert requests_mock.call_count == 1
     assert sleeps == []
 
@@ -1048,3 +1049,24 @@ def test_backoff_seconds_growth() -> None:
     for attempt, ceiling in [(1, 1), (2, 2), (3, 4), (4, 5), (10, 5)]:
         for _ in range(20):
             assert ceiling / 2 <= _http.backoff_seconds(settings, attempt, None) <= ceiling
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ('{"id": "p1", "status": "queued"}', "p1"),  # a status this provider does not know
+        ("<html><body>OK</body></html>", None),  # not JSON at all
+        ('{"id": "p2", "status": "starting", "created_at": "yesterday"}', "p2"),
+    ],
+)
+def test_unreadable_answer_to_a_create_is_an_uncertain_create(
+    hook: FluxKontextHook, requests_mock: Any, body: str, named: str | None
+) -> None:
+    """A 2xx the hook cannot read may still have created (and billed) a prediction: never a plain
+    error that would let a retry create a second one."""
+    requests_mock.post(CREATE_URL, text=body, status_code=201)
+    with pytest.raises(KontextPredictionMayExistError) as info:
+        hook.create_prediction(DEV, INPUT)
+    assert requests_mock.call_count == 1
+    if named:
+        assert f"named prediction {named!r}" in str(info.value)

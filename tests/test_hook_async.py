@@ -771,9 +771,10 @@ async def test_2xx_with_non_json_body(hook: FluxKontextHook, api: FakeApi, sleep
     api.on(
         "POST", CREATE_URL, {"status_code": 201, "headers": {"Content-Type": "text/html"}, "text": "<html/>"}
     )
-    err = await araised(hook.acreate_prediction(DEV, INPUT), KontextAPIError)
-    assert (err.status, err.title) == (201, "malformed response")
-    assert err.detail.endswith("(expected JSON)")
+    err = await araised(hook.acreate_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    assert err.status == 201
+    assert "(malformed response)" in str(err)
+    assert "(expected JSON)" in str(err)
     assert len(api.requests) == 1
 
 
@@ -1125,3 +1126,20 @@ async def test_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
         assert client._proxy("http://api.replicate.com/v1/account") is None  # no HTTP_PROXY
     finally:
         await client.aclose()
+
+
+async def test_unreadable_answer_to_a_create_is_an_uncertain_create_async() -> None:
+    hook = FluxKontextHook()
+    calls: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(201, text='{"id": "p1", "status": "queued"}')
+
+    hook._make_async_client = lambda: httpx.AsyncClient(transport=httpx.MockTransport(answer))  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KontextPredictionMayExistError, match="named prediction 'p1'"):
+            await hook.acreate_prediction(DEV, INPUT)
+    finally:
+        await hook.aclose()
+    assert len(calls) == 1

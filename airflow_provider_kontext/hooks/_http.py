@@ -471,17 +471,27 @@ def retry_kwargs(
     }
 
 
-def final_error(request: ApiRequest, exc: BaseException) -> BaseException:
+def _may_have_created(exc: BaseException) -> bool:
+    if isinstance(exc, KontextTransportError):
+        return exc.request_sent
+    if isinstance(exc, KontextServerError):
+        return True
+    # An answer that could not be read (not JSON, not a prediction): the server may well have acted.
+    return isinstance(exc, KontextAPIError) and (exc.status is None or 200 <= exc.status < 300)
+
+
+def final_error(request: ApiRequest, exc: BaseException, body: Any = None) -> BaseException:
     """The exception to raise once retrying stops: a create that may have reached the server
-    says so, so nobody retries it blindly and pays twice."""
-    if request.idempotent or not isinstance(exc, KontextTransportError | KontextServerError):
+    says so, so nobody retries it blindly and pays twice. ``body``: the decoded answer, if any,
+    whose ``id`` is named in the message."""
+    if request.idempotent or not _may_have_created(exc):
         return exc
-    if isinstance(exc, KontextTransportError) and not exc.request_sent:
-        return exc
+    named = body.get("id") if isinstance(body, dict) else None
+    hint = f" The answer named prediction {named[:64]!r}." if isinstance(named, str) else ""
     return KontextPredictionMayExistError(
         f"{exc} -- the create request may have reached the server, so a prediction may exist and be "
         "billed. It was not retried automatically, to avoid starting a second one; look for it in the "
-        "account's prediction list before starting another.",
+        f"account's prediction list before starting another.{hint}",
         status=getattr(exc, "status", None),
         method=request.method,
         path=request.path,

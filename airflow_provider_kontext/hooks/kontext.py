@@ -519,7 +519,7 @@ class FluxKontextHook(BaseHook):
             webhook=webhook,
             webhook_events_filter=webhook_events_filter,
         )
-        return _parsed(Prediction, self._request(request))
+        return _created(request, self._request(request))
 
     def get_prediction(self, prediction_id: str) -> Prediction:
         """The prediction's current state."""
@@ -628,7 +628,7 @@ class FluxKontextHook(BaseHook):
             webhook=webhook,
             webhook_events_filter=webhook_events_filter,
         )
-        return _parsed(Prediction, await self._arequest(request))
+        return _created(request, await self._arequest(request))
 
     async def aget_prediction(self, prediction_id: str) -> Prediction:
         """Async twin of :meth:`get_prediction`."""
@@ -664,6 +664,15 @@ def _parsed(model: type[_M], data: Any) -> _M:
         raise KontextAPIError(
             title="unexpected response", detail=f"not a valid {model.__name__}: {problems}"
         ) from None
+
+
+def _created(request: ApiRequest, body: Any) -> Prediction:
+    """The prediction a create answered with; an unreadable answer to a create is an uncertain
+    create (:class:`KontextPredictionMayExistError`), never a reason to create again."""
+    try:
+        return _parsed(Prediction, body)
+    except KontextAPIError as exc:
+        raise final_error(request, exc, body) from None
 
 
 def _read_content(content: bytes | IO[bytes] | str | Path, filename: str | None) -> tuple[bytes, str]:
