@@ -960,3 +960,20 @@ def test_in_worker_polling_redacts_a_secret_echoed_into_a_failed_prediction(hook
         make_op(deferrable=False).execute(make_context())
     assert SECRET_ECHO not in str(info.value)
     assert "Bearer ***" in str(info.value)
+
+
+def test_a_transient_storage_error_reading_the_image_is_retryable(hook):
+    """An I/O hiccup (e.g. s3fs's OSError) is not bad input: the task fails normally so retries apply."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    class FlakyStorage:
+        def __str__(self) -> str:
+            return "s3://bucket/shots/mug.png"
+
+        def read_bytes(self) -> bytes:
+            raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error") as info:
+        make_op(input_image=FlakyStorage()).execute(make_context())
+    assert not isinstance(info.value, AirflowFailException)
+    hook.create_prediction.assert_not_called()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -578,10 +579,18 @@ def _number(
     return number
 
 
+#: Read errors that no retry mends: the path names nothing readable.
+_PERMANENT_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP}
+)
+
+
 def _read_local_image(image: Any) -> tuple[bytes, str, str]:
     """Read an image given as bytes, a path, a ``file://`` URL or an ``ObjectStoragePath``.
 
-    :raises KontextInputError: unreadable, or not a jpeg, png, gif or webp image.
+    :raises KontextInputError: missing, a folder, not permitted, or not a jpeg, png, gif or webp
+        image (permanent: no retry helps). Other I/O errors (a storage hiccup) propagate as they
+        are, so Airflow's retries apply.
     """
     if isinstance(image, bytes | bytearray):
         data, name = bytes(image), "input"
@@ -594,6 +603,8 @@ def _read_local_image(image: Any) -> tuple[bytes, str, str]:
                 path = Path(text[len("file://") :] if text.startswith("file://") else text)
                 data, name = path.read_bytes(), path.name
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            if isinstance(exc, OSError) and exc.errno not in _PERMANENT_ERRNOS:
+                raise  # a storage hiccup, not bad input: let Airflow's retries apply
             reason = getattr(exc, "strerror", None) or exc
             raise KontextInputError(f"input_image: cannot read {text[:200]!r}: {reason}") from None
     kind = sniff_image_type(data[:16])
