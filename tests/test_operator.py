@@ -977,3 +977,24 @@ def test_a_transient_storage_error_reading_the_image_is_retryable(hook):
         make_op(input_image=FlakyStorage()).execute(make_context())
     assert not isinstance(info.value, AirflowFailException)
     hook.create_prediction.assert_not_called()
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_failed_predictions", "no_retry"),
+    [
+        ("failed", False, True),
+        ("canceled", False, True),
+        ("aborted", False, False),  # never started, never billed: a retry costs nothing extra
+        ("failed", True, False),
+        ("canceled", True, False),
+    ],
+)
+def test_model_failures_fail_without_retry_unless_asked(hook, status, retry_failed_predictions, no_retry):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    event = prediction_event(make_prediction(status, error="NSFW content detected."))
+    op = make_op(retry_failed_predictions=retry_failed_predictions)
+    with pytest.raises(KontextPredictionFailed) as info:
+        op.execute_complete(make_context(), event)
+    assert isinstance(info.value, AirflowFailException) is no_retry
+    assert info.value.status == status

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_kontext.exceptions import (
     KontextError,
@@ -42,7 +43,14 @@ if TYPE_CHECKING:
 
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
-__all__ = ["FluxKontextEditOperator"]
+__all__ = ["FluxKontextEditOperator", "KontextPredictionFailedNoRetry"]
+
+
+class KontextPredictionFailedNoRetry(KontextPredictionFailed, AirflowFailException):
+    """A prediction the model failed, or that was canceled: the task fails without retrying, since a
+    retry would start (and bill) a new prediction likely to end the same way. Switched off with the
+    operator's ``retry_failed_predictions=True``."""
+
 
 #: The model inputs the operator takes as arguments (any other goes in ``extra_input``).
 MODEL_ARGUMENTS = (
@@ -105,6 +113,9 @@ class FluxKontextEditOperator(BaseOperator):
         is still running or succeeded, instead of paying for a new one.
     :param retry_uncertain_create: when a create fails in a way that leaves open whether a prediction
         was started, let Airflow retry the task (may pay twice) instead of failing it for a human.
+    :param retry_failed_predictions: let Airflow retry the task (a new, billed prediction) when the
+        model fails the prediction or it is canceled; by default such a task fails without retrying.
+        ``aborted`` predictions (never started, not billed) are always retryable.
     :param cancel_on_kill: cancel the prediction when the task is killed.
     :param output_path: a folder (string URL/path or ``ObjectStoragePath``, templated) to download the
         outputs to before Replicate deletes them; the task then returns those paths.
@@ -150,6 +161,7 @@ class FluxKontextEditOperator(BaseOperator):
         timeout: float | timedelta | None = None,
         reattach_on_retry: bool = True,
         retry_uncertain_create: bool = False,
+        retry_failed_predictions: bool = False,
         cancel_on_kill: bool = True,
         output_path: Any = None,
         max_output_bytes: int = 50 * 1024 * 1024,
@@ -186,6 +198,7 @@ class FluxKontextEditOperator(BaseOperator):
         self.timeout = timeout
         self.reattach_on_retry = reattach_on_retry
         self.retry_uncertain_create = retry_uncertain_create
+        self.retry_failed_predictions = retry_failed_predictions
         self.cancel_on_kill = cancel_on_kill
         self.output_path = output_path
         self.max_output_bytes = int(_number("max_output_bytes", max_output_bytes, 1, integer=True))
@@ -204,8 +217,6 @@ class FluxKontextEditOperator(BaseOperator):
     # --- execute ----------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> list[str]:
-        from airflow.sdk.exceptions import AirflowFailException
-
         try:
             model_input, pending_image, fingerprint = self._prepare_input()
         except KontextInputError as exc:
@@ -347,8 +358,6 @@ class FluxKontextEditOperator(BaseOperator):
     def _create(
         self, model_input: dict[str, Any], timeout: float, store: Any, fingerprint: str
     ) -> Prediction:
-        from airflow.sdk.exceptions import AirflowFailException
-
         try:
             prediction = self.hook.create_prediction(
                 self.model, model_input, wait=self.wait_seconds, cancel_after=timeout
@@ -423,7 +432,9 @@ class FluxKontextEditOperator(BaseOperator):
             message = f"Prediction {prediction_id} {status}" + (f": {error}" if error else "")
             if tail:
                 message += f"\nLast log lines:\n{tail}"
-            raise KontextPredictionFailed(
+            # aborted never ran (not billed), so a retry costs nothing extra; failed and canceled did.
+            final = status != PredictionStatus.ABORTED.value and not self.retry_failed_predictions
+            raise (KontextPredictionFailedNoRetry if final else KontextPredictionFailed)(
                 message, prediction_id=prediction_id, status=status, error=error, logs_tail=tail
             )
         urls = [url for url in event.get("output") or [] if isinstance(url, str)]
