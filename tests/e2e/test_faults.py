@@ -15,10 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +30,7 @@ import pytest
 from airflow_provider_kontext.testing import faults
 from airflow_provider_kontext.testing.emulator import KontextEmulator
 
+from .cluster import Cluster, free_port
 from .conftest import ROOT, Airflow
 
 pytestmark = pytest.mark.e2e
@@ -315,12 +313,6 @@ def test_failures_say_why(fault_run: dict[str, Any]) -> None:
 # --- a real cluster: triggerer killed and restarted, a worker process killed after create ------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 CLUSTER_DAG = '''
 import logging
 from datetime import timedelta
@@ -356,72 +348,6 @@ QUERY_TOKEN = "qkClusterCanary/7b+c31"
 CLUSTER_SECRETS = [TOKEN, PROXY_PASSWORD, QUERY_TOKEN, quote(QUERY_TOKEN, safe="")]
 
 
-class Cluster:
-    """The Airflow components as separate processes, so the triggerer can be killed alone."""
-
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
-        self.home = home
-        self.env = env
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.logs = home / "proc-logs"
-        self.logs.mkdir()
-
-    def cli(self, *args: str) -> str:
-        proc = subprocess.run(
-            [sys.executable, "-m", "airflow", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return proc.stdout
-
-    def start(self, name: str) -> None:
-        log = (self.logs / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "airflow", name],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            proc = self.procs.pop(name)
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(proc.pid, signal.SIGKILL)
-
-    def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        db = sqlite3.connect(self.home / "airflow.db", timeout=10)
-        try:
-            return db.execute(sql, args).fetchall()
-        except sqlite3.OperationalError:  # not migrated yet, or locked: ask again later
-            return []
-        finally:
-            db.close()
-
-    def wait_for(self, what: str, check: Callable[[], bool], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if check():
-                return
-            time.sleep(0.5)
-        tails = "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log"))
-        )
-        raise AssertionError(f"timed out waiting for {what}\n{tails}")
-
-
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("cluster-home")
@@ -429,7 +355,7 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     dags.mkdir()
     source = CLUSTER_DAG.format(crashing_operator=CRASHING_OPERATOR, image=_image_uri())
     (dags / "kontext_cluster_faults.py").write_text(source)
-    port = _free_port()
+    port = free_port()
     with (
         KontextEmulator(token=TOKEN, prediction_seconds=10.0, start_seconds=0.5, output_scale=0.1) as api,
         KontextEmulator(

@@ -7,87 +7,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from airflow_provider_kontext.testing.emulator import KontextEmulator
 
+from .cluster import Cluster, free_port
 from .conftest import ROOT, TOKEN
 
 pytestmark = pytest.mark.e2e
 
 DAG_ID = "kontext_pipeline_manual"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for(what: str, check: Callable[[], bool], timeout: float, logs: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    tails = "\n".join(
-        f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(logs.glob("*.log"))
-    )
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
-
-
-class Cluster:
-    """The Airflow components as separate processes, so one can be killed alone."""
-
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
-        self.home = home
-        self.env = env
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.logs = home / "proc-logs"
-        self.logs.mkdir()
-
-    def cli(self, *args: str) -> str:
-        proc = subprocess.run(
-            [sys.executable, "-m", "airflow", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return proc.stdout
-
-    def start(self, name: str) -> None:
-        log = (self.logs / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "airflow", name],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            proc = self.procs.pop(name)
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -104,7 +38,7 @@ def cluster(tmp_path: Path, emulator_slow: KontextEmulator) -> Iterator[Cluster]
     assert DAG_ID in source
     assert "schedule=None" in source
     (dags / f"{DAG_ID}.py").write_text(source)
-    port = _free_port()
+    port = free_port()
     connection = {
         "conn_type": "flux_kontext",
         "host": emulator_slow.base_url,
@@ -152,11 +86,8 @@ def test_run_survives_a_triggerer_kill_with_one_prediction_per_task(
 ) -> None:
     out = tmp_path / "out"
     emu = emulator_slow
-    _wait_for(
-        "the DAG to be parsed",
-        lambda: DAG_ID in cluster.cli("dags", "list", "-o", "plain"),
-        120,
-        cluster.logs,
+    cluster.wait_for(
+        "the DAG to be parsed", lambda: DAG_ID in cluster.cli("dags", "list", "-o", "plain"), 120
     )
     cluster.cli("dags", "trigger", DAG_ID, "--conf", json.dumps({"output_dir": str(out)}))
 
@@ -164,12 +95,12 @@ def test_run_survives_a_triggerer_kill_with_one_prediction_per_task(
         polled = {m.group(1) for r in emu.requests if (m := re.search(r"/v1/predictions/(\w+)$", r.path))}
         return len(emu.predictions) == 3 and set(emu.predictions) <= polled
 
-    _wait_for("three deferred edits being polled", all_polled, 180, cluster.logs)
+    cluster.wait_for("three deferred edits being polled", all_polled, 180)
     cluster.kill("triggerer")
     polls_before = len(emu.requests)
     time.sleep(2)
     cluster.start("triggerer")
-    _wait_for("the manifest", lambda: any(out.glob("*/manifest.json")), 240, cluster.logs)
+    cluster.wait_for("the manifest", lambda: any(out.glob("*/manifest.json")), 240)
 
     assert emu.created_count == 3
     assert len(emu.requests) > polls_before  # the restarted triggerer resumed polling
