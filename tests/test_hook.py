@@ -16,6 +16,21 @@ from typing import Any
 
 import pytest
 import requests
+from hook_api import (
+    ACCOUNT_URL,
+    API,
+    CANCEL_URL,
+    CREATE_URL,
+    DEV,
+    ENV_TOKEN,
+    FILES_URL,
+    GET_URL,
+    INPUT,
+    PRED_ID,
+    PROBLEM,
+    PROXY,
+    TOKEN,
+)
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from airflow_provider_kontext.exceptions import (
@@ -33,19 +48,7 @@ from airflow_provider_kontext.hooks._http import ClientSettings, normalize_base_
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import PredictionStatus
 
-TOKEN = "r8_TOPSECRET_abc123"
-ENV_TOKEN = "r8_ENVTOKEN_xyz789"
-API = "https://api.replicate.com"
-PROXY = "https://proxy.example/replicate"
-DEV = "black-forest-labs/flux-kontext-dev"
 VERSION = "a" * 64
-CREATE_URL = f"{API}/v1/models/{DEV}/predictions"
-PRED_ID = "ufawqhfynnddngldkgtslldrkq"
-GET_URL = f"{API}/v1/predictions/{PRED_ID}"
-CANCEL_URL = f"{GET_URL}/cancel"
-ACCOUNT_URL = f"{API}/v1/account"
-FILES_URL = f"{API}/v1/files"
-INPUT = {"prompt": "make it a watercolour", "input_image": "https://example.com/cat.png"}
 
 
 def prediction_json(status: str = "starting", **fields: Any) -> dict[str, Any]:
@@ -73,7 +76,6 @@ FILE_JSON = {
     "urls": {"get": f"{API}/v1/files/file-1"},
     "expires_at": "2025-06-02T10:00:00Z",
 }
-PROBLEM = "application/problem+json"
 
 
 def refused() -> requests.exceptions.ConnectionError:

@@ -22,6 +22,21 @@ import httpx
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hook_api import (
+    ACCOUNT_URL,
+    API,
+    CANCEL_URL,
+    CREATE_URL,
+    DEV,
+    ENV_TOKEN,
+    FILES_URL,
+    GET_URL,
+    INPUT,
+    PRED_ID,
+    PROBLEM,
+    PROXY,
+    TOKEN,
+)
 from httpx_aiohttp.transport import map_aiohttp_exceptions
 
 from airflow_provider_kontext.exceptions import (
@@ -39,20 +54,7 @@ from airflow_provider_kontext.hooks._http import ClientSettings
 from airflow_provider_kontext.hooks.kontext import AiohttpClient, FluxKontextHook, _SharedAsyncClient
 from airflow_provider_kontext.models import PredictionStatus
 
-TOKEN = "r8_TOPSECRET_abc123"
-ENV_TOKEN = "r8_ENVTOKEN_xyz789"
-API = "https://api.replicate.com"
-PROXY = "https://proxy.example/replicate"
-DEV = "black-forest-labs/flux-kontext-dev"
 VERSION = "b" * 64
-CREATE_URL = f"{API}/v1/models/{DEV}/predictions"
-PRED_ID = "ufawqhfynnddngldkgtslldrkq"
-GET_URL = f"{API}/v1/predictions/{PRED_ID}"
-CANCEL_URL = f"{GET_URL}/cancel"
-ACCOUNT_URL = f"{API}/v1/account"
-FILES_URL = f"{API}/v1/files"
-INPUT = {"prompt": "make it a watercolour", "input_image": "https://example.com/cat.png"}
-PROBLEM = "application/problem+json"
 THROTTLED = {"detail": "Request was throttled. Expected available in 1 second."}
 
 

@@ -1,0 +1,17 @@
+"""Constants shared by the sync and async hook tests: the fake API's addresses, a token, an input."""
+
+from __future__ import annotations
+
+TOKEN = "r8_TOPSECRET_abc123"
+ENV_TOKEN = "r8_ENVTOKEN_xyz789"
+API = "https://api.replicate.com"
+PROXY = "https://proxy.example/replicate"
+DEV = "black-forest-labs/flux-kontext-dev"
+CREATE_URL = f"{API}/v1/models/{DEV}/predictions"
+PRED_ID = "ufawqhfynnddngldkgtslldrkq"
+GET_URL = f"{API}/v1/predictions/{PRED_ID}"
+CANCEL_URL = f"{GET_URL}/cancel"
+ACCOUNT_URL = f"{API}/v1/account"
+FILES_URL = f"{API}/v1/files"
+INPUT = {"prompt": "make it a watercolour", "input_image": "https://example.com/cat.png"}
+PROBLEM = "application/problem+json"
