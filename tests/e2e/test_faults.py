@@ -357,7 +357,9 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     (dags / "kontext_cluster_faults.py").write_text(source)
     port = free_port()
     with (
-        KontextEmulator(token=TOKEN, prediction_seconds=10.0, start_seconds=0.5, output_scale=0.1) as api,
+        # 20 s: a trigger that fires within a few seconds of its deferral races Airflow 3.3.2's
+        # LocalExecutor (the deferral's late "success" event fails the already re-queued resume).
+        KontextEmulator(token=TOKEN, prediction_seconds=20.0, start_seconds=0.5, output_scale=0.1) as api,
         KontextEmulator(
             token=None, path_prefix="/replicate", prediction_seconds=4.0, output_scale=0.1
         ) as proxy,
