@@ -1,9 +1,14 @@
 """Small, dependency-free facts about image files: what a file is (by its first bytes, not by what a
-server or a file name claims), its extension, and data: URIs."""
+server or a file name claims), its extension, data: URIs, and reading a local image."""
 
 from __future__ import annotations
 
 import base64
+import errno
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+from airflow_provider_kontext.exceptions import KontextInputError
 
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
 
@@ -60,3 +65,60 @@ def decode_data_uri(uri: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise ValueError(f"data: URI holds more than {max_bytes} bytes")
     return data
+
+
+class LocalImage(NamedTuple):
+    """An image read from local (or object) storage: its bytes, sniffed content type and file name."""
+
+    data: bytes
+    content_type: str
+    name: str
+
+
+def read_source(
+    content: bytes | IO[bytes] | str | Path | Any, filename: str | None = None
+) -> tuple[bytes, str]:
+    """The bytes and a file name of ``content``: bytes, a binary file object, a local path, a
+    ``file://`` URL, or an ``ObjectStoragePath`` (anything with ``read_bytes`` and a URL).
+
+    :raises OSError: the storage could not be read. :raises ValueError: a NUL byte in a path.
+    """
+    if isinstance(content, bytes | bytearray):
+        return bytes(content), filename or "input"
+    if hasattr(content, "read") and not hasattr(content, "read_bytes"):
+        return content.read(), filename or Path(str(getattr(content, "name", "input"))).name
+    text = str(content)
+    if hasattr(content, "read_bytes") and "://" in text:
+        return content.read_bytes(), filename or text.rsplit("/", 1)[-1]
+    path = Path(text[len("file://") :] if text.startswith("file://") else text)
+    return path.read_bytes(), filename or path.name
+
+
+#: Read errors that no retry mends: the path names nothing readable.
+_PERMANENT_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP}
+)
+
+
+def read_local_image(image: Any) -> LocalImage:
+    """Read the image to edit, given as bytes, a path, a ``file://`` URL or an ``ObjectStoragePath``.
+
+    :raises KontextInputError: missing, a folder, not permitted, or not a jpeg, png, gif or webp
+        image (permanent: no retry helps). Other I/O errors (a storage hiccup) propagate as they
+        are, so Airflow's retries apply.
+    """
+    try:
+        data, name = read_source(image)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        if isinstance(exc, OSError) and exc.errno not in _PERMANENT_ERRNOS:
+            raise  # a storage hiccup, not bad input: let Airflow's retries apply
+        reason = getattr(exc, "strerror", None) or exc
+        raise KontextInputError(f"input_image: cannot read {str(image)[:200]!r}: {reason}") from None
+    kind = sniff_image_type(data[:16])
+    if kind is None:
+        raise KontextInputError(
+            f"input_image: {name!r} is not a jpeg, png, gif or webp image (the model accepts only those)"
+        )
+    if "." not in name:
+        name = f"{name}.{EXTENSIONS[kind]}"
+    return LocalImage(data, kind, name)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticSerializationError, to_json
 
 from airflow_provider_kontext.exceptions import KontextInputError
+from airflow_provider_kontext.images import sniff_image_type
 
 DEFAULT_MODEL = "black-forest-labs/flux-kontext-dev"
 
@@ -289,8 +290,10 @@ class Prediction(BaseModel):
     """A prediction as the API returns it.
 
     Also accepts the images-API shape some proxies answer with,
-    ``{"created": <unix time>, "data": [{"url": ...}, ...]}``: that is a finished edit, so it parses to
-    a ``succeeded`` prediction without an id whose output is those URLs.
+    ``{"created": <unix time>, "data": [{"url": ...} or {"b64_json": ...}, ...]}``: that is a finished
+    (and paid) edit, so it parses to a ``succeeded`` prediction without an id whose output is those
+    URLs, base64 images as ``data:`` URIs; ``revised_prompt`` is kept and ``shape`` names what the
+    answer looked like (for the error when none of it is usable).
     """
 
     model_config = ConfigDict(extra="allow")
@@ -306,9 +309,26 @@ class Prediction(BaseModel):
     created_at: datetime | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
+    #: When the server will cancel it (given with ``Cancel-After``); an unreadable value counts as none.
+    deadline: datetime | None = None
     data_removed: bool = False
     urls: PredictionUrls = Field(default_factory=PredictionUrls)
     metrics: PredictionMetrics = Field(default_factory=PredictionMetrics)
+    #: The images-API answer's rewritten prompt(s), if the proxy gave any.
+    revised_prompt: str | None = None
+    #: For an images-API answer, what it looked like (keys only, never values).
+    shape: str | None = None
+
+    @field_validator("deadline", mode="wrap")
+    @classmethod
+    def _lenient_deadline(cls, value: Any, handler: Any) -> datetime | None:
+        try:
+            parsed: datetime | None = handler(value)
+        except ValueError:
+            return None
+        if parsed is not None and parsed.tzinfo is None:
+            return None  # a zone-less time cannot be placed on any clock
+        return parsed
 
     @model_validator(mode="before")
     @classmethod
@@ -319,14 +339,16 @@ class Prediction(BaseModel):
                 if key in data and data[key] is None:
                     data = {k: v for k, v in data.items() if k != key}
         if isinstance(data, dict) and "status" not in data and isinstance(data.get("data"), list):
-            urls = [item.get("url") if isinstance(item, dict) else item for item in data["data"]]
             when = _from_unix_time(data.get("created"))
+            outputs, prompts = _images_api_outputs(data["data"])
             return {
                 "id": data.get("id"),
                 "status": PredictionStatus.SUCCEEDED,
-                "output": urls,
+                "output": outputs,
                 "created_at": when,
                 "completed_at": when,
+                "revised_prompt": "\n".join(prompts) or None,
+                "shape": _shape_of(data),
             }
         return data
 
@@ -364,6 +386,46 @@ def _from_unix_time(value: Any) -> datetime | None:
         return datetime.fromtimestamp(value).astimezone()
     except (OverflowError, OSError, ValueError):
         return None
+
+
+def _images_api_outputs(items: list[Any]) -> tuple[list[str], list[str]]:
+    """The outputs (URLs, base64 images as ``data:`` URIs) and revised prompts of an images-API
+    answer's ``data`` list."""
+    outputs: list[str] = []
+    prompts: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            outputs.append(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("url"), str):
+            outputs.append(item["url"])
+        elif isinstance(item.get("b64_json"), str):
+            outputs.append(_base64_data_uri(item["b64_json"]))
+        if isinstance(item.get("revised_prompt"), str):
+            prompts.append(item["revised_prompt"])
+    return outputs, prompts
+
+
+def _base64_data_uri(payload: str) -> str:
+    """A base64 image as a ``data:`` URI, its media type sniffed from the first bytes (png when
+    they say nothing: the bytes are checked again before anything is written)."""
+    compact = "".join(payload.split())
+    try:
+        head = base64.b64decode(compact[:32] + "=" * (-len(compact[:32]) % 4))
+    except (binascii.Error, ValueError):
+        head = b""
+    return f"data:{sniff_image_type(head) or 'image/png'};base64,{compact}"
+
+
+def _shape_of(data: dict[str, Any]) -> str:
+    """An answer's shape by its keys (never its values), e.g. ``{created, data: [{b64_json}]}``."""
+    items = data.get("data") or []
+    item_keys = sorted({key for item in items if isinstance(item, dict) for key in item})
+    inner = "{" + ", ".join(item_keys) + "}" if item_keys else ("strings" if items else "")
+    keys = ", ".join(f"data: [{inner}]" if key == "data" else key for key in sorted(data))
+    return ("{" + keys + "}")[:300]
 
 
 def _urls_in(output: Any) -> list[str]:

@@ -1,8 +1,8 @@
-"""What the deferrable trigger and the operator's in-worker polling share: how a prediction's
-progress is reported and how a finished (or timed-out) prediction is described in an event.
+"""What the deferrable trigger and the operator's in-worker polling share: when to poll, how a
+prediction's progress is reported, and which event ends the wait.
 
-Both paths produce the same event dict, so ``FluxKontextEditOperator.execute_complete`` handles
-them identically.
+Both paths end in the same :class:`~airflow_provider_kontext.events.PredictionEvent`, so
+``FluxKontextEditOperator`` handles them identically.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from airflow_provider_kontext.events import PredictionEvent, error_event, prediction_event, timeout_event
 from airflow_provider_kontext.models import Prediction, PredictionStatus
 
 #: Longest single log line passed on to the task log.
 MAX_LOG_LINE = 500
 #: Most new log lines reported per poll (a model that floods its logs cannot flood the task log).
 MAX_LOG_LINES_PER_POLL = 40
-#: Longest error text and log tail carried in an event (events are stored in the metadata DB).
-MAX_EVENT_TEXT = 4000
 
 #: While a prediction runs, progress bar lines are reported at most this often (seconds).
 PROGRESS_LOG_SECONDS = 10.0
@@ -149,53 +148,6 @@ class ProgressTracker:
         return kept
 
 
-def _text(value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    text = value if isinstance(value, str) else repr(value)
-    return text[:MAX_EVENT_TEXT]
-
-
-def prediction_event(prediction: Prediction, redact: Callable[[str], str] | None = None) -> dict[str, Any]:
-    """The event for a prediction in a terminal status: JSON primitives only, no inputs (they may
-    hold a large data: URI), nothing secret: the model's error and log tail, which a proxy may echo a
-    token into, pass through ``redact`` (the hook's), since events are logged and stored in plain text.
-    """
-    error = _text(prediction.error)
-    tail = prediction.logs_tail()[-MAX_EVENT_TEXT:]
-    if redact is not None:
-        error = None if error is None else redact(error)
-        tail = redact(tail)
-    return {
-        "status": prediction.status.value,
-        "prediction_id": prediction.id,
-        "model": prediction.model,
-        "output": prediction.output_urls,
-        "error": error,
-        "logs_tail": tail,
-        "predict_time": prediction.metrics.predict_time,
-        "created_at": prediction.created_at.isoformat() if prediction.created_at else None,
-        "completed_at": prediction.completed_at.isoformat() if prediction.completed_at else None,
-        "web_url": prediction.web_url,
-        "data_removed": prediction.data_removed,
-    }
-
-
-def timeout_event(prediction_id: str | None, waited: float, last_status: str | None) -> dict[str, Any]:
-    """The event when the deadline passed before the prediction finished."""
-    return {
-        "status": "timeout",
-        "prediction_id": prediction_id,
-        "message": f"Prediction {prediction_id} did not finish within the deadline "
-        f"(waited {waited:.0f}s, last status {last_status or 'unknown'})",
-    }
-
-
-def error_event(prediction_id: str | None, message: str) -> dict[str, Any]:
-    """The event when polling itself failed for good (bad token, unknown prediction, ...)."""
-    return {"status": "error", "prediction_id": prediction_id, "message": message[:MAX_EVENT_TEXT]}
-
-
 class PredictionPoller:
     """The decisions of a polling loop, without its I/O: the trigger (async) and the operator's
     in-worker loop (sync) feed it each poll's result and do what it says.
@@ -238,10 +190,10 @@ class PredictionPoller:
     def _deadline_passed(self) -> bool:
         return self.end_time is not None and time.time() >= self.end_time
 
-    def _timeout(self) -> dict[str, Any]:
+    def _timeout(self) -> PredictionEvent:
         return timeout_event(self.prediction_id, time.time() - self._started, self.tracker.status)
 
-    def on_prediction(self, prediction: Prediction) -> dict[str, Any] | None:
+    def on_prediction(self, prediction: Prediction) -> PredictionEvent | None:
         """Report progress; return the final event if the wait is over, else ``None``."""
         self._errors = 0
         progress_before = self.tracker.progress
@@ -270,11 +222,11 @@ class PredictionPoller:
             self._expected_end = time.time() + remaining + 0.5 * step
             self._late_polls = 0
 
-    def on_deadline(self) -> dict[str, Any]:
+    def on_deadline(self) -> PredictionEvent:
         """The ``timeout`` event, for a poll that was cut short at the deadline."""
         return self._timeout()
 
-    def on_error(self, exc: Exception) -> dict[str, Any] | None:
+    def on_error(self, exc: Exception) -> PredictionEvent | None:
         """Judge a failed poll: the final event if the wait is over, else ``None`` (poll again).
 
         Auth, not-found and other client errors end the wait at once; transient ones (network,

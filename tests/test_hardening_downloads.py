@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hardening_server import ScriptedServer, endless, reset_connection, response
 
+from airflow_provider_kontext.events import prediction_event
 from airflow_provider_kontext.exceptions import KontextAPIError, KontextError, KontextPredictionFailed
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
-from airflow_provider_kontext.progress import prediction_event
 
 CONN_ID = "kontext_downloads"
 PID = "dl0prediction0id"
@@ -255,7 +255,7 @@ def test_a_killed_worker_leaves_only_a_marked_partial_file(server: ScriptedServe
         os.environ["AIRFLOW_CONN_{CONN_ID.upper()}"] = {connection!r}
         from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
         from airflow_provider_kontext.models import Prediction
-        from airflow_provider_kontext.progress import prediction_event
+        from airflow_provider_kontext.events import prediction_event
         from airflow.sdk import ObjectStoragePath
         real_open = ObjectStoragePath.open
         class Killed:

@@ -26,13 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hardening_server import ScriptedServer, raw, reset_connection, response, stall
 
+from airflow_provider_kontext.events import MAX_EVENT_TEXT
 from airflow_provider_kontext.exceptions import KontextAPIError, KontextError, KontextPredictionFailed
 from airflow_provider_kontext.hooks._http import ClientSettings, get_prediction_request, parse_response
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook, _parsed
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
 from airflow_provider_kontext.progress import (
-    MAX_EVENT_TEXT,
     MAX_LOG_LINE,
     MAX_LOG_LINES_PER_POLL,
     PredictionPoller,
@@ -138,12 +138,14 @@ def judge(prediction: Prediction) -> dict[str, Any] | None:
     """What the polling loops make of a parsed answer: None (poll again) or a final event, which
     must be storable as strict JSON (the metadata DB's JSON columns refuse NaN and infinity)."""
     event = PredictionPoller(PID, poll_interval=1.0, end_time=None).on_prediction(prediction)
-    if event is not None:
-        json.dumps(event, allow_nan=False)
-        assert event["status"] in FINAL_STATUSES
-        assert len(event["error"] or "") <= MAX_EVENT_TEXT
-        assert len(event["logs_tail"]) <= MAX_EVENT_TEXT
-    return event
+    if event is None:
+        return None
+    payload = event.payload()
+    json.dumps(payload, allow_nan=False)
+    assert payload["status"] in FINAL_STATUSES
+    assert len(payload["error"] or "") <= MAX_EVENT_TEXT
+    assert len(payload["logs_tail"]) <= MAX_EVENT_TEXT
+    return payload
 
 
 def make_op(**kwargs: Any) -> FluxKontextEditOperator:

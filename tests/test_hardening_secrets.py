@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_hardening_server import ScriptedServer, response
 
+from airflow_provider_kontext.events import prediction_event
 from airflow_provider_kontext.exceptions import KontextError
 from airflow_provider_kontext.hooks._http import (
     ClientSettings,
@@ -28,7 +29,6 @@ from airflow_provider_kontext.hooks._http import (
 )
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import Prediction
-from airflow_provider_kontext.progress import prediction_event
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
 
 TOKEN = "r8_HardeningCanary_5f0c2e9b7a"
@@ -306,7 +306,8 @@ def test_a_token_echoed_into_a_failed_predictions_error_does_not_reach_the_event
         {"id": PID, "status": "failed", "error": f"proxy: bad header Bearer {TOKEN}", "logs": f"{TOKEN}\n"}
     )
     assert_hidden(
-        [TOKEN, URL_PASSWORD, QUERY_TOKEN], json.dumps(prediction_event(prediction, settings.redact))
+        [TOKEN, URL_PASSWORD, QUERY_TOKEN],
+        json.dumps(prediction_event(prediction, settings.redact).payload()),
     )
 
 

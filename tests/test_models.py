@@ -615,3 +615,46 @@ def test_account_and_uploaded_file() -> None:
     assert uploaded.urls.get == "https://api.replicate.com/v1/files/file-1"
     with pytest.raises(ValidationError):
         UploadedFile.model_validate({"id": "file-1", "urls": {}})
+
+
+def test_images_api_b64_json_becomes_a_data_uri_with_its_sniffed_type():
+    import base64
+
+    jpeg = b"\xff\xd8\xff\xe0" + bytes(40)
+    encoded = base64.b64encode(jpeg).decode()
+    wrapped = "\n".join(encoded[i : i + 20] for i in range(0, len(encoded), 20))  # line-wrapped base64
+    prediction = Prediction.model_validate(
+        {"created": 1_700_000_000, "data": [{"b64_json": wrapped, "revised_prompt": "a red mug"}]}
+    )
+    assert prediction.status.value == "succeeded"
+    assert prediction.output_urls == [f"data:image/jpeg;base64,{encoded}"]
+    assert prediction.revised_prompt == "a red mug"
+    assert prediction.shape == "{created, data: [{b64_json, revised_prompt}]}"
+
+
+def test_images_api_url_items_and_mixed_shapes():
+    prediction = Prediction.model_validate(
+        {"created": 1_700_000_000, "data": [{"url": "https://x/a.png"}, "https://x/b.png", 7]}
+    )
+    assert prediction.output_urls == ["https://x/a.png", "https://x/b.png"]
+    assert prediction.revised_prompt is None
+
+
+def test_images_api_without_a_usable_item_parses_to_no_output():
+    prediction = Prediction.model_validate({"created": 1, "data": [{"image": "???"}]})
+    assert prediction.output_urls == []
+    assert prediction.shape == "{created, data: [{image}]}"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2026-01-01T00:05:00Z", "2026-01-01T00:05:00+00:00"),
+        ("2026-01-01T00:05:00", None),  # zone-less: cannot be placed on any clock
+        ("soon", None),
+        (None, None),
+    ],
+)
+def test_prediction_deadline_is_read_leniently(value, expected):
+    prediction = Prediction.model_validate({"id": "p", "status": "starting", "deadline": value})
+    assert (prediction.deadline.isoformat() if prediction.deadline else None) == expected

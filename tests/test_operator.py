@@ -18,6 +18,7 @@ from airflow.sdk import DAG, Asset, ObjectStoragePath
 from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 from airflow.sdk.execution_time.context import OutletEventAccessors
 
+from airflow_provider_kontext.events import prediction_event
 from airflow_provider_kontext.exceptions import (
     KontextAuthError,
     KontextNotFoundError,
@@ -28,8 +29,7 @@ from airflow_provider_kontext.exceptions import (
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.links.kontext import ReplicatePredictionLink
 from airflow_provider_kontext.models import Prediction, UploadedFile
-from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
-from airflow_provider_kontext.progress import prediction_event
+from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator, KontextPredictionFailedNoRetry
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
 
 PID = "gm3qorzdhgbfurvjtvhg6dckhu"
@@ -401,6 +401,7 @@ def test_defers_with_trigger_kwargs(hook):
     created = datetime.now(timezone.utc) - timedelta(seconds=5)
     hook.create_prediction.return_value = make_prediction("starting", created_at=created.isoformat())
     op = make_op(flux_kontext_conn_id="kontext_prod", poll_interval=4, timeout=300, cancel_on_kill=False)
+    before = time.time()
     deferred = run_deferring(op, make_context())
     trigger = deferred.trigger
     assert isinstance(trigger, FluxKontextPredictionTrigger)
@@ -411,8 +412,8 @@ def test_defers_with_trigger_kwargs(hook):
     assert kwargs["flux_kontext_conn_id"] == "kontext_prod"
     assert kwargs["poll_interval"] == 4.0
     assert kwargs["cancel_on_kill"] is False
-    # The deadline counts from the prediction's creation, not from now.
-    assert kwargs["end_time"] == pytest.approx(created.timestamp() + 300, abs=0.01)
+    # The deadline counts from when the create returned, on this machine's clock (not the server's).
+    assert before + 300 <= kwargs["end_time"] <= time.time() + 300
     # Airflow's own deferral timeout is only a backstop, later than the trigger's deadline.
     assert deferred.timeout.total_seconds() > kwargs["end_time"] - time.time()
 
@@ -472,6 +473,7 @@ def first_try(hook):
     assert store.data[STATE_KEY]["id"] == OLD_PID
     hook.reset_mock(return_value=True, side_effect=True)
     hook.create_prediction.return_value = make_prediction("starting", NEW_PID)
+    hook.redact.side_effect = lambda text: text.replace(SECRET_ECHO, "***")
     return store
 
 
@@ -792,7 +794,7 @@ def test_data_uri_outputs_are_decoded(hook, tmp_path):
 
 def test_malformed_data_uri_output_fails_the_task_clearly(hook, tmp_path):
     event = prediction_event(succeeded(output=["data:image/png;base64,@@not-base64@@"]))
-    with pytest.raises(KontextPredictionFailed, match=r"Output 0 of prediction .*malformed"):
+    with pytest.raises(KontextPredictionFailed, match=r"output 0.*malformed"):
         make_op(output_path=str(tmp_path / "out")).execute_complete(make_context(), event)
 
 
@@ -998,3 +1000,126 @@ def test_model_failures_fail_without_retry_unless_asked(hook, status, retry_fail
         op.execute_complete(make_context(), event)
     assert isinstance(info.value, AirflowFailException) is no_retry
     assert info.value.status == status
+
+
+# --- deadlines on our own clock (servers we did not write) ----------------------------------------
+
+
+@pytest.mark.parametrize("skew_days", [-5, 5])
+def test_a_skewed_server_clock_does_not_move_the_deadline(hook, skew_days):
+    from airflow_provider_kontext import deadlines
+
+    deadlines._skew_reported.clear()
+    created = datetime.now(timezone.utc) + timedelta(days=skew_days)
+    hook.create_prediction.return_value = make_prediction("processing", created_at=created.isoformat())
+    op = make_op(timeout=300)
+    before = time.time()
+    deferred = run_deferring(op, make_context())
+    end_time = deferred.trigger.serialize()[1]["end_time"]
+    assert before + 300 <= end_time <= time.time() + 300
+    assert any("Clock skew" in line for line in logged(op, "warning"))
+
+
+def test_clock_skew_is_reported_once_per_server(hook):
+    from airflow_provider_kontext import deadlines
+
+    deadlines._skew_reported.clear()
+    created = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()
+    hook.create_prediction.return_value = make_prediction("processing", created_at=created)
+    ops = [make_op(timeout=300) for _ in range(2)]
+    for op in ops:
+        run_deferring(op, make_context())
+    assert [sum("Clock skew" in line for line in logged(op, "warning")) for op in ops] == [1, 0]
+
+
+def test_the_servers_deadline_only_brings_ours_closer(hook):
+    # The server grants 60 s (its deadline less its created_at), counted on our clock even though
+    # its clock is a day behind; a grant longer than the timeout changes nothing.
+    created = datetime.now(timezone.utc) - timedelta(days=1)
+    for granted, expected in ((60, 60), (900, 300), (-30, 300)):
+        hook.create_prediction.return_value = make_prediction(
+            "processing",
+            created_at=created.isoformat(),
+            deadline=(created + timedelta(seconds=granted)).isoformat(),
+        )
+        before = time.time()
+        end_time = run_deferring(make_op(timeout=300), make_context()).trigger.serialize()[1]["end_time"]
+        assert before + expected <= end_time <= time.time() + expected, granted
+
+
+def test_an_unreadable_server_deadline_is_ignored(hook):
+    hook.create_prediction.return_value = make_prediction("processing", deadline="next tuesday")
+    before = time.time()
+    end_time = run_deferring(make_op(timeout=300), make_context()).trigger.serialize()[1]["end_time"]
+    assert before + 300 <= end_time <= time.time() + 300
+
+
+def test_the_in_worker_wait_uses_our_clock_too(hook, no_sleep):
+    created = (datetime.now(timezone.utc) - timedelta(days=5)).isoformat()
+    hook.create_prediction.return_value = make_prediction("processing", created_at=created)
+    hook.get_prediction.side_effect = [make_prediction("processing", created_at=created), succeeded()]
+    assert make_op(deferrable=False, timeout=300).execute(make_context()) == [OUT_URL]
+
+
+def test_a_retry_that_reattaches_keeps_the_first_deadline(hook, first_try):
+    first_deadline = first_try.data[STATE_KEY]["deadline"]
+    hook.get_prediction.return_value = make_prediction("processing", OLD_PID)
+    deferred = run_deferring(make_op(), make_context(first_try))
+    assert deferred.trigger.serialize()[1]["end_time"] == first_deadline
+    hook.create_prediction.assert_not_called()
+
+
+def test_an_entry_without_a_deadline_gets_a_fresh_one(hook):
+    store = FakeStore()
+    run_deferring(make_op(timeout=300), make_context(store))
+    entry = store.data[STATE_KEY]
+    store.data[STATE_KEY] = {"id": entry["id"], "fingerprint": entry["fingerprint"]}
+    hook.get_prediction.return_value = make_prediction("processing")
+    before = time.time()
+    end_time = run_deferring(make_op(timeout=300), make_context(store)).trigger.serialize()[1]["end_time"]
+    assert before + 300 <= end_time <= time.time() + 300
+
+
+# --- every answer shape of the proxy family -------------------------------------------------------
+
+
+def images_api_answer(*items: dict[str, Any]) -> Prediction:
+    return Prediction.model_validate({"created": int(time.time()), "data": list(items)})
+
+
+def test_a_b64_json_answer_is_saved_to_output_path(hook, tmp_path):
+    answer = images_api_answer({"b64_json": base64.b64encode(PNG).decode(), "revised_prompt": "snowy mug"})
+    hook.create_prediction.return_value = answer
+    context = make_context()
+    paths = make_op(output_path=str(tmp_path)).execute(context)
+    assert len(paths) == 1
+    assert ObjectStoragePath(paths[0]).read_bytes() == PNG
+    summary = pushed(context)["prediction"]
+    assert summary["revised_prompt"] == "snowy mug"
+    assert summary["output_urls"] == ["data:..."]  # never the blob in the summary
+
+
+def test_a_b64_json_answer_is_handed_on_as_a_data_uri(hook):
+    hook.create_prediction.return_value = images_api_answer({"b64_json": base64.b64encode(JPEG).decode()})
+    [uri] = make_op().execute(make_context())
+    assert uri.startswith("data:image/jpeg;base64,")
+    assert base64.b64decode(uri.partition(",")[2]) == JPEG
+
+
+def test_a_b64_json_answer_too_large_for_xcom_fails_without_retry(hook):
+    from airflow_provider_kontext.outputs import MAX_INLINE_OUTPUT_BYTES
+
+    big = PNG + bytes(MAX_INLINE_OUTPUT_BYTES)
+    hook.create_prediction.return_value = images_api_answer({"b64_json": base64.b64encode(big).decode()})
+    with pytest.raises(KontextPredictionFailedNoRetry, match="set output_path"):
+        make_op().execute(make_context())
+
+
+def test_an_answer_shape_we_cannot_use_fails_without_retry_naming_it(hook):
+    hook.create_prediction.return_value = images_api_answer({"image_base64": "AAAA", "seed": 3})
+    with pytest.raises(KontextPredictionFailedNoRetry) as info:
+        make_op().execute(make_context())
+    message = str(info.value)
+    assert "no output" in message
+    assert "{created, data: [{image_base64, seed}]}" in message
+    assert "AAAA" not in message  # keys only, never values

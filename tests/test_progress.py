@@ -11,6 +11,7 @@ from unittest import mock
 import pytest
 
 from airflow_provider_kontext import progress
+from airflow_provider_kontext.events import MAX_EVENT_TEXT, error_event, prediction_event, timeout_event
 from airflow_provider_kontext.exceptions import (
     KontextAPIError,
     KontextAuthError,
@@ -24,17 +25,13 @@ from airflow_provider_kontext.progress import (
     ADAPTIVE_FIRST_DELAY,
     ADAPTIVE_LATE_DELAY,
     ADAPTIVE_MAX_INTERVALS,
-    MAX_EVENT_TEXT,
     MAX_LOG_LINE,
     MAX_LOG_LINES_PER_POLL,
     PROGRESS_LOG_SECONDS,
     PredictionPoller,
     Progress,
     ProgressTracker,
-    error_event,
     parse_progress,
-    prediction_event,
-    timeout_event,
 )
 
 PID = "p1abc"
@@ -149,7 +146,7 @@ def test_prediction_event_fields():
         urls={"web": "https://replicate.com/p/p1abc"},
     )
     event = prediction_event(prediction)
-    assert event == {
+    assert event.payload() == {
         "status": "succeeded",
         "prediction_id": PID,
         "model": "black-forest-labs/flux-kontext-dev",
@@ -161,27 +158,32 @@ def test_prediction_event_fields():
         "completed_at": "2025-01-01T00:00:05+00:00",
         "web_url": "https://replicate.com/p/p1abc",
         "data_removed": False,
+        "message": None,
+        "revised_prompt": None,
+        "shape": None,
     }
-    assert json.loads(json.dumps(event)) == event  # JSON primitives only (events go to the DB)
+    assert (
+        json.loads(json.dumps(event.payload())) == event.payload()
+    )  # JSON primitives only (events go to the DB)
 
 
 def test_prediction_event_error_text_is_capped_and_stringified():
     long_error = make_prediction("failed", error="E" * (MAX_EVENT_TEXT + 50))
-    assert prediction_event(long_error)["error"] == "E" * MAX_EVENT_TEXT
+    assert prediction_event(long_error).error == "E" * MAX_EVENT_TEXT
     structured = make_prediction("failed", error={"code": "nsfw"})
-    assert prediction_event(structured)["error"] == repr({"code": "nsfw"})
-    assert prediction_event(make_prediction("failed", error=""))["error"] is None
+    assert prediction_event(structured).error == repr({"code": "nsfw"})
+    assert prediction_event(make_prediction("failed", error="")).error is None
 
 
 def test_timeout_and_error_events():
     timeout = timeout_event(PID, 12.4, "processing")
-    assert timeout["status"] == "timeout"
-    assert timeout["prediction_id"] == PID
-    assert "12s" in timeout["message"]
-    assert "processing" in timeout["message"]
-    assert "unknown" in timeout_event(PID, 1, None)["message"]
+    assert timeout.status == "timeout"
+    assert timeout.prediction_id == PID
+    assert "12s" in timeout.message
+    assert "processing" in timeout.message
+    assert "unknown" in timeout_event(PID, 1, None).message
     error = error_event(PID, "x" * (MAX_EVENT_TEXT + 1))
-    assert error == {"status": "error", "prediction_id": PID, "message": "x" * MAX_EVENT_TEXT}
+    assert (error.status, error.prediction_id, error.message) == ("error", PID, "x" * MAX_EVENT_TEXT)
 
 
 # --- PredictionPoller ------------------------------------------------------------------------------
@@ -218,7 +220,7 @@ class TestPredictionPollerDecisions:
 
     def test_terminal_wins_over_a_passed_deadline(self, clock):
         poller = PredictionPoller(PID, poll_interval=1, end_time=NOW - 1)
-        assert poller.on_prediction(make_prediction("succeeded", output="https://x/y.png"))["status"] == (
+        assert poller.on_prediction(make_prediction("succeeded", output="https://x/y.png")).status == (
             "succeeded"
         )
 
@@ -228,10 +230,10 @@ class TestPredictionPollerDecisions:
         clock.value = NOW + 10
         event = poller.on_prediction(make_prediction("processing"))
         assert event is not None
-        assert event["status"] == "timeout"
-        assert event["prediction_id"] == PID
-        assert "processing" in event["message"]
-        assert "10s" in event["message"]
+        assert event.status == "timeout"
+        assert event.prediction_id == PID
+        assert "processing" in event.message
+        assert "10s" in event.message
 
     def test_progress_goes_to_the_log(self, clock):
         log = mock.Mock()
@@ -257,9 +259,9 @@ class TestPredictionPollerDecisions:
         assert log.call_count == 3
         event = poller.on_error(exc)
         assert event is not None
-        assert event["status"] == "error"
-        assert event["prediction_id"] == PID
-        assert "4 polls in a row failed" in event["message"]
+        assert event.status == "error"
+        assert event.prediction_id == PID
+        assert "4 polls in a row failed" in event.message
 
     def test_a_good_poll_resets_the_error_count(self, clock):
         poller = PredictionPoller(PID, poll_interval=1, end_time=None, max_consecutive_errors=2)
@@ -269,7 +271,7 @@ class TestPredictionPollerDecisions:
         assert poller.on_prediction(make_prediction("processing")) is None
         assert poller.on_error(err) is None
         assert poller.on_error(err) is None
-        assert poller.on_error(err)["status"] == "error"
+        assert poller.on_error(err).status == "error"
 
     @pytest.mark.parametrize(
         "exc",
@@ -280,13 +282,13 @@ class TestPredictionPollerDecisions:
         poller = PredictionPoller(PID, poll_interval=1, end_time=None, max_consecutive_errors=10)
         event = poller.on_error(exc)
         assert event is not None
-        assert event["status"] == "error"
-        assert str(exc) in event["message"]
-        assert "in a row" not in event["message"]
+        assert event.status == "error"
+        assert str(exc) in event.message
+        assert "in a row" not in event.message
 
     def test_transient_error_after_the_deadline_times_out(self, clock):
         poller = PredictionPoller(PID, poll_interval=1, end_time=NOW - 1, max_consecutive_errors=10)
-        assert poller.on_error(KontextServerError(status=500))["status"] == "timeout"
+        assert poller.on_error(KontextServerError(status=500)).status == "timeout"
 
 
 # --- progress bars ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from unittest import mock
 import pytest
 from airflow.triggers.base import TriggerEvent
 
+from airflow_provider_kontext.events import prediction_event
 from airflow_provider_kontext.exceptions import (
     KontextAuthError,
     KontextNotFoundError,
@@ -23,7 +24,6 @@ from airflow_provider_kontext.exceptions import (
     KontextTransportError,
 )
 from airflow_provider_kontext.models import Prediction
-from airflow_provider_kontext.progress import prediction_event
 from airflow_provider_kontext.triggers import kontext as trigger_module
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
 
@@ -182,7 +182,7 @@ async def test_succeeded(hook, sleeps):
     events = await collect(make_trigger(poll_policy="fixed"))
     assert len(events) == 1
     payload = events[0].payload
-    assert payload == prediction_event(done)
+    assert payload == prediction_event(done).payload()
     assert payload["status"] == "succeeded"
     assert payload["prediction_id"] == PID
     assert payload["output"] == ["https://replicate.delivery/xezq/out.webp"]

@@ -40,6 +40,7 @@ from airflow_provider_kontext.hooks._http import (
     transport_error,
     upload_file_request,
 )
+from airflow_provider_kontext.images import read_source
 from airflow_provider_kontext.models import Account, Prediction, UploadedFile
 
 if TYPE_CHECKING:
@@ -544,7 +545,7 @@ class FluxKontextHook(BaseHook):
 
         :param content: the bytes, a binary file object, or a local path.
         """
-        data, name = _read_content(content, filename)
+        data, name = read_source(content, filename)
         return _parsed(UploadedFile, self._request(upload_file_request(data, name, content_type)))
 
     def download(self, url: str, dest: IO[bytes], *, max_bytes: int) -> str:
@@ -646,7 +647,7 @@ class FluxKontextHook(BaseHook):
         self, content: bytes | IO[bytes] | str | Path, *, filename: str | None = None, content_type: str
     ) -> UploadedFile:
         """Async twin of :meth:`upload_file` (a path or file object is read in a thread)."""
-        data, name = await asyncio.to_thread(_read_content, content, filename)
+        data, name = await asyncio.to_thread(read_source, content, filename)
         return _parsed(UploadedFile, await self._arequest(upload_file_request(data, name, content_type)))
 
 
@@ -673,12 +674,3 @@ def _created(request: ApiRequest, body: Any) -> Prediction:
         return _parsed(Prediction, body)
     except KontextAPIError as exc:
         raise final_error(request, exc, body) from None
-
-
-def _read_content(content: bytes | IO[bytes] | str | Path, filename: str | None) -> tuple[bytes, str]:
-    if isinstance(content, bytes | bytearray):
-        return bytes(content), filename or "input"
-    if isinstance(content, str | Path):
-        path = Path(content)
-        return path.read_bytes(), filename or path.name
-    return content.read(), filename or Path(str(getattr(content, "name", "input"))).name

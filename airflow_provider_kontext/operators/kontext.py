@@ -2,54 +2,39 @@
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
-import math
-import re
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from functools import cached_property
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from airflow_provider_kontext.arguments import check_number
+from airflow_provider_kontext.deadlines import deadline_after_create
+from airflow_provider_kontext.events import PredictionEvent, prediction_event
 from airflow_provider_kontext.exceptions import (
     KontextError,
     KontextInputError,
     KontextNotFoundError,
-    KontextPredictionFailed,
     KontextPredictionMayExistError,
 )
 from airflow_provider_kontext.get_provider_info import DEFAULT_CONN_ID
-from airflow_provider_kontext.images import (
-    EXTENSIONS,
-    decode_data_uri,
-    is_image_content_type,
-    sniff_image_type,
-    to_data_uri,
-)
+from airflow_provider_kontext.images import LocalImage, read_local_image, to_data_uri
 from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, ReplicatePredictionLink
 from airflow_provider_kontext.models import DEFAULT_MODEL, Prediction, PredictionStatus, validate_input
-from airflow_provider_kontext.progress import PredictionPoller, prediction_event
+from airflow_provider_kontext.outputs import output_folder
+from airflow_provider_kontext.progress import PredictionPoller
+from airflow_provider_kontext.reattach import STATE_KEY, ReattachLedger, fingerprint
+from airflow_provider_kontext.results import KontextPredictionFailedNoRetry, PredictionResultMixin
 
 if TYPE_CHECKING:
-    from airflow.sdk import Context, ObjectStoragePath
+    from airflow.sdk import Context
 
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
 __all__ = ["FluxKontextEditOperator", "KontextPredictionFailedNoRetry"]
-
-
-class KontextPredictionFailedNoRetry(KontextPredictionFailed, AirflowFailException):
-    """A prediction the model failed, or that was canceled: the task fails without retrying, since a
-    retry would start (and bill) a new prediction likely to end the same way. Switched off with the
-    operator's ``retry_failed_predictions=True``."""
 
 
 #: The model inputs the operator takes as arguments (any other goes in ``extra_input``).
@@ -69,14 +54,19 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 #: The longest ``timeout`` and ``poll_interval`` accepted (a week): beyond any prediction's life, and
 #: far inside what ``timedelta`` and the trigger's deadline arithmetic can hold.
 MAX_WAIT = timedelta(days=7)
-#: Output file names are built from the server's prediction id, cut to this many characters.
-MAX_STEM = 100
-#: Output files are deleted by Replicate about an hour after the prediction completes.
-OUTPUT_RETENTION = timedelta(hours=1)
 _PENDING_IMAGE = "data:image/png;base64,"
 
 
-class FluxKontextEditOperator(BaseOperator):
+class EditRequest(NamedTuple):
+    """A validated edit: the model input (``input_image`` a placeholder while ``image`` is still to
+    be sent), the local image if any, and the fingerprint that recognises an earlier try's prediction."""
+
+    model_input: dict[str, Any]
+    image: LocalImage | None
+    fingerprint: str
+
+
+class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     """Edit one image with FLUX.1 Kontext and hand the result to downstream tasks.
 
     The inputs are validated against the model's schema after templating and before any HTTP call;
@@ -137,7 +127,7 @@ class FluxKontextEditOperator(BaseOperator):
     ui_color = "#e4dcf7"
 
     #: Key of the prediction id in the task state store (survives retries; XComs do not).
-    STATE_KEY = "flux_kontext_prediction"
+    STATE_KEY = STATE_KEY
 
     def __init__(
         self,
@@ -185,12 +175,14 @@ class FluxKontextEditOperator(BaseOperator):
         self.model = model
         self.flux_kontext_conn_id = flux_kontext_conn_id
         self.deferrable = deferrable
-        self.poll_interval = _number("poll_interval", poll_interval, maximum=MAX_WAIT.total_seconds())
+        self.poll_interval = check_number("poll_interval", poll_interval, maximum=MAX_WAIT.total_seconds())
         self.wait_seconds = (
-            None if wait_seconds is None else int(_number("wait_seconds", wait_seconds, 1, 60, integer=True))
+            None
+            if wait_seconds is None
+            else int(check_number("wait_seconds", wait_seconds, 1, 60, integer=True))
         )
         if timeout is not None:
-            _number(
+            check_number(
                 "timeout",
                 timeout.total_seconds() if isinstance(timeout, timedelta) else timeout,
                 maximum=MAX_WAIT.total_seconds(),
@@ -201,9 +193,9 @@ class FluxKontextEditOperator(BaseOperator):
         self.retry_failed_predictions = retry_failed_predictions
         self.cancel_on_kill = cancel_on_kill
         self.output_path = output_path
-        self.max_output_bytes = int(_number("max_output_bytes", max_output_bytes, 1, integer=True))
+        self.max_output_bytes = int(check_number("max_output_bytes", max_output_bytes, 1, integer=True))
         self.inline_image_max_bytes = int(
-            _number("inline_image_max_bytes", inline_image_max_bytes, 0, integer=True)
+            check_number("inline_image_max_bytes", inline_image_max_bytes, 0, integer=True)
         )
         self._prediction_id: str | None = None
         self._finished = False
@@ -214,51 +206,31 @@ class FluxKontextEditOperator(BaseOperator):
 
         return FluxKontextHook(self.flux_kontext_conn_id)
 
-    # --- execute ----------------------------------------------------------------------------------
+    # --- the story: execute, defer, complete --------------------------------------------------------
 
     def execute(self, context: Context) -> list[str]:
         try:
-            model_input, pending_image, fingerprint = self._prepare_input()
+            request = self._validated_request()
         except KontextInputError as exc:
             raise AirflowFailException(str(exc)) from exc
-        store = context.get("task_state_store") if self.reattach_on_retry else None
-        if self.reattach_on_retry and store is None:
+        ledger = ReattachLedger.from_context(context, enabled=self.reattach_on_retry)
+        if self.reattach_on_retry and not ledger.enabled:
             self.log.warning("No task state store (Airflow < 3.3): a retry cannot reattach to a prediction")
-        timeout = self._timeout_seconds()
 
-        prediction = self._reattach(store, fingerprint)
-        if prediction is None:
-            if pending_image is not None:
-                model_input["input_image"] = self._send_image(*pending_image)
-            prediction = self._create(model_input, timeout, store, fingerprint)
+        prediction, deadline = self._reattach(ledger, request) or self._start(request, ledger)
         self._prediction_id = prediction.id
         self._push_ids(context, prediction)
         if prediction.is_terminal or prediction.id is None:
             return self._complete(context, prediction_event(prediction, self.hook.redact))
-
-        created = prediction.created_at.timestamp() if prediction.created_at else time.time()
-        end_time = created + timeout
         if self.deferrable:
-            from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
+            self._defer(prediction.id, deadline)
+        return self._complete(context, self._poll_in_worker(prediction.id, deadline))
 
-            self.defer(
-                trigger=FluxKontextPredictionTrigger(
-                    prediction_id=prediction.id,
-                    flux_kontext_conn_id=self.flux_kontext_conn_id,
-                    poll_interval=self.poll_interval,
-                    end_time=end_time,
-                    cancel_on_kill=self.cancel_on_kill,
-                ),
-                method_name="execute_complete",
-                # A backstop only: the trigger's own deadline fires first and cancels remotely.
-                timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 10 * self.poll_interval + 60),
-            )
-        return self._complete(context, self._poll_in_worker(prediction.id, end_time))
-
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> list[str]:
+    def execute_complete(self, context: Context, event: Mapping[str, Any]) -> list[str]:
         """Resume after the trigger fired: turn its event into the task's result or failure."""
-        self._prediction_id = event.get("prediction_id")
-        return self._complete(context, event)
+        finished = PredictionEvent.from_payload(event)
+        self._prediction_id = finished.prediction_id
+        return self._complete(context, finished)
 
     def on_kill(self) -> None:
         """Cancel the prediction this task is waiting for (in-worker waits; the trigger handles
@@ -268,12 +240,10 @@ class FluxKontextEditOperator(BaseOperator):
 
     # --- steps ------------------------------------------------------------------------------------
 
-    def _prepare_input(self) -> tuple[dict[str, Any], tuple[bytes, str, str] | None, str]:
+    def _validated_request(self) -> EditRequest:
         """Validate the inputs without any HTTP call.
 
-        :return: the model input (``input_image`` still a placeholder when the image has to be
-            sent), the local image ``(bytes, content type, file name)`` if any, and a fingerprint of
-            the whole request used to recognise the earlier try's prediction.
+        :raises KontextInputError: naming the field and what is allowed.
         """
         values: dict[str, Any] = {
             name: value for name in MODEL_ARGUMENTS if (value := getattr(self, name)) is not None
@@ -284,23 +254,19 @@ class FluxKontextEditOperator(BaseOperator):
         if clash := sorted(set(extra) & {*values, "input_image"}):
             raise KontextInputError(f"extra_input: repeats arguments given directly: {', '.join(clash)}")
         values.update(extra)
-        pending = None
-        image = self.input_image
-        if isinstance(image, str) and image.startswith(("http://", "https://", "data:")):
-            values["input_image"] = image
-        elif image is not None:
-            pending = _read_local_image(image)
+        image = None
+        if isinstance(self.input_image, str) and self.input_image.startswith(
+            ("http://", "https://", "data:")
+        ):
+            values["input_image"] = self.input_image
+        elif self.input_image is not None:
+            image = read_local_image(self.input_image)
             values["input_image"] = _PENDING_IMAGE
         model_input = validate_input(self.model, values)
         if self.output_path is not None:
-            self._output_folder()  # an unusable output_path fails now, not after paying for the edit
-        identity = dict(model_input)
-        if pending is not None:
-            identity["input_image"] = "sha256:" + hashlib.sha256(pending[0]).hexdigest()
-        fingerprint = hashlib.sha256(
-            json.dumps({"model": self.model, "input": identity}, sort_keys=True, default=str).encode()
-        ).hexdigest()
-        return model_input, pending, fingerprint
+            output_folder(self.output_path)  # an unusable output_path fails now, not after paying
+        digest = fingerprint(self.model, model_input, image.data if image else None)
+        return EditRequest(model_input, image, digest)
 
     def _timeout_seconds(self) -> float:
         if isinstance(self.timeout, timedelta):
@@ -312,16 +278,14 @@ class FluxKontextEditOperator(BaseOperator):
             return max(total * 0.5, total - min(60.0, total * 0.1))
         return DEFAULT_TIMEOUT.total_seconds()
 
-    def _reattach(self, store: Any, fingerprint: str) -> Prediction | None:
-        """The earlier try's prediction if it is still running or succeeded with its output, else
-        ``None`` (then a new one is created)."""
-        if store is None:
+    def _reattach(self, ledger: ReattachLedger, request: EditRequest) -> tuple[Prediction, float] | None:
+        """The earlier try's prediction and deadline if it is still running or succeeded with its
+        output, else ``None`` (then a new one is created)."""
+        started = ledger.started()
+        if started is None:
             return None
-        saved = store.get(self.STATE_KEY)
-        if not isinstance(saved, dict) or not isinstance(saved.get("id"), str):
-            return None
-        previous = saved["id"]
-        if saved.get("fingerprint") != fingerprint:
+        previous = started.prediction_id
+        if started.fingerprint != request.fingerprint:
             self.log.warning("Inputs changed since prediction %s was started; starting a new one", previous)
             return None
         try:
@@ -331,16 +295,18 @@ class FluxKontextEditOperator(BaseOperator):
                 "Prediction %s from an earlier try no longer exists; starting a new one", previous
             )
             return None
+        # The first try's deadline holds: a retry does not give the prediction more time.
+        deadline = started.deadline if started.deadline is not None else time.time() + self._timeout_seconds()
         if not prediction.is_terminal:
             self.log.info(
                 "Reattaching to prediction %s (%s) started by an earlier try",
                 previous,
                 prediction.status.value,
             )
-            return prediction
+            return prediction, deadline
         if prediction.status is PredictionStatus.SUCCEEDED and prediction.output_urls:
             self.log.info("Prediction %s from an earlier try already succeeded; using its output", previous)
-            return prediction
+            return prediction, deadline
         self.log.info(
             "Prediction %s from an earlier try ended %s; starting a new one",
             previous,
@@ -348,16 +314,13 @@ class FluxKontextEditOperator(BaseOperator):
         )
         return None
 
-    def _send_image(self, data: bytes, content_type: str, filename: str) -> str:
-        if len(data) <= self.inline_image_max_bytes:
-            return to_data_uri(data, content_type)
-        uploaded = self.hook.upload_file(data, filename=filename, content_type=content_type)
-        self.log.info("Uploaded %s (%d bytes) as file %s", filename, len(data), uploaded.id)
-        return uploaded.urls.get
-
-    def _create(
-        self, model_input: dict[str, Any], timeout: float, store: Any, fingerprint: str
-    ) -> Prediction:
+    def _start(self, request: EditRequest, ledger: ReattachLedger) -> tuple[Prediction, float]:
+        """Send the local image if any, create the prediction and record it for a retry."""
+        model_input = dict(request.model_input)
+        if request.image is not None:
+            model_input["input_image"] = self._send_image(request.image)
+        timeout = self._timeout_seconds()
+        sent = time.time()
         try:
             prediction = self.hook.create_prediction(
                 self.model, model_input, wait=self.wait_seconds, cancel_after=timeout
@@ -368,23 +331,50 @@ class FluxKontextEditOperator(BaseOperator):
             raise AirflowFailException(
                 f"{exc} Not retried automatically (retry_uncertain_create=False)."
             ) from exc
-        # Store the id before anything else, to keep the window in which a crash orphans it small.
-        if prediction.id and store is not None:
-            store.set(self.STATE_KEY, {"id": prediction.id, "fingerprint": fingerprint})
+        returned = time.time()
+        deadline = deadline_after_create(
+            prediction, timeout, sent=sent, returned=returned, warn=self.log.warning
+        )
+        # Record the id before anything else, to keep the window in which a crash orphans it small.
+        if prediction.id:
+            ledger.record(prediction.id, request.fingerprint, deadline)
         self.log.info(
             "Created prediction %s (%s)%s",
             prediction.id,
             prediction.status.value,
             f": {prediction.web_url}" if prediction.web_url else "",
         )
-        return prediction
+        return prediction, deadline
+
+    def _send_image(self, image: LocalImage) -> str:
+        if len(image.data) <= self.inline_image_max_bytes:
+            return to_data_uri(image.data, image.content_type)
+        uploaded = self.hook.upload_file(image.data, filename=image.name, content_type=image.content_type)
+        self.log.info("Uploaded %s (%d bytes) as file %s", image.name, len(image.data), uploaded.id)
+        return uploaded.urls.get
 
     def _push_ids(self, context: Context, prediction: Prediction) -> None:
         ti = context["ti"]
         ti.xcom_push(key="prediction_id", value=prediction.id)
         ti.xcom_push(key=WEB_URL_XCOM_KEY, value=prediction.web_url)
 
-    def _poll_in_worker(self, prediction_id: str, end_time: float) -> dict[str, Any]:
+    def _defer(self, prediction_id: str, deadline: float) -> None:
+        from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
+
+        self.defer(
+            trigger=FluxKontextPredictionTrigger(
+                prediction_id=prediction_id,
+                flux_kontext_conn_id=self.flux_kontext_conn_id,
+                poll_interval=self.poll_interval,
+                end_time=deadline,
+                cancel_on_kill=self.cancel_on_kill,
+            ),
+            method_name="execute_complete",
+            # A backstop only: the trigger's own deadline fires first and cancels remotely.
+            timeout=timedelta(seconds=max(0.0, deadline - time.time()) + 10 * self.poll_interval + 60),
+        )
+
+    def _poll_in_worker(self, prediction_id: str, end_time: float) -> PredictionEvent:
         poller = PredictionPoller(
             prediction_id,
             poll_interval=self.poll_interval,
@@ -400,250 +390,3 @@ class FluxKontextEditOperator(BaseOperator):
             if event is not None:
                 return event
             time.sleep(poller.delay())
-
-    def _cancel(self, prediction_id: str, why: str) -> None:
-        try:
-            prediction = self.hook.cancel_prediction(prediction_id)
-            self.log.info(
-                "Canceled prediction %s because %s (now %s)", prediction_id, why, prediction.status.value
-            )
-        except KontextError as exc:
-            self.log.warning("Could not cancel prediction %s: %s", prediction_id, exc)
-
-    def _complete(self, context: Context, event: dict[str, Any]) -> list[str]:
-        """The task's result for a final event, or the exception that fails it."""
-        status = event.get("status")
-        prediction_id = event.get("prediction_id")
-        if status == "timeout":
-            if prediction_id:
-                self._cancel(prediction_id, "it did not finish within the timeout")
-            self._finished = True
-            raise KontextPredictionFailed(
-                str(event.get("message")), prediction_id=prediction_id, status="timeout"
-            )
-        if status == "error":
-            raise KontextPredictionFailed(
-                str(event.get("message")), prediction_id=prediction_id, status="error"
-            )
-        self._finished = True
-        if status != PredictionStatus.SUCCEEDED.value:
-            error = event.get("error")
-            tail = event.get("logs_tail") or ""
-            message = f"Prediction {prediction_id} {status}" + (f": {error}" if error else "")
-            if tail:
-                message += f"\nLast log lines:\n{tail}"
-            # aborted never ran (not billed), so a retry costs nothing extra; failed and canceled did.
-            final = status != PredictionStatus.ABORTED.value and not self.retry_failed_predictions
-            raise (KontextPredictionFailedNoRetry if final else KontextPredictionFailed)(
-                message, prediction_id=prediction_id, status=status, error=error, logs_tail=tail
-            )
-        urls = [url for url in event.get("output") or [] if isinstance(url, str)]
-        for index, url in enumerate(urls):
-            if not _usable_output(url):
-                scheme = url.partition(":")[0] if ":" in url else ""
-                raise KontextPredictionFailed(
-                    f"Prediction {prediction_id} succeeded but output {index} is not an http(s) URL or a "
-                    f"data: URI (scheme {scheme[:20]!r}); it is neither returned nor downloaded",
-                    prediction_id=prediction_id,
-                    status=status,
-                )
-        if not urls:
-            why = "its outputs were already deleted" if event.get("data_removed") else "it returned no output"
-            raise KontextPredictionFailed(
-                f"Prediction {prediction_id} succeeded but {why}", prediction_id=prediction_id, status=status
-            )
-        result = self._persist(urls, prediction_id) if self.output_path else urls
-        context["ti"].xcom_push(key="prediction", value=_summary(event, result))
-        self._describe_outlets(context, prediction_id, result)
-        store = context.get("task_state_store") if self.reattach_on_retry else None
-        if store is not None:
-            store.delete(self.STATE_KEY)  # done: a later clear of this task edits afresh
-        return result
-
-    def _describe_outlets(self, context: Context, prediction_id: str | None, outputs: list[str]) -> None:
-        """Put the outputs in the ``extra`` of each Asset among the task's outlets (declared with
-        ``outlets=[Asset(...)]``, which also works in ``.partial()``)."""
-        from airflow.sdk import Asset
-
-        for outlet in self.outlets or []:
-            if isinstance(outlet, Asset):
-                extra: dict[str, Any] = {"prediction_id": prediction_id, "outputs": list(outputs)}
-                context["outlet_events"][outlet].extra = extra
-
-    def _persist(self, urls: list[str], prediction_id: str | None) -> list[str]:
-        """Download each output into ``output_path``: size-capped, checked to be an image, written
-        under a name of our choosing to a temporary name and renamed when complete."""
-        folder = self._output_folder()
-        folder.mkdir(parents=True, exist_ok=True)
-        # The id comes from the server: keep only safe characters, and not too many of them, so it
-        # can neither leave the folder nor make a name the file system refuses.
-        stem = re.sub(r"[^A-Za-z0-9_-]", "_", prediction_id or "")[:MAX_STEM] or (
-            f"edit-{int(time.time() * 1000)}"
-        )
-        paths = []
-        for index, url in enumerate(urls):
-            with tempfile.TemporaryFile() as buffer:
-                declared: str | None
-                if url.startswith("data:"):
-                    declared = url[5:].partition(",")[0].split(";", 1)[0]
-                    try:
-                        buffer.write(decode_data_uri(url, self.max_output_bytes))
-                    except ValueError as exc:
-                        raise KontextPredictionFailed(
-                            f"Output {index} of prediction {prediction_id}: {exc}",
-                            prediction_id=prediction_id,
-                            status="succeeded",
-                        ) from None
-                else:
-                    declared = self.hook.download(url, buffer, max_bytes=self.max_output_bytes)
-                buffer.seek(0)
-                head = buffer.read(16)
-                kind = sniff_image_type(head)
-                if kind is None:
-                    raise KontextPredictionFailed(
-                        f"Output {index} of prediction {prediction_id} is not a jpeg/png/gif/webp image",
-                        prediction_id=prediction_id,
-                        status="succeeded",
-                    )
-                if not is_image_content_type(declared):
-                    raise KontextPredictionFailed(
-                        f"Output {index} of prediction {prediction_id} was served as {declared[:100]!r}, "
-                        "not as an image",
-                        prediction_id=prediction_id,
-                        status="succeeded",
-                    )
-                target = folder / f"{stem}-{index}.{EXTENSIONS[kind]}"
-                partial = folder / f".{stem}-{index}.{EXTENSIONS[kind]}.partial"
-                buffer.seek(0)
-                try:
-                    with partial.open("wb") as out:  # type: ignore[no-untyped-call]
-                        while chunk := buffer.read(1 << 20):
-                            out.write(chunk)
-                    partial.rename(target)
-                except BaseException:
-                    partial.unlink(missing_ok=True)  # never leave a half-written file behind
-                    raise
-            self.log.info("Saved output %d of prediction %s to %s", index, prediction_id, target)
-            paths.append(str(target))
-        return paths
-
-    def _output_folder(self) -> ObjectStoragePath:
-        """``output_path`` as an ``ObjectStoragePath`` (no I/O).
-
-        :raises KontextInputError: a path with a NUL byte, or a URL no file system is known for.
-        """
-        from airflow.sdk import ObjectStoragePath
-
-        if isinstance(self.output_path, ObjectStoragePath):
-            return self.output_path
-        text = str(self.output_path)
-        try:
-            if "\x00" in text:
-                raise ValueError("contains a NUL byte")
-            folder = ObjectStoragePath(text if "://" in text else Path(text).absolute().as_uri())
-            folder.fs  # noqa: B018 (resolves the file system for the URL's scheme, or raises)
-        except (ValueError, TypeError, ImportError, OSError) as exc:
-            raise KontextInputError(f"output_path: cannot write to {text[:200]!r}: {exc}") from None
-        return folder
-
-
-def _usable_output(url: str) -> bool:
-    """Whether an output URL the server returned may be handed on or downloaded: an http(s) URL
-    with a host, or a data: URI. ``file:``, ``javascript:``, ``ftp:`` and the like may not."""
-    if url[:5].lower() == "data:":
-        return True
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return False
-    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-
-
-def _number(
-    name: str,
-    value: Any,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    *,
-    integer: bool = False,
-) -> float:
-    """``value`` as a finite number within bounds (``minimum=None``: must be positive).
-
-    :raises ValueError: naming the argument, for anything else (a string that is not a number,
-        ``None``, NaN, infinity, a fraction where an integer is needed, out of range).
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{name} must be a number, got {value!r:.100}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r:.100}")
-    if integer and not number.is_integer():
-        raise ValueError(f"{name} must be a whole number, got {value!r:.100}")
-    if (number <= 0 if minimum is None else number < minimum) or (maximum is not None and number > maximum):
-        allowed = "positive" if minimum is None else f"at least {minimum:g}"
-        if maximum is not None:
-            allowed += f" and at most {maximum:g}"
-        raise ValueError(f"{name} must be {allowed}, got {value!r:.100}")
-    return number
-
-
-#: Read errors that no retry mends: the path names nothing readable.
-_PERMANENT_ERRNOS = frozenset(
-    {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP}
-)
-
-
-def _read_local_image(image: Any) -> tuple[bytes, str, str]:
-    """Read an image given as bytes, a path, a ``file://`` URL or an ``ObjectStoragePath``.
-
-    :raises KontextInputError: missing, a folder, not permitted, or not a jpeg, png, gif or webp
-        image (permanent: no retry helps). Other I/O errors (a storage hiccup) propagate as they
-        are, so Airflow's retries apply.
-    """
-    if isinstance(image, bytes | bytearray):
-        data, name = bytes(image), "input"
-    else:
-        text = str(image)
-        try:
-            if hasattr(image, "read_bytes") and "://" in text:
-                data, name = image.read_bytes(), text.rsplit("/", 1)[-1]
-            else:
-                path = Path(text[len("file://") :] if text.startswith("file://") else text)
-                data, name = path.read_bytes(), path.name
-        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-            if isinstance(exc, OSError) and exc.errno not in _PERMANENT_ERRNOS:
-                raise  # a storage hiccup, not bad input: let Airflow's retries apply
-            reason = getattr(exc, "strerror", None) or exc
-            raise KontextInputError(f"input_image: cannot read {text[:200]!r}: {reason}") from None
-    kind = sniff_image_type(data[:16])
-    if kind is None:
-        raise KontextInputError(
-            f"input_image: {name!r} is not a jpeg, png, gif or webp image (the model accepts only those)"
-        )
-    if "." not in name:
-        name = f"{name}.{EXTENSIONS[kind]}"
-    return data, kind, name
-
-
-def _summary(event: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
-    from datetime import datetime
-
-    completed = event.get("completed_at")
-    expires = None
-    if isinstance(completed, str):
-        expires = (datetime.fromisoformat(completed) + OUTPUT_RETENTION).isoformat()
-    return {
-        "id": event.get("prediction_id"),
-        "status": event.get("status"),
-        "model": event.get("model"),
-        "predict_time": event.get("predict_time"),
-        "created_at": event.get("created_at"),
-        "completed_at": completed,
-        "web_url": event.get("web_url"),
-        "output_urls": event.get("output"),
-        "urls_expire_at": expires,
-        "outputs": outputs,
-    }

@@ -9,21 +9,17 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from airflow_provider_kontext.events import error_event
 from airflow_provider_kontext.exceptions import KontextError
 from airflow_provider_kontext.get_provider_info import DEFAULT_CONN_ID
-from airflow_provider_kontext.progress import (
-    DEFAULT_POLL_POLICY,
-    POLL_POLICIES,
-    PredictionPoller,
-    error_event,
-)
+from airflow_provider_kontext.progress import DEFAULT_POLL_POLICY, POLL_POLICIES, PredictionPoller
 
 __all__ = ["FluxKontextPredictionTrigger"]
 
 
 class FluxKontextPredictionTrigger(BaseTrigger):
     """Polls one prediction until it reaches a terminal status or the deadline passes, then fires
-    exactly one event (see :mod:`airflow_provider_kontext.progress` for its shape).
+    exactly one event (a :class:`~airflow_provider_kontext.events.PredictionEvent`).
 
     It only reads: it never creates a prediction, so a restarted or duplicated trigger (triggerer
     restart, HA triggerers) is harmless. Its kwargs are ids and numbers only, never a secret: the
@@ -108,7 +104,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 except ValueError as exc:  # a malformed connection (bad extra): no point polling on
                     event = error_event(self.prediction_id, f"Cannot poll: {exc}")
                 if event is not None:
-                    yield TriggerEvent(event)  # type: ignore[no-untyped-call]
+                    yield TriggerEvent(event.payload())  # type: ignore[no-untyped-call]
                     return
                 await asyncio.sleep(poller.delay())
         finally:

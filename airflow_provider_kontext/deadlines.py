@@ -1,0 +1,63 @@
+"""When a wait for a prediction gives up, on our own clock.
+
+A server's timestamps are never trusted to decide that time is up: a skewed server, a proxy that
+reports stale or zone-less times, or a worker with a wrong clock would otherwise end every wait at
+once (and cancel predictions already paid for). The timeout counts from when the create returned,
+on the worker's clock; the server's ``deadline`` (sent back when ``Cancel-After`` is given) is read
+as a duration from its own ``created_at``, so it can bring the deadline closer but never make it
+already past.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from airflow_provider_kontext.models import Prediction
+
+#: A server ``created_at`` further than this from the local clock is reported as clock skew.
+CLOCK_SKEW_SECONDS = 60.0
+
+_skew_reported: set[str] = set()
+
+
+def deadline_after_create(
+    prediction: Prediction,
+    timeout: float,
+    *,
+    sent: float,
+    returned: float,
+    warn: Callable[..., None],
+) -> float:
+    """The Unix time (local clock) at which to stop waiting for a just-created prediction.
+
+    :param timeout: seconds the prediction may take.
+    :param sent: local time the create request was sent. :param returned: local time it returned.
+    :param warn: where a clock-skew warning goes (once per process and server).
+    """
+    deadline = returned + timeout
+    created = prediction.created_at.timestamp() if prediction.created_at else None
+    if created is not None:
+        skew = max(sent - created, created - returned, 0.0)
+        if skew > CLOCK_SKEW_SECONDS:
+            _report_skew(prediction, created - returned, warn)
+    if prediction.deadline is not None:
+        server_deadline = prediction.deadline.timestamp()
+        # The time the server grants, measured on its own clock, then counted on ours.
+        granted = server_deadline - created if created is not None else server_deadline - returned
+        if granted > 0:
+            deadline = min(deadline, returned + granted)
+    return deadline
+
+
+def _report_skew(prediction: Prediction, offset: float, warn: Callable[..., None]) -> None:
+    origin = (prediction.urls.get or prediction.web_url or "").split("/v1/", 1)[0]
+    if origin in _skew_reported:
+        return
+    _skew_reported.add(origin)
+    warn(
+        "Clock skew: prediction %s says it was created %.0fs %s this machine's clock; deadlines are "
+        "counted on this machine's clock regardless",
+        prediction.id,
+        abs(offset),
+        "before" if offset < 0 else "after",
+    )

@@ -1,0 +1,134 @@
+"""The event that ends a wait for a prediction, and the summary a finished edit leaves in XCom.
+
+The trigger (in the triggerer) and the operator's in-worker loop both end in a
+:class:`PredictionEvent`; the operator (and the sensor) turn it into the task's result. It travels
+as the trigger's payload, so it holds JSON primitives only: no inputs (they may hold a large
+``data:`` URI) and nothing secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from airflow_provider_kontext.models import Prediction
+
+#: Longest error text and log tail carried in an event (events are stored in the metadata DB).
+MAX_EVENT_TEXT = 4000
+#: Output files are deleted by Replicate about an hour after the prediction completes.
+OUTPUT_RETENTION = timedelta(hours=1)
+
+EventStatus = Literal["succeeded", "failed", "canceled", "aborted", "timeout", "error"]
+
+
+class PredictionEvent(BaseModel):
+    """How a wait for a prediction ended.
+
+    ``status`` is the prediction's terminal status, or ``timeout`` (the deadline passed first) or
+    ``error`` (polling failed for good; ``message`` says why). Unknown keys are ignored, so an event
+    written by an older version of the trigger still reads.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    status: EventStatus
+    prediction_id: str | None = None
+    model: str | None = None
+    output: list[str] = []
+    error: str | None = None
+    logs_tail: str = ""
+    predict_time: float | None = None
+    created_at: str | None = None
+    completed_at: str | None = None
+    web_url: str | None = None
+    data_removed: bool = False
+    message: str | None = None
+    #: The proxy's rewritten prompt (images-API answers), when it gave one.
+    revised_prompt: str | None = None
+    #: What the answer looked like, named in the error when it has no usable output.
+    shape: str | None = None
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any] | PredictionEvent) -> PredictionEvent:
+        """The event from a trigger's payload (or the event itself)."""
+        return payload if isinstance(payload, PredictionEvent) else cls.model_validate(dict(payload))
+
+    def payload(self) -> dict[str, Any]:
+        """The event as the JSON-primitive dict a ``TriggerEvent`` carries."""
+        return self.model_dump(mode="json")
+
+    def summary(self, outputs: list[str], **context: Any) -> dict[str, Any]:
+        """The ``prediction`` XCom of a finished edit: ids, times, where the outputs are and when the
+        server deletes its copies; ``context`` adds what the caller knows (input image, prompt)."""
+        expires = None
+        if self.completed_at:
+            try:
+                expires = (datetime.fromisoformat(self.completed_at) + OUTPUT_RETENTION).isoformat()
+            except ValueError:
+                expires = None
+        summary: dict[str, Any] = {
+            "id": self.prediction_id,
+            "status": self.status,
+            "model": self.model,
+            "predict_time": self.predict_time,
+            "created_at": self.created_at,
+            "completed_at": self.completed_at,
+            "web_url": self.web_url,
+            "output_urls": [url if not url.startswith("data:") else "data:..." for url in self.output],
+            "urls_expire_at": expires,
+            "outputs": outputs,
+        }
+        if self.revised_prompt:
+            summary["revised_prompt"] = self.revised_prompt
+        summary.update(context)
+        return summary
+
+
+def _text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    text = value if isinstance(value, str) else repr(value)
+    return text[:MAX_EVENT_TEXT]
+
+
+def prediction_event(prediction: Prediction, redact: Callable[[str], str] | None = None) -> PredictionEvent:
+    """The event for a prediction in a terminal status. The model's error and log tail, which a proxy
+    may echo a token into, pass through ``redact`` (the hook's): events are logged and stored."""
+    error = _text(prediction.error)
+    tail = prediction.logs_tail()[-MAX_EVENT_TEXT:]
+    if redact is not None:
+        error = None if error is None else redact(error)
+        tail = redact(tail)
+    return PredictionEvent(
+        status=prediction.status.value,  # type: ignore[arg-type]  # terminal statuses only
+        prediction_id=prediction.id,
+        model=prediction.model,
+        output=prediction.output_urls,
+        error=error,
+        logs_tail=tail,
+        predict_time=prediction.metrics.predict_time,
+        created_at=prediction.created_at.isoformat() if prediction.created_at else None,
+        completed_at=prediction.completed_at.isoformat() if prediction.completed_at else None,
+        web_url=prediction.web_url,
+        data_removed=prediction.data_removed,
+        revised_prompt=prediction.revised_prompt,
+        shape=prediction.shape,
+    )
+
+
+def timeout_event(prediction_id: str | None, waited: float, last_status: str | None) -> PredictionEvent:
+    """The event when the deadline passed before the prediction finished."""
+    return PredictionEvent(
+        status="timeout",
+        prediction_id=prediction_id,
+        message=f"Prediction {prediction_id} did not finish within the deadline "
+        f"(waited {waited:.0f}s, last status {last_status or 'unknown'})",
+    )
+
+
+def error_event(prediction_id: str | None, message: str) -> PredictionEvent:
+    """The event when polling itself failed for good (bad token, unknown prediction, ...)."""
+    return PredictionEvent(status="error", prediction_id=prediction_id, message=message[:MAX_EVENT_TEXT])

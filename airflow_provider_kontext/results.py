@@ -1,0 +1,147 @@
+"""What a finished wait gives the task: its result, or the exception that fails it.
+
+Shared by :class:`~airflow_provider_kontext.operators.kontext.FluxKontextEditOperator` and the
+sensor, so an edit ends the same way whichever task waited for it: the outputs (URLs, or paths
+under ``output_path``), the ``prediction`` XCom summary, asset events, and failures that retry only
+where a retry can help.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_provider_kontext.events import PredictionEvent
+from airflow_provider_kontext.exceptions import KontextError, KontextPredictionFailed
+from airflow_provider_kontext.outputs import (
+    MAX_INLINE_OUTPUT_BYTES,
+    UnusableOutputError,
+    check_outputs,
+    output_folder,
+    safe_stem,
+    save_outputs,
+)
+from airflow_provider_kontext.reattach import ReattachLedger
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+
+class KontextPredictionFailedNoRetry(KontextPredictionFailed, AirflowFailException):
+    """A prediction the model failed or that was canceled, or a paid one whose output cannot be used:
+    the task fails without retrying, since a retry would start (and bill) a new prediction likely to
+    end the same way. Switched off with ``retry_failed_predictions=True``."""
+
+
+class PredictionResultMixin:
+    """Turns a :class:`PredictionEvent` into the task's result (for operators and sensors).
+
+    The task class provides ``hook``, ``log``, ``outlets``, ``output_path``, ``max_output_bytes``,
+    ``retry_failed_predictions`` and ``reattach_on_retry``.
+    """
+
+    if TYPE_CHECKING:
+
+        @property
+        def hook(self) -> FluxKontextHook: ...
+
+    log: Any
+    outlets: Any
+    output_path: Any
+    max_output_bytes: int
+    retry_failed_predictions: bool
+    reattach_on_retry: bool
+    _finished: bool
+
+    def _complete(self, context: Context, event: PredictionEvent) -> list[str]:
+        """The task's result for a final event, or the exception that fails it."""
+        self._raise_unless_succeeded(event)
+        result = self._hand_on(event)
+        context["ti"].xcom_push(key="prediction", value=event.summary(result))
+        self._describe_outlets(context, event.prediction_id, result)
+        ReattachLedger.from_context(context, enabled=self.reattach_on_retry).forget()
+        return result
+
+    def _raise_unless_succeeded(self, event: PredictionEvent) -> None:
+        """Fail the task for any event but ``succeeded``: retryable unless a retry would pay for the
+        same outcome again."""
+        prediction_id = event.prediction_id
+        if event.status == "timeout":
+            if prediction_id:
+                self._cancel(prediction_id, "it did not finish within the timeout")
+            self._finished = True
+            raise KontextPredictionFailed(str(event.message), prediction_id=prediction_id, status="timeout")
+        if event.status == "error":
+            raise KontextPredictionFailed(str(event.message), prediction_id=prediction_id, status="error")
+        self._finished = True
+        if event.status == "succeeded":
+            return
+        message = f"Prediction {prediction_id} {event.status}" + (f": {event.error}" if event.error else "")
+        if event.logs_tail:
+            message += f"\nLast log lines:\n{event.logs_tail}"
+        # aborted never ran (not billed), so a retry costs nothing extra; failed and canceled did.
+        final = event.status != "aborted" and not self.retry_failed_predictions
+        raise (KontextPredictionFailedNoRetry if final else KontextPredictionFailed)(
+            message,
+            prediction_id=prediction_id,
+            status=event.status,
+            error=event.error,
+            logs_tail=event.logs_tail,
+        )
+
+    def _hand_on(self, event: PredictionEvent) -> list[str]:
+        """The outputs of a succeeded prediction: its URLs, or the paths they were saved to."""
+        urls = event.output
+        try:
+            check_outputs(urls, inline_limit=None if self.output_path else MAX_INLINE_OUTPUT_BYTES)
+            if not urls:
+                if event.data_removed:
+                    # Gone from the server: a retry makes a new edit (the old one cannot be had).
+                    raise KontextPredictionFailed(
+                        f"Prediction {event.prediction_id} succeeded but its outputs were already deleted",
+                        prediction_id=event.prediction_id,
+                        status=event.status,
+                    )
+                raise UnusableOutputError("it returned no output")
+            if not self.output_path:
+                return list(urls)
+            return save_outputs(
+                urls,
+                output_folder(self.output_path),
+                safe_stem(event.prediction_id) or f"edit-{int(time.time() * 1000)}",
+                download=lambda url, dest: self.hook.download(url, dest, max_bytes=self.max_output_bytes),
+                max_bytes=self.max_output_bytes,
+                log=self.log.info,
+            )
+        except UnusableOutputError as exc:
+            why = f" (the answer was {event.shape})" if event.shape else ""
+            final = not self.retry_failed_predictions
+            raise (KontextPredictionFailedNoRetry if final else KontextPredictionFailed)(
+                f"Prediction {event.prediction_id} succeeded but {exc}{why}"
+                + ("; not retried, since a retry would pay for another edit" if final else ""),
+                prediction_id=event.prediction_id,
+                status=event.status,
+            ) from None
+
+    def _describe_outlets(self, context: Context, prediction_id: str | None, outputs: list[str]) -> None:
+        """Put the outputs in the ``extra`` of each Asset among the task's outlets (declared with
+        ``outlets=[Asset(...)]``, which also works in ``.partial()``)."""
+        from airflow.sdk import Asset
+
+        for outlet in self.outlets or []:
+            if isinstance(outlet, Asset):
+                extra: dict[str, Any] = {"prediction_id": prediction_id, "outputs": list(outputs)}
+                context["outlet_events"][outlet].extra = extra
+
+    def _cancel(self, prediction_id: str, why: str) -> None:
+        try:
+            prediction = self.hook.cancel_prediction(prediction_id)
+            self.log.info(
+                "Canceled prediction %s because %s (now %s)", prediction_id, why, prediction.status.value
+            )
+        except KontextError as exc:
+            self.log.warning("Could not cancel prediction %s: %s", prediction_id, exc)
