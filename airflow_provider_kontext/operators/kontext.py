@@ -26,7 +26,7 @@ from airflow_provider_kontext.exceptions import (
     KontextPredictionFailed,
     KontextPredictionMayExistError,
 )
-from airflow_provider_kontext.get_provider_info import DEFAULT_CONN_ID
+from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 from airflow_provider_kontext.images import (
     EXTENSIONS,
     decode_data_uri,

@@ -10,7 +10,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_kontext.exceptions import KontextError
-from airflow_provider_kontext.get_provider_info import DEFAULT_CONN_ID
+from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 from airflow_provider_kontext.progress import (
     DEFAULT_POLL_POLICY,
     POLL_POLICIES,
