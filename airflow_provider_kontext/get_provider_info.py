@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+
 def get_provider_info() -> dict[str, Any]:
     """Return the provider's metadata in the shape ``ProvidersManager`` expects."""
     from airflow_provider_kontext import __version__

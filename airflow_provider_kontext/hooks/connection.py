@@ -33,7 +33,7 @@ USER_AGENT = "airflow-provider-kontext"
 
 #: The form's labels of the standard fields the connection uses.
 HOST_LABEL = "Base URL"
-TOKEN_LABEL = "API Token"
+TOKEN_LABEL = "API Token"  # noqa: S105 (a label, not a token)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,9 @@ class Setting:
 #: Every extra of the connection, in the form's order.
 SETTINGS: tuple[Setting, ...] = (
     Setting("timeout", float, 30.0, 1, "Read timeout (seconds)", "how long to wait for an answer"),
-    Setting("connect_timeout", float, 10.0, 0.1, "Connect timeout (seconds)", "how long to wait for a connection"),
+    Setting(
+        "connect_timeout", float, 10.0, 0.1, "Connect timeout (seconds)", "how long to wait for a connection"
+    ),
     Setting(
         "max_retries",
         int,
@@ -229,14 +231,18 @@ class ClientSettings:
 
 
 def normalize_base_url(host: str | None, port: int | None = None) -> str:
-    """The base URL from a connection's host: a default, a scheme if missing, no trailing ``/v1``."""
+    """The base URL from a connection's host: a default, a scheme if missing, no trailing ``/v1``.
+
+    ``port`` is added where the host names none and it is not the scheme's default (a stored 443
+    must not make the API's own file URLs look like another origin).
+    """
     if not host:
         return DEFAULT_BASE_URL
     url = host.strip()
     if "://" not in url:
         url = f"https://{url}"
     parts = urlsplit(url)
-    if port and not parts.port:
+    if port and not parts.port and port != {"https": 443, "http": 80}.get(parts.scheme):
         parts = parts._replace(netloc=f"{parts.netloc}:{port}")
     path = parts.path.rstrip("/")
     if path.endswith("/v1"):

@@ -608,7 +608,10 @@ class FluxKontextHook(BaseHook):
         except Exception as exc:  # the UI shows whatever went wrong, a missing connection included
             return False, f"{type(exc).__name__}: {exc}" if not isinstance(exc, KontextError) else str(exc)
         who = account.username + (f" ({account.name})" if account.name else "")
-        return True, f"Connected to {self.settings.redact(self.settings.base_url)} as {who}"
+        message = f"Connected to {self.settings.redact(self.settings.base_url)} as {who}"
+        # `airflow connections test` prints only the message of a failure; the log shows a success's.
+        self.log.info("%s", message)
+        return True, message
 
     # --- API: async ---------------------------------------------------------------------------------
 
