@@ -48,7 +48,7 @@ class Setting:
     help: str
 
     def read(self, extras: Mapping[str, Any]) -> float:
-        """The value in ``extras``, else the default.
+        """Return the value in ``extras``, else the default.
 
         :raises ValueError: the value is not a number, or is below :attr:`minimum`; the message
             names the extra.
@@ -102,7 +102,7 @@ _BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
 def conn_fields() -> dict[str, Any]:
-    """The form's extra fields as JSON schema (``conn-fields``: Airflow >= 3.2 reads it declaratively)."""
+    """Return the form's extra fields as JSON schema (``conn-fields``, read by Airflow >= 3.2)."""
     fields: dict[str, Any] = {}
     for setting in SETTINGS:
         kind = "integer" if setting.type is int else "number"
@@ -116,7 +116,7 @@ def conn_fields() -> dict[str, Any]:
 
 
 def ui_field_behaviour() -> dict[str, Any]:
-    """Hidden fields, labels and placeholders of the form (``ui-field-behaviour``)."""
+    """Return the hidden fields, labels and placeholders of the form (``ui-field-behaviour``)."""
     example = {"timeout": 30, "max_retries": 5}
     return {
         "hidden-fields": ["schema", "port", "login"],
@@ -191,7 +191,7 @@ class ClientSettings:
         )
 
     def secrets(self) -> list[str]:
-        """Values that must never be shown: the token and any credential in the base URL.
+        """Return the values that must never be shown: the token and any credential in the base URL.
 
         The userinfo's password (or its user name when it stands alone as a token) and query values,
         both as written and percent-decoded, since messages may quote either form.
@@ -217,12 +217,12 @@ class ClientSettings:
         return text
 
     def url(self, path: str) -> str:
-        """The absolute URL of an API path under the base URL (which may have a path prefix)."""
+        """Return the absolute URL of an API path under the base URL (which may have a path prefix)."""
         parts = urlsplit(self.base_url)
         return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path))
 
     def headers(self, extra: Mapping[str, str]) -> dict[str, str]:
-        """Request headers: user agent, JSON, the token as bearer if any, then ``extra``."""
+        """Return the request headers: user agent, JSON, the token as bearer if any, then ``extra``."""
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -231,7 +231,7 @@ class ClientSettings:
 
 
 def normalize_base_url(host: str | None, port: int | None = None) -> str:
-    """The base URL from a connection's host: a default, a scheme if missing, no trailing ``/v1``.
+    """Return the base URL for a connection's host: a default, a scheme if missing, no ``/v1``.
 
     ``port`` is added where the host names none and it is not the scheme's default (a stored 443
     must not make the API's own file URLs look like another origin).
@@ -254,7 +254,7 @@ def normalize_base_url(host: str | None, port: int | None = None) -> str:
 
 
 def auth_hint(settings: ClientSettings) -> str:
-    """What to check after a 401/403: the form's token field (by its label) or the variable."""
+    """Say what to check after a 401/403: the form's token field (by its label) or the variable."""
     missing = "" if settings.token else "; no token is configured"
     return (
         f"Check the API token in connection {settings.conn_id!r} (its {TOKEN_LABEL!r} field, or the "
@@ -263,7 +263,7 @@ def auth_hint(settings: ClientSettings) -> str:
 
 
 def tls_hint(settings: ClientSettings, exc: BaseException) -> str | None:
-    """A "did you mean http://...?" for a TLS failure against a host given without a scheme.
+    """Ask "did you mean http://...?" after a TLS failure against a host given without a scheme.
 
     A scheme-less host is taken as https (the token is never sent in the clear by guesswork); a
     server that speaks plain HTTP then fails the TLS handshake with an error that does not say so.
@@ -279,7 +279,7 @@ def tls_hint(settings: ClientSettings, exc: BaseException) -> str | None:
 
 
 def _is_tls_failure(exc: BaseException) -> bool:
-    """Whether ``exc`` or anything it wraps (cause, context, ``reason``, args) is an SSL error."""
+    """Tell whether ``exc`` or anything it wraps (cause, context, ``reason``, args) is an SSL error."""
     seen: set[int] = set()
     todo: list[object] = [exc]
     while todo:
