@@ -53,7 +53,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def connection_json(base_url: str) -> str:
     """``AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT`` for the emulator (no token: it runs without auth)."""
-    return json.dumps({"conn_type": "flux_kontext", "host": base_url})
+    return json.dumps({"conn_type": "fluxkontext", "host": base_url})
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -348,7 +348,7 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="write a pyinstrument profile of the run here")
     args = parser.parse_args()
     os.environ["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps(
-        {"conn_type": "flux_kontext", "host": args.base}
+        {"conn_type": "fluxkontext", "host": args.base}
     )
     drain = configure_triggerer_logging(args.log_level) if args.client in ("trigger", "hook") else None
     result = asyncio.run(run(args))

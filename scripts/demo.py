@@ -65,11 +65,11 @@ def main() -> int:
         print("Using the connection in AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT (real predictions may be billed)")
     elif env.get("REPLICATE_API_TOKEN"):
         print("Using Replicate with REPLICATE_API_TOKEN (real predictions are billed)")
-        env["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps({"conn_type": "flux_kontext"})
+        env["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps({"conn_type": "fluxkontext"})
     else:
         emulator, base_url = _start_emulator(env)
         print(f"No token configured: using the bundled emulator at {base_url}")
-        env["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps({"conn_type": "flux_kontext", "host": base_url})
+        env["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps({"conn_type": "fluxkontext", "host": base_url})
     airflow = [sys.executable, "-m", "airflow"]
     try:
         subprocess.run([*airflow, "db", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)

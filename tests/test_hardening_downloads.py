@@ -38,7 +38,7 @@ SAFE_NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,100}|edit-\d+)-\d+\.(?:png|jpg|gif|w
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedServer]:
     with ScriptedServer() as srv:
         conn = {
-            "conn_type": "flux_kontext",
+            "conn_type": "fluxkontext",
             "host": srv.base_url,
             "password": "r8_download_token",
             "extra": {"max_retries": 1, "timeout": 2, "connect_timeout": 2, "backoff_max": 0},
@@ -247,7 +247,7 @@ def test_a_killed_worker_leaves_only_a_marked_partial_file(server: ScriptedServe
     under the final name that a reader could take for a complete image."""
     folder = tmp_path / "out"
     server.script(response(200, PNG + bytes(3 << 20), "image/png"))
-    connection = json.dumps({"conn_type": "flux_kontext", "host": server.base_url})
+    connection = json.dumps({"conn_type": "fluxkontext", "host": server.base_url})
     script = textwrap.dedent(
         f"""
         import io, os, json

@@ -28,7 +28,8 @@ from test_hardening_server import ScriptedServer, raw, reset_connection, respons
 
 from airflow_provider_kontext.events import MAX_EVENT_TEXT
 from airflow_provider_kontext.exceptions import KontextAPIError, KontextError, KontextPredictionFailed
-from airflow_provider_kontext.hooks._http import ClientSettings, get_prediction_request, parse_response
+from airflow_provider_kontext.hooks._http import get_prediction_request, parse_response
+from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook, _parsed
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
@@ -178,7 +179,7 @@ def usable(url: str) -> bool:
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ScriptedServer]:
     with ScriptedServer() as srv:
         conn = {
-            "conn_type": "flux_kontext",
+            "conn_type": "fluxkontext",
             "host": srv.base_url,
             "password": "r8_hardening_token",
             "extra": {"max_retries": 0, "timeout": 1, "connect_timeout": 1},

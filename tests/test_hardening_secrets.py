@@ -21,12 +21,12 @@ from test_hardening_server import ScriptedServer, response
 from airflow_provider_kontext.events import prediction_event
 from airflow_provider_kontext.exceptions import KontextError
 from airflow_provider_kontext.hooks._http import (
-    ClientSettings,
     download_request,
     get_prediction_request,
     parse_response,
     transport_error,
 )
+from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
@@ -79,7 +79,7 @@ def conn(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     def set_conn(**fields: Any) -> None:
         fields.setdefault("extra", {"max_retries": 1, "timeout": 1, "connect_timeout": 1})
         monkeypatch.setenv(
-            f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps({"conn_type": "flux_kontext", **fields})
+            f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps({"conn_type": "fluxkontext", **fields})
         )
 
     monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)

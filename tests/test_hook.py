@@ -44,7 +44,8 @@ from airflow_provider_kontext.exceptions import (
     KontextTransportError,
 )
 from airflow_provider_kontext.hooks import _http
-from airflow_provider_kontext.hooks._http import ClientSettings, normalize_base_url, parse_retry_after
+from airflow_provider_kontext.hooks._http import parse_retry_after
+from airflow_provider_kontext.hooks.connection import ClientSettings, normalize_base_url
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import PredictionStatus
 
@@ -100,7 +101,7 @@ def set_conn(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 
     def _set(conn_id: str = "flux_kontext_default", **fields: Any) -> None:
         monkeypatch.setenv(
-            f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "flux_kontext", **fields})
+            f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "fluxkontext", **fields})
         )
 
     return _set

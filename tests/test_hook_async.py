@@ -50,7 +50,7 @@ from airflow_provider_kontext.exceptions import (
     KontextTransportError,
 )
 from airflow_provider_kontext.hooks import kontext as hook_module
-from airflow_provider_kontext.hooks._http import ClientSettings
+from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.kontext import AiohttpClient, FluxKontextHook, _SharedAsyncClient
 from airflow_provider_kontext.models import PredictionStatus
 
@@ -132,7 +132,7 @@ def raises_via_aiohttp(exc: BaseException) -> Callable[[], None]:
 def set_conn(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     def _set(conn_id: str = "flux_kontext_default", **fields: Any) -> None:
         monkeypatch.setenv(
-            f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "flux_kontext", **fields})
+            f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "fluxkontext", **fields})
         )
 
     return _set

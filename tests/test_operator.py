@@ -419,7 +419,7 @@ def test_defers_with_trigger_kwargs(hook):
 
 
 def test_no_secret_in_the_trigger(hook, monkeypatch):
-    conn = {"conn_type": "flux_kontext", "host": "https://api.replicate.com", "password": TOKEN}
+    conn = {"conn_type": "fluxkontext", "host": "https://api.replicate.com", "password": TOKEN}
     monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps(conn))
     real = FluxKontextHook()
     assert real.settings.token == TOKEN  # the connection really carries the token

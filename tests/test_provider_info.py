@@ -4,6 +4,7 @@ from importlib.metadata import entry_points
 
 from airflow_provider_kontext import __version__
 from airflow_provider_kontext.get_provider_info import get_provider_info
+from airflow_provider_kontext.hooks.connection import SETTINGS
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
 
@@ -17,7 +18,7 @@ def test_entry_point_returns_provider_info() -> None:
     assert info["package-name"] == "airflow-provider-kontext"
     assert info["versions"] == [__version__]
     (conn,) = info["connection-types"]
-    assert conn["connection-type"] == FluxKontextHook.conn_type == "flux_kontext"
+    assert conn["connection-type"] == FluxKontextHook.conn_type == "fluxkontext"
     assert conn["hook-class-name"] == f"{FluxKontextHook.__module__}.{FluxKontextHook.__name__}"
 
 
@@ -32,9 +33,9 @@ def test_airflow_registers_the_connection_type_and_form() -> None:
 
     manager = ProvidersManager()
     assert "airflow-provider-kontext" in manager.providers
-    hook_info = manager.hooks["flux_kontext"]
+    hook_info = manager.hooks["fluxkontext"]
     assert hook_info is not None
     assert hook_info.hook_class_name.endswith("FluxKontextHook")
-    assert manager.field_behaviours["flux_kontext"]["relabeling"]["host"] == "Base URL"
-    widgets = {name.rsplit("__", 1)[-1] for name in manager.connection_form_widgets if "flux_kontext" in name}
-    assert {"timeout", "connect_timeout", "max_retries", "backoff_max"} <= widgets
+    assert manager.field_behaviours["fluxkontext"]["relabeling"]["host"] == "Base URL"
+    widgets = {name.rsplit("__", 1)[-1] for name in manager.connection_form_widgets if "fluxkontext" in name}
+    assert {setting.name for setting in SETTINGS} == widgets

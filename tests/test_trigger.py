@@ -158,7 +158,7 @@ def test_unknown_poll_policy_is_refused():
 
 
 def test_no_secret_in_serialize_or_repr(monkeypatch):
-    conn = {"conn_type": "flux_kontext", "host": "https://api.replicate.com", "password": TOKEN}
+    conn = {"conn_type": "fluxkontext", "host": "https://api.replicate.com", "password": TOKEN}
     monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps(conn))
     trigger = FluxKontextPredictionTrigger(prediction_id=PID, end_time=time.time() + 60)
     hook = trigger._hook()

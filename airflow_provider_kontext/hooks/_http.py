@@ -1,5 +1,6 @@
-"""What the sync and async paths of the hook share: client settings, request building, the retry
-policy and response parsing. Each fact lives here once; the hook only moves bytes.
+"""What the sync and async paths of the hook share: request building, the retry policy and
+response parsing. Each fact lives here once; the hook only moves bytes. The connection's settings
+are in :mod:`airflow_provider_kontext.hooks.connection`.
 """
 
 from __future__ import annotations
@@ -7,14 +8,13 @@ from __future__ import annotations
 import email.utils
 import json
 import math
-import os
 import random
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from airflow_provider_kontext.exceptions import (
     KontextAPIError,
@@ -25,133 +25,15 @@ from airflow_provider_kontext.exceptions import (
     KontextServerError,
     KontextTransportError,
 )
+from airflow_provider_kontext.hooks.connection import ClientSettings, auth_hint, tls_hint
 from airflow_provider_kontext.models import MODEL_REFERENCE
 
 if TYPE_CHECKING:
     from tenacity import RetryCallState
 
-DEFAULT_BASE_URL = "https://api.replicate.com"
-TOKEN_ENV_VAR = "REPLICATE_API_TOKEN"  # noqa: S105 (the variable's name, not a token)
-USER_AGENT = "airflow-provider-kontext"
-
 _HEX_VERSION = re.compile(r"^[0-9a-f]{64}$")
 _AVAILABLE_IN = re.compile(r"available in (\d+(?:\.\d+)?) second", re.IGNORECASE)
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
-
-
-def _number(extras: Mapping[str, Any], key: str, default: float, minimum: float) -> float:
-    value = extras.get(key)
-    if value in (None, ""):
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"connection extra {key!r} must be a number, got {value!r}") from None
-    if number < minimum:
-        raise ValueError(f"connection extra {key!r} must be at least {minimum}, got {value!r}")
-    return number
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    """Everything a request needs from the connection. ``token`` never shows in ``repr``."""
-
-    conn_id: str
-    base_url: str
-    token: str | None = field(default=None, repr=False)
-    timeout: float = 30.0
-    connect_timeout: float = 10.0
-    max_retries: int = 5
-    backoff_base: float = 1.0
-    backoff_max: float = 30.0
-    retry_after_max: float = 60.0
-
-    @classmethod
-    def from_connection(
-        cls,
-        conn: Any,
-        *,
-        timeout: float | None = None,
-        max_retries: int | None = None,
-    ) -> ClientSettings:
-        """Build settings from an Airflow ``Connection`` (sync or async lookup alike).
-
-        ``host`` is the base URL (a scheme-less host means https); ``password`` the token, else the
-        ``REPLICATE_API_TOKEN`` environment variable, else none (some proxies need none).
-
-        :raises ValueError: an extra is not a number or is out of range.
-        """
-        extras: Mapping[str, Any] = conn.extra_dejson or {}
-        return cls(
-            conn_id=conn.conn_id,
-            base_url=normalize_base_url(conn.host, conn.port),
-            token=conn.password or os.environ.get(TOKEN_ENV_VAR) or None,
-            timeout=timeout if timeout is not None else _number(extras, "timeout", 30.0, 1),
-            connect_timeout=_number(extras, "connect_timeout", 10.0, 0.1),
-            max_retries=(
-                max_retries if max_retries is not None else int(_number(extras, "max_retries", 5, 0))
-            ),
-            backoff_base=_number(extras, "backoff_base", 1.0, 0),
-            backoff_max=_number(extras, "backoff_max", 30.0, 0),
-            retry_after_max=_number(extras, "retry_after_max", 60.0, 0),
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"ClientSettings(conn_id={self.conn_id!r}, base_url={self.redact(self.base_url)!r}, "
-            f"token={'***' if self.token else None}, timeout={self.timeout}, "
-            f"connect_timeout={self.connect_timeout}, max_retries={self.max_retries})"
-        )
-
-    def secrets(self) -> list[str]:
-        """Values that must never be shown: the token and any credential in the base URL (the
-        userinfo's password, or its user name when it stands alone as a token, and query values),
-        both as written and percent-decoded, since messages may quote either form."""
-        found: list[str] = []
-        parts = urlsplit(self.base_url)
-        if parts.password:
-            found.append(parts.password)
-        elif parts.username:
-            found.append(parts.username)  # https://<token>@proxy/...
-        found.extend(pair.partition("=")[2] for pair in parts.query.split("&"))
-        found.extend(value for _, value in parse_qsl(parts.query))
-        found.extend([unquote(value) for value in found])
-        # Short URL parts ("user", "1") are not worth hiding everywhere; the token always is.
-        # Longest first, so a secret that contains another is replaced whole.
-        secrets = {value for value in found if len(value) >= 6} | ({self.token} if self.token else set())
-        return sorted(secrets, key=len, reverse=True)
-
-    def redact(self, text: str) -> str:
-        for secret in self.secrets():
-            text = text.replace(secret, "***")
-        return text
-
-    def url(self, path: str) -> str:
-        parts = urlsplit(self.base_url)
-        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path))
-
-    def headers(self, extra: Mapping[str, str]) -> dict[str, str]:
-        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        headers.update(extra)
-        return headers
-
-
-def normalize_base_url(host: str | None, port: int | None = None) -> str:
-    """The base URL from a connection's host: a default, a scheme if missing, no trailing ``/v1``."""
-    if not host:
-        return DEFAULT_BASE_URL
-    url = host.strip()
-    if "://" not in url:
-        url = f"https://{url}"
-    parts = urlsplit(url)
-    if port and not parts.port:
-        parts = parts._replace(netloc=f"{parts.netloc}:{port}")
-    path = parts.path.rstrip("/")
-    if path.endswith("/v1"):
-        path = path[: -len("/v1")]
-    return urlunsplit(parts._replace(path=path))
 
 
 @dataclass(frozen=True)
@@ -347,8 +229,7 @@ def parse_response(
         return _raise(
             KontextAuthError,
             kwargs,
-            hint=f"Check the API token in connection {settings.conn_id!r} (its password field, or the "
-            f"{TOKEN_ENV_VAR} environment variable)" + ("" if settings.token else "; no token is configured"),
+            hint=auth_hint(settings),
         )
     if status == 404:
         return _raise(KontextNotFoundError, kwargs, hint="Check the model name, version or prediction id")
@@ -408,8 +289,9 @@ def transport_error(
     )
     reason = settings.redact(f"{type(exc).__name__}: {exc}")[:500]
     where = "could not connect" if not_sent else "no complete response"
+    hint = tls_hint(settings, exc)
     return KontextTransportError(
-        f"{request.label} failed ({where}): {reason}",
+        f"{request.label} failed ({where}): {reason}" + (f" -- {hint}" if hint else ""),
         request_sent=not not_sent,
         method=request.method,
         path=request.path,

@@ -18,15 +18,8 @@ from airflow.sdk import BaseHook
 from pydantic import BaseModel, ValidationError
 
 from airflow_provider_kontext.exceptions import KontextAPIError, KontextAuthError, KontextError
-from airflow_provider_kontext.get_provider_info import (
-    CONN_TYPE,
-    DEFAULT_CONN_ID,
-    UI_FIELD_BEHAVIOUR,
-)
 from airflow_provider_kontext.hooks._http import (
-    USER_AGENT,
     ApiRequest,
-    ClientSettings,
     account_request,
     backoff_seconds,
     cancel_prediction_request,
@@ -39,6 +32,14 @@ from airflow_provider_kontext.hooks._http import (
     retry_kwargs,
     transport_error,
     upload_file_request,
+)
+from airflow_provider_kontext.hooks.connection import (
+    CONN_TYPE,
+    DEFAULT_CONN_ID,
+    HOOK_NAME,
+    USER_AGENT,
+    ClientSettings,
+    ui_field_behaviour,
 )
 from airflow_provider_kontext.images import read_source
 from airflow_provider_kontext.models import Account, Prediction, UploadedFile
@@ -229,10 +230,12 @@ class _SharedAsyncClient:
 class FluxKontextHook(BaseHook):
     """Talks to Replicate's predictions API, or a Replicate-compatible proxy, for FLUX.1 Kontext.
 
-    The connection (type ``flux_kontext``) holds the base URL in ``host`` (default
+    The connection (type ``fluxkontext``) holds the base URL in ``host`` (default
     ``https://api.replicate.com``; a proxy URL with a path prefix works) and the API token in
     ``password`` (else ``REPLICATE_API_TOKEN``; a proxy may need none). Extras: ``timeout`` (read,
-    seconds), ``connect_timeout``, ``max_retries``, ``backoff_max``, ``retry_after_max``.
+    seconds), ``connect_timeout``, ``max_retries``, ``backoff_base``, ``backoff_max``,
+    ``retry_after_max``; their defaults, minimums and meaning are in
+    :data:`~airflow_provider_kontext.hooks.connection.SETTINGS`.
 
     Reads and cancels are retried on 429, 5xx and network errors with capped exponential backoff and
     jitter, honouring ``Retry-After``. Creating a prediction is retried only when the request provably
@@ -250,7 +253,7 @@ class FluxKontextHook(BaseHook):
     conn_name_attr = "flux_kontext_conn_id"
     default_conn_name = DEFAULT_CONN_ID
     conn_type = CONN_TYPE
-    hook_name = "Flux Kontext"
+    hook_name = HOOK_NAME
 
     def __init__(
         self,
@@ -273,8 +276,8 @@ class FluxKontextHook(BaseHook):
 
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
-        """Labels and hidden fields of the connection form (the same as in ``get_provider_info``)."""
-        return UI_FIELD_BEHAVIOUR
+        """Labels, hidden fields and placeholders of the connection form (as in ``get_provider_info``)."""
+        return ui_field_behaviour()
 
     # --- settings ---------------------------------------------------------------------------------
 
@@ -606,7 +609,10 @@ class FluxKontextHook(BaseHook):
         except Exception as exc:  # the UI shows whatever went wrong, a missing connection included
             return False, f"{type(exc).__name__}: {exc}" if not isinstance(exc, KontextError) else str(exc)
         who = account.username + (f" ({account.name})" if account.name else "")
-        return True, f"Connected to {self.settings.redact(self.settings.base_url)} as {who}"
+        message = f"Connected to {self.settings.redact(self.settings.base_url)} as {who}"
+        # `airflow connections test` prints only the message of a failure; the log shows a success's.
+        self.log.info("%s", message)
+        return True, message
 
     # --- API: async ---------------------------------------------------------------------------------
 

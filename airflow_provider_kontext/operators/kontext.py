@@ -20,7 +20,7 @@ from airflow_provider_kontext.exceptions import (
     KontextNotFoundError,
     KontextPredictionMayExistError,
 )
-from airflow_provider_kontext.get_provider_info import DEFAULT_CONN_ID
+from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 from airflow_provider_kontext.images import LocalImage, read_local_image, to_data_uri
 from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, ReplicatePredictionLink
 from airflow_provider_kontext.models import DEFAULT_MODEL, Prediction, PredictionStatus, validate_input
@@ -91,7 +91,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         ``disable_safety_checker`` and ``go_fast``); unset ones take the model's defaults.
     :param extra_input: further inputs for other Kontext models (e.g. ``safety_tolerance`` on pro).
     :param model: ``owner/name`` or ``owner/name:version`` (default: FLUX.1 Kontext [dev]).
-    :param flux_kontext_conn_id: the connection (type ``flux_kontext``).
+    :param flux_kontext_conn_id: the connection (type ``fluxkontext``).
     :param deferrable: wait in the triggerer (default) rather than in the worker.
     :param poll_interval: seconds between status polls.
     :param wait_seconds: hold the create request open up to this many seconds (1..60); a prediction

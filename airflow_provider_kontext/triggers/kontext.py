@@ -11,7 +11,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_kontext.events import error_event
 from airflow_provider_kontext.exceptions import KontextError
-from airflow_provider_kontext.get_provider_info import DEFAULT_CONN_ID
+from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 from airflow_provider_kontext.progress import DEFAULT_POLL_POLICY, POLL_POLICIES, PredictionPoller
 
 __all__ = ["FluxKontextPredictionTrigger"]

@@ -70,7 +70,7 @@ class Airflow:
         self, dag_id: str, emulator: KontextEmulator, conf: dict[str, Any] | None = None, **extra: Any
     ) -> AirflowRun:
         connection = {
-            "conn_type": "flux_kontext",
+            "conn_type": "fluxkontext",
             "host": emulator.base_url,
             "password": TOKEN,
             "extra": {"backoff_base": 0.2, "backoff_max": 1, "retry_after_max": 2, **extra},

@@ -205,7 +205,7 @@ FAULT_TASK = (
 
 def _conn(base_url: str, **extra: Any) -> str:
     settings = {"backoff_base": 0.1, "backoff_max": 0.5, "retry_after_max": 1, "max_retries": 5, **extra}
-    return json.dumps({"conn_type": "flux_kontext", "host": base_url, "password": TOKEN, "extra": settings})
+    return json.dumps({"conn_type": "fluxkontext", "host": base_url, "password": TOKEN, "extra": settings})
 
 
 def _image_uri() -> str:
@@ -387,10 +387,10 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
             "AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT": json.dumps(
-                {"conn_type": "flux_kontext", "host": api.base_url, "password": TOKEN, "extra": extra}
+                {"conn_type": "fluxkontext", "host": api.base_url, "password": TOKEN, "extra": extra}
             ),
             "AIRFLOW_CONN_KONTEXT_PROXY": json.dumps(
-                {"conn_type": "flux_kontext", "host": proxy_url, "extra": extra}
+                {"conn_type": "fluxkontext", "host": proxy_url, "extra": extra}
             ),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }

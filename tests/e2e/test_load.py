@@ -68,7 +68,7 @@ def run_load(home: Path, edits: int, timeout: float) -> dict[str, Any]:
     ) as emu:
         emu.faults.throttle(probability=THROTTLED_SHARE, path=faults.ANY, available_in=0.01)
         connection = {
-            "conn_type": "flux_kontext",
+            "conn_type": "fluxkontext",
             "host": emu.base_url,
             "password": TOKEN,
             "extra": {"max_retries": 12, "backoff_base": 0.01, "backoff_max": 0.05, "retry_after_max": 0.05},

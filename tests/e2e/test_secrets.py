@@ -115,7 +115,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "KONTEXT_PROXY_USER": {"host": proxy_user_url},
         }
         env = {
-            f"AIRFLOW_CONN_{name}": json.dumps({"conn_type": "flux_kontext", "extra": extra, **fields})
+            f"AIRFLOW_CONN_{name}": json.dumps({"conn_type": "fluxkontext", "extra": extra, **fields})
             for name, fields in connections.items()
         }
         env["AIRFLOW__LOGGING__LOGGING_LEVEL"] = "DEBUG"

@@ -40,7 +40,7 @@ def cluster(tmp_path: Path, emulator_slow: KontextEmulator) -> Iterator[Cluster]
     (dags / f"{DAG_ID}.py").write_text(source)
     port = free_port()
     connection = {
-        "conn_type": "flux_kontext",
+        "conn_type": "fluxkontext",
         "host": emulator_slow.base_url,
         "password": TOKEN,
         "extra": {"backoff_base": 0.2, "backoff_max": 1},
