@@ -163,6 +163,8 @@ class ApiRequest:
     headers: dict[str, str] = field(default_factory=dict, repr=False)
     idempotent: bool = True
     read_timeout: float | None = None
+    #: Polled often: its first attempt is logged at debug level only.
+    quiet: bool = False
 
     @property
     def label(self) -> str:
@@ -219,7 +221,7 @@ def _prediction_path(prediction_id: str) -> str:
 
 
 def get_prediction_request(prediction_id: str) -> ApiRequest:
-    return ApiRequest("GET", _prediction_path(prediction_id))
+    return ApiRequest("GET", _prediction_path(prediction_id), quiet=True)
 
 
 def cancel_prediction_request(prediction_id: str) -> ApiRequest:

@@ -49,6 +49,12 @@ if TYPE_CHECKING:
 
 __all__ = ["AiohttpClient", "FluxKontextHook"]
 
+_Parse = Callable[[Any], Any]
+
+
+def _raw(data: Any) -> Any:
+    return data
+
 
 #: How long hooks in one event loop (the triggerer's) reuse a connection's settings. Every trigger
 #: builds its own hook, and each lookup goes through the secrets backends (in a triggerer, a round
@@ -218,44 +224,28 @@ class FluxKontextHook(BaseHook):
     def _attempts(self, settings: ClientSettings, request: ApiRequest, budget: Budget | None) -> Attempts:
         return Attempts(settings, request, budget=budget, log_retry=self._log_retry)
 
-    def _request(
-        self,
-        request: ApiRequest,
-        *,
-        quiet: bool = False,
-        parse: Callable[[Any], Any] | None = None,
-        budget: Budget | None = None,
-    ) -> Any:
-        """Send ``request`` through the attempt loop; return the decoded JSON body (through ``parse``
-        inside each attempt, so an unreadable answer counts as that attempt's failure).
+    def _request(self, request: ApiRequest, budget: Budget | None = None, parse: _Parse = _raw) -> Any:
+        """Send ``request`` through the attempt loop; return its decoded JSON body through ``parse``,
+        which runs inside each attempt, so an unreadable answer counts as that attempt's failure.
 
         :raises KontextError: the final error once trying stops (see :class:`Attempts`).
         """
 
         def send(settings: ClientSettings, attempt: int) -> Any:
-            self._log_attempt(request, attempt, quiet)
-            status, headers, body = send_with_requests(self.get_conn(), settings, request)
-            data = parse_response(settings, request, status, headers, body)
-            return data if parse is None else parse(data)
+            self._log_attempt(request, attempt)
+            answer = send_with_requests(self.get_conn(), settings, request)
+            return parse(parse_response(settings, request, *answer))
 
         attempts = self._attempts(self.settings, request, budget)
         return attempts.run_sync(send, self._refreshed_settings, self._sleep)
 
-    async def _arequest(
-        self,
-        request: ApiRequest,
-        *,
-        quiet: bool = False,
-        parse: Callable[[Any], Any] | None = None,
-        budget: Budget | None = None,
-    ) -> Any:
+    async def _arequest(self, request: ApiRequest, budget: Budget | None = None, parse: _Parse = _raw) -> Any:
         """Async twin of :meth:`_request`, over the event loop's shared client."""
 
         async def send(settings: ClientSettings, attempt: int) -> Any:
-            self._log_attempt(request, attempt, quiet)
-            status, headers, body = await self._async_client().send(settings, request)
-            data = parse_response(settings, request, status, headers, body)
-            return data if parse is None else parse(data)
+            self._log_attempt(request, attempt)
+            answer = await self._async_client().send(settings, request)
+            return parse(parse_response(settings, request, *answer))
 
         attempts = self._attempts(await self.aget_settings(), request, budget)
         return await attempts.run_async(send, self._arefreshed_settings, self._asleep)
@@ -276,8 +266,8 @@ class FluxKontextHook(BaseHook):
             self._aclient_loop = weakref.ref(loop)
         return client
 
-    def _log_attempt(self, request: ApiRequest, attempt: int, quiet: bool) -> None:
-        if attempt > 1 or not quiet:
+    def _log_attempt(self, request: ApiRequest, attempt: int) -> None:
+        if attempt > 1 or not request.quiet:
             self.log.info("%s (attempt %d)", request.label, attempt)
         else:
             # The class's logger: creating one per hook (so per trigger) costs more than the poll.
@@ -342,7 +332,7 @@ class FluxKontextHook(BaseHook):
         :raises KontextDeadlineError: the budget's deadline came before an answer.
         """
         request = get_prediction_request(prediction_id)
-        prediction: Prediction = self._request(request, quiet=True, parse=_prediction, budget=budget)
+        prediction: Prediction = self._request(request, budget, _prediction)
         return prediction
 
     def cancel_prediction(self, prediction_id: str) -> Prediction:
@@ -381,7 +371,7 @@ class FluxKontextHook(BaseHook):
         request = download_request(self.settings, url)
 
         def attempt_once(settings: ClientSettings, number: int) -> str:
-            self._log_attempt(request, number, quiet=False)
+            self._log_attempt(request, number)
             headers = download_request(settings, url).headers  # the token after a refresh, if any
             dest.seek(0)
             dest.truncate()
@@ -450,7 +440,7 @@ class FluxKontextHook(BaseHook):
     async def aget_prediction(self, prediction_id: str, *, budget: Budget | None = None) -> Prediction:
         """Async twin of :meth:`get_prediction`."""
         request = get_prediction_request(prediction_id)
-        prediction: Prediction = await self._arequest(request, quiet=True, parse=_prediction, budget=budget)
+        prediction: Prediction = await self._arequest(request, budget, _prediction)
         return prediction
 
     async def acancel_prediction(self, prediction_id: str) -> Prediction:
