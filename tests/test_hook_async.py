@@ -1303,3 +1303,31 @@ async def test_a_poll_in_flight_is_cut_at_the_deadline(
     assert "no answer by the deadline" in str(err)
     assert time.monotonic() - started < 10
     assert sleeps == []
+
+
+def test_the_trust_store_honours_ssl_cert_file_and_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    import certifi
+
+    from airflow_provider_kontext.hooks.transports import ssl_context
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    default = ssl_context().get_ca_certs()
+    assert default  # certifi's bundle
+    bundle = tmp_path / "one.pem"
+    with open(certifi.where()) as src:  # the first certificate of certifi's bundle alone
+        text = src.read()
+    first = text[text.index("-----BEGIN CERTIFICATE-----") :]
+    bundle.write_text(
+        first[: first.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")] + "\n"
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    assert len(ssl_context().get_ca_certs()) == 1
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    with pytest.raises(OSError):
+        ssl_context()
+    monkeypatch.delenv("SSL_CERT_FILE")
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    assert ssl_context().get_ca_certs() == []  # a directory is read lazily, and holds no hashed certs

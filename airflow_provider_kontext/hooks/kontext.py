@@ -60,7 +60,7 @@ def _raw(data: Any) -> Any:
 #: builds its own hook, and each lookup goes through the secrets backends (in a triggerer, a round
 #: trip over the supervisor to the API server): at 1000 triggers that was ~0.5 ms of CPU per trigger
 #: here. A rotated token is picked up at once all the same: an auth error looks the connection up
-#: again and retries with the new settings (see ``FluxKontextHook._arequest``).
+#: again and retries with the new settings (see :class:`~airflow_provider_kontext.failures.Attempts`).
 SETTINGS_TTL_SECONDS = 60.0
 
 _SettingsKey = tuple[str, float | None, int | None]
@@ -103,6 +103,9 @@ class FluxKontextHook(BaseHook):
     jitter, honouring ``Retry-After``. Creating a prediction is retried only when the request provably
     did not create one (429, connection refused); otherwise it fails with
     :class:`~airflow_provider_kontext.exceptions.KontextPredictionMayExistError`.
+    An auth error looks the connection up again once and, if it changed (a rotated token), sends again.
+    The policy is :mod:`airflow_provider_kontext.failures`; a poll may pass its own
+    :class:`~airflow_provider_kontext.failures.Budget`.
 
     The async methods (``a``-prefixed) share one HTTP client per event loop; call :meth:`aclose` (or
     use ``async with``) when done so it can be closed once its last user is gone.
