@@ -849,7 +849,7 @@ def test_non_deferrable_polls_until_terminal(hook, no_sleep):
     context = make_context()
     assert op.execute(context) == [OUT_URL]
     assert hook.get_prediction.call_count == 4
-    hook.get_prediction.assert_called_with(PID)
+    hook.get_prediction.assert_called_with(PID, budget=mock.ANY)
     assert [c.args[0] for c in no_sleep.call_args_list] == [3.0, 3.0, 3.0]
     lines = logged(op)
     assert lines.count(f"Prediction {PID} is processing") == 1
@@ -859,9 +859,17 @@ def test_non_deferrable_polls_until_terminal(hook, no_sleep):
     assert STATE_KEY not in context["task_state_store"].data
 
 
-def test_non_deferrable_tolerates_transient_errors(hook, no_sleep):
-    hook.get_prediction.side_effect = [KontextServerError(status=502), succeeded()]
+def test_non_deferrable_tolerates_transient_errors(hook, no_sleep, requests_mock, monkeypatch):
+    """The poll's retries are the real hook's, within the budget the in-worker wait hands it."""
+    monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps({"conn_type": "flux_kontext"}))
+    monkeypatch.setattr(FluxKontextHook, "_sleep", lambda self, seconds: None)
+    requests_mock.get(
+        f"https://api.replicate.com/v1/predictions/{PID}",
+        [{"status_code": 502}, {"json": succeeded().model_dump(mode="json")}],
+    )
+    hook.get_prediction.side_effect = FluxKontextHook().get_prediction
     assert make_op(deferrable=False).execute(make_context()) == [OUT_URL]
+    assert requests_mock.call_count == 2
 
 
 def test_non_deferrable_timeout_cancels(hook, no_sleep):

@@ -15,11 +15,14 @@ from airflow_provider_kontext.events import MAX_EVENT_TEXT, error_event, predict
 from airflow_provider_kontext.exceptions import (
     KontextAPIError,
     KontextAuthError,
+    KontextDeadlineError,
     KontextNotFoundError,
     KontextRateLimitError,
     KontextServerError,
     KontextTransportError,
 )
+from airflow_provider_kontext.failures import Attempts, Budget
+from airflow_provider_kontext.hooks._http import ClientSettings, get_prediction_request
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.progress import (
     ADAPTIVE_FIRST_DELAY,
@@ -252,26 +255,37 @@ class TestPredictionPollerDecisions:
         ],
         ids=["5xx", "transport", "429", "malformed"],
     )
-    def test_transient_errors_tolerated_up_to_the_limit(self, clock, exc):
-        log = mock.Mock()
-        poller = PredictionPoller(PID, poll_interval=1, end_time=None, max_consecutive_errors=3, log=log)
-        assert [poller.on_error(exc) for _ in range(3)] == [None, None, None]
-        assert log.call_count == 3
+    def test_transient_errors_end_the_wait_once_the_budget_is_spent(self, clock, exc):
+        """The hook retries a failing poll ``max_consecutive_errors`` times (the poller's budget); a
+        transient error that still reaches the poller has spent it."""
+        poller = PredictionPoller(PID, poll_interval=1, end_time=None, max_consecutive_errors=3)
+        assert poller.budget == Budget(retries=3, tolerate=True, deadline=None, grace=1.0)
         event = poller.on_error(exc)
-        assert event is not None
         assert event.status == "error"
         assert event.prediction_id == PID
         assert "4 polls in a row failed" in event.message
 
-    def test_a_good_poll_resets_the_error_count(self, clock):
+    def test_the_budget_is_per_poll(self, clock):
+        """Each poll gets the whole budget: failures of an earlier poll that ended well do not count."""
         poller = PredictionPoller(PID, poll_interval=1, end_time=None, max_consecutive_errors=2)
+        request = get_prediction_request(PID)
         err = KontextServerError(status=502)
-        assert poller.on_error(err) is None
-        assert poller.on_error(err) is None
-        assert poller.on_prediction(make_prediction("processing")) is None
-        assert poller.on_error(err) is None
-        assert poller.on_error(err) is None
-        assert poller.on_error(err).status == "error"
+        for _ in range(2):  # two polls, each failing twice and then answering
+            attempts = Attempts(
+                ClientSettings(conn_id="c", base_url="https://x"), request, budget=poller.budget
+            )
+            assert attempts.after(err) is not None
+            assert attempts.after(err) is not None
+            assert poller.on_prediction(make_prediction("processing")) is None
+        attempts = Attempts(ClientSettings(conn_id="c", base_url="https://x"), request, budget=poller.budget)
+        assert attempts.after(err) is not None
+        assert attempts.after(err) is not None
+        with pytest.raises(KontextServerError):
+            attempts.after(err)
+
+    def test_a_poll_at_the_deadline_times_out(self, clock):
+        poller = PredictionPoller(PID, poll_interval=1, end_time=NOW + 60)
+        assert poller.on_error(KontextDeadlineError("still failing")).status == "timeout"
 
     @pytest.mark.parametrize(
         "exc",

@@ -384,7 +384,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         )
         while True:
             try:
-                event = poller.on_prediction(self.hook.get_prediction(prediction_id))
+                event = poller.on_prediction(self.hook.get_prediction(prediction_id, budget=poller.budget))
             except KontextError as exc:
                 event = poller.on_error(exc)
             if event is not None:
