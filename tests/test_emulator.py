@@ -390,7 +390,6 @@ def test_account_and_list(kontext_emulator: KontextEmulator, http: requests.Sess
         "type": "user",
         "username": "emulator",
         "name": "Kontext Emulator",
-        "github_url": None,
     }
     ids = [create(http, kontext_emulator).json()["id"] for _ in range(2)]
     listed = http.get(f"{base}/v1/predictions").json()

@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import itertools
 import json
 import math
 import random
@@ -71,7 +72,8 @@ MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 #: Largest input image fetched from an http://127.0.0.1 URL.
 MAX_FETCH_BYTES = 100 * 1024 * 1024
 
-ACCOUNT = {"type": "user", "username": "emulator", "name": "Kontext Emulator", "github_url": None}
+#: ``GET /v1/account`` (``github_url`` and ``avatar_url`` left out: not nullable in the description).
+ACCOUNT = {"type": "user", "username": "emulator", "name": "Kontext Emulator"}
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h)?)+")
@@ -82,6 +84,7 @@ _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 _SWEEP_INTERVAL = 1.0
 _POLL_STEP = 0.02
 _PAGE_SIZE = 100
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MODEL_CREATED = "2025-05-29T00:00:00Z"
 _RECENT_REQUESTS = 50
 
@@ -255,8 +258,13 @@ def check_create_body(document: dict[str, Any], *, by_version: bool) -> None:
         raise _invalid("webhook_events_filter", f"must be a list of {', '.join(WEBHOOK_EVENTS)}")
 
 
-def _parse_time(name: str, value: str | None) -> float | None:
-    """Unix seconds of an ISO 8601 query parameter. :raises ProblemError: 400."""
+def _micros(wall: float) -> int:
+    """Unix time in whole microseconds (the precision of the timestamps the API shows)."""
+    return round(wall * 1_000_000)
+
+
+def _parse_time(name: str, value: str | None) -> int | None:
+    """Unix microseconds of an ISO 8601 query parameter. :raises ProblemError: 400."""
     if value is None or not value.strip():
         return None
     try:
@@ -265,7 +273,7 @@ def _parse_time(name: str, value: str | None) -> float | None:
         raise ProblemError(400, "Bad Request", f"{name}: {value!r} is not an ISO 8601 date-time") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
+    return (moment - _EPOCH) // timedelta(microseconds=1)
 
 
 def _encode_cursor(created_wall: float, record_id: str, *, reverse: bool) -> str:
@@ -439,7 +447,7 @@ class EmulatorService:
             version=version,
             input=model_input,
             base_url=base_url,
-            created_wall=self.clock.wall(),
+            created_wall=round(self.clock.wall(), 6),  # what created_at shows, to the microsecond
             created_mono=self.clock.monotonic(),
             timing=timing,
             seed=seed,
@@ -505,7 +513,8 @@ class EmulatorService:
             records = [
                 r
                 for r in self._predictions.values()
-                if (after is None or r.created_wall >= after) and (before is None or r.created_wall < before)
+                if (after is None or _micros(r.created_wall) >= after)
+                and (before is None or _micros(r.created_wall) < before)
             ]
         records.sort(key=lambda r: (r.created_wall, r.id), reverse=True)
         keys = [(r.created_wall, r.id) for r in records]
@@ -551,6 +560,7 @@ class EmulatorService:
         """
         record = self._record(prediction_id)
         sent_logs = 0
+        ids = itertools.count(1)
         while not self.closing:
             await self._ensure_edit(record)
             elapsed = record.elapsed(self.clock.monotonic())
@@ -558,16 +568,16 @@ class EmulatorService:
             logs = body.get("logs") or ""
             if len(logs) > sent_logs:
                 for line in logs[sent_logs:].splitlines():
-                    yield _event("logs", line)
+                    yield _event("logs", line, next(ids))
                 sent_logs = len(logs)
             if record.is_terminal(elapsed):
                 status = body["status"]
                 if status == "succeeded" and body.get("output") is not None:
-                    yield _event("output", str(body["output"]))
+                    yield _event("output", str(body["output"]), next(ids))
                 if status == "failed":
-                    yield _event("error", str(body.get("error") or "failed"))
+                    yield _event("error", str(body.get("error") or "failed"), next(ids))
                 reason = {} if status == "succeeded" else {"reason": status}
-                yield _event("done", json.dumps(reason))
+                yield _event("done", json.dumps(reason), next(ids))
                 return
             await asyncio.sleep(_POLL_STEP)
 
@@ -934,10 +944,11 @@ class EmulatorService:
                 self._purge(record)
 
 
-def _event(name: str, data: str) -> str:
-    """One server-sent event (multi-line data as several ``data:`` lines)."""
+def _event(name: str, data: str, event_id: int) -> str:
+    """One server-sent event (multi-line data as several ``data:`` lines) with its ``id``, which
+    the official clients require before they hand an event on."""
     lines = "".join(f"data: {line}\n" for line in (data.splitlines() or [""]))
-    return f"event: {name}\n{lines}\n"
+    return f"event: {name}\nid: {event_id}\n{lines}\n"
 
 
 async def _fetch_local(url: str) -> bytes:
