@@ -699,6 +699,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def emulator_from_args(args: argparse.Namespace) -> KontextEmulator:
+    """The (not yet started) emulator the command line asks for. :raises ValueError: bad options."""
+    base = REALISTIC_TIMING if args.realistic else Timing()
+    return KontextEmulator(
+        token=args.token,
+        path_prefix=args.path_prefix,
+        prediction_seconds=_given(args.prediction_seconds, base.prediction_seconds),
+        start_seconds=_given(args.start_seconds, base.start_seconds),
+        spread=_given(args.spread, base.spread),
+        timing_seed=args.timing_seed,
+        retention_seconds=args.retention_seconds,
+        output_scale=args.output_scale,
+        host=args.host,
+        port=args.port,
+        fault_seed=args.fault_seed,
+        rate_limit=args.rate_limit,
+    )
+
+
 def _given(value: float | None, default: float) -> float:
     return default if value is None else value
 
@@ -707,22 +726,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the emulator in the foreground: print its base URL, serve until SIGTERM or SIGINT."""
     parser = _parser()
     args = parser.parse_args(argv)
-    base = REALISTIC_TIMING if args.realistic else Timing()
     try:
-        emulator = KontextEmulator(
-            token=args.token,
-            path_prefix=args.path_prefix,
-            prediction_seconds=_given(args.prediction_seconds, base.prediction_seconds),
-            start_seconds=_given(args.start_seconds, base.start_seconds),
-            spread=_given(args.spread, base.spread),
-            timing_seed=args.timing_seed,
-            retention_seconds=args.retention_seconds,
-            output_scale=args.output_scale,
-            host=args.host,
-            port=args.port,
-            fault_seed=args.fault_seed,
-            rate_limit=args.rate_limit,
-        )
+        emulator = emulator_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     stop = threading.Event()
@@ -748,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["KontextEmulator", "build_api", "main", "problem_response"]
+__all__ = ["KontextEmulator", "build_api", "emulator_from_args", "main", "problem_response"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,24 +44,43 @@ class Clock:
 
     :meth:`advance` makes every prediction, deadline, retention period and rate-limit window see
     that much more time pass at once, so a test of a 5 s ``Cancel-After`` or of an hour's
-    retention does not have to sleep through it.
+    retention does not have to sleep through it. :meth:`freeze` stops it (only :meth:`advance`
+    moves it then), for tests that count exactly, like rate-limit windows; while frozen, nothing
+    that waits for time (``Prefer: wait``, streams, webhooks) gets anywhere by itself.
     """
 
     def __init__(self) -> None:
-        self._offset = 0.0
+        self._mono_offset = 0.0
+        self._wall_offset = 0.0
+        self._frozen: tuple[float, float] | None = None
 
     def monotonic(self) -> float:
-        return time.monotonic() + self._offset
+        frozen = self._frozen
+        return (frozen[0] if frozen else time.monotonic()) + self._mono_offset
 
     def wall(self) -> float:
         """Seconds since the epoch (what ``created_at`` and other timestamps are made from)."""
-        return time.time() + self._offset
+        frozen = self._frozen
+        return (frozen[1] if frozen else time.time()) + self._wall_offset
 
     def advance(self, seconds: float) -> None:
         """Move the clock ``seconds`` forward. :raises ValueError: negative ``seconds``."""
         if seconds < 0:
             raise ValueError(f"the clock only moves forward, got {seconds}")
-        self._offset += seconds
+        self._mono_offset += seconds
+        self._wall_offset += seconds
+
+    def freeze(self) -> None:
+        """Stop the clock where it is."""
+        if self._frozen is None:
+            self._frozen = (time.monotonic(), time.time())
+
+    def unfreeze(self) -> None:
+        """Let the clock run again from where it stands."""
+        frozen, self._frozen = self._frozen, None
+        if frozen is not None:
+            self._mono_offset += frozen[0] - time.monotonic()
+            self._wall_offset += frozen[1] - time.time()
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,12 @@ class RateLimit:
         cls, creates: float, others: float, *, burst_seconds: float = DEFAULT_BURST_SECONDS
     ) -> RateLimit:
         """``creates`` and ``others`` requests per minute, each allowed a burst of
-        ``burst_seconds`` of its rate."""
+        ``burst_seconds`` of its rate.
+
+        :raises ValueError: a rate or ``burst_seconds`` that is not positive.
+        """
+        if not burst_seconds > 0:
+            raise ValueError(f"burst_seconds must be positive, got {burst_seconds}")
         return cls(
             (Limit(creates, max(1.0, creates / 60 * burst_seconds)),),
             (Limit(others, max(1.0, others / 60 * burst_seconds)),),
