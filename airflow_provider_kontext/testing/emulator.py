@@ -10,10 +10,11 @@ Or in the foreground, to drive it from another process::
 
     python -m airflow_provider_kontext.testing.emulator --port 8765 --token T --path-prefix /replicate
 
-The endpoints are Replicate's (create by model or by version, get, list, cancel, account, files)
-plus ``{base}/_emulator/faults``, ``/_emulator/state`` and ``/_emulator/reset`` to control it over
-HTTP. Every request except those passes a gateway that applies the armed faults, checks the token
-and logs ``(method, path, status)``.
+The endpoints are Replicate's, shaped as its OpenAPI description says (create by model or by
+version, get, list, cancel, stream, models and versions, files, the webhook secret, account), plus
+``{base}/_emulator/faults``, ``/_emulator/state`` and ``/_emulator/reset`` to control it over HTTP.
+Every request except those passes a gateway that applies the armed faults, checks the token,
+applies the rate limits when asked (``rate_limit=``) and logs ``(method, path, status)``.
 """
 
 from __future__ import annotations
