@@ -12,14 +12,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from airflow_provider_kontext.testing.emulator import KontextEmulator
     from airflow_provider_kontext.testing.faults import Faults
+    from airflow_provider_kontext.testing.ratelimit import RateLimit
     from airflow_provider_kontext.testing.service import RequestRecord
+    from airflow_provider_kontext.testing.webhooks import Delivery
 
-__all__ = ["Faults", "KontextEmulator", "RequestRecord"]
+__all__ = ["Delivery", "Faults", "KontextEmulator", "RateLimit", "RequestRecord"]
 
 _LAZY = {
     "KontextEmulator": "airflow_provider_kontext.testing.emulator",
     "Faults": "airflow_provider_kontext.testing.faults",
+    "RateLimit": "airflow_provider_kontext.testing.ratelimit",
     "RequestRecord": "airflow_provider_kontext.testing.service",
+    "Delivery": "airflow_provider_kontext.testing.webhooks",
 }
 
 
