@@ -314,10 +314,10 @@ class Prediction(BaseModel):
     data_removed: bool = False
     urls: PredictionUrls = Field(default_factory=PredictionUrls)
     metrics: PredictionMetrics = Field(default_factory=PredictionMetrics)
-    #: The images-API answer's rewritten prompt(s), if the proxy gave any.
-    revised_prompt: str | None = None
-    #: For an images-API answer, what it looked like (keys only, never values).
-    shape: str | None = None
+    #: The images-API answer's rewritten prompt(s), if the proxy gave any (ours: not dumped).
+    revised_prompt: str | None = Field(default=None, exclude=True)
+    #: For an images-API answer, what it looked like (keys only, never values; not dumped).
+    shape: str | None = Field(default=None, exclude=True)
 
     @field_validator("deadline", mode="wrap")
     @classmethod

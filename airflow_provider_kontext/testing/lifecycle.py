@@ -309,7 +309,7 @@ def _iso(moment: datetime) -> str:
 
 
 def _json_shape(body: dict[str, Any], *, logs: bool) -> dict[str, Any]:
-    for key in ("started_at", "completed_at"):
+    for key in ("started_at", "completed_at", "deadline"):
         if body.get(key) is None:
             body.pop(key, None)
     body["urls"] = {k: v for k, v in (body.get("urls") or {}).items() if v is not None}
