@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
+from airflow_provider_kontext.compat import AirflowFailException
 from airflow_provider_kontext.exceptions import (
     KontextError,
     KontextInputError,
