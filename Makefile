@@ -18,8 +18,8 @@ demo: venv
 	$(BIN)/python scripts/demo.py
 
 lint: venv
-	$(BIN)/ruff check airflow_provider_kontext tests example_dags scripts
-	$(BIN)/ruff format --check airflow_provider_kontext tests example_dags scripts
+	$(BIN)/ruff check airflow_provider_kontext tests example_dags scripts ci
+	$(BIN)/ruff format --check airflow_provider_kontext tests example_dags scripts ci
 	$(BIN)/mypy
 
 test: venv
