@@ -11,8 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowFailException
-
+from airflow_provider_kontext.compat import AirflowFailException
 from airflow_provider_kontext.events import PredictionEvent
 from airflow_provider_kontext.exceptions import KontextError, KontextPredictionFailed
 from airflow_provider_kontext.outputs import (

@@ -26,7 +26,7 @@ from PIL import Image
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.testing import KontextEmulator
 from airflow_provider_kontext.testing.faults import CREATE, NSFW_ERROR, PREDICTION
-from airflow_provider_kontext.testing.service import RequestRecord
+from airflow_provider_kontext.testing.service import RequestRecord, parse_cancel_after
 
 pytest_plugins = ["airflow_provider_kontext.testing.pytest_plugin", "pytester"]
 
@@ -143,7 +143,9 @@ def assert_problem(response: requests.Response, status: int) -> dict[str, Any]:
 # --- lifecycle and outputs ----------------------------------------------------------------------
 
 
-@emulator_options(prediction_seconds=0.2, start_seconds=0.05)
+# Generous on purpose: 1.5 s of processing gives a poll every 20 ms many looks at the growing logs
+# even when a loaded machine answers each poll in a few hundred ms (0.2 s did not).
+@emulator_options(prediction_seconds=1.5, start_seconds=0.1)
 def test_lifecycle_reaches_succeeded_with_growing_logs(
     kontext_emulator: KontextEmulator, http: requests.Session
 ) -> None:
@@ -159,7 +161,7 @@ def test_lifecycle_reaches_succeeded_with_growing_logs(
     assert created["urls"]["cancel"].endswith("/cancel")
     assert created["id"].isalnum()
 
-    seen = poll(http, created["urls"]["get"])
+    seen = poll(http, created["urls"]["get"], timeout=60)
     statuses = [p["status"] for p in seen]
     assert statuses[-1] == "succeeded"
     assert "processing" in statuses
@@ -174,8 +176,8 @@ def test_lifecycle_reaches_succeeded_with_growing_logs(
     assert "100%|██████████|" in final["logs"]
     assert final["error"] is None
     assert final["data_removed"] is False
-    assert final["metrics"]["predict_time"] == pytest.approx(0.2)
-    assert final["metrics"]["total_time"] == pytest.approx(0.25)
+    assert final["metrics"]["predict_time"] == pytest.approx(1.5)
+    assert final["metrics"]["total_time"] == pytest.approx(1.6)
     parsed = Prediction.model_validate(final)
     assert parsed.created_at < parsed.started_at < parsed.completed_at  # type: ignore[operator]
     assert parsed.output_urls == [final["output"]]
@@ -479,6 +481,14 @@ def test_cancel_after_while_running_cancels(
     assert final["metrics"]["total_time"] == pytest.approx(6.0)
     assert "Using seed" in final["logs"]
     assert "28/28" not in final["logs"]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("90s", 90), ("5m", 300), ("1h30m", 5400), ("120", 120), ("5000ms", 5), (" 2M ", 120), ("", None)],
+)
+def test_cancel_after_parsing(value: str, seconds: float | None) -> None:
+    assert parse_cancel_after(value) == seconds
 
 
 def test_cancel_after_formats(kontext_emulator: KontextEmulator, http: requests.Session) -> None:

@@ -23,10 +23,10 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from airflow_provider_kontext.compat import AirflowFailException, TaskDeferred
 from airflow_provider_kontext.exceptions import KontextInputError
 from airflow_provider_kontext.hooks._http import create_prediction_request
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook

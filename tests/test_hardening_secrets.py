@@ -195,7 +195,7 @@ def test_transport_errors_that_quote_the_url_are_redacted() -> None:
 def test_every_secret_is_registered_with_the_masker(conn: Callable[..., None], user_only: bool) -> None:
     conn(host=proxy_url("http://127.0.0.1:9", user_only=user_only), password=TOKEN)
     expected = {TOKEN, QUERY_TOKEN, URL_USER_TOKEN if user_only else URL_PASSWORD}
-    with mock.patch("airflow.sdk.log.mask_secret") as masked:
+    with mock.patch("airflow_provider_kontext.compat.mask_secret") as masked:
         FluxKontextHook(CONN_ID).settings
     assert expected <= {c.args[0] for c in masked.call_args_list if isinstance(c.args[0], str)}
 
@@ -203,8 +203,8 @@ def test_every_secret_is_registered_with_the_masker(conn: Callable[..., None], u
         await FluxKontextHook(CONN_ID).aget_settings()
 
     with (
-        mock.patch("airflow.sdk.log.mask_secret") as masked,
-        mock.patch("airflow.sdk.log.amask_secret", new_callable=mock.AsyncMock) as amasked,
+        mock.patch("airflow_provider_kontext.compat.mask_secret") as masked,
+        mock.patch("airflow_provider_kontext.compat.amask_secret", new_callable=mock.AsyncMock) as amasked,
     ):
         asyncio.run(load())
     calls = masked.call_args_list + amasked.call_args_list

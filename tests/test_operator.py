@@ -15,9 +15,9 @@ from unittest import mock
 import pendulum
 import pytest
 from airflow.sdk import DAG, Asset, ObjectStoragePath
-from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 from airflow.sdk.execution_time.context import OutletEventAccessors
 
+from airflow_provider_kontext.compat import AirflowFailException, TaskDeferred
 from airflow_provider_kontext.events import prediction_event
 from airflow_provider_kontext.exceptions import (
     KontextAuthError,
@@ -314,6 +314,11 @@ def test_small_local_image_sent_inline(hook, tmp_path, form):
 
 
 def test_remote_object_storage_image_read_through_its_filesystem(hook):
+    import fsspec
+    from airflow.sdk.io import attach
+
+    # Airflow 3.1 registers no filesystem for memory://; attaching one works on every version.
+    attach("memory", fs=fsspec.filesystem("memory"))
     image = ObjectStoragePath("memory://kontext-operator-test/in/photo.png")
     image.parent.mkdir(parents=True, exist_ok=True)
     image.write_bytes(PNG)
@@ -861,7 +866,7 @@ def test_non_deferrable_polls_until_terminal(hook, no_sleep):
 
 def test_non_deferrable_tolerates_transient_errors(hook, no_sleep, requests_mock, monkeypatch):
     """The poll's retries are the real hook's, within the budget the in-worker wait hands it."""
-    monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps({"conn_type": "flux_kontext"}))
+    monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps({"conn_type": "fluxkontext"}))
     monkeypatch.setattr(FluxKontextHook, "_sleep", lambda self, seconds: None)
     requests_mock.get(
         f"https://api.replicate.com/v1/predictions/{PID}",
@@ -974,7 +979,7 @@ def test_in_worker_polling_redacts_a_secret_echoed_into_a_failed_prediction(hook
 
 def test_a_transient_storage_error_reading_the_image_is_retryable(hook):
     """An I/O hiccup (e.g. s3fs's OSError) is not bad input: the task fails normally so retries apply."""
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow_provider_kontext.compat import AirflowFailException
 
     class FlakyStorage:
         def __str__(self) -> str:
@@ -1000,7 +1005,7 @@ def test_a_transient_storage_error_reading_the_image_is_retryable(hook):
     ],
 )
 def test_model_failures_fail_without_retry_unless_asked(hook, status, retry_failed_predictions, no_retry):
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow_provider_kontext.compat import AirflowFailException
 
     event = prediction_event(make_prediction(status, error="NSFW content detected."))
     op = make_op(retry_failed_predictions=retry_failed_predictions)

@@ -293,7 +293,7 @@ async def api(monkeypatch):
     app.router.add_get(f"/v1/predictions/{PID}", scripted.handle)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    conn = {"conn_type": "flux_kontext", "host": f"http://127.0.0.1:{server.port}", "password": TOKEN}
+    conn = {"conn_type": "fluxkontext", "host": f"http://127.0.0.1:{server.port}", "password": TOKEN}
     monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps(conn))
     scripted.retry_waits = []  # type: ignore[attr-defined]
 

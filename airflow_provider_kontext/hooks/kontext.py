@@ -146,14 +146,24 @@ class FluxKontextHook(BaseHook):
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         """Labels, hidden fields and placeholders of the connection form (as in ``get_provider_info``)."""
-        return ui_field_behaviour()
+        from airflow_provider_kontext.compat import hook_field_behaviour
+
+        return hook_field_behaviour(ui_field_behaviour())
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """The extra fields of the connection form on Airflow 3.1 (3.2+ read ``conn-fields``)."""
+        from airflow_provider_kontext.compat import connection_form_widgets
+        from airflow_provider_kontext.hooks.connection import conn_fields
+
+        return connection_form_widgets(conn_fields())
 
     # --- settings ---------------------------------------------------------------------------------
 
     def _build_settings(self, conn: Any) -> ClientSettings:
         """Settings from the connection, every secret in them registered with Airflow's masker."""
         settings = ClientSettings.from_connection(conn, timeout=self._timeout, max_retries=self._max_retries)
-        from airflow.sdk.log import mask_secret
+        from airflow_provider_kontext.compat import mask_secret
 
         for secret in settings.secrets():
             mask_secret(secret)
@@ -163,7 +173,7 @@ class FluxKontextHook(BaseHook):
         """:meth:`_build_settings` for the event loop: masks with ``amask_secret``, which does not
         block on the supervisor's channel."""
         settings = ClientSettings.from_connection(conn, timeout=self._timeout, max_retries=self._max_retries)
-        from airflow.sdk.log import amask_secret
+        from airflow_provider_kontext.compat import amask_secret
 
         for secret in settings.secrets():
             await amask_secret(secret)

@@ -9,9 +9,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_kontext.arguments import check_number
+from airflow_provider_kontext.compat import AirflowFailException
 from airflow_provider_kontext.deadlines import deadline_after_create
 from airflow_provider_kontext.events import PredictionEvent, prediction_event
 from airflow_provider_kontext.exceptions import (

@@ -7,7 +7,17 @@ with ``pytest_plugins = ["airflow_provider_kontext.testing.pytest_plugin"]``.
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
+
+#: What the emulator imports from the ``emulator`` extra (Pillow is imported as PIL).
+_EMULATOR_MODULES = ("fastapi", "uvicorn", "PIL")
+_missing = [name for name in _EMULATOR_MODULES if find_spec(name) is None]
+if _missing:
+    raise ImportError(
+        "airflow_provider_kontext.testing (the emulator) needs the 'emulator' extra: "
+        "pip install 'airflow-provider-kontext[emulator]' (missing: " + ", ".join(_missing) + ")"
+    )
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.testing.emulator import KontextEmulator
