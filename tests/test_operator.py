@@ -1098,6 +1098,8 @@ def test_mapped_over_input_images():
     assert mapped.partial_kwargs["aspect_ratio"] == "1:1"
     assert mapped.partial_kwargs["output_path"] == "/tmp/out"
     assert mapped.expand_input.value == {"input_image": images}
+    # Carried by the mapped task itself: Airflow renders the template from it, before unmapping.
+    assert mapped.map_index_template == "{{ task.input_label }}"
 
 
 @pytest.mark.parametrize(

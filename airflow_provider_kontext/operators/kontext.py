@@ -65,8 +65,8 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 MAX_WAIT = timedelta(days=7)
 _PENDING_IMAGE = "data:image/png;base64,"
 #: What a mapped edit shows in the UI instead of its map index (the input's file name), unless the
-#: DAG sets its own ``map_index_template``. Rendered by Airflow before ``execute`` (so it shows while
-#: the task is deferred) with the templated fields already rendered.
+#: DAG sets its own ``map_index_template``. Airflow renders it with the templated fields already
+#: rendered, before ``execute`` (so it shows while the task is deferred) and again after.
 DEFAULT_MAP_INDEX_TEMPLATE = "{{ task.input_label }}"
 #: Statuses of a create (or upload) answer that the same request would get again: the task fails
 #: without retries (bad token or no access, unknown model, input the server rejects).
@@ -96,9 +96,11 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     The return value (XCom ``return_value``) is the list of output URLs, or of durable paths when
     ``output_path`` is set. XCom ``prediction_id`` and ``prediction_web_url`` are pushed right after the
     create; ``prediction`` (a summary: id, status, model, predict time, times, web URL, when the
-    URLs expire) at the end. A ``failed``, ``canceled`` or ``aborted`` prediction fails the task with
-    the model's error and the tail of its logs; a prediction that outlives the timeout is canceled
-    and fails the task.
+    URLs expire, and what made the outputs: input image, its name, prompt) at the end. Outputs saved
+    under ``output_path`` are named ``<input>-<prediction id>.<ext>``. A ``failed``, ``canceled`` or
+    ``aborted`` prediction fails the task with the model's error and the tail of its logs; a
+    prediction that outlives the timeout is canceled and fails the task. A create or upload answered
+    401, 403, 404 or 422 fails the task without retries (the same request would get the same answer).
 
     :param prompt: the edit instruction (templated).
     :param input_image: the image to edit (templated): an http(s) URL or ``data:`` URI is passed on;
@@ -180,11 +182,11 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         output_path: Any = None,
         max_output_bytes: int = 50 * 1024 * 1024,
         inline_image_max_bytes: int = 256 * 1024,
+        map_index_template: str | None = DEFAULT_MAP_INDEX_TEMPLATE,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("map_index_template") is None:
-            kwargs["map_index_template"] = DEFAULT_MAP_INDEX_TEMPLATE
-        super().__init__(**kwargs)
+        # A default in the signature (not in the body): ``.partial()`` reads operator defaults from it.
+        super().__init__(map_index_template=map_index_template, **kwargs)
         if not isinstance(flux_kontext_conn_id, str) or not flux_kontext_conn_id:
             raise ValueError(f"flux_kontext_conn_id must be a non-empty string, got {flux_kontext_conn_id!r}")
         self.prompt = prompt
