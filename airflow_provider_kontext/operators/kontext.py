@@ -131,7 +131,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         outputs to before Replicate deletes them; the task then returns those paths.
     :param max_output_bytes: the largest output file accepted.
     :param outlets: as for any operator; each ``Asset`` among them gets an event whose ``extra`` holds
-        the prediction id and the outputs (paths or URLs).
+        the prediction id, the outputs (paths or URLs), the input image, the prompt and the model.
     :param inline_image_max_bytes: local images up to this size are sent inline as data: URIs.
     :param map_index_template: as for any operator; by default a mapped edit shows its input's file
         name (``task.input_label``) in the UI instead of its index.
