@@ -61,6 +61,20 @@ def clock():
 
 
 class TestProgressTracker:
+    @pytest.mark.parametrize(
+        ("status", "line"),
+        [
+            ("starting", "is starting"),
+            ("processing", "is processing"),
+            ("succeeded", "succeeded"),
+            ("failed", "failed"),
+            ("canceled", "was canceled"),
+            ("aborted", "was aborted"),
+        ],
+    )
+    def test_each_status_reads_as_a_sentence(self, status, line):
+        assert ProgressTracker(PID).update(make_prediction(status)) == [f"Prediction {PID} {line}"]
+
     def test_status_change_reported_once(self):
         tracker = ProgressTracker(PID)
         assert tracker.update(make_prediction("starting")) == [f"Prediction {PID} is starting"]
