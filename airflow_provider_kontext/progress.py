@@ -72,6 +72,33 @@ def parse_progress(line: str) -> Progress | None:
     return Progress(step, total, seconds_per_step)
 
 
+def is_progress_bar(line: str) -> bool:
+    """Whether ``line`` is a tqdm progress bar line."""
+    return "|" in line and _TQDM.match(line) is not None
+
+
+def collapse_progress_bars(lines: list[str]) -> list[str]:
+    """``lines`` with each run of progress bar lines cut to its last (the others are superseded)."""
+    kept: list[str] = []
+    for line in lines:
+        if kept and is_progress_bar(line) and is_progress_bar(kept[-1]):
+            kept[-1] = line
+        else:
+            kept.append(line)
+    return kept
+
+
+#: How a status change reads in the task log ("Prediction abc succeeded").
+_STATUS_WORDS = {
+    "starting": "is starting",
+    "processing": "is processing",
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "canceled": "was canceled",
+    "aborted": "was aborted",
+}
+
+
 class ProgressTracker:
     """Remembers what was already reported of one prediction, so each poll reports only what is new:
     a status change and log lines that appeared since the last poll.
@@ -97,7 +124,7 @@ class ProgressTracker:
         messages: list[str] = []
         status = prediction.status.value
         if status != self.status:
-            messages.append(f"Prediction {self.prediction_id} is {status}")
+            messages.append(f"Prediction {self.prediction_id} {_STATUS_WORDS.get(status, f'is {status}')}")
             self.status = status
         logs = prediction.logs or ""
         if len(logs) < self._logs_seen:  # the logs were replaced (e.g. deleted after retention)
@@ -127,7 +154,7 @@ class ProgressTracker:
         in_bar = False
         newest_bar = None
         for line in lines:
-            is_bar = "|" in line and _TQDM.match(line) is not None
+            is_bar = is_progress_bar(line)
             if not is_bar:
                 kept.append(line)
             elif not show_bars:

@@ -11,7 +11,13 @@ from unittest import mock
 import pytest
 
 from airflow_provider_kontext import progress
-from airflow_provider_kontext.events import MAX_EVENT_TEXT, error_event, prediction_event, timeout_event
+from airflow_provider_kontext.events import (
+    EVENT_LOG_TAIL_LINES,
+    MAX_EVENT_TEXT,
+    error_event,
+    prediction_event,
+    timeout_event,
+)
 from airflow_provider_kontext.exceptions import (
     KontextAPIError,
     KontextAuthError,
@@ -58,6 +64,20 @@ def clock():
 
 
 class TestProgressTracker:
+    @pytest.mark.parametrize(
+        ("status", "line"),
+        [
+            ("starting", "is starting"),
+            ("processing", "is processing"),
+            ("succeeded", "succeeded"),
+            ("failed", "failed"),
+            ("canceled", "was canceled"),
+            ("aborted", "was aborted"),
+        ],
+    )
+    def test_each_status_reads_as_a_sentence(self, status, line):
+        assert ProgressTracker(PID).update(make_prediction(status)) == [f"Prediction {PID} {line}"]
+
     def test_status_change_reported_once(self):
         tracker = ProgressTracker(PID)
         assert tracker.update(make_prediction("starting")) == [f"Prediction {PID} is starting"]
@@ -85,7 +105,7 @@ class TestProgressTracker:
         tracker = ProgressTracker(PID)
         tracker.update(make_prediction("processing", "a\nb"))
         assert tracker.update(make_prediction("succeeded", "a\nb")) == [
-            f"Prediction {PID} is succeeded",
+            f"Prediction {PID} succeeded",
             "model: b",
         ]
 
@@ -155,7 +175,7 @@ def test_prediction_event_fields():
         "model": "black-forest-labs/flux-kontext-dev",
         "output": ["https://replicate.delivery/out.webp"],
         "error": None,
-        "logs_tail": "a\nb",
+        "logs_tail": "",  # a success's logs were reported while it ran; the event stays small
         "predict_time": 3.5,
         "created_at": "2025-01-01T00:00:00+00:00",
         "completed_at": "2025-01-01T00:00:05+00:00",
@@ -168,6 +188,20 @@ def test_prediction_event_fields():
     assert (
         json.loads(json.dumps(event.payload())) == event.payload()
     )  # JSON primitives only (events go to the DB)
+
+
+def test_an_unsuccessful_events_log_tail_is_short_and_shows_each_bar_once():
+    logs = "loading\n" + bars(*range(1, 29)) + "".join(f"note {i}\n" for i in range(12)) + bars(3, 4)
+    event = prediction_event(make_prediction("failed", logs + "CUDA out of memory\n"))
+    lines = event.logs_tail.splitlines()
+    assert len(lines) == EVENT_LOG_TAIL_LINES
+    assert lines[-2:] == [bar(4), "CUDA out of memory"]
+    assert lines[0] == "note 4"
+
+
+def test_collapse_progress_bars_keeps_each_runs_last_line():
+    lines = ["a", *bars(1, 2, 3).splitlines(), "b", *bars(9).splitlines()]
+    assert progress.collapse_progress_bars(lines) == ["a", bar(3), "b", bar(9)]
 
 
 def test_prediction_event_error_text_is_capped_and_stringified():
@@ -354,7 +388,7 @@ class TestProgressBarLines:
         clock.value = NOW + 3
         done = make_prediction("succeeded", bars(0, 1, 2, 3, 4) + "saved\n")
         assert tracker.update(done) == [
-            f"Prediction {PID} is succeeded",
+            f"Prediction {PID} succeeded",
             f"model: {bar(4)}",
             "model: saved",
         ]
@@ -364,7 +398,7 @@ class TestProgressBarLines:
         tracker.update(make_prediction("processing", bars(0, 1, 2)))
         failed = make_prediction("failed", bars(0, 1, 2) + "CUDA out of memory\n")
         assert tracker.update(failed) == [
-            f"Prediction {PID} is failed",
+            f"Prediction {PID} failed",
             f"model: {bar(2)}",  # where it stood
             "model: CUDA out of memory",
         ]
@@ -386,7 +420,7 @@ class TestProgressBarLines:
         tracker = ProgressTracker(PID)
         logs = bars(1, 2) + "loaded\n" + bars(3, 4)
         assert tracker.update(make_prediction("succeeded", logs)) == [
-            f"Prediction {PID} is succeeded",
+            f"Prediction {PID} succeeded",
             f"model: {bar(2)}",
             "model: loaded",
             f"model: {bar(4)}",

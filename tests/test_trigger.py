@@ -251,7 +251,7 @@ async def test_progress_lines_logged_once(hook, sleeps):
         "model: Loading",
         "model: step 1/28",
         "model: step 2/28",
-        f"Prediction {PID} is succeeded",
+        f"Prediction {PID} succeeded",
         "model: done",
     ]
 
@@ -407,7 +407,7 @@ async def test_adaptive_polls_when_the_progress_bar_ends(hook, sleeps):
     assert [c.args[0] for c in log.info.call_args_list] == [
         f"Prediction {PID} is processing",
         "model: Using seed: 1",
-        f"Prediction {PID} is succeeded",
+        f"Prediction {PID} succeeded",
         "model: " + tqdm(28).strip(),  # one bar line, not one per step
     ]
 

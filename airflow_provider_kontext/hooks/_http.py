@@ -128,7 +128,7 @@ def download_request(settings: ClientSettings, url: str) -> ApiRequest:
     :raises KontextAPIError: the URL is not http(s) (``file:``, ``javascript:``, ...).
     """
     parts = urlsplit(url)
-    shown = urlunsplit(parts._replace(query="", fragment="", netloc=parts.hostname or ""))
+    shown = urlunsplit(parts._replace(query="", fragment="", netloc=parts.netloc.rpartition("@")[2]))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise KontextAPIError(
             title="refused",
