@@ -56,12 +56,14 @@ class PredictionResultMixin:
     retry_failed_predictions: bool
     reattach_on_retry: bool
     _finished: bool
+    _summary: dict[str, Any] | None = None
 
     def _complete(self, context: Context, event: PredictionEvent) -> list[str]:
         """The task's result for a final event, or the exception that fails it."""
         self._raise_unless_succeeded(event)
         result = self._hand_on(event)
-        context["ti"].xcom_push(key="prediction", value=event.summary(result))
+        self._summary = event.summary(result)  # also what get_openlineage_facets_on_complete reports
+        context["ti"].xcom_push(key="prediction", value=self._summary)
         self._describe_outlets(context, event.prediction_id, result)
         ReattachLedger.from_context(context, enabled=self.reattach_on_retry).forget()
         return result

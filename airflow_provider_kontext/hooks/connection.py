@@ -47,11 +47,11 @@ class Setting:
     label: str
     help: str
 
-    def read(self, extras: Mapping[str, Any]) -> float:
+    def read(self, extras: Mapping[str, Any], source: str = "connection extra") -> float:
         """Return the value in ``extras``, else the default.
 
         :raises ValueError: the value is not a number, or is below :attr:`minimum`; the message
-            names the extra.
+            names the extra (``source`` says where it was given).
         """
         value = extras.get(self.name)
         if value in (None, ""):
@@ -59,9 +59,9 @@ class Setting:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"connection extra {self.name!r} must be a number, got {value!r}") from None
+            raise ValueError(f"{source} {self.name!r} must be a number, got {value!r}") from None
         if number < self.minimum:
-            raise ValueError(f"connection extra {self.name!r} must be at least {self.minimum}, got {value!r}")
+            raise ValueError(f"{source} {self.name!r} must be at least {self.minimum}, got {value!r}")
         return int(number) if self.type is int else number
 
 
@@ -99,6 +99,21 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+def checked_overrides(values: Mapping[str, Any], source: str = "hook_params") -> dict[str, float]:
+    """Return the settings in ``values`` that override the connection's extras (``None``: not set).
+
+    The hook's keyword parameters, which operators, sensors and the trigger pass on as
+    ``hook_params``: any name of :data:`SETTINGS`, checked as the extra of that name is.
+
+    :raises ValueError: an unknown name (the allowed ones listed) or a bad value, naming ``source``.
+    """
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{source} must be a dict, got {type(values).__name__}")
+    if unknown := sorted(str(name) for name in values if name not in _BY_NAME):
+        raise ValueError(f"{source}: unknown {', '.join(unknown)}; allowed: {', '.join(_BY_NAME)}")
+    return {name: _BY_NAME[name].read(values, source) for name in values if values[name] is not None}
 
 
 def conn_fields() -> dict[str, Any]:
@@ -153,27 +168,20 @@ class ClientSettings:
     assumed_https: bool = field(default=False, compare=False)
 
     @classmethod
-    def from_connection(
-        cls,
-        conn: Any,
-        *,
-        timeout: float | None = None,
-        max_retries: int | None = None,
-    ) -> ClientSettings:
+    def from_connection(cls, conn: Any, **overrides: float | None) -> ClientSettings:
         """Build settings from an Airflow ``Connection`` (sync or async lookup alike).
 
         ``host`` is the base URL (a scheme-less host means https); ``password`` the token, else the
         ``REPLICATE_API_TOKEN`` environment variable, else none (some proxies need none).
-        ``timeout`` and ``max_retries`` override the extras of the same name.
+        ``overrides`` (the hook's parameters, e.g. ``timeout``, ``max_retries``) replace the extras
+        of the same name; see :func:`checked_overrides`.
 
-        :raises ValueError: an extra is not a number or is out of range (the message names it).
+        :raises ValueError: an extra or override is not a number or is out of range (the message
+            names it).
         """
         extras: Mapping[str, Any] = conn.extra_dejson or {}
         values: dict[str, Any] = {setting.name: setting.read(extras) for setting in SETTINGS}
-        if timeout is not None:
-            values["timeout"] = timeout
-        if max_retries is not None:
-            values["max_retries"] = max_retries
+        values.update(checked_overrides(overrides))
         host = (conn.host or "").strip()
         return cls(
             conn_id=conn.conn_id,
