@@ -50,6 +50,16 @@ def dataset_identity(location: Any) -> tuple[str, str] | None:
     return f"{scheme}://{host}", parts.path.lstrip("/")
 
 
+def public_location(location: Any) -> str | None:
+    """``location`` as the dataset it names (``namespace`` + name: no userinfo, query or fragment),
+    or ``None``; safe to keep in trigger kwargs and logs, and read back by :func:`dataset_identity`."""
+    identity = dataset_identity(location)
+    if identity is None:
+        return None
+    namespace, name = identity
+    return namespace + (name if name.startswith("/") else "/" + name)
+
+
 @functools.cache
 def _facet_class() -> Any:
     """The run facet's class, built on first use (it needs the OpenLineage client)."""
@@ -57,14 +67,14 @@ def _facet_class() -> Any:
     from openlineage.client.facet_v2 import RunFacet
 
     @define
-    class FluxKontextPredictionRunFacet(RunFacet):  # type: ignore[misc]
+    class FluxKontextPredictionRunFacet(RunFacet):  # type: ignore[misc,unused-ignore]  # Any without the client
         """The prediction behind an edit: model, id, predict time and where to see it."""
 
         model: str | None
-        predictionId: str | None  # noqa: N815 (OpenLineage facet fields are camelCase)
-        predictTime: float | None  # noqa: N815
+        predictionId: str | None
+        predictTime: float | None
         status: str | None
-        webUrl: str | None  # noqa: N815
+        webUrl: str | None
 
     return FluxKontextPredictionRunFacet
 

@@ -39,3 +39,19 @@ def test_airflow_registers_the_connection_type_and_form() -> None:
     assert manager.field_behaviours["fluxkontext"]["relabeling"]["host"] == "Base URL"
     widgets = {name.rsplit("__", 1)[-1] for name in manager.connection_form_widgets if "fluxkontext" in name}
     assert {setting.name for setting in SETTINGS} == widgets
+
+
+def test_every_listed_module_imports_and_holds_its_classes() -> None:
+    import importlib
+
+    info = get_provider_info()
+    expected = {
+        "hooks": "FluxKontextHook",
+        "operators": "FluxKontextEditOperator",
+        "sensors": "FluxKontextPredictionSensor",
+        "triggers": "FluxKontextPredictionTrigger",
+    }
+    for kind, class_name in expected.items():
+        (entry,) = info[kind]
+        (module,) = entry["python-modules"]
+        assert hasattr(importlib.import_module(module), class_name), (kind, module)

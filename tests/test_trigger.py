@@ -486,7 +486,7 @@ async def test_a_secret_echoed_into_the_error_and_logs_is_redacted_in_the_event(
 
 async def test_hook_params_round_trip_and_reach_the_hook(hook, sleeps):
     trigger = make_trigger(hook_params={"timeout": 12.5, "max_retries": 2})
-    classpath, kwargs = trigger.serialize()
+    _, kwargs = trigger.serialize()
     assert kwargs["hook_params"] == {"timeout": 12.5, "max_retries": 2}
     assert json.loads(json.dumps(kwargs)) == kwargs
     rebuilt = FluxKontextPredictionTrigger(**kwargs)  # what a restarted triggerer does
