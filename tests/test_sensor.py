@@ -160,9 +160,7 @@ def test_polls_once_then_defers_with_the_trigger(hook):
     assert kwargs["hook_params"] == {"timeout": 12, "max_retries": 2}
     assert before + 600 <= kwargs["end_time"] <= time.time() + 600
     assert deferred.timeout.total_seconds() > 600  # Airflow's own timeout is only a backstop
-    # The input's location without its signature travels to execute_complete, for lineage.
-    assert deferred.kwargs == {"input_location": "https://images.example.com/shots/mug.png"}
-    assert "secret123" not in json.dumps(deferred.kwargs)
+    assert not deferred.kwargs
     assert pushed(context) == {"prediction_web_url": f"https://replicate.com/p/{PID}"}
     hook.get_prediction.assert_called_once_with(PID)
 
@@ -277,12 +275,17 @@ def test_lineage_names_the_input_and_the_outputs(hook):
     )
 
 
-def test_lineage_after_resuming_uses_the_input_location_from_the_deferral(hook):
+def test_lineage_after_resuming_uses_the_input_location_from_the_event(hook):
+    event = prediction_event(succeeded()).payload()
+    # The trigger's event names the input without its signature, never a data: URI.
+    assert event["input_location"] == "https://images.example.com/shots/mug.png"
+    assert "secret123" not in json.dumps(event)
     sensor = make_sensor(deferrable=True)
-    sensor.execute_complete(
-        make_context(),
-        prediction_event(succeeded()).payload(),
-        input_location="https://images.example.com/shots/mug.png",
-    )
+    sensor.execute_complete(make_context(), event)
     lineage = sensor.get_openlineage_facets_on_complete(mock.Mock())
     assert [d.name for d in lineage.inputs] == ["/shots/mug.png"]
+
+
+def test_an_inline_input_image_is_no_location():
+    inline = succeeded(input={"prompt": "p", "input_image": "data:image/png;base64,iVBORw0KGgo="})
+    assert prediction_event(inline).input_location is None

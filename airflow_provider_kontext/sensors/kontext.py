@@ -19,7 +19,6 @@ from airflow_provider_kontext.arguments import check_number, default_deferrable
 from airflow_provider_kontext.events import PredictionEvent
 from airflow_provider_kontext.exceptions import KontextError
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
-from airflow_provider_kontext.lineage import public_location
 from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, ReplicatePredictionLink
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.progress import PredictionPoller
@@ -133,7 +132,6 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         self.defer(
             trigger=self._trigger(end_time=time.time() + self.timeout),
             method_name="execute_complete",
-            kwargs={"input_location": self._input_location},
             # A backstop only: the trigger's own deadline fires first.
             timeout=timedelta(seconds=self.timeout + 10 * self.poke_interval + 60),
         )
@@ -160,12 +158,9 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
             return PokeReturnValue(is_done=False)
         return PokeReturnValue(is_done=True, xcom_value=self._complete(context, event))
 
-    def execute_complete(
-        self, context: Context, event: Mapping[str, Any], input_location: str | None = None
-    ) -> list[str]:
+    def execute_complete(self, context: Context, event: Mapping[str, Any]) -> list[str]:
         """Resume after the trigger fired: the task's result, or the failure (or timeout)."""
         finished = PredictionEvent.from_payload(event)
-        self._input_location = input_location
         if finished.status == "timeout":
             self._finished = True
             raise AirflowSensorTimeout(
@@ -186,6 +181,10 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
 
         return edit_lineage(self._input_location, self._summary)
 
+    def _complete(self, context: Context, event: PredictionEvent) -> list[str]:
+        self._input_location = event.input_location  # the input the prediction read, for lineage
+        return super()._complete(context, event)
+
     # --- steps ------------------------------------------------------------------------------------
 
     def _checked_id(self) -> str:
@@ -200,11 +199,9 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         return self.prediction_id
 
     def _first_sight(self, context: Context, prediction: Prediction) -> None:
-        """On the first poll: push the web URL (the extra link) and note the input image's location."""
-        if self._poller is not None and self._poller.tracker.status is not None:
-            return
-        context["ti"].xcom_push(key=WEB_URL_XCOM_KEY, value=prediction.web_url)
-        self._input_location = public_location((prediction.input or {}).get("input_image"))
+        """On the first poll: push the web URL (the extra link)."""
+        if self._poller is None or self._poller.tracker.status is None:
+            context["ti"].xcom_push(key=WEB_URL_XCOM_KEY, value=prediction.web_url)
 
     def _trigger(self, end_time: float) -> Any:
         from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
