@@ -41,7 +41,10 @@ def test_overrides_of_none_leave_the_extra(conn: None) -> None:
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"timeout": 0}, "hook_params 'timeout' must be at least 1"),
+        ({"timeout": 0}, "hook_params 'timeout' must be positive"),
+        ({"max_retries": -1}, "hook_params 'max_retries' must be at least 0"),
+        ({"max_retries": 1.5}, "hook_params 'max_retries' must be a whole number"),
+        ({"connect_timeout": True}, "hook_params 'connect_timeout' must be a number"),
         ({"max_retries": "many"}, "hook_params 'max_retries' must be a number"),
         ({"retries": 3}, "hook_params: unknown retries; allowed: timeout, connect_timeout"),
         ({"token": "r8_x"}, "unknown token"),

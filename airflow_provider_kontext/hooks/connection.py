@@ -47,11 +47,11 @@ class Setting:
     label: str
     help: str
 
-    def read(self, extras: Mapping[str, Any], source: str = "connection extra") -> float:
+    def read(self, extras: Mapping[str, Any]) -> float:
         """Return the value in ``extras``, else the default.
 
         :raises ValueError: the value is not a number, or is below :attr:`minimum`; the message
-            names the extra (``source`` says where it was given).
+            names the extra.
         """
         value = extras.get(self.name)
         if value in (None, ""):
@@ -59,9 +59,9 @@ class Setting:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{source} {self.name!r} must be a number, got {value!r}") from None
+            raise ValueError(f"connection extra {self.name!r} must be a number, got {value!r}") from None
         if number < self.minimum:
-            raise ValueError(f"{source} {self.name!r} must be at least {self.minimum}, got {value!r}")
+            raise ValueError(f"connection extra {self.name!r} must be at least {self.minimum}, got {value!r}")
         return int(number) if self.type is int else number
 
 
@@ -105,15 +105,29 @@ def checked_overrides(values: Mapping[str, Any], source: str = "hook_params") ->
     """Return the settings in ``values`` that override the connection's extras (``None``: not set).
 
     The hook's keyword parameters, which operators, sensors and the trigger pass on as
-    ``hook_params``: any name of :data:`SETTINGS`, checked as the extra of that name is.
+    ``hook_params``: any name of :data:`SETTINGS`. Set in code rather than in a form, they need
+    only make sense: positive where the extra's minimum is positive (a 0.2 s timeout is fine in a
+    test), else not negative; whole numbers for counts.
 
     :raises ValueError: an unknown name (the allowed ones listed) or a bad value, naming ``source``.
     """
+    from airflow_provider_kontext.arguments import check_number
+
     if not isinstance(values, Mapping):
         raise ValueError(f"{source} must be a dict, got {type(values).__name__}")
     if unknown := sorted(str(name) for name in values if name not in _BY_NAME):
         raise ValueError(f"{source}: unknown {', '.join(unknown)}; allowed: {', '.join(_BY_NAME)}")
-    return {name: _BY_NAME[name].read(values, source) for name in values if values[name] is not None}
+    checked: dict[str, float] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        setting = _BY_NAME[name]
+        integer = setting.type is int
+        number = check_number(
+            f"{source} {name!r}", value, None if setting.minimum > 0 else 0, integer=integer
+        )
+        checked[name] = int(number) if integer else number
+    return checked
 
 
 def conn_fields() -> dict[str, Any]:
