@@ -124,8 +124,9 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         try:
             done = self.poke(context)
         except (AirflowSensorTimeout, AirflowFailException) as exc:
-            if self.soft_fail:
-                raise AirflowSkipException(f"Skipping due to soft_fail: {exc}") from exc
+            # What BaseSensorOperator.execute does around its pokes, for this first one.
+            if self.soft_fail or self.never_fail:
+                raise AirflowSkipException(f"Skipping due to soft_fail/never_fail: {exc}") from exc
             raise
         if done:
             return done.xcom_value
