@@ -9,7 +9,7 @@ export AIRFLOW_HOME ?= $(CURDIR)/.airflow_home
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[test,lint,emulator]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[emulator]' --group test --group lint
 	touch $@
 
 venv: $(BIN)/.installed
@@ -18,8 +18,8 @@ demo: venv
 	$(BIN)/python scripts/demo.py
 
 lint: venv
-	$(BIN)/ruff check airflow_provider_kontext tests example_dags scripts
-	$(BIN)/ruff format --check airflow_provider_kontext tests example_dags scripts
+	$(BIN)/ruff check airflow_provider_kontext tests example_dags scripts ci
+	$(BIN)/ruff format --check airflow_provider_kontext tests example_dags scripts ci
 	$(BIN)/mypy
 
 test: venv
@@ -29,7 +29,7 @@ check: lint test
 
 # Benchmarks against the emulator on 127.0.0.1; writes benchmarks/RESULTS.md (~7 minutes on 2 cores).
 bench: venv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[bench]'
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[emulator]' --group bench
 	$(BIN)/python -m benchmarks
 
 clean:

@@ -15,10 +15,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from airflow_provider_kontext.lineage import public_location
-from airflow_provider_kontext.models import Prediction
+from airflow_provider_kontext.models import Prediction, PredictionStatus
 
 #: Longest error text and log tail carried in an event (events are stored in the metadata DB).
 MAX_EVENT_TEXT = 4000
+#: Most model log lines an unsuccessful prediction's event carries (after collapsing progress bars):
+#: enough to see how far it got, short enough for the one line Airflow logs the event in.
+EVENT_LOG_TAIL_LINES = 10
 #: Output files are deleted by Replicate about an hour after the prediction completes.
 OUTPUT_RETENTION = timedelta(hours=1)
 
@@ -100,9 +103,19 @@ def _text(value: Any) -> str | None:
 
 def prediction_event(prediction: Prediction, redact: Callable[[str], str] | None = None) -> PredictionEvent:
     """The event for a prediction in a terminal status. The model's error and log tail, which a proxy
-    may echo a token into, pass through ``redact`` (the hook's): events are logged and stored."""
+    may echo a token into, pass through ``redact`` (the hook's): events are logged and stored.
+
+    Only an unsuccessful prediction's event carries a log tail (its last lines, each run of progress
+    bar lines cut to its last): it says how far the model got. A success's logs were already
+    reported while it ran, and Airflow logs the whole event when the trigger fires.
+    """
+    from airflow_provider_kontext.progress import collapse_progress_bars
+
     error = _text(prediction.error)
-    tail = prediction.logs_tail()[-MAX_EVENT_TEXT:]
+    tail = ""
+    if prediction.status is not PredictionStatus.SUCCEEDED and prediction.logs:
+        lines = collapse_progress_bars(prediction.logs.rstrip("\n").splitlines())
+        tail = "\n".join(lines[-EVENT_LOG_TAIL_LINES:])[-MAX_EVENT_TEXT:]
     if redact is not None:
         error = None if error is None else redact(error)
         tail = redact(tail)

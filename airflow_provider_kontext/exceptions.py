@@ -108,6 +108,11 @@ class KontextPredictionMayExistError(KontextAPIError):
     """
 
 
+class KontextDeadlineError(KontextError):
+    """A request was still failing, or had no answer, when its caller's deadline came (a poll at the
+    end of the wait): the caller reports a timeout, not an error."""
+
+
 class KontextPredictionFailed(KontextError):
     """The prediction ended in ``failed``, ``canceled`` or ``aborted``, or did not finish in time.
 

@@ -122,3 +122,39 @@ def read_local_image(image: Any) -> LocalImage:
     if "." not in name:
         name = f"{name}.{EXTENSIONS[kind]}"
     return LocalImage(data, kind, name)
+
+
+class ImageTrace(NamedTuple):
+    """What a finished edit records about its input image: ``where`` (a path or URL, never the
+    bytes of a ``data:`` URI) and ``name`` (the file name, for output names and the UI)."""
+
+    where: str | None
+    name: str | None
+
+
+def trace_image(image: Any) -> ImageTrace:
+    """Where the image to edit came from, fit for XCom, asset events and logs.
+
+    A URL loses its user info, query and fragment (a signed URL's signature is a secret); a
+    ``data:`` URI is shown as ``data:<type>,...``; bytes and file objects have no place (``None``),
+    only a name when they carry one. Never raises.
+    """
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    if image is None or isinstance(image, bytes | bytearray):
+        return ImageTrace(None, None)
+    if hasattr(image, "read") and not hasattr(image, "read_bytes"):
+        name = getattr(image, "name", None)
+        return ImageTrace(None, Path(name).name if isinstance(name, str) else None)
+    text = str(image)
+    if text[:5].lower() == "data:":
+        return ImageTrace(f"data:{text[5:].partition(',')[0].split(';', 1)[0][:100]},...", None)
+    if "://" in text and text[:7].lower() != "file://":
+        try:
+            parts = urlsplit(text)
+        except ValueError:  # e.g. a malformed IPv6 host: nothing safe to show
+            return ImageTrace(None, None)
+        where = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment=""))
+        return ImageTrace(where, unquote(parts.path.rstrip("/").rpartition("/")[2]) or parts.hostname)
+    name = text.rstrip("/").rpartition("/")[2]
+    return ImageTrace(text, name or None)

@@ -238,6 +238,38 @@ def validate_input(model: str, values: dict[str, Any]) -> dict[str, Any]:
         ) from None
 
 
+def check_literal_input(model: str, values: dict[str, Any]) -> None:
+    """Check some of an edit's inputs, the others being known only later (templates, XCom).
+
+    Each given field is checked against ``model``'s schema; missing fields and rules that tie
+    several fields together are left to :func:`validate_input` at run time.
+
+    :raises KontextInputError: naming each bad field and what is allowed (``model`` itself when it
+        is not a model reference).
+    """
+    check_model_reference(model)
+    if not values:
+        return
+    schema = input_model_for(model)
+    try:
+        schema.model_validate(values)
+    except ValidationError as exc:
+        problems = [
+            _describe(err)
+            for err in exc.errors()
+            if err["loc"] and err["loc"][0] in values and err["type"] != "missing"
+        ]
+        if problems:
+            lines = [f"{field}: {msg}" for field, msg in problems]
+            if any(msg == "unknown input" for _, msg in problems):
+                lines.append(
+                    f"allowed inputs for {model_name(model)}: {', '.join(sorted(schema.model_fields))}"
+                )
+            raise KontextInputError(
+                f"Invalid input for {model_name(model)}: " + "; ".join(lines), errors=problems
+            ) from None
+
+
 class PredictionStatus(str, enum.Enum):
     """Replicate's prediction statuses. ``aborted`` is terminal too (official clients forget it)."""
 
@@ -314,10 +346,10 @@ class Prediction(BaseModel):
     data_removed: bool = False
     urls: PredictionUrls = Field(default_factory=PredictionUrls)
     metrics: PredictionMetrics = Field(default_factory=PredictionMetrics)
-    #: The images-API answer's rewritten prompt(s), if the proxy gave any.
-    revised_prompt: str | None = None
-    #: For an images-API answer, what it looked like (keys only, never values).
-    shape: str | None = None
+    #: The images-API answer's rewritten prompt(s), if the proxy gave any (ours: not dumped).
+    revised_prompt: str | None = Field(default=None, exclude=True)
+    #: For an images-API answer, what it looked like (keys only, never values; not dumped).
+    shape: str | None = Field(default=None, exclude=True)
 
     @field_validator("deadline", mode="wrap")
     @classmethod

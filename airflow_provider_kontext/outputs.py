@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 import tempfile
+import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -26,7 +27,8 @@ from airflow_provider_kontext.images import (
 if TYPE_CHECKING:
     from airflow.sdk import ObjectStoragePath
 
-#: Output file names are built from the server's prediction id, cut to this many characters.
+#: Output file names are built from the input's name and the server's prediction id, each cut to
+#: this many characters.
 MAX_STEM = 100
 #: The largest ``data:`` output handed on through XCom when no ``output_path`` is set (decoded bytes).
 MAX_INLINE_OUTPUT_BYTES = 1024 * 1024
@@ -98,6 +100,15 @@ def safe_stem(text: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text or "")[:MAX_STEM]
 
 
+def output_stem(input_name: str | None, prediction_id: str | None) -> str:
+    """The start of an edit's output file names: ``<input>-<prediction id>`` (``mug-abc123`` for
+    ``mug.png``), so a file leads back to both its input and its prediction; either part may be
+    missing (an image given as bytes, a server that gave no id), never both (then ``edit-<ms>``)."""
+    stem = safe_stem(PurePosixPath(input_name).stem if input_name else None)
+    parts = [part for part in (stem, safe_stem(prediction_id)) if part]
+    return "-".join(parts) or f"edit-{int(time.time() * 1000)}"
+
+
 def save_outputs(
     urls: list[str],
     folder: ObjectStoragePath,
@@ -108,7 +119,8 @@ def save_outputs(
     log: Callable[..., None],
 ) -> list[str]:
     """Save each output (a URL, fetched with ``download``, or a ``data:`` URI) as
-    ``<folder>/<stem>-<index>.<ext>``; return the paths.
+    ``<folder>/<stem>.<ext>``, or ``<folder>/<stem>-<index>.<ext>`` when there are several; return
+    the paths.
 
     :raises UnusableOutputError: an output is malformed or not an image.
     :raises KontextError: a download failed (retryable as the hook decided).
@@ -124,9 +136,10 @@ def save_outputs(
                 raise UnusableOutputError(f"output {index} is not a jpeg/png/gif/webp image")
             if not is_image_content_type(declared):
                 raise UnusableOutputError(f"output {index} was served as {declared[:100]!r}, not as an image")
-            target = folder / f"{stem}-{index}.{EXTENSIONS[kind]}"
+            name = f"{stem}-{index}" if len(urls) > 1 else stem
+            target = folder / f"{name}.{EXTENSIONS[kind]}"
             buffer.seek(0)
-            _write_atomically(buffer, target, folder / f".{stem}-{index}.{EXTENSIONS[kind]}.partial")
+            _write_atomically(buffer, target, folder / f".{name}.{EXTENSIONS[kind]}.partial")
         log("Saved output %d to %s", index, target)
         paths.append(str(target))
     return paths

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from airflow_provider_kontext.events import PredictionEvent, error_event, prediction_event, timeout_event
+from airflow_provider_kontext.failures import Budget, Verdict, classify
 from airflow_provider_kontext.models import Prediction, PredictionStatus
 
 #: Longest single log line passed on to the task log.
@@ -71,6 +72,33 @@ def parse_progress(line: str) -> Progress | None:
     return Progress(step, total, seconds_per_step)
 
 
+def is_progress_bar(line: str) -> bool:
+    """Whether ``line`` is a tqdm progress bar line."""
+    return "|" in line and _TQDM.match(line) is not None
+
+
+def collapse_progress_bars(lines: list[str]) -> list[str]:
+    """``lines`` with each run of progress bar lines cut to its last (the others are superseded)."""
+    kept: list[str] = []
+    for line in lines:
+        if kept and is_progress_bar(line) and is_progress_bar(kept[-1]):
+            kept[-1] = line
+        else:
+            kept.append(line)
+    return kept
+
+
+#: How a status change reads in the task log ("Prediction abc succeeded").
+_STATUS_WORDS = {
+    "starting": "is starting",
+    "processing": "is processing",
+    "succeeded": "succeeded",
+    "failed": "failed",
+    "canceled": "was canceled",
+    "aborted": "was aborted",
+}
+
+
 class ProgressTracker:
     """Remembers what was already reported of one prediction, so each poll reports only what is new:
     a status change and log lines that appeared since the last poll.
@@ -96,7 +124,7 @@ class ProgressTracker:
         messages: list[str] = []
         status = prediction.status.value
         if status != self.status:
-            messages.append(f"Prediction {self.prediction_id} is {status}")
+            messages.append(f"Prediction {self.prediction_id} {_STATUS_WORDS.get(status, f'is {status}')}")
             self.status = status
         logs = prediction.logs or ""
         if len(logs) < self._logs_seen:  # the logs were replaced (e.g. deleted after retention)
@@ -126,7 +154,7 @@ class ProgressTracker:
         in_bar = False
         newest_bar = None
         for line in lines:
-            is_bar = "|" in line and _TQDM.match(line) is not None
+            is_bar = is_progress_bar(line)
             if not is_bar:
                 kept.append(line)
             elif not show_bars:
@@ -155,8 +183,9 @@ class PredictionPoller:
     :param prediction_id: the prediction being watched.
     :param poll_interval: seconds between polls.
     :param end_time: Unix time after which the wait ends with a ``timeout`` event (``None``: never).
-    :param max_consecutive_errors: polls in a row that may fail (each after the hook's own retries)
-        before the wait ends with an ``error`` event; the deadline ends it earlier.
+    :param max_consecutive_errors: retries of one poll that keeps failing transiently (429, 5xx,
+        network, an unreadable answer) before the wait ends with an ``error`` event; the deadline
+        ends it earlier. The hook spends them (:attr:`budget`): the poll's one retry layer.
     :param log: where progress lines go (``logger.info``).
     :param policy: ``"adaptive"`` (default) or ``"fixed"``; see :meth:`delay`.
     """
@@ -182,7 +211,6 @@ class PredictionPoller:
         self.tracker = ProgressTracker(prediction_id)
         self._log = log
         self._redact = redact
-        self._errors = 0
         self._started = time.time()
         self._expected_end: float | None = None  # time.time() the progress bar should reach its end
         self._late_polls = 0
@@ -195,7 +223,6 @@ class PredictionPoller:
 
     def on_prediction(self, prediction: Prediction) -> PredictionEvent | None:
         """Report progress; return the final event if the wait is over, else ``None``."""
-        self._errors = 0
         progress_before = self.tracker.progress
         lines = self.tracker.update(prediction)  # also tracks the status the timeout message names
         if self._log is not None:
@@ -222,37 +249,32 @@ class PredictionPoller:
             self._expected_end = time.time() + remaining + 0.5 * step
             self._late_polls = 0
 
-    def on_deadline(self) -> PredictionEvent:
-        """The ``timeout`` event, for a poll that was cut short at the deadline."""
-        return self._timeout()
+    @property
+    def budget(self) -> Budget:
+        """How long the hook keeps trying one poll: ``max_consecutive_errors`` retries, unreadable
+        answers included, never waiting past the deadline, and an attempt still in flight a moment
+        after it (at most one interval, 1-5 s) abandoned."""
+        return Budget(
+            retries=self.max_consecutive_errors,
+            tolerate=True,
+            deadline=self.end_time,
+            grace=max(1.0, min(self.poll_interval, 5.0)),
+        )
 
-    def on_error(self, exc: Exception) -> PredictionEvent | None:
-        """Judge a failed poll: the final event if the wait is over, else ``None`` (poll again).
+    def on_error(self, exc: Exception) -> PredictionEvent:
+        """The final event for a poll that failed for good (the hook already spent :attr:`budget`).
 
-        Auth, not-found and other client errors end the wait at once; transient ones (network,
-        429, 5xx, a malformed answer) are tolerated ``max_consecutive_errors`` times in a row.
+        The deadline reached (or passed while failing): ``timeout``. Anything else: ``error``, saying
+        so where the retries ran out.
         """
-        from airflow_provider_kontext.exceptions import (
-            KontextAPIError,
-            KontextRateLimitError,
-            KontextServerError,
-            KontextTransportError,
-        )
+        from airflow_provider_kontext.exceptions import KontextDeadlineError
+        from airflow_provider_kontext.hooks._http import get_prediction_request
 
-        transient = isinstance(exc, KontextRateLimitError | KontextServerError | KontextTransportError) or (
-            isinstance(exc, KontextAPIError) and (exc.status is None or 200 <= exc.status < 300)
-        )
-        self._errors += 1
-        if not transient or self._errors > self.max_consecutive_errors:
-            why = "" if not transient else f" ({self._errors} polls in a row failed)"
-            return error_event(
-                self.prediction_id, f"Polling prediction {self.prediction_id} failed{why}: {exc}"
-            )
-        if self._log is not None:
-            self._log(f"Polling prediction {self.prediction_id} failed, will poll again: {exc}")
-        if self._deadline_passed():
+        transient = classify(exc, get_prediction_request(self.prediction_id)) is not Verdict.FAIL
+        if isinstance(exc, KontextDeadlineError) or (transient and self._deadline_passed()):
             return self._timeout()
-        return None
+        why = f" ({self.max_consecutive_errors + 1} polls in a row failed)" if transient else ""
+        return error_event(self.prediction_id, f"Polling prediction {self.prediction_id} failed{why}: {exc}")
 
     def first_delay(self) -> float:
         """Seconds to wait before the first poll. ``fixed``: none. ``adaptive``: one interval, at most

@@ -8,11 +8,9 @@ where a retry can help.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
-from airflow.sdk.exceptions import AirflowFailException
-
+from airflow_provider_kontext.compat import AirflowFailException
 from airflow_provider_kontext.events import PredictionEvent
 from airflow_provider_kontext.exceptions import KontextError, KontextPredictionFailed
 from airflow_provider_kontext.outputs import (
@@ -20,7 +18,7 @@ from airflow_provider_kontext.outputs import (
     UnusableOutputError,
     check_outputs,
     output_folder,
-    safe_stem,
+    output_stem,
     save_outputs,
 )
 from airflow_provider_kontext.reattach import ReattachLedger
@@ -41,7 +39,7 @@ class PredictionResultMixin:
     """Turns a :class:`PredictionEvent` into the task's result (for operators and sensors).
 
     The task class provides ``hook``, ``log``, ``outlets``, ``output_path``, ``max_output_bytes``,
-    ``retry_failed_predictions`` and ``reattach_on_retry``.
+    ``retry_failed_predictions`` and ``reattach_on_retry``, and may override :meth:`_edit_trace`.
     """
 
     if TYPE_CHECKING:
@@ -58,13 +56,23 @@ class PredictionResultMixin:
     _finished: bool
     _summary: dict[str, Any] | None = None
 
+    def _edit_trace(self) -> dict[str, Any]:
+        """What the task knows of the edit's inputs, for the ``prediction`` XCom, the asset events and
+        the output file names: ``input_image`` (a path or URL, never a data: blob), ``input_name``
+        (its file name), ``prompt`` and ``model``. Empty here: a task that only waits for a
+        prediction started elsewhere does not know them."""
+        return {}
+
     def _complete(self, context: Context, event: PredictionEvent) -> list[str]:
         """The task's result for a final event, or the exception that fails it."""
         self._raise_unless_succeeded(event)
-        result = self._hand_on(event)
-        self._summary = event.summary(result)  # also what get_openlineage_facets_on_complete reports
-        context["ti"].xcom_push(key="prediction", value=self._summary)
-        self._describe_outlets(context, event.prediction_id, result)
+        trace = self._edit_trace()
+        result = self._hand_on(event, trace.get("input_name"))
+        summary = event.summary(result, **trace)
+        self._summary = summary  # also what get_openlineage_facets_on_complete reports
+        self.log.info("%s", _story(summary, saved=bool(self.output_path)))
+        context["ti"].xcom_push(key="prediction", value=summary)
+        self._describe_outlets(context, summary)
         ReattachLedger.from_context(context, enabled=self.reattach_on_retry).forget()
         return result
 
@@ -95,8 +103,9 @@ class PredictionResultMixin:
             logs_tail=event.logs_tail,
         )
 
-    def _hand_on(self, event: PredictionEvent) -> list[str]:
-        """The outputs of a succeeded prediction: its URLs, or the paths they were saved to."""
+    def _hand_on(self, event: PredictionEvent, input_name: str | None = None) -> list[str]:
+        """The outputs of a succeeded prediction: its URLs, or the paths they were saved to, named
+        after ``input_name`` and the prediction (:func:`~airflow_provider_kontext.outputs.output_stem`)."""
         urls = event.output
         try:
             check_outputs(urls, inline_limit=None if self.output_path else MAX_INLINE_OUTPUT_BYTES)
@@ -114,7 +123,7 @@ class PredictionResultMixin:
             return save_outputs(
                 urls,
                 output_folder(self.output_path),
-                safe_stem(event.prediction_id) or f"edit-{int(time.time() * 1000)}",
+                output_stem(input_name, event.prediction_id),
                 download=lambda url, dest: self.hook.download(url, dest, max_bytes=self.max_output_bytes),
                 max_bytes=self.max_output_bytes,
                 log=self.log.info,
@@ -129,14 +138,16 @@ class PredictionResultMixin:
                 status=event.status,
             ) from None
 
-    def _describe_outlets(self, context: Context, prediction_id: str | None, outputs: list[str]) -> None:
-        """Put the outputs in the ``extra`` of each Asset among the task's outlets (declared with
+    def _describe_outlets(self, context: Context, summary: dict[str, Any]) -> None:
+        """Put the prediction id, the outputs and what made them (input image, prompt, model, as far
+        as known) in the ``extra`` of each Asset among the task's outlets (declared with
         ``outlets=[Asset(...)]``, which also works in ``.partial()``)."""
         from airflow.sdk import Asset
 
         for outlet in self.outlets or []:
             if isinstance(outlet, Asset):
-                extra: dict[str, Any] = {"prediction_id": prediction_id, "outputs": list(outputs)}
+                extra: dict[str, Any] = {"prediction_id": summary["id"], "outputs": list(summary["outputs"])}
+                extra.update({key: summary[key] for key in _TRACED if summary.get(key) is not None})
                 context["outlet_events"][outlet].extra = extra
 
     def _cancel(self, prediction_id: str, why: str) -> None:
@@ -147,3 +158,22 @@ class PredictionResultMixin:
             )
         except KontextError as exc:
             self.log.warning("Could not cancel prediction %s: %s", prediction_id, exc)
+
+
+#: The inputs a finished edit records next to its outputs (see ``PredictionResultMixin._edit_trace``).
+_TRACED = ("input_image", "prompt", "model")
+
+
+def _story(summary: dict[str, Any], *, saved: bool) -> str:
+    """The one line that ends a successful edit's log: status, time, outputs."""
+    took = (
+        f" in {summary['predict_time']:.1f}s" if isinstance(summary.get("predict_time"), float | int) else ""
+    )
+    source = f" from {summary['input_name']}" if summary.get("input_name") else ""
+    outputs = [str(o) if not str(o).startswith("data:") else "data:..." for o in summary["outputs"]]
+    listed = ", ".join(outputs[:5]) + (f" and {len(outputs) - 5} more" if len(outputs) > 5 else "")
+    count = f"{len(outputs)} output{'s' if len(outputs) != 1 else ''}"
+    return (
+        f"Prediction {summary['id']} {summary['status']}{took}{source}: {count} "
+        f"{'saved to' if saved else 'at'} {listed}"
+    )

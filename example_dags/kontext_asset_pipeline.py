@@ -2,13 +2,19 @@
 manifest and a contact sheet.
 
 - ``list_inputs`` lists the images in ``params.input_dir``;
-- ``edit`` is one mapped ``FluxKontextEditOperator`` task per image: it defers while the model runs
-  and downloads the output into ``params.output_dir/<day of the run>/`` before Replicate deletes it (an hour);
-- ``write_manifest`` consumes the edits' XComs (durable paths and the ``prediction`` summaries) and
-  writes ``manifest.json`` and ``contact_sheet.html`` next to the images.
+- ``edit`` is one mapped ``FluxKontextEditOperator`` task per image (shown in the UI by the image's
+  file name): it defers while the model runs and downloads the output into the run's folder,
+  ``params.output_dir/<run id>/``, as ``<image>-<prediction id>.png`` before Replicate deletes it
+  (an hour); each run has its own folder, so two runs on one day never mix their files;
+- ``write_manifest`` consumes the edits' XComs (durable paths and the ``prediction`` summaries:
+  input image, prompt, model, prediction) and writes ``manifest.json`` and ``contact_sheet.html``
+  next to the images. Only then is the ``EDITED_SHOTS`` asset updated (one event per run, its
+  ``extra`` naming the manifest), so a DAG scheduled on it starts when the whole batch is there.
 
-Runs unchanged against Replicate (connection ``flux_kontext_default`` with a token) or against the
-bundled emulator (``make demo``).
+Scheduled ``@daily`` without catchup: unpausing the DAG starts one run at once, for the latest day
+that has passed (and bills its edits when it runs against Replicate). Runs unchanged against
+Replicate (connection ``flux_kontext_default`` with a token) or against the bundled emulator
+(``make demo``).
 """
 
 from __future__ import annotations
@@ -23,9 +29,16 @@ import pendulum
 from airflow.sdk import DAG, Asset, Param, task
 
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
+from airflow_provider_kontext.outputs import safe_stem
 
 IMAGES = Path(__file__).parent / "images"
 EDITED_SHOTS = Asset("kontext://example/edited-product-shots")
+
+
+def run_folder(output_dir: str, run_id: str) -> str:
+    """The folder of one run's edits and manifest: ``<output_dir>/<run id as a safe name>``."""
+    return str(Path(output_dir) / safe_stem(run_id))
+
 
 with DAG(
     dag_id="kontext_asset_pipeline",
@@ -39,6 +52,7 @@ with DAG(
         "output_dir": Param("/tmp/kontext-edits", type="string", description="Where edits are kept"),  # noqa: S108
         "prompt": Param("Place the product on a marble table in soft studio light", type="string"),
     },
+    user_defined_macros={"run_folder": run_folder},
     tags=["kontext", "example"],
 ) as dag:
 
@@ -57,35 +71,42 @@ with DAG(
         prompt="{{ params.prompt }}",
         aspect_ratio="1:1",
         output_format="png",
-        # run_after, not ds: a manually triggered Airflow 3 run has no logical date.
-        output_path="{{ params.output_dir }}/{{ dag_run.run_after.strftime('%Y-%m-%d') }}",
-        outlets=[EDITED_SHOTS],
+        output_path="{{ run_folder(params.output_dir, run_id) }}",
         poll_interval=1.0,
         max_active_tis_per_dag=16,
     ).expand(input_image=list_inputs())
 
-    @task
+    @task(outlets=[EDITED_SHOTS])
     def write_manifest(
-        outputs: list[list[str]], params: dict[str, Any], dag_run: Any = None, ti: Any = None
+        outputs: list[list[str]],
+        params: dict[str, Any],
+        run_id: Any = None,
+        ti: Any = None,
+        outlet_events: Any = None,
     ) -> str:
-        """One row per edited image: where it is kept and the prediction that made it."""
+        """One row per edited image: its input, prompt and model, where the edit is kept and the
+        prediction that made it; then the asset event that tells consumers the batch is complete."""
         summaries = ti.xcom_pull(task_ids="edit", key="prediction")
         rows = list(summaries) if isinstance(summaries, list | tuple) else [summaries]
         paths = [path for row in rows for path in row["outputs"]]
         if sorted(paths) != sorted(path for output in outputs for path in output):
             raise ValueError("the edits' return values and their prediction summaries disagree")
-        day = dag_run.run_after.strftime("%Y-%m-%d")
-        folder = Path(params["output_dir"]) / day
+        folder = Path(run_folder(params["output_dir"], run_id))
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "manifest.json").write_text(json.dumps(rows, indent=2, default=str))
+        manifest = folder / "manifest.json"
+        manifest.write_text(json.dumps(rows, indent=2, default=str))
         cells = "".join(
             f'<figure><img src="{html.escape(Path(path.removeprefix("file://")).name)}" width="256">'
-            f"<figcaption>{html.escape(str(row['id']))}</figcaption></figure>"
+            f"<figcaption><b>{html.escape(str(row.get('input_name') or row['id']))}</b><br>"
+            f"{html.escape(str(row.get('prompt') or ''))}<br><small>{html.escape(str(row['id']))}</small>"
+            "</figcaption></figure>"
             for row in rows
             for path in row["outputs"]
         )
-        page = f"<!doctype html><title>Kontext edits {day}</title><body style='display:flex'>{cells}"
+        title = f"Kontext edits {html.escape(run_id)}"
+        page = f"<!doctype html><title>{title}</title><body style='display:flex'>{cells}"
         (folder / "contact_sheet.html").write_text(page)
-        return str(folder / "manifest.json")
+        outlet_events[EDITED_SHOTS].extra = {"manifest": str(manifest), "run_id": run_id, "edits": len(paths)}
+        return str(manifest)
 
     write_manifest(edits.output)

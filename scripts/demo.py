@@ -2,7 +2,7 @@
 
 With no token configured it starts the bundled emulator on 127.0.0.1 and points the connection
 ``flux_kontext_default`` at it; with ``REPLICATE_API_TOKEN`` (or ``AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT``)
-set, the same DAG runs against Replicate and is billed. Prints where the edited images are.
+set, the same DAG runs against Replicate and is billed. Prints each input and where its edit is.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def main() -> int:
     print(f"\n{DAG_ID} succeeded: {sum(len(r['outputs']) for r in rows)} edited images")
     for row in rows:
         for path in row["outputs"]:
-            print(f"  {path}   (prediction {row['id']}, {row.get('predict_time') or 0:.1f}s)")
+            source = row.get("input_name") or row.get("input_image") or "?"
+            print(f"  {source} -> {path}   (prediction {row['id']}, {row.get('predict_time') or 0:.1f}s)")
     print(f"Manifest: {manifest}\nContact sheet: {manifest.parent / 'contact_sheet.html'}")
     return 0
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_kontext.compat import hook_field_behaviour
 from airflow_provider_kontext.exceptions import KontextAuthError, KontextTransportError
 from airflow_provider_kontext.get_provider_info import get_provider_info
 from airflow_provider_kontext.hooks._http import account_request, parse_response
@@ -127,7 +128,9 @@ def test_hook_owns_the_connection_metadata() -> None:
     assert conn["connection-type"] == FluxKontextHook.conn_type == CONN_TYPE
     assert conn["hook-name"] == FluxKontextHook.hook_name
     assert FluxKontextHook.default_conn_name == DEFAULT_CONN_ID
-    assert conn["ui-field-behaviour"] == FluxKontextHook.get_ui_field_behaviour()
+    # The same behaviour, in the hook method's spelling (hidden_fields where the declarative form
+    # says hidden-fields).
+    assert hook_field_behaviour(conn["ui-field-behaviour"]) == FluxKontextHook.get_ui_field_behaviour()
 
 
 def test_no_runtime_module_imports_provider_info() -> None:

@@ -31,7 +31,9 @@ CONN_ID = "kontext_downloads"
 PID = "dl0prediction0id"
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(64)
-SAFE_NAME = re.compile(r"(?:[A-Za-z0-9_-]{1,100}|edit-\d+)-\d+\.(?:png|jpg|gif|webp)")
+#: ``<input>-<prediction id>``, each part cut to 100 safe characters (or ``edit-<ms>``), then the type's
+#: extension (no index: one output).
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-]{1,201}\.(?:png|jpg|gif|webp)")
 
 
 @pytest.fixture
@@ -138,7 +140,7 @@ def test_images_are_kept_under_the_extension_their_bytes_say(
 ) -> None:
     server.script(response(200, body, content_type))
     (saved,) = finish(tmp_path / "out", [f"{server.base_url}/evil.exe"])
-    assert saved.endswith(f"/{PID}-0{suffix}")
+    assert saved.endswith(f"/in-{PID}{suffix}")
     assert Path(saved.removeprefix("file://")).read_bytes() == body
 
 
@@ -285,7 +287,7 @@ def test_a_killed_worker_leaves_only_a_marked_partial_file(server: ScriptedServe
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9, proc.stdout + proc.stderr
-    assert files_in(folder) == [f".{PID}-0.png.partial"]
+    assert files_in(folder) == [f".a-{PID}.png.partial"]
 
 
 def test_a_second_try_replaces_a_leftover_partial_and_completes(
@@ -293,8 +295,8 @@ def test_a_second_try_replaces_a_leftover_partial_and_completes(
 ) -> None:
     folder = tmp_path / "out"
     folder.mkdir()
-    (folder / f".{PID}-0.png.partial").write_bytes(b"half")
+    (folder / f".in-{PID}.png.partial").write_bytes(b"half")
     server.script(response(200, PNG, "image/png"))
     finish(folder, [f"{server.base_url}/out.png"])
-    assert files_in(folder) == [f"{PID}-0.png"]
-    assert (folder / f"{PID}-0.png").read_bytes() == PNG
+    assert files_in(folder) == [f"in-{PID}.png"]
+    assert (folder / f"in-{PID}.png").read_bytes() == PNG

@@ -24,10 +24,10 @@ from airflow_provider_kontext.hooks._http import (
     download_request,
     get_prediction_request,
     parse_response,
-    transport_error,
 )
 from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+from airflow_provider_kontext.hooks.transports import requests_error, transport_error
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
 
@@ -167,7 +167,7 @@ def test_a_token_echoed_by_the_server_is_never_shown(status: int, where: str, pa
 
 
 def test_transport_errors_that_quote_the_url_are_redacted() -> None:
-    import httpx
+    import aiohttp
     import requests
 
     base = proxy_url("http://127.0.0.1:9")
@@ -177,9 +177,14 @@ def test_transport_errors_that_quote_the_url_are_redacted() -> None:
     for exc in (
         requests.exceptions.ConnectionError(f"HTTPConnectionPool: Max retries exceeded with url: {full}"),
         requests.exceptions.ReadTimeout(f"Read timed out. (read timeout=1) {full} Bearer {TOKEN}"),
-        httpx.ReadError(f"error reading {full}"),
     ):
-        error = transport_error(settings_, request, exc)
+        error = requests_error(settings_, request, exc)
+        assert_hidden([TOKEN, URL_PASSWORD, QUERY_TOKEN], str(error), repr(error))
+    for aio_exc in (
+        aiohttp.ClientPayloadError(f"error reading {full}"),
+        aiohttp.ServerDisconnectedError(f"{full} Bearer {TOKEN}"),
+    ):
+        error = transport_error(settings_, request, aio_exc, sent=True)
         assert_hidden([TOKEN, URL_PASSWORD, QUERY_TOKEN], str(error), repr(error))
 
 
@@ -190,7 +195,7 @@ def test_transport_errors_that_quote_the_url_are_redacted() -> None:
 def test_every_secret_is_registered_with_the_masker(conn: Callable[..., None], user_only: bool) -> None:
     conn(host=proxy_url("http://127.0.0.1:9", user_only=user_only), password=TOKEN)
     expected = {TOKEN, QUERY_TOKEN, URL_USER_TOKEN if user_only else URL_PASSWORD}
-    with mock.patch("airflow.sdk.log.mask_secret") as masked:
+    with mock.patch("airflow_provider_kontext.compat.mask_secret") as masked:
         FluxKontextHook(CONN_ID).settings
     assert expected <= {c.args[0] for c in masked.call_args_list if isinstance(c.args[0], str)}
 
@@ -198,8 +203,8 @@ def test_every_secret_is_registered_with_the_masker(conn: Callable[..., None], u
         await FluxKontextHook(CONN_ID).aget_settings()
 
     with (
-        mock.patch("airflow.sdk.log.mask_secret") as masked,
-        mock.patch("airflow.sdk.log.amask_secret", new_callable=mock.AsyncMock) as amasked,
+        mock.patch("airflow_provider_kontext.compat.mask_secret") as masked,
+        mock.patch("airflow_provider_kontext.compat.amask_secret", new_callable=mock.AsyncMock) as amasked,
     ):
         asyncio.run(load())
     calls = masked.call_args_list + amasked.call_args_list

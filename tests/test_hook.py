@@ -33,6 +33,7 @@ from hook_api import (
 )
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
+from airflow_provider_kontext import failures
 from airflow_provider_kontext.exceptions import (
     KontextAPIError,
     KontextAuthError,
@@ -43,8 +44,7 @@ from airflow_provider_kontext.exceptions import (
     KontextServerError,
     KontextTransportError,
 )
-from airflow_provider_kontext.hooks import _http
-from airflow_provider_kontext.hooks._http import parse_retry_after
+from airflow_provider_kontext.failures import parse_retry_after
 from airflow_provider_kontext.hooks.connection import ClientSettings, normalize_base_url
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import PredictionStatus
@@ -815,6 +815,36 @@ def test_auth_errors(set_conn: Callable[..., None], requests_mock: Any, status: 
     assert_no_secret(message)
 
 
+def test_a_rotated_token_is_used_after_an_auth_error(
+    set_conn: Callable[..., None], requests_mock: Any, sleeps: list[float]
+) -> None:
+    requests_mock.get(
+        GET_URL,
+        [
+            {"json": prediction_json()},
+            {"status_code": 401, "json": {"detail": "Invalid token"}},
+            {"json": prediction_json()},
+        ],
+    )
+    hook = FluxKontextHook()
+    hook.get_prediction(PRED_ID)
+    set_conn(password="r8_NEWTOKEN_rotated")  # the connection changes while the hook holds its settings
+    assert hook.get_prediction(PRED_ID).id == PRED_ID
+    assert [r.headers["Authorization"] for r in requests_mock.request_history] == [
+        f"Bearer {TOKEN}",
+        f"Bearer {TOKEN}",
+        "Bearer r8_NEWTOKEN_rotated",
+    ]
+    assert sleeps == []
+
+
+def test_an_auth_error_with_unchanged_settings_is_not_resent(requests_mock: Any, sleeps: list[float]) -> None:
+    requests_mock.get(GET_URL, status_code=401, json={"detail": "Invalid token"})
+    raised(lambda: FluxKontextHook().get_prediction(PRED_ID), KontextAuthError)
+    assert requests_mock.call_count == 1
+    assert sleeps == []
+
+
 def test_auth_error_without_token_says_so(set_conn: Callable[..., None], requests_mock: Any) -> None:
     set_conn(host=PROXY)
     requests_mock.get(f"{PROXY}/v1/account", status_code=401, json={"detail": "Authentication required"})
@@ -1051,7 +1081,7 @@ def test_backoff_seconds_growth() -> None:
     settings = ClientSettings(conn_id="c", base_url=API, backoff_base=1, backoff_max=5)
     for attempt, ceiling in [(1, 1), (2, 2), (3, 4), (4, 5), (10, 5)]:
         for _ in range(20):
-            assert ceiling / 2 <= _http.backoff_seconds(settings, attempt, None) <= ceiling
+            assert ceiling / 2 <= failures.backoff_seconds(settings, attempt, None) <= ceiling
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,14 @@ from unittest import mock
 import pendulum
 import pytest
 from airflow.sdk import DAG, Asset, ObjectStoragePath
-from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 from airflow.sdk.execution_time.context import OutletEventAccessors
 
+from airflow_provider_kontext.compat import AirflowFailException, TaskDeferred
 from airflow_provider_kontext.events import prediction_event
 from airflow_provider_kontext.exceptions import (
+    KontextAPIError,
     KontextAuthError,
+    KontextInputError,
     KontextNotFoundError,
     KontextPredictionFailed,
     KontextPredictionMayExistError,
@@ -173,10 +175,65 @@ def run_deferring(op: FluxKontextEditOperator, context: dict[str, Any]) -> TaskD
     ],
 )
 def test_invalid_input_fails_before_any_call(hook, kwargs, field):
-    op = make_op(**kwargs)
+    op = make_op()
+    for name, value in kwargs.items():  # as a template may render them
+        setattr(op, name, value)
     with pytest.raises(AirflowFailException, match=field):
         op.execute(make_context())
     assert hook.method_calls == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"guidance": 42}, "guidance: Input should be less than or equal to 10 (got 42)"),
+        ({"aspect_ratio": "2:1"}, "aspect_ratio: Input should be 'match_input_image', '1:1'"),
+        ({"output_format": "gif"}, "output_format: Input should be 'webp', 'jpg' or 'png'"),
+        ({"num_inference_steps": "60"}, "num_inference_steps: Input should be less than or equal to 50"),
+        ({"output_quality": -1}, "output_quality: Input should be greater than or equal to 0"),
+        ({"prompt": "   "}, "prompt: must not be blank"),
+        ({"extra_input": {"safety_tolerance": 2}}, "safety_tolerance: unknown input"),
+        ({"input_image": "https://"}, "input_image: must be an http(s) URL with a host name"),
+        ({"model": "no/such model"}, "model: must be 'owner/name'"),
+        (
+            {"model": "black-forest-labs/flux-kontext-pro", "extra_input": {"safety_tolerance": 9}},
+            "safety_tolerance: Input should be less than or equal to 6 (got 9)",
+        ),
+    ],
+)
+def test_a_bad_literal_input_is_a_dag_import_error(kwargs, message):
+    """Checked in ``__init__``: the DAG file fails to import, naming the task, field and range."""
+    with pytest.raises(KontextInputError) as info:
+        make_op(**kwargs)
+    assert str(info.value).startswith("Task 'edit': ")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"guidance": "{{ params.guidance }}"},
+        {"num_inference_steps": "{% if true %}60{% endif %}"},
+        {"prompt": "{{ params.prompt }}"},
+        {"extra_input": {"seed": "{{ params.seed }}"}},
+        {"input_image": "{{ ti.xcom_pull('list') }}"},
+        {"model": "{{ params.model }}", "guidance": 42},  # which schema applies is known at run time
+        {"input_image": "/no/such/file.png"},  # read at run time, never when parsing
+    ],
+)
+def test_templated_inputs_are_left_for_run_time(kwargs):
+    make_op(**kwargs)
+
+
+def test_an_xcom_reference_is_left_for_run_time():
+    with DAG("kontext_xcom_input", schedule=None, start_date=pendulum.datetime(2025, 1, 1)):
+        from airflow.sdk import task
+
+        @task
+        def steps() -> int:
+            return 99
+
+        make_op(num_inference_steps=steps())
 
 
 def test_extra_input_clash_names_the_argument(hook):
@@ -215,8 +272,10 @@ def test_bytes_that_are_not_an_image(hook):
 
 def test_validation_failure_is_not_retried(hook):
     # AirflowFailException (not a plain error) tells Airflow not to retry a bad input.
+    op = make_op(num_inference_steps="{{ params.steps }}")
+    op.num_inference_steps = "3"  # as rendered
     with pytest.raises(AirflowFailException) as info:
-        make_op(num_inference_steps=3).execute(make_context())
+        op.execute(make_context())
     assert type(info.value) is AirflowFailException
 
 
@@ -314,6 +373,11 @@ def test_small_local_image_sent_inline(hook, tmp_path, form):
 
 
 def test_remote_object_storage_image_read_through_its_filesystem(hook):
+    import fsspec
+    from airflow.sdk.io import attach
+
+    # Airflow 3.1 registers no filesystem for memory://; attaching one works on every version.
+    attach("memory", fs=fsspec.filesystem("memory"))
     image = ObjectStoragePath("memory://kontext-operator-test/in/photo.png")
     image.parent.mkdir(parents=True, exist_ok=True)
     image.write_bytes(PNG)
@@ -456,11 +520,51 @@ def test_state_store_written_before_deferral(hook):
 
 
 def test_create_failure_leaves_store_untouched(hook):
-    hook.create_prediction.side_effect = KontextAuthError(status=401)
+    hook.create_prediction.side_effect = KontextServerError(status=503)
     context = make_context()
-    with pytest.raises(KontextAuthError):
+    with pytest.raises(KontextServerError):
         make_op().execute(context)
     assert context["task_state_store"].data == {}
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        (KontextAuthError(status=401, method="POST", path="/v1/x"), "the token is refused"),
+        (KontextAuthError(status=403), "the token is refused"),
+        (KontextNotFoundError(status=404), "the model or version does not exist"),
+        (KontextAPIError(status=422, title="Unprocessable Entity"), "the server rejects this input"),
+    ],
+)
+def test_a_create_answer_no_retry_can_change_fails_without_retries(hook, error, why):
+    hook.create_prediction.side_effect = error
+    context = make_context()
+    with pytest.raises(AirflowFailException) as info:
+        make_op().execute(context)
+    assert type(info.value) is AirflowFailException  # Airflow does not retry it
+    message = str(info.value)
+    assert message.startswith(str(error))
+    assert f"Not retried: the create would get the same answer ({why}" in message
+    assert info.value.__cause__ is None  # one short traceback
+    assert info.value.__suppress_context__
+    assert context["task_state_store"].data == {}
+
+
+def test_an_upload_refused_fails_without_retries(hook, tmp_path):
+    image = tmp_path / "big.png"
+    image.write_bytes(PNG + bytes(1024))
+    hook.upload_file.side_effect = KontextAuthError(status=401)
+    with pytest.raises(AirflowFailException, match="Not retried: the upload would get the same answer"):
+        make_op(input_image=str(image), inline_image_max_bytes=10).execute(make_context())
+    hook.create_prediction.assert_not_called()
+
+
+@pytest.mark.parametrize("status", [400, 409, 429, 500])
+def test_other_create_answers_keep_their_retries(hook, status):
+    error = (KontextServerError if status >= 500 else KontextAPIError)(status=status)
+    hook.create_prediction.side_effect = error
+    with pytest.raises(KontextAPIError):
+        make_op().execute(make_context())
 
 
 # --- reattach on retry -----------------------------------------------------------------------------
@@ -631,9 +735,46 @@ def test_complete_succeeded(hook):
     assert summary["completed_at"] == "2025-05-01T10:00:06+00:00"
     assert summary["urls_expire_at"] == "2025-05-01T11:00:06+00:00"
     assert summary["outputs"] == result
+    assert summary["input_image"] == IMAGE_URL
+    assert summary["input_name"] == "cat.png"
+    assert summary["prompt"] == PROMPT
     json.dumps(summary)
     assert context["task_state_store"].data == {"other": 1}  # only our key is deleted
     hook.cancel_prediction.assert_not_called()
+
+
+def test_resuming_logs_one_summary_line(hook, tmp_path):
+    hook.download.side_effect = writes(PNG)
+    op = make_op(output_path=str(tmp_path))
+    op.execute_complete(stored_context(), prediction_event(succeeded()))
+    saved = (tmp_path / f"cat-{PID}.png").as_uri()
+    assert logged(op)[-1] == f"Prediction {PID} succeeded in 4.2s from cat.png: 1 output saved to {saved}"
+
+
+@pytest.mark.parametrize(
+    ("image", "where"),
+    [
+        ("data:image/png;base64," + base64.b64encode(PNG).decode(), "data:image/png,..."),
+        ("https://bucket.example/in/cat.png?X-Amz-Signature=s3cr3t#x", "https://bucket.example/in/cat.png"),
+        (PNG, None),
+    ],
+)
+def test_the_summary_never_carries_an_image_blob_or_a_signature(hook, image, where):
+    op = make_op()
+    op.input_image = image
+    context = stored_context()
+    op.execute_complete(context, prediction_event(succeeded()))
+    summary = pushed(context)["prediction"]
+    assert summary["input_image"] == where
+    assert "s3cr3t" not in json.dumps(summary)
+    assert base64.b64encode(PNG).decode()[:20] not in json.dumps(summary)
+
+
+def test_the_summary_names_the_requested_model(hook):
+    context = stored_context()
+    model = "black-forest-labs/flux-kontext-dev:" + "a" * 64
+    make_op(model=model).execute_complete(context, prediction_event(succeeded()))
+    assert pushed(context)["prediction"]["model"] == model
 
 
 @pytest.mark.parametrize("status", ["failed", "canceled", "aborted"])
@@ -702,7 +843,13 @@ def test_asset_outlet_gets_its_event_extra(hook):
     events = OutletEventAccessors()
     context = make_context(outlet_events=events)
     op.execute_complete(context, prediction_event(succeeded()))
-    assert events[asset].extra == {"prediction_id": PID, "outputs": [OUT_URL]}
+    assert events[asset].extra == {
+        "prediction_id": PID,
+        "outputs": [OUT_URL],
+        "input_image": IMAGE_URL,
+        "prompt": PROMPT,
+        "model": "black-forest-labs/flux-kontext-dev",
+    }
 
 
 def test_asset_outlet_carries_the_saved_paths(hook, tmp_path):
@@ -711,8 +858,8 @@ def test_asset_outlet_carries_the_saved_paths(hook, tmp_path):
     events = OutletEventAccessors()
     op = make_op(outlets=[asset], output_path=str(tmp_path))
     result = op.execute_complete(make_context(outlet_events=events), prediction_event(succeeded()))
-    assert events[asset].extra == {"prediction_id": PID, "outputs": result}
-    assert result == [(tmp_path / f"{PID}-0.png").as_uri()]
+    assert events[asset].extra["outputs"] == result
+    assert result == [(tmp_path / f"cat-{PID}.png").as_uri()]
 
 
 # --- output_path -----------------------------------------------------------------------------------
@@ -736,10 +883,10 @@ def test_output_path_downloads_and_returns_paths(hook, tmp_path):
     context = make_context()
     op = make_op(output_path=str(folder), max_output_bytes=1234)
     result = op.execute_complete(context, prediction_event(succeeded(output=[OUT_URL, second])))
-    assert sorted(p.name for p in folder.iterdir()) == [f"{PID}-0.png", f"{PID}-1.jpg"]
-    assert (folder / f"{PID}-0.png").read_bytes() == PNG
-    assert (folder / f"{PID}-1.jpg").read_bytes() == JPEG
-    assert result == [(folder / f"{PID}-0.png").as_uri(), (folder / f"{PID}-1.jpg").as_uri()]
+    assert sorted(p.name for p in folder.iterdir()) == [f"cat-{PID}-0.png", f"cat-{PID}-1.jpg"]
+    assert (folder / f"cat-{PID}-0.png").read_bytes() == PNG
+    assert (folder / f"cat-{PID}-1.jpg").read_bytes() == JPEG
+    assert result == [(folder / f"cat-{PID}-0.png").as_uri(), (folder / f"cat-{PID}-1.jpg").as_uri()]
     assert [c.args[0] for c in hook.download.call_args_list] == [OUT_URL, second]
     assert all(c.kwargs["max_bytes"] == 1234 for c in hook.download.call_args_list)
     summary = pushed(context)["prediction"]
@@ -760,16 +907,16 @@ def test_output_appears_under_its_final_name_only_when_complete(hook, tmp_path):
 
     with mock.patch.object(ObjectStoragePath, "rename", spy):
         make_op(output_path=str(folder)).execute_complete(make_context(), prediction_event(succeeded()))
-    assert renames == [(f".{PID}-0.png.partial", f"{PID}-0.png", False)]
-    assert [p.name for p in folder.iterdir()] == [f"{PID}-0.png"]
+    assert renames == [(f".cat-{PID}.png.partial", f"cat-{PID}.png", False)]
+    assert [p.name for p in folder.iterdir()] == [f"cat-{PID}.png"]
 
 
 def test_output_path_as_object_storage_path(hook, tmp_path):
     hook.download.side_effect = writes(PNG)
     folder = ObjectStoragePath((tmp_path / "nested" / "dir").as_uri())
     result = make_op(output_path=folder).execute_complete(make_context(), prediction_event(succeeded()))
-    assert result == [str(folder / f"{PID}-0.png")]
-    assert (tmp_path / "nested" / "dir" / f"{PID}-0.png").read_bytes() == PNG
+    assert result == [str(folder / f"cat-{PID}.png")]
+    assert (tmp_path / "nested" / "dir" / f"cat-{PID}.png").read_bytes() == PNG
 
 
 def test_non_image_download_fails_and_leaves_no_file(hook, tmp_path):
@@ -790,8 +937,8 @@ def test_data_uri_outputs_are_decoded(hook, tmp_path):
         make_context(), prediction_event(succeeded(output=[uri]))
     )
     hook.download.assert_not_called()
-    assert (folder / f"{PID}-0.png").read_bytes() == PNG
-    assert result == [(folder / f"{PID}-0.png").as_uri()]
+    assert (folder / f"cat-{PID}.png").read_bytes() == PNG
+    assert result == [(folder / f"cat-{PID}.png").as_uri()]
 
 
 def test_malformed_data_uri_output_fails_the_task_clearly(hook, tmp_path):
@@ -822,18 +969,45 @@ def test_server_chosen_id_cannot_leave_the_folder(hook, tmp_path):
     make_op(output_path=str(folder)).execute_complete(make_context(), event)
     saved = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert [p.parent for p in saved] == [folder]
-    assert saved[0].name.endswith("-0.png")
+    assert saved[0].name == "cat-_______escaped.png"
 
 
-def test_output_without_prediction_id_gets_a_generated_name(hook, tmp_path):
+def test_output_without_prediction_id_is_named_after_the_input(hook, tmp_path):
     folder = tmp_path / "out"
     hook.download.side_effect = writes(PNG)
     make_op(output_path=str(folder)).execute_complete(
         make_context(), prediction_event(succeeded(prediction_id=None))
     )
+    assert [p.name for p in folder.iterdir()] == ["cat.png"]
+
+
+def test_output_without_input_name_or_prediction_id_gets_a_generated_name(hook, tmp_path):
+    folder = tmp_path / "out"
+    hook.download.side_effect = writes(PNG)
+    make_op(input_image=PNG, output_path=str(folder)).execute_complete(
+        make_context(), prediction_event(succeeded(prediction_id=None))
+    )
     [saved] = list(folder.iterdir())
-    assert saved.name.startswith("edit-")
-    assert saved.name.endswith("-0.png")
+    assert re.fullmatch(r"edit-\d+\.png", saved.name)
+
+
+@pytest.mark.parametrize(
+    ("image", "name"),
+    [
+        ("/data/shots/mug.png", "mug-{pid}.png"),
+        ("file:///data/shots/Red Mug (v2).final.JPG", "Red_Mug__v2__final-{pid}.png"),
+        ("https://cdn.example/a/b/mug%20blue.webp?X-Amz-Signature=s3cr3t", "mug_blue-{pid}.png"),
+        ("data:image/png;base64,iVBORw0KGgo=", "{pid}.png"),
+        ("https://cdn.example/", "cdn-{pid}.png"),
+    ],
+)
+def test_outputs_are_named_after_their_input(hook, tmp_path, image, name):
+    folder = tmp_path / "out"
+    hook.download.side_effect = writes(PNG)
+    op = make_op(output_path=str(folder))
+    op.input_image = image  # as rendered (a local path is read only by execute)
+    op.execute_complete(make_context(), prediction_event(succeeded()))
+    assert [p.name for p in folder.iterdir()] == [name.format(pid=PID)]
 
 
 # --- waiting in the worker -------------------------------------------------------------------------
@@ -851,19 +1025,27 @@ def test_non_deferrable_polls_until_terminal(hook, no_sleep):
     context = make_context()
     assert op.execute(context) == [OUT_URL]
     assert hook.get_prediction.call_count == 4
-    hook.get_prediction.assert_called_with(PID)
+    hook.get_prediction.assert_called_with(PID, budget=mock.ANY)
     assert [c.args[0] for c in no_sleep.call_args_list] == [3.0, 3.0, 3.0]
     lines = logged(op)
     assert lines.count(f"Prediction {PID} is processing") == 1
-    assert lines.count(f"Prediction {PID} is succeeded") == 1
+    assert lines.count(f"Prediction {PID} succeeded") == 1
     assert lines.count("model: step 1/28") == 1
     assert lines.count("model: step 2/28") == 1
     assert STATE_KEY not in context["task_state_store"].data
 
 
-def test_non_deferrable_tolerates_transient_errors(hook, no_sleep):
-    hook.get_prediction.side_effect = [KontextServerError(status=502), succeeded()]
+def test_non_deferrable_tolerates_transient_errors(hook, no_sleep, requests_mock, monkeypatch):
+    """The poll's retries are the real hook's, within the budget the in-worker wait hands it."""
+    monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps({"conn_type": "fluxkontext"}))
+    monkeypatch.setattr(FluxKontextHook, "_sleep", lambda self, seconds: None)
+    requests_mock.get(
+        f"https://api.replicate.com/v1/predictions/{PID}",
+        [{"status_code": 502}, {"json": succeeded().model_dump(mode="json")}],
+    )
+    hook.get_prediction.side_effect = FluxKontextHook().get_prediction
     assert make_op(deferrable=False).execute(make_context()) == [OUT_URL]
+    assert requests_mock.call_count == 2
 
 
 def test_non_deferrable_timeout_cancels(hook, no_sleep):
@@ -931,6 +1113,45 @@ def test_mapped_over_input_images():
     assert mapped.partial_kwargs["aspect_ratio"] == "1:1"
     assert mapped.partial_kwargs["output_path"] == "/tmp/out"
     assert mapped.expand_input.value == {"input_image": images}
+    # Carried by the mapped task itself: Airflow renders the template from it, before unmapping.
+    assert mapped.map_index_template == "{{ task.input_label }}"
+
+
+@pytest.mark.parametrize(
+    ("image", "label"),
+    [
+        ("/data/shots/mug.png", "mug.png"),
+        ("https://cdn.example/a/mug.webp?sig=x", "mug.webp"),
+        ("data:image/png;base64,iVBORw0KGgo=", "data:image/png,..."),
+        (b"\x89PNG....", "8 bytes"),
+    ],
+)
+def test_a_mapped_edit_shows_its_input_name(image, label):
+    """Airflow renders ``map_index_template`` with the task's rendered fields before ``execute``."""
+    from airflow.sdk.definitions._internal.templater import SandboxedEnvironment
+
+    op = make_op()
+    op.input_image = image
+    assert op.map_index_template == "{{ task.input_label }}"
+    assert SandboxedEnvironment().from_string(op.map_index_template).render(task=op) == label
+
+
+def test_a_dags_own_map_index_template_wins():
+    assert make_op(map_index_template="{{ task.prompt }}").map_index_template == "{{ task.prompt }}"
+
+
+def test_deferring_says_what_is_awaited_how_and_until_when(hook):
+    op = make_op(poll_interval=1.5, timeout=600)
+    before = time.time()
+    run_deferring(op, make_context())
+    (line,) = [line for line in logged(op) if line.startswith("Waiting")]
+    deadline = datetime.fromtimestamp(before + 600, timezone.utc)
+    assert line.startswith(
+        f"Waiting in the triggerer for prediction {PID} (starting) https://replicate.com/p/{PID}; "
+        "poll policy adaptive, interval 1.5s; deadline "
+    )
+    assert deadline.strftime("%Y-%m-%d %H:%M") in line
+    assert line.endswith(("(in 0:10:00)", "(in 0:09:59)"))
 
 
 def test_template_fields_cover_the_inputs():
@@ -968,7 +1189,7 @@ def test_in_worker_polling_redacts_a_secret_echoed_into_a_failed_prediction(hook
 
 def test_a_transient_storage_error_reading_the_image_is_retryable(hook):
     """An I/O hiccup (e.g. s3fs's OSError) is not bad input: the task fails normally so retries apply."""
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow_provider_kontext.compat import AirflowFailException
 
     class FlakyStorage:
         def __str__(self) -> str:
@@ -994,7 +1215,7 @@ def test_a_transient_storage_error_reading_the_image_is_retryable(hook):
     ],
 )
 def test_model_failures_fail_without_retry_unless_asked(hook, status, retry_failed_predictions, no_retry):
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow_provider_kontext.compat import AirflowFailException
 
     event = prediction_event(make_prediction(status, error="NSFW content detected."))
     op = make_op(retry_failed_predictions=retry_failed_predictions)

@@ -11,15 +11,24 @@ from unittest import mock
 import pytest
 
 from airflow_provider_kontext import progress
-from airflow_provider_kontext.events import MAX_EVENT_TEXT, error_event, prediction_event, timeout_event
+from airflow_provider_kontext.events import (
+    EVENT_LOG_TAIL_LINES,
+    MAX_EVENT_TEXT,
+    error_event,
+    prediction_event,
+    timeout_event,
+)
 from airflow_provider_kontext.exceptions import (
     KontextAPIError,
     KontextAuthError,
+    KontextDeadlineError,
     KontextNotFoundError,
     KontextRateLimitError,
     KontextServerError,
     KontextTransportError,
 )
+from airflow_provider_kontext.failures import Attempts, Budget
+from airflow_provider_kontext.hooks._http import ClientSettings, get_prediction_request
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.progress import (
     ADAPTIVE_FIRST_DELAY,
@@ -55,6 +64,20 @@ def clock():
 
 
 class TestProgressTracker:
+    @pytest.mark.parametrize(
+        ("status", "line"),
+        [
+            ("starting", "is starting"),
+            ("processing", "is processing"),
+            ("succeeded", "succeeded"),
+            ("failed", "failed"),
+            ("canceled", "was canceled"),
+            ("aborted", "was aborted"),
+        ],
+    )
+    def test_each_status_reads_as_a_sentence(self, status, line):
+        assert ProgressTracker(PID).update(make_prediction(status)) == [f"Prediction {PID} {line}"]
+
     def test_status_change_reported_once(self):
         tracker = ProgressTracker(PID)
         assert tracker.update(make_prediction("starting")) == [f"Prediction {PID} is starting"]
@@ -82,7 +105,7 @@ class TestProgressTracker:
         tracker = ProgressTracker(PID)
         tracker.update(make_prediction("processing", "a\nb"))
         assert tracker.update(make_prediction("succeeded", "a\nb")) == [
-            f"Prediction {PID} is succeeded",
+            f"Prediction {PID} succeeded",
             "model: b",
         ]
 
@@ -152,7 +175,7 @@ def test_prediction_event_fields():
         "model": "black-forest-labs/flux-kontext-dev",
         "output": ["https://replicate.delivery/out.webp"],
         "error": None,
-        "logs_tail": "a\nb",
+        "logs_tail": "",  # a success's logs were reported while it ran; the event stays small
         "predict_time": 3.5,
         "created_at": "2025-01-01T00:00:00+00:00",
         "completed_at": "2025-01-01T00:00:05+00:00",
@@ -166,6 +189,20 @@ def test_prediction_event_fields():
     assert (
         json.loads(json.dumps(event.payload())) == event.payload()
     )  # JSON primitives only (events go to the DB)
+
+
+def test_an_unsuccessful_events_log_tail_is_short_and_shows_each_bar_once():
+    logs = "loading\n" + bars(*range(1, 29)) + "".join(f"note {i}\n" for i in range(12)) + bars(3, 4)
+    event = prediction_event(make_prediction("failed", logs + "CUDA out of memory\n"))
+    lines = event.logs_tail.splitlines()
+    assert len(lines) == EVENT_LOG_TAIL_LINES
+    assert lines[-2:] == [bar(4), "CUDA out of memory"]
+    assert lines[0] == "note 4"
+
+
+def test_collapse_progress_bars_keeps_each_runs_last_line():
+    lines = ["a", *bars(1, 2, 3).splitlines(), "b", *bars(9).splitlines()]
+    assert progress.collapse_progress_bars(lines) == ["a", bar(3), "b", bar(9)]
 
 
 def test_prediction_event_error_text_is_capped_and_stringified():
@@ -253,26 +290,37 @@ class TestPredictionPollerDecisions:
         ],
         ids=["5xx", "transport", "429", "malformed"],
     )
-    def test_transient_errors_tolerated_up_to_the_limit(self, clock, exc):
-        log = mock.Mock()
-        poller = PredictionPoller(PID, poll_interval=1, end_time=None, max_consecutive_errors=3, log=log)
-        assert [poller.on_error(exc) for _ in range(3)] == [None, None, None]
-        assert log.call_count == 3
+    def test_transient_errors_end_the_wait_once_the_budget_is_spent(self, clock, exc):
+        """The hook retries a failing poll ``max_consecutive_errors`` times (the poller's budget); a
+        transient error that still reaches the poller has spent it."""
+        poller = PredictionPoller(PID, poll_interval=1, end_time=None, max_consecutive_errors=3)
+        assert poller.budget == Budget(retries=3, tolerate=True, deadline=None, grace=1.0)
         event = poller.on_error(exc)
-        assert event is not None
         assert event.status == "error"
         assert event.prediction_id == PID
         assert "4 polls in a row failed" in event.message
 
-    def test_a_good_poll_resets_the_error_count(self, clock):
+    def test_the_budget_is_per_poll(self, clock):
+        """Each poll gets the whole budget: failures of an earlier poll that ended well do not count."""
         poller = PredictionPoller(PID, poll_interval=1, end_time=None, max_consecutive_errors=2)
+        request = get_prediction_request(PID)
         err = KontextServerError(status=502)
-        assert poller.on_error(err) is None
-        assert poller.on_error(err) is None
-        assert poller.on_prediction(make_prediction("processing")) is None
-        assert poller.on_error(err) is None
-        assert poller.on_error(err) is None
-        assert poller.on_error(err).status == "error"
+        for _ in range(2):  # two polls, each failing twice and then answering
+            attempts = Attempts(
+                ClientSettings(conn_id="c", base_url="https://x"), request, budget=poller.budget
+            )
+            assert attempts.after(err) is not None
+            assert attempts.after(err) is not None
+            assert poller.on_prediction(make_prediction("processing")) is None
+        attempts = Attempts(ClientSettings(conn_id="c", base_url="https://x"), request, budget=poller.budget)
+        assert attempts.after(err) is not None
+        assert attempts.after(err) is not None
+        with pytest.raises(KontextServerError):
+            attempts.after(err)
+
+    def test_a_poll_at_the_deadline_times_out(self, clock):
+        poller = PredictionPoller(PID, poll_interval=1, end_time=NOW + 60)
+        assert poller.on_error(KontextDeadlineError("still failing")).status == "timeout"
 
     @pytest.mark.parametrize(
         "exc",
@@ -341,7 +389,7 @@ class TestProgressBarLines:
         clock.value = NOW + 3
         done = make_prediction("succeeded", bars(0, 1, 2, 3, 4) + "saved\n")
         assert tracker.update(done) == [
-            f"Prediction {PID} is succeeded",
+            f"Prediction {PID} succeeded",
             f"model: {bar(4)}",
             "model: saved",
         ]
@@ -351,7 +399,7 @@ class TestProgressBarLines:
         tracker.update(make_prediction("processing", bars(0, 1, 2)))
         failed = make_prediction("failed", bars(0, 1, 2) + "CUDA out of memory\n")
         assert tracker.update(failed) == [
-            f"Prediction {PID} is failed",
+            f"Prediction {PID} failed",
             f"model: {bar(2)}",  # where it stood
             "model: CUDA out of memory",
         ]
@@ -373,7 +421,7 @@ class TestProgressBarLines:
         tracker = ProgressTracker(PID)
         logs = bars(1, 2) + "loaded\n" + bars(3, 4)
         assert tracker.update(make_prediction("succeeded", logs)) == [
-            f"Prediction {PID} is succeeded",
+            f"Prediction {PID} succeeded",
             f"model: {bar(2)}",
             "model: loaded",
             f"model: {bar(4)}",

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from importlib.metadata import entry_points
 
 from airflow_provider_kontext import __version__
@@ -24,7 +27,9 @@ def test_entry_point_returns_provider_info() -> None:
 
 def test_ui_field_behaviour_matches_provider_info() -> None:
     (conn,) = get_provider_info()["connection-types"]
-    assert FluxKontextHook.get_ui_field_behaviour() == conn["ui-field-behaviour"]
+    behaviour = FluxKontextHook.get_ui_field_behaviour()
+    assert behaviour == {key.replace("-", "_"): value for key, value in conn["ui-field-behaviour"].items()}
+    assert behaviour["hidden_fields"] == ["schema", "port", "login"]
     assert conn["ui-field-behaviour"]["relabeling"]["password"] == "API Token"
 
 
@@ -55,3 +60,27 @@ def test_every_listed_module_imports_and_holds_its_classes() -> None:
         (entry,) = info[kind]
         (module,) = entry["python-modules"]
         assert hasattr(importlib.import_module(module), class_name), (kind, module)
+
+
+def test_the_ui_shows_the_form_with_labels_and_extra_fields() -> None:
+    """What the connection form's UI endpoint serves: on 3.1 it comes from the hook's methods, on
+    3.2+ from the declarative provider info; the same labels and fields either way. Asked in a fresh
+    interpreter, like the API server: ``ProvidersManager`` is a process-wide singleton that other
+    tests have already initialised without the UI's form machinery."""
+    script = (
+        "import json\n"
+        "from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService\n"
+        "(meta,) = [m for m in HookMetaService.hook_meta_data() if m.connection_type == 'fluxkontext']\n"
+        "print('META=' + json.dumps(meta.model_dump(), default=str))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("META=")]
+    fields = json.loads(line.removeprefix("META="))
+    assert fields["standard_fields"]["host"]["title"] == "Base URL"
+    assert fields["standard_fields"]["password"]["title"] == "API Token"
+    assert fields["standard_fields"]["login"]["hidden"] is True
+    extra = fields["extra_fields"]
+    assert {"timeout", "connect_timeout", "max_retries", "backoff_max", "retry_after_max"} <= set(extra)
+    assert extra["max_retries"]["value"] == 5
+    assert "integer" in extra["max_retries"]["schema"]["type"]

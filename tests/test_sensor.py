@@ -162,7 +162,7 @@ def test_polls_once_then_defers_with_the_trigger(hook):
     assert deferred.timeout.total_seconds() > 600  # Airflow's own timeout is only a backstop
     assert not deferred.kwargs
     assert pushed(context) == {"prediction_web_url": f"https://replicate.com/p/{PID}"}
-    hook.get_prediction.assert_called_once_with(PID)
+    hook.get_prediction.assert_called_once_with(PID, budget=mock.ANY)
 
 
 def test_a_finished_prediction_completes_without_deferring(hook):
@@ -220,15 +220,22 @@ def test_first_poll_failure_is_skipped_with_soft_fail(hook):
 def test_pokes_until_the_prediction_succeeds(hook, no_sleep):
     hook.get_prediction.side_effect = [
         make_prediction("starting"),
-        KontextServerError("502 Bad Gateway", status=502),  # transient: poke again
         make_prediction("processing"),
         succeeded(),
     ]
     context = make_context()
     assert make_sensor(deferrable=False, poke_interval=3).execute(context) == [OUT_URL]
-    assert hook.get_prediction.call_count == 4
-    assert [c.args[0] for c in no_sleep.call_args_list] == [3.0, 3.0, 3.0]
+    assert hook.get_prediction.call_count == 3
+    assert [c.args[0] for c in no_sleep.call_args_list] == [3.0, 3.0]
     assert pushed(context)["prediction"]["status"] == "succeeded"
+    # Each poll retries transient failures within the poller's budget, as the operator's loop does.
+    assert all(c.kwargs["budget"].retries == 10 for c in hook.get_prediction.call_args_list)
+
+
+def test_a_failure_the_hook_could_not_retry_away_ends_the_wait(hook, no_sleep):
+    hook.get_prediction.side_effect = [make_prediction("processing"), KontextServerError("502", status=502)]
+    with pytest.raises(KontextPredictionFailed, match="502"):
+        make_sensor(deferrable=False).execute(make_context())
 
 
 def test_an_unknown_prediction_ends_the_wait(hook, no_sleep):

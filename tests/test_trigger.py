@@ -1,6 +1,7 @@
 """``FluxKontextPredictionTrigger``: serialization, one event per terminal status, progress, errors,
-deadline, restart from kwargs, cleanup and on_kill. The hook is mocked; nothing waits or hits the
-network."""
+deadline, restart from kwargs, cleanup and on_kill. The hook is mocked, except where a poll's retries
+and deadline are tested: those run the real hook against a scripted aiohttp server on 127.0.0.1.
+Nothing waits or leaves the machine."""
 
 from __future__ import annotations
 
@@ -13,16 +14,19 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from airflow.triggers.base import TriggerEvent
 
 from airflow_provider_kontext.events import prediction_event
 from airflow_provider_kontext.exceptions import (
     KontextAuthError,
     KontextNotFoundError,
-    KontextRateLimitError,
     KontextServerError,
-    KontextTransportError,
 )
+from airflow_provider_kontext.failures import Budget
+from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+from airflow_provider_kontext.hooks.transports import SharedAsyncClient
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.triggers import kontext as trigger_module
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
@@ -192,7 +196,7 @@ async def test_succeeded(hook, sleeps):
     assert payload["output"] == ["https://replicate.delivery/xezq/out.webp"]
     assert payload["predict_time"] == 4.2
     hook.cls.assert_called_once_with(CONN_ID)
-    hook.aget_prediction.assert_awaited_with(PID)
+    hook.aget_prediction.assert_awaited_with(PID, budget=mock.ANY)
     assert hook.aget_prediction.await_count == 3
     assert sleeps == [3.0, 3.0]  # waited between polls, not after the last one
     hook.acreate_prediction.assert_not_called()  # the trigger only reads
@@ -251,7 +255,7 @@ async def test_progress_lines_logged_once(hook, sleeps):
         "model: Loading",
         "model: step 1/28",
         "model: step 2/28",
-        f"Prediction {PID} is succeeded",
+        f"Prediction {PID} succeeded",
         "model: done",
     ]
 
@@ -259,41 +263,103 @@ async def test_progress_lines_logged_once(hook, sleeps):
 # --- errors ----------------------------------------------------------------------------------------
 
 
+class ScriptedApi:
+    """``GET /v1/predictions/{PID}`` on 127.0.0.1 answering from a script (the last answer repeats):
+    a ``(status, json)`` pair, ``"garbled"`` (no usable HTTP answer) or ``"hang"``."""
+
+    def __init__(self) -> None:
+        self.answers: list[Any] = []
+        self.polls = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.polls += 1
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if answer == "hang":
+            await asyncio.Event().wait()
+        if answer == "garbled":  # a broken answer, then the connection closes
+            assert request.transport is not None
+            request.transport.write(b"HTTP/1.1 not-a-status\r\n\r\n")
+            request.transport.close()
+            return web.Response()
+        status, body = answer
+        response = web.json_response(body, status=status)
+        # A fresh connection each time: aiohttp itself resends a GET once when a reused keep-alive
+        # connection turns out closed, which would hide the dropped connection from the hook.
+        response.force_close()
+        return response
+
+
+@pytest.fixture
+async def api(monkeypatch):
+    """The real hook (not the mock) polling a scripted API; its retry waits are recorded, not slept."""
+    scripted = ScriptedApi()
+    app = web.Application()
+    app.router.add_get(f"/v1/predictions/{PID}", scripted.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    conn = {"conn_type": "fluxkontext", "host": f"http://127.0.0.1:{server.port}", "password": TOKEN}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps(conn))
+    scripted.retry_waits = []  # type: ignore[attr-defined]
+
+    async def record(self: FluxKontextHook, seconds: float) -> None:
+        scripted.retry_waits.append(seconds)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(FluxKontextHook, "_asleep", record)
+    try:
+        yield scripted
+    finally:
+        await server.close()
+
+
+def as_json(prediction: Prediction) -> dict[str, Any]:
+    return prediction.model_dump(mode="json", exclude_none=True)
+
+
 @pytest.mark.parametrize(
-    "exc",
+    "failure",
     [
-        KontextServerError(status=502, title="Bad Gateway"),
-        KontextTransportError("connection reset", request_sent=True),
-        KontextRateLimitError(status=429, detail="Request was throttled."),
+        (502, {"title": "Bad Gateway"}),
+        "garbled",
+        (429, {"detail": "Request was throttled. Your rate limit resets in ~1s."}),
+        (200, {"unexpected": True}),  # an unreadable answer: tolerated for a poll
     ],
-    ids=["5xx", "transport", "429"],
+    ids=["5xx", "transport", "429", "malformed"],
 )
-async def test_transient_errors_then_success(hook, sleeps, exc):
-    hook.aget_prediction.side_effect = [
-        make_prediction("processing"),
-        exc,
-        exc,
-        make_prediction("succeeded", output="https://x/o.png"),
+async def test_transient_errors_then_success(api, sleeps, failure):
+    api.answers = [
+        (200, as_json(make_prediction("processing"))),
+        failure,
+        failure,
+        (200, as_json(make_prediction("succeeded", output="https://x/o.png"))),
     ]
     trigger = make_trigger()
-    log = attach_log(trigger)
     [event] = await collect(trigger)
     assert event.payload["status"] == "succeeded"
     assert event.payload["output"] == ["https://x/o.png"]
-    assert hook.aget_prediction.await_count == 4
-    assert sum("will poll again" in line for line in info_lines(log)) == 2
+    assert api.polls == 4
+    assert len(api.retry_waits) == 2  # the one retry layer: the hook's, within a poll
+    assert asyncio.get_running_loop() not in SharedAsyncClient._clients  # closed after the event
 
 
-async def test_too_many_consecutive_errors(hook, sleeps):
-    hook.aget_prediction.side_effect = KontextServerError(status=503, title="Service Unavailable")
+async def test_too_many_consecutive_errors(api, sleeps):
+    api.answers = [(503, {"title": "Service Unavailable"})]
     events = await collect(make_trigger(max_consecutive_errors=3))
     assert len(events) == 1
     assert events[0].payload["status"] == "error"
     assert events[0].payload["prediction_id"] == PID
     assert "4 polls in a row failed" in events[0].payload["message"]
     assert "503" in events[0].payload["message"]
-    assert hook.aget_prediction.await_count == 4  # 3 tolerated, the 4th ends it
-    hook.aclose.assert_awaited_once()
+    assert api.polls == 4  # 3 tolerated, the 4th ends it
+    assert len(api.retry_waits) == 3
+    assert asyncio.get_running_loop() not in SharedAsyncClient._clients
+
+
+async def test_the_trigger_hands_its_budget_to_the_hook(hook, sleeps):
+    hook.aget_prediction.return_value = make_prediction("succeeded", output="https://x/o.png")
+    await collect(make_trigger(max_consecutive_errors=4, poll_interval=3.0, end_time=1_750_000_000.0))
+    hook.aget_prediction.assert_awaited_once_with(
+        PID, budget=Budget(retries=4, tolerate=True, deadline=1_750_000_000.0, grace=3.0)
+    )
 
 
 @pytest.mark.parametrize(
@@ -345,7 +411,7 @@ async def test_adaptive_polls_when_the_progress_bar_ends(hook, sleeps):
     assert [c.args[0] for c in log.info.call_args_list] == [
         f"Prediction {PID} is processing",
         "model: Using seed: 1",
-        f"Prediction {PID} is succeeded",
+        f"Prediction {PID} succeeded",
         "model: " + tqdm(28).strip(),  # one bar line, not one per step
     ]
 
@@ -372,17 +438,23 @@ async def test_deadline_passed_gives_timeout(hook, sleeps):
     hook.acancel_prediction.assert_not_called()  # the operator cancels, with the task's context
 
 
-async def test_a_poll_stuck_past_the_deadline_ends_in_timeout(hook, sleeps):
-    """The hook's own retries (429 Retry-After, slow reads) must not hold the trigger past end_time."""
-
-    async def stuck(prediction_id: str) -> Prediction:
-        await asyncio.Event().wait()  # never answers
-        raise AssertionError("unreachable")
-
-    hook.aget_prediction.side_effect = stuck
-    # Without the cut-off the poll never returns; the outer guard turns that hang into a failure.
+async def test_a_poll_stuck_past_the_deadline_ends_in_timeout(api, sleeps):
+    """A slow or throttling API must not hold the trigger past end_time (Airflow's own defer timeout
+    would then fail the task without the cancel that the ``timeout`` event brings)."""
+    api.answers = ["hang"]
+    # Without the cut-off the poll waits for the read timeout (30 s), far past the deadline.
+    started = time.monotonic()
     [event] = await asyncio.wait_for(collect(make_trigger(poll_interval=0.1, end_time=time.time() + 0.2)), 60)
     assert event.payload["status"] == "timeout"
+    assert time.monotonic() - started < 15
+
+
+async def test_a_poll_still_failing_at_the_deadline_ends_in_timeout(api, sleeps):
+    api.answers = [(429, {"detail": "Request was throttled. Your rate limit resets in ~30s."})]
+    [event] = await collect(make_trigger(poll_interval=1.0, end_time=time.time() + 5))
+    assert event.payload["status"] == "timeout"
+    assert api.polls == 1  # the 30 s wait would pass the deadline: not slept, not retried
+    assert api.retry_waits == []
 
 
 async def test_sleep_never_overshoots_the_deadline(hook, sleeps):
@@ -404,7 +476,7 @@ async def test_recreated_from_kwargs_resumes_polling(hook, sleeps):
     assert event.payload["status"] == "succeeded"
     assert event.payload["prediction_id"] == PID
     hook.cls.assert_called_once_with(CONN_ID)
-    hook.aget_prediction.assert_awaited_with(PID)
+    hook.aget_prediction.assert_awaited_with(PID, budget=mock.ANY)
     hook.acreate_prediction.assert_not_called()
 
 

@@ -1,38 +1,31 @@
-"""What the sync and async paths of the hook share: request building, the retry policy and
-response parsing. Each fact lives here once; the hook only moves bytes. The connection's settings
-are in :mod:`airflow_provider_kontext.hooks.connection`.
+"""What the sync and async paths of the hook share: request building and response parsing. Each
+fact lives here once; the hook only moves bytes (the connection's settings are in
+:mod:`.connection`, the failure policy in :mod:`airflow_provider_kontext.failures`, the transports
+in :mod:`.transports`).
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
 import math
-import random
 import re
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow_provider_kontext.exceptions import (
     KontextAPIError,
     KontextAuthError,
     KontextNotFoundError,
-    KontextPredictionMayExistError,
     KontextRateLimitError,
     KontextServerError,
-    KontextTransportError,
 )
-from airflow_provider_kontext.hooks.connection import ClientSettings, auth_hint, tls_hint
+from airflow_provider_kontext.failures import parse_retry_after
+from airflow_provider_kontext.hooks.connection import ClientSettings, auth_hint
 from airflow_provider_kontext.models import MODEL_REFERENCE
 
-if TYPE_CHECKING:
-    from tenacity import RetryCallState
-
 _HEX_VERSION = re.compile(r"^[0-9a-f]{64}$")
-_AVAILABLE_IN = re.compile(r"available in (\d+(?:\.\d+)?) second", re.IGNORECASE)
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 
 
@@ -52,6 +45,8 @@ class ApiRequest:
     headers: dict[str, str] = field(default_factory=dict, repr=False)
     idempotent: bool = True
     read_timeout: float | None = None
+    #: Polled often: its first attempt is logged at debug level only.
+    quiet: bool = False
 
     @property
     def label(self) -> str:
@@ -108,7 +103,7 @@ def _prediction_path(prediction_id: str) -> str:
 
 
 def get_prediction_request(prediction_id: str) -> ApiRequest:
-    return ApiRequest("GET", _prediction_path(prediction_id))
+    return ApiRequest("GET", _prediction_path(prediction_id), quiet=True)
 
 
 def cancel_prediction_request(prediction_id: str) -> ApiRequest:
@@ -133,7 +128,7 @@ def download_request(settings: ClientSettings, url: str) -> ApiRequest:
     :raises KontextAPIError: the URL is not http(s) (``file:``, ``javascript:``, ...).
     """
     parts = urlsplit(url)
-    shown = urlunsplit(parts._replace(query="", fragment="", netloc=parts.hostname or ""))
+    shown = urlunsplit(parts._replace(query="", fragment="", netloc=parts.netloc.rpartition("@")[2]))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise KontextAPIError(
             title="refused",
@@ -146,25 +141,6 @@ def download_request(settings: ClientSettings, url: str) -> ApiRequest:
 
 
 # --- responses ---------------------------------------------------------------------------------
-
-
-def parse_retry_after(headers: Mapping[str, str], detail: str | None) -> float | None:
-    """Seconds to wait from ``Retry-After`` (seconds or HTTP date), else from Replicate's 429 text."""
-    value = headers.get("retry-after") or headers.get("Retry-After")
-    if value:
-        value = value.strip()
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                when = None
-            if when is not None:
-                return max(0.0, when.timestamp() - time.time())
-    if detail and (match := _AVAILABLE_IN.search(detail)):
-        return float(match.group(1))
-    return None
 
 
 def _problem(body: bytes, content_type: str) -> tuple[str | None, str | None]:
@@ -234,7 +210,8 @@ def parse_response(
     if status == 404:
         return _raise(KontextNotFoundError, kwargs, hint="Check the model name, version or prediction id")
     if status == 429:
-        return _raise(KontextRateLimitError, kwargs, retry_after=parse_retry_after(headers, detail))
+        text = _redacted(settings, body).decode()
+        return _raise(KontextRateLimitError, kwargs, retry_after=parse_retry_after(headers, text))
     if status >= 500:
         return _raise(KontextServerError, kwargs)
     return _raise(KontextAPIError, kwargs)
@@ -246,135 +223,3 @@ def _redacted(settings: ClientSettings, body: bytes) -> bytes:
 
 def _raise(cls: type[KontextAPIError], kwargs: dict[str, Any], **more: Any) -> Any:
     raise cls(**kwargs, **more)
-
-
-# --- transport failures --------------------------------------------------------------------------
-
-
-def _not_sent_by_requests(exc: BaseException) -> bool:
-    import requests
-    from urllib3.exceptions import NewConnectionError
-
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    if isinstance(exc, requests.exceptions.ConnectionError) and not isinstance(
-        exc, requests.exceptions.SSLError
-    ):
-        reason = getattr(exc.args[0], "reason", None) if exc.args else None
-        return isinstance(reason, NewConnectionError) or isinstance(exc.args[0], NewConnectionError)
-    return False
-
-
-def _not_sent_by_httpx(exc: BaseException) -> bool:
-    import httpx
-
-    if not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return False
-    cause = exc.__cause__
-    if cause is None or not type(cause).__module__.startswith("aiohttp"):
-        return True  # httpx's own transports raise these only before the request is written
-    import aiohttp
-
-    # httpx-aiohttp maps every aiohttp ClientConnectionError (a dropped keep-alive connection
-    # included) to ConnectTimeout, so only connector failures prove nothing was sent.
-    return isinstance(cause, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
-
-
-def transport_error(
-    settings: ClientSettings, request: ApiRequest, exc: BaseException
-) -> KontextTransportError:
-    """Wrap a requests/httpx transport exception, deciding whether the request provably never left."""
-    not_sent = (
-        _not_sent_by_httpx(exc) if type(exc).__module__.startswith("httpx") else _not_sent_by_requests(exc)
-    )
-    reason = settings.redact(f"{type(exc).__name__}: {exc}")[:500]
-    where = "could not connect" if not_sent else "no complete response"
-    hint = tls_hint(settings, exc)
-    return KontextTransportError(
-        f"{request.label} failed ({where}): {reason}" + (f" -- {hint}" if hint else ""),
-        request_sent=not not_sent,
-        method=request.method,
-        path=request.path,
-    )
-
-
-# --- retry policy --------------------------------------------------------------------------------
-
-
-def is_transient(exc: BaseException, request: ApiRequest) -> bool:
-    """Whether ``request`` may be sent again after ``exc``.
-
-    Reads are retried on 429, 5xx and transport errors. A non-idempotent create only on 429
-    (throttled before anything was created) and where the connection never opened.
-    """
-    if isinstance(exc, KontextRateLimitError):
-        return True
-    if isinstance(exc, KontextTransportError):
-        return request.idempotent or not exc.request_sent
-    if isinstance(exc, KontextServerError):
-        return request.idempotent
-    return False
-
-
-def backoff_seconds(settings: ClientSettings, attempt: int, exc: BaseException | None) -> float:
-    """Wait before retry number ``attempt`` (1-based): the server's ``Retry-After`` when given
-    (capped at ``retry_after_max``), else capped exponential backoff with jitter."""
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        return float(min(retry_after + random.uniform(0, 0.1), settings.retry_after_max))
-    ceiling: float = min(settings.backoff_max, settings.backoff_base * (2 ** (attempt - 1)))
-    return ceiling * random.uniform(0.5, 1.0)
-
-
-def retry_kwargs(
-    settings: ClientSettings,
-    request: ApiRequest,
-    log_retry: Callable[[ApiRequest, int, BaseException, float], None],
-) -> dict[str, Any]:
-    """Keyword arguments for ``tenacity.Retrying`` and ``tenacity.AsyncRetrying`` alike."""
-    from tenacity import retry_if_exception, stop_after_attempt
-
-    def wait(state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome else None
-        return backoff_seconds(settings, state.attempt_number, exc)
-
-    def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        delay = state.upcoming_sleep if state.upcoming_sleep is not None else 0.0
-        if exc is not None:
-            log_retry(request, state.attempt_number, exc, delay)
-
-    return {
-        "stop": stop_after_attempt(settings.max_retries + 1),
-        "wait": wait,
-        "retry": retry_if_exception(lambda exc: is_transient(exc, request)),
-        "before_sleep": before_sleep,
-        "reraise": True,
-    }
-
-
-def _may_have_created(exc: BaseException) -> bool:
-    if isinstance(exc, KontextTransportError):
-        return exc.request_sent
-    if isinstance(exc, KontextServerError):
-        return True
-    # An answer that could not be read (not JSON, not a prediction): the server may well have acted.
-    return isinstance(exc, KontextAPIError) and (exc.status is None or 200 <= exc.status < 300)
-
-
-def final_error(request: ApiRequest, exc: BaseException, body: Any = None) -> BaseException:
-    """The exception to raise once retrying stops: a create that may have reached the server
-    says so, so nobody retries it blindly and pays twice. ``body``: the decoded answer, if any,
-    whose ``id`` is named in the message."""
-    if request.idempotent or not _may_have_created(exc):
-        return exc
-    named = body.get("id") if isinstance(body, dict) else None
-    hint = f" The answer named prediction {named[:64]!r}." if isinstance(named, str) else ""
-    return KontextPredictionMayExistError(
-        f"{exc} -- the create request may have reached the server, so a prediction may exist and be "
-        "billed. It was not retried automatically, to avoid starting a second one; look for it in the "
-        f"account's prediction list before starting another.{hint}",
-        status=getattr(exc, "status", None),
-        method=request.method,
-        path=request.path,
-    )

@@ -1,36 +1,32 @@
 """``FluxKontextHook``: every HTTP call of the provider, sync (requests) and async (aiohttp).
 
-Request building, the retry decision and response parsing are shared by both paths
-(:mod:`airflow_provider_kontext.hooks._http`); this module only sends bytes and waits.
+Request building and response parsing are shared by both paths
+(:mod:`airflow_provider_kontext.hooks._http`), and so is the failure policy with its one attempt loop
+(:mod:`airflow_provider_kontext.failures`); the bytes move in :mod:`.transports`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-import urllib.request
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from airflow.sdk import BaseHook
 from pydantic import BaseModel, ValidationError
 
-from airflow_provider_kontext.exceptions import KontextAPIError, KontextAuthError, KontextError
+from airflow_provider_kontext.exceptions import KontextAPIError, KontextError
+from airflow_provider_kontext.failures import Attempts, Budget, final_error
 from airflow_provider_kontext.hooks._http import (
     ApiRequest,
     account_request,
-    backoff_seconds,
     cancel_prediction_request,
     create_prediction_request,
     download_request,
-    final_error,
     get_prediction_request,
-    is_transient,
     parse_response,
-    retry_kwargs,
-    transport_error,
     upload_file_request,
 )
 from airflow_provider_kontext.hooks.connection import (
@@ -42,131 +38,32 @@ from airflow_provider_kontext.hooks.connection import (
     checked_overrides,
     ui_field_behaviour,
 )
+from airflow_provider_kontext.hooks.transports import (
+    AiohttpClient,
+    SharedAsyncClient,
+    requests_error,
+    send_with_requests,
+)
 from airflow_provider_kontext.images import read_source
 from airflow_provider_kontext.models import Account, Prediction, UploadedFile
 
 if TYPE_CHECKING:
-    import httpx
     import requests
 
 __all__ = ["AiohttpClient", "FluxKontextHook"]
 
+_Parse = Callable[[Any], Any]
 
-class AiohttpClient:
-    """The async path's HTTP client: one ``aiohttp.ClientSession`` and its connection pool.
 
-    httpx's own pool falls seconds behind at ~1000 concurrent pollers, and httpx over an aiohttp
-    transport still spends as much CPU per request in httpx's request/response models as aiohttp
-    spends on the whole request (see ``benchmarks/RESULTS.md``). So requests go to aiohttp directly;
-    its exceptions are mapped to httpx's with httpx-aiohttp's own table, so that
-    :func:`~airflow_provider_kontext.hooks._http.transport_error` judges them exactly as before.
-    Auth and timeouts are set per request: one client serves connections with different tokens and
-    base URLs. Must be created inside the event loop it serves.
-    """
-
-    def __init__(self) -> None:
-        import aiohttp
-        import httpx
-
-        # The same trust store as httpx (certifi, or SSL_CERT_FILE / SSL_CERT_DIR).
-        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30, ssl=httpx.create_ssl_context())
-        # Not trust_env=True: aiohttp then looks proxies (and .netrc) up in a thread on every request.
-        # The environment's HTTP(S)_PROXY / NO_PROXY are honoured all the same, decided once per origin.
-        self._session = aiohttp.ClientSession(connector=connector)
-        self._proxies = {
-            scheme: url for scheme, url in urllib.request.getproxies().items() if scheme in ("http", "https")
-        }
-        self._proxy_by_origin: dict[str, str | None] = {}
-        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
-
-    def _proxy(self, url: str) -> str | None:
-        """The proxy for ``url`` from the environment (as requests and httpx would pick it), if any."""
-        if not self._proxies:
-            return None
-        scheme, _, rest = url.partition("://")
-        origin = f"{scheme}://{rest.split('/', 1)[0]}"
-        if origin not in self._proxy_by_origin:
-            from urllib.parse import urlsplit
-
-            host = urlsplit(origin).hostname or ""
-            bypass = urllib.request.proxy_bypass(host)
-            self._proxy_by_origin[origin] = None if bypass else self._proxies.get(scheme.lower())
-        return self._proxy_by_origin[origin]
-
-    @property
-    def is_closed(self) -> bool:
-        return self._session.closed
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        *,
-        headers: Mapping[str, str],
-        json: Any = None,
-        files: Mapping[str, tuple[str, bytes, str]] | None = None,
-        read_timeout: float,
-        connect_timeout: float,
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        """Send one request and read the whole answer: ``(status, headers, body)``.
-
-        :raises httpx.TransportError: what httpx-aiohttp maps the aiohttp failure to (its cause).
-        """
-        import aiohttp
-        import httpx
-        from httpx_aiohttp.transport import map_aiohttp_exceptions
-
-        timeout = self._timeouts.get((read_timeout, connect_timeout))
-        if timeout is None:
-            # As httpx-aiohttp maps httpx.Timeout(read, connect=c): pool wait + connect within `read`.
-            timeout = aiohttp.ClientTimeout(
-                sock_connect=connect_timeout, sock_read=read_timeout, connect=read_timeout
-            )
-            self._timeouts[(read_timeout, connect_timeout)] = timeout
-        data = None
-        if files:
-            data = aiohttp.FormData()
-            for field, (filename, content, content_type) in files.items():
-                data.add_field(field, content, filename=filename, content_type=content_type)
-        with map_aiohttp_exceptions():
-            try:
-                return await self._exchange(method, url, headers, json, data, timeout)
-            except aiohttp.ClientResponseError as exc:
-                # A malformed answer (bad status line, broken chunking, a body on a 204, ...): no
-                # usable response, and the request was sent. httpx-aiohttp's table leaves it unmapped.
-                raise httpx.RemoteProtocolError(f"malformed HTTP response: {exc.message}") from exc
-
-    async def _exchange(
-        self,
-        method: str,
-        url: str,
-        headers: Mapping[str, str],
-        json: Any,
-        data: Any,
-        timeout: Any,
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        async with self._session.request(
-            method,
-            url,
-            headers=headers,
-            json=json if data is None else None,
-            data=data,
-            allow_redirects=False,
-            timeout=timeout,
-            proxy=self._proxy(url),
-        ) as response:
-            body = await response.read()
-            return response.status, response.headers, body
-
-    async def aclose(self) -> None:
-        await self._session.close()
+def _raw(data: Any) -> Any:
+    return data
 
 
 #: How long hooks in one event loop (the triggerer's) reuse a connection's settings. Every trigger
 #: builds its own hook, and each lookup goes through the secrets backends (in a triggerer, a round
 #: trip over the supervisor to the API server): at 1000 triggers that was ~0.5 ms of CPU per trigger
 #: here. A rotated token is picked up at once all the same: an auth error looks the connection up
-#: again and retries with the new settings (see ``FluxKontextHook._arequest``).
+#: again and retries with the new settings (see :class:`~airflow_provider_kontext.failures.Attempts`).
 SETTINGS_TTL_SECONDS = 60.0
 
 _SettingsKey = tuple[Any, ...]  # the connection id, then the overrides as sorted (name, value) pairs
@@ -197,37 +94,6 @@ class _SettingsCache:
         cls._entries.get(asyncio.get_running_loop(), {}).pop(key, None)
 
 
-class _SharedAsyncClient:
-    """One :class:`AiohttpClient` per event loop, shared by every hook (so every trigger) in that
-    loop, opened on first use and closed when its last user releases it."""
-
-    _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[AiohttpClient, list[int]]] = (
-        weakref.WeakKeyDictionary()
-    )
-
-    @classmethod
-    def acquire(cls) -> AiohttpClient:
-        loop = asyncio.get_running_loop()
-        entry = cls._clients.get(loop)
-        if entry is None or entry[0].is_closed:
-            entry = (AiohttpClient(), [0])
-            cls._clients[loop] = entry
-        entry[1][0] += 1
-        return entry[0]
-
-    @classmethod
-    async def release(cls, client: AiohttpClient | httpx.AsyncClient) -> None:
-        loop = asyncio.get_running_loop()
-        entry = cls._clients.get(loop)
-        if entry is None or entry[0] is not client:
-            await client.aclose()
-            return
-        entry[1][0] -= 1
-        if entry[1][0] <= 0:
-            del cls._clients[loop]
-            await client.aclose()
-
-
 class FluxKontextHook(BaseHook):
     """Talks to Replicate's predictions API, or a Replicate-compatible proxy, for FLUX.1 Kontext.
 
@@ -242,6 +108,9 @@ class FluxKontextHook(BaseHook):
     jitter, honouring ``Retry-After``. Creating a prediction is retried only when the request provably
     did not create one (429, connection refused); otherwise it fails with
     :class:`~airflow_provider_kontext.exceptions.KontextPredictionMayExistError`.
+    An auth error looks the connection up again once and, if it changed (a rotated token), sends again.
+    The policy is :mod:`airflow_provider_kontext.failures`; a poll may pass its own
+    :class:`~airflow_provider_kontext.failures.Budget`.
 
     The async methods (``a``-prefixed) share one HTTP client per event loop; call :meth:`aclose` (or
     use ``async with``) when done so it can be closed once its last user is gone.
@@ -264,7 +133,7 @@ class FluxKontextHook(BaseHook):
         self._overrides = checked_overrides(settings)
         self._settings: ClientSettings | None = None
         self._session: requests.Session | None = None
-        self._aclient: AiohttpClient | httpx.AsyncClient | None = None
+        self._aclient: AiohttpClient | None = None
         self._aclient_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
 
     def __repr__(self) -> str:
@@ -273,14 +142,24 @@ class FluxKontextHook(BaseHook):
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         """Labels, hidden fields and placeholders of the connection form (as in ``get_provider_info``)."""
-        return ui_field_behaviour()
+        from airflow_provider_kontext.compat import hook_field_behaviour
+
+        return hook_field_behaviour(ui_field_behaviour())
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """The extra fields of the connection form on Airflow 3.1 (3.2+ read ``conn-fields``)."""
+        from airflow_provider_kontext.compat import connection_form_widgets
+        from airflow_provider_kontext.hooks.connection import conn_fields
+
+        return connection_form_widgets(conn_fields())
 
     # --- settings ---------------------------------------------------------------------------------
 
     def _build_settings(self, conn: Any) -> ClientSettings:
         """Settings from the connection, every secret in them registered with Airflow's masker."""
         settings = ClientSettings.from_connection(conn, **self._overrides)
-        from airflow.sdk.log import mask_secret
+        from airflow_provider_kontext.compat import mask_secret
 
         for secret in settings.secrets():
             mask_secret(secret)
@@ -290,7 +169,7 @@ class FluxKontextHook(BaseHook):
         """:meth:`_build_settings` for the event loop: masks with ``amask_secret``, which does not
         block on the supervisor's channel."""
         settings = ClientSettings.from_connection(conn, **self._overrides)
-        from airflow.sdk.log import amask_secret
+        from airflow_provider_kontext.compat import amask_secret
 
         for secret in settings.secrets():
             await amask_secret(secret)
@@ -323,8 +202,14 @@ class FluxKontextHook(BaseHook):
     def _settings_key(self) -> _SettingsKey:
         return (self.flux_kontext_conn_id, *sorted(self._overrides.items()))
 
+    def _refreshed_settings(self, stale: ClientSettings) -> ClientSettings | None:
+        """Look the connection up again (after an auth error); the new settings if they differ."""
+        self._settings = None
+        fresh = self.settings
+        return fresh if fresh != stale else None
+
     async def _arefreshed_settings(self, stale: ClientSettings) -> ClientSettings | None:
-        """Look the connection up again; the new settings if they differ from ``stale``."""
+        """:meth:`_refreshed_settings` without blocking, past the settings shared in the event loop."""
         _SettingsCache.drop(self._settings_key())
         self._settings = None
         fresh = await self.aget_settings()
@@ -349,77 +234,37 @@ class FluxKontextHook(BaseHook):
     async def _asleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
-    def _request(self, request: ApiRequest, *, quiet: bool = False) -> Any:
-        """Send ``request`` with the shared retry policy and return the decoded JSON body.
+    def _attempts(self, settings: ClientSettings, request: ApiRequest, budget: Budget | None) -> Attempts:
+        return Attempts(settings, request, budget=budget, log_retry=self._log_retry)
 
-        :raises KontextError: the mapped error once retries are exhausted or the error is final.
+    def _request(self, request: ApiRequest, budget: Budget | None = None, parse: _Parse = _raw) -> Any:
+        """Send ``request`` through the attempt loop; return its decoded JSON body through ``parse``,
+        which runs inside each attempt, so an unreadable answer counts as that attempt's failure.
+
+        :raises KontextError: the final error once trying stops (see :class:`Attempts`).
         """
-        from tenacity import Retrying
 
-        settings = self.settings
-        try:
-            for attempt in Retrying(sleep=self._sleep, **retry_kwargs(settings, request, self._log_retry)):
-                with attempt:
-                    return self._send(settings, request, attempt.retry_state.attempt_number, quiet)
-        except KontextError as exc:
-            raise final_error(request, exc) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+        def send(settings: ClientSettings, attempt: int) -> Any:
+            self._log_attempt(request, attempt)
+            answer = send_with_requests(self.get_conn(), settings, request)
+            return parse(parse_response(settings, request, *answer))
 
-    def _send(self, settings: ClientSettings, request: ApiRequest, attempt: int, quiet: bool) -> Any:
-        import requests
+        attempts = self._attempts(self.settings, request, budget)
+        return attempts.run_sync(send, self._refreshed_settings, self._sleep)
 
-        self._log_attempt(request, attempt, quiet)
-        files = request.files
-        try:
-            response = self.get_conn().request(
-                request.method,
-                settings.url(request.path),
-                json=request.json if files is None else None,
-                files=files,
-                headers=settings.headers(request.headers),
-                timeout=(settings.connect_timeout, request.read_timeout or settings.timeout),
-                allow_redirects=False,
-            )
-        except requests.exceptions.RequestException as exc:
-            raise transport_error(settings, request, exc) from None
-        return parse_response(settings, request, response.status_code, response.headers, response.content)
+    async def _arequest(self, request: ApiRequest, budget: Budget | None = None, parse: _Parse = _raw) -> Any:
+        """Async twin of :meth:`_request`, over the event loop's shared client."""
 
-    async def _arequest(self, request: ApiRequest, *, quiet: bool = False) -> Any:
-        """Async twin of :meth:`_request`: the same policy (:func:`is_transient`, :func:`backoff_seconds`,
-        ``max_retries``) and parsing, over the shared async client.
+        async def send(settings: ClientSettings, attempt: int) -> Any:
+            self._log_attempt(request, attempt)
+            answer = await self._async_client().send(settings, request)
+            return parse(parse_response(settings, request, *answer))
 
-        A plain loop rather than tenacity's ``AsyncRetrying``, which costs tens of microseconds per
-        call even when the first attempt succeeds: this runs once per poll of every trigger.
+        attempts = self._attempts(await self.aget_settings(), request, budget)
+        return await attempts.run_async(send, self._arefreshed_settings, self._asleep)
 
-        An auth error looks the connection up again (settings are shared between hooks for a while)
-        and, if it changed, for instance a rotated token, sends the request once more with it.
-        """
-        settings = await self.aget_settings()
-        try:
-            return await self._aretrying(settings, request, quiet)
-        except KontextAuthError:
-            fresh = await self._arefreshed_settings(settings)
-            if fresh is None:
-                raise
-        return await self._aretrying(fresh, request, quiet)
-
-    async def _aretrying(self, settings: ClientSettings, request: ApiRequest, quiet: bool) -> Any:
-        attempt = 1
-        while True:
-            try:
-                return await self._asend(settings, request, attempt, quiet)
-            except KontextError as exc:
-                if attempt > settings.max_retries or not is_transient(exc, request):
-                    raise final_error(request, exc) from None
-                delay = backoff_seconds(settings, attempt, exc)
-                self._log_retry(request, attempt, exc, delay)
-            await self._asleep(delay)
-            attempt += 1
-
-    async def _asend(self, settings: ClientSettings, request: ApiRequest, attempt: int, quiet: bool) -> Any:
-        import httpx
-
-        self._log_attempt(request, attempt, quiet)
+    def _async_client(self) -> AiohttpClient:
+        """This hook's share of the event loop's client, acquired on first use in this loop."""
         loop = asyncio.get_running_loop()
         client = self._aclient
         if (
@@ -430,41 +275,12 @@ class FluxKontextHook(BaseHook):
         ):
             # A client left from another (finished) event loop is bound to it: using it here raises
             # "Event loop is closed". It cannot be released from this loop either, so it is dropped.
-            client = self._aclient = self._make_async_client()
+            client = self._aclient = SharedAsyncClient.acquire()
             self._aclient_loop = weakref.ref(loop)
-        read_timeout = request.read_timeout or settings.timeout
-        try:
-            if isinstance(client, AiohttpClient):
-                status, headers, body = await client.send(
-                    request.method,
-                    settings.url(request.path),
-                    headers=settings.headers(request.headers),
-                    json=request.json,
-                    files=request.files,
-                    read_timeout=read_timeout,
-                    connect_timeout=settings.connect_timeout,
-                )
-            else:  # an httpx client from an overridden _make_async_client (tests, custom transports)
-                response = await client.request(
-                    request.method,
-                    settings.url(request.path),
-                    json=request.json if request.files is None else None,
-                    files=request.files,
-                    headers=settings.headers(request.headers),
-                    timeout=httpx.Timeout(read_timeout, connect=settings.connect_timeout),
-                )
-                status, headers, body = response.status_code, response.headers, response.content
-        except httpx.TransportError as exc:
-            raise transport_error(settings, request, exc) from None
-        return parse_response(settings, request, status, headers, body)
+        return client
 
-    def _make_async_client(self) -> AiohttpClient | httpx.AsyncClient:
-        """The async client: by default the loop's shared one. Tests may substitute an
-        ``httpx.AsyncClient`` (e.g. over ``httpx.MockTransport``)."""
-        return _SharedAsyncClient.acquire()
-
-    def _log_attempt(self, request: ApiRequest, attempt: int, quiet: bool) -> None:
-        if attempt > 1 or not quiet:
+    def _log_attempt(self, request: ApiRequest, attempt: int) -> None:
+        if attempt > 1 or not request.quiet:
             self.log.info("%s (attempt %d)", request.label, attempt)
         else:
             # The class's logger: creating one per hook (so per trigger) costs more than the poll.
@@ -476,7 +292,7 @@ class FluxKontextHook(BaseHook):
         same_loop = self._aclient_loop is not None and self._aclient_loop() is asyncio.get_running_loop()
         self._aclient_loop = None
         if client is not None and same_loop:
-            await _SharedAsyncClient.release(client)
+            await SharedAsyncClient.release(client)
 
     async def __aenter__(self) -> FluxKontextHook:
         return self
@@ -521,9 +337,16 @@ class FluxKontextHook(BaseHook):
         )
         return _created(request, self._request(request))
 
-    def get_prediction(self, prediction_id: str) -> Prediction:
-        """The prediction's current state."""
-        return _parsed(Prediction, self._request(get_prediction_request(prediction_id), quiet=True))
+    def get_prediction(self, prediction_id: str, *, budget: Budget | None = None) -> Prediction:
+        """The prediction's current state.
+
+        :param budget: how long to keep trying, where not the connection's settings (polls pass
+            theirs: one retry layer, tolerant of unreadable answers, never past their deadline).
+        :raises KontextDeadlineError: the budget's deadline came before an answer.
+        """
+        request = get_prediction_request(prediction_id)
+        prediction: Prediction = self._request(request, budget, _prediction)
+        return prediction
 
     def cancel_prediction(self, prediction_id: str) -> Prediction:
         """Ask Replicate to cancel the prediction; returns its state after the request."""
@@ -557,19 +380,18 @@ class FluxKontextHook(BaseHook):
         :raises KontextAPIError: an error status, a non-http(s) URL, or a body over ``max_bytes``.
         """
         import requests
-        from tenacity import Retrying
 
-        settings = self.settings
-        request = download_request(settings, url)
+        request = download_request(self.settings, url)
 
-        def attempt_once(number: int) -> str:
-            self._log_attempt(request, number, quiet=False)
+        def attempt_once(settings: ClientSettings, number: int) -> str:
+            self._log_attempt(request, number)
+            headers = download_request(settings, url).headers  # the token after a refresh, if any
             dest.seek(0)
             dest.truncate()
             try:
                 with self.get_conn().get(
                     url,
-                    headers={"User-Agent": USER_AGENT, **request.headers},
+                    headers={"User-Agent": USER_AGENT, **headers},
                     timeout=(settings.connect_timeout, settings.timeout),
                     stream=True,
                     allow_redirects=True,
@@ -591,12 +413,10 @@ class FluxKontextHook(BaseHook):
                         dest.write(chunk)
                     return str(response.headers.get("content-type", ""))
             except requests.exceptions.RequestException as exc:
-                raise transport_error(settings, request, exc) from None
+                raise requests_error(settings, request, exc) from None
 
-        for attempt in Retrying(sleep=self._sleep, **retry_kwargs(settings, request, self._log_retry)):
-            with attempt:
-                return attempt_once(attempt.retry_state.attempt_number)
-        raise AssertionError("unreachable")  # pragma: no cover
+        attempts = self._attempts(self.settings, request, None)
+        return attempts.run_sync(attempt_once, self._refreshed_settings, self._sleep)
 
     def test_connection(self) -> tuple[bool, str]:
         """Call ``GET /v1/account`` and say whose account the token opens, or why it failed."""
@@ -633,9 +453,11 @@ class FluxKontextHook(BaseHook):
         )
         return _created(request, await self._arequest(request))
 
-    async def aget_prediction(self, prediction_id: str) -> Prediction:
+    async def aget_prediction(self, prediction_id: str, *, budget: Budget | None = None) -> Prediction:
         """Async twin of :meth:`get_prediction`."""
-        return _parsed(Prediction, await self._arequest(get_prediction_request(prediction_id), quiet=True))
+        request = get_prediction_request(prediction_id)
+        prediction: Prediction = await self._arequest(request, budget, _prediction)
+        return prediction
 
     async def acancel_prediction(self, prediction_id: str) -> Prediction:
         """Async twin of :meth:`cancel_prediction`."""
@@ -667,6 +489,10 @@ def _parsed(model: type[_M], data: Any) -> _M:
         raise KontextAPIError(
             title="unexpected response", detail=f"not a valid {model.__name__}: {problems}"
         ) from None
+
+
+def _prediction(data: Any) -> Prediction:
+    return _parsed(Prediction, data)
 
 
 def _created(request: ApiRequest, body: Any) -> Prediction:

@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_provider_kontext.arguments import check_number, default_deferrable
+from airflow_provider_kontext.compat import AirflowFailException
 from airflow_provider_kontext.deadlines import deadline_after_create
 from airflow_provider_kontext.events import PredictionEvent, prediction_event
 from airflow_provider_kontext.exceptions import (
+    KontextAPIError,
+    KontextAuthError,
     KontextError,
     KontextInputError,
     KontextNotFoundError,
     KontextPredictionMayExistError,
 )
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
-from airflow_provider_kontext.images import LocalImage, read_local_image, to_data_uri
+from airflow_provider_kontext.images import LocalImage, read_local_image, to_data_uri, trace_image
 from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, ReplicatePredictionLink
-from airflow_provider_kontext.models import DEFAULT_MODEL, Prediction, PredictionStatus, validate_input
+from airflow_provider_kontext.models import (
+    DEFAULT_MODEL,
+    Prediction,
+    PredictionStatus,
+    check_literal_input,
+    validate_input,
+)
 from airflow_provider_kontext.outputs import output_folder
 from airflow_provider_kontext.progress import PredictionPoller
 from airflow_provider_kontext.reattach import STATE_KEY, ReattachLedger, fingerprint
@@ -55,6 +64,15 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 #: far inside what ``timedelta`` and the trigger's deadline arithmetic can hold.
 MAX_WAIT = timedelta(days=7)
 _PENDING_IMAGE = "data:image/png;base64,"
+#: What a mapped edit shows in the UI instead of its map index (the input's file name), unless the
+#: DAG sets its own ``map_index_template``. Airflow renders it with the templated fields already
+#: rendered, before ``execute`` (so it shows while the task is deferred) and again after.
+DEFAULT_MAP_INDEX_TEMPLATE = "{{ task.input_label }}"
+#: Statuses of a create (or upload) answer that the same request would get again: the task fails
+#: without retries (bad token or no access, unknown model, input the server rejects).
+FINAL_CREATE_STATUSES = frozenset({401, 403, 404, 422})
+#: Markers of a Jinja template: a string holding one is checked after rendering, not when parsed.
+_JINJA_MARKERS = ("{{", "{%", "{#")
 
 
 class EditRequest(NamedTuple):
@@ -78,9 +96,11 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     The return value (XCom ``return_value``) is the list of output URLs, or of durable paths when
     ``output_path`` is set. XCom ``prediction_id`` and ``prediction_web_url`` are pushed right after the
     create; ``prediction`` (a summary: id, status, model, predict time, times, web URL, when the
-    URLs expire) at the end. A ``failed``, ``canceled`` or ``aborted`` prediction fails the task with
-    the model's error and the tail of its logs; a prediction that outlives the timeout is canceled
-    and fails the task.
+    URLs expire, and what made the outputs: input image, its name, prompt) at the end. Outputs saved
+    under ``output_path`` are named ``<input>-<prediction id>.<ext>``. A ``failed``, ``canceled`` or
+    ``aborted`` prediction fails the task with the model's error and the tail of its logs; a
+    prediction that outlives the timeout is canceled and fails the task. A create or upload answered
+    401, 403, 404 or 422 fails the task without retries (the same request would get the same answer).
 
     :param prompt: the edit instruction (templated).
     :param input_image: the image to edit (templated): an http(s) URL or ``data:`` URI is passed on;
@@ -115,8 +135,14 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         outputs to before Replicate deletes them; the task then returns those paths.
     :param max_output_bytes: the largest output file accepted.
     :param outlets: as for any operator; each ``Asset`` among them gets an event whose ``extra`` holds
-        the prediction id and the outputs (paths or URLs).
+        the prediction id, the outputs (paths or URLs), the input image, the prompt and the model.
     :param inline_image_max_bytes: local images up to this size are sent inline as data: URIs.
+    :param map_index_template: as for any operator; by default a mapped edit shows its input's file
+        name (``task.input_label``) in the UI instead of its index.
+
+    Literal model inputs (not templates, not XCom references) are also checked when the DAG file is
+    parsed, so a bad one is a DAG import error naming the task, the field and what is allowed.
+    ``.partial()`` arguments are checked when the mapped task runs.
     """
 
     template_fields: Sequence[str] = (
@@ -161,9 +187,11 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         output_path: Any = None,
         max_output_bytes: int = 50 * 1024 * 1024,
         inline_image_max_bytes: int = 256 * 1024,
+        map_index_template: str | None = DEFAULT_MAP_INDEX_TEMPLATE,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        # A default in the signature (not in the body): ``.partial()`` reads operator defaults from it.
+        super().__init__(map_index_template=map_index_template, **kwargs)
         if not isinstance(flux_kontext_conn_id, str) or not flux_kontext_conn_id:
             raise ValueError(f"flux_kontext_conn_id must be a non-empty string, got {flux_kontext_conn_id!r}")
         self.prompt = prompt
@@ -205,12 +233,58 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         )
         self._prediction_id: str | None = None
         self._finished = False
+        self._check_literal_inputs()
 
     @cached_property
     def hook(self) -> FluxKontextHook:
         from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
         return FluxKontextHook(self.flux_kontext_conn_id, **self.hook_params)
+
+    @property
+    def input_label(self) -> str:
+        """The input image's file name (``mug.png``), or what the input is when it has none; what a
+        mapped edit shows in the UI (see :data:`DEFAULT_MAP_INDEX_TEMPLATE`)."""
+        where, name = trace_image(self.input_image)
+        if name:
+            return name
+        if isinstance(self.input_image, bytes | bytearray):
+            return f"{len(self.input_image)} bytes"
+        return where or "no input image"
+
+    def _edit_trace(self) -> dict[str, Any]:
+        where, name = trace_image(self.input_image)
+        return {"input_image": where, "input_name": name, "prompt": self.prompt, "model": self.model}
+
+    def _check_literal_inputs(self) -> None:
+        """Validate the model inputs given as literals, at DAG parse time (no I/O, no HTTP).
+
+        Templated strings, XCom references and other objects are left for run time, as is
+        ``input_image`` unless it is a literal URL or data: URI.
+
+        :raises KontextInputError: naming the task, the field and what is allowed (a DAG import error).
+        """
+        if not _is_literal(self.model):
+            return
+        values = {name: value for name in MODEL_ARGUMENTS if _is_literal(value := getattr(self, name))}
+        image = self.input_image
+        if _is_literal(image) and str(image)[:8].lower().startswith(("http://", "https://", "data:")):
+            values["input_image"] = image
+        extra: dict[str, Any] = {}
+        if isinstance(self.extra_input, dict):
+            # A key that repeats a direct argument is reported at run time (with the others).
+            given = {*MODEL_ARGUMENTS, "input_image"}
+            extra = {
+                key: value
+                for key, value in self.extra_input.items()
+                if isinstance(key, str) and key not in given and _is_literal(value)
+            }
+        try:
+            check_literal_input(self.model, {**values, **extra})
+        except KontextInputError as exc:
+            from_extra = [field for field, _ in exc.errors if field not in values and field != "model"]
+            where = " (in extra_input)" if extra and from_extra else ""
+            raise KontextInputError(f"Task {self.task_id!r}: {exc}{where}", errors=exc.errors) from None
 
     # --- the story: execute, defer, complete --------------------------------------------------------
 
@@ -229,8 +303,8 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         if prediction.is_terminal or prediction.id is None:
             return self._complete(context, prediction_event(prediction, self.hook.redact))
         if self.deferrable:
-            self._defer(prediction.id, deadline)
-        return self._complete(context, self._poll_in_worker(prediction.id, deadline))
+            self._defer(prediction, deadline)
+        return self._complete(context, self._poll_in_worker(prediction, deadline))
 
     def execute_complete(self, context: Context, event: Mapping[str, Any]) -> list[str]:
         """Resume after the trigger fired: turn its event into the task's result or failure."""
@@ -332,13 +406,15 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         """Send the local image if any, create the prediction and record it for a retry."""
         model_input = dict(request.model_input)
         if request.image is not None:
-            model_input["input_image"] = self._send_image(request.image)
+            with _final_answers_fail_the_task("upload"):
+                model_input["input_image"] = self._send_image(request.image)
         timeout = self._timeout_seconds()
         sent = time.time()
         try:
-            prediction = self.hook.create_prediction(
-                self.model, model_input, wait=self.wait_seconds, cancel_after=timeout
-            )
+            with _final_answers_fail_the_task("create"):
+                prediction = self.hook.create_prediction(
+                    self.model, model_input, wait=self.wait_seconds, cancel_after=timeout
+                )
         except KontextPredictionMayExistError as exc:
             if self.retry_uncertain_create:
                 raise
@@ -372,24 +448,42 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         ti.xcom_push(key="prediction_id", value=prediction.id)
         ti.xcom_push(key=WEB_URL_XCOM_KEY, value=prediction.web_url)
 
-    def _defer(self, prediction_id: str, deadline: float) -> None:
+    def _announce_wait(self, prediction: Prediction, deadline: float, where: str, policy: str) -> None:
+        """The line that says what the task now waits for, where, how it polls and until when."""
+        remaining = max(0.0, deadline - time.time())
+        self.log.info(
+            "Waiting %s for prediction %s (%s)%s; poll policy %s, interval %gs; deadline %s (in %s)",
+            where,
+            prediction.id,
+            prediction.status.value,
+            f" {prediction.web_url}" if prediction.web_url else "",
+            policy,
+            self.poll_interval,
+            datetime.fromtimestamp(deadline, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            timedelta(seconds=round(remaining)),
+        )
+
+    def _defer(self, prediction: Prediction, deadline: float) -> None:
         from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
 
+        trigger = FluxKontextPredictionTrigger(
+            prediction_id=str(prediction.id),  # id-less predictions are completed at once
+            flux_kontext_conn_id=self.flux_kontext_conn_id,
+            poll_interval=self.poll_interval,
+            end_time=deadline,
+            cancel_on_kill=self.cancel_on_kill,
+            hook_params=self.hook_params,
+        )
+        self._announce_wait(prediction, deadline, "in the triggerer", trigger.poll_policy)
         self.defer(
-            trigger=FluxKontextPredictionTrigger(
-                prediction_id=prediction_id,
-                flux_kontext_conn_id=self.flux_kontext_conn_id,
-                poll_interval=self.poll_interval,
-                end_time=deadline,
-                cancel_on_kill=self.cancel_on_kill,
-                hook_params=self.hook_params,
-            ),
+            trigger=trigger,
             method_name="execute_complete",
             # A backstop only: the trigger's own deadline fires first and cancels remotely.
             timeout=timedelta(seconds=max(0.0, deadline - time.time()) + 10 * self.poll_interval + 60),
         )
 
-    def _poll_in_worker(self, prediction_id: str, end_time: float) -> PredictionEvent:
+    def _poll_in_worker(self, prediction: Prediction, end_time: float) -> PredictionEvent:
+        prediction_id = str(prediction.id)
         poller = PredictionPoller(
             prediction_id,
             poll_interval=self.poll_interval,
@@ -397,11 +491,41 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             log=self.log.info,
             redact=self.hook.redact,
         )
+        self._announce_wait(prediction, end_time, "in the worker", poller.policy)
         while True:
             try:
-                event = poller.on_prediction(self.hook.get_prediction(prediction_id))
+                event = poller.on_prediction(self.hook.get_prediction(prediction_id, budget=poller.budget))
             except KontextError as exc:
                 event = poller.on_error(exc)
             if event is not None:
                 return event
             time.sleep(poller.delay())
+
+
+def _is_literal(value: Any) -> bool:
+    """Whether ``value`` is a literal worth checking at parse time: a number, a bool, or a string
+    that is no Jinja template (anything else, an XCom reference say, is known only at run time)."""
+    if isinstance(value, str):
+        return not any(marker in value for marker in _JINJA_MARKERS)
+    return isinstance(value, int | float)
+
+
+@contextmanager
+def _final_answers_fail_the_task(what: str) -> Iterator[None]:
+    """Turn an answer to a create or upload that the same request would get again (401, 403, 404,
+    422) into an ``AirflowFailException``: retries would repeat the failure (and, on 401/403, knock
+    on the account with a refused token), so the task fails once, saying why."""
+    try:
+        yield
+    except KontextAPIError as exc:
+        if exc.status not in FINAL_CREATE_STATUSES:
+            raise
+        if isinstance(exc, KontextAuthError):
+            why = "the token is refused; fix the connection, then clear the task"
+        elif isinstance(exc, KontextNotFoundError):
+            why = "the model or version does not exist for this token"
+        else:
+            why = "the server rejects this input"
+        raise AirflowFailException(
+            f"{exc} Not retried: the {what} would get the same answer ({why})."
+        ) from None

@@ -9,13 +9,9 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
-from airflow.sdk.exceptions import (
-    AirflowFailException,
-    AirflowSensorTimeout,
-    AirflowSkipException,
-)
 
 from airflow_provider_kontext.arguments import check_number, default_deferrable
+from airflow_provider_kontext.compat import AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 from airflow_provider_kontext.events import PredictionEvent
 from airflow_provider_kontext.exceptions import KontextError
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
@@ -148,8 +144,10 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
                 log=self.log.info,
                 redact=self.hook.redact,
             )
+        event: PredictionEvent | None
         try:
-            prediction = self.hook.get_prediction(prediction_id)
+            # The hook retries transient failures within the poller's budget; what escapes is final.
+            prediction = self.hook.get_prediction(prediction_id, budget=self._poller.budget)
         except KontextError as exc:
             event = self._poller.on_error(exc)
         else:

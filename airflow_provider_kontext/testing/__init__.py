@@ -7,19 +7,33 @@ with ``pytest_plugins = ["airflow_provider_kontext.testing.pytest_plugin"]``.
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from typing import TYPE_CHECKING, Any
+
+#: What the emulator imports from the ``emulator`` extra (Pillow is imported as PIL).
+_EMULATOR_MODULES = ("fastapi", "uvicorn", "PIL")
+_missing = [name for name in _EMULATOR_MODULES if find_spec(name) is None]
+if _missing:
+    raise ImportError(
+        "airflow_provider_kontext.testing (the emulator) needs the 'emulator' extra: "
+        "pip install 'airflow-provider-kontext[emulator]' (missing: " + ", ".join(_missing) + ")"
+    )
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.testing.emulator import KontextEmulator
     from airflow_provider_kontext.testing.faults import Faults
+    from airflow_provider_kontext.testing.ratelimit import RateLimit
     from airflow_provider_kontext.testing.service import RequestRecord
+    from airflow_provider_kontext.testing.webhooks import Delivery
 
-__all__ = ["Faults", "KontextEmulator", "RequestRecord"]
+__all__ = ["Delivery", "Faults", "KontextEmulator", "RateLimit", "RequestRecord"]
 
 _LAZY = {
     "KontextEmulator": "airflow_provider_kontext.testing.emulator",
     "Faults": "airflow_provider_kontext.testing.faults",
+    "RateLimit": "airflow_provider_kontext.testing.ratelimit",
     "RequestRecord": "airflow_provider_kontext.testing.service",
+    "Delivery": "airflow_provider_kontext.testing.webhooks",
 }
 
 

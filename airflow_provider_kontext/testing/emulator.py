@@ -10,10 +10,11 @@ Or in the foreground, to drive it from another process::
 
     python -m airflow_provider_kontext.testing.emulator --port 8765 --token T --path-prefix /replicate
 
-The endpoints are Replicate's (create by model or by version, get, list, cancel, account, files)
-plus ``{base}/_emulator/faults``, ``/_emulator/state`` and ``/_emulator/reset`` to control it over
-HTTP. Every request except those passes a gateway that applies the armed faults, checks the token
-and logs ``(method, path, status)``.
+The endpoints are Replicate's, shaped as its OpenAPI description says (create by model or by
+version, get, list, cancel, stream, models and versions, files, the webhook secret, account), plus
+``{base}/_emulator/faults``, ``/_emulator/state`` and ``/_emulator/reset`` to control it over HTTP.
+Every request except those passes a gateway that applies the armed faults, checks the token,
+applies the rate limits when asked (``rate_limit=``) and logs ``(method, path, status)``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fnmatch
 import signal
 import socket
 import struct
@@ -35,14 +37,15 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.testing.faults import Faults, RequestFault
 from airflow_provider_kontext.testing.imaging import warm_up
-from airflow_provider_kontext.testing.lifecycle import PredictionRecord, Timing
+from airflow_provider_kontext.testing.lifecycle import REALISTIC_TIMING, Clock, PredictionRecord, Timing
+from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
 from airflow_provider_kontext.testing.service import (
     ACCOUNT,
     EmulatorConfig,
@@ -50,6 +53,7 @@ from airflow_provider_kontext.testing.service import (
     ProblemError,
     RequestRecord,
 )
+from airflow_provider_kontext.testing.webhooks import Delivery
 
 PROBLEM_JSON = "application/problem+json"
 _CONTROL = "/_emulator"
@@ -106,12 +110,50 @@ def build_api(service: EmulatorService) -> FastAPI:
         return await create(request, None)
 
     @api.get("/v1/predictions")
-    async def list_predictions(request: Request, cursor: int = 0) -> dict[str, Any]:
-        return await service.list_predictions(_base_url(request), max(0, cursor))
+    async def list_predictions(
+        request: Request,
+        cursor: str | None = None,
+        created_after: str | None = None,
+        created_before: str | None = None,
+    ) -> dict[str, Any]:
+        return await service.list_predictions(
+            _base_url(request), cursor=cursor, created_after=created_after, created_before=created_before
+        )
 
     @api.get("/v1/predictions/{prediction_id}")
     async def get_prediction(prediction_id: str) -> dict[str, Any]:
         return await service.get(prediction_id)
+
+    @api.get("/v1/predictions/{prediction_id}/stream")
+    async def stream_prediction(prediction_id: str) -> Response:
+        events = service.stream(prediction_id)
+        first = await anext(events, None)  # an unknown id answers 404 before the stream starts
+
+        async def body() -> Any:
+            if first is not None:
+                yield first
+            async for event in events:
+                yield event
+
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
+
+    @api.get("/v1/models/{owner}/{name}")
+    async def get_model(owner: str, name: str, request: Request) -> dict[str, Any]:
+        return service.model(_base_url(request), owner, name)
+
+    @api.get("/v1/models/{owner}/{name}/versions")
+    async def list_versions(owner: str, name: str) -> dict[str, Any]:
+        return service.model_versions(owner, name)
+
+    @api.get("/v1/models/{owner}/{name}/versions/{version_id}")
+    async def get_version(owner: str, name: str, version_id: str) -> dict[str, Any]:
+        return service.model_version(owner, name, version_id)
+
+    @api.get("/v1/webhooks/default/secret")
+    async def webhook_secret() -> dict[str, Any]:
+        return service.webhook_secret()
 
     @api.post("/v1/predictions/{prediction_id}/cancel")
     async def cancel_prediction(prediction_id: str) -> dict[str, Any]:
@@ -127,17 +169,32 @@ def build_api(service: EmulatorService) -> FastAPI:
         content: Annotated[UploadFile, File()],
         filename: Annotated[str | None, Form()] = None,
         content_type: Annotated[str | None, Form(alias="type")] = None,
+        metadata: Annotated[str | None, Form()] = None,
     ) -> dict[str, Any]:
         return service.upload(
             base_url=_base_url(request),
             data=await content.read(),
             filename=filename or content.filename,
             content_type=content_type or content.content_type,
+            metadata=metadata,
         )
 
+    @api.get("/v1/files")
+    async def list_files(request: Request) -> dict[str, Any]:
+        return service.list_files(_base_url(request))
+
     @api.get("/v1/files/{file_id}")
-    async def uploaded_file(file_id: str) -> Response:
-        stored = service.uploaded_file(file_id)
+    async def uploaded_file(file_id: str, request: Request) -> dict[str, Any]:
+        return service.uploaded_file(file_id).to_json(_base_url(request))
+
+    @api.delete("/v1/files/{file_id}", status_code=204)
+    async def delete_file(file_id: str) -> Response:
+        service.delete_file(file_id)
+        return Response(status_code=204)
+
+    @api.get("/v1/files/{file_id}/download")
+    async def download_file(file_id: str, owner: str = "", expiry: str = "", signature: str = "") -> Response:
+        stored = service.download(file_id, owner, expiry, signature)
         return Response(stored.data, media_type=stored.content_type)
 
     @api.get("/files/{prediction_id}/{filename}")
@@ -219,6 +276,13 @@ class _Gateway:
             except ProblemError as error:
                 await self._answer(scope, receive, send, problem_response(error), method, path)
                 return
+        limiter = self.service.limiter
+        if limiter is not None and path.startswith("/v1/"):
+            wait = limiter.acquire(create=_is_create(method, path))
+            if wait is not None:
+                throttled = JSONResponse({"detail": RateLimiter.detail(wait)}, status_code=429)
+                await self._answer(scope, receive, send, throttled, method, path)
+                return
 
         def log(status: int) -> None:
             self.service.log_request(method, path, status)
@@ -243,10 +307,15 @@ class _Gateway:
 
 
 def _needs_auth(method: str, path: str) -> bool:
-    """API calls need the token; downloading a file by its URL does not."""
+    """API calls need the token; a signed file download and output files (``/files/...``) do not."""
     if not path.startswith("/v1/"):
         return False
-    return not (method in ("GET", "HEAD") and path.startswith("/v1/files/"))
+    return not (method in ("GET", "HEAD") and path.startswith("/v1/files/") and path.endswith("/download"))
+
+
+def _is_create(method: str, path: str) -> bool:
+    """Whether a request creates a prediction (Replicate's separate, lower rate limit)."""
+    return method == "POST" and (path == "/v1/predictions" or fnmatch.fnmatchcase(path, "/v1/*/predictions"))
 
 
 class _CapturingSend:
@@ -360,14 +429,23 @@ class KontextEmulator:
     :param token: the API token clients must send as ``Authorization: Bearer <token>``;
         ``None`` accepts any request (like a proxy without auth).
     :param path_prefix: a path the API lives under, like a proxy's ``/replicate``.
-    :param prediction_seconds: how long ``processing`` lasts.
-    :param start_seconds: how long ``starting`` lasts.
-    :param retention_seconds: how long after a prediction ends its output stays (then the file
-        answers 404 and the prediction shows ``output: null``, ``data_removed: true``).
+    :param prediction_seconds: how long ``processing`` lasts (the mean when ``spread`` > 0).
+    :param start_seconds: how long ``starting`` lasts (the mean when ``spread`` > 0).
+    :param retention_seconds: how long after a prediction ends its data stays (then the output file
+        answers 404 and the prediction shows ``input: {}``, ``output: null``, ``logs: ""``,
+        ``data_removed: true``).
     :param output_scale: factor on the output size (0.1 makes 1024x1024 into 102x102), for fast tests.
     :param host: the address to listen on.
     :param port: the port; 0 picks a free one.
     :param fault_seed: seed of the RNG behind ``probability`` faults.
+    :param spread: each prediction's phases last ``mean * (1 ± spread)``, drawn uniformly (0: fixed).
+    :param timing_seed: seed of the RNG behind ``spread`` (the same seed, the same durations in
+        the order predictions are created).
+    :param rate_limit: enforce an account's rate limits: ``"replicate"`` (600 creates/min, 3000/min
+        for the rest, short bursts), ``"low-credit"`` (1/s, 6/min), ``"CREATES,OTHERS[,BURST_SECONDS]"``
+        per minute, or a :class:`~airflow_provider_kontext.testing.ratelimit.RateLimit`; ``None``
+        (the default) is unlimited.
+    :param webhook_secret: the ``whsec_...`` key webhooks are signed with; a random one by default.
     """
 
     def __init__(
@@ -382,6 +460,10 @@ class KontextEmulator:
         host: str = "127.0.0.1",
         port: int = 0,
         fault_seed: int = 0,
+        spread: float = 0.0,
+        timing_seed: int = 0,
+        rate_limit: str | RateLimit | None = None,
+        webhook_secret: str | None = None,
     ) -> None:
         for name, value in (
             ("prediction_seconds", prediction_seconds),
@@ -392,18 +474,28 @@ class KontextEmulator:
                 raise ValueError(f"{name} must not be negative, got {value}")
         if output_scale <= 0:
             raise ValueError(f"output_scale must be positive, got {output_scale}")
+        if not 0.0 <= spread < 1.0:
+            raise ValueError(f"spread must be at least 0 and below 1, got {spread}")
+        if webhook_secret is not None and not webhook_secret.startswith("whsec_"):
+            raise ValueError("webhook_secret must look like Replicate's: 'whsec_' + base64")
         prefix = "/" + path_prefix.strip("/") if path_prefix.strip("/") else ""
         self.config = EmulatorConfig(
             token=token,
             path_prefix=prefix,
-            timing=Timing(start_seconds, prediction_seconds, retention_seconds),
+            timing=Timing(start_seconds, prediction_seconds, retention_seconds, spread),
             output_scale=output_scale,
+            rate_limit=RateLimit.parse(rate_limit) if isinstance(rate_limit, str) else rate_limit,
+            timing_seed=timing_seed,
+            webhook_secret=webhook_secret,
         )
         self.host = host
         self._requested_port = port
         #: The armed faults; see :class:`~airflow_provider_kontext.testing.faults.Faults`.
         self.faults = Faults(fault_seed)
-        self._service = EmulatorService(self.config, self.faults)
+        #: The emulator's clock; ``emu.clock.advance(seconds)`` moves every prediction, deadline,
+        #: retention period and rate-limit window forward at once.
+        self.clock = Clock()
+        self._service = EmulatorService(self.config, self.faults, self.clock)
         #: The ASGI app (gateway and API), e.g. to serve it some other way.
         self.app: ASGIApp = _Gateway(build_api(self._service), self._service)
         self._server: _Server | None = None
@@ -538,9 +630,23 @@ class KontextEmulator:
                 future = asyncio.run_coroutine_threadsafe(self._service.current(prediction_id), loop)
                 return future.result(timeout=60)
             record = self._service.predictions[prediction_id]
-            return record.to_prediction(record.elapsed(time.monotonic()))
+            return record.to_prediction(record.elapsed(self.clock.monotonic()))
         except ProblemError:
             raise KeyError(prediction_id) from None
+
+    @property
+    def webhook_deliveries(self) -> list[Delivery]:
+        """Every webhook message sent (or, to a target that is not loopback, not sent), in order."""
+        return self._service.webhooks.deliveries
+
+    @property
+    def webhook_secret(self) -> str:
+        """The ``whsec_...`` key webhooks are signed with (``GET /v1/webhooks/default/secret``)."""
+        return self._service.webhooks.secret
+
+    def file_download_url(self, file_id: str) -> str:
+        """A signed URL that serves an uploaded file's bytes without a token, valid for an hour."""
+        return self._service.download_url(self.base_url, file_id)
 
     def state(self) -> dict[str, Any]:
         """What ``GET {base}/_emulator/state`` returns."""
@@ -563,28 +669,68 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     parser.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN'")
     parser.add_argument("--path-prefix", default="", help="serve the API below this path, e.g. /replicate")
-    parser.add_argument("--prediction-seconds", type=float, default=3.0, help="how long processing lasts")
-    parser.add_argument("--start-seconds", type=float, default=0.3, help="how long starting lasts")
+    parser.add_argument(
+        "--prediction-seconds", type=float, default=None, help="how long processing lasts (mean; default 3)"
+    )
+    parser.add_argument(
+        "--start-seconds", type=float, default=None, help="how long starting lasts (mean; default 0.3)"
+    )
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=None,
+        help="each prediction's phases last mean*(1±SPREAD), drawn per prediction (default 0: fixed)",
+    )
+    parser.add_argument(
+        "--realistic",
+        action="store_true",
+        help="flux-kontext-dev's timing on Replicate: 0.6 s starting, 4 s processing, spread 0.5 "
+        "(explicit --start-seconds, --prediction-seconds, --spread win)",
+    )
+    parser.add_argument("--timing-seed", type=int, default=0, help="seed for the per-prediction durations")
+    parser.add_argument(
+        "--rate-limit",
+        default=None,
+        help="enforce rate limits: 'replicate' (600 creates/min, 3000/min others, short bursts), "
+        "'low-credit' (1/s, 6/min) or 'CREATES,OTHERS[,BURST_SECONDS]' per minute (default: none)",
+    )
     parser.add_argument("--retention-seconds", type=float, default=3600.0, help="how long outputs are kept")
     parser.add_argument("--output-scale", type=float, default=1.0, help="factor on output image sizes")
     parser.add_argument("--fault-seed", type=int, default=0, help="seed for probability faults")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the emulator in the foreground: print its base URL, serve until SIGTERM or SIGINT."""
-    args = _parser().parse_args(argv)
-    emulator = KontextEmulator(
+def emulator_from_args(args: argparse.Namespace) -> KontextEmulator:
+    """The (not yet started) emulator the command line asks for. :raises ValueError: bad options."""
+    base = REALISTIC_TIMING if args.realistic else Timing()
+    return KontextEmulator(
         token=args.token,
         path_prefix=args.path_prefix,
-        prediction_seconds=args.prediction_seconds,
-        start_seconds=args.start_seconds,
+        prediction_seconds=_given(args.prediction_seconds, base.prediction_seconds),
+        start_seconds=_given(args.start_seconds, base.start_seconds),
+        spread=_given(args.spread, base.spread),
+        timing_seed=args.timing_seed,
         retention_seconds=args.retention_seconds,
         output_scale=args.output_scale,
         host=args.host,
         port=args.port,
         fault_seed=args.fault_seed,
+        rate_limit=args.rate_limit,
     )
+
+
+def _given(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the emulator in the foreground: print its base URL, serve until SIGTERM or SIGINT."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        emulator = emulator_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     stop = threading.Event()
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -608,7 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["KontextEmulator", "build_api", "main", "problem_response"]
+__all__ = ["KontextEmulator", "build_api", "emulator_from_args", "main", "problem_response"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,8 +10,10 @@ processing starts). The earliest of those wins, so every poll sees one consisten
 from __future__ import annotations
 
 import base64
+import random
 import secrets
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -37,13 +39,78 @@ def new_id() -> str:
     return base64.b32encode(secrets.token_bytes(16)).decode("ascii").rstrip("=").lower()
 
 
+class Clock:
+    """The emulator's clock: the real clocks plus an offset a test can move forward.
+
+    :meth:`advance` makes every prediction, deadline, retention period and rate-limit window see
+    that much more time pass at once, so a test of a 5 s ``Cancel-After`` or of an hour's
+    retention does not have to sleep through it. :meth:`freeze` stops it (only :meth:`advance`
+    moves it then), for tests that count exactly, like rate-limit windows; while frozen, nothing
+    that waits for time (``Prefer: wait``, streams, webhooks) gets anywhere by itself.
+    """
+
+    def __init__(self) -> None:
+        self._mono_offset = 0.0
+        self._wall_offset = 0.0
+        self._frozen: tuple[float, float] | None = None
+
+    def monotonic(self) -> float:
+        frozen = self._frozen
+        return (frozen[0] if frozen else time.monotonic()) + self._mono_offset
+
+    def wall(self) -> float:
+        """Seconds since the epoch (what ``created_at`` and other timestamps are made from)."""
+        frozen = self._frozen
+        return (frozen[1] if frozen else time.time()) + self._wall_offset
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock ``seconds`` forward. :raises ValueError: negative ``seconds``."""
+        if seconds < 0:
+            raise ValueError(f"the clock only moves forward, got {seconds}")
+        self._mono_offset += seconds
+        self._wall_offset += seconds
+
+    def freeze(self) -> None:
+        """Stop the clock where it is."""
+        if self._frozen is None:
+            self._frozen = (time.monotonic(), time.time())
+
+    def unfreeze(self) -> None:
+        """Let the clock run again from where it stands."""
+        frozen, self._frozen = self._frozen, None
+        if frozen is not None:
+            self._mono_offset += frozen[0] - time.monotonic()
+            self._wall_offset += frozen[1] - time.time()
+
+
 @dataclass(frozen=True)
 class Timing:
-    """How long each phase of a prediction lasts, and how long its data is kept after it ends."""
+    """How long each phase of a prediction lasts, and how long its data is kept after it ends.
+
+    ``start_seconds`` and ``prediction_seconds`` are the means; with ``spread`` > 0 each
+    prediction draws its own durations uniformly within ``mean * (1 ± spread)`` (see :meth:`draw`).
+    """
 
     start_seconds: float = 0.3
     prediction_seconds: float = 3.0
     retention_seconds: float = 3600.0
+    spread: float = 0.0
+
+    def draw(self, rng: random.Random) -> Timing:
+        """The fixed timing of one prediction, drawn from ``rng`` (the same seed, the same times)."""
+        if self.spread <= 0:
+            return self
+        low, high = 1.0 - self.spread, 1.0 + self.spread
+        return replace(
+            self,
+            start_seconds=self.start_seconds * rng.uniform(low, high),
+            prediction_seconds=self.prediction_seconds * rng.uniform(low, high),
+            spread=0.0,
+        )
+
+
+#: Durations like flux-kontext-dev's on Replicate when warm: 0.3-0.9 s ``starting``, 2-6 s running.
+REALISTIC_TIMING = Timing(start_seconds=0.6, prediction_seconds=4.0, spread=0.5)
 
 
 @dataclass(frozen=True)
@@ -89,6 +156,7 @@ class PredictionRecord:
     cancel_after: float | None = None
     forced: PredictionFault | None = None
     webhook: str | None = None
+    webhook_events: frozenset[str] = frozenset()
     canceled_at: float | None = None
     edit: EditedImage | None = None
     edit_error: str | None = None
@@ -191,13 +259,16 @@ class PredictionRecord:
             if snap.started is not None:
                 metrics["predict_time"] = round(snap.completed - snap.started, 6)
         succeeded = snap.status is PredictionStatus.SUCCEEDED
+        extra: dict[str, Any] = {"source": "api"}
+        if self.cancel_after is not None:
+            extra["deadline"] = _iso(created + timedelta(seconds=self.cancel_after))
         return Prediction(
             id=self.id,
             model=self.model,
             version=self.version,
-            input=self.input,
+            input={} if snap.data_removed else self.input,
             output=self.output_url if succeeded and not snap.data_removed else None,
-            logs=snap.logs,
+            logs="" if snap.data_removed else snap.logs,
             error=snap.error,
             status=snap.status,
             created_at=created,
@@ -206,7 +277,15 @@ class PredictionRecord:
             data_removed=snap.data_removed,
             urls=PredictionUrls(**self.urls),
             metrics=PredictionMetrics(**metrics),
+            **extra,
         )
+
+    def to_json(self, elapsed: float, *, logs: bool = True) -> dict[str, Any]:
+        """The JSON the API answers ``elapsed`` seconds after creation, shaped as Replicate's
+        OpenAPI description says: times that are not known yet are left out (they are not
+        nullable there), and so are URLs that do not exist. ``logs=False`` leaves the logs out,
+        as the list endpoint does."""
+        return _json_shape(self.to_prediction(elapsed).model_dump(mode="json"), logs=logs)
 
     def _logs(self, running: float, status: PredictionStatus) -> str:
         """The logs after ``running`` seconds of processing: the seed, then one progress line per
@@ -223,6 +302,32 @@ class PredictionRecord:
         lines = [f"Using seed: {self.seed}"]
         lines.extend(progress_line(step, self.steps, seconds_per_step) for step in range(done + 1))
         return "\n".join(lines) + "\n"
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def _json_shape(body: dict[str, Any], *, logs: bool) -> dict[str, Any]:
+    for key in ("started_at", "completed_at", "deadline"):
+        if body.get(key) is None:
+            body.pop(key, None)
+    body["urls"] = {k: v for k, v in (body.get("urls") or {}).items() if v is not None}
+    body["metrics"] = {k: v for k, v in (body.get("metrics") or {}).items() if v is not None}
+    if not logs:
+        body.pop("logs", None)
+    return body
+
+
+def starting_json(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as Replicate answers a ``Prefer: wait`` create whose wait ran out before the end:
+    in the ``starting`` state, whatever the prediction is really doing (the official clients keep
+    waiting only on ``starting``)."""
+    body = {**body, "status": "starting", "logs": "", "output": None, "error": None}
+    body.pop("started_at", None)
+    body.pop("completed_at", None)
+    body["metrics"] = {}
+    return body
 
 
 def progress_line(step: int, steps: int, seconds_per_step: float) -> str:

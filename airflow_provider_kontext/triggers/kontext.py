@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -24,9 +23,9 @@ class FluxKontextPredictionTrigger(BaseTrigger):
     It only reads: it never creates a prediction, so a restarted or duplicated trigger (triggerer
     restart, HA triggerers) is harmless. Its kwargs are ids and numbers only, never a secret: the
     token is looked up from the connection at run time. Status changes and new model log lines go to
-    the task's log. Transient poll failures (network, 429, 5xx) are retried by the hook and then
-    tolerated ``max_consecutive_errors`` times; auth and not-found errors end the wait with an
-    ``error`` event.
+    the task's log. A poll that fails transiently (network, 429, 5xx, an unreadable answer) is
+    retried by the hook up to ``max_consecutive_errors`` times, never past ``end_time`` (then the
+    event is ``timeout``); auth and not-found errors end the wait with an ``error`` event.
 
     :param prediction_id: the prediction to watch.
     :param flux_kontext_conn_id: the connection to poll with.
@@ -34,7 +33,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         of the end is known).
     :param end_time: Unix time at which to give up with a ``timeout`` event (``None``: no deadline).
     :param cancel_on_kill: cancel the prediction when a user kills the deferred task (Airflow >= 3.3).
-    :param max_consecutive_errors: failed polls in a row tolerated before an ``error`` event.
+    :param max_consecutive_errors: retries of a failing poll before an ``error`` event.
     :param poll_policy: ``"adaptive"`` (default: poll when the model's progress bar says it ends) or
         ``"fixed"`` (every ``poll_interval``); see
         :meth:`airflow_provider_kontext.progress.PredictionPoller.delay`.
@@ -105,9 +104,9 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 await asyncio.sleep(first)
             while True:
                 try:
-                    event = poller.on_prediction(await self._poll(hook))
-                except asyncio.TimeoutError:
-                    event = poller.on_deadline()
+                    event = poller.on_prediction(
+                        await hook.aget_prediction(self.prediction_id, budget=poller.budget)
+                    )
                 except KontextError as exc:
                     event = poller.on_error(exc)
                 except ValueError as exc:  # a malformed connection (bad extra): no point polling on
@@ -118,16 +117,6 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 await asyncio.sleep(poller.delay())
         finally:
             await hook.aclose()
-
-    async def _poll(self, hook: Any) -> Any:
-        """One poll, including the hook's own retries, cut short at the deadline: a slow or throttling
-        API must not hold the trigger past ``end_time`` (Airflow's own defer timeout would then fail
-        the task without the cancel that the ``timeout`` event brings)."""
-        call = hook.aget_prediction(self.prediction_id)
-        if self.end_time is None:
-            return await call
-        remaining = max(0.0, self.end_time - time.time())
-        return await asyncio.wait_for(call, timeout=remaining + max(1.0, min(self.poll_interval, 5.0)))
 
     async def on_kill(self) -> None:
         """Cancel the prediction when a user kills the deferred task (not on triggerer restarts)."""

@@ -42,11 +42,13 @@ class Cluster:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *command: str, env: dict[str, str] | None = None) -> None:
+        """Start ``airflow <command>`` (default ``airflow <name>``) as the process called ``name``,
+        with ``env`` on top of the cluster's (several workers or triggerers need their own)."""
         log = (self.logs / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "airflow", name],
-            env=self.env,
+            [sys.executable, "-m", "airflow", *(command or (name,))],
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -57,14 +57,14 @@ class DiesRightAfterCreate(FluxKontextEditOperator):
         self._try_number = context["ti"].try_number
         return super().execute(context)
 
-    def _create(self, *args, **kwargs):
-        prediction = super()._create(*args, **kwargs)
+    def _start(self, *args, **kwargs):
+        prediction, deadline = super()._start(*args, **kwargs)
         if self._try_number == 1:
             print(f"simulated worker death right after creating {prediction.id}", flush=True)
             if self.mode == "exit":
                 os._exit(1)
             raise RuntimeError(f"simulated worker death right after creating {prediction.id}")
-        return prediction
+        return prediction, deadline
 '''
 
 
