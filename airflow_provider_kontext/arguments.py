@@ -35,3 +35,17 @@ def check_number(
             allowed += f" and at most {maximum:g}"
         raise ValueError(f"{name} must be {allowed}, got {value!r:.100}")
     return number
+
+
+def default_deferrable() -> bool:
+    """Whether operators and sensors wait in the triggerer when ``deferrable`` is not given:
+    Airflow's ``[operators] default_deferrable`` setting, as in official providers (``False``
+    unless the deployment sets it, since deferred tasks need a running triggerer).
+
+    Read when a task is built, not when this module is imported. ``airflow.configuration.conf``
+    reads the same environment and ``airflow.cfg`` on Airflow 3.1, 3.2 and 3.3 (the Task SDK's own
+    ``conf`` exists only from 3.2).
+    """
+    from airflow.configuration import conf
+
+    return conf.getboolean("operators", "default_deferrable", fallback=False)

@@ -2,8 +2,8 @@
 
 Everything else imports these names from here instead of guessing where Airflow keeps them:
 
-- ``AirflowFailException`` and ``TaskDeferred`` live in ``airflow.sdk.exceptions`` from 3.2 on and
-  only in ``airflow.exceptions`` on 3.1.
+- ``AirflowFailException``, ``AirflowSensorTimeout``, ``AirflowSkipException`` and ``TaskDeferred``
+  live in ``airflow.sdk.exceptions`` from 3.2 on and only in ``airflow.exceptions`` on 3.1.
 - :func:`mask_secret` (sync code) and :func:`amask_secret` (event-loop code): Airflow has
   ``airflow.sdk.log.amask_secret`` only from 3.3. Before that the sync ``mask_secret`` reports each
   secret to the supervisor with a blocking round trip, which must not run on the triggerer's event
@@ -28,9 +28,19 @@ from typing import Any
 from airflow import __version__ as AIRFLOW_VERSION
 
 try:  # Airflow >= 3.2
-    from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
+    from airflow.sdk.exceptions import (
+        AirflowFailException,
+        AirflowSensorTimeout,
+        AirflowSkipException,
+        TaskDeferred,
+    )
 except ImportError:  # Airflow 3.1
-    from airflow.exceptions import AirflowFailException, TaskDeferred  # type: ignore[no-redef]
+    from airflow.exceptions import (  # type: ignore[no-redef]
+        AirflowFailException,
+        AirflowSensorTimeout,
+        AirflowSkipException,
+        TaskDeferred,
+    )
 
 __all__ = [
     "AIRFLOW_VERSION",
@@ -38,6 +48,8 @@ __all__ = [
     "AIRFLOW_V_3_3_PLUS",
     "HAS_TASK_STATE_STORE",
     "AirflowFailException",
+    "AirflowSensorTimeout",
+    "AirflowSkipException",
     "TaskDeferred",
     "amask_secret",
     "connection_form_widgets",

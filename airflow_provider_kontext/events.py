@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from airflow_provider_kontext.lineage import public_location
 from airflow_provider_kontext.models import Prediction, PredictionStatus
 
 #: Longest error text and log tail carried in an event (events are stored in the metadata DB).
@@ -53,6 +54,9 @@ class PredictionEvent(BaseModel):
     revised_prompt: str | None = None
     #: What the answer looked like, named in the error when it has no usable output.
     shape: str | None = None
+    #: Where the prediction's input image is (URL or path without userinfo or query; ``None`` for a
+    #: ``data:`` image): lineage of a prediction the task did not start (the sensor's).
+    input_location: str | None = None
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any] | PredictionEvent) -> PredictionEvent:
@@ -129,6 +133,7 @@ def prediction_event(prediction: Prediction, redact: Callable[[str], str] | None
         data_removed=prediction.data_removed,
         revised_prompt=prediction.revised_prompt,
         shape=prediction.shape,
+        input_location=public_location((prediction.input or {}).get("input_image")),
     )
 
 

@@ -40,6 +40,12 @@ def get_provider_info() -> dict[str, Any]:
                 "python-modules": ["airflow_provider_kontext.operators.kontext"],
             }
         ],
+        "sensors": [
+            {
+                "integration-name": "FLUX.1 Kontext",
+                "python-modules": ["airflow_provider_kontext.sensors.kontext"],
+            }
+        ],
         "triggers": [
             {
                 "integration-name": "FLUX.1 Kontext",

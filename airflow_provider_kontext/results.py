@@ -54,6 +54,7 @@ class PredictionResultMixin:
     retry_failed_predictions: bool
     reattach_on_retry: bool
     _finished: bool
+    _summary: dict[str, Any] | None = None
 
     def _edit_trace(self) -> dict[str, Any]:
         """What the task knows of the edit's inputs, for the ``prediction`` XCom, the asset events and
@@ -68,6 +69,7 @@ class PredictionResultMixin:
         trace = self._edit_trace()
         result = self._hand_on(event, trace.get("input_name"))
         summary = event.summary(result, **trace)
+        self._summary = summary  # also what get_openlineage_facets_on_complete reports
         self.log.info("%s", _story(summary, saved=bool(self.output_path)))
         context["ti"].xcom_push(key="prediction", value=summary)
         self._describe_outlets(context, summary)

@@ -59,6 +59,8 @@ def main() -> int:
     env.setdefault("AIRFLOW_HOME", str(ROOT / ".airflow_home"))
     env["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "example_dags")
     env["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+    # Standalone runs a triggerer: let edits wait there (Airflow's own default keeps them in a worker).
+    env.setdefault("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "True")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     emulator = None
     if "AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT" in env:

@@ -299,8 +299,12 @@ def test_an_unreachable_proxy_url_shows_no_secret(conn: Callable[..., None], log
 
 def test_trigger_kwargs_and_repr_hold_no_secret(conn: Callable[..., None]) -> None:
     conn(host=proxy_url("http://127.0.0.1:9"), password=TOKEN)
-    trigger = FluxKontextPredictionTrigger(PID, CONN_ID, poll_interval=1, end_time=1e10)
+    trigger = FluxKontextPredictionTrigger(
+        PID, CONN_ID, poll_interval=1, end_time=1e10, hook_params={"timeout": 5, "max_retries": 1}
+    )
     classpath, kwargs = trigger.serialize()
+    hook_params = kwargs.pop("hook_params")  # settings only: numbers by name
+    assert hook_params == {"timeout": 5, "max_retries": 1}
     assert all(isinstance(v, str | int | float | bool) or v is None for v in kwargs.values())
     assert_hidden([TOKEN, URL_PASSWORD, QUERY_TOKEN], json.dumps(kwargs), repr(trigger), classpath)
 

@@ -496,7 +496,9 @@ def test_no_secret_in_the_trigger(hook, monkeypatch):
     assert TOKEN not in json.dumps(trigger.serialize())
     assert TOKEN not in repr(trigger)
     assert TOKEN not in json.dumps(pushed(context))
-    for value in trigger.serialize()[1].values():
+    kwargs = trigger.serialize()[1]
+    hook_params = kwargs.pop("hook_params")
+    for value in [*kwargs.values(), *hook_params.values()]:
         assert value is None or type(value) in (str, int, float, bool)
 
 

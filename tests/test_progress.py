@@ -184,6 +184,7 @@ def test_prediction_event_fields():
         "message": None,
         "revised_prompt": None,
         "shape": None,
+        "input_location": None,  # a data: input image has no location (and is never carried)
     }
     assert (
         json.loads(json.dumps(event.payload())) == event.payload()

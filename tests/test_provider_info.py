@@ -46,6 +46,22 @@ def test_airflow_registers_the_connection_type_and_form() -> None:
     assert {setting.name for setting in SETTINGS} == widgets
 
 
+def test_every_listed_module_imports_and_holds_its_classes() -> None:
+    import importlib
+
+    info = get_provider_info()
+    expected = {
+        "hooks": "FluxKontextHook",
+        "operators": "FluxKontextEditOperator",
+        "sensors": "FluxKontextPredictionSensor",
+        "triggers": "FluxKontextPredictionTrigger",
+    }
+    for kind, class_name in expected.items():
+        (entry,) = info[kind]
+        (module,) = entry["python-modules"]
+        assert hasattr(importlib.import_module(module), class_name), (kind, module)
+
+
 def test_the_ui_shows_the_form_with_labels_and_extra_fields() -> None:
     """What the connection form's UI endpoint serves: on 3.1 it comes from the hook's methods, on
     3.2+ from the declarative provider info; the same labels and fields either way. Asked in a fresh

@@ -126,6 +126,7 @@ def test_serialize_round_trip():
         "cancel_on_kill": False,
         "max_consecutive_errors": 4,
         "poll_policy": "fixed",
+        "hook_params": {},
     }
     # What the triggerer does: import the classpath and build it from the kwargs.
     module_name, class_name = classpath.rsplit(".", 1)
@@ -136,8 +137,11 @@ def test_serialize_round_trip():
 def test_serialize_kwargs_are_json_primitives():
     _, kwargs = make_trigger(end_time=time.time() + 60, poll_interval="2").serialize()
     assert json.loads(json.dumps(kwargs)) == kwargs
-    for value in kwargs.values():
-        assert value is None or type(value) in (str, int, float, bool)
+    for name, value in kwargs.items():
+        if name == "hook_params":
+            assert all(v is None or type(v) in (str, int, float, bool) for v in value.values())
+        else:
+            assert value is None or type(value) in (str, int, float, bool)
     assert isinstance(kwargs["poll_interval"], float)
     _, from_int = make_trigger(end_time=1_750_000_000).serialize()
     assert type(from_int["end_time"]) is float
@@ -547,3 +551,29 @@ async def test_a_secret_echoed_into_the_error_and_logs_is_redacted_in_the_event(
     [event] = await collect(make_trigger())
     assert SECRET_ECHO not in json.dumps(event.payload)
     assert "proxy said: Bearer ***" in event.payload["error"]
+
+
+# --- hook_params ------------------------------------------------------------------------------------
+
+
+async def test_hook_params_round_trip_and_reach_the_hook(hook, sleeps):
+    trigger = make_trigger(hook_params={"timeout": 12.5, "max_retries": 2})
+    _, kwargs = trigger.serialize()
+    assert kwargs["hook_params"] == {"timeout": 12.5, "max_retries": 2}
+    assert json.loads(json.dumps(kwargs)) == kwargs
+    rebuilt = FluxKontextPredictionTrigger(**kwargs)  # what a restarted triggerer does
+    hook.aget_prediction.return_value = make_prediction("succeeded", output="https://x/y.png")
+    events = await collect(rebuilt)
+    assert events[0].payload["status"] == "succeeded"
+    hook.cls.assert_called_once_with(CONN_ID, timeout=12.5, max_retries=2)
+
+
+def test_hook_params_keep_json_primitives_only():
+    trigger = make_trigger(hook_params={"timeout": 5, "when": object(), "nested": {"a": 1}, "unset": None})
+    assert trigger.serialize()[1]["hook_params"] == {"timeout": 5, "unset": None}
+
+
+def test_kwargs_of_an_earlier_version_without_hook_params_still_build():
+    _, kwargs = make_trigger().serialize()
+    del kwargs["hook_params"]
+    assert FluxKontextPredictionTrigger(**kwargs).hook_params == {}

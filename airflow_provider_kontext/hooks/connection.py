@@ -101,6 +101,35 @@ SETTINGS: tuple[Setting, ...] = (
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
+def checked_overrides(values: Mapping[str, Any], source: str = "hook_params") -> dict[str, float]:
+    """Return the settings in ``values`` that override the connection's extras (``None``: not set).
+
+    The hook's keyword parameters, which operators, sensors and the trigger pass on as
+    ``hook_params``: any name of :data:`SETTINGS`. Set in code rather than in a form, they need
+    only make sense: positive where the extra's minimum is positive (a 0.2 s timeout is fine in a
+    test), else not negative; whole numbers for counts.
+
+    :raises ValueError: an unknown name (the allowed ones listed) or a bad value, naming ``source``.
+    """
+    from airflow_provider_kontext.arguments import check_number
+
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{source} must be a dict, got {type(values).__name__}")
+    if unknown := sorted(str(name) for name in values if name not in _BY_NAME):
+        raise ValueError(f"{source}: unknown {', '.join(unknown)}; allowed: {', '.join(_BY_NAME)}")
+    checked: dict[str, float] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        setting = _BY_NAME[name]
+        integer = setting.type is int
+        number = check_number(
+            f"{source} {name!r}", value, None if setting.minimum > 0 else 0, integer=integer
+        )
+        checked[name] = int(number) if integer else number
+    return checked
+
+
 def conn_fields() -> dict[str, Any]:
     """Return the form's extra fields as JSON schema (``conn-fields``, read by Airflow >= 3.2)."""
     fields: dict[str, Any] = {}
@@ -153,27 +182,20 @@ class ClientSettings:
     assumed_https: bool = field(default=False, compare=False)
 
     @classmethod
-    def from_connection(
-        cls,
-        conn: Any,
-        *,
-        timeout: float | None = None,
-        max_retries: int | None = None,
-    ) -> ClientSettings:
+    def from_connection(cls, conn: Any, **overrides: float | None) -> ClientSettings:
         """Build settings from an Airflow ``Connection`` (sync or async lookup alike).
 
         ``host`` is the base URL (a scheme-less host means https); ``password`` the token, else the
         ``REPLICATE_API_TOKEN`` environment variable, else none (some proxies need none).
-        ``timeout`` and ``max_retries`` override the extras of the same name.
+        ``overrides`` (the hook's parameters, e.g. ``timeout``, ``max_retries``) replace the extras
+        of the same name; see :func:`checked_overrides`.
 
-        :raises ValueError: an extra is not a number or is out of range (the message names it).
+        :raises ValueError: an extra or override is not a number or is out of range (the message
+            names it).
         """
         extras: Mapping[str, Any] = conn.extra_dejson or {}
         values: dict[str, Any] = {setting.name: setting.read(extras) for setting in SETTINGS}
-        if timeout is not None:
-            values["timeout"] = timeout
-        if max_retries is not None:
-            values["max_retries"] = max_retries
+        values.update(checked_overrides(overrides))
         host = (conn.host or "").strip()
         return cls(
             conn_id=conn.conn_id,

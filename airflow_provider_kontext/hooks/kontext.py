@@ -35,6 +35,7 @@ from airflow_provider_kontext.hooks.connection import (
     HOOK_NAME,
     USER_AGENT,
     ClientSettings,
+    checked_overrides,
     ui_field_behaviour,
 )
 from airflow_provider_kontext.hooks.transports import (
@@ -65,7 +66,7 @@ def _raw(data: Any) -> Any:
 #: again and retries with the new settings (see :class:`~airflow_provider_kontext.failures.Attempts`).
 SETTINGS_TTL_SECONDS = 60.0
 
-_SettingsKey = tuple[str, float | None, int | None]
+_SettingsKey = tuple[Any, ...]  # the connection id, then the overrides as sorted (name, value) pairs
 
 
 class _SettingsCache:
@@ -115,8 +116,10 @@ class FluxKontextHook(BaseHook):
     use ``async with``) when done so it can be closed once its last user is gone.
 
     :param flux_kontext_conn_id: the connection id.
-    :param timeout: read timeout in seconds, overriding the connection's extra.
-    :param max_retries: retries of transient errors, overriding the connection's extra.
+    :param settings: overrides of the connection's extras, by the same names (``timeout``,
+        ``max_retries``, ...: :data:`~airflow_provider_kontext.hooks.connection.SETTINGS`); what
+        operators, sensors and the trigger pass on as ``hook_params``. A bad name or value raises
+        ``ValueError`` naming it.
     """
 
     conn_name_attr = "flux_kontext_conn_id"
@@ -124,17 +127,10 @@ class FluxKontextHook(BaseHook):
     conn_type = CONN_TYPE
     hook_name = HOOK_NAME
 
-    def __init__(
-        self,
-        flux_kontext_conn_id: str = DEFAULT_CONN_ID,
-        *,
-        timeout: float | None = None,
-        max_retries: int | None = None,
-    ) -> None:
+    def __init__(self, flux_kontext_conn_id: str = DEFAULT_CONN_ID, **settings: float | None) -> None:
         super().__init__()
         self.flux_kontext_conn_id = flux_kontext_conn_id
-        self._timeout = timeout
-        self._max_retries = max_retries
+        self._overrides = checked_overrides(settings)
         self._settings: ClientSettings | None = None
         self._session: requests.Session | None = None
         self._aclient: AiohttpClient | None = None
@@ -162,7 +158,7 @@ class FluxKontextHook(BaseHook):
 
     def _build_settings(self, conn: Any) -> ClientSettings:
         """Settings from the connection, every secret in them registered with Airflow's masker."""
-        settings = ClientSettings.from_connection(conn, timeout=self._timeout, max_retries=self._max_retries)
+        settings = ClientSettings.from_connection(conn, **self._overrides)
         from airflow_provider_kontext.compat import mask_secret
 
         for secret in settings.secrets():
@@ -172,7 +168,7 @@ class FluxKontextHook(BaseHook):
     async def _abuild_settings(self, conn: Any) -> ClientSettings:
         """:meth:`_build_settings` for the event loop: masks with ``amask_secret``, which does not
         block on the supervisor's channel."""
-        settings = ClientSettings.from_connection(conn, timeout=self._timeout, max_retries=self._max_retries)
+        settings = ClientSettings.from_connection(conn, **self._overrides)
         from airflow_provider_kontext.compat import amask_secret
 
         for secret in settings.secrets():
@@ -204,7 +200,7 @@ class FluxKontextHook(BaseHook):
         return self._settings.redact(text) if self._settings is not None else text
 
     def _settings_key(self) -> _SettingsKey:
-        return (self.flux_kontext_conn_id, self._timeout, self._max_retries)
+        return (self.flux_kontext_conn_id, *sorted(self._overrides.items()))
 
     def _refreshed_settings(self, stale: ClientSettings) -> ClientSettings | None:
         """Look the connection up again (after an auth error); the new settings if they differ."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow.sdk import BaseOperator
 
-from airflow_provider_kontext.arguments import check_number
+from airflow_provider_kontext.arguments import check_number, default_deferrable
 from airflow_provider_kontext.compat import AirflowFailException
 from airflow_provider_kontext.deadlines import deadline_after_create
 from airflow_provider_kontext.events import PredictionEvent, prediction_event
@@ -23,7 +23,7 @@ from airflow_provider_kontext.exceptions import (
     KontextNotFoundError,
     KontextPredictionMayExistError,
 )
-from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
+from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
 from airflow_provider_kontext.images import LocalImage, read_local_image, to_data_uri, trace_image
 from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, ReplicatePredictionLink
 from airflow_provider_kontext.models import (
@@ -112,7 +112,11 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     :param extra_input: further inputs for other Kontext models (e.g. ``safety_tolerance`` on pro).
     :param model: ``owner/name`` or ``owner/name:version`` (default: FLUX.1 Kontext [dev]).
     :param flux_kontext_conn_id: the connection (type ``fluxkontext``).
-    :param deferrable: wait in the triggerer (default) rather than in the worker.
+    :param hook_params: settings of the hook that override the connection's extras for this task
+        (``timeout``, ``connect_timeout``, ``max_retries``, ``backoff_base``, ``backoff_max``,
+        ``retry_after_max``), passed on to the trigger too; checked when the DAG is parsed.
+    :param deferrable: wait in the triggerer rather than in the worker; default: Airflow's
+        ``[operators] default_deferrable`` setting.
     :param poll_interval: seconds between status polls.
     :param wait_seconds: hold the create request open up to this many seconds (1..60); a prediction
         finished by then completes without deferring.
@@ -171,7 +175,8 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         extra_input: dict[str, Any] | None = None,
         model: str = DEFAULT_MODEL,
         flux_kontext_conn_id: str = DEFAULT_CONN_ID,
-        deferrable: bool = True,
+        hook_params: dict[str, Any] | None = None,
+        deferrable: bool | None = None,
         poll_interval: float = 2.0,
         wait_seconds: int | None = None,
         timeout: float | timedelta | None = None,
@@ -202,7 +207,8 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         self.extra_input = extra_input
         self.model = model
         self.flux_kontext_conn_id = flux_kontext_conn_id
-        self.deferrable = deferrable
+        self.hook_params = checked_overrides(hook_params or {})
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
         self.poll_interval = check_number("poll_interval", poll_interval, maximum=MAX_WAIT.total_seconds())
         self.wait_seconds = (
             None
@@ -233,7 +239,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     def hook(self) -> FluxKontextHook:
         from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
-        return FluxKontextHook(self.flux_kontext_conn_id)
+        return FluxKontextHook(self.flux_kontext_conn_id, **self.hook_params)
 
     @property
     def input_label(self) -> str:
@@ -311,6 +317,14 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         killed deferred tasks)."""
         if self.cancel_on_kill and self._prediction_id and not self._finished:
             self._cancel(self._prediction_id, "the task was killed")
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """The edit's lineage for the OpenLineage provider: the input image and the outputs as
+        datasets, the prediction (model, id, predict time) as a run facet; ``None`` without the
+        provider. See :mod:`airflow_provider_kontext.lineage`."""
+        from airflow_provider_kontext.lineage import edit_lineage
+
+        return edit_lineage(self.input_image, self._summary)
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -458,6 +472,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             poll_interval=self.poll_interval,
             end_time=deadline,
             cancel_on_kill=self.cancel_on_kill,
+            hook_params=self.hook_params,
         )
         self._announce_wait(prediction, deadline, "in the triggerer", trigger.poll_policy)
         self.defer(

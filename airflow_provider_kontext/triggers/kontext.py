@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -37,6 +37,8 @@ class FluxKontextPredictionTrigger(BaseTrigger):
     :param poll_policy: ``"adaptive"`` (default: poll when the model's progress bar says it ends) or
         ``"fixed"`` (every ``poll_interval``); see
         :meth:`airflow_provider_kontext.progress.PredictionPoller.delay`.
+    :param hook_params: keyword arguments of the hook (``timeout``, ``max_retries``, ...); only JSON
+        primitives are kept, since the kwargs are stored and logged (they are settings, never secrets).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         cancel_on_kill: bool = True,
         max_consecutive_errors: int = 10,
         poll_policy: str = DEFAULT_POLL_POLICY,
+        hook_params: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         if poll_policy not in POLL_POLICIES:
@@ -59,6 +62,11 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         self.cancel_on_kill = bool(cancel_on_kill)
         self.max_consecutive_errors = int(max_consecutive_errors)
         self.poll_policy = str(poll_policy)
+        self.hook_params = {
+            str(name): value
+            for name, value in (hook_params or {}).items()
+            if value is None or type(value) in (str, int, float, bool)
+        }
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -71,13 +79,14 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 "cancel_on_kill": self.cancel_on_kill,
                 "max_consecutive_errors": self.max_consecutive_errors,
                 "poll_policy": self.poll_policy,
+                "hook_params": self.hook_params,
             },
         )
 
     def _hook(self) -> Any:
         from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
-        return FluxKontextHook(self.flux_kontext_conn_id)
+        return FluxKontextHook(self.flux_kontext_conn_id, **self.hook_params)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = self._hook()

@@ -211,7 +211,9 @@ def test_no_secret_in_xcom_rendered_fields_trigger_kwargs_or_next_kwargs(run: di
             assert secret not in text, f"{secret!r} in {kind}"
     for classpath, kwargs in rows["trigger"]:
         assert classpath.endswith("FluxKontextPredictionTrigger")
-        assert all(isinstance(v, str | int | float | bool) or v is None for v in kwargs.values()), kwargs
+        hook_params = kwargs.pop("hook_params", {})  # settings by name
+        values = [*kwargs.values(), *hook_params.values()]
+        assert all(isinstance(v, str | int | float | bool) or v is None for v in values), kwargs
     rendered = dict(rows["rendered"])
     assert "Paint it teal" in rendered["edit_token"]  # the template was rendered (and is clean)
 

@@ -1,0 +1,215 @@
+"""``FluxKontextPredictionSensor``: waits for a prediction started elsewhere and hands on its result."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
+
+from airflow_provider_kontext.arguments import check_number, default_deferrable
+from airflow_provider_kontext.compat import AirflowFailException, AirflowSensorTimeout, AirflowSkipException
+from airflow_provider_kontext.events import PredictionEvent
+from airflow_provider_kontext.exceptions import KontextError
+from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
+from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, ReplicatePredictionLink
+from airflow_provider_kontext.models import Prediction
+from airflow_provider_kontext.progress import PredictionPoller
+from airflow_provider_kontext.results import PredictionResultMixin
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+__all__ = ["FluxKontextPredictionSensor"]
+
+
+class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
+    """Wait for a FLUX.1 Kontext prediction started elsewhere, then hand on its outputs.
+
+    For a prediction another task (or system) started, e.g. with the hook in a ``@task`` or a
+    ``FluxKontextEditOperator`` in another DAG: the id comes from a template such as
+    ``"{{ ti.xcom_pull(task_ids='start', key='prediction_id') }}"``. The sensor ends the way the
+    operator does (:mod:`airflow_provider_kontext.results`): it returns the output URLs, or the
+    durable paths when ``output_path`` is set; pushes the ``prediction`` summary and
+    ``prediction_web_url`` (the extra link); fills the ``extra`` of ``Asset`` outlets; and a
+    ``failed`` or ``canceled`` prediction, or a paid one whose output cannot be used, fails the task
+    without retries.
+
+    By default (Airflow's ``[operators] default_deferrable``) it polls once in the worker, so a
+    prediction that is already finished completes at once, then waits in the triggerer
+    (:class:`~airflow_provider_kontext.triggers.kontext.FluxKontextPredictionTrigger`). With
+    ``deferrable=False`` it pokes with the hook every ``poke_interval`` (``mode="reschedule"`` frees
+    the worker slot between pokes).
+
+    As for any sensor, ``timeout`` bounds the whole wait: past it the task fails with
+    ``AirflowSensorTimeout`` without retries, and with ``soft_fail=True`` it is skipped instead, as
+    it is for a prediction that failed or was canceled. The timeout never cancels the prediction:
+    it belongs to whoever started it.
+
+    :param prediction_id: the prediction to wait for (templated).
+    :param flux_kontext_conn_id: the connection (type ``fluxkontext``) of the account that owns it.
+    :param hook_params: settings of the hook overriding the connection's extras (``timeout``,
+        ``max_retries``, ...), as for the operator; checked when the DAG is parsed.
+    :param deferrable: wait in the triggerer; default: ``[operators] default_deferrable``.
+    :param poke_interval: seconds (or timedelta) between polls; in the triggerer, as the operator's
+        ``poll_interval`` (the adaptive policy may poll sooner when the model's progress shows it
+        ending).
+    :param timeout: the longest wait (seconds or timedelta; default ``[sensors] default_timeout``).
+    :param cancel_on_kill: cancel the prediction when this task is killed. Off by default: the
+        sensor watches a prediction someone else started and may not be the only one waiting for it.
+    :param output_path: a folder (templated) to download the outputs to before Replicate deletes
+        them; the task then returns those paths.
+    :param max_output_bytes: the largest output file accepted.
+    :param retry_failed_predictions: let a failed or canceled prediction fail the task with retries
+        (a retry waits for the same prediction again, so this rarely helps).
+    """
+
+    template_fields: Sequence[str] = ("prediction_id", "output_path")
+    operator_extra_links = (ReplicatePredictionLink(),)
+    ui_color = "#e4dcf7"
+
+    def __init__(
+        self,
+        *,
+        prediction_id: str,
+        flux_kontext_conn_id: str = DEFAULT_CONN_ID,
+        hook_params: dict[str, Any] | None = None,
+        deferrable: bool | None = None,
+        poke_interval: float | timedelta = 2.0,
+        cancel_on_kill: bool = False,
+        output_path: Any = None,
+        max_output_bytes: int = 50 * 1024 * 1024,
+        retry_failed_predictions: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(poke_interval=poke_interval, **kwargs)
+        if not isinstance(flux_kontext_conn_id, str) or not flux_kontext_conn_id:
+            raise ValueError(f"flux_kontext_conn_id must be a non-empty string, got {flux_kontext_conn_id!r}")
+        check_number("poke_interval", self.poke_interval)
+        self.prediction_id = prediction_id
+        self.flux_kontext_conn_id = flux_kontext_conn_id
+        self.hook_params = checked_overrides(hook_params or {})
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
+        self.cancel_on_kill = cancel_on_kill
+        self.output_path = output_path
+        self.max_output_bytes = int(check_number("max_output_bytes", max_output_bytes, 1, integer=True))
+        self.retry_failed_predictions = retry_failed_predictions
+        #: The sensor records no state for retries: the prediction's id is given, not started here.
+        self.reattach_on_retry = False
+        self._finished = False
+        self._poller: PredictionPoller | None = None
+        self._input_location: str | None = None
+
+    @cached_property
+    def hook(self) -> FluxKontextHook:
+        from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+        return FluxKontextHook(self.flux_kontext_conn_id, **self.hook_params)
+
+    # --- the story: first poll, defer or poke, complete --------------------------------------------
+
+    def execute(self, context: Context) -> Any:
+        self._checked_id()
+        if not self.deferrable:
+            return super().execute(context)
+        try:
+            done = self.poke(context)
+        except (AirflowSensorTimeout, AirflowFailException) as exc:
+            # What BaseSensorOperator.execute does around its pokes, for this first one.
+            if self.soft_fail or self.never_fail:
+                raise AirflowSkipException(f"Skipping due to soft_fail/never_fail: {exc}") from exc
+            raise
+        if done:
+            return done.xcom_value
+        self.defer(
+            trigger=self._trigger(end_time=time.time() + self.timeout),
+            method_name="execute_complete",
+            # A backstop only: the trigger's own deadline fires first.
+            timeout=timedelta(seconds=self.timeout + 10 * self.poke_interval + 60),
+        )
+
+    def poke(self, context: Context) -> PokeReturnValue:
+        """Poll once: not done yet, or done with the task's result (or the exception that fails it)."""
+        prediction_id = self._checked_id()
+        if self._poller is None:
+            self._poller = PredictionPoller(
+                prediction_id,
+                poll_interval=self.poke_interval,
+                end_time=None,  # the sensor's timeout bounds the wait
+                log=self.log.info,
+                redact=self.hook.redact,
+            )
+        event: PredictionEvent | None
+        try:
+            # The hook retries transient failures within the poller's budget; what escapes is final.
+            prediction = self.hook.get_prediction(prediction_id, budget=self._poller.budget)
+        except KontextError as exc:
+            event = self._poller.on_error(exc)
+        else:
+            self._first_sight(context, prediction)
+            event = self._poller.on_prediction(prediction)
+        if event is None:
+            return PokeReturnValue(is_done=False)
+        return PokeReturnValue(is_done=True, xcom_value=self._complete(context, event))
+
+    def execute_complete(self, context: Context, event: Mapping[str, Any]) -> list[str]:
+        """Resume after the trigger fired: the task's result, or the failure (or timeout)."""
+        finished = PredictionEvent.from_payload(event)
+        if finished.status == "timeout":
+            self._finished = True
+            raise AirflowSensorTimeout(
+                f"{finished.message}; the prediction is left running (the sensor did not start it)"
+            )
+        return self._complete(context, finished)
+
+    def on_kill(self) -> None:
+        """With ``cancel_on_kill``, cancel the prediction when the poking task is killed (the trigger
+        does the same for a killed deferred task)."""
+        if self.cancel_on_kill and isinstance(self.prediction_id, str) and not self._finished:
+            self._cancel(self.prediction_id, "the sensor waiting for it was killed")
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """The edit's lineage for the OpenLineage provider, as the operator reports it (the input
+        image as the prediction's input names it); ``None`` without the provider."""
+        from airflow_provider_kontext.lineage import edit_lineage
+
+        return edit_lineage(self._input_location, self._summary)
+
+    def _complete(self, context: Context, event: PredictionEvent) -> list[str]:
+        self._input_location = event.input_location  # the input the prediction read, for lineage
+        return super()._complete(context, event)
+
+    # --- steps ------------------------------------------------------------------------------------
+
+    def _checked_id(self) -> str:
+        """The rendered prediction id; a missing one fails the task without retries."""
+        value = self.prediction_id
+        if not isinstance(value, str) or not value.strip() or value.strip() == "None":
+            raise AirflowFailException(
+                f"prediction_id: expected a prediction id, got {value!r:.100} (an XCom that was never "
+                "pushed renders as None)"
+            )
+        self.prediction_id = value.strip()
+        return self.prediction_id
+
+    def _first_sight(self, context: Context, prediction: Prediction) -> None:
+        """On the first poll: push the web URL (the extra link)."""
+        if self._poller is None or self._poller.tracker.status is None:
+            context["ti"].xcom_push(key=WEB_URL_XCOM_KEY, value=prediction.web_url)
+
+    def _trigger(self, end_time: float) -> Any:
+        from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
+
+        return FluxKontextPredictionTrigger(
+            prediction_id=self._checked_id(),
+            flux_kontext_conn_id=self.flux_kontext_conn_id,
+            poll_interval=self.poke_interval,
+            end_time=end_time,
+            cancel_on_kill=self.cancel_on_kill,
+            hook_params=self.hook_params,
+        )
