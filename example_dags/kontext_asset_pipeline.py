@@ -74,6 +74,8 @@ with DAG(
         output_path="{{ run_folder(params.output_dir, run_id) }}",
         poll_interval=1.0,
         max_active_tis_per_dag=16,
+        # The operator's default, spelled out: Airflow 3.1's .partial() does not read it.
+        map_index_template="{{ task.input_label }}",
     ).expand(input_image=list_inputs())
 
     @task(outlets=[EDITED_SHOTS])

@@ -11,13 +11,13 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from airflow.sdk.exceptions import (
+
+from airflow_provider_kontext.compat import (
     AirflowFailException,
     AirflowSensorTimeout,
     AirflowSkipException,
     TaskDeferred,
 )
-
 from airflow_provider_kontext.events import prediction_event, timeout_event
 from airflow_provider_kontext.exceptions import (
     KontextNotFoundError,
