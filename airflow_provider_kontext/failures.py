@@ -19,7 +19,8 @@ import json
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +29,7 @@ from airflow_provider_kontext.exceptions import (
     KontextAuthError,
     KontextDeadlineError,
     KontextError,
+    KontextNotFoundError,
     KontextPredictionMayExistError,
     KontextRateLimitError,
     KontextServerError,
@@ -44,6 +46,7 @@ __all__ = [
     "Verdict",
     "backoff_seconds",
     "classify",
+    "fail_task_on_final_answers",
     "final_error",
     "parse_retry_after",
 ]
@@ -283,3 +286,31 @@ class Attempts:
             return await asyncio.wait_for(attempt, timeout=max(0.0, remaining))
         except asyncio.TimeoutError:
             raise KontextDeadlineError(f"{self.request.label} had no answer by the deadline") from None
+
+
+#: Statuses of a create (or upload) answer that the same request would get again: the task fails
+#: without retries (bad token or no access, unknown model, input the server rejects).
+FINAL_CREATE_STATUSES = frozenset({401, 403, 404, 422})
+
+
+@contextmanager
+def fail_task_on_final_answers(what: str) -> Iterator[None]:
+    """Turn an answer to a create or upload that the same request would get again (401, 403, 404,
+    422) into an ``AirflowFailException``: retries would repeat the failure (and, on 401/403, knock
+    on the account with a refused token), so the task fails once, saying why."""
+    from airflow_provider_kontext.compat import AirflowFailException
+
+    try:
+        yield
+    except KontextAPIError as exc:
+        if exc.status not in FINAL_CREATE_STATUSES:
+            raise
+        if isinstance(exc, KontextAuthError):
+            why = "the token is refused; fix the connection, then clear the task"
+        elif isinstance(exc, KontextNotFoundError):
+            why = "the model or version does not exist for this token"
+        else:
+            why = "the server rejects this input"
+        raise AirflowFailException(
+            f"{exc} Not retried: the {what} would get the same answer ({why})."
+        ) from None

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, NamedTuple
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from airflow_provider_kontext.exceptions import KontextNotFoundError
+from airflow_provider_kontext.models import PredictionStatus
+
+if TYPE_CHECKING:
+    from airflow_provider_kontext.models import Prediction
 
 #: Key of the entry in the task state store.
 STATE_KEY = "flux_kontext_prediction"
@@ -63,6 +71,43 @@ class ReattachLedger:
             saved.get("fingerprint") if isinstance(saved.get("fingerprint"), str) else None,
             float(deadline) if isinstance(deadline, int | float) and not isinstance(deadline, bool) else None,
         )
+
+    def reattach(
+        self,
+        get_prediction: Callable[[str], Prediction],
+        fingerprint: str,
+        timeout: float,
+        log: Any,
+    ) -> tuple[Prediction, float] | None:
+        """The earlier try's prediction and its deadline, if the inputs are the same and it is still
+        running or succeeded with its output; else ``None`` (a new prediction is needed).
+
+        :param get_prediction: reads a prediction (the hook's); a 404 means it is gone.
+        :param timeout: seconds from now, for an entry written before deadlines were kept.
+        """
+        started = self.started()
+        if started is None:
+            return None
+        previous = started.prediction_id
+        if started.fingerprint != fingerprint:
+            log.warning("Inputs changed since prediction %s was started; starting a new one", previous)
+            return None
+        try:
+            prediction = get_prediction(previous)
+        except KontextNotFoundError:
+            log.warning("Prediction %s from an earlier try no longer exists; starting a new one", previous)
+            return None
+        # The first try's deadline holds: a retry does not give the prediction more time.
+        deadline = started.deadline if started.deadline is not None else time.time() + timeout
+        status = prediction.status.value
+        if not prediction.is_terminal:
+            log.info("Reattaching to prediction %s (%s) started by an earlier try", previous, status)
+            return prediction, deadline
+        if prediction.status is PredictionStatus.SUCCEEDED and prediction.output_urls:
+            log.info("Prediction %s from an earlier try already succeeded; using its output", previous)
+            return prediction, deadline
+        log.info("Prediction %s from an earlier try ended %s; starting a new one", previous, status)
+        return None
 
     def record(self, prediction_id: str, fingerprint: str, deadline: float) -> None:
         """Remember a prediction right after it was created (before anything else can fail)."""

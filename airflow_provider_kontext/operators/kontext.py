@@ -3,39 +3,33 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
 from airflow_provider_kontext.arguments import check_number, default_deferrable
 from airflow_provider_kontext.compat import AirflowFailException
 from airflow_provider_kontext.deadlines import deadline_after_create
+from airflow_provider_kontext.edit_request import EditRequest, check_literal_inputs, validated_request
 from airflow_provider_kontext.events import PredictionEvent, prediction_event
 from airflow_provider_kontext.exceptions import (
-    KontextAPIError,
-    KontextAuthError,
     KontextError,
     KontextInputError,
-    KontextNotFoundError,
     KontextPredictionMayExistError,
 )
+from airflow_provider_kontext.failures import fail_task_on_final_answers
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
-from airflow_provider_kontext.images import LocalImage, read_local_image, to_data_uri, trace_image
+from airflow_provider_kontext.images import LocalImage, to_data_uri, trace_image
 from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, ReplicatePredictionLink
 from airflow_provider_kontext.models import (
     DEFAULT_MODEL,
     Prediction,
-    PredictionStatus,
-    check_literal_input,
-    validate_input,
 )
-from airflow_provider_kontext.outputs import output_folder
 from airflow_provider_kontext.progress import PredictionPoller
-from airflow_provider_kontext.reattach import STATE_KEY, ReattachLedger, fingerprint
+from airflow_provider_kontext.reattach import STATE_KEY, ReattachLedger
 from airflow_provider_kontext.results import KontextPredictionFailedNoRetry, PredictionResultMixin
 
 if TYPE_CHECKING:
@@ -63,25 +57,10 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 #: The longest ``timeout`` and ``poll_interval`` accepted (a week): beyond any prediction's life, and
 #: far inside what ``timedelta`` and the trigger's deadline arithmetic can hold.
 MAX_WAIT = timedelta(days=7)
-_PENDING_IMAGE = "data:image/png;base64,"
 #: What a mapped edit shows in the UI instead of its map index (the input's file name), unless the
 #: DAG sets its own ``map_index_template``. Airflow renders it with the templated fields already
 #: rendered, before ``execute`` (so it shows while the task is deferred) and again after.
 DEFAULT_MAP_INDEX_TEMPLATE = "{{ task.input_label }}"
-#: Statuses of a create (or upload) answer that the same request would get again: the task fails
-#: without retries (bad token or no access, unknown model, input the server rejects).
-FINAL_CREATE_STATUSES = frozenset({401, 403, 404, 422})
-#: Markers of a Jinja template: a string holding one is checked after rendering, not when parsed.
-_JINJA_MARKERS = ("{{", "{%", "{#")
-
-
-class EditRequest(NamedTuple):
-    """A validated edit: the model input (``input_image`` a placeholder while ``image`` is still to
-    be sent), the local image if any, and the fingerprint that recognises an earlier try's prediction."""
-
-    model_input: dict[str, Any]
-    image: LocalImage | None
-    fingerprint: str
 
 
 class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
@@ -257,34 +236,16 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         return {"input_image": where, "input_name": name, "prompt": self.prompt, "model": self.model}
 
     def _check_literal_inputs(self) -> None:
-        """Validate the model inputs given as literals, at DAG parse time (no I/O, no HTTP).
+        """Validate the model inputs given as literals, when the DAG is parsed (no I/O, no HTTP).
 
-        Templated strings, XCom references and other objects are left for run time, as is
-        ``input_image`` unless it is a literal URL or data: URI.
-
-        :raises KontextInputError: naming the task, the field and what is allowed (a DAG import error).
+        :raises KontextInputError: naming the task, the field and what is allowed (an import error).
         """
-        if not _is_literal(self.model):
-            return
-        values = {name: value for name in MODEL_ARGUMENTS if _is_literal(value := getattr(self, name))}
-        image = self.input_image
-        if _is_literal(image) and str(image)[:8].lower().startswith(("http://", "https://", "data:")):
-            values["input_image"] = image
-        extra: dict[str, Any] = {}
-        if isinstance(self.extra_input, dict):
-            # A key that repeats a direct argument is reported at run time (with the others).
-            given = {*MODEL_ARGUMENTS, "input_image"}
-            extra = {
-                key: value
-                for key, value in self.extra_input.items()
-                if isinstance(key, str) and key not in given and _is_literal(value)
-            }
-        try:
-            check_literal_input(self.model, {**values, **extra})
-        except KontextInputError as exc:
-            from_extra = [field for field, _ in exc.errors if field not in values and field != "model"]
-            where = " (in extra_input)" if extra and from_extra else ""
-            raise KontextInputError(f"Task {self.task_id!r}: {exc}{where}", errors=exc.errors) from None
+        check_literal_inputs(
+            self.task_id, self.model, self._model_arguments(), self.input_image, self.extra_input
+        )
+
+    def _model_arguments(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in MODEL_ARGUMENTS}
 
     # --- the story: execute, defer, complete --------------------------------------------------------
 
@@ -329,32 +290,10 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     # --- steps ------------------------------------------------------------------------------------
 
     def _validated_request(self) -> EditRequest:
-        """Validate the inputs without any HTTP call.
-
-        :raises KontextInputError: naming the field and what is allowed.
-        """
-        values: dict[str, Any] = {
-            name: value for name in MODEL_ARGUMENTS if (value := getattr(self, name)) is not None
-        }
-        extra = self.extra_input or {}
-        if not isinstance(extra, dict):
-            raise KontextInputError(f"extra_input: must be a dict, got {type(extra).__name__}")
-        if clash := sorted(set(extra) & {*values, "input_image"}):
-            raise KontextInputError(f"extra_input: repeats arguments given directly: {', '.join(clash)}")
-        values.update(extra)
-        image = None
-        if isinstance(self.input_image, str) and self.input_image.startswith(
-            ("http://", "https://", "data:")
-        ):
-            values["input_image"] = self.input_image
-        elif self.input_image is not None:
-            image = read_local_image(self.input_image)
-            values["input_image"] = _PENDING_IMAGE
-        model_input = validate_input(self.model, values)
-        if self.output_path is not None:
-            output_folder(self.output_path)  # an unusable output_path fails now, not after paying
-        digest = fingerprint(self.model, model_input, image.data if image else None)
-        return EditRequest(model_input, image, digest)
+        """Validate the inputs without any HTTP call. :raises KontextInputError: naming the field."""
+        return validated_request(
+            self.model, self._model_arguments(), self.input_image, self.extra_input, self.output_path
+        )
 
     def _timeout_seconds(self) -> float:
         if isinstance(self.timeout, timedelta):
@@ -369,49 +308,20 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     def _reattach(self, ledger: ReattachLedger, request: EditRequest) -> tuple[Prediction, float] | None:
         """The earlier try's prediction and deadline if it is still running or succeeded with its
         output, else ``None`` (then a new one is created)."""
-        started = ledger.started()
-        if started is None:
-            return None
-        previous = started.prediction_id
-        if started.fingerprint != request.fingerprint:
-            self.log.warning("Inputs changed since prediction %s was started; starting a new one", previous)
-            return None
-        try:
-            prediction = self.hook.get_prediction(previous)
-        except KontextNotFoundError:
-            self.log.warning(
-                "Prediction %s from an earlier try no longer exists; starting a new one", previous
-            )
-            return None
-        # The first try's deadline holds: a retry does not give the prediction more time.
-        deadline = started.deadline if started.deadline is not None else time.time() + self._timeout_seconds()
-        if not prediction.is_terminal:
-            self.log.info(
-                "Reattaching to prediction %s (%s) started by an earlier try",
-                previous,
-                prediction.status.value,
-            )
-            return prediction, deadline
-        if prediction.status is PredictionStatus.SUCCEEDED and prediction.output_urls:
-            self.log.info("Prediction %s from an earlier try already succeeded; using its output", previous)
-            return prediction, deadline
-        self.log.info(
-            "Prediction %s from an earlier try ended %s; starting a new one",
-            previous,
-            prediction.status.value,
+        return ledger.reattach(
+            self.hook.get_prediction, request.fingerprint, self._timeout_seconds(), self.log
         )
-        return None
 
     def _start(self, request: EditRequest, ledger: ReattachLedger) -> tuple[Prediction, float]:
         """Send the local image if any, create the prediction and record it for a retry."""
         model_input = dict(request.model_input)
         if request.image is not None:
-            with _final_answers_fail_the_task("upload"):
+            with fail_task_on_final_answers("upload"):
                 model_input["input_image"] = self._send_image(request.image)
         timeout = self._timeout_seconds()
         sent = time.time()
         try:
-            with _final_answers_fail_the_task("create"):
+            with fail_task_on_final_answers("create"):
                 prediction = self.hook.create_prediction(
                     self.model, model_input, wait=self.wait_seconds, cancel_after=timeout
                 )
@@ -500,32 +410,3 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             if event is not None:
                 return event
             time.sleep(poller.delay())
-
-
-def _is_literal(value: Any) -> bool:
-    """Whether ``value`` is a literal worth checking at parse time: a number, a bool, or a string
-    that is no Jinja template (anything else, an XCom reference say, is known only at run time)."""
-    if isinstance(value, str):
-        return not any(marker in value for marker in _JINJA_MARKERS)
-    return isinstance(value, int | float)
-
-
-@contextmanager
-def _final_answers_fail_the_task(what: str) -> Iterator[None]:
-    """Turn an answer to a create or upload that the same request would get again (401, 403, 404,
-    422) into an ``AirflowFailException``: retries would repeat the failure (and, on 401/403, knock
-    on the account with a refused token), so the task fails once, saying why."""
-    try:
-        yield
-    except KontextAPIError as exc:
-        if exc.status not in FINAL_CREATE_STATUSES:
-            raise
-        if isinstance(exc, KontextAuthError):
-            why = "the token is refused; fix the connection, then clear the task"
-        elif isinstance(exc, KontextNotFoundError):
-            why = "the model or version does not exist for this token"
-        else:
-            why = "the server rejects this input"
-        raise AirflowFailException(
-            f"{exc} Not retried: the {what} would get the same answer ({why})."
-        ) from None

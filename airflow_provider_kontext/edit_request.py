@@ -1,0 +1,100 @@
+"""What an edit asks for, checked before any money is spent.
+
+Literal model inputs are checked when the DAG file is parsed (a bad one is an import error that
+names the field); after templating, every input is validated against the model's schema, the local
+image read, and the request fingerprinted so a retry can recognise the prediction an earlier try
+started. None of it makes an HTTP call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from airflow_provider_kontext.exceptions import KontextInputError
+from airflow_provider_kontext.images import LocalImage, read_local_image
+from airflow_provider_kontext.models import check_literal_input, validate_input
+from airflow_provider_kontext.outputs import output_folder
+from airflow_provider_kontext.reattach import fingerprint
+
+#: Stands in for a local image in the input until it is sent (inline or uploaded).
+_PENDING_IMAGE = "data:image/png;base64,"
+#: Markers of a Jinja template: a string holding one is checked after rendering, not when parsed.
+_JINJA_MARKERS = ("{{", "{%", "{#")
+_URL_PREFIXES = ("http://", "https://", "data:")
+
+
+class EditRequest(NamedTuple):
+    """A validated edit: the model input (``input_image`` a placeholder while ``image`` is still to
+    be sent), the local image if any, and the fingerprint that recognises an earlier try's prediction."""
+
+    model_input: dict[str, Any]
+    image: LocalImage | None
+    fingerprint: str
+
+
+def is_literal(value: Any) -> bool:
+    """Whether ``value`` is a literal worth checking at parse time: a number, a bool, or a string
+    that is no Jinja template (anything else, an XCom reference say, is known only at run time)."""
+    if isinstance(value, str):
+        return not any(marker in value for marker in _JINJA_MARKERS)
+    return isinstance(value, int | float)
+
+
+def check_literal_inputs(
+    task_id: str, model: Any, arguments: dict[str, Any], input_image: Any, extra_input: Any
+) -> None:
+    """Validate the model inputs given as literals, at DAG parse time (no I/O, no HTTP).
+
+    Templated strings, XCom references and other objects are left for run time, as is
+    ``input_image`` unless it is a literal URL or data: URI.
+
+    :param arguments: the operator's model arguments by name (``None`` where not given).
+    :raises KontextInputError: naming the task, the field and what is allowed (a DAG import error).
+    """
+    if not is_literal(model):
+        return
+    values = {name: value for name, value in arguments.items() if is_literal(value)}
+    if is_literal(input_image) and str(input_image)[:8].lower().startswith(_URL_PREFIXES):
+        values["input_image"] = input_image
+    extra: dict[str, Any] = {}
+    if isinstance(extra_input, dict):
+        # A key that repeats a direct argument is reported at run time (with the others).
+        given = {*arguments, "input_image"}
+        extra = {
+            key: value
+            for key, value in extra_input.items()
+            if isinstance(key, str) and key not in given and is_literal(value)
+        }
+    try:
+        check_literal_input(model, {**values, **extra})
+    except KontextInputError as exc:
+        from_extra = [field for field, _ in exc.errors if field not in values and field != "model"]
+        where = " (in extra_input)" if extra and from_extra else ""
+        raise KontextInputError(f"Task {task_id!r}: {exc}{where}", errors=exc.errors) from None
+
+
+def validated_request(
+    model: str, arguments: dict[str, Any], input_image: Any, extra_input: Any, output_path: Any
+) -> EditRequest:
+    """The rendered inputs validated against the model's schema, the local image read.
+
+    :raises KontextInputError: naming the field and what is allowed.
+    """
+    values = {name: value for name, value in arguments.items() if value is not None}
+    extra = extra_input or {}
+    if not isinstance(extra, dict):
+        raise KontextInputError(f"extra_input: must be a dict, got {type(extra).__name__}")
+    if clash := sorted(set(extra) & {*values, "input_image"}):
+        raise KontextInputError(f"extra_input: repeats arguments given directly: {', '.join(clash)}")
+    values.update(extra)
+    image = None
+    if isinstance(input_image, str) and input_image.startswith(_URL_PREFIXES):
+        values["input_image"] = input_image
+    elif input_image is not None:
+        image = read_local_image(input_image)
+        values["input_image"] = _PENDING_IMAGE
+    model_input = validate_input(model, values)
+    if output_path is not None:
+        output_folder(output_path)  # an unusable output_path fails now, not after paying
+    digest = fingerprint(model, model_input, image.data if image else None)
+    return EditRequest(model_input, image, digest)
