@@ -12,6 +12,7 @@ from airflow_provider_kontext.events import error_event
 from airflow_provider_kontext.exceptions import KontextError
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 from airflow_provider_kontext.progress import DEFAULT_POLL_POLICY, POLL_POLICIES, PredictionPoller
+from airflow_provider_kontext.triggers.watcher import PredictionWatcher
 
 __all__ = ["FluxKontextPredictionTrigger"]
 
@@ -37,6 +38,14 @@ class FluxKontextPredictionTrigger(BaseTrigger):
     :param poll_policy: ``"adaptive"`` (default: poll when the model's progress bar says it ends) or
         ``"fixed"`` (every ``poll_interval``); see
         :meth:`airflow_provider_kontext.progress.PredictionPoller.delay`.
+    :param created_at: the prediction's ``created_at`` (ISO 8601), if known: where the account's
+        waits share the list (:mod:`.watcher`), it bounds the list's window; unknown, the first
+        sweeps or one read of its own find it.
+
+    The triggers of one account in one triggerer share a
+    :class:`~airflow_provider_kontext.triggers.watcher.PredictionWatcher` (one list request answers
+    for up to 100 waits) and one request budget; ``list_min_waits: 0`` in the connection makes each
+    poll on its own.
     """
 
     def __init__(
@@ -48,6 +57,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         cancel_on_kill: bool = True,
         max_consecutive_errors: int = 10,
         poll_policy: str = DEFAULT_POLL_POLICY,
+        created_at: str | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         if poll_policy not in POLL_POLICIES:
@@ -59,20 +69,21 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         self.cancel_on_kill = bool(cancel_on_kill)
         self.max_consecutive_errors = int(max_consecutive_errors)
         self.poll_policy = str(poll_policy)
+        self.created_at = None if created_at is None else str(created_at)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "prediction_id": self.prediction_id,
-                "flux_kontext_conn_id": self.flux_kontext_conn_id,
-                "poll_interval": self.poll_interval,
-                "end_time": self.end_time,
-                "cancel_on_kill": self.cancel_on_kill,
-                "max_consecutive_errors": self.max_consecutive_errors,
-                "poll_policy": self.poll_policy,
-            },
-        )
+        kwargs = {
+            "prediction_id": self.prediction_id,
+            "flux_kontext_conn_id": self.flux_kontext_conn_id,
+            "poll_interval": self.poll_interval,
+            "end_time": self.end_time,
+            "cancel_on_kill": self.cancel_on_kill,
+            "max_consecutive_errors": self.max_consecutive_errors,
+            "poll_policy": self.poll_policy,
+        }
+        if self.created_at is not None:
+            kwargs["created_at"] = self.created_at
+        return f"{type(self).__module__}.{type(self).__qualname__}", kwargs
 
     def _hook(self) -> Any:
         from airflow_provider_kontext.hooks.kontext import FluxKontextHook
@@ -90,14 +101,21 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             policy=self.poll_policy,
             redact=hook.redact,
         )
+        watch = None
         try:
-            if (first := poller.first_delay()) > 0:
-                await asyncio.sleep(first)
+            watch = await PredictionWatcher.open(hook, self.prediction_id, self.created_at)
+            delay = poller.first_delay()
             while True:
                 try:
-                    event = poller.on_prediction(
-                        await hook.aget_prediction(self.prediction_id, budget=poller.budget)
-                    )
+                    if watch is not None and watch.shared:
+                        prediction = await watch.poll(delay, poller.budget)
+                    else:
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                        prediction = await hook.aget_prediction(self.prediction_id, budget=poller.budget)
+                        if watch is not None:
+                            watch.saw(prediction, full=True)
+                    event = poller.on_prediction(prediction)
                 except KontextError as exc:
                     event = poller.on_error(exc)
                 except ValueError as exc:  # a malformed connection (bad extra): no point polling on
@@ -105,8 +123,10 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 if event is not None:
                     yield TriggerEvent(event.payload())  # type: ignore[no-untyped-call]
                     return
-                await asyncio.sleep(poller.delay())
+                delay = poller.delay()
         finally:
+            if watch is not None:
+                await watch.close()
             await hook.aclose()
 
     async def on_kill(self) -> None:
