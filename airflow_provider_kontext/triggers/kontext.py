@@ -112,9 +112,12 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                     else:
                         if delay > 0:
                             await asyncio.sleep(delay)
-                        prediction = await hook.aget_prediction(self.prediction_id, budget=poller.budget)
-                        if watch is not None:
-                            watch.saw(prediction, full=True)
+                        if watch is not None and watch.shared:  # others joined in the meantime
+                            prediction = await watch.poll(0.0, poller.budget)
+                        else:
+                            prediction = await hook.aget_prediction(self.prediction_id, budget=poller.budget)
+                            if watch is not None:
+                                watch.saw(prediction, full=True)
                     event = poller.on_prediction(prediction)
                 except KontextError as exc:
                     event = poller.on_error(exc)

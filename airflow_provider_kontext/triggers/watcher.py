@@ -24,8 +24,9 @@ per account: 1000 waits cannot all be looked at in less than 20 s). One list pag
   :data:`LOGS_EVERY_SECONDS` of processing (progress lines for the task log and the adaptive
   estimate). A list that fails is left alone for :data:`LIST_RETRY_SECONDS`.
 - **Bound.** A due wait is answered by the next sweep, at most :data:`MAX_SWEEP_GAP` seconds
-  later; one still unanswered :data:`FALLBACK_SECONDS` after it became due reads its prediction
-  alone.
+  later while the account's budget lets a sweep through (sweeps go before any single read); one
+  still unanswered :data:`FALLBACK_SECONDS` after it became due reads its prediction alone if the
+  watcher has stopped sweeping.
 
 Each trigger stays correct alone: the watcher only reads, holds nothing that a restart would lose
 (a new triggerer's triggers open a new watcher), and two triggerers watching one account each sweep
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from airflow_provider_kontext.exceptions import KontextError
+from airflow_provider_kontext.exceptions import KontextError, KontextRateLimitError
 from airflow_provider_kontext.failures import Budget
 from airflow_provider_kontext.hooks.budget import AccountBudgets, account_key
 from airflow_provider_kontext.models import Prediction, PredictionPage
@@ -196,8 +197,16 @@ class Watch:
             return
         watcher.due.add(self)
         watcher.kick()
-        loop = asyncio.get_running_loop()
-        self._timers.append(loop.call_later(FALLBACK_SECONDS, self.hand, _READ_ALONE))
+        self._timers.append(asyncio.get_running_loop().call_later(FALLBACK_SECONDS, self._fallback))
+
+    def _fallback(self) -> None:
+        """Still unanswered long after it became due: read alone if the watcher stopped sweeping;
+        while it sweeps, the account's budget is what holds the sweep back, and reads of its own
+        would only queue behind it."""
+        if self.watcher.running and self.watcher.list_usable():
+            self._timers.append(asyncio.get_running_loop().call_later(FALLBACK_SECONDS, self._fallback))
+        else:
+            self.hand(_READ_ALONE)
 
     async def poll(self, delay: float, budget: Budget) -> Prediction:
         """The prediction, looked at ``delay`` seconds from now (earlier if a sweep sees it end).
@@ -306,6 +315,11 @@ class PredictionWatcher:
         budget = AccountBudgets.get(self.settings)
         return budget.rate if budget is not None else UNBUDGETED_RATE
 
+    @property
+    def running(self) -> bool:
+        """Whether its sweep loop is alive."""
+        return self._task is not None and not self._task.done()
+
     def list_usable(self) -> bool:
         return self.list_failed_at is None or time.monotonic() - self.list_failed_at >= LIST_RETRY_SECONDS
 
@@ -361,7 +375,8 @@ class PredictionWatcher:
             self._last_sweep = time.monotonic()
             try:
                 await self.sweep()
-            except Exception:
+            except Exception as exc:  # a bug must not leave waits unanswered: they read alone
+                self.hook.log.warning("Reading the prediction list failed; polling one by one: %r", exc)
                 self.list_failed_at = time.monotonic()
                 self._release_due()
             self._decide()
@@ -389,11 +404,12 @@ class PredictionWatcher:
             if (ws := [w for w in watches if w.waiting and w.sweepable])
         }
         if not targets:
-            self._release_due()
+            self._release_due()  # due, but none the list can answer for
             return
         window = self._window(targets)
-        unknown = sum(1 for ws in targets.values() if all(w.created_at is None for w in ws))
-        page_cap = None if window is not None else math.ceil(unknown / PAGE_SIZE) + 1
+        # Without a window (no created_at known yet), the newest pages: the waits are among them
+        # unless the account made many other predictions since.
+        page_cap = None if window is not None else math.ceil(len(self.watches) / PAGE_SIZE) + 1
         missing = set(targets)
         cursor: str | None = None
         pages = 0
@@ -402,6 +418,8 @@ class PredictionWatcher:
                 page = await self.hook.alist_predictions(
                     created_after=window, cursor=cursor, budget=_PAGE_BUDGET
                 )
+            except KontextRateLimitError:
+                break  # the account is paused until its reset: the due waits wait for the next sweep
             except KontextError:
                 self.list_failed_at = time.monotonic()
                 break
@@ -419,13 +437,16 @@ class PredictionWatcher:
         self.sweeps += 1
         if pages:
             self.pages = pages
-        if self.list_usable():
-            for pid in missing:
-                for watch in targets[pid]:
-                    if watch.waiting and watch.due:
-                        watch.misses += 1
-                        watch.hand(_READ_ALONE)
-        self._release_due()
+        if not self.list_usable():
+            self._release_due()  # they read alone now; the list is tried again later
+            return
+        for pid in missing:
+            for watch in targets[pid]:
+                if watch.waiting and watch.due:
+                    watch.misses += 1
+                    watch.hand(_READ_ALONE)
+                    self.due.discard(watch)
+        # Waits that became due during the sweep stay due: the next sweep answers them.
 
     def _deliver(self, item: dict[str, Any], watches: list[Watch]) -> None:
         status = item.get("status")
