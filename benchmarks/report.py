@@ -346,6 +346,7 @@ def render(
     slots: list[SlotResult] | None,
     parse: dict[str, Any] | None,
     policy: list[tuple[float, str, PollRun]] | None,
+    limits: dict[str, Any] | None = None,
 ) -> str:
     out = [
         "# Benchmark results",
@@ -362,6 +363,10 @@ def render(
         "",
     ]
     out += headline(scale, slots, parse, policy)
+    if limits:
+        from benchmarks import limits as limits_scenario
+
+        out[-1:-1] = limits_scenario.headline(limits)
     if scale:
         out += scale_section(scale)
     if slots:
@@ -370,6 +375,10 @@ def render(
         out += parse_section(parse)
     if policy:
         out += policy_section(policy)
+    if limits:
+        from benchmarks import limits as limits_scenario
+
+        out += limits_scenario.section(limits)
     out += [CHANGES.read_text()]
     return "\n".join(out).rstrip() + "\n"
 
