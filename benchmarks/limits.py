@@ -313,7 +313,8 @@ def headline(result: dict[str, Any]) -> list[str]:
             f"{trigger.run.succeeded}/{n} with {_num(trigger.run.requests_per_edit, 2)} requests per edit, "
             f"{_num(trigger.throttled_pct, 1)} % answered 429, p99 detection {_num(trigger.run.p99_ms)} ms "
             f"(one-by-one polling cannot see the last before {bound_seconds(n):,.0f} s); the provider "
-            f"before: {before.run.succeeded}/{n} ({before.run.errors} errors: {before.run.error_kinds or '-'}), "
+            f"before: {before.run.succeeded}/{n} ({before.run.errors} errors: "
+            f"{before.run.error_kinds or '-'}), "
             f"{_num(before.throttled_pct, 0)} % of its requests answered 429."
         )
     low = result.get("low_credit") or {}

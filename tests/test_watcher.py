@@ -185,3 +185,35 @@ async def test_two_triggerers_watching_one_account(emu: KontextEmulator) -> None
     events = results[0] + results[1]
     assert sorted(e["prediction_id"] for e in events) == sorted(p["id"] for p in predictions)
     assert all(e["status"] == "succeeded" for e in events)
+
+
+# --- the hook's list method ------------------------------------------------------------------------
+
+
+async def test_alist_predictions_pages_newest_first_from_created_after(emu: KontextEmulator) -> None:
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+    predictions = create(emu, 105)
+    async with FluxKontextHook() as hook:
+        first = await hook.alist_predictions(created_after=predictions[0]["created_at"])
+        assert len(first.results) == 100
+        assert first.results[0]["id"] == predictions[-1]["id"]  # newest first
+        assert "logs" not in first.results[0]
+        assert first.next_cursor
+        second = await hook.alist_predictions(
+            created_after=predictions[0]["created_at"], cursor=first.next_cursor
+        )
+        assert [item["id"] for item in second.results] == [p["id"] for p in reversed(predictions[:5])]
+        assert second.next_cursor is None
+        later = await hook.alist_predictions(created_after=predictions[100]["created_at"])
+        assert len(later.results) == 5
+
+
+def test_a_query_in_the_path_joins_the_base_urls_own() -> None:
+    from airflow_provider_kontext.hooks.connection import ClientSettings
+
+    settings = ClientSettings("c", "https://proxy.example/replicate?key=abc")
+    assert settings.url("/v1/predictions?cursor=x") == (
+        "https://proxy.example/replicate/v1/predictions?key=abc&cursor=x"
+    )
+    assert settings.url("/v1/predictions") == "https://proxy.example/replicate/v1/predictions?key=abc"

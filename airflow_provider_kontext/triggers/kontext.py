@@ -72,18 +72,19 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         self.created_at = None if created_at is None else str(created_at)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        kwargs = {
-            "prediction_id": self.prediction_id,
-            "flux_kontext_conn_id": self.flux_kontext_conn_id,
-            "poll_interval": self.poll_interval,
-            "end_time": self.end_time,
-            "cancel_on_kill": self.cancel_on_kill,
-            "max_consecutive_errors": self.max_consecutive_errors,
-            "poll_policy": self.poll_policy,
-        }
-        if self.created_at is not None:
-            kwargs["created_at"] = self.created_at
-        return f"{type(self).__module__}.{type(self).__qualname__}", kwargs
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "prediction_id": self.prediction_id,
+                "flux_kontext_conn_id": self.flux_kontext_conn_id,
+                "poll_interval": self.poll_interval,
+                "end_time": self.end_time,
+                "cancel_on_kill": self.cancel_on_kill,
+                "max_consecutive_errors": self.max_consecutive_errors,
+                "poll_policy": self.poll_policy,
+                **({"created_at": self.created_at} if self.created_at is not None else {}),
+            },
+        )
 
     def _hook(self) -> Any:
         from airflow_provider_kontext.hooks.kontext import FluxKontextHook
@@ -103,7 +104,9 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         )
         watch = None
         try:
-            watch = await PredictionWatcher.open(hook, self.prediction_id, self.created_at)
+            watch = await PredictionWatcher.open(
+                hook, self.prediction_id, self.created_at, poll_interval=self.poll_interval
+            )
             delay = poller.first_delay()
             while True:
                 try:

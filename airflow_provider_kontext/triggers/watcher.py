@@ -15,9 +15,11 @@ per account: 1000 waits cannot all be looked at in less than 20 s). One list pag
   timestamp: it only bounds the list, it never decides that time is up; deadlines run on the local
   clock). A wait whose ``created_at`` is unknown (a trigger deferred without it) is looked for in
   the sweep's pages and learns it there, or reads its prediction alone once.
-- **Pacing.** Sweeps come when a wait is due, at most every :func:`sweep_gap` seconds: never more
-  than :data:`SWEEP_SHARE` of the account's request budget, so single reads keep the rest. A sweep
-  hands a prediction to every wait that is due, whose prediction ended, or whose status changed.
+- **Pacing.** Sweeps come when a wait is due, and otherwise every half of the shortest poll
+  interval (so a prediction that ends is seen within about half an interval, whenever it ends), at
+  most every :func:`sweep_gap` seconds: never more than :data:`SWEEP_SHARE` of the account's
+  request budget, so single reads keep the rest. A sweep hands a prediction to every wait that is
+  due, whose prediction ended, or whose status changed.
 - **Single reads where the list cannot answer:** a prediction missing from the window, an item that
   does not parse, a prediction that ended other than ``succeeded`` (its error and log tail come
   from a full read), and, because list items carry no ``logs``, one full read per
@@ -36,6 +38,7 @@ for their own waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import weakref
@@ -273,13 +276,20 @@ class PredictionWatcher:
         self._kicked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_sweep = -math.inf
+        #: The shortest poll interval of its waits (see :meth:`period`).
+        self.interval = math.inf
 
     def __repr__(self) -> str:
         return f"PredictionWatcher(waits={len(self.watches)}, sweeping={self.sweeping}, pages={self.pages})"
 
     @classmethod
     async def open(
-        cls, hook: FluxKontextHook, prediction_id: str, created_at: str | None = None
+        cls,
+        hook: FluxKontextHook,
+        prediction_id: str,
+        created_at: str | None = None,
+        *,
+        poll_interval: float = 2.0,
     ) -> Watch | None:
         """A watch of ``prediction_id`` on its account's watcher in the running loop; ``None`` where
         the connection turns the list off (``list_min_waits`` 0) or cannot be read (the caller's
@@ -297,7 +307,10 @@ class PredictionWatcher:
             watcher = watchers[key] = cls(key, hook.flux_kontext_conn_id, settings)
         watch = Watch(watcher, prediction_id, _parse_time(created_at), hook)
         watcher.watches.setdefault(prediction_id, []).append(watch)
+        watcher.interval = min(watcher.interval, poll_interval)
         watcher._decide(exact=False)
+        if watcher.sweeping:
+            watcher.kick()
         return watch
 
     @property
@@ -361,17 +374,27 @@ class PredictionWatcher:
 
     # --- sweeps ---------------------------------------------------------------------------------
 
+    def period(self) -> float:
+        """Seconds between sweeps while no wait is due: half the shortest poll interval of its
+        waits, never sooner than :func:`sweep_gap`. Waits answered by one sweep all become due one
+        interval later; sweeps on their own keep detection from falling into step with them."""
+        return max(sweep_gap(self.pages, self._rate()), self.interval / 2)
+
     async def _run(self) -> None:
         while self.watches:
-            await self._kicked.wait()
-            self._kicked.clear()
             if not self.due:
+                if self.sweeping:
+                    timeout = max(0.0, self._last_sweep + self.period() - time.monotonic())
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._kicked.wait(), timeout=timeout)
+                else:
+                    await self._kicked.wait()
+            self._kicked.clear()
+            if not self.sweeping and not self.due:
                 continue
             wait = self._last_sweep + sweep_gap(self.pages, self._rate()) - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            if not self.due:
-                continue
             self._last_sweep = time.monotonic()
             try:
                 await self.sweep()
