@@ -107,6 +107,8 @@ def run_cases(cases: tuple[tuple[int, float], ...] = CASES) -> list[LimitRun]:
     with emulator() as emu:
         for n, interval in cases:
             for key, (label, program, extras) in CLIENTS.items():
+                if key == "aiohttp-reset" and n > 1000:
+                    continue  # its time is the cap (60 s) at 5000: left out so make bench fits 12 min
                 cap = cap_for(key, n, interval)
                 started = time.monotonic()
                 extra = ["--touch-after", "-1"]  # a feeder's read would spend the pollers' budget
