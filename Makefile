@@ -27,7 +27,7 @@ test: venv
 
 check: lint test
 
-# Benchmarks against the emulator on 127.0.0.1; writes benchmarks/RESULTS.md (~7 minutes on 2 cores).
+# Benchmarks against the emulator on 127.0.0.1; writes benchmarks/RESULTS.md (~12 minutes on 2 cores).
 bench: venv
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[emulator]' --group bench
 	$(BIN)/python -m benchmarks

@@ -175,12 +175,16 @@ class Budget:
         :class:`~airflow_provider_kontext.exceptions.KontextDeadlineError` instead.
     :param grace: an attempt still in flight ``grace`` seconds after ``deadline`` is abandoned (async
         path) with the same error.
+    :param priority: Unix time by which the request is most likely to be useful (a poll: when its
+        prediction is expected to end); where the account's request budget is short, the smallest
+        goes first (:mod:`airflow_provider_kontext.hooks.budget`). ``None``: now.
     """
 
     retries: int | None = None
     tolerate: bool = False
     deadline: float | None = None
     grace: float = 1.0
+    priority: float | None = None
 
 
 _DEFAULT_BUDGET = Budget()

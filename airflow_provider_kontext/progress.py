@@ -126,10 +126,13 @@ class ProgressTracker:
         if status != self.status:
             messages.append(f"Prediction {self.prediction_id} {_STATUS_WORDS.get(status, f'is {status}')}")
             self.status = status
-        logs = prediction.logs or ""
-        if len(logs) < self._logs_seen:  # the logs were replaced (e.g. deleted after retention)
-            self._logs_seen = 0
-        fresh = logs[self._logs_seen :]
+        logs = prediction.logs
+        if logs is None:  # not in this answer (the list endpoint leaves logs out): nothing new
+            fresh = ""
+        else:
+            if len(logs) < self._logs_seen:  # the logs were replaced (e.g. deleted after retention)
+                self._logs_seen = 0
+            fresh = logs[self._logs_seen :]
         if not prediction.is_terminal:
             # Report only complete lines while running; the last one may still be growing.
             cut = fresh.rfind("\n") + 1
@@ -253,12 +256,14 @@ class PredictionPoller:
     def budget(self) -> Budget:
         """How long the hook keeps trying one poll: ``max_consecutive_errors`` retries, unreadable
         answers included, never waiting past the deadline, and an attempt still in flight a moment
-        after it (at most one interval, 1-5 s) abandoned."""
+        after it (at most one interval, 1-5 s) abandoned; where the account's request budget is
+        short, polls of predictions expected to end sooner go first."""
         return Budget(
             retries=self.max_consecutive_errors,
             tolerate=True,
             deadline=self.end_time,
             grace=max(1.0, min(self.poll_interval, 5.0)),
+            priority=self._expected_end,
         )
 
     def on_error(self, exc: Exception) -> PredictionEvent:

@@ -1,7 +1,7 @@
 """``python -m benchmarks`` (``make bench``): run every scenario against the emulator on 127.0.0.1
 and write ``benchmarks/RESULTS.md`` (and the raw figures to ``benchmarks/results.json``).
 
-Options: ``--only scale,slots,parse,policy`` runs some scenarios (the report then holds only those);
+Options: ``--only scale,slots,parse,policy,limits`` runs some scenarios (the report then holds only those);
 ``--out PATH`` writes the report elsewhere.
 """
 
@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common, parse, policy, report, scale, slots
+from benchmarks import common, limits, parse, policy, report, scale, slots
 
-SCENARIOS = ("scale", "policy", "slots", "parse")
+SCENARIOS = ("scale", "policy", "slots", "parse", "limits")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         results["parse"] = parse_result
         print(f"  added {parse_result['added_median_ms']:.1f} ms")
 
+    limits_result = None
+    if "limits" in chosen:
+        print("5. under Replicate's limits", flush=True)
+        limits_result = limits.run()
+        results["limits"] = {
+            "runs": [r.to_json() for r in limits_result["runs"]],
+            "low_credit": limits_result["low_credit"],
+            "costs": limits_result["costs"],
+        }
+
     text = report.render(
         command=command,
         facts=facts,
@@ -66,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         slots=slot_runs,
         parse=parse_result,
         policy=policy_runs,
+        limits=limits_result,
     )
     out = Path(args.out)
     out.write_text(text)

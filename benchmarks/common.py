@@ -73,6 +73,7 @@ class EmulatorProcess:
         start_seconds: float = 0.3,
         output_scale: float = 0.02,
         token: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.args = [
             PYTHON,
@@ -91,6 +92,7 @@ class EmulatorProcess:
         ]
         if token:
             self.args += ["--token", token]
+        self.args += list(extra_args)
         self.prediction_seconds = prediction_seconds
         self.start_seconds = start_seconds
         self.process: subprocess.Popen[str] | None = None

@@ -7,7 +7,9 @@ started): the emulator runs its (Pillow) edit only when a prediction is read dur
 a prediction first read after its end waits for that edit, queued behind every other. Replicate
 runs the model whether or not anyone polls; the touch makes the emulator do the same, so detection
 latency measures the poller, not the emulator's edit queue. The touches are reported (``done
-<failures> <touches>``) and not counted as the pollers' requests.
+<failures> <touches>``) and not counted as the pollers' requests. A negative ``TOUCH_AFTER`` makes
+none (under rate limits a touch would spend the pollers' budget). Each line also carries the
+prediction's ``created_at``, which the operator hands its trigger.
 
 Usage: ``python -m benchmarks.feeder BASE_URL N SPREAD_SECONDS TOUCH_AFTER``
 """
@@ -47,14 +49,15 @@ async def feed(base_url: str, n: int, spread: float, touch_after: float) -> None
             delay = started + spread * index / n - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            for _ in range(5):
+            for _ in range(50):
                 try:
                     async with session.post(url, json=body) as response:
                         if response.status == 201:
                             prediction = await response.json()
-                            out.write(f"{index} {prediction['id']}\n")
+                            out.write(f"{index} {prediction['id']} {prediction.get('created_at', '-')}\n")
                             out.flush()
-                            await touch(prediction["id"])
+                            if touch_after >= 0:
+                                await touch(prediction["id"])
                             return
                 except aiohttp.ClientError:
                     pass

@@ -46,7 +46,14 @@ def run(n: int = N) -> list[tuple[float, str, PollRun]]:
                     n,
                     interval,
                     label=f"{policy}, poll_interval={interval:g} s",
-                    extra=["--trigger-kwargs", json.dumps({"poll_policy": policy})],
+                    # Each wait reads alone and unpaced (list watcher and request budget off), as
+                    # one wait of an account does: the policy decides when those reads happen.
+                    extra=[
+                        "--trigger-kwargs",
+                        json.dumps({"poll_policy": policy}),
+                        "--conn-extra",
+                        json.dumps({"list_min_waits": 0, "max_requests_per_minute": 0}),
+                    ],
                     pickup=PICKUP,
                 )
                 print(

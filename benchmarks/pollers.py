@@ -94,6 +94,36 @@ async def make_aiohttp(
     return poll, session.close
 
 
+async def make_aiohttp_reset(
+    base: str, interval: float, tally: Tally
+) -> tuple[Poller, Callable[[], Awaitable[None]]]:
+    """Baseline (a) that honours Replicate's 429: it waits the reset the body names, then polls on."""
+    import re
+
+    import aiohttp
+
+    resets = re.compile(r"resets in ~(\d+)s")
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def poll(index: int, prediction_id: str) -> None:
+        url = f"{base}/v1/predictions/{prediction_id}"
+        while True:
+            async with session.get(url) as response:
+                data = await response.json()
+                status = response.status
+            tally.polls += 1
+            if status == 429:
+                match = resets.search(str(data.get("detail", "")))
+                await asyncio.sleep(float(match.group(1)) if match else interval)
+                continue
+            if data["status"] in TERMINAL:
+                tally.done(data["status"], data["completed_at"])
+                return
+            await asyncio.sleep(interval)
+
+    return poll, session.close
+
+
 async def make_httpx(
     base: str, interval: float, tally: Tally
 ) -> tuple[Poller, Callable[[], Awaitable[None]]]:
@@ -236,6 +266,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     extra = json.loads(args.trigger_kwargs) if args.trigger_kwargs else {}
     makers: dict[str, Callable[[], Awaitable[tuple[Poller, Callable[[], Awaitable[None]]]]]] = {
         "aiohttp": lambda: make_aiohttp(args.base, args.interval, tally),
+        "aiohttp-reset": lambda: make_aiohttp_reset(args.base, args.interval, tally),
         "httpx": lambda: make_httpx(args.base, args.interval, tally),
         "replicate": lambda: make_replicate(args.base, args.interval, tally),
         "hook": lambda: make_hook(args.base, args.interval, tally),
@@ -318,6 +349,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "trigger_kwargs": extra,
         "portal": not args.no_portal,
         "log_level": args.log_level,
+        "conn_extra": json.loads(args.conn_extra) if args.conn_extra else {},
         "wall_s": round(wall, 3),
         "cpu_s": round(cpu, 4),
         "client_polls": tally.polls,
@@ -333,7 +365,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pollers")
-    parser.add_argument("client", choices=["trigger", "hook", "aiohttp", "httpx", "replicate"])
+    parser.add_argument(
+        "client", choices=["trigger", "hook", "aiohttp", "aiohttp-reset", "httpx", "replicate"]
+    )
     parser.add_argument("n", type=int)
     parser.add_argument("interval", type=float)
     parser.add_argument("base")
@@ -346,10 +380,12 @@ def main() -> None:
     parser.add_argument("--no-portal", action="store_true", help="no greenback portal per trigger")
     parser.add_argument("--log-level", default="INFO", help="INFO (as the triggerer), DEBUG, or off")
     parser.add_argument("--profile", default="", help="write a pyinstrument profile of the run here")
+    parser.add_argument("--conn-extra", default="", help="JSON: the connection's extras")
     args = parser.parse_args()
-    os.environ["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps(
-        {"conn_type": "fluxkontext", "host": args.base}
-    )
+    conn: dict[str, Any] = {"conn_type": "fluxkontext", "host": args.base}
+    if args.conn_extra:
+        conn["extra"] = json.loads(args.conn_extra)
+    os.environ["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps(conn)
     drain = configure_triggerer_logging(args.log_level) if args.client in ("trigger", "hook") else None
     result = asyncio.run(run(args))
     if args.profile and PROFILES:

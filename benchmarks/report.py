@@ -267,7 +267,10 @@ def policy_section(results: list[tuple[float, str, PollRun]]) -> list[str]:
         "starts within 1 s of its prediction, whatever the policy. So with a fixed interval longer than "
         "1 s the end falls in a narrow band of phases, not anywhere between two polls: fixed 2 s sees "
         "3.3 s predictions 0.7-1.7 s late but 10.3 s ones 0-2 s late. In general a fixed interval's "
-        "latency is spread evenly over one interval (mean half an interval).",
+        "latency is spread evenly over one interval (mean half an interval). The list watcher and the "
+        "request budget are off here (`list_min_waits: 0`, `max_requests_per_minute: 0`): each wait "
+        "reads its prediction alone, as a wait alone on its account does, and the policy decides "
+        "when (section 1 and 5 show the default configuration).",
         "",
     ]
     rows = []
@@ -346,6 +349,7 @@ def render(
     slots: list[SlotResult] | None,
     parse: dict[str, Any] | None,
     policy: list[tuple[float, str, PollRun]] | None,
+    limits: dict[str, Any] | None = None,
 ) -> str:
     out = [
         "# Benchmark results",
@@ -362,6 +366,10 @@ def render(
         "",
     ]
     out += headline(scale, slots, parse, policy)
+    if limits:
+        from benchmarks import limits as limits_scenario
+
+        out[-1:-1] = limits_scenario.headline(limits)
     if scale:
         out += scale_section(scale)
     if slots:
@@ -370,6 +378,10 @@ def render(
         out += parse_section(parse)
     if policy:
         out += policy_section(policy)
+    if limits:
+        from benchmarks import limits as limits_scenario
+
+        out += limits_scenario.section(limits)
     out += [CHANGES.read_text()]
     return "\n".join(out).rstrip() + "\n"
 

@@ -133,15 +133,20 @@ def run_pollers(
     label: str | None = None,
     extra: list[str] | None = None,
     pickup: float | None = None,
+    cap: float | None = None,
+    program: str | None = None,
 ) -> PollRun:
-    """Run one poller process against a freshly reset emulator."""
+    """Run one poller process against a freshly reset emulator (``program``: the pollers' client,
+    where ``client`` names a variant of it; ``cap``: seconds before unfinished pollers count as
+    errors)."""
     emulator.reset()
-    cap = cap_seconds(n, interval, emulator.prediction_seconds, pickup)
+    if cap is None:
+        cap = cap_seconds(n, interval, emulator.prediction_seconds, pickup)
     args = [
         PYTHON,
         "-m",
         "benchmarks.pollers",
-        client.split("-")[0],
+        program or client.split("-")[0],
         str(n),
         str(interval),
         emulator.base_url,
@@ -167,7 +172,9 @@ def run_pollers(
     except subprocess.TimeoutExpired:
         raw = {"errors": {f"process killed {cap + 15:.0f} s after the start, none reported": n}}
     emulator_cpu = emulator.cpu_seconds() - emulator_cpu
-    gets, _ = count_requests(emulator.state())
+    state = emulator.state()
+    raw["emulator_responses"] = state.get("responses", {})
+    gets, _ = count_requests(state)
     gets -= int(raw.get("feeder_touches", 0))  # the feeder's one read per prediction (see feeder.py)
     return PollRun(label or LABELS.get(client, client), client, n, interval, raw, gets, emulator_cpu)
 

@@ -25,6 +25,7 @@ from airflow_provider_kontext.exceptions import (
     KontextServerError,
 )
 from airflow_provider_kontext.failures import Budget
+from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.hooks.transports import SharedAsyncClient
 from airflow_provider_kontext.models import Prediction
@@ -74,6 +75,8 @@ def hook():
     instance.acancel_prediction = mock.AsyncMock()
     instance.acreate_prediction = mock.AsyncMock()
     instance.aclose = mock.AsyncMock()
+    # One wait alone: the shared watcher leaves it to poll on its own (tests/test_watcher.py: shared).
+    instance.aget_settings = mock.AsyncMock(return_value=ClientSettings(CONN_ID, "https://api.example"))
     instance.redact = lambda text: text.replace(SECRET_ECHO, "***")
     with mock.patch("airflow_provider_kontext.hooks.kontext.FluxKontextHook") as hook_cls:
         hook_cls.return_value = instance

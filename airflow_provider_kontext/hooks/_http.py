@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from airflow_provider_kontext.exceptions import (
     KontextAPIError,
@@ -104,6 +104,13 @@ def _prediction_path(prediction_id: str) -> str:
 
 def get_prediction_request(prediction_id: str) -> ApiRequest:
     return ApiRequest("GET", _prediction_path(prediction_id), quiet=True)
+
+
+def list_predictions_request(*, created_after: str | None = None, cursor: str | None = None) -> ApiRequest:
+    """``GET /v1/predictions``, optionally from ``created_after`` (ISO 8601) and at ``cursor``."""
+    params = {name: value for name, value in (("created_after", created_after), ("cursor", cursor)) if value}
+    query = f"?{urlencode(params)}" if params else ""
+    return ApiRequest("GET", f"/v1/predictions{query}", quiet=True)
 
 
 def cancel_prediction_request(prediction_id: str) -> ApiRequest:

@@ -96,6 +96,25 @@ SETTINGS: tuple[Setting, ...] = (
         "Longest wait a server's Retry-After may ask for (seconds)",
         "a longer Retry-After is cut to this",
     ),
+    Setting(
+        "max_requests_per_minute",
+        float,
+        2400.0,
+        0,
+        "Request budget of the account per triggerer (requests per minute, 0: none)",
+        "shared by every wait of the account in one triggerer; Replicate allows 3000/min for all "
+        "requests but creates, so the default leaves a fifth for other clients; lower it where "
+        "several triggerers or other programs use the same token",
+    ),
+    Setting(
+        "list_min_waits",
+        int,
+        2,
+        0,
+        "Waits that share one list request (0: never use the list)",
+        "with at least this many waits of the account in one triggerer, their status is read from "
+        "GET /v1/predictions, up to 100 per request, instead of one request each",
+    ),
 )
 
 _BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -179,6 +198,8 @@ class ClientSettings:
     backoff_base: float = _default("backoff_base")
     backoff_max: float = _default("backoff_max")
     retry_after_max: float = _default("retry_after_max")
+    max_requests_per_minute: float = _default("max_requests_per_minute")
+    list_min_waits: int = _default("list_min_waits")
     assumed_https: bool = field(default=False, compare=False)
 
     @classmethod
@@ -239,9 +260,12 @@ class ClientSettings:
         return text
 
     def url(self, path: str) -> str:
-        """Return the absolute URL of an API path under the base URL (which may have a path prefix)."""
+        """Return the absolute URL of an API path under the base URL (which may have a path prefix);
+        a query in ``path`` is added to the base URL's own."""
         parts = urlsplit(self.base_url)
-        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path))
+        path, _, query = path.partition("?")
+        query = "&".join(part for part in (parts.query, query) if part)
+        return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path, query=query))
 
     def headers(self, extra: Mapping[str, str]) -> dict[str, str]:
         """Return the request headers: user agent, JSON, the token as bearer if any, then ``extra``."""

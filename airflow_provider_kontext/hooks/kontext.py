@@ -17,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 from airflow.sdk import BaseHook
 from pydantic import BaseModel, ValidationError
 
-from airflow_provider_kontext.exceptions import KontextAPIError, KontextError
+from airflow_provider_kontext.exceptions import KontextAPIError, KontextError, KontextRateLimitError
 from airflow_provider_kontext.failures import Attempts, Budget, final_error
 from airflow_provider_kontext.hooks._http import (
     ApiRequest,
@@ -26,9 +26,11 @@ from airflow_provider_kontext.hooks._http import (
     create_prediction_request,
     download_request,
     get_prediction_request,
+    list_predictions_request,
     parse_response,
     upload_file_request,
 )
+from airflow_provider_kontext.hooks.budget import AccountBudgets
 from airflow_provider_kontext.hooks.connection import (
     CONN_TYPE,
     DEFAULT_CONN_ID,
@@ -45,7 +47,7 @@ from airflow_provider_kontext.hooks.transports import (
     send_with_requests,
 )
 from airflow_provider_kontext.images import read_source
-from airflow_provider_kontext.models import Account, Prediction, UploadedFile
+from airflow_provider_kontext.models import Account, Prediction, PredictionPage, UploadedFile
 
 if TYPE_CHECKING:
     import requests
@@ -101,8 +103,8 @@ class FluxKontextHook(BaseHook):
     ``https://api.replicate.com``; a proxy URL with a path prefix works) and the API token in
     ``password`` (else ``REPLICATE_API_TOKEN``; a proxy may need none). Extras: ``timeout`` (read,
     seconds), ``connect_timeout``, ``max_retries``, ``backoff_base``, ``backoff_max``,
-    ``retry_after_max``; their defaults, minimums and meaning are in
-    :data:`~airflow_provider_kontext.hooks.connection.SETTINGS`.
+    ``retry_after_max``, ``max_requests_per_minute``, ``list_min_waits``; their defaults, minimums
+    and meaning are in :data:`~airflow_provider_kontext.hooks.connection.SETTINGS`.
 
     Reads and cancels are retried on 429, 5xx and network errors with capped exponential backoff and
     jitter, honouring ``Retry-After``. Creating a prediction is retried only when the request provably
@@ -113,7 +115,9 @@ class FluxKontextHook(BaseHook):
     :class:`~airflow_provider_kontext.failures.Budget`.
 
     The async methods (``a``-prefixed) share one HTTP client per event loop; call :meth:`aclose` (or
-    use ``async with``) when done so it can be closed once its last user is gone.
+    use ``async with``) when done so it can be closed once its last user is gone. They also share
+    one request budget per account per event loop (:mod:`.budget`): every attempt waits for it, and a
+    429 pauses the whole account until the reset the server names.
 
     :param flux_kontext_conn_id: the connection id.
     :param settings: overrides of the connection's extras, by the same names (``timeout``,
@@ -255,10 +259,21 @@ class FluxKontextHook(BaseHook):
     async def _arequest(self, request: ApiRequest, budget: Budget | None = None, parse: _Parse = _raw) -> Any:
         """Async twin of :meth:`_request`, over the event loop's shared client."""
 
+        priority = budget.priority if budget is not None else None
+
         async def send(settings: ClientSettings, attempt: int) -> Any:
+            account = AccountBudgets.get(settings)
+            if account is not None:
+                await account.acquire(priority)
             self._log_attempt(request, attempt)
             answer = await self._async_client().send(settings, request)
-            return parse(parse_response(settings, request, *answer))
+            try:
+                return parse(parse_response(settings, request, *answer))
+            except KontextRateLimitError as exc:
+                if account is not None:
+                    wait = exc.retry_after
+                    account.pause(None if wait is None else min(wait, settings.retry_after_max))
+                raise
 
         attempts = self._attempts(await self.aget_settings(), request, budget)
         return await attempts.run_async(send, self._arefreshed_settings, self._asleep)
@@ -459,6 +474,24 @@ class FluxKontextHook(BaseHook):
         prediction: Prediction = await self._arequest(request, budget, _prediction)
         return prediction
 
+    async def alist_predictions(
+        self,
+        *,
+        created_after: str | None = None,
+        cursor: str | None = None,
+        budget: Budget | None = None,
+    ) -> PredictionPage:
+        """One page of the account's predictions (``GET /v1/predictions``): newest first, up to 100,
+        without their logs (the list leaves them out).
+
+        :param created_after: ISO 8601 date-time: only predictions created at or after it.
+        :param cursor: the cursor of the previous page's ``next`` (:attr:`PredictionPage.next_cursor`).
+        :raises KontextAPIError: an error answer, or a body that is not a page of predictions.
+        """
+        request = list_predictions_request(created_after=created_after, cursor=cursor)
+        page: PredictionPage = await self._arequest(request, budget, _page)
+        return page
+
     async def acancel_prediction(self, prediction_id: str) -> Prediction:
         """Async twin of :meth:`cancel_prediction`."""
         return _parsed(Prediction, await self._arequest(cancel_prediction_request(prediction_id)))
@@ -493,6 +526,10 @@ def _parsed(model: type[_M], data: Any) -> _M:
 
 def _prediction(data: Any) -> Prediction:
     return _parsed(Prediction, data)
+
+
+def _page(data: Any) -> PredictionPage:
+    return _parsed(PredictionPage, data)
 
 
 def _created(request: ApiRequest, body: Any) -> Prediction:

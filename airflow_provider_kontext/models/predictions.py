@@ -10,6 +10,7 @@ import enum
 import math
 from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -247,3 +248,33 @@ class UploadedFile(BaseModel):
     size: int | None = None
     urls: FileUrls
     expires_at: datetime | None = None
+
+
+class PredictionPage(BaseModel):
+    """One page of ``GET /v1/predictions``: newest first, up to 100, without ``logs``.
+
+    ``results`` stay raw JSON objects: a reader looking for a few predictions among many validates
+    only those (:meth:`prediction`).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    results: list[dict[str, Any]] = Field(default_factory=list)
+    next: str | None = None
+    previous: str | None = None
+
+    @property
+    def next_cursor(self) -> str | None:
+        """The cursor of the next (older) page, from the ``next`` URL; ``None`` on the last page."""
+        if not self.next:
+            return None
+        values = parse_qs(urlsplit(self.next).query).get("cursor")
+        return values[0] if values else None
+
+    @staticmethod
+    def prediction(item: dict[str, Any]) -> Prediction:
+        """A validated :class:`Prediction` from one of :attr:`results`.
+
+        :raises pydantic.ValidationError: the item is not a prediction.
+        """
+        return Prediction.model_validate(item)

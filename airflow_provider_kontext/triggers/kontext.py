@@ -12,6 +12,7 @@ from airflow_provider_kontext.events import error_event
 from airflow_provider_kontext.exceptions import KontextError
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 from airflow_provider_kontext.progress import DEFAULT_POLL_POLICY, POLL_POLICIES, PredictionPoller
+from airflow_provider_kontext.triggers.watcher import PredictionWatcher
 
 __all__ = ["FluxKontextPredictionTrigger"]
 
@@ -39,6 +40,14 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         :meth:`airflow_provider_kontext.progress.PredictionPoller.delay`.
     :param hook_params: keyword arguments of the hook (``timeout``, ``max_retries``, ...); only JSON
         primitives are kept, since the kwargs are stored and logged (they are settings, never secrets).
+    :param created_at: the prediction's ``created_at`` (ISO 8601), if known: where the account's
+        waits share the list (:mod:`.watcher`), it bounds the list's window; unknown, the first
+        sweeps or one read of its own find it.
+
+    The triggers of one account in one triggerer share a
+    :class:`~airflow_provider_kontext.triggers.watcher.PredictionWatcher` (one list request answers
+    for up to 100 waits) and one request budget; ``list_min_waits: 0`` in the connection makes each
+    poll on its own.
     """
 
     def __init__(
@@ -51,6 +60,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         max_consecutive_errors: int = 10,
         poll_policy: str = DEFAULT_POLL_POLICY,
         hook_params: Mapping[str, Any] | None = None,
+        created_at: str | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         if poll_policy not in POLL_POLICIES:
@@ -67,6 +77,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             for name, value in (hook_params or {}).items()
             if value is None or type(value) in (str, int, float, bool)
         }
+        self.created_at = None if created_at is None else str(created_at)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -80,6 +91,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 "max_consecutive_errors": self.max_consecutive_errors,
                 "poll_policy": self.poll_policy,
                 "hook_params": self.hook_params,
+                **({"created_at": self.created_at} if self.created_at is not None else {}),
             },
         )
 
@@ -99,14 +111,26 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             policy=self.poll_policy,
             redact=hook.redact,
         )
+        watch = None
         try:
-            if (first := poller.first_delay()) > 0:
-                await asyncio.sleep(first)
+            watch = await PredictionWatcher.open(
+                hook, self.prediction_id, self.created_at, poll_interval=self.poll_interval
+            )
+            delay = poller.first_delay()
             while True:
                 try:
-                    event = poller.on_prediction(
-                        await hook.aget_prediction(self.prediction_id, budget=poller.budget)
-                    )
+                    if watch is not None and watch.shared:
+                        prediction = await watch.poll(delay, poller.budget)
+                    else:
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                        if watch is not None and watch.shared:  # others joined in the meantime
+                            prediction = await watch.poll(0.0, poller.budget)
+                        else:
+                            prediction = await hook.aget_prediction(self.prediction_id, budget=poller.budget)
+                            if watch is not None:
+                                watch.saw(prediction, full=True)
+                    event = poller.on_prediction(prediction)
                 except KontextError as exc:
                     event = poller.on_error(exc)
                 except ValueError as exc:  # a malformed connection (bad extra): no point polling on
@@ -114,8 +138,10 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 if event is not None:
                     yield TriggerEvent(event.payload())  # type: ignore[no-untyped-call]
                     return
-                await asyncio.sleep(poller.delay())
+                delay = poller.delay()
         finally:
+            if watch is not None:
+                await watch.close()
             await hook.aclose()
 
     async def on_kill(self) -> None:

@@ -1,0 +1,493 @@
+"""Status for many predictions per request: the triggers of one account in one event loop share a
+:class:`PredictionWatcher` that reads the account's prediction list (``GET /v1/predictions``,
+newest first, 100 per page) and hands each trigger its prediction.
+
+Polling each prediction on its own cannot scale under Replicate's budget (3000 requests per minute
+per account: 1000 waits cannot all be looked at in less than 20 s). One list page answers for up to
+100 waits. Each trigger still decides *when* it wants to look (its
+:class:`~airflow_provider_kontext.progress.PredictionPoller`); the watcher decides *how*:
+
+- **Sweep or single reads.** The list is used while the waits it can answer for outnumber the pages
+  one sweep took last time (``list_min_waits`` at least): a sweep of P pages then costs fewer
+  requests than the waits' own reads. Otherwise each wait reads its prediction alone, as without a
+  watcher (one wait, or an account whose window holds many other predictions).
+- **The window.** A sweep reads from the oldest waiting prediction's ``created_at`` (a server
+  timestamp: it only bounds the list, it never decides that time is up; deadlines run on the local
+  clock). A wait whose ``created_at`` is unknown (a trigger deferred without it) is looked for in
+  the sweep's pages and learns it there, or reads its prediction alone once.
+- **Pacing.** Sweeps come when a wait is due, and otherwise every half of the shortest poll
+  interval (so a prediction that ends is seen within about half an interval, whenever it ends), at
+  most every :func:`sweep_gap` seconds: never more than :data:`SWEEP_SHARE` of the account's
+  request budget, so single reads keep the rest. A sweep hands a prediction to every wait that is
+  due, whose prediction ended, or whose status changed.
+- **Single reads where the list cannot answer:** a prediction missing from the window, an item that
+  does not parse, a prediction that ended other than ``succeeded`` (its error and log tail come
+  from a full read), and, because list items carry no ``logs``, one full read per
+  :data:`LOGS_EVERY_SECONDS` of processing (progress lines for the task log and the adaptive
+  estimate). A list that fails is left alone for :data:`LIST_RETRY_SECONDS`.
+- **Bound.** A due wait is answered by the next sweep, at most :data:`MAX_SWEEP_GAP` seconds
+  later while the account's budget lets a sweep through (sweeps go before any single read); one
+  still unanswered :data:`FALLBACK_SECONDS` after it became due reads its prediction alone if the
+  watcher has stopped sweeping.
+
+Each trigger stays correct alone: the watcher only reads, holds nothing that a restart would lose
+(a new triggerer's triggers open a new watcher), and two triggerers watching one account each sweep
+for their own waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import weakref
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from airflow_provider_kontext.exceptions import KontextError, KontextRateLimitError
+from airflow_provider_kontext.failures import Budget
+from airflow_provider_kontext.hooks.budget import AccountBudgets, account_key
+from airflow_provider_kontext.models import Prediction, PredictionPage
+from airflow_provider_kontext.progress import PROGRESS_LOG_SECONDS
+
+if TYPE_CHECKING:
+    from airflow_provider_kontext.hooks.connection import ClientSettings
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+__all__ = [
+    "FALLBACK_SECONDS",
+    "LIST_RETRY_SECONDS",
+    "LOGS_EVERY_SECONDS",
+    "MAX_SWEEP_GAP",
+    "MIN_SWEEP_GAP",
+    "SWEEP_SHARE",
+    "PredictionWatcher",
+    "Watch",
+    "sweep_gap",
+]
+
+#: Items per page of Replicate's list.
+PAGE_SIZE = 100
+#: Sweeps come at most this often (seconds).
+MIN_SWEEP_GAP = 0.25
+#: ...and at least this often while a wait is due: the bound on how long a due wait goes unanswered.
+MAX_SWEEP_GAP = 10.0
+#: The share of the account's request budget sweeps may take; single reads keep the rest.
+SWEEP_SHARE = 0.5
+#: A due wait not answered this long reads its prediction alone.
+FALLBACK_SECONDS = MAX_SWEEP_GAP + 5.0
+#: While a prediction processes, a full read (with ``logs``) at most this often.
+LOGS_EVERY_SECONDS = PROGRESS_LOG_SECONDS
+#: After the list failed, waits read alone for this long before the list is tried again.
+LIST_RETRY_SECONDS = 60.0
+#: The rate assumed where the connection sets no budget: Replicate's, requests per second.
+UNBUDGETED_RATE = 3000 / 60.0
+#: How far before the oldest ``created_at`` the window starts (servers round timestamps).
+WINDOW_MARGIN = timedelta(seconds=2)
+#: The list's retries of one page; then the waits read alone.
+_PAGE_BUDGET = Budget(retries=2, tolerate=True, priority=0.0)
+
+_TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+
+
+class _ReadAlone:
+    """What a watch is handed when the list cannot answer for it."""
+
+
+_READ_ALONE = _ReadAlone()
+
+
+def sweep_gap(pages: int, rate: float) -> float:
+    """Seconds between sweeps of ``pages`` pages under a budget of ``rate`` requests per second."""
+    return min(MAX_SWEEP_GAP, max(MIN_SWEEP_GAP, pages / (SWEEP_SHARE * rate)))
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+class Watch:
+    """One trigger's wait on the shared watcher: :meth:`poll` returns the prediction at about the
+    time the trigger wants to look, from a sweep or from its own read."""
+
+    def __init__(
+        self,
+        watcher: PredictionWatcher,
+        prediction_id: str,
+        created_at: datetime | None,
+        hook: FluxKontextHook,
+    ) -> None:
+        self.watcher = watcher
+        self.prediction_id = prediction_id
+        self.created_at = created_at
+        self.hook = hook
+        self.due = False
+        self.misses = 0
+        self.last_status: str | None = None
+        self._processing_since: float | None = None  # time.monotonic()
+        self._full_read_at: float | None = None
+        self._future: asyncio.Future[Prediction | _ReadAlone | BaseException] | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+
+    @property
+    def waiting(self) -> bool:
+        return self._future is not None and not self._future.done()
+
+    @property
+    def sweepable(self) -> bool:
+        """Whether a sweep can answer for it: not missed twice, and not missed while its
+        ``created_at`` was unknown (then it reads once and learns it)."""
+        return self.misses < 2 and not (self.misses and self.created_at is None)
+
+    def _needs_full_read(self, now: float) -> bool:
+        if self._processing_since is None:
+            return False
+        since = self._full_read_at if self._full_read_at is not None else self._processing_since
+        return now - since >= LOGS_EVERY_SECONDS
+
+    @property
+    def shared(self) -> bool:
+        """Whether its next look should come from the watcher (sweeps are on and can answer for it);
+        else the trigger reads its prediction itself, as without a watcher."""
+        watcher = self.watcher
+        return (
+            watcher.sweeping
+            and self.sweepable
+            and watcher.list_usable()
+            and not self._needs_full_read(time.monotonic())
+        )
+
+    def saw(self, prediction: Prediction, *, full: bool) -> None:
+        """Note what a look at the prediction showed (``full``: a read of its own, with logs)."""
+        status = prediction.status.value
+        now = time.monotonic()
+        if status == "processing" and self._processing_since is None:
+            self._processing_since = now
+        if full:
+            self._full_read_at = now
+            if self.created_at is None and prediction.created_at is not None:
+                self.created_at = _parse_time(prediction.created_at)
+        self.last_status = status
+
+    def hand(self, result: Prediction | _ReadAlone | BaseException) -> None:
+        """Answer the pending :meth:`poll` (no-op where none is pending)."""
+        if self._future is not None and not self._future.done():
+            self._future.set_result(result)
+
+    def _became_due(self) -> None:
+        if not self.waiting:
+            return
+        self.due = True
+        watcher = self.watcher
+        if (
+            not watcher.sweeping
+            or not self.sweepable
+            or self._needs_full_read(time.monotonic())
+            or not watcher.list_usable()
+        ):
+            self.hand(_READ_ALONE)
+            return
+        watcher.due.add(self)
+        watcher.kick()
+        self._timers.append(asyncio.get_running_loop().call_later(FALLBACK_SECONDS, self._fallback))
+
+    def _fallback(self) -> None:
+        """Still unanswered long after it became due: read alone if the watcher stopped sweeping;
+        while it sweeps, the account's budget is what holds the sweep back, and reads of its own
+        would only queue behind it."""
+        if self.watcher.running and self.watcher.list_usable():
+            self._timers.append(asyncio.get_running_loop().call_later(FALLBACK_SECONDS, self._fallback))
+        else:
+            self.hand(_READ_ALONE)
+
+    async def poll(self, delay: float, budget: Budget) -> Prediction:
+        """The prediction, looked at ``delay`` seconds from now (earlier if a sweep sees it end).
+
+        :param budget: the poll's budget, for a read alone (retries, deadline, priority).
+        :raises KontextError: a read alone failed for good (as
+            :meth:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook.aget_prediction`).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Prediction | _ReadAlone | BaseException] = loop.create_future()
+        self._future = future
+        self.due = False
+        if budget.deadline is not None:
+            # Waiting on sweeps never outlasts the deadline: a read alone then ends it as before.
+            at_deadline = max(0.0, budget.deadline - time.time())
+            self._timers.append(loop.call_later(at_deadline, self.hand, _READ_ALONE))
+        if delay > 0:
+            self._timers.append(loop.call_later(delay, self._became_due))
+        else:
+            self._became_due()
+        try:
+            result = await future
+        finally:
+            for timer in self._timers:
+                timer.cancel()
+            self._timers.clear()
+            self.watcher.due.discard(self)
+            self._future = None
+        if isinstance(result, BaseException):
+            raise result
+        if isinstance(result, _ReadAlone):
+            prediction = await self.hook.aget_prediction(self.prediction_id, budget=budget)
+            self.saw(prediction, full=True)
+            return prediction
+        return result
+
+    async def close(self) -> None:
+        """Leave the watcher (the last one out stops it)."""
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        await self.watcher.leave(self)
+
+
+class PredictionWatcher:
+    """The sweeps of one account in one event loop, shared by its triggers' :class:`Watch` es."""
+
+    _watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, PredictionWatcher]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, key: str, conn_id: str, settings: ClientSettings) -> None:
+        self.key = key
+        self.conn_id = conn_id
+        self.settings = settings
+        self._hook: FluxKontextHook | None = None
+        self.watches: dict[str, list[Watch]] = {}
+        self.due: set[Watch] = set()
+        self.sweeping = False
+        #: Pages the last sweep read (the cost of the next, until measured again).
+        self.pages = 1
+        self.sweeps = 0
+        self.list_failed_at: float | None = None
+        self._kicked = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_sweep = -math.inf
+        #: The shortest poll interval of its waits (see :meth:`period`).
+        self.interval = math.inf
+
+    def __repr__(self) -> str:
+        return f"PredictionWatcher(waits={len(self.watches)}, sweeping={self.sweeping}, pages={self.pages})"
+
+    @classmethod
+    async def open(
+        cls,
+        hook: FluxKontextHook,
+        prediction_id: str,
+        created_at: str | None = None,
+        *,
+        poll_interval: float = 2.0,
+    ) -> Watch | None:
+        """A watch of ``prediction_id`` on its account's watcher in the running loop; ``None`` where
+        the connection turns the list off (``list_min_waits`` 0) or cannot be read (the caller's
+        own reads then report why)."""
+        try:
+            settings = await hook.aget_settings()
+        except ValueError:
+            return None
+        if settings.list_min_waits <= 0:
+            return None
+        key = account_key(settings)
+        watchers = cls._watchers.setdefault(asyncio.get_running_loop(), {})
+        watcher = watchers.get(key)
+        if watcher is None:
+            watcher = watchers[key] = cls(key, hook.flux_kontext_conn_id, settings)
+        watch = Watch(watcher, prediction_id, _parse_time(created_at), hook)
+        watcher.watches.setdefault(prediction_id, []).append(watch)
+        watcher.interval = min(watcher.interval, poll_interval)
+        watcher._decide(exact=False)
+        if watcher.sweeping:
+            watcher.kick()
+        return watch
+
+    @property
+    def hook(self) -> FluxKontextHook:
+        """The watcher's own hook for the list (made at the first sweep, closed with the watcher)."""
+        if self._hook is None:
+            from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+            self._hook = FluxKontextHook(self.conn_id)
+        return self._hook
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+
+    def _rate(self) -> float:
+        budget = AccountBudgets.get(self.settings)
+        return budget.rate if budget is not None else UNBUDGETED_RATE
+
+    @property
+    def running(self) -> bool:
+        """Whether its sweep loop is alive."""
+        return self._task is not None and not self._task.done()
+
+    def list_usable(self) -> bool:
+        return self.list_failed_at is None or time.monotonic() - self.list_failed_at >= LIST_RETRY_SECONDS
+
+    def _decide(self, *, exact: bool = True) -> None:
+        """Sweep while the waits a sweep answers for outnumber the pages it costs (``exact``: count
+        only the waits a sweep can answer for; else all, cheaply, as waits come and go)."""
+        if exact:
+            sweepable = sum(1 for watches in self.watches.values() if any(w.sweepable for w in watches))
+        else:
+            sweepable = len(self.watches)
+        self.sweeping = (
+            self.list_usable()
+            and sweepable >= max(2, self.settings.list_min_waits)
+            and sweepable > max(self.pages, math.ceil(sweepable / PAGE_SIZE))
+        )
+
+    def kick(self) -> None:
+        self._kicked.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def leave(self, watch: Watch) -> None:
+        watches = self.watches.get(watch.prediction_id, [])
+        if watch in watches:
+            watches.remove(watch)
+        if not watches:
+            self.watches.pop(watch.prediction_id, None)
+        self.due.discard(watch)
+        if self.watches:
+            self._decide(exact=False)
+            return
+        watchers = self._watchers.get(asyncio.get_running_loop(), {})
+        if watchers.get(self.key) is self:
+            del watchers[self.key]
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._hook is not None:
+            await self._hook.aclose()
+
+    # --- sweeps ---------------------------------------------------------------------------------
+
+    def period(self) -> float:
+        """Seconds between sweeps while no wait is due: half the shortest poll interval of its
+        waits, never sooner than :func:`sweep_gap`. Waits answered by one sweep all become due one
+        interval later; sweeps on their own keep detection from falling into step with them."""
+        return max(sweep_gap(self.pages, self._rate()), self.interval / 2)
+
+    async def _run(self) -> None:
+        while self.watches:
+            if not self.due:
+                if self.sweeping:
+                    timeout = max(0.0, self._last_sweep + self.period() - time.monotonic())
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._kicked.wait(), timeout=timeout)
+                else:
+                    await self._kicked.wait()
+            self._kicked.clear()
+            if not self.sweeping and not self.due:
+                continue
+            wait = self._last_sweep + sweep_gap(self.pages, self._rate()) - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._last_sweep = time.monotonic()
+            try:
+                await self.sweep()
+            except Exception as exc:  # a bug must not leave waits unanswered: they read alone
+                self.hook.log.warning("Reading the prediction list failed; polling one by one: %r", exc)
+                self.list_failed_at = time.monotonic()
+                self._release_due()
+            self._decide()
+            if self.due:
+                self._kicked.set()
+
+    def _release_due(self) -> None:
+        for watch in list(self.due):
+            watch.hand(_READ_ALONE)
+        self.due.clear()
+
+    def _window(self, targets: dict[str, list[Watch]]) -> str | None:
+        known = [w.created_at for ws in targets.values() for w in ws if w.created_at is not None]
+        if not known:
+            return None
+        return (min(known) - WINDOW_MARGIN).isoformat().replace("+00:00", "Z")
+
+    async def sweep(self) -> None:
+        """Read the list from the oldest waiting prediction's ``created_at`` and hand each waiting
+        watch its prediction where it is due, ended, or changed; the due ones the list did not
+        answer for read alone. A failing list is left alone for :data:`LIST_RETRY_SECONDS`."""
+        targets = {
+            pid: ws
+            for pid, watches in self.watches.items()
+            if (ws := [w for w in watches if w.waiting and w.sweepable])
+        }
+        if not targets:
+            self._release_due()  # due, but none the list can answer for
+            return
+        window = self._window(targets)
+        # Without a window (no created_at known yet), the newest pages: the waits are among them
+        # unless the account made many other predictions since.
+        page_cap = None if window is not None else math.ceil(len(self.watches) / PAGE_SIZE) + 1
+        missing = set(targets)
+        cursor: str | None = None
+        pages = 0
+        while True:
+            try:
+                page = await self.hook.alist_predictions(
+                    created_after=window, cursor=cursor, budget=_PAGE_BUDGET
+                )
+            except KontextRateLimitError:
+                break  # the account is paused until its reset: the due waits wait for the next sweep
+            except KontextError:
+                self.list_failed_at = time.monotonic()
+                break
+            pages += 1
+            for item in page.results:
+                pid = item.get("id")
+                watches = targets.get(pid) if isinstance(pid, str) else None
+                if watches is None:
+                    continue
+                missing.discard(pid)
+                self._deliver(item, watches)
+            cursor = page.next_cursor
+            if not missing or cursor is None or (page_cap is not None and pages >= page_cap):
+                break
+        self.sweeps += 1
+        if pages:
+            self.pages = pages
+        if not self.list_usable():
+            self._release_due()  # they read alone now; the list is tried again later
+            return
+        for pid in missing:
+            for watch in targets[pid]:
+                if watch.waiting and watch.due:
+                    watch.misses += 1
+                    watch.hand(_READ_ALONE)
+                    self.due.discard(watch)
+        # Waits that became due during the sweep stay due: the next sweep answers them.
+
+    def _deliver(self, item: dict[str, Any], watches: list[Watch]) -> None:
+        status = item.get("status")
+        prediction: Prediction | None = None
+        for watch in watches:
+            if watch.created_at is None:
+                watch.created_at = _parse_time(item.get("created_at"))
+            if not watch.waiting or not (watch.due or status in _TERMINAL or status != watch.last_status):
+                continue
+            if status in _TERMINAL and status != "succeeded":
+                watch.hand(_READ_ALONE)  # its error and log tail come from a full read
+                continue
+            if prediction is None:
+                try:
+                    prediction = PredictionPage.prediction(item)
+                except ValidationError:
+                    watch.hand(_READ_ALONE)
+                    continue
+            watch.saw(prediction, full=False)
+            watch.hand(prediction)
+            self.due.discard(watch)
