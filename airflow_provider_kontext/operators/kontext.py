@@ -383,6 +383,8 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             end_time=deadline,
             cancel_on_kill=self.cancel_on_kill,
             hook_params=self.hook_params,
+            # Bounds the shared list's window only; the deadline stays on our own clock.
+            created_at=prediction.created_at.isoformat() if prediction.created_at else None,
         )
         self._announce_wait(prediction, deadline, "in the triggerer", trigger.poll_policy)
         self.defer(
