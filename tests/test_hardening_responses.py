@@ -28,9 +28,9 @@ from test_hardening_server import ScriptedServer, raw, reset_connection, respons
 
 from airflow_provider_kontext.events import MAX_EVENT_TEXT
 from airflow_provider_kontext.exceptions import KontextAPIError, KontextError, KontextPredictionFailed
-from airflow_provider_kontext.hooks._http import get_prediction_request, parse_response
+from airflow_provider_kontext.hooks._http import get_prediction_request, parse_response, parsed_as
 from airflow_provider_kontext.hooks.connection import ClientSettings
-from airflow_provider_kontext.hooks.kontext import FluxKontextHook, _parsed
+from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
 from airflow_provider_kontext.progress import (
@@ -215,7 +215,7 @@ def test_any_answer_parses_or_raises_a_kontext_error(status: int, content_type: 
     op = make_op()
     try:
         data = parse_response(SETTINGS, GET, status, {"content-type": content_type}, body)
-        prediction = _parsed(Prediction, data)
+        prediction = parsed_as(Prediction, data)
     except KontextError as exc:
         assert str(exc)
         assert not (200 <= status < 300) or isinstance(exc, KontextAPIError)
@@ -235,7 +235,7 @@ def test_any_answer_parses_or_raises_a_kontext_error(status: int, content_type: 
 def test_the_prediction_model_never_raises_anything_but_a_validation_error(data: Any) -> None:
     """``OverflowError`` from a Unix time out of range once escaped here, crashing the trigger."""
     try:
-        _parsed(Prediction, data)
+        parsed_as(Prediction, data)
     except KontextAPIError as exc:
         assert "not a valid Prediction" in str(exc)
 
@@ -281,7 +281,7 @@ def test_null_descriptive_parts_from_a_proxy_are_tolerated() -> None:
 )
 def test_wrong_shapes_name_the_field(doc: Any, expected: str) -> None:
     with pytest.raises(KontextAPIError, match="not a valid Prediction") as info:
-        _parsed(Prediction, doc)
+        parsed_as(Prediction, doc)
     assert expected in str(info.value)
 
 

@@ -52,7 +52,7 @@ from airflow_provider_kontext.exceptions import (
     KontextTransportError,
 )
 from airflow_provider_kontext.failures import Budget
-from airflow_provider_kontext.hooks import kontext as hook_module
+from airflow_provider_kontext.hooks import connection as connection_module
 from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.hooks.transports import AiohttpClient, SharedAsyncClient
@@ -367,7 +367,7 @@ async def test_hooks_in_one_event_loop_share_the_settings(api: FakeApi, lookups:
 async def test_shared_settings_expire(
     api: FakeApi, lookups: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hook_module, "SETTINGS_TTL_SECONDS", 0.0)
+    monkeypatch.setattr(connection_module, "SETTINGS_TTL_SECONDS", 0.0)
     api.on("GET", GET_URL, {"json": prediction_json()})
     for _ in range(2):
         async with FluxKontextHook() as hook:

@@ -11,8 +11,10 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from pydantic import BaseModel, ValidationError
 
 from airflow_provider_kontext.exceptions import (
     KontextAPIError,
@@ -21,9 +23,9 @@ from airflow_provider_kontext.exceptions import (
     KontextRateLimitError,
     KontextServerError,
 )
-from airflow_provider_kontext.failures import parse_retry_after
+from airflow_provider_kontext.failures import final_error, parse_retry_after
 from airflow_provider_kontext.hooks.connection import ClientSettings, auth_hint
-from airflow_provider_kontext.models import MODEL_REFERENCE
+from airflow_provider_kontext.models import MODEL_REFERENCE, Prediction, PredictionPage
 
 _HEX_VERSION = re.compile(r"^[0-9a-f]{64}$")
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -230,3 +232,41 @@ def _redacted(settings: ClientSettings, body: bytes) -> bytes:
 
 def _raise(cls: type[KontextAPIError], kwargs: dict[str, Any], **more: Any) -> Any:
     raise cls(**kwargs, **more)
+
+
+# --- response bodies as models ------------------------------------------------------------------
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def parsed_as(model: type[_M], data: Any) -> _M:
+    """A response body as ``model``; an answer of the wrong shape is an API error, not a crash."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:5]
+        )
+        raise KontextAPIError(
+            title="unexpected response", detail=f"not a valid {model.__name__}: {problems}"
+        ) from None
+
+
+def parsed_prediction(data: Any) -> Prediction:
+    """A response body as a :class:`Prediction`."""
+    return parsed_as(Prediction, data)
+
+
+def parsed_page(data: Any) -> PredictionPage:
+    """A response body as a :class:`PredictionPage` (one page of the prediction list)."""
+    return parsed_as(PredictionPage, data)
+
+
+def parsed_created(request: ApiRequest, body: Any) -> Prediction:
+    """The prediction a create answered with; an unreadable answer to a create is an uncertain
+    create (:class:`KontextPredictionMayExistError`), never a reason to create again."""
+    try:
+        return parsed_as(Prediction, body)
+    except KontextAPIError as exc:
+        raise final_error(request, exc, body) from None

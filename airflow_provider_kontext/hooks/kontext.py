@@ -12,13 +12,12 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
-from pydantic import BaseModel, ValidationError
 
 from airflow_provider_kontext.exceptions import KontextAPIError, KontextError, KontextRateLimitError
-from airflow_provider_kontext.failures import Attempts, Budget, final_error
+from airflow_provider_kontext.failures import Attempts, Budget
 from airflow_provider_kontext.hooks._http import (
     ApiRequest,
     account_request,
@@ -28,6 +27,10 @@ from airflow_provider_kontext.hooks._http import (
     get_prediction_request,
     list_predictions_request,
     parse_response,
+    parsed_as,
+    parsed_created,
+    parsed_page,
+    parsed_prediction,
     upload_file_request,
 )
 from airflow_provider_kontext.hooks.budget import AccountBudgets
@@ -37,6 +40,8 @@ from airflow_provider_kontext.hooks.connection import (
     HOOK_NAME,
     USER_AGENT,
     ClientSettings,
+    SettingsCache,
+    SettingsKey,
     checked_overrides,
     ui_field_behaviour,
 )
@@ -59,41 +64,6 @@ _Parse = Callable[[Any], Any]
 
 def _raw(data: Any) -> Any:
     return data
-
-
-#: How long hooks in one event loop (the triggerer's) reuse a connection's settings. Every trigger
-#: builds its own hook, and each lookup goes through the secrets backends (in a triggerer, a round
-#: trip over the supervisor to the API server): at 1000 triggers that was ~0.5 ms of CPU per trigger
-#: here. A rotated token is picked up at once all the same: an auth error looks the connection up
-#: again and retries with the new settings (see :class:`~airflow_provider_kontext.failures.Attempts`).
-SETTINGS_TTL_SECONDS = 60.0
-
-_SettingsKey = tuple[Any, ...]  # the connection id, then the overrides as sorted (name, value) pairs
-
-
-class _SettingsCache:
-    """Connection settings per event loop, for :data:`SETTINGS_TTL_SECONDS`."""
-
-    _entries: weakref.WeakKeyDictionary[
-        asyncio.AbstractEventLoop, dict[_SettingsKey, tuple[ClientSettings, float]]
-    ] = weakref.WeakKeyDictionary()
-
-    @classmethod
-    def get(cls, key: _SettingsKey) -> ClientSettings | None:
-        entry = cls._entries.get(asyncio.get_running_loop(), {}).get(key)
-        if entry is None or time.monotonic() >= entry[1]:
-            return None
-        return entry[0]
-
-    @classmethod
-    def put(cls, key: _SettingsKey, settings: ClientSettings) -> None:
-        loop = asyncio.get_running_loop()
-        entries = cls._entries.setdefault(loop, {})
-        entries[key] = (settings, time.monotonic() + SETTINGS_TTL_SECONDS)
-
-    @classmethod
-    def drop(cls, key: _SettingsKey) -> None:
-        cls._entries.get(asyncio.get_running_loop(), {}).pop(key, None)
 
 
 class FluxKontextHook(BaseHook):
@@ -191,11 +161,11 @@ class FluxKontextHook(BaseHook):
         reused by the other hooks of the same event loop for :data:`SETTINGS_TTL_SECONDS`."""
         if self._settings is None:
             key = self._settings_key()
-            settings = _SettingsCache.get(key)
+            settings = SettingsCache.get(key)
             if settings is None:
                 conn = await self.aget_connection(self.flux_kontext_conn_id)
                 settings = await self._abuild_settings(conn)
-                _SettingsCache.put(key, settings)
+                SettingsCache.put(key, settings)
             self._settings = settings
         return self._settings
 
@@ -203,7 +173,7 @@ class FluxKontextHook(BaseHook):
         """``text`` with the connection's secrets replaced by ``***`` (as is, before the first lookup)."""
         return self._settings.redact(text) if self._settings is not None else text
 
-    def _settings_key(self) -> _SettingsKey:
+    def _settings_key(self) -> SettingsKey:
         return (self.flux_kontext_conn_id, *sorted(self._overrides.items()))
 
     def _refreshed_settings(self, stale: ClientSettings) -> ClientSettings | None:
@@ -214,7 +184,7 @@ class FluxKontextHook(BaseHook):
 
     async def _arefreshed_settings(self, stale: ClientSettings) -> ClientSettings | None:
         """:meth:`_refreshed_settings` without blocking, past the settings shared in the event loop."""
-        _SettingsCache.drop(self._settings_key())
+        SettingsCache.drop(self._settings_key())
         self._settings = None
         fresh = await self.aget_settings()
         return fresh if fresh != stale else None
@@ -350,7 +320,7 @@ class FluxKontextHook(BaseHook):
             webhook=webhook,
             webhook_events_filter=webhook_events_filter,
         )
-        return _created(request, self._request(request))
+        return parsed_created(request, self._request(request))
 
     def get_prediction(self, prediction_id: str, *, budget: Budget | None = None) -> Prediction:
         """The prediction's current state.
@@ -360,16 +330,16 @@ class FluxKontextHook(BaseHook):
         :raises KontextDeadlineError: the budget's deadline came before an answer.
         """
         request = get_prediction_request(prediction_id)
-        prediction: Prediction = self._request(request, budget, _prediction)
+        prediction: Prediction = self._request(request, budget, parsed_prediction)
         return prediction
 
     def cancel_prediction(self, prediction_id: str) -> Prediction:
         """Ask Replicate to cancel the prediction; returns its state after the request."""
-        return _parsed(Prediction, self._request(cancel_prediction_request(prediction_id)))
+        return parsed_as(Prediction, self._request(cancel_prediction_request(prediction_id)))
 
     def get_account(self) -> Account:
         """The account the token belongs to (``GET /v1/account``, free and side-effect free)."""
-        return _parsed(Account, self._request(account_request()))
+        return parsed_as(Account, self._request(account_request()))
 
     def upload_file(
         self,
@@ -383,7 +353,7 @@ class FluxKontextHook(BaseHook):
         :param content: the bytes, a binary file object, or a local path.
         """
         data, name = read_source(content, filename)
-        return _parsed(UploadedFile, self._request(upload_file_request(data, name, content_type)))
+        return parsed_as(UploadedFile, self._request(upload_file_request(data, name, content_type)))
 
     def download(self, url: str, dest: IO[bytes], *, max_bytes: int) -> str:
         """Stream an output file into ``dest``; return its content type.
@@ -466,12 +436,12 @@ class FluxKontextHook(BaseHook):
             webhook=webhook,
             webhook_events_filter=webhook_events_filter,
         )
-        return _created(request, await self._arequest(request))
+        return parsed_created(request, await self._arequest(request))
 
     async def aget_prediction(self, prediction_id: str, *, budget: Budget | None = None) -> Prediction:
         """Async twin of :meth:`get_prediction`."""
         request = get_prediction_request(prediction_id)
-        prediction: Prediction = await self._arequest(request, budget, _prediction)
+        prediction: Prediction = await self._arequest(request, budget, parsed_prediction)
         return prediction
 
     async def alist_predictions(
@@ -489,53 +459,20 @@ class FluxKontextHook(BaseHook):
         :raises KontextAPIError: an error answer, or a body that is not a page of predictions.
         """
         request = list_predictions_request(created_after=created_after, cursor=cursor)
-        page: PredictionPage = await self._arequest(request, budget, _page)
+        page: PredictionPage = await self._arequest(request, budget, parsed_page)
         return page
 
     async def acancel_prediction(self, prediction_id: str) -> Prediction:
         """Async twin of :meth:`cancel_prediction`."""
-        return _parsed(Prediction, await self._arequest(cancel_prediction_request(prediction_id)))
+        return parsed_as(Prediction, await self._arequest(cancel_prediction_request(prediction_id)))
 
     async def aget_account(self) -> Account:
         """Async twin of :meth:`get_account`."""
-        return _parsed(Account, await self._arequest(account_request()))
+        return parsed_as(Account, await self._arequest(account_request()))
 
     async def aupload_file(
         self, content: bytes | IO[bytes] | str | Path, *, filename: str | None = None, content_type: str
     ) -> UploadedFile:
         """Async twin of :meth:`upload_file` (a path or file object is read in a thread)."""
         data, name = await asyncio.to_thread(read_source, content, filename)
-        return _parsed(UploadedFile, await self._arequest(upload_file_request(data, name, content_type)))
-
-
-_M = TypeVar("_M", bound=BaseModel)
-
-
-def _parsed(model: type[_M], data: Any) -> _M:
-    """Validate a response body; an answer of the wrong shape is an API error, not a crash."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:5]
-        )
-        raise KontextAPIError(
-            title="unexpected response", detail=f"not a valid {model.__name__}: {problems}"
-        ) from None
-
-
-def _prediction(data: Any) -> Prediction:
-    return _parsed(Prediction, data)
-
-
-def _page(data: Any) -> PredictionPage:
-    return _parsed(PredictionPage, data)
-
-
-def _created(request: ApiRequest, body: Any) -> Prediction:
-    """The prediction a create answered with; an unreadable answer to a create is an uncertain
-    create (:class:`KontextPredictionMayExistError`), never a reason to create again."""
-    try:
-        return _parsed(Prediction, body)
-    except KontextAPIError as exc:
-        raise final_error(request, exc, body) from None
+        return parsed_as(UploadedFile, await self._arequest(upload_file_request(data, name, content_type)))
