@@ -16,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook
 
-from airflow_provider_kontext.exceptions import KontextAPIError, KontextError, KontextRateLimitError
+from airflow_provider_kontext.exceptions import KontextError, KontextRateLimitError
 from airflow_provider_kontext.failures import Attempts, Budget
 from airflow_provider_kontext.hooks._http import (
     ApiRequest,
@@ -38,7 +38,6 @@ from airflow_provider_kontext.hooks.connection import (
     CONN_TYPE,
     DEFAULT_CONN_ID,
     HOOK_NAME,
-    USER_AGENT,
     ClientSettings,
     SettingsCache,
     SettingsKey,
@@ -48,8 +47,8 @@ from airflow_provider_kontext.hooks.connection import (
 from airflow_provider_kontext.hooks.transports import (
     AiohttpClient,
     SharedAsyncClient,
-    requests_error,
     send_with_requests,
+    stream_with_requests,
 )
 from airflow_provider_kontext.images import read_source
 from airflow_provider_kontext.models import Account, Prediction, PredictionPage, UploadedFile
@@ -364,41 +363,12 @@ class FluxKontextHook(BaseHook):
 
         :raises KontextAPIError: an error status, a non-http(s) URL, or a body over ``max_bytes``.
         """
-        import requests
-
         request = download_request(self.settings, url)
 
         def attempt_once(settings: ClientSettings, number: int) -> str:
             self._log_attempt(request, number)
-            headers = download_request(settings, url).headers  # the token after a refresh, if any
-            dest.seek(0)
-            dest.truncate()
-            try:
-                with self.get_conn().get(
-                    url,
-                    headers={"User-Agent": USER_AGENT, **headers},
-                    timeout=(settings.connect_timeout, settings.timeout),
-                    stream=True,
-                    allow_redirects=True,
-                ) as response:
-                    if response.status_code >= 300:
-                        parse_response(
-                            settings, request, response.status_code, response.headers, response.content
-                        )
-                    size = 0
-                    for chunk in response.iter_content(chunk_size=1 << 16):
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise KontextAPIError(
-                                title="output too large",
-                                detail=f"more than {max_bytes} bytes",
-                                method="GET",
-                                path=request.path,
-                            )
-                        dest.write(chunk)
-                    return str(response.headers.get("content-type", ""))
-            except requests.exceptions.RequestException as exc:
-                raise requests_error(settings, request, exc) from None
+            current = download_request(settings, url)  # the token after a refresh, if any
+            return stream_with_requests(self.get_conn(), settings, current, url, dest, max_bytes)
 
         attempts = self._attempts(self.settings, request, None)
         return attempts.run_sync(attempt_once, self._refreshed_settings, self._sleep)

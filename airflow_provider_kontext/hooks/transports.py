@@ -14,10 +14,10 @@ import ssl
 import urllib.request
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from airflow_provider_kontext.exceptions import KontextTransportError
+from airflow_provider_kontext.exceptions import KontextAPIError, KontextTransportError
 from airflow_provider_kontext.hooks.connection import tls_hint
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ __all__ = [
     "requests_error",
     "send_with_requests",
     "ssl_context",
+    "stream_with_requests",
     "transport_error",
 ]
 
@@ -92,6 +93,52 @@ def send_with_requests(session: requests.Session, settings: ClientSettings, requ
     except requests.exceptions.RequestException as exc:
         raise requests_error(settings, request, exc) from None
     return response.status_code, response.headers, response.content
+
+
+def stream_with_requests(
+    session: requests.Session,
+    settings: ClientSettings,
+    request: ApiRequest,
+    url: str,
+    dest: IO[bytes],
+    max_bytes: int,
+) -> str:
+    """Stream the file at ``url`` into ``dest`` (emptied first); return its content type.
+
+    :raises KontextAPIError: an error status, or a body over ``max_bytes``.
+    :raises KontextTransportError: no complete answer.
+    """
+    import requests
+
+    from airflow_provider_kontext.hooks._http import parse_response
+    from airflow_provider_kontext.hooks.connection import USER_AGENT
+
+    dest.seek(0)
+    dest.truncate()
+    try:
+        with session.get(
+            url,
+            headers={"User-Agent": USER_AGENT, **request.headers},
+            timeout=(settings.connect_timeout, settings.timeout),
+            stream=True,
+            allow_redirects=True,
+        ) as response:
+            if response.status_code >= 300:
+                parse_response(settings, request, response.status_code, response.headers, response.content)
+            size = 0
+            for chunk in response.iter_content(chunk_size=1 << 16):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise KontextAPIError(
+                        title="output too large",
+                        detail=f"more than {max_bytes} bytes",
+                        method="GET",
+                        path=request.path,
+                    )
+                dest.write(chunk)
+            return str(response.headers.get("content-type", ""))
+    except requests.exceptions.RequestException as exc:
+        raise requests_error(settings, request, exc) from None
 
 
 # --- aiohttp ------------------------------------------------------------------------------------------
