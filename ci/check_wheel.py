@@ -1,10 +1,11 @@
 """Check the built wheel as a user gets it: run by .ci/run with the python of a fresh venv holding
 only the wheel (no extras, no dependency groups), from outside the source tree.
 
-Checks: the metadata (license file, classifiers, URLs, only the ``emulator`` extra published), that
-the package is the installed one, that importing the operator, hook and trigger loads neither
-FastAPI nor Pillow nor uvicorn, that the emulator without its extra says which extra to install, and
-that ``airflow providers list`` shows the provider. Exits non-zero, saying what is wrong, otherwise.
+Checks: the metadata (license file, classifiers, URLs, only the user-facing extras published:
+``emulator`` and ``openlineage``), that the package is the installed one, that importing the
+operator, hook and trigger loads neither FastAPI nor Pillow nor uvicorn, that the emulator without
+its extra says which extra to install, and that ``airflow providers list`` shows the provider.
+Exits non-zero, saying what is wrong, otherwise.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def check_metadata(wheel: Path) -> None:
     assert not [n for n in names if n.startswith("tests/")], "tests/ shipped in the wheel"
     assert metadata["License-Expression"] == "Apache-2.0", metadata["License-Expression"]
     extras = metadata.get_all("Provides-Extra") or []
-    assert extras == ["emulator"], f"published extras: {extras} (development groups must not be)"
+    assert sorted(extras) == ["emulator", "openlineage"], (
+        f"published extras: {extras} (only what users install; development groups must not be)"
+    )
     classifiers = metadata.get_all("Classifier") or []
     for wanted in [f"Programming Language :: Python :: 3.{minor}" for minor in (10, 11, 12, 13)] + [
         "Framework :: Apache Airflow",
@@ -41,7 +44,8 @@ def check_metadata(wheel: Path) -> None:
     urls = dict(url.split(", ", 1) for url in metadata.get_all("Project-URL") or [])
     assert "Source" in urls, urls
     assert metadata["Requires-Python"] == ">=3.10"
-    airflow = [r for r in metadata.get_all("Requires-Dist") or [] if r.startswith("apache-airflow")]
+    required = [r for r in metadata.get_all("Requires-Dist") or [] if "extra ==" not in r]
+    airflow = [r for r in required if r.startswith("apache-airflow")]
     assert airflow == ["apache-airflow>=3.1.8"], airflow
     print(f"metadata ok: extras {extras}, {len(classifiers)} classifiers, urls {sorted(urls)}")
 
