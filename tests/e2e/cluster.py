@@ -4,6 +4,7 @@ tests that need a real scheduler and triggerer rather than ``airflow dags test``
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -13,6 +14,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+#: A status read: one prediction (``GET /v1/predictions/<id>``) or the shared watcher's sweep of the
+#: account's list (``GET /v1/predictions``), which answers for many waits at once.
+STATUS_READ = re.compile(r"/v1/predictions(/[a-z0-9]+)?$")
+
+
+def status_reads(requests: list[Any]) -> int:
+    """How many of the emulator's recorded ``requests`` read a prediction's status."""
+    return sum(1 for r in requests if r.method == "GET" and STATUS_READ.search(r.path))
 
 
 def free_port() -> int:
@@ -76,6 +86,15 @@ class Cluster:
             return []
         finally:
             db.close()
+
+    def deferred(self, dag_id: str, task_id: str) -> int:
+        """How many of ``task_id``'s task instances are deferred right now."""
+        rows = self.query(
+            "select count(*) from task_instance where dag_id = ? and task_id = ? and state = 'deferred'",
+            dag_id,
+            task_id,
+        )
+        return int(rows[0][0]) if rows else 0
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
