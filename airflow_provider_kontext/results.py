@@ -56,17 +56,21 @@ class PredictionResultMixin:
     _finished: bool
     _summary: dict[str, Any] | None = None
 
-    def _edit_trace(self) -> dict[str, Any]:
+    def _edit_trace(self, event: PredictionEvent) -> dict[str, Any]:
         """What the task knows of the edit's inputs, for the ``prediction`` XCom, the asset events and
         the output file names: ``input_image`` (a path or URL, never a data: blob), ``input_name``
-        (its file name), ``prompt`` and ``model``. Empty here: a task that only waits for a
-        prediction started elsewhere does not know them."""
-        return {}
+        (its file name), ``prompt`` and ``model``. Here, what the finished prediction's own ``event``
+        says (a task that only waits for a prediction started elsewhere knows nothing else): where
+        its input image is (a URL without query or user info; nothing for an inline image)."""
+        from airflow_provider_kontext.images import trace_image
+
+        where, name = trace_image(event.input_location)
+        return {"input_image": where, "input_name": name}
 
     def _complete(self, context: Context, event: PredictionEvent) -> list[str]:
         """The task's result for a final event, or the exception that fails it."""
         self._raise_unless_succeeded(event)
-        trace = self._edit_trace()
+        trace = self._edit_trace(event)
         result = self._hand_on(event, trace.get("input_name"))
         summary = event.summary(result, **trace)
         self._summary = summary  # also what get_openlineage_facets_on_complete reports

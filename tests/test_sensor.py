@@ -180,9 +180,13 @@ def test_complete_returns_what_the_operator_returns(hook, tmp_path):
     sensor = make_sensor(deferrable=True, output_path=str(tmp_path))
     result = sensor.execute_complete(context, prediction_event(succeeded()).payload())
     (saved,) = tmp_path.glob("*.png")
+    assert saved.name == f"mug-{PID}.png"  # named after the prediction's own input, as the operator does
     assert result == [saved.as_uri()]
     assert saved.read_bytes() == PNG
-    assert pushed(context)["prediction"]["outputs"] == result
+    summary = pushed(context)["prediction"]
+    assert summary["outputs"] == result
+    assert summary["input_image"] == "https://images.example.com/shots/mug.png"  # no signature
+    assert summary["input_name"] == "mug.png"
     assert context["ti"].xcom_push.call_count == 1
 
 

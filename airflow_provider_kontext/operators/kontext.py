@@ -231,7 +231,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             return f"{len(self.input_image)} bytes"
         return where or "no input image"
 
-    def _edit_trace(self) -> dict[str, Any]:
+    def _edit_trace(self, event: PredictionEvent) -> dict[str, Any]:
         where, name = trace_image(self.input_image)
         return {"input_image": where, "input_name": name, "prompt": self.prompt, "model": self.model}
 

@@ -3,6 +3,7 @@ tests that need a real scheduler and triggerer rather than ``airflow dags test``
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -23,6 +24,38 @@ STATUS_READ = re.compile(r"/v1/predictions(/[a-z0-9]+)?$")
 def status_reads(requests: list[Any]) -> int:
     """How many of the emulator's recorded ``requests`` read a prediction's status."""
     return sum(1 for r in requests if r.method == "GET" and STATUS_READ.search(r.path))
+
+
+def cluster_env(
+    home: Path, dags: Path, connections: dict[str, dict[str, Any]], **config: str
+) -> dict[str, str]:
+    """The environment of a cluster's processes: this one's, with ``AIRFLOW_HOME`` at ``home``, a
+    LocalExecutor on sqlite with fast heartbeats, an api-server on a free loopback port, a
+    connection per ``connections`` entry (``AIRFLOW_CONN_<NAME>``), and ``config`` on top
+    (``AIRFLOW__...`` settings or any other variable)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "e2e-jwt-secret-for-this-test-only",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **{f"AIRFLOW_CONN_{name.upper()}": json.dumps(fields) for name, fields in connections.items()},
+        **config,
+    }
+    env.pop("REPLICATE_API_TOKEN", None)
+    return env
 
 
 def free_port() -> int:

@@ -25,7 +25,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ import pytest
 
 from airflow_provider_kontext.testing.emulator import KontextEmulator
 
-from .cluster import Cluster, free_port
+from .cluster import Cluster, cluster_env, free_port
 from .conftest import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed, pytest.mark.timeout(1200)]
@@ -296,7 +295,6 @@ def distributed_run(
     (dags / f"{DAG_ID}.py").write_text(
         DAG.format(resumes=str(resumes), dag_id=DAG_ID, image=_image_uri(), edits=EDITS)
     )
-    port = free_port()
     pg = f"airflow@127.0.0.1:{services['postgres']}/airflow"
     with KontextEmulator(
         token=TOKEN, prediction_seconds=8.0, start_seconds=0.5, output_scale=0.1, fault_seed=15
@@ -309,42 +307,29 @@ def distributed_run(
             # 12 retries: a 25 % share of 429s then exhausts one request's retries about once in 6e7.
             "extra": {"backoff_base": 0.2, "backoff_max": 1, "retry_after_max": 2, "max_retries": 12},
         }
-        env = {
-            **os.environ,
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "16",
-            "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "32",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "kontext_hostname.hostname",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://{pg}",
-            "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{services['redis']}/0",
+        env = cluster_env(
+            home,
+            dags,
+            {"flux_kontext_default": connection},
+            AIRFLOW__CORE__EXECUTOR="CeleryExecutor",
+            AIRFLOW__CORE__PARALLELISM="16",
+            AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG="32",
+            AIRFLOW__CORE__HOSTNAME_CALLABLE="kontext_hostname.hostname",
+            AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"postgresql+psycopg2://{pg}",
+            AIRFLOW__CELERY__BROKER_URL=f"redis://127.0.0.1:{services['redis']}/0",
             # With SQLAlchemy 2.1, plain db+postgresql:// would mean psycopg 3.
-            "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql+psycopg2://{pg}",
-            "AIRFLOW__CELERY__WORKER_CONCURRENCY": "4",
+            AIRFLOW__CELERY__RESULT_BACKEND=f"db+postgresql+psycopg2://{pg}",
+            AIRFLOW__CELERY__WORKER_CONCURRENCY="4",
             # A killed worker's unacknowledged messages come back after this (default: 6 hours).
-            "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "60",
-            "AIRFLOW__API__PORT": str(port),
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-            "AIRFLOW__API_AUTH__JWT_SECRET": "distributed-jwt-secret-for-this-test-only",
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+            AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT="60",
             # The killed worker's running tasks are noticed after this (default 300 s) and retried.
-            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "20",
-            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "90",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+            AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT="20",
+            AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT="90",
             # The killed triggerer's triggers are adopted once its heartbeat is this stale (30 s).
-            "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
-            "AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT": json.dumps(connection),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(pythonpath), os.environ.get("PYTHONPATH")])),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "KONTEXT_HOSTNAME": "main",
-        }
-        env.pop("REPLICATE_API_TOKEN", None)
+            AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD="10",
+            PYTHONPATH=os.pathsep.join(filter(None, [str(pythonpath), os.environ.get("PYTHONPATH")])),
+            KONTEXT_HOSTNAME="main",
+        )
         # Each worker and triggerer: its own name in the DB and its own log-server port.
         roles = {
             "worker-1": ("celery", "worker", "--celery-hostname", "worker-1@%h"),

@@ -13,15 +13,12 @@ secret shows anywhere. The README's fault table is what these tests assert.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -30,7 +27,7 @@ import pytest
 from airflow_provider_kontext.testing import faults
 from airflow_provider_kontext.testing.emulator import KontextEmulator
 
-from .cluster import Cluster, free_port, status_reads
+from .cluster import Cluster, cluster_env, status_reads
 from .conftest import ROOT, Airflow
 
 pytestmark = pytest.mark.e2e
@@ -355,7 +352,6 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     dags.mkdir()
     source = CLUSTER_DAG.format(crashing_operator=CRASHING_OPERATOR, image=_image_uri())
     (dags / "kontext_cluster_faults.py").write_text(source)
-    port = free_port()
     with (
         # 20 s on both: a trigger that fires within seconds of its deferral races the scheduler
         # (Airflow 3.3.2 fails a resumed try that is already queued when the deferring try's late
@@ -370,32 +366,16 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             f"?key={quote(QUERY_TOKEN, safe='')}"
         )
         extra = {"backoff_base": 0.2, "backoff_max": 1}
-        env = {
-            **os.environ,
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__LOGGING__LOGGING_LEVEL": "DEBUG",
-            "AIRFLOW__API__PORT": str(port),
-            "AIRFLOW__API__HOST": "127.0.0.1",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-            "AIRFLOW__API_AUTH__JWT_SECRET": "e2e-jwt-secret-for-this-test-only",
-            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
-            "AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT": json.dumps(
-                {"conn_type": "fluxkontext", "host": api.base_url, "password": TOKEN, "extra": extra}
-            ),
-            "AIRFLOW_CONN_KONTEXT_PROXY": json.dumps(
-                {"conn_type": "fluxkontext", "host": proxy_url, "extra": extra}
-            ),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        connections = {
+            "flux_kontext_default": {
+                "conn_type": "fluxkontext",
+                "host": api.base_url,
+                "password": TOKEN,
+                "extra": extra,
+            },
+            "kontext_proxy": {"conn_type": "fluxkontext", "host": proxy_url, "extra": extra},
         }
-        env.pop("REPLICATE_API_TOKEN", None)
+        env = cluster_env(home, dags, connections, AIRFLOW__LOGGING__LOGGING_LEVEL="DEBUG")
         cluster = Cluster(home, env)
         cluster.cli("db", "migrate")
         try:

@@ -5,8 +5,6 @@ succeed with exactly one prediction per mapped task."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,7 @@ import pytest
 
 from airflow_provider_kontext.testing.emulator import KontextEmulator
 
-from .cluster import Cluster, free_port, status_reads
+from .cluster import Cluster, cluster_env, status_reads
 from .conftest import ROOT, TOKEN
 
 pytestmark = pytest.mark.e2e
@@ -37,33 +35,13 @@ def cluster(tmp_path: Path, emulator_slow: KontextEmulator) -> Iterator[Cluster]
     assert DAG_ID in source
     assert "schedule=None" in source
     (dags / f"{DAG_ID}.py").write_text(source)
-    port = free_port()
     connection = {
         "conn_type": "fluxkontext",
         "host": emulator_slow.base_url,
         "password": TOKEN,
         "extra": {"backoff_base": 0.2, "backoff_max": 1},
     }
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "e2e-jwt-secret-for-this-test-only",
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
-        "AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT": json.dumps(connection),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    env.pop("REPLICATE_API_TOKEN", None)
+    env = cluster_env(home, dags, {"flux_kontext_default": connection})
     c = Cluster(home, env)
     c.cli("db", "migrate")
     try:
