@@ -137,7 +137,7 @@ def test_a_missing_prediction_id_fails_without_retry(hook, rendered):
 
 
 def test_polls_once_then_defers_with_the_trigger(hook):
-    hook.get_prediction.return_value = make_prediction("processing")
+    hook.get_prediction.return_value = make_prediction("processing", created_at="2025-05-01T10:00:01+00:00")
     sensor = make_sensor(
         deferrable=True,
         flux_kontext_conn_id="kontext_prod",
@@ -158,6 +158,8 @@ def test_polls_once_then_defers_with_the_trigger(hook):
     assert kwargs["poll_interval"] == 4.0
     assert kwargs["cancel_on_kill"] is False
     assert kwargs["hook_params"] == {"timeout": 12, "max_retries": 2}
+    # The shared watcher's window starts at the prediction's creation, learnt on the first poll.
+    assert kwargs["created_at"] == "2025-05-01T10:00:01+00:00"
     assert before + 600 <= kwargs["end_time"] <= time.time() + 600
     assert deferred.timeout.total_seconds() > 600  # Airflow's own timeout is only a backstop
     assert not deferred.kwargs

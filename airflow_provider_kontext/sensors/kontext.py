@@ -104,6 +104,8 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         self._finished = False
         self._poller: PredictionPoller | None = None
         self._input_location: str | None = None
+        #: The prediction's ``created_at`` from the first poll: where the shared watcher's window starts.
+        self._created_at: str | None = None
 
     @cached_property
     def hook(self) -> FluxKontextHook:
@@ -198,9 +200,11 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         return self.prediction_id
 
     def _first_sight(self, context: Context, prediction: Prediction) -> None:
-        """On the first poll: push the web URL (the extra link)."""
+        """On the first poll: push the web URL (the extra link) and note when the prediction was
+        created (for the trigger)."""
         if self._poller is None or self._poller.tracker.status is None:
             context["ti"].xcom_push(key=WEB_URL_XCOM_KEY, value=prediction.web_url)
+            self._created_at = prediction.created_at.isoformat() if prediction.created_at else None
 
     def _trigger(self, end_time: float) -> Any:
         from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
@@ -212,4 +216,5 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
             end_time=end_time,
             cancel_on_kill=self.cancel_on_kill,
             hook_params=self.hook_params,
+            created_at=self._created_at,
         )
