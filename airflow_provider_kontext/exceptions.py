@@ -100,6 +100,18 @@ class KontextTransportError(KontextAPIError):
         super().__init__(message, method=method, path=path)
 
 
+class KontextTLSError(KontextTransportError):
+    """The TLS handshake failed the way it will fail again: the server's certificate is not trusted
+    or names another host, or the server does not speak TLS at all.
+
+    Nothing was sent (the handshake comes first), and no retry can change the answer: the
+    connection's host, its scheme or the trust store (``SSL_CERT_FILE``) must be fixed.
+    """
+
+    def __init__(self, message: str, *, method: str | None = None, path: str | None = None) -> None:
+        super().__init__(message, request_sent=False, method=method, path=path)
+
+
 class KontextPredictionMayExistError(KontextAPIError):
     """A create request failed in a way that does not prove the prediction was not created.
 

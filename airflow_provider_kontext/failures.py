@@ -33,6 +33,7 @@ from airflow_provider_kontext.exceptions import (
     KontextPredictionMayExistError,
     KontextRateLimitError,
     KontextServerError,
+    KontextTLSError,
     KontextTransportError,
 )
 
@@ -82,11 +83,14 @@ def classify(exc: BaseException, request: ApiRequest) -> Verdict:
     """Judge a failed attempt of ``request``.
 
     429 is always retried (nothing was done). Reads and other idempotent calls are retried on 5xx and
-    transport errors; a create only where the connection never opened. An unreadable answer to a
+    transport errors; a create only where the connection never opened. A TLS handshake that fails
+    for good (untrusted certificate, a server without TLS) is never retried. An unreadable answer to a
     read is tolerated; to a create it fails (the server may have acted). Everything else fails.
     """
     if isinstance(exc, KontextRateLimitError):
         return Verdict.RETRY
+    if isinstance(exc, KontextTLSError):
+        return Verdict.FAIL
     if isinstance(exc, KontextTransportError):
         return Verdict.RETRY if request.idempotent or not exc.request_sent else Verdict.FAIL
     if isinstance(exc, KontextServerError):
@@ -300,16 +304,19 @@ FINAL_CREATE_STATUSES = frozenset({401, 403, 404, 422})
 @contextmanager
 def fail_task_on_final_answers(what: str) -> Iterator[None]:
     """Turn an answer to a create or upload that the same request would get again (401, 403, 404,
-    422) into an ``AirflowFailException``: retries would repeat the failure (and, on 401/403, knock
-    on the account with a refused token), so the task fails once, saying why."""
+    422, or a TLS handshake that fails for good) into an ``AirflowFailException``: retries would
+    repeat the failure (and, on 401/403, knock on the account with a refused token), so the task
+    fails once, saying why."""
     from airflow_provider_kontext.compat import AirflowFailException
 
     try:
         yield
     except KontextAPIError as exc:
-        if exc.status not in FINAL_CREATE_STATUSES:
+        if exc.status not in FINAL_CREATE_STATUSES and not isinstance(exc, KontextTLSError):
             raise
-        if isinstance(exc, KontextAuthError):
+        if isinstance(exc, KontextTLSError):
+            why = "the TLS handshake fails the same way each time; fix the connection, then clear the task"
+        elif isinstance(exc, KontextAuthError):
             why = "the token is refused; fix the connection, then clear the task"
         elif isinstance(exc, KontextNotFoundError):
             why = "the model or version does not exist for this token"

@@ -18,7 +18,7 @@ import os
 import ssl
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
@@ -328,7 +328,28 @@ def tls_hint(settings: ClientSettings, exc: BaseException) -> str | None:
 
 
 def _is_tls_failure(exc: BaseException) -> bool:
-    """Tell whether ``exc`` or anything it wraps (cause, context, ``reason``, args) is an SSL error."""
+    """Tell whether ``exc`` or anything it wraps is an SSL error."""
+    return any(isinstance(item, ssl.SSLError) or "SSL" in type(item).__name__ for item in _wrapped(exc))
+
+
+#: OpenSSL's words for a server that answered the handshake in plain HTTP.
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "wrong version number", "RECORD_LAYER_FAILURE", "record layer failure")
+
+
+def is_lasting_tls_failure(exc: BaseException) -> bool:
+    """Tell whether ``exc`` wraps a handshake failure that a retry would repeat: a certificate that
+    is not trusted, expired or names another host, or a server that does not speak TLS. Other SSL
+    errors (an EOF or a reset mid-handshake) may pass and stay retryable."""
+    for item in _wrapped(exc):
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return True
+        if isinstance(item, ssl.SSLError) and any(word in str(item) for word in _NOT_TLS):
+            return True
+    return False
+
+
+def _wrapped(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything it wraps (cause, context, ``reason``, args), each once."""
     seen: set[int] = set()
     todo: list[object] = [exc]
     while todo:
@@ -336,10 +357,8 @@ def _is_tls_failure(exc: BaseException) -> bool:
         if not isinstance(item, BaseException) or id(item) in seen:
             continue
         seen.add(id(item))
-        if isinstance(item, ssl.SSLError) or "SSL" in type(item).__name__:
-            return True
+        yield item
         todo.extend([item.__cause__, item.__context__, getattr(item, "reason", None), *item.args])
-    return False
 
 
 #: How long hooks in one event loop (the triggerer's) reuse a connection's settings. Every trigger

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from airflow_provider_kontext.exceptions import KontextAPIError, KontextTransportError
-from airflow_provider_kontext.hooks.connection import tls_hint
+from airflow_provider_kontext.exceptions import KontextAPIError, KontextTLSError, KontextTransportError
+from airflow_provider_kontext.hooks.connection import is_lasting_tls_failure, tls_hint
 
 if TYPE_CHECKING:
     import aiohttp
@@ -45,8 +45,16 @@ def transport_error(
 ) -> KontextTransportError:
     """Our error for a request that got no usable answer; the message never holds a secret."""
     reason = settings.redact(f"{type(exc).__name__}: {exc}")[:500]
-    where = "no complete response" if sent else "could not connect"
     hint = tls_hint(settings, exc)
+    if is_lasting_tls_failure(exc):
+        return KontextTLSError(
+            f"{request.label} failed (the TLS handshake failed; nothing was sent, and a retry would "
+            f"fail the same way): {reason}"
+            + (f" -- {hint}" if hint else " -- check the connection's host and scheme, or the trust store"),
+            method=request.method,
+            path=request.path,
+        )
+    where = "no complete response" if sent else "could not connect"
     return KontextTransportError(
         f"{request.label} failed ({where}): {reason}" + (f" -- {hint}" if hint else ""),
         request_sent=sent,

@@ -1,0 +1,219 @@
+"""TLS handshakes that fail for good (an untrusted certificate, a server without TLS): tried once, on
+the sync and the async path, never reported as a create that may have been billed, and a task's
+create or upload fails without retries. Real handshakes against servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_kontext.compat import AirflowFailException
+from airflow_provider_kontext.exceptions import (
+    KontextPredictionMayExistError,
+    KontextTLSError,
+    KontextTransportError,
+)
+from airflow_provider_kontext.failures import Verdict, classify, fail_task_on_final_answers
+from airflow_provider_kontext.hooks._http import account_request
+from airflow_provider_kontext.hooks.connection import CONN_TYPE, DEFAULT_CONN_ID, is_lasting_tls_failure
+from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+TOKEN = "r8_tls_secret_token"
+MODEL = "black-forest-labs/flux-kontext-dev"
+INPUT = {"prompt": "make it blue", "input_image": "https://example.com/mug.png"}
+
+
+class Server:
+    """A loopback server that counts the connections it accepts; with ``context`` it does TLS, and
+    either way it answers whatever arrives with a plain 400."""
+
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+        self.context = context
+        self.connections = 0
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._socket.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self._socket.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._socket.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            try:
+                client.settimeout(5)
+                if self.context is not None:
+                    client = self.context.wrap_socket(client, server_side=True)
+                client.recv(4096)
+                client.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except (OSError, ssl.SSLError):
+                pass  # the client gave up on the handshake, as it should
+            finally:
+                client.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._socket.close()
+
+
+def _self_signed(directory: Path) -> ssl.SSLContext:
+    """A server context with a fresh self-signed certificate for 127.0.0.1 (trusted by nobody)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context
+
+
+@pytest.fixture
+def untrusted(tmp_path: Path) -> Iterator[Server]:
+    server = Server(_self_signed(tmp_path))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def plain_http() -> Iterator[Server]:
+    server = Server()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def set_conn(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    def _set(host: str) -> None:
+        value = {"conn_type": CONN_TYPE, "host": host, "password": TOKEN, "extra": {"backoff_base": 0.01}}
+        monkeypatch.setenv(f"AIRFLOW_CONN_{DEFAULT_CONN_ID.upper()}", json.dumps(value))
+
+    return _set
+
+
+def _sync_account(hook: FluxKontextHook) -> Any:
+    return hook.get_account()
+
+
+def _async_account(hook: FluxKontextHook) -> Any:
+    async def run() -> Any:
+        async with hook:
+            return await hook.aget_account()
+
+    return asyncio.run(run())
+
+
+def _sync_create(hook: FluxKontextHook) -> Any:
+    return hook.create_prediction(MODEL, INPUT)
+
+
+def _async_create(hook: FluxKontextHook) -> Any:
+    async def run() -> Any:
+        async with hook:
+            return await hook.acreate_prediction(MODEL, INPUT)
+
+    return asyncio.run(run())
+
+
+CALLS = {"sync read": _sync_account, "async read": _async_account}
+CREATES = {"sync create": _sync_create, "async create": _async_create}
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_an_untrusted_certificate_is_tried_once(
+    untrusted: Server, set_conn: Callable[..., None], call: Callable[[FluxKontextHook], Any]
+) -> None:
+    set_conn(f"https://{untrusted.address}")
+    with pytest.raises(KontextTLSError) as err:
+        call(FluxKontextHook(max_retries=3))
+    assert untrusted.connections == 1  # a read is retried on transport errors, but not on this one
+    assert "CERTIFICATE_VERIFY_FAILED" in str(err.value) or "certificate verify failed" in str(err.value)
+    assert "a retry would fail the same way" in str(err.value)
+    assert "trust store" in str(err.value)
+    assert TOKEN not in str(err.value)
+
+
+@pytest.mark.parametrize("call", CREATES.values(), ids=CREATES.keys())
+def test_a_create_that_fails_the_handshake_was_not_sent(
+    untrusted: Server, set_conn: Callable[..., None], call: Callable[[FluxKontextHook], Any]
+) -> None:
+    set_conn(f"https://{untrusted.address}")
+    with pytest.raises(KontextTLSError) as err:
+        call(FluxKontextHook(max_retries=3))
+    assert not isinstance(err.value, KontextPredictionMayExistError)  # nothing can have been billed
+    assert err.value.request_sent is False
+    assert untrusted.connections == 1
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_a_server_without_tls_is_tried_once_and_the_hint_stays(
+    plain_http: Server, set_conn: Callable[..., None], call: Callable[[FluxKontextHook], Any]
+) -> None:
+    set_conn(plain_http.address)  # no scheme: https is assumed
+    with pytest.raises(KontextTLSError) as err:
+        call(FluxKontextHook(max_retries=3))
+    assert plain_http.connections == 1
+    assert f"did you mean 'http://{plain_http.address}'?" in str(err.value)
+
+
+def test_a_handshake_cut_short_stays_retryable() -> None:
+    """An EOF or a reset during the handshake may pass: it is no lasting failure."""
+    request = account_request()
+    cut = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    assert not is_lasting_tls_failure(cut)
+    refused = ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed certificate")
+    wrapped = OSError("outer")
+    wrapped.__cause__ = refused
+    assert is_lasting_tls_failure(wrapped)
+    assert is_lasting_tls_failure(ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"))
+    assert classify(KontextTransportError("cut", request_sent=False), request) is Verdict.RETRY
+    assert classify(KontextTLSError("refused"), request) is Verdict.FAIL
+
+
+def test_a_task_fails_once_on_a_lasting_handshake_failure() -> None:
+    with pytest.raises(AirflowFailException) as err, fail_task_on_final_answers("create"):
+        raise KontextTLSError("POST /v1/predictions failed (the TLS handshake failed)")
+    assert "Not retried: the create would get the same answer" in str(err.value)
+    assert "fix the connection" in str(err.value)
+    with pytest.raises(KontextTransportError), fail_task_on_final_answers("create"):
+        raise KontextTransportError("reset", request_sent=False)  # others keep Airflow's retries
