@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import io
 import json
 import threading
 import time
@@ -19,8 +18,8 @@ from typing import Any
 
 import pytest
 import requests
+from emulated import data_uri, options, png, started
 from openapi_contract import Contract
-from PIL import Image
 
 from airflow_provider_kontext.testing import KontextEmulator
 from airflow_provider_kontext.testing.service import MODEL_VERSIONS
@@ -29,27 +28,15 @@ DEV_MODEL = "black-forest-labs/flux-kontext-dev"
 DEV = f"/v1/models/{DEV_MODEL}/predictions"
 TOKEN = "r8_contract"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-FAST = {"prediction_seconds": 0.1, "start_seconds": 0.02, "output_scale": 0.05}
 
 
-def png_data_uri() -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 48), (10, 120, 200)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-INPUT = {"prompt": "make it red", "input_image": png_data_uri(), "seed": 7}
+INPUT = {"prompt": "make it red", "input_image": data_uri(png((64, 48))), "seed": 7}
 
 
 @pytest.fixture
 def emu(request: pytest.FixtureRequest) -> Iterator[KontextEmulator]:
-    options = {**FAST, "token": TOKEN, **getattr(request, "param", {})}
-    with KontextEmulator(**options) as emulator:
+    with started(request, token=TOKEN) as emulator:
         yield emulator
-
-
-def options(**values: Any) -> pytest.MarkDecorator:
-    return pytest.mark.parametrize("emu", [values], indirect=True, ids=["options"])
 
 
 @pytest.fixture

@@ -4,16 +4,13 @@ slept through, so these tests do not depend on how busy the machine is."""
 
 from __future__ import annotations
 
-import base64
-import io
 import statistics
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import requests
+from emulated import data_uri, options, png, started
 from openapi_contract import Contract
-from PIL import Image
 
 from airflow_provider_kontext.testing import KontextEmulator
 from airflow_provider_kontext.testing.emulator import main
@@ -22,29 +19,18 @@ from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
 pytest_plugins = ["pytester"]
 
 DEV = "/v1/models/black-forest-labs/flux-kontext-dev/predictions"
-FAST = {"prediction_seconds": 0.1, "start_seconds": 0.02, "output_scale": 0.05}
 THROTTLED = r"^Request was throttled\. Your rate limit resets in ~\d+s\.$"
 
 
-def png_uri() -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (1, 2, 3)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-BODY = {"input": {"prompt": "x", "input_image": png_uri()}}
+BODY = {"input": {"prompt": "x", "input_image": data_uri(png((16, 16), (1, 2, 3)))}}
 
 
 @pytest.fixture
 def emu(request: pytest.FixtureRequest) -> Iterator[KontextEmulator]:
-    with KontextEmulator(**{**FAST, **getattr(request, "param", {})}) as emulator:
+    with started(request) as emulator:
         if emulator.config.rate_limit is not None:
             emulator.clock.freeze()  # count tokens exactly: only advance() refills
         yield emulator
-
-
-def options(**values: Any) -> pytest.MarkDecorator:
-    return pytest.mark.parametrize("emu", [values], indirect=True, ids=["options"])
 
 
 @pytest.fixture

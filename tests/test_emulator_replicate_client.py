@@ -9,7 +9,6 @@ Replicate's OpenAPI description.
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from emulated import data_uri, options, png, started
 from openapi_contract import Contract
 from PIL import Image
 
@@ -32,25 +32,10 @@ TOKEN = "r8_client"
 POLL = 0.05
 
 
-def png(size: tuple[int, int] = (96, 64)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def data_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
 @pytest.fixture
 def emu(request: pytest.FixtureRequest) -> Iterator[KontextEmulator]:
-    options = {"prediction_seconds": 0.3, "start_seconds": 0.05, "output_scale": 0.05, "token": TOKEN}
-    with KontextEmulator(**{**options, **getattr(request, "param", {})}) as emulator:
+    with started(request, prediction_seconds=0.3, start_seconds=0.05, token=TOKEN) as emulator:
         yield emulator
-
-
-def options(**values: Any) -> pytest.MarkDecorator:
-    return pytest.mark.parametrize("emu", [values], indirect=True, ids=["options"])
 
 
 @pytest.fixture
