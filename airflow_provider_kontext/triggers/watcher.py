@@ -23,16 +23,18 @@ per account: 1000 waits cannot all be looked at in less than 20 s). One list pag
 - **Single reads where the list cannot answer:** a prediction missing from the window, an item that
   does not parse, a prediction that ended other than ``succeeded`` (its error and log tail come
   from a full read), and, because list items carry no ``logs``, one full read per
-  :data:`LOGS_EVERY_SECONDS` of processing (progress lines for the task log and the adaptive
-  estimate). A list that fails is left alone for :data:`LIST_RETRY_SECONDS`.
+  :data:`~airflow_provider_kontext.triggers.watch.LOGS_EVERY_SECONDS` of processing (progress
+  lines for the task log and the adaptive estimate). A list that fails is left alone for
+  :data:`LIST_RETRY_SECONDS`.
 - **Bound.** A due wait is answered by the next sweep, at most :data:`MAX_SWEEP_GAP` seconds
   later while the account's budget lets a sweep through (sweeps go before any single read); one
   still unanswered :data:`FALLBACK_SECONDS` after it became due reads its prediction alone if the
   watcher has stopped sweeping.
 
-Each trigger stays correct alone: the watcher only reads, holds nothing that a restart would lose
-(a new triggerer's triggers open a new watcher), and two triggerers watching one account each sweep
-for their own waits.
+Each wait's own part (whether a sweep can answer for it, its full reads, its fallback) is a
+:class:`~airflow_provider_kontext.triggers.watch.Watch`. Each trigger stays correct alone: the
+watcher only reads, holds nothing that a restart would lose (a new triggerer's triggers open a new
+watcher), and two triggerers watching one account each sweep for their own waits.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import contextlib
 import math
 import time
 import weakref
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -51,7 +53,7 @@ from airflow_provider_kontext.exceptions import KontextError, KontextRateLimitEr
 from airflow_provider_kontext.failures import Budget
 from airflow_provider_kontext.hooks.budget import AccountBudgets, account_key
 from airflow_provider_kontext.models import Prediction, PredictionPage
-from airflow_provider_kontext.progress import PROGRESS_LOG_SECONDS
+from airflow_provider_kontext.triggers.watch import READ_ALONE, Watch, parse_time
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.hooks.connection import ClientSettings
@@ -60,12 +62,10 @@ if TYPE_CHECKING:
 __all__ = [
     "FALLBACK_SECONDS",
     "LIST_RETRY_SECONDS",
-    "LOGS_EVERY_SECONDS",
     "MAX_SWEEP_GAP",
     "MIN_SWEEP_GAP",
     "SWEEP_SHARE",
     "PredictionWatcher",
-    "Watch",
     "sweep_gap",
 ]
 
@@ -79,8 +79,6 @@ MAX_SWEEP_GAP = 10.0
 SWEEP_SHARE = 0.5
 #: A due wait not answered this long reads its prediction alone.
 FALLBACK_SECONDS = MAX_SWEEP_GAP + 5.0
-#: While a prediction processes, a full read (with ``logs``) at most this often.
-LOGS_EVERY_SECONDS = PROGRESS_LOG_SECONDS
 #: After the list failed, waits read alone for this long before the list is tried again.
 LIST_RETRY_SECONDS = 60.0
 #: The rate assumed where the connection sets no budget: Replicate's, requests per second.
@@ -93,165 +91,9 @@ _PAGE_BUDGET = Budget(retries=2, tolerate=True, priority=0.0)
 _TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 
-class _ReadAlone:
-    """What a watch is handed when the list cannot answer for it."""
-
-
-_READ_ALONE = _ReadAlone()
-
-
 def sweep_gap(pages: int, rate: float) -> float:
     """Seconds between sweeps of ``pages`` pages under a budget of ``rate`` requests per second."""
     return min(MAX_SWEEP_GAP, max(MIN_SWEEP_GAP, pages / (SWEEP_SHARE * rate)))
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
-
-
-class Watch:
-    """One trigger's wait on the shared watcher: :meth:`poll` returns the prediction at about the
-    time the trigger wants to look, from a sweep or from its own read."""
-
-    def __init__(
-        self,
-        watcher: PredictionWatcher,
-        prediction_id: str,
-        created_at: datetime | None,
-        hook: FluxKontextHook,
-    ) -> None:
-        self.watcher = watcher
-        self.prediction_id = prediction_id
-        self.created_at = created_at
-        self.hook = hook
-        self.due = False
-        self.misses = 0
-        self.last_status: str | None = None
-        self._processing_since: float | None = None  # time.monotonic()
-        self._full_read_at: float | None = None
-        self._future: asyncio.Future[Prediction | _ReadAlone | BaseException] | None = None
-        self._timers: list[asyncio.TimerHandle] = []
-
-    @property
-    def waiting(self) -> bool:
-        return self._future is not None and not self._future.done()
-
-    @property
-    def sweepable(self) -> bool:
-        """Whether a sweep can answer for it: not missed twice, and not missed while its
-        ``created_at`` was unknown (then it reads once and learns it)."""
-        return self.misses < 2 and not (self.misses and self.created_at is None)
-
-    def _needs_full_read(self, now: float) -> bool:
-        if self._processing_since is None:
-            return False
-        since = self._full_read_at if self._full_read_at is not None else self._processing_since
-        return now - since >= LOGS_EVERY_SECONDS
-
-    @property
-    def shared(self) -> bool:
-        """Whether its next look should come from the watcher (sweeps are on and can answer for it);
-        else the trigger reads its prediction itself, as without a watcher."""
-        watcher = self.watcher
-        return (
-            watcher.sweeping
-            and self.sweepable
-            and watcher.list_usable()
-            and not self._needs_full_read(time.monotonic())
-        )
-
-    def saw(self, prediction: Prediction, *, full: bool) -> None:
-        """Note what a look at the prediction showed (``full``: a read of its own, with logs)."""
-        status = prediction.status.value
-        now = time.monotonic()
-        if status == "processing" and self._processing_since is None:
-            self._processing_since = now
-        if full:
-            self._full_read_at = now
-            if self.created_at is None and prediction.created_at is not None:
-                self.created_at = _parse_time(prediction.created_at)
-        self.last_status = status
-
-    def hand(self, result: Prediction | _ReadAlone | BaseException) -> None:
-        """Answer the pending :meth:`poll` (no-op where none is pending)."""
-        if self._future is not None and not self._future.done():
-            self._future.set_result(result)
-
-    def _became_due(self) -> None:
-        if not self.waiting:
-            return
-        self.due = True
-        watcher = self.watcher
-        if (
-            not watcher.sweeping
-            or not self.sweepable
-            or self._needs_full_read(time.monotonic())
-            or not watcher.list_usable()
-        ):
-            self.hand(_READ_ALONE)
-            return
-        watcher.due.add(self)
-        watcher.kick()
-        self._timers.append(asyncio.get_running_loop().call_later(FALLBACK_SECONDS, self._fallback))
-
-    def _fallback(self) -> None:
-        """Still unanswered long after it became due: read alone if the watcher stopped sweeping;
-        while it sweeps, the account's budget is what holds the sweep back, and reads of its own
-        would only queue behind it."""
-        if self.watcher.running and self.watcher.list_usable():
-            self._timers.append(asyncio.get_running_loop().call_later(FALLBACK_SECONDS, self._fallback))
-        else:
-            self.hand(_READ_ALONE)
-
-    async def poll(self, delay: float, budget: Budget) -> Prediction:
-        """The prediction, looked at ``delay`` seconds from now (earlier if a sweep sees it end).
-
-        :param budget: the poll's budget, for a read alone (retries, deadline, priority).
-        :raises KontextError: a read alone failed for good (as
-            :meth:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook.aget_prediction`).
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Prediction | _ReadAlone | BaseException] = loop.create_future()
-        self._future = future
-        self.due = False
-        if budget.deadline is not None:
-            # Waiting on sweeps never outlasts the deadline: a read alone then ends it as before.
-            at_deadline = max(0.0, budget.deadline - time.time())
-            self._timers.append(loop.call_later(at_deadline, self.hand, _READ_ALONE))
-        if delay > 0:
-            self._timers.append(loop.call_later(delay, self._became_due))
-        else:
-            self._became_due()
-        try:
-            result = await future
-        finally:
-            for timer in self._timers:
-                timer.cancel()
-            self._timers.clear()
-            self.watcher.due.discard(self)
-            self._future = None
-        if isinstance(result, BaseException):
-            raise result
-        if isinstance(result, _ReadAlone):
-            prediction = await self.hook.aget_prediction(self.prediction_id, budget=budget)
-            self.saw(prediction, full=True)
-            return prediction
-        return result
-
-    async def close(self) -> None:
-        """Leave the watcher (the last one out stops it)."""
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
-        await self.watcher.leave(self)
 
 
 class PredictionWatcher:
@@ -260,6 +102,9 @@ class PredictionWatcher:
     _watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, PredictionWatcher]] = (
         weakref.WeakKeyDictionary()
     )
+
+    #: A due wait not answered this long reads its prediction alone (see :class:`Watch`).
+    fallback_seconds = FALLBACK_SECONDS
 
     def __init__(self, key: str, conn_id: str, settings: ClientSettings) -> None:
         self.key = key
@@ -305,7 +150,7 @@ class PredictionWatcher:
         watcher = watchers.get(key)
         if watcher is None:
             watcher = watchers[key] = cls(key, hook.flux_kontext_conn_id, settings)
-        watch = Watch(watcher, prediction_id, _parse_time(created_at), hook)
+        watch = Watch(watcher, prediction_id, parse_time(created_at), hook)
         watcher.watches.setdefault(prediction_id, []).append(watch)
         watcher.interval = min(watcher.interval, poll_interval)
         watcher._decide(exact=False)
@@ -408,7 +253,7 @@ class PredictionWatcher:
 
     def _release_due(self) -> None:
         for watch in list(self.due):
-            watch.hand(_READ_ALONE)
+            watch.hand(READ_ALONE)
         self.due.clear()
 
     def _window(self, targets: dict[str, list[Watch]]) -> str | None:
@@ -467,7 +312,7 @@ class PredictionWatcher:
             for watch in targets[pid]:
                 if watch.waiting and watch.due:
                     watch.misses += 1
-                    watch.hand(_READ_ALONE)
+                    watch.hand(READ_ALONE)
                     self.due.discard(watch)
         # Waits that became due during the sweep stay due: the next sweep answers them.
 
@@ -476,17 +321,17 @@ class PredictionWatcher:
         prediction: Prediction | None = None
         for watch in watches:
             if watch.created_at is None:
-                watch.created_at = _parse_time(item.get("created_at"))
+                watch.created_at = parse_time(item.get("created_at"))
             if not watch.waiting or not (watch.due or status in _TERMINAL or status != watch.last_status):
                 continue
             if status in _TERMINAL and status != "succeeded":
-                watch.hand(_READ_ALONE)  # its error and log tail come from a full read
+                watch.hand(READ_ALONE)  # its error and log tail come from a full read
                 continue
             if prediction is None:
                 try:
                     prediction = PredictionPage.prediction(item)
                 except ValidationError:
-                    watch.hand(_READ_ALONE)
+                    watch.hand(READ_ALONE)
                     continue
             watch.saw(prediction, full=False)
             watch.hand(prediction)
