@@ -1,71 +1,49 @@
-"""``FluxKontextHook``: every HTTP call of the provider, sync (requests) and async (aiohttp).
+"""``FluxKontextHook``: every API call of the provider, sync (requests) and async (aiohttp).
 
 Request building and response parsing are shared by both paths
 (:mod:`airflow_provider_kontext.hooks._http`), and so is the failure policy with its one attempt loop
-(:mod:`airflow_provider_kontext.failures`); the bytes move in :mod:`.transports`.
+(:mod:`airflow_provider_kontext.failures`); settings and sending live in :mod:`.base`, the bytes
+move in :mod:`.transports`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from airflow.sdk import BaseHook
-
-from airflow_provider_kontext.exceptions import KontextError, KontextRateLimitError
-from airflow_provider_kontext.failures import Attempts, Budget
+from airflow_provider_kontext.exceptions import KontextError
+from airflow_provider_kontext.failures import Budget
 from airflow_provider_kontext.hooks._http import (
-    ApiRequest,
     account_request,
     cancel_prediction_request,
     create_prediction_request,
     download_request,
     get_prediction_request,
     list_predictions_request,
-    parse_response,
     parsed_as,
     parsed_created,
     parsed_page,
     parsed_prediction,
     upload_file_request,
 )
-from airflow_provider_kontext.hooks.budget import AccountBudgets
+from airflow_provider_kontext.hooks.base import KontextBaseHook
 from airflow_provider_kontext.hooks.connection import (
     CONN_TYPE,
     DEFAULT_CONN_ID,
     HOOK_NAME,
     ClientSettings,
-    SettingsCache,
-    SettingsKey,
-    checked_overrides,
     ui_field_behaviour,
 )
-from airflow_provider_kontext.hooks.transports import (
-    AiohttpClient,
-    SharedAsyncClient,
-    send_with_requests,
-    stream_with_requests,
-)
+from airflow_provider_kontext.hooks.transports import AiohttpClient, stream_with_requests
 from airflow_provider_kontext.images import read_source
 from airflow_provider_kontext.models import Account, Prediction, PredictionPage, UploadedFile
 
-if TYPE_CHECKING:
-    import requests
-
 __all__ = ["AiohttpClient", "FluxKontextHook"]
 
-_Parse = Callable[[Any], Any]
 
-
-def _raw(data: Any) -> Any:
-    return data
-
-
-class FluxKontextHook(BaseHook):
+class FluxKontextHook(KontextBaseHook):
     """Talks to Replicate's predictions API, or a Replicate-compatible proxy, for FLUX.1 Kontext.
 
     The connection (type ``fluxkontext``) holds the base URL in ``host`` (default
@@ -100,18 +78,6 @@ class FluxKontextHook(BaseHook):
     conn_type = CONN_TYPE
     hook_name = HOOK_NAME
 
-    def __init__(self, flux_kontext_conn_id: str = DEFAULT_CONN_ID, **settings: float | None) -> None:
-        super().__init__()
-        self.flux_kontext_conn_id = flux_kontext_conn_id
-        self._overrides = checked_overrides(settings)
-        self._settings: ClientSettings | None = None
-        self._session: requests.Session | None = None
-        self._aclient: AiohttpClient | None = None
-        self._aclient_loop: weakref.ref[asyncio.AbstractEventLoop] | None = None
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(flux_kontext_conn_id={self.flux_kontext_conn_id!r})"
-
     @classmethod
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         """Labels, hidden fields and placeholders of the connection form (as in ``get_provider_info``)."""
@@ -126,169 +92,6 @@ class FluxKontextHook(BaseHook):
         from airflow_provider_kontext.hooks.connection import conn_fields
 
         return connection_form_widgets(conn_fields())
-
-    # --- settings ---------------------------------------------------------------------------------
-
-    def _build_settings(self, conn: Any) -> ClientSettings:
-        """Settings from the connection, every secret in them registered with Airflow's masker."""
-        settings = ClientSettings.from_connection(conn, **self._overrides)
-        from airflow_provider_kontext.compat import mask_secret
-
-        for secret in settings.secrets():
-            mask_secret(secret)
-        return settings
-
-    async def _abuild_settings(self, conn: Any) -> ClientSettings:
-        """:meth:`_build_settings` for the event loop: masks with ``amask_secret``, which does not
-        block on the supervisor's channel."""
-        settings = ClientSettings.from_connection(conn, **self._overrides)
-        from airflow_provider_kontext.compat import amask_secret
-
-        for secret in settings.secrets():
-            await amask_secret(secret)
-        return settings
-
-    @property
-    def settings(self) -> ClientSettings:
-        """The connection's settings, looked up once (sync; use :meth:`aget_settings` in async code)."""
-        if self._settings is None:
-            self._settings = self._build_settings(self.get_connection(self.flux_kontext_conn_id))
-        return self._settings
-
-    async def aget_settings(self) -> ClientSettings:
-        """The connection's settings, looked up without blocking the event loop: once per hook, and
-        reused by the other hooks of the same event loop for :data:`SETTINGS_TTL_SECONDS`."""
-        if self._settings is None:
-            key = self._settings_key()
-            settings = SettingsCache.get(key)
-            if settings is None:
-                conn = await self.aget_connection(self.flux_kontext_conn_id)
-                settings = await self._abuild_settings(conn)
-                SettingsCache.put(key, settings)
-            self._settings = settings
-        return self._settings
-
-    def redact(self, text: str) -> str:
-        """``text`` with the connection's secrets replaced by ``***`` (as is, before the first lookup)."""
-        return self._settings.redact(text) if self._settings is not None else text
-
-    def _settings_key(self) -> SettingsKey:
-        return (self.flux_kontext_conn_id, *sorted(self._overrides.items()))
-
-    def _refreshed_settings(self, stale: ClientSettings) -> ClientSettings | None:
-        """Look the connection up again (after an auth error); the new settings if they differ."""
-        self._settings = None
-        fresh = self.settings
-        return fresh if fresh != stale else None
-
-    async def _arefreshed_settings(self, stale: ClientSettings) -> ClientSettings | None:
-        """:meth:`_refreshed_settings` without blocking, past the settings shared in the event loop."""
-        SettingsCache.drop(self._settings_key())
-        self._settings = None
-        fresh = await self.aget_settings()
-        return fresh if fresh != stale else None
-
-    def get_conn(self) -> requests.Session:
-        """The ``requests.Session`` used by the sync methods."""
-        if self._session is None:
-            import requests
-
-            self._session = requests.Session()
-        return self._session
-
-    # --- the two transports -------------------------------------------------------------------------
-
-    def _log_retry(self, request: ApiRequest, attempt: int, exc: BaseException, delay: float) -> None:
-        self.log.info("%s attempt %d failed (%s); retrying in %.1fs", request.label, attempt, exc, delay)
-
-    def _sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-    async def _asleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-    def _attempts(self, settings: ClientSettings, request: ApiRequest, budget: Budget | None) -> Attempts:
-        return Attempts(settings, request, budget=budget, log_retry=self._log_retry)
-
-    def _request(self, request: ApiRequest, budget: Budget | None = None, parse: _Parse = _raw) -> Any:
-        """Send ``request`` through the attempt loop; return its decoded JSON body through ``parse``,
-        which runs inside each attempt, so an unreadable answer counts as that attempt's failure.
-
-        :raises KontextError: the final error once trying stops (see :class:`Attempts`).
-        """
-
-        def send(settings: ClientSettings, attempt: int) -> Any:
-            self._log_attempt(request, attempt)
-            answer = send_with_requests(self.get_conn(), settings, request)
-            return parse(parse_response(settings, request, *answer))
-
-        attempts = self._attempts(self.settings, request, budget)
-        return attempts.run_sync(send, self._refreshed_settings, self._sleep)
-
-    async def _arequest(self, request: ApiRequest, budget: Budget | None = None, parse: _Parse = _raw) -> Any:
-        """Async twin of :meth:`_request`, over the event loop's shared client."""
-
-        priority = budget.priority if budget is not None else None
-
-        async def send(settings: ClientSettings, attempt: int) -> Any:
-            account = AccountBudgets.get(settings)
-            if account is not None:
-                await account.acquire(priority)
-            self._log_attempt(request, attempt)
-            answer = await self._async_client().send(settings, request)
-            try:
-                return parse(parse_response(settings, request, *answer))
-            except KontextRateLimitError as exc:
-                if account is not None:
-                    wait = exc.retry_after
-                    account.pause(None if wait is None else min(wait, settings.retry_after_max))
-                raise
-
-        attempts = self._attempts(await self.aget_settings(), request, budget)
-        return await attempts.run_async(send, self._arefreshed_settings, self._asleep)
-
-    def _async_client(self) -> AiohttpClient:
-        """This hook's share of the event loop's client, acquired on first use in this loop."""
-        loop = asyncio.get_running_loop()
-        client = self._aclient
-        if (
-            client is None
-            or client.is_closed
-            or self._aclient_loop is None
-            or self._aclient_loop() is not loop
-        ):
-            # A client left from another (finished) event loop is bound to it: using it here raises
-            # "Event loop is closed". It cannot be released from this loop either, so it is dropped.
-            client = self._aclient = SharedAsyncClient.acquire()
-            self._aclient_loop = weakref.ref(loop)
-        return client
-
-    def _log_attempt(self, request: ApiRequest, attempt: int) -> None:
-        if attempt > 1 or not request.quiet:
-            self.log.info("%s (attempt %d)", request.label, attempt)
-        else:
-            # The class's logger: creating one per hook (so per trigger) costs more than the poll.
-            type(self).logger().debug("%s (attempt %d)", request.label, attempt)
-
-    async def aclose(self) -> None:
-        """Release the async client (closed once no other hook in this event loop uses it)."""
-        client, self._aclient = self._aclient, None
-        same_loop = self._aclient_loop is not None and self._aclient_loop() is asyncio.get_running_loop()
-        self._aclient_loop = None
-        if client is not None and same_loop:
-            await SharedAsyncClient.release(client)
-
-    async def __aenter__(self) -> FluxKontextHook:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    def close(self) -> None:
-        """Close the sync session."""
-        if self._session is not None:
-            self._session.close()
-            self._session = None
 
     # --- API: sync ----------------------------------------------------------------------------------
 
