@@ -46,8 +46,10 @@ def _raw(data: Any) -> Any:
 
 
 class KontextBaseHook(BaseHook):
-    """A connection's settings and the two transports, for the API calls of
-    :class:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook`.
+    """A connection's settings and the two ways of sending, under the hook's API calls.
+
+    Subclassed by :class:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook`; not a hook of
+    its own (it has no connection type).
 
     :param flux_kontext_conn_id: the connection id.
     :param settings: overrides of the connection's extras, by the same names; a bad name or value
