@@ -11,13 +11,30 @@ already past.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 
 from airflow_provider_kontext.models import Prediction
 
 #: A server ``created_at`` further than this from the local clock is reported as clock skew.
 CLOCK_SKEW_SECONDS = 60.0
+#: Replicate stops any prediction after 30 minutes; the default deadline when none is given.
+DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 _skew_reported: set[str] = set()
+
+
+def wait_timeout(timeout: timedelta | float | None, execution_timeout: timedelta | None) -> float:
+    """Seconds an edit may take: ``timeout`` as given; else most of the task's ``execution_timeout``
+    (all but a tenth, at most a minute, and at least half), so the task fails with the prediction's
+    own timeout (and cancels it) before Airflow kills it; else :data:`DEFAULT_TIMEOUT`."""
+    if isinstance(timeout, timedelta):
+        return timeout.total_seconds()
+    if timeout is not None:
+        return float(timeout)
+    if execution_timeout is not None:
+        total = execution_timeout.total_seconds()
+        return max(total * 0.5, total - min(60.0, total * 0.1))
+    return DEFAULT_TIMEOUT.total_seconds()
 
 
 def deadline_after_create(

@@ -12,7 +12,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_kontext.arguments import check_number, default_deferrable
 from airflow_provider_kontext.compat import AirflowFailException
-from airflow_provider_kontext.deadlines import deadline_after_create
+from airflow_provider_kontext.deadlines import deadline_after_create, wait_timeout
 from airflow_provider_kontext.edit_request import EditRequest, check_literal_inputs, validated_request
 from airflow_provider_kontext.events import PredictionEvent, prediction_event
 from airflow_provider_kontext.exceptions import (
@@ -52,8 +52,6 @@ MODEL_ARGUMENTS = (
     "disable_safety_checker",
     "go_fast",
 )
-#: Replicate stops any prediction after 30 minutes; the default deadline when none is given.
-DEFAULT_TIMEOUT = timedelta(minutes=30)
 #: The longest ``timeout`` and ``poll_interval`` accepted (a week): beyond any prediction's life, and
 #: far inside what ``timedelta`` and the trigger's deadline arithmetic can hold.
 MAX_WAIT = timedelta(days=7)
@@ -296,14 +294,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         )
 
     def _timeout_seconds(self) -> float:
-        if isinstance(self.timeout, timedelta):
-            return self.timeout.total_seconds()
-        if self.timeout is not None:
-            return float(self.timeout)
-        if self.execution_timeout is not None:
-            total = self.execution_timeout.total_seconds()
-            return max(total * 0.5, total - min(60.0, total * 0.1))
-        return DEFAULT_TIMEOUT.total_seconds()
+        return wait_timeout(self.timeout, self.execution_timeout)
 
     def _reattach(self, ledger: ReattachLedger, request: EditRequest) -> tuple[Prediction, float] | None:
         """The earlier try's prediction and deadline if it is still running or succeeded with its
