@@ -25,12 +25,26 @@ from airflow_provider_kontext.exceptions import (
 )
 from airflow_provider_kontext.failures import Verdict, classify, fail_task_on_final_answers
 from airflow_provider_kontext.hooks._http import account_request
-from airflow_provider_kontext.hooks.connection import CONN_TYPE, DEFAULT_CONN_ID, is_lasting_tls_failure
+from airflow_provider_kontext.hooks.connection import CONN_TYPE, DEFAULT_CONN_ID, ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+from airflow_provider_kontext.hooks.transports import transport_error
 
 TOKEN = "r8_tls_secret_token"
+#: A proxy-style token in the host's query: it shows up in URLs, so error texts must hide it.
+QUERY_SECRET = "qkTlsCanary9f31"
 MODEL = "black-forest-labs/flux-kontext-dev"
 INPUT = {"prompt": "make it blue", "input_image": "https://example.com/mug.png"}
+
+
+class _Conn:
+    """The fields of an Airflow connection that the settings read."""
+
+    def __init__(self, host: str) -> None:
+        self.conn_id = "c"
+        self.host = host
+        self.port = None
+        self.password = None
+        self.extra_dejson: dict[str, Any] = {}
 
 
 class Server:
@@ -163,14 +177,14 @@ CREATES = {"sync create": _sync_create, "async create": _async_create}
 def test_an_untrusted_certificate_is_tried_once(
     untrusted: Server, set_conn: Callable[..., None], call: Callable[[FluxKontextHook], Any]
 ) -> None:
-    set_conn(f"https://{untrusted.address}")
+    set_conn(f"https://{untrusted.address}?key={QUERY_SECRET}")
     with pytest.raises(KontextTLSError) as err:
         call(FluxKontextHook(max_retries=3))
     assert untrusted.connections == 1  # a read is retried on transport errors, but not on this one
     assert "CERTIFICATE_VERIFY_FAILED" in str(err.value) or "certificate verify failed" in str(err.value)
     assert "a retry would fail the same way" in str(err.value)
     assert "trust store" in str(err.value)
-    assert TOKEN not in str(err.value)
+    assert QUERY_SECRET not in str(err.value)
 
 
 @pytest.mark.parametrize("call", CREATES.values(), ids=CREATES.keys())
@@ -185,29 +199,71 @@ def test_a_create_that_fails_the_handshake_was_not_sent(
     assert untrusted.connections == 1
 
 
-@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
-def test_a_server_without_tls_is_tried_once_and_the_hint_stays(
-    plain_http: Server, set_conn: Callable[..., None], call: Callable[[FluxKontextHook], Any]
+def test_a_server_without_tls_is_tried_once_where_the_connection_never_opened(
+    plain_http: Server, set_conn: Callable[..., None]
 ) -> None:
+    """aiohttp says the handshake failed while connecting: nothing was sent, and no retry helps."""
     set_conn(plain_http.address)  # no scheme: https is assumed
     with pytest.raises(KontextTLSError) as err:
-        call(FluxKontextHook(max_retries=3))
+        _async_account(FluxKontextHook(max_retries=3))
     assert plain_http.connections == 1
     assert f"did you mean 'http://{plain_http.address}'?" in str(err.value)
 
 
-def test_a_handshake_cut_short_stays_retryable() -> None:
-    """An EOF or a reset during the handshake may pass: it is no lasting failure."""
+def test_a_server_without_tls_keeps_its_retries_where_the_phase_is_unknown(
+    plain_http: Server, set_conn: Callable[..., None]
+) -> None:
+    """requests cannot say whether the same words came from the handshake or from a record broken
+    mid-answer (after the request went): the error stays an ordinary, retried transport error."""
+    set_conn(plain_http.address)
+    with pytest.raises(KontextTransportError) as err:
+        _sync_account(FluxKontextHook(max_retries=2))
+    assert not isinstance(err.value, KontextTLSError)
+    assert plain_http.connections == 3
+    assert f"did you mean 'http://{plain_http.address}'?" in str(err.value)
+
+
+def _requests_ssl_error(message: str, cls: type[ssl.SSLError] = ssl.SSLError) -> Exception:
+    """What requests raises for an SSL failure (a urllib3 error around the ``ssl`` one)."""
+    import requests
+    import urllib3.exceptions
+
+    return requests.exceptions.SSLError(urllib3.exceptions.SSLError(cls(1, message)))
+
+
+def test_only_a_certificate_refusal_or_a_failed_connect_is_lasting() -> None:
+    settings = ClientSettings.from_connection(_Conn("https://api.example.com"))
     request = account_request()
-    cut = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
-    assert not is_lasting_tls_failure(cut)
-    refused = ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed certificate")
-    wrapped = OSError("outer")
-    wrapped.__cause__ = refused
-    assert is_lasting_tls_failure(wrapped)
-    assert is_lasting_tls_failure(ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"))
-    assert classify(KontextTransportError("cut", request_sent=False), request) is Verdict.RETRY
+    refused = _requests_ssl_error("certificate verify failed", ssl.SSLCertVerificationError)
+    cut = _requests_ssl_error("EOF occurred in violation of protocol", ssl.SSLEOFError)
+    broken = _requests_ssl_error("[SSL: RECORD_LAYER_FAILURE] record layer failure")
+    assert isinstance(transport_error(settings, request, refused, sent=True), KontextTLSError)
+    for exc in (cut, broken):
+        error = transport_error(settings, request, exc, sent=True)
+        assert not isinstance(error, KontextTLSError)
+        assert error.request_sent is True
+        assert classify(error, request) is Verdict.RETRY
+    assert isinstance(transport_error(settings, request, broken, sent=False), KontextTLSError)
+    assert not isinstance(transport_error(settings, request, cut, sent=False), KontextTLSError)
+
+
+def test_a_create_whose_answer_broke_mid_record_may_exist(
+    set_conn: Callable[..., None], requests_mock: Any
+) -> None:
+    """A record broken after the create went (OpenSSL's "record layer failure"): the prediction may
+    exist, so the create is neither retried nor reported as not sent."""
+    set_conn("https://api.example.com")
+    url = f"https://api.example.com/v1/models/{MODEL}/predictions"
+    requests_mock.post(url, exc=_requests_ssl_error("[SSL: RECORD_LAYER_FAILURE] record layer failure"))
+    with pytest.raises(KontextPredictionMayExistError):
+        FluxKontextHook(max_retries=3).create_prediction(MODEL, INPUT)
+    assert requests_mock.call_count == 1
+
+
+def test_lasting_failures_fail_the_attempt_loop() -> None:
+    request = account_request()
     assert classify(KontextTLSError("refused"), request) is Verdict.FAIL
+    assert classify(KontextTransportError("cut", request_sent=False), request) is Verdict.RETRY
 
 
 def test_a_task_fails_once_on_a_lasting_handshake_failure() -> None:

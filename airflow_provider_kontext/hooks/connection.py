@@ -332,18 +332,21 @@ def _is_tls_failure(exc: BaseException) -> bool:
     return any(isinstance(item, ssl.SSLError) or "SSL" in type(item).__name__ for item in _wrapped(exc))
 
 
-#: OpenSSL's words for a server that answered the handshake in plain HTTP.
+#: OpenSSL's words for a first record that is no TLS: a server that answers the handshake in plain
+#: HTTP (the same words can also mean a record corrupted later, once the request may have gone).
 _NOT_TLS = ("WRONG_VERSION_NUMBER", "wrong version number", "RECORD_LAYER_FAILURE", "record layer failure")
 
 
-def is_lasting_tls_failure(exc: BaseException) -> bool:
+def is_lasting_tls_failure(exc: BaseException, *, connecting: bool) -> bool:
     """Tell whether ``exc`` wraps a handshake failure that a retry would repeat: a certificate that
-    is not trusted, expired or names another host, or a server that does not speak TLS. Other SSL
-    errors (an EOF or a reset mid-handshake) may pass and stay retryable."""
+    is not trusted, expired or names another host (checked only in the handshake, before anything
+    is sent), or, where the transport proves the failure came while ``connecting``, a server that
+    does not speak TLS. Other SSL errors (an EOF or a reset mid-handshake, a record broken
+    mid-answer) may pass and stay retryable."""
     for item in _wrapped(exc):
         if isinstance(item, ssl.SSLCertVerificationError):
             return True
-        if isinstance(item, ssl.SSLError) and any(word in str(item) for word in _NOT_TLS):
+        if connecting and isinstance(item, ssl.SSLError) and any(word in str(item) for word in _NOT_TLS):
             return True
     return False
 

@@ -54,7 +54,8 @@ class FluxKontextHook(KontextBaseHook):
     and meaning are in :data:`~airflow_provider_kontext.hooks.connection.SETTINGS`.
 
     Reads and cancels are retried on 429, 5xx and network errors with capped exponential backoff and
-    jitter, honouring ``Retry-After``. Creating a prediction is retried only when the request provably
+    jitter, honouring ``Retry-After``; a TLS handshake that fails for good (an untrusted certificate)
+    is not retried. Creating a prediction is retried only when the request provably
     did not create one (429, connection refused); otherwise it fails with
     :class:`~airflow_provider_kontext.exceptions.KontextPredictionMayExistError`.
     An auth error looks the connection up again once and, if it changed (a rotated token), sends again.

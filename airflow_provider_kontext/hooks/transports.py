@@ -46,11 +46,11 @@ def transport_error(
     """Our error for a request that got no usable answer; the message never holds a secret."""
     reason = settings.redact(f"{type(exc).__name__}: {exc}")[:500]
     hint = tls_hint(settings, exc)
-    if is_lasting_tls_failure(exc):
+    if is_lasting_tls_failure(exc, connecting=not sent):
         return KontextTLSError(
             f"{request.label} failed (the TLS handshake failed; nothing was sent, and a retry would "
             f"fail the same way): {reason}"
-            + (f" -- {hint}" if hint else " -- check the connection's host and scheme, or the trust store"),
+            + (f" -- {hint}" if hint else " -- check the URL's host and scheme, or the trust store"),
             method=request.method,
             path=request.path,
         )
