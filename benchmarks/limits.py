@@ -345,8 +345,9 @@ def section(result: dict[str, Any]) -> list[str]:
         "and reads none of them (its read would spend the pollers' budget); each poller starts within "
         "one interval. Every client runs in its own process against the same emulator, reset between "
         "runs, which counts every request and every 429. The triggers are the real "
-        "`FluxKontextPredictionTrigger`, deferred without `created_at` as the operator does today, "
-        "driven as in section 1.",
+        "`FluxKontextPredictionTrigger`, deferred without `created_at` (the operator passes it now; "
+        "without it the watcher must find each wait in the newest pages, the harder case), driven "
+        "as in section 1.",
         "",
         "- **trigger**: the connection sets `max_requests_per_minute: 3000` (the server's limit; the "
         "default is 2400), so the shared budget and the list watcher are on.",
