@@ -16,6 +16,7 @@ import pendulum
 import pytest
 from airflow.sdk import DAG, Asset, ObjectStoragePath
 from airflow.sdk.execution_time.context import OutletEventAccessors
+from factories import api_prediction
 
 from airflow_provider_kontext.compat import AirflowFailException, TaskDeferred
 from airflow_provider_kontext.events import prediction_event
@@ -53,18 +54,7 @@ SECRET_ECHO = "r8_ECHOED_BY_A_PROXY"
 
 
 def make_prediction(status: str, prediction_id: str | None = PID, **fields: Any) -> Prediction:
-    data: dict[str, Any] = {
-        "id": prediction_id,
-        "model": "black-forest-labs/flux-kontext-dev",
-        "status": status,
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "urls": {
-            "get": f"https://api.replicate.com/v1/predictions/{prediction_id}",
-            "web": f"https://replicate.com/p/{prediction_id}",
-        },
-    }
-    data.update(fields)
-    return Prediction.model_validate(data)
+    return api_prediction(prediction_id, status, **fields)
 
 
 def succeeded(prediction_id: str | None = PID, output: Any = OUT_URL, **fields: Any) -> Prediction:

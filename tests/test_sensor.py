@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
 from typing import Any
 from unittest import mock
 
 import pytest
+from factories import api_prediction
 
 from airflow_provider_kontext.compat import (
     AirflowFailException,
@@ -37,19 +37,9 @@ PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
 
 
 def make_prediction(status: str, **fields: Any) -> Prediction:
-    data: dict[str, Any] = {
-        "id": PID,
-        "model": "black-forest-labs/flux-kontext-dev",
-        "status": status,
-        "input": {"prompt": "Make it blue", "input_image": INPUT_URL},
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "urls": {
-            "get": f"https://api.replicate.com/v1/predictions/{PID}",
-            "web": f"https://replicate.com/p/{PID}",
-        },
-    }
-    data.update(fields)
-    return Prediction.model_validate(data)
+    return api_prediction(
+        PID, status, **{"input": {"prompt": "Make it blue", "input_image": INPUT_URL}, **fields}
+    )
 
 
 def succeeded(**fields: Any) -> Prediction:

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from airflow.triggers.base import TriggerEvent
+from factories import api_prediction
 
 from airflow_provider_kontext.events import prediction_event
 from airflow_provider_kontext.exceptions import (
@@ -42,18 +43,7 @@ SECRET_ECHO = "r8_ECHOED_BY_A_PROXY"
 
 
 def make_prediction(status: str, **fields: Any) -> Prediction:
-    data: dict[str, Any] = {
-        "id": PID,
-        "model": "black-forest-labs/flux-kontext-dev",
-        "status": status,
-        "created_at": "2025-05-01T10:00:00+00:00",
-        "urls": {
-            "get": f"https://api.replicate.com/v1/predictions/{PID}",
-            "web": f"https://replicate.com/p/{PID}",
-        },
-    }
-    data.update(fields)
-    return Prediction.model_validate(data)
+    return api_prediction(PID, status, **{"created_at": "2025-05-01T10:00:00+00:00", **fields})
 
 
 def make_trigger(**overrides: Any) -> FluxKontextPredictionTrigger:
