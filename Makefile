@@ -4,12 +4,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow_home
 
-.PHONY: venv demo test lint check bench clean
+.PHONY: venv demo test lint check bench lock deps-check clean
 
-$(BIN)/.installed: pyproject.toml
+# Every version is held by ci/locks/dev.txt (`make lock` re-resolves it; `make deps-check` says what the
+# newest releases would break first).
+LOCK := ci/locks/dev.txt
+UV_VERSION := 0.13.9
+
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[emulator]' --group test --group lint
+	$(BIN)/python -m pip install --quiet --upgrade pip uv==$(UV_VERSION)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c $(LOCK) -e '.[emulator]' --group test --group lint
 	touch $@
 
 venv: $(BIN)/.installed
@@ -29,8 +34,16 @@ check: lint test
 
 # Benchmarks against the emulator on 127.0.0.1; writes benchmarks/RESULTS.md (~12 minutes on 2 cores).
 bench: venv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e '.[emulator]' --group bench
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c $(LOCK) -e '.[emulator]' --group bench
 	$(BIN)/python -m benchmarks
 
+# Re-resolve every lock in ci/locks/ (today's newest releases within ci/pins/).
+lock: venv
+	UV=$(BIN)/uv ci/locks.sh lock
+
+# Not in CI: the newest releases for each matrix entry, without locks; says what broke and what moved.
+deps-check: venv
+	UV=$(BIN)/uv ci/locks.sh check
+
 clean:
-	rm -rf $(VENV) .airflow_home .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .airflow_home .deps-check .pytest_cache .mypy_cache .ruff_cache
