@@ -61,7 +61,12 @@ check() { # check [NAME...]: every entry, or the named ones
         echo "=== $name: newest releases on Python $py with $pins, no lock" | tee -a "$report"
         rm -rf "$dir"
         "$UV" venv -q --python "$(python_for "$py")" "$dir"
-        "$UV" pip install -q --python "$dir/bin/python" -r "$pins" -e '.[emulator]' --group test --group lint
+        if [ "$name" = dev ]; then
+            "$UV" pip install -q --python "$dir/bin/python" -r "$pins" -e '.[emulator,openlineage]' \
+                --group test --group lint --group bench --group distributed
+        else
+            "$UV" pip install -q --python "$dir/bin/python" -r "$pins" -e '.[emulator]' --group test
+        fi
         "$UV" pip freeze -q --python "$dir/bin/python" --exclude-editable | sort >"$dir/freeze.txt"
         grep -E '^[A-Za-z0-9_.-]+==' "ci/locks/$name.txt" | sed 's/ *;.*//; s/ *#.*//' | sort -u >"$dir/lock.txt"
         echo "moved since the lock (< locked, > newest):" | tee -a "$report"
@@ -73,7 +78,8 @@ check() { # check [NAME...]: every entry, or the named ones
             echo "unit tests: FAILED ($(tail -n1 "$dir/pytest.log")); log: $dir/pytest.log" | tee -a "$report"
             broke+=("$name")
         fi
-        if ! "$dir/bin/pip-audit" --skip-editable --progress-spinner off >"$dir/audit.log" 2>&1; then
+        if ! "$(dirname "$UV")/pip-audit" -r "$dir/freeze.txt" --no-deps --disable-pip \
+            --progress-spinner off >"$dir/audit.log" 2>&1; then
             echo "pip-audit: vulnerabilities found; log: $dir/audit.log" | tee -a "$report"
             broke+=("$name (audit)")
         fi
