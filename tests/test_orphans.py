@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from unittest import mock
 
 import pytest
+from emulated import png
 
 from airflow_provider_kontext.images import LocalImage
 from airflow_provider_kontext.models import PredictionPage
@@ -17,6 +21,7 @@ from airflow_provider_kontext.orphans import (
     Wanted,
     file_id_of,
     find_orphan,
+    search_with_hook,
     wanted_for,
 )
 
@@ -181,3 +186,41 @@ def test_a_window_larger_than_the_page_limit_is_not_adopted_from():
 )
 def test_file_id_of(url, base, expected):
     assert file_id_of(url, base) == expected
+
+
+# --- against the emulator: what its list answers for inline and uploaded images --------------------
+
+
+@pytest.fixture
+def emulated_hook(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+    from airflow_provider_kontext.testing.emulator import KontextEmulator
+
+    with KontextEmulator(token="r8_OrphansTest_3f1c", prediction_seconds=30.0) as emulator:
+        conn = {"conn_type": "fluxkontext", "host": emulator.base_url, "password": "r8_OrphansTest_3f1c"}
+        monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps(conn))
+        yield FluxKontextHook()
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline data: URI", "uploaded file"])
+def test_the_emulators_list_shows_images_as_they_were_sent_and_they_match(emulated_hook, inline):
+    image = LocalImage(png(), "image/png", "cat.png")
+    other = LocalImage(png(colour=(10, 200, 10)), "image/png", "dog.png")
+    inline_max = 1 << 20 if inline else 0
+    since = datetime.now(timezone.utc)
+    base = {"prompt": "Make it snowy", "input_image": "data:image/png;base64,"}
+    for local in (other, image):  # the same prompt on two images: only the image tells them apart
+        sent = wanted_for(MODEL, base, local, inline_max)
+        if inline:
+            model_input = dict(sent.input)
+        else:
+            model_input = {
+                **sent.input,
+                "input_image": emulated_hook.upload_file(local.data, content_type="image/png").urls.get,
+            }
+        created = emulated_hook.create_prediction(MODEL, model_input)
+    log = mock.Mock()
+    found = search_with_hook(emulated_hook, wanted_for(MODEL, base, image, inline_max), since, log)
+    assert found is not None
+    assert found.id == created.id
+    assert "Adopting prediction" in log.info.call_args.args[0]
