@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from unittest import mock
 
@@ -259,9 +259,14 @@ def no_store_context(try_number: int, clear_number: int = 0) -> dict[str, Any]:
 
 
 def test_without_a_store_a_retry_searches_from_the_runs_start(hook):
-    hook.list_predictions.return_value = PredictionPage(results=[listed(OLD_PID)])
-    deferred = run_deferring(make_op(retries=2), no_store_context(try_number=2))
+    created = datetime.now(timezone.utc) - timedelta(seconds=10)
+    hook.list_predictions.return_value = PredictionPage(
+        results=[{**listed(OLD_PID), "created_at": created.isoformat()}]
+    )
+    deferred = run_deferring(make_op(retries=2, timeout=600), no_store_context(try_number=2))
     assert deferred.trigger.prediction_id == OLD_PID
+    # The deadline runs from the prediction's create, not from the run's start (long past).
+    assert abs(deferred.trigger.end_time - (created.timestamp() + 600)) < 1
     hook.create_prediction.assert_not_called()
     since = datetime.fromisoformat(hook.list_predictions.call_args.kwargs["created_after"])
     assert since < RUN_START

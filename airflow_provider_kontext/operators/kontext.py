@@ -323,8 +323,8 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         prediction = search_with_hook(self.hook, wanted, since, self.log)
         if prediction is None or not usable(prediction, "created by an earlier try", self.log):
             return None
-        created = prediction.created_at or since
-        deadline = min(since, created).timestamp() + self._timeout_seconds()
+        # As the lost try's deadline was: from the create (not from a search window's start).
+        deadline = (prediction.created_at or since).timestamp() + self._timeout_seconds()
         if prediction.id:
             ledger.record(prediction.id, request.fingerprint, deadline)
         return prediction, deadline
