@@ -103,7 +103,8 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         ``execution_timeout`` less a margin, else 30 minutes. Also sent as Replicate's
         ``Cancel-After``, so the remote side stops it even when Airflow cannot.
     :param reattach_on_retry: on a retry, reattach to the prediction the earlier try started when it
-        is still running or succeeded, instead of paying for a new one.
+        is still running or succeeded, instead of paying for a new one; one the try did not live to
+        record is searched for in the account's list (:mod:`airflow_provider_kontext.orphans`).
     :param retry_uncertain_create: when a create fails in a way that leaves open whether a prediction
         was started, let Airflow retry the task (may pay twice) instead of failing it for a human.
     :param retry_failed_predictions: let Airflow retry the task (a new, billed prediction) when the
