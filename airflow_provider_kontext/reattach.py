@@ -1,6 +1,26 @@
 """What a retry of an edit needs to find the prediction an earlier try started, instead of paying
-for a second one: the prediction id, a fingerprint of the request, and the deadline, kept in
-Airflow's task state store (which survives retries; XComs do not).
+for a second one, kept in Airflow's task state store (which survives retries; XComs do not).
+
+One entry per task instance goes through these states:
+
+- *create under way* (``{"creating": {fingerprint, since}}``), written just before the create: a
+  retry that finds it (the try died before learning the id) searches the account's predictions
+  created since then for the lost one (:mod:`airflow_provider_kontext.orphans`);
+- *created* (``{id, fingerprint, deadline}``), written right after the create: a retry reattaches to
+  the prediction while it runs, or takes its outputs once it succeeded;
+- *finished by try N* (``finished``: the try number and the task instance's series, below), written
+  when the edit is done, in place of deleting the entry: Airflow may still fail that try after the
+  provider finished (its scheduler race, a killed worker), and the retry then completes from the
+  same prediction in seconds, paying nothing;
+- *cleared*: a finished entry from an earlier series, which a try ignores (a fresh edit).
+
+Retry or clear: Airflow keeps the store on both (only ``[state_store] clear_on_success`` empties it,
+in the same transaction that records the success). What tells them apart is the task instance's
+``max_tries``: a retry keeps it, while clearing a task instance sets it to the try number plus
+``retries`` (``clear_task_instances``, and the scheduler for a task cleared while running), which
+is Airflow's own way of finding a series' first try (``max_tries - retries + 1``). The DAG run's
+``clear_number``, which every clear in the run raises, is compared too, so a clear that happens to
+leave ``max_tries`` unchanged (``retries`` lowered in between) still edits afresh.
 """
 
 from __future__ import annotations
@@ -8,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from airflow_provider_kontext.exceptions import KontextNotFoundError
@@ -31,46 +51,117 @@ def fingerprint(model: str, model_input: dict[str, Any], image: bytes | None = N
     return hashlib.sha256(document.encode()).hexdigest()
 
 
+class Series(NamedTuple):
+    """Which series of tries of its task instance a try belongs to (see the module docstring): the
+    try number, ``max_tries`` and the DAG run's ``clear_number`` (``None`` where unknown)."""
+
+    try_number: int | None
+    max_tries: int | None
+    clear_number: int | None
+
+    @classmethod
+    def of(cls, context: Any) -> Series:
+        ti = context.get("ti")
+        dag_run = context.get("dag_run")
+        return cls(
+            _count(getattr(ti, "try_number", None)),
+            _count(getattr(ti, "max_tries", None)),
+            _count(getattr(dag_run, "clear_number", None)),
+        )
+
+    def first_try(self, retries: int) -> bool:
+        """Whether this is the first try since the task instance was created or last cleared
+        (``True`` when unknown), as Airflow itself reckons it."""
+        if self.try_number is None or self.max_tries is None:
+            return True
+        return self.try_number <= self.max_tries - retries + 1
+
+    def continues(self, finished: Mapping[str, Any]) -> bool:
+        """Whether a try of this series finished the edit: same ``max_tries``, same ``clear_number``,
+        an earlier (or the same) try number. An entry without them is taken as this series'."""
+        return (
+            finished.get("max_tries") == self.max_tries
+            and finished.get("clear_number") == self.clear_number
+            and (
+                not isinstance(finished.get("try_number"), int)
+                or self.try_number is None
+                or finished["try_number"] <= self.try_number
+            )
+        )
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class Started(NamedTuple):
-    """The prediction an earlier try started: its id, the request's fingerprint, and the deadline
-    (Unix time on the worker's clock; ``None`` from an entry written before deadlines were kept)."""
+    """The prediction an earlier try started: its id, the request's fingerprint, the deadline
+    (Unix time on the worker's clock; ``None`` from an entry written before deadlines were kept), and
+    who finished it (``None`` while no try has)."""
 
     prediction_id: str
     fingerprint: str | None
     deadline: float | None
+    finished: dict[str, Any] | None = None
+
+
+class Creating(NamedTuple):
+    """A create an earlier try began and never recorded: the request's fingerprint and when (Unix
+    time on the worker's clock, taken before the request was sent)."""
+
+    fingerprint: str
+    since: float
 
 
 class ReattachLedger:
     """Reads and writes this task instance's entry in the task state store.
 
-    Without a store (Airflow < 3.3, or reattaching switched off) it remembers nothing: every try
-    starts its own prediction.
+    Without a store (Airflow < 3.3, or reattaching switched off) it remembers nothing: a retry then
+    finds an earlier try's prediction only by searching the list (see the operator).
     """
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, series: Series | None = None) -> None:
         self._store = store
+        self.series = series or Series(None, None, None)
 
     @classmethod
     def from_context(cls, context: Any, *, enabled: bool) -> ReattachLedger:
-        return cls(context.get("task_state_store") if enabled else None)
+        return cls(context.get("task_state_store") if enabled else None, Series.of(context))
 
     @property
     def enabled(self) -> bool:
         return self._store is not None
 
-    def started(self) -> Started | None:
-        """The entry of an earlier try, if there is a readable one."""
+    def _entry(self) -> dict[str, Any] | None:
         if self._store is None:
             return None
         saved = self._store.get(STATE_KEY)
-        if not isinstance(saved, dict) or not isinstance(saved.get("id"), str):
+        return saved if isinstance(saved, dict) else None
+
+    def started(self) -> Started | None:
+        """The entry of an earlier try, if there is a readable one with a prediction id."""
+        saved = self._entry()
+        if saved is None or not isinstance(saved.get("id"), str):
             return None
         deadline = saved.get("deadline")
+        finished = saved.get("finished")
         return Started(
             saved["id"],
             saved.get("fingerprint") if isinstance(saved.get("fingerprint"), str) else None,
             float(deadline) if isinstance(deadline, int | float) and not isinstance(deadline, bool) else None,
+            finished if isinstance(finished, dict) else None,
         )
+
+    def creating(self) -> Creating | None:
+        """The create an earlier try began without recording its id, if any."""
+        saved = self._entry()
+        marker = saved.get("creating") if saved is not None else None
+        if not isinstance(marker, dict):
+            return None
+        since = marker.get("since")
+        if not isinstance(marker.get("fingerprint"), str) or not isinstance(since, int | float):
+            return None
+        return Creating(marker["fingerprint"], float(since))
 
     def reattach(
         self,
@@ -79,8 +170,9 @@ class ReattachLedger:
         timeout: float,
         log: Any,
     ) -> tuple[Prediction, float] | None:
-        """The earlier try's prediction and its deadline, if the inputs are the same and it is still
-        running or succeeded with its output; else ``None`` (a new prediction is needed).
+        """The earlier try's prediction and its deadline, if the inputs are the same, no clear came
+        after it finished, and it is still running or succeeded with its output; else ``None`` (a
+        new prediction is needed).
 
         :param get_prediction: reads a prediction (the hook's); a 404 means it is gone.
         :param timeout: seconds from now, for an entry written before deadlines were kept.
@@ -89,6 +181,14 @@ class ReattachLedger:
         if started is None:
             return None
         previous = started.prediction_id
+        if started.finished is not None and not self.series.continues(started.finished):
+            log.info(
+                "Prediction %s finished in try %s before this task instance was cleared; "
+                "starting a fresh edit",
+                previous,
+                started.finished.get("try_number"),
+            )
+            return None
         if started.fingerprint != fingerprint:
             log.warning("Inputs changed since prediction %s was started; starting a new one", previous)
             return None
@@ -99,15 +199,19 @@ class ReattachLedger:
             return None
         # The first try's deadline holds: a retry does not give the prediction more time.
         deadline = started.deadline if started.deadline is not None else time.time() + timeout
-        status = prediction.status.value
-        if not prediction.is_terminal:
-            log.info("Reattaching to prediction %s (%s) started by an earlier try", previous, status)
-            return prediction, deadline
-        if prediction.status is PredictionStatus.SUCCEEDED and prediction.output_urls:
-            log.info("Prediction %s from an earlier try already succeeded; using its output", previous)
-            return prediction, deadline
-        log.info("Prediction %s from an earlier try ended %s; starting a new one", previous, status)
-        return None
+        if started.finished is not None:
+            log.info(
+                "Try %s finished prediction %s but Airflow did not record its success; completing from it",
+                started.finished.get("try_number"),
+                previous,
+            )
+        return (prediction, deadline) if usable(prediction, "from an earlier try", log) else None
+
+    def begin_create(self, fingerprint: str, since: float) -> None:
+        """Remember that a create is about to be sent (before the request), so a retry of a try that
+        dies before :meth:`record` knows to search for the prediction."""
+        if self._store is not None:
+            self._store.set(STATE_KEY, {"creating": {"fingerprint": fingerprint, "since": since}})
 
     def record(self, prediction_id: str, fingerprint: str, deadline: float) -> None:
         """Remember a prediction right after it was created (before anything else can fail)."""
@@ -116,7 +220,33 @@ class ReattachLedger:
                 STATE_KEY, {"id": prediction_id, "fingerprint": fingerprint, "deadline": deadline}
             )
 
-    def forget(self) -> None:
-        """Drop the entry once the edit is done, so a later clear of the task edits afresh."""
+    def drop(self) -> None:
+        """Delete the entry: a create answered with a finished result and no id (a proxy's images
+        API answer) leaves a retry nothing to reattach to or search for."""
         if self._store is not None:
             self._store.delete(STATE_KEY)
+
+    def finish(self, prediction_id: str | None) -> None:
+        """Mark the entry of ``prediction_id`` finished by this try (its series, see the module
+        docstring), keeping it: until Airflow records the success, a retry completes from it; after a
+        clear, a try sees another series and edits afresh. Nothing happens for another prediction's
+        entry, or without one."""
+        started = self.started()
+        if started is None or started.prediction_id != prediction_id or self._store is None:
+            return
+        entry = dict(self._entry() or {}, finished=self.series._asdict())
+        self._store.set(STATE_KEY, entry)
+
+
+def usable(prediction: Prediction, origin: str, log: Any) -> bool:
+    """Whether a prediction found for this task (``origin`` says how, for the log) can be waited for
+    or completed from: running, or succeeded with its output."""
+    status = prediction.status.value
+    if not prediction.is_terminal:
+        log.info("Reattaching to prediction %s (%s) %s", prediction.id, status, origin)
+        return True
+    if prediction.status is PredictionStatus.SUCCEEDED and prediction.output_urls:
+        log.info("Prediction %s %s already succeeded; using its output", prediction.id, origin)
+        return True
+    log.info("Prediction %s %s ended %s; starting a new one", prediction.id, origin, status)
+    return False

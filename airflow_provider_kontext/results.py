@@ -77,7 +77,9 @@ class PredictionResultMixin:
         self.log.info("%s", _story(summary, saved=bool(self.output_path)))
         context["ti"].xcom_push(key="prediction", value=summary)
         self._describe_outlets(context, summary)
-        ReattachLedger.from_context(context, enabled=self.reattach_on_retry).forget()
+        # Kept, marked finished by this try: Airflow may yet fail the try (its scheduler race, a
+        # killed worker), and the retry then completes from this prediction without paying again.
+        ReattachLedger.from_context(context, enabled=self.reattach_on_retry).finish(event.prediction_id)
         return result
 
     def _raise_unless_succeeded(self, event: PredictionEvent) -> None:

@@ -90,9 +90,13 @@ class FakeStore:
         self.data.pop(key, None)
 
 
-def make_context(store: Any = "new", outlet_events: Any = None) -> dict[str, Any]:
+def make_context(
+    store: Any = "new", outlet_events: Any = None, *, try_number: int = 1, max_tries: int = 0
+) -> dict[str, Any]:
     """A fake context; ``store=None`` leaves the task state store out (Airflow < 3.3)."""
-    context: dict[str, Any] = {"ti": mock.MagicMock(name="ti")}
+    ti = mock.MagicMock(name="ti", try_number=try_number, max_tries=max_tries)
+    dag_run = mock.MagicMock(name="dag_run", clear_number=0, start_date=None)
+    context: dict[str, Any] = {"ti": ti, "dag_run": dag_run}
     if store is not None:
         context["task_state_store"] = FakeStore() if store == "new" else store
     if outlet_events is not None:
@@ -509,12 +513,13 @@ def test_state_store_written_before_deferral(hook):
     assert ("set", STATE_KEY) in store.calls
 
 
-def test_create_failure_leaves_store_untouched(hook):
+def test_create_failure_that_may_have_created_leaves_the_create_marker(hook):
+    """A 5xx does not prove nothing was created: the retry must know to search for it."""
     hook.create_prediction.side_effect = KontextServerError(status=503)
     context = make_context()
     with pytest.raises(KontextServerError):
         make_op().execute(context)
-    assert context["task_state_store"].data == {}
+    assert set(context["task_state_store"].data[STATE_KEY]) == {"creating"}
 
 
 @pytest.mark.parametrize(
@@ -607,7 +612,7 @@ def test_reattach_to_succeeded_prediction_returns_its_output(hook, first_try):
     assert make_op().execute(context) == [OUT_URL]
     hook.create_prediction.assert_not_called()
     assert pushed(context)["prediction"]["id"] == OLD_PID
-    assert STATE_KEY not in first_try.data
+    assert first_try.data[STATE_KEY]["finished"]["try_number"] == 1  # kept until Airflow has the success
 
 
 def test_succeeded_but_output_deleted_creates_new(hook, first_try):
@@ -693,7 +698,8 @@ def test_uncertain_create_fails_without_retry_by_default(hook):
         make_op().execute(context)
     assert "retry_uncertain_create" in str(info.value)
     assert isinstance(info.value.__cause__, KontextPredictionMayExistError)
-    assert context["task_state_store"].data == {}
+    # Kept for a clear or retry to search the list for the prediction the create may have made.
+    assert set(context["task_state_store"].data[STATE_KEY]) == {"creating"}
 
 
 def test_uncertain_create_reraised_when_retries_allowed(hook):
@@ -729,7 +735,9 @@ def test_complete_succeeded(hook):
     assert summary["input_name"] == "cat.png"
     assert summary["prompt"] == PROMPT
     json.dumps(summary)
-    assert context["task_state_store"].data == {"other": 1}  # only our key is deleted
+    entry = context["task_state_store"].data[STATE_KEY]  # kept, marked finished by this try
+    assert entry["finished"] == {"try_number": 1, "max_tries": 0, "clear_number": 0}
+    assert context["task_state_store"].data["other"] == 1
     hook.cancel_prediction.assert_not_called()
 
 
@@ -1022,7 +1030,7 @@ def test_non_deferrable_polls_until_terminal(hook, no_sleep):
     assert lines.count(f"Prediction {PID} succeeded") == 1
     assert lines.count("model: step 1/28") == 1
     assert lines.count("model: step 2/28") == 1
-    assert STATE_KEY not in context["task_state_store"].data
+    assert context["task_state_store"].data[STATE_KEY]["finished"]["try_number"] == 1
 
 
 def test_non_deferrable_tolerates_transient_errors(hook, no_sleep, requests_mock, monkeypatch):

@@ -20,6 +20,7 @@ from airflow_provider_kontext.hooks._http import (
     cancel_prediction_request,
     create_prediction_request,
     download_request,
+    get_file_request,
     get_prediction_request,
     list_predictions_request,
     parsed_as,
@@ -139,6 +140,34 @@ class FluxKontextHook(KontextBaseHook):
     def cancel_prediction(self, prediction_id: str) -> Prediction:
         """Ask Replicate to cancel the prediction; returns its state after the request."""
         return parsed_as(Prediction, self._request(cancel_prediction_request(prediction_id)))
+
+    def list_predictions(
+        self,
+        *,
+        created_after: str | None = None,
+        created_before: str | None = None,
+        cursor: str | None = None,
+    ) -> PredictionPage:
+        """One page of the account's predictions (``GET /v1/predictions``): newest first, up to 100,
+        without their logs. Retried as any read.
+
+        :param created_after: ISO 8601 date-time: only predictions created at or after it.
+        :param created_before: ISO 8601 date-time: only predictions created before it.
+        :param cursor: the cursor of the previous page's ``next`` (:attr:`PredictionPage.next_cursor`).
+        :raises KontextAPIError: an error answer, or a body that is not a page of predictions.
+        """
+        request = list_predictions_request(
+            created_after=created_after, created_before=created_before, cursor=cursor
+        )
+        page: PredictionPage = self._request(request, None, parsed_page)
+        return page
+
+    def get_file(self, file_id: str) -> UploadedFile:
+        """A file's metadata (``GET /v1/files/{id}``): its name, size, checksums and URLs.
+
+        :raises KontextNotFoundError: no such file (or it expired).
+        """
+        return parsed_as(UploadedFile, self._request(get_file_request(file_id)))
 
     def get_account(self) -> Account:
         """The account the token belongs to (``GET /v1/account``, free and side-effect free)."""

@@ -248,6 +248,8 @@ class UploadedFile(BaseModel):
     size: int | None = None
     urls: FileUrls
     expires_at: datetime | None = None
+    #: ``{"sha256": ..., "md5": ...}`` of the content, as the Files API reports them.
+    checksums: dict[str, str] = Field(default_factory=dict)
 
 
 class PredictionPage(BaseModel):

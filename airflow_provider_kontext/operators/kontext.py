@@ -16,6 +16,7 @@ from airflow_provider_kontext.deadlines import deadline_after_create, wait_timeo
 from airflow_provider_kontext.edit_request import EditRequest, check_literal_inputs, validated_request
 from airflow_provider_kontext.events import PredictionEvent, prediction_event
 from airflow_provider_kontext.exceptions import (
+    KontextAPIError,
     KontextError,
     KontextInputError,
     KontextPredictionMayExistError,
@@ -28,8 +29,9 @@ from airflow_provider_kontext.models import (
     DEFAULT_MODEL,
     Prediction,
 )
+from airflow_provider_kontext.orphans import search_since, search_with_hook, wanted_for
 from airflow_provider_kontext.progress import PredictionPoller
-from airflow_provider_kontext.reattach import STATE_KEY, ReattachLedger
+from airflow_provider_kontext.reattach import STATE_KEY, ReattachLedger, usable
 from airflow_provider_kontext.results import KontextPredictionFailedNoRetry, PredictionResultMixin
 
 if TYPE_CHECKING:
@@ -101,7 +103,8 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         ``execution_timeout`` less a margin, else 30 minutes. Also sent as Replicate's
         ``Cancel-After``, so the remote side stops it even when Airflow cannot.
     :param reattach_on_retry: on a retry, reattach to the prediction the earlier try started when it
-        is still running or succeeded, instead of paying for a new one.
+        is still running or succeeded, instead of paying for a new one; one the try did not live to
+        record is searched for in the account's list (:mod:`airflow_provider_kontext.orphans`).
     :param retry_uncertain_create: when a create fails in a way that leaves open whether a prediction
         was started, let Airflow retry the task (may pay twice) instead of failing it for a human.
     :param retry_failed_predictions: let Airflow retry the task (a new, billed prediction) when the
@@ -254,9 +257,13 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             raise AirflowFailException(str(exc)) from exc
         ledger = ReattachLedger.from_context(context, enabled=self.reattach_on_retry)
         if self.reattach_on_retry and not ledger.enabled:
-            self.log.warning("No task state store (Airflow < 3.3): a retry cannot reattach to a prediction")
+            self.log.warning(
+                "No task state store (Airflow < 3.3): a retry finds an earlier try's prediction "
+                "only by searching the account's predictions"
+            )
 
-        prediction, deadline = self._reattach(ledger, request) or self._start(request, ledger)
+        found = self._reattach(ledger, request) or self._adopt(context, ledger, request)
+        prediction, deadline = found or self._start(request, ledger)
         self._prediction_id = prediction.id
         self._push_ids(context, prediction)
         if prediction.is_terminal or prediction.id is None:
@@ -303,6 +310,26 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             self.hook.get_prediction, request.fingerprint, self._timeout_seconds(), self.log
         )
 
+    def _adopt(
+        self, context: Context, ledger: ReattachLedger, request: EditRequest
+    ) -> tuple[Prediction, float] | None:
+        """The prediction an earlier try created but did not record, found in the account's list
+        (:mod:`airflow_provider_kontext.orphans`), if exactly one matches and it is usable."""
+        if not self.reattach_on_retry:
+            return None
+        since = search_since(ledger, context, request.fingerprint, self.retries or 0, self.log)
+        if since is None:
+            return None
+        wanted = wanted_for(self.model, request.model_input, request.image, self.inline_image_max_bytes)
+        prediction = search_with_hook(self.hook, wanted, since, self.log)
+        if prediction is None or not usable(prediction, "created by an earlier try", self.log):
+            return None
+        # As the lost try's deadline was: from the create (not from a search window's start).
+        deadline = (prediction.created_at or since).timestamp() + self._timeout_seconds()
+        if prediction.id:
+            ledger.record(prediction.id, request.fingerprint, deadline)
+        return prediction, deadline
+
     def _start(self, request: EditRequest, ledger: ReattachLedger) -> tuple[Prediction, float]:
         """Send the local image if any, create the prediction and record it for a retry."""
         model_input = dict(request.model_input)
@@ -311,11 +338,18 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
                 model_input["input_image"] = self._send_image(request.image)
         timeout = self._timeout_seconds()
         sent = time.time()
+        # Before the request: a try that dies before recording the id leaves its retry a trace.
+        ledger.begin_create(request.fingerprint, sent)
         try:
             with fail_task_on_final_answers("create"):
-                prediction = self.hook.create_prediction(
-                    self.model, model_input, wait=self.wait_seconds, cancel_after=timeout
-                )
+                try:
+                    prediction = self.hook.create_prediction(
+                        self.model, model_input, wait=self.wait_seconds, cancel_after=timeout
+                    )
+                except KontextAPIError as exc:
+                    if _refused(exc):  # nothing was created: nothing for a retry to search for
+                        ledger.drop()
+                    raise
         except KontextPredictionMayExistError as exc:
             if self.retry_uncertain_create:
                 raise
@@ -329,6 +363,8 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         # Record the id before anything else, to keep the window in which a crash orphans it small.
         if prediction.id:
             ledger.record(prediction.id, request.fingerprint, deadline)
+        else:
+            ledger.drop()
         self.log.info(
             "Created prediction %s (%s)%s",
             prediction.id,
@@ -403,3 +439,11 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             if event is not None:
                 return event
             time.sleep(poller.delay())
+
+
+def _refused(error: KontextAPIError) -> bool:
+    """Whether a create's error is a client error the server answered (it created nothing)."""
+    status = error.status
+    return (
+        not isinstance(error, KontextPredictionMayExistError) and status is not None and 400 <= status < 500
+    )

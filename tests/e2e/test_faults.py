@@ -62,6 +62,23 @@ class DiesRightAfterCreate(FluxKontextEditOperator):
                 os._exit(1)
             raise RuntimeError(f"simulated worker death right after creating {prediction.id}")
         return prediction, deadline
+
+
+class DiesBeforeRecording(FluxKontextEditOperator):
+    """The first try dies after the create reached the server and before its id was stored: the
+    retry can only find the prediction in the account's list."""
+
+    def execute(self, context):
+        if context["ti"].try_number == 1:
+            create = self.hook.create_prediction
+
+            def created_then_died(*args, **kwargs):
+                prediction = create(*args, **kwargs)
+                print(f"simulated worker death before recording {prediction.id}", flush=True)
+                raise RuntimeError(f"simulated worker death before recording {prediction.id}")
+
+            self.hook.create_prediction = created_then_died
+        return super().execute(context)
 '''
 
 
@@ -183,6 +200,18 @@ FAULTS = [
         operator="DiesRightAfterCreate",
         arguments='mode="raise", retries=1',
     ),
+    Fault(
+        "dies_before_record",
+        "worker death between the create and its record (try 1 raises; retry adopts it from the list)",
+        lambda f: None,
+        CREATE,
+        "success",
+        1,
+        [201],
+        tries=2,
+        operator="DiesBeforeRecording",
+        arguments="retries=1",
+    ),
 ]
 
 FAULT_DAG = """
@@ -267,7 +296,8 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
 
 
 def _answers(emulator: KontextEmulator, endpoint: re.Pattern[str]) -> list[int | None]:
-    return [r.status for r in emulator.requests if endpoint.search(r.path)]
+    method = "POST" if endpoint is CREATE else "GET"  # GET /v1/predictions is the list
+    return [r.status for r in emulator.requests if r.method == method and endpoint.search(r.path)]
 
 
 def test_fault_table(fault_run: dict[str, Any]) -> None:
@@ -304,6 +334,11 @@ def test_failures_say_why(fault_run: dict[str, Any]) -> None:
     assert "simulated worker death right after creating" in output
     assert re.search(
         r"Prediction \w+ from an earlier try already succeeded|Reattaching to prediction", output
+    )
+    # The try that died before recording its create is retried into that prediction, found in the list.
+    assert "simulated worker death before recording" in output
+    assert re.search(
+        r"Adopting prediction \w+, created by an earlier try that did not live to record it", output
     )
 
 
