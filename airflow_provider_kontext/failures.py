@@ -12,7 +12,7 @@ trying stops, :func:`final_error` says so with
 A throttled create (429) provably created nothing, and the account's create limit is shared by
 worker processes that cannot coordinate: it is sent again for as long as its caller's deadline
 allows (else :func:`create_throttle_bound`), each wait the reset the server names plus a random
-share of a window that doubles with every 429 of that create (:func:`throttle_wait`), so creators
+share of a window that widens with every 429 of that create (:func:`throttle_wait`), so creators
 throttled together come back spread out instead of all after the same reset.
 """
 
@@ -182,6 +182,9 @@ def backoff_seconds(settings: ClientSettings, attempt: int, exc: BaseException |
 #: The narrowest window a throttled create's waits are spread over, in seconds, when the server
 #: names a shorter reset (or none): wide enough to part creators that were throttled together.
 THROTTLE_SPREAD_MIN = 1.0
+#: The widest window, as a multiple of the narrowest: wider, creates that have waited longest
+#: would sit out spare capacity while fresh ones take it (see ``benchmarks/RESULTS.md``).
+THROTTLE_SPREAD_GROWTH = 8
 
 
 def throttle_wait(
@@ -195,13 +198,14 @@ def throttle_wait(
     The reset the server names (``backoff_base`` when it names none; at most ``retry_after_max``),
     then a random share of a window that starts at that reset (at least
     :data:`THROTTLE_SPREAD_MIN`) and doubles with every 429 of the same create, up to
-    ``backoff_max``. Creators throttled at the same instant come back spread over the window, and
-    the longer a create waits the fewer attempts it makes, until as many come back as the limit lets
-    through.
+    :data:`THROTTLE_SPREAD_GROWTH` times its start and never beyond ``backoff_max``. Creators
+    throttled at the same instant come back spread over the window, and the more of them there
+    are, the fewer attempts each makes.
     """
     named = settings.backoff_base if retry_after is None else retry_after
     reset = max(0.0, min(named, settings.retry_after_max))
-    window = min(settings.backoff_max, max(reset, THROTTLE_SPREAD_MIN) * 2.0 ** (throttled - 1))
+    growth = min(2.0 ** (throttled - 1), THROTTLE_SPREAD_GROWTH)
+    window = min(settings.backoff_max, max(reset, THROTTLE_SPREAD_MIN) * growth)
     return reset + uniform(0.0, max(0.0, window))
 
 

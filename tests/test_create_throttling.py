@@ -27,6 +27,7 @@ from airflow_provider_kontext.exceptions import (
     KontextRateLimitError,
 )
 from airflow_provider_kontext.failures import (
+    THROTTLE_SPREAD_GROWTH,
     THROTTLE_SPREAD_MIN,
     Attempts,
     Budget,
@@ -222,14 +223,18 @@ def test_each_wait_is_the_reset_plus_a_share_of_a_doubling_window(retry_after: f
     named = SETTINGS.backoff_base if retry_after is None else retry_after
     reset = min(named, SETTINGS.retry_after_max)
     for throttled_count in range(1, 12):
-        window = min(SETTINGS.backoff_max, max(reset, THROTTLE_SPREAD_MIN) * 2 ** (throttled_count - 1))
+        growth = min(2 ** (throttled_count - 1), THROTTLE_SPREAD_GROWTH)
+        window = min(SETTINGS.backoff_max, max(reset, THROTTLE_SPREAD_MIN) * growth)
         low = throttle_wait(SETTINGS, throttled_count, retry_after, lambda a, b: a)
         high = throttle_wait(SETTINGS, throttled_count, retry_after, lambda a, b: b)
         assert low == pytest.approx(reset)
         assert high == pytest.approx(reset + window)
-    # The window doubles, then stops at backoff_max.
-    widths = [throttle_wait(SETTINGS, k, 1.0, lambda a, b: b) - 1.0 for k in range(1, 8)]
-    assert widths == [1, 2, 4, 8, 16, 30, 30]
+    # The window doubles up to eight times its start, and never beyond backoff_max.
+    widths = [throttle_wait(SETTINGS, k, 1.0, lambda a, b: b) - 1.0 for k in range(1, 7)]
+    assert widths == [1, 2, 4, 8, 8, 8]
+    assert throttle_wait(SETTINGS, 9, 10.0, lambda a, b: b) == 10.0 + SETTINGS.backoff_max
+    narrow = ClientSettings(conn_id="c", base_url="https://x", backoff_max=3)
+    assert throttle_wait(narrow, 5, 1.0, lambda a, b: b) == 4.0
 
 
 def test_creators_throttled_together_come_back_spread_out() -> None:
