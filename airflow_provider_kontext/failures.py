@@ -225,7 +225,7 @@ class Budget:
         :class:`~airflow_provider_kontext.exceptions.KontextDeadlineError` instead. For a create,
         also how long a throttled one keeps trying (:class:`Attempts`).
     :param grace: an attempt still in flight ``grace`` seconds after ``deadline`` is abandoned (async
-        path) with the same error.
+        path) with the same error; never a create's, which may be creating the prediction.
     :param priority: Unix time by which the request is most likely to be useful (a poll: when its
         prediction is expected to end); where the account's request budget is short, the smallest
         goes first (:mod:`airflow_provider_kontext.hooks.budget`). ``None``: now.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import statistics
 from datetime import timedelta
@@ -253,16 +254,21 @@ def test_creators_throttled_together_come_back_spread_out() -> None:
     assert statistics.pstdev(fourth) > 3 * statistics.pstdev(first)
 
 
-def test_the_jitter_comes_from_the_random_module_reseeded_in_forked_workers() -> None:
-    """A generator of the module's own would repeat the parent's draws in every forked worker."""
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forked workers need os.fork")
+def test_forked_workers_draw_different_jitter() -> None:
+    """Airflow forks task processes from one parent: a generator seeded before the fork would give
+    every worker the same "random" waits, and they would come back together again."""
     random.seed(3)
-    a = throttle_wait(SETTINGS, 3, 1.0)
-    random.seed(3)
-    assert throttle_wait(SETTINGS, 3, 1.0) == a
-    draws = set()
-    for _ in range(5):
-        draws.add(Attempts(SETTINGS, CREATE, clock=Clock()).after(throttled()))
-    assert len(draws) == 5
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first draw, then out without any cleanup of the parent's
+        os.write(write, repr(throttle_wait(SETTINGS, 3, 1.0)).encode())
+        os._exit(0)
+    os.close(write)
+    child = float(os.read(read, 64).decode())
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child != throttle_wait(SETTINGS, 3, 1.0)
 
 
 # --- through the hook and the operator's deadline -----------------------------------------------------
