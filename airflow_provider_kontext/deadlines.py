@@ -37,6 +37,16 @@ def wait_timeout(timeout: timedelta | float | None, execution_timeout: timedelta
     return DEFAULT_TIMEOUT.total_seconds()
 
 
+def create_deadline(started: float, timeout: float, execution_timeout: timedelta | None) -> float:
+    """The Unix time until which a throttled create is sent again: the edit's ``timeout`` (see
+    :func:`wait_timeout`) counted from ``started`` (the try's start), and never past most of the
+    task's ``execution_timeout``, so the task fails with the throttling, not killed by Airflow."""
+    deadline = started + timeout
+    if execution_timeout is not None:
+        deadline = min(deadline, started + wait_timeout(None, execution_timeout))
+    return deadline
+
+
 def deadline_after_create(
     prediction: Prediction,
     timeout: float,

@@ -8,6 +8,12 @@ unreadable answer to a read: only a caller that polls anyway, with ``Budget(tole
 it again), or fail. A create is never sent again where it may have reached the server; when
 trying stops, :func:`final_error` says so with
 :class:`~airflow_provider_kontext.exceptions.KontextPredictionMayExistError`.
+
+A throttled create (429) provably created nothing, and the account's create limit is shared by
+worker processes that cannot coordinate: it is sent again for as long as its caller's deadline
+allows (else :func:`create_throttle_bound`), each wait the reset the server names plus a random
+share of a window that widens with every 429 of that create (:func:`throttle_wait`), so creators
+throttled together come back spread out instead of all after the same reset.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import asyncio
 import email.utils
 import enum
 import json
+import logging
 import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow_provider_kontext.exceptions import (
@@ -47,9 +55,11 @@ __all__ = [
     "Verdict",
     "backoff_seconds",
     "classify",
+    "create_throttle_bound",
     "fail_task_on_final_answers",
     "final_error",
     "parse_retry_after",
+    "throttle_wait",
 ]
 
 _T = TypeVar("_T")
@@ -169,6 +179,42 @@ def backoff_seconds(settings: ClientSettings, attempt: int, exc: BaseException |
     return ceiling * random.uniform(0.5, 1.0)
 
 
+#: The narrowest window a throttled create's waits are spread over, in seconds, when the server
+#: names a shorter reset (or none): wide enough to part creators that were throttled together.
+THROTTLE_SPREAD_MIN = 1.0
+#: The widest window, as a multiple of the narrowest: wider, creates that have waited longest
+#: would sit out spare capacity while fresh ones take it (see ``benchmarks/RESULTS.md``).
+THROTTLE_SPREAD_GROWTH = 8
+
+
+def throttle_wait(
+    settings: ClientSettings,
+    throttled: int,
+    retry_after: float | None,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> float:
+    """Wait before sending a throttled create again, after its ``throttled``-th 429 (1-based).
+
+    The reset the server names (``backoff_base`` when it names none; at most ``retry_after_max``),
+    then a random share of a window that starts at that reset (at least
+    :data:`THROTTLE_SPREAD_MIN`) and doubles with every 429 of the same create, up to
+    :data:`THROTTLE_SPREAD_GROWTH` times its start and never beyond ``backoff_max``. Creators
+    throttled at the same instant come back spread over the window, and the more of them there
+    are, the fewer attempts each makes.
+    """
+    named = settings.backoff_base if retry_after is None else retry_after
+    reset = max(0.0, min(named, settings.retry_after_max))
+    growth = min(2.0 ** (throttled - 1), THROTTLE_SPREAD_GROWTH)
+    window = min(settings.backoff_max, max(reset, THROTTLE_SPREAD_MIN) * growth)
+    return reset + uniform(0.0, max(0.0, window))
+
+
+def create_throttle_bound(settings: ClientSettings) -> float:
+    """Seconds a throttled create keeps trying when its caller gives no deadline: ``max_retries``
+    waits of the longest reset (``retry_after_max``), 300 s with the defaults."""
+    return settings.max_retries * settings.retry_after_max
+
+
 @dataclass(frozen=True)
 class Budget:
     """How long one caller keeps trying a request, where it differs from the connection's settings.
@@ -176,9 +222,10 @@ class Budget:
     :param retries: retries after the first attempt (``None``: the connection's ``max_retries``).
     :param tolerate: also send again after an unreadable answer (polls, which would poll again).
     :param deadline: Unix time past which no wait reaches: a retry that would start later raises
-        :class:`~airflow_provider_kontext.exceptions.KontextDeadlineError` instead.
+        :class:`~airflow_provider_kontext.exceptions.KontextDeadlineError` instead. For a create,
+        also how long a throttled one keeps trying (:class:`Attempts`).
     :param grace: an attempt still in flight ``grace`` seconds after ``deadline`` is abandoned (async
-        path) with the same error.
+        path) with the same error; never a create's, which may be creating the prediction.
     :param priority: Unix time by which the request is most likely to be useful (a poll: when its
         prediction is expected to end); where the account's request budget is short, the smallest
         goes first (:mod:`airflow_provider_kontext.hooks.budget`). ``None``: now.
@@ -199,10 +246,17 @@ class Attempts:
 
     ``send(settings, attempt_number)`` makes one attempt. An auth error looks the connection up
     again once (``refresh(stale)``: the new settings, or ``None`` if unchanged) and, with new
-    settings, sends at once again.
+    settings, sends at once again. A throttled create is sent again until the budget's deadline
+    (else for :func:`create_throttle_bound`) after :func:`throttle_wait`, however many times; its
+    first 429 is logged at info, the rest at debug, and one line says when it went through.
 
+    :param log: ``logging.Logger.log``-like, for the throttled create's lines.
+    :param clock: Unix time (tests pass their own). :param uniform: the jitter's random draw; the
+        ``random`` module's by default, which is reseeded in forked workers (a private generator
+        would repeat the parent's draws in every worker).
     :raises KontextError: :func:`final_error` of the last failure once trying stops.
     :raises KontextDeadlineError: the budget's deadline came first.
+    :raises KontextRateLimitError: a create still throttled when its time was up (nothing created).
     """
 
     def __init__(
@@ -212,12 +266,21 @@ class Attempts:
         *,
         budget: Budget | None = None,
         log_retry: Callable[[ApiRequest, int, BaseException, float], None] | None = None,
+        log: Callable[..., None] | None = None,
+        clock: Callable[[], float] | None = None,
+        uniform: Callable[[float, float], float] | None = None,
     ) -> None:
         self.settings = settings
         self.request = request
         self.budget = budget or _DEFAULT_BUDGET
         self.number = 1
+        #: 429s this create has had (reads do not count them).
+        self.throttled = 0
         self._log_retry = log_retry
+        self._log = log
+        self._clock = clock or time.time
+        self._uniform = uniform or random.uniform
+        self._started = self._clock()
         self._refreshed = False
 
     def after(self, exc: KontextError) -> float | None:
@@ -228,6 +291,8 @@ class Attempts:
             return None
         verdict = classify(exc, self.request)
         retries = self.settings.max_retries if self.budget.retries is None else self.budget.retries
+        if isinstance(exc, KontextRateLimitError) and not self.request.idempotent and retries > 0:
+            return self._throttled_create(exc)
         if (
             verdict is Verdict.FAIL
             or (verdict is Verdict.TOLERATE and not self.budget.tolerate)
@@ -236,12 +301,66 @@ class Attempts:
             raise final_error(self.request, exc) from None
         delay = backoff_seconds(self.settings, self.number, exc)
         deadline = self.budget.deadline
-        if deadline is not None and time.time() + delay >= deadline:
+        if deadline is not None and self._clock() + delay >= deadline:
             raise KontextDeadlineError(f"{self.request.label} still failing at the deadline: {exc}") from None
         if self._log_retry is not None:
             self._log_retry(self.request, self.number, exc, delay)
         self.number += 1
         return delay
+
+    def _throttled_create(self, exc: KontextRateLimitError) -> float:
+        """The wait after a create's 429: jittered, and the last one cut to end at the deadline."""
+        self.throttled += 1
+        now = self._clock()
+        if self.budget.deadline is not None:
+            until, why = self.budget.deadline, "the deadline"
+        else:
+            bound = create_throttle_bound(self.settings)
+            until = self._started + bound
+            why = f"the create's bound without a deadline (max_retries x retry_after_max = {bound:g} s)"
+        delay = throttle_wait(self.settings, self.throttled, exc.retry_after, self._uniform)
+        left = until - now
+        if delay >= left:
+            named = 0.0 if exc.retry_after is None else min(exc.retry_after, self.settings.retry_after_max)
+            if left <= max(named, 0.0):  # not even the reset fits: the next attempt would be throttled
+                raise KontextRateLimitError(
+                    f"{self.request.label} still throttled (HTTP 429) when {why} came "
+                    f"({_utc(until)}), after {self.throttled} throttled attempts over "
+                    f"{now - self._started:.0f} s: more creates share the account's limit than it "
+                    "lets through. Nothing was created (a 429 creates nothing), so it is safe to "
+                    f"retry. Last answer: {exc}",
+                    status=exc.status,
+                    detail=exc.detail,
+                    method=self.request.method,
+                    path=self.request.path,
+                    retry_after=exc.retry_after,
+                ) from None
+            delay = left  # the last attempt goes at the deadline
+        if self._log is not None:
+            first = self.throttled == 1
+            self._log(
+                logging.INFO if first else logging.DEBUG,
+                "%s throttled (429 #%d: %s); nothing was created. Sending it again in %.1fs (with "
+                "jitter), until %s at the latest%s",
+                self.request.label,
+                self.throttled,
+                exc.detail or exc,
+                delay,
+                _utc(until),
+                "; further 429s of it are logged at debug level" if first else "",
+            )
+        self.number += 1
+        return delay
+
+    def _succeeded(self) -> None:
+        if self.throttled and self._log is not None:
+            self._log(
+                logging.INFO,
+                "%s went through after %d throttled attempts (%.1f s)",
+                self.request.label,
+                self.throttled,
+                self._clock() - self._started,
+            )
 
     def refreshed(self, fresh: ClientSettings | None, exc: KontextError) -> float:
         """Take the settings looked up again after ``exc`` (an auth error): no wait; re-raise ``exc``
@@ -261,11 +380,14 @@ class Attempts:
         """Drive the loop with blocking calls."""
         while True:
             try:
-                return send(self.settings, self.number)
+                result = send(self.settings, self.number)
             except KontextError as exc:
                 delay = self.after(exc)
                 if delay is None:
                     delay = self.refreshed(refresh(self.settings), exc)
+            else:
+                self._succeeded()
+                return result
             if delay > 0:
                 sleep(delay)
 
@@ -278,22 +400,30 @@ class Attempts:
         """Drive the loop in an event loop; an attempt in flight past the deadline is abandoned."""
         while True:
             try:
-                return await self._cut(send(self.settings, self.number))
+                result = await self._cut(send(self.settings, self.number))
             except KontextError as exc:
                 delay = self.after(exc)
                 if delay is None:
                     delay = self.refreshed(await refresh(self.settings), exc)
+            else:
+                self._succeeded()
+                return result
             if delay > 0:
                 await sleep(delay)
 
     async def _cut(self, attempt: Awaitable[_T]) -> _T:
-        if self.budget.deadline is None:
+        # A create in flight is never abandoned: it may be creating the prediction.
+        if self.budget.deadline is None or not self.request.idempotent:
             return await attempt
-        remaining = self.budget.deadline + self.budget.grace - time.time()
+        remaining = self.budget.deadline + self.budget.grace - self._clock()
         try:
             return await asyncio.wait_for(attempt, timeout=max(0.0, remaining))
         except asyncio.TimeoutError:
             raise KontextDeadlineError(f"{self.request.label} had no answer by the deadline") from None
+
+
+def _utc(when: float) -> str:
+    return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 #: Statuses of a create (or upload) answer that the same request would get again: the task fails

@@ -1,7 +1,7 @@
 """``python -m benchmarks`` (``make bench``): run every scenario against the emulator on 127.0.0.1
 and write ``benchmarks/RESULTS.md`` (and the raw figures to ``benchmarks/results.json``).
 
-Options: ``--only scale,slots,parse,policy,limits`` runs some scenarios (the report then holds only those);
+Options: ``--only scale,slots,parse,policy,limits,creates`` runs some scenarios (the report then holds only those);
 ``--out PATH`` writes the report elsewhere.
 """
 
@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common, limits, parse, policy, report, scale, slots
+from benchmarks import common, creates, limits, parse, policy, report, scale, slots
 
-SCENARIOS = ("scale", "policy", "slots", "parse", "limits")
+SCENARIOS = ("scale", "policy", "slots", "parse", "limits", "creates")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             "costs": limits_result["costs"],
         }
 
+    creates_result = None
+    if "creates" in chosen:
+        print("6. creates at the create limit", flush=True)
+        creates_result = creates.run()
+        results["creates"] = creates_result
+
     text = report.render(
         command=command,
         facts=facts,
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         parse=parse_result,
         policy=policy_runs,
         limits=limits_result,
+        creates=creates_result,
     )
     out = Path(args.out)
     out.write_text(text)

@@ -350,6 +350,7 @@ def render(
     parse: dict[str, Any] | None,
     policy: list[tuple[float, str, PollRun]] | None,
     limits: dict[str, Any] | None = None,
+    creates: dict[str, Any] | None = None,
 ) -> str:
     out = [
         "# Benchmark results",
@@ -370,6 +371,10 @@ def render(
         from benchmarks import limits as limits_scenario
 
         out[-1:-1] = limits_scenario.headline(limits)
+    if creates:
+        from benchmarks import creates as creates_scenario
+
+        out[-1:-1] = creates_scenario.headline(creates)
     if scale:
         out += scale_section(scale)
     if slots:
@@ -382,6 +387,10 @@ def render(
         from benchmarks import limits as limits_scenario
 
         out += limits_scenario.section(limits)
+    if creates:
+        from benchmarks import creates as creates_scenario
+
+        out += creates_scenario.section(creates)
     out += [CHANGES.read_text()]
     return "\n".join(out).rstrip() + "\n"
 

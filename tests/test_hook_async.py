@@ -731,7 +731,7 @@ async def test_create_retried_after_429(hook: FluxKontextHook, api: FakeApi, sle
     assert (await hook.acreate_prediction(DEV, INPUT)).id == PRED_ID
     assert len(api.requests) == 2
     (wait,) = sleeps
-    assert 1 <= wait <= 1.1
+    assert 1 <= wait <= 2  # the reset, then spread (tests/test_create_throttling.py)
 
 
 @pytest.mark.parametrize(
@@ -762,12 +762,15 @@ async def test_create_refused_until_retries_run_out(api: FakeApi, sleeps: list[f
     assert len(sleeps) == 2
 
 
-async def test_create_429_until_retries_run_out(api: FakeApi, sleeps: list[float]) -> None:
-    api.on("POST", CREATE_URL, {"status_code": 429, "headers": {"Retry-After": "2"}})
-    async with FluxKontextHook(max_retries=1) as hook:
+async def test_create_429_until_its_bound(api: FakeApi, sleeps: list[float]) -> None:
+    """Without a deadline a throttled create keeps trying for max_retries x retry_after_max seconds
+    (here 0.5 s; the account's budget pauses 0.05 s per 429), not for max_retries attempts."""
+    api.on("POST", CREATE_URL, {"status_code": 429, "headers": {"Retry-After": "0.05"}})
+    async with FluxKontextHook(max_retries=1, retry_after_max=0.5) as hook:
         err = await araised(hook.acreate_prediction(DEV, INPUT), KontextRateLimitError)
-    assert err.retry_after == 2
-    assert len(api.requests) == 2
+    assert err.retry_after == 0.05
+    assert "max_retries x retry_after_max = 0.5 s" in str(err)
+    assert len(api.requests) >= 3
 
 
 @pytest.mark.parametrize("max_retries", [0, 1, 4])

@@ -427,6 +427,18 @@ def test_cancel_after(hook, kwargs, expected):
     assert hook.create_prediction.call_args.kwargs["cancel_after"] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "seconds"),
+    [({"timeout": 300}, 300.0), ({"execution_timeout": timedelta(minutes=10)}, 540.0), ({}, 1800.0)],
+)
+def test_a_throttled_create_may_wait_until_the_edits_deadline(hook, kwargs, seconds):
+    """The create's deadline (tests/test_create_throttling.py): the edit's timeout from the try's start."""
+    before = time.time()
+    run_deferring(make_op(**kwargs), make_context())
+    deadline = hook.create_prediction.call_args.kwargs["deadline"]
+    assert before + seconds <= deadline <= time.time() + seconds
+
+
 def test_wait_seconds_forwarded_and_finished_prediction_completes_without_deferring(hook):
     hook.create_prediction.return_value = succeeded()
     context = make_context()

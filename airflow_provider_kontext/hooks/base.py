@@ -148,8 +148,11 @@ class KontextBaseHook(BaseHook):
     async def _asleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
+    def _log_throttle(self, level: int, message: str, *args: object) -> None:
+        self.log.log(level, message, *args)
+
     def _attempts(self, settings: ClientSettings, request: ApiRequest, budget: Budget | None) -> Attempts:
-        return Attempts(settings, request, budget=budget, log_retry=self._log_retry)
+        return Attempts(settings, request, budget=budget, log_retry=self._log_retry, log=self._log_throttle)
 
     def _request(self, request: ApiRequest, budget: Budget | None = None, parse: _Parse = _raw) -> Any:
         """Send ``request`` through the attempt loop; return its decoded JSON body through ``parse``,
@@ -158,24 +161,26 @@ class KontextBaseHook(BaseHook):
         :raises KontextError: the final error once trying stops (see :class:`Attempts`).
         """
 
+        attempts = self._attempts(self.settings, request, budget)
+
         def send(settings: ClientSettings, attempt: int) -> Any:
-            self._log_attempt(request, attempt)
+            self._log_attempt(request, attempt, quiet=attempts.throttled > 0)
             answer = send_with_requests(self.get_conn(), settings, request)
             return parse(parse_response(settings, request, *answer))
 
-        attempts = self._attempts(self.settings, request, budget)
         return attempts.run_sync(send, self._refreshed_settings, self._sleep)
 
     async def _arequest(self, request: ApiRequest, budget: Budget | None = None, parse: _Parse = _raw) -> Any:
         """Async twin of :meth:`_request`, over the event loop's shared client."""
 
         priority = budget.priority if budget is not None else None
+        attempts = self._attempts(await self.aget_settings(), request, budget)
 
         async def send(settings: ClientSettings, attempt: int) -> Any:
             account = AccountBudgets.get(settings)
             if account is not None:
                 await account.acquire(priority)
-            self._log_attempt(request, attempt)
+            self._log_attempt(request, attempt, quiet=attempts.throttled > 0)
             answer = await self._async_client().send(settings, request)
             try:
                 return parse(parse_response(settings, request, *answer))
@@ -185,7 +190,6 @@ class KontextBaseHook(BaseHook):
                     account.pause(None if wait is None else min(wait, settings.retry_after_max))
                 raise
 
-        attempts = self._attempts(await self.aget_settings(), request, budget)
         return await attempts.run_async(send, self._arefreshed_settings, self._asleep)
 
     def _async_client(self) -> AiohttpClient:
@@ -204,8 +208,10 @@ class KontextBaseHook(BaseHook):
             self._aclient_loop = weakref.ref(loop)
         return client
 
-    def _log_attempt(self, request: ApiRequest, attempt: int) -> None:
-        if attempt > 1 or not request.quiet:
+    def _log_attempt(self, request: ApiRequest, attempt: int, *, quiet: bool = False) -> None:
+        """Log an attempt: at info, except a quiet request's first and a throttled create's next
+        ones (its throttling is logged once by the attempt loop)."""
+        if not quiet and (attempt > 1 or not request.quiet):
             self.log.info("%s (attempt %d)", request.label, attempt)
         else:
             # The class's logger: creating one per hook (so per trigger) costs more than the poll.

@@ -80,7 +80,8 @@ SETTINGS: tuple[Setting, ...] = (
         5,
         0,
         "Retries of transient errors (429, 5xx, network)",
-        "retries of one request; a create is retried only where it provably created nothing",
+        "retries of one request; a create is retried only where it provably created nothing, and "
+        "a throttled one (429) until its deadline (without one: max_retries x retry_after_max seconds)",
     ),
     Setting(
         "backoff_base",

@@ -58,7 +58,9 @@ class FluxKontextHook(KontextBaseHook):
     jitter, honouring ``Retry-After``; a TLS handshake that fails for good (an untrusted certificate)
     is not retried. Creating a prediction is retried only when the request provably
     did not create one (429, connection refused); otherwise it fails with
-    :class:`~airflow_provider_kontext.exceptions.KontextPredictionMayExistError`.
+    :class:`~airflow_provider_kontext.exceptions.KontextPredictionMayExistError`. A throttled
+    create is retried until its ``deadline``, each wait spread at random so that workers throttled
+    together do not come back together.
     An auth error looks the connection up again once and, if it changed (a rotated token), sends again.
     The policy is :mod:`airflow_provider_kontext.failures`; a poll may pass its own
     :class:`~airflow_provider_kontext.failures.Budget`.
@@ -106,6 +108,7 @@ class FluxKontextHook(KontextBaseHook):
         cancel_after: float | None = None,
         webhook: str | None = None,
         webhook_events_filter: list[str] | None = None,
+        deadline: float | None = None,
     ) -> Prediction:
         """Start a prediction of ``model`` (``owner/name`` or ``owner/name:version``).
 
@@ -114,7 +117,11 @@ class FluxKontextHook(KontextBaseHook):
 
         :param wait: hold the request open up to this many seconds (1..60) for the result.
         :param cancel_after: seconds after which Replicate cancels (or aborts) the prediction.
+        :param deadline: Unix time until which a throttled create (429: nothing created) is sent
+            again, with jitter; without one, for ``max_retries`` x ``retry_after_max`` seconds
+            (:func:`~airflow_provider_kontext.failures.create_throttle_bound`).
         :raises KontextPredictionMayExistError: the request failed after it may have reached the server.
+        :raises KontextRateLimitError: still throttled when that time was up (safe to retry).
         """
         request = create_prediction_request(
             model,
@@ -124,7 +131,7 @@ class FluxKontextHook(KontextBaseHook):
             webhook=webhook,
             webhook_events_filter=webhook_events_filter,
         )
-        return parsed_created(request, self._request(request))
+        return parsed_created(request, self._request(request, Budget(deadline=deadline)))
 
     def get_prediction(self, prediction_id: str, *, budget: Budget | None = None) -> Prediction:
         """The prediction's current state.
@@ -229,6 +236,7 @@ class FluxKontextHook(KontextBaseHook):
         cancel_after: float | None = None,
         webhook: str | None = None,
         webhook_events_filter: list[str] | None = None,
+        deadline: float | None = None,
     ) -> Prediction:
         """Async twin of :meth:`create_prediction`."""
         request = create_prediction_request(
@@ -239,7 +247,7 @@ class FluxKontextHook(KontextBaseHook):
             webhook=webhook,
             webhook_events_filter=webhook_events_filter,
         )
-        return parsed_created(request, await self._arequest(request))
+        return parsed_created(request, await self._arequest(request, Budget(deadline=deadline)))
 
     async def aget_prediction(self, prediction_id: str, *, budget: Budget | None = None) -> Prediction:
         """Async twin of :meth:`get_prediction`."""

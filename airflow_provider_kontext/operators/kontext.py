@@ -12,7 +12,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_kontext.arguments import check_number, default_deferrable
 from airflow_provider_kontext.compat import AirflowFailException
-from airflow_provider_kontext.deadlines import deadline_after_create, wait_timeout
+from airflow_provider_kontext.deadlines import create_deadline, deadline_after_create, wait_timeout
 from airflow_provider_kontext.edit_request import EditRequest, check_literal_inputs, validated_request
 from airflow_provider_kontext.events import PredictionEvent, prediction_event
 from airflow_provider_kontext.exceptions import (
@@ -332,6 +332,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
 
     def _start(self, request: EditRequest, ledger: ReattachLedger) -> tuple[Prediction, float]:
         """Send the local image if any, create the prediction and record it for a retry."""
+        started = time.time()
         model_input = dict(request.model_input)
         if request.image is not None:
             with fail_task_on_final_answers("upload"):
@@ -344,7 +345,11 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             with fail_task_on_final_answers("create"):
                 try:
                     prediction = self.hook.create_prediction(
-                        self.model, model_input, wait=self.wait_seconds, cancel_after=timeout
+                        self.model,
+                        model_input,
+                        wait=self.wait_seconds,
+                        cancel_after=timeout,
+                        deadline=create_deadline(started, timeout, self.execution_timeout),
                     )
                 except KontextAPIError as exc:
                     if _refused(exc):  # nothing was created: nothing for a retry to search for
