@@ -178,6 +178,8 @@ with DAG(dag_id={dag_id!r}, schedule=None, catchup=False, max_active_tasks=64,
 
 @dataclass
 class Kill:
+    """One SIGKILL: of which process and edit, when, and in which phase."""
+
     pid: int
     ti_id: str
     run: str
