@@ -446,6 +446,11 @@ def _report(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         f"tries beyond kills + 1: {sum(max(0, t - 1 - killer.per_edit[k]) for k, (_, t) in edits.items())}",
         f"- task processes seen: {len(killer.seen)}",
     ]
+    causes = collections.Counter(cause for key in edits for cause in _repeat_causes(killer, key))
+    lines.append(
+        "- creates after an edit's first answered one, by how the last try holding its prediction "
+        f"ended: {dict(causes.most_common())}"
+    )
     if duplicates:
         lines += ["", "Edits that paid twice, try by try (phases each process entered; KILLED: the kill):"]
         for key in list(duplicates)[:10]:
@@ -458,6 +463,29 @@ def _report(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         "stray": stray,
         "kills_by_phase": kills_by_phase,
     }
+
+
+#: The phases in which a task process holds a prediction it created or found.
+HOLDING = ("created", "recorded", "deferring", "resumed", "reattached", "saved", "pushed")
+
+
+def _repeat_causes(killer: Killer, key: tuple[str, int]) -> list[str]:
+    """Each create of one edit after its first answered one, named by how the last earlier process
+    that held the prediction ended: its last phase, then ``killed`` or ``ended`` (by Airflow, or
+    normally: a deferral)."""
+    killed = {kill.pid for kill in killer.kills if (kill.run, kill.map_index) == key}
+    processes = sorted(
+        (markers[0]["t"], pid, [m["phase"] for m in markers])
+        for pid, markers in killer.markers.items()
+        if markers and (markers[0]["run"], markers[0]["map_index"]) == key
+    )
+    causes, holder = [], None
+    for _, pid, phases in processes:
+        if "create_sent" in phases and holder is not None:
+            causes.append(holder)
+        if any(phase in HOLDING for phase in phases):
+            holder = f"{phases[-1]} {'killed' if pid in killed else 'ended'}"
+    return causes
 
 
 def _story(killer: Killer, key: tuple[str, int]) -> list[str]:
