@@ -80,6 +80,7 @@ PHASES: dict[str, tuple[str, float]] = {
     "deferring": ("while deferring (trigger handed over, process exiting)", DWELL + 0.3),
     "resumed": ("resumed from the trigger, before the outputs are saved", DWELL + DOWNLOAD_HOLD),
     "reattached": ("retry reattached to its prediction, before the outputs are saved", DWELL + 0.5),
+    "adopted": ("retry found its unrecorded prediction in the list, before deferring", DWELL),
     "saved": ("outputs saved, before the result is pushed", DWELL),
     "pushed": ("result pushed (XCom, ledger done), before Airflow records success", DWELL + 0.3),
 }
@@ -141,6 +142,12 @@ class KillableEdit(FluxKontextEditOperator):
         found = super()._reattach(ledger, request)
         if found is not None:
             mark(self._ti, "reattached")
+        return found
+
+    def _adopt(self, context, ledger, request):
+        found = super()._adopt(context, ledger, request)
+        if found is not None:
+            mark(self._ti, "adopted")
         return found
 
     def _defer(self, prediction, deadline):
@@ -466,7 +473,7 @@ def _report(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 #: The phases in which a task process holds a prediction it created or found.
-HOLDING = ("created", "recorded", "deferring", "resumed", "reattached", "saved", "pushed")
+HOLDING = ("created", "recorded", "deferring", "resumed", "reattached", "adopted", "saved", "pushed")
 
 
 def _repeat_causes(killer: Killer, key: tuple[str, int]) -> list[str]:
