@@ -170,10 +170,14 @@ def measure(cluster: Any, emu: Any, n: int, slots: int, hold: str, timeout: floa
         "where dag_id = ? and task_id = 'edit'",
         dag_id,
     )
-    race = cluster.query("select count(*) from log where dag_id = ? and event = 'state mismatch'", dag_id)
+    race = cluster.query(
+        "select map_index, dttm from log where dag_id = ? and event = 'state mismatch'", dag_id
+    )
     start = _when(run_start[0][0]) if run_start else None
     first_start: dict[int, float] = {}
     first_end: dict[int, float] = {}
+    for map_index, failed_at in race:  # a try failed by the race may leave no history row
+        first_end[map_index] = _when(failed_at) or 0.0
     for map_index, try_number, started, ended in history:
         if try_number == 1:
             first_start[map_index] = _when(started) or 0.0
@@ -197,7 +201,7 @@ def measure(cluster: Any, emu: Any, n: int, slots: int, hold: str, timeout: floa
         bound_s=bound_seconds(n),
         states=dict(Counter(state for _, state, *_ in tis)),
         tries_over_1=sum(1 for _, _, try_number, *_ in tis if try_number > 1),
-        race_failures=int(race[0][0]) if race else 0,
+        race_failures=len(race),
         predictions=predictions,
         duplicated_prompts=duplicated,
         failed_creates=_failed_creates(cluster.home, dag_id),

@@ -34,15 +34,20 @@ from .cluster import Cluster, cluster_env
 pytestmark = pytest.mark.e2e
 
 TOKEN = "r8_RaceE2E_3f9d0c21"
-EDITS = int(os.environ.get("KONTEXT_RACE_EDITS", "40"))
+EDITS = int(os.environ.get("KONTEXT_RACE_EDITS", "24"))
 SLOTS = 8
+#: An 8x8 PNG, inline: the emulator is offline.
+IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGM8ISfHgA0wYRUdt"
+    "BIA0MoBFD5jqJkAAAAASUVORK5CYII="
+)
 DAG = """
 from airflow.sdk import DAG
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
 
 with DAG(dag_id={dag_id!r}, schedule=None, catchup=False, default_args={{"retries": 2}}):
     FluxKontextEditOperator.partial(
-        task_id="edit", input_image="https://example.com/mug.png", deferrable=True,
+        task_id="edit", input_image={image!r}, deferrable=True,
         poll_interval=0.2, min_defer_seconds={hold},
     ).expand(prompt=[f"{dag_id} edit {{i}}" for i in range({edits})])
 """
@@ -59,7 +64,7 @@ def start_cluster(tmp_path: Path, emu: KontextEmulator, holds: dict[str, str]) -
     dags.mkdir(parents=True)
     home.mkdir()
     for dag_id, hold in holds.items():
-        (dags / f"{dag_id}.py").write_text(DAG.format(dag_id=dag_id, hold=hold, edits=EDITS))
+        (dags / f"{dag_id}.py").write_text(DAG.format(dag_id=dag_id, hold=hold, edits=EDITS, image=IMAGE))
     connection = {"conn_type": "fluxkontext", "host": emu.base_url, "password": TOKEN}
     env = cluster_env(
         home,
@@ -104,6 +109,7 @@ def run_edits(cluster: Cluster, dag_id: str, ended: tuple[str, ...]) -> dict[str
     }
 
 
+@pytest.mark.timeout(1200)
 def test_no_resumed_try_is_lost(tmp_path: Path, emulator_fast: KontextEmulator) -> None:
     cluster = start_cluster(tmp_path, emulator_fast, {"race_held": "None"})
     try:
@@ -120,6 +126,7 @@ def test_no_resumed_try_is_lost(tmp_path: Path, emulator_fast: KontextEmulator) 
 
 
 @pytest.mark.load
+@pytest.mark.timeout(1200)
 def test_without_the_hold_the_race_fails_resumed_tries(
     tmp_path: Path, emulator_fast: KontextEmulator
 ) -> None:
