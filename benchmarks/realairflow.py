@@ -9,7 +9,8 @@ at 600/min + one model run), the first pass (until every edit's first try ended)
 failed by the deferral race (Airflow's "state mismatch" log), predictions per edit, failed creates,
 each edit's time from its first start to its success, and the CPU of each component's process tree
 per edit. ``hold`` is the operator's ``min_defer_seconds`` (``default``: its default; ``0``: resume as
-soon as the prediction ends, as the provider did before).
+soon as the prediction ends, as the provider did before; ``wait``: the default with ``wait_seconds=60``,
+so an edit finished within the create does not defer at all).
 
 The size is chosen on the command line (``python -m benchmarks --only realairflow --airflow-sizes
 300 --airflow-slots 16 --airflow-repeats 5``); ``make bench`` runs N = 100 at 16 and 32 slots.
@@ -47,6 +48,7 @@ from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
 with DAG(dag_id={dag_id!r}, schedule=None, catchup=False, default_args={{"retries": 2}}):
     FluxKontextEditOperator.partial(
         task_id="edit", input_image={image!r}, deferrable=True, min_defer_seconds={hold},
+        wait_seconds={wait},
     ).expand(prompt=[f"bench edit {{i}}" for i in range({n})])
 """
 PROXIES = ("http_proxy", "https_proxy", "all_proxy")
@@ -237,7 +239,11 @@ def run_cluster(slots: int, sizes: tuple[int, ...], holds: tuple[str, ...], repe
                 for hold in holds:
                     dag_id = DAG_ID.format(n=n, hold=hold)
                     text = DAG.format(
-                        dag_id=dag_id, image=TINY_PNG, n=n, hold="None" if hold == "default" else hold
+                        dag_id=dag_id,
+                        image=TINY_PNG,
+                        n=n,
+                        hold="None" if hold in ("default", "wait") else hold,
+                        wait=60 if hold == "wait" else None,
                     )
                     (dags / f"{dag_id}.py").write_text(text)
             env = cluster_env(
@@ -388,7 +394,8 @@ def section(result: dict[str, Any]) -> list[str]:
         "processes), against the emulator at Replicate's limits (600 creates/min) and realistic timing "
         "(0.6 s starting + 4 s processing, spread 0.5). Slots = `[core] parallelism` = "
         "`max_active_tasks_per_dag`. Bound = N/10 s + 4.6 s. Hold = the operator's `min_defer_seconds` "
-        "(`default`: `[workers] min_heartbeat_interval` + 5 s; `0`: resume at once). Race = tries failed "
+        "(`default`: `[workers] min_heartbeat_interval` + 5 s; `0`: resume at once; `wait`: the default "
+        "with `wait_seconds=60`, an edit done within the create does not defer). Race = tries failed "
         'with "finished with state success, but the task instance\'s state attribute is ...". Edit = '
         "from an edit's first start to its success. CPU in ms per edit of each process tree. Load = "
         "1-minute load average before the run (the machine is shared).",
