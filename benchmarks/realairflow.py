@@ -14,17 +14,13 @@ so an edit finished within the create does not defer at all).
 
 The size is chosen on the command line (``python -m benchmarks --only realairflow --airflow-sizes
 300 --airflow-slots 16 --airflow-repeats 5``); ``make bench`` runs N = 100 at 16 and 32 slots.
-``python -m benchmarks.realairflow plain BASE_URL N CONCURRENCY`` is the plain process (one JSON line).
+The plain process is :mod:`benchmarks.hookonly`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +30,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import MODEL, PYTHON, ROOT, TINY_PNG, child_env, percentile
+from benchmarks.common import ROOT, TINY_PNG, percentile
+from benchmarks.hookonly import (
+    CREATES_PER_SECOND,
+    PREDICTION_SECONDS,
+    SPREAD,
+    START_SECONDS,
+    bound_seconds,
+    predictions_of,
+    run_plain,
+)
 
-#: The emulator's timing: flux-kontext-dev's on Replicate (its ``--realistic``).
-START_SECONDS, PREDICTION_SECONDS, SPREAD = 0.6, 4.0, 0.5
-#: Replicate's create limit, per second.
-CREATES_PER_SECOND = 10.0
 DAG_ID = "kontext_bench_airflow_{n}_{hold}"
 DAG = """
 from airflow.sdk import DAG
@@ -83,11 +84,6 @@ class AirflowRun:
         return {**asdict(self), "ratio": self.ratio}
 
 
-def bound_seconds(n: int) -> float:
-    """The account's bound: N creates at 600/min, then one model run."""
-    return n / CREATES_PER_SECOND + START_SECONDS + PREDICTION_SECONDS
-
-
 def _when(text: str | None) -> float | None:
     if not text:
         return None
@@ -123,11 +119,6 @@ def component_cpu(procs: dict[str, Any]) -> dict[str, float]:
             is_worker = name == "scheduler" and ("LocalExecutor" in title or "worker" in title)
             out["workers" if is_worker else name] += seconds
     return out
-
-
-def _predictions(emu: Any) -> tuple[int, int]:
-    prompts = Counter(record.prompt for record in emu.predictions.values())
-    return sum(prompts.values()), sum(1 for count in prompts.values() if count > 1)
 
 
 def _failed_creates(home: Path, dag_id: str) -> int:
@@ -193,7 +184,7 @@ def measure(cluster: Any, emu: Any, n: int, slots: int, hold: str, timeout: floa
         if state == "success" and end is not None:
             ends.append(end)
             edits.append(end - first_start.get(map_index, _when(started) or end))
-    predictions, duplicated = _predictions(emu)
+    predictions, duplicated = predictions_of(emu)
     return AirflowRun(
         n=n,
         slots=slots,
@@ -285,75 +276,6 @@ def run_cluster(slots: int, sizes: tuple[int, ...], holds: tuple[str, ...], repe
     return runs
 
 
-def plain(n: int, concurrency: int) -> dict[str, Any]:
-    """Create and await ``n`` edits from one process with the async hook: ``concurrency`` creates at
-    a time, every wait polling each second."""
-    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-
-    async def main() -> dict[str, Any]:
-        hook = FluxKontextHook()
-        gate = asyncio.Semaphore(concurrency)
-        ended: list[float] = []
-        failed = 0
-
-        async def edit(index: int) -> None:
-            nonlocal failed
-            async with gate:
-                try:
-                    prediction = await hook.acreate_prediction(
-                        MODEL, {"prompt": f"plain edit {index}", "input_image": TINY_PNG}
-                    )
-                except Exception:
-                    failed += 1
-                    return
-            while not prediction.is_terminal:
-                await asyncio.sleep(1.0)
-                prediction = await hook.aget_prediction(str(prediction.id))
-            ended.append(time.monotonic())
-
-        started = time.monotonic()
-        try:
-            await asyncio.gather(*(edit(i) for i in range(n)))
-        finally:
-            await hook.aclose()
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return {
-            "wall_s": (max(ended) - started) if ended else None,
-            "succeeded": len(ended),
-            "failed_creates": failed,
-            "cpu_ms_per_edit": (usage.ru_utime + usage.ru_stime) / n * 1000,
-        }
-
-    return asyncio.run(main())
-
-
-def run_plain(n: int, concurrency: int) -> dict[str, Any]:
-    from airflow_provider_kontext.testing.emulator import KontextEmulator
-
-    with KontextEmulator(
-        prediction_seconds=PREDICTION_SECONDS,
-        start_seconds=START_SECONDS,
-        spread=SPREAD,
-        output_scale=0.02,
-        rate_limit="replicate",
-    ) as emu:
-        out = subprocess.run(
-            [PYTHON, "-m", "benchmarks.realairflow", "plain", emu.base_url, str(n), str(concurrency)],
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=n / CREATES_PER_SECOND + 300,
-            check=False,
-        )
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        result: dict[str, Any] = (
-            json.loads(lines[-1]) if lines else {"error": f"exit {out.returncode}: {out.stderr[-800:]}"}
-        )
-        result.update(n=n, concurrency=concurrency, bound_s=bound_seconds(n))
-        result["predictions"], result["duplicated_prompts"] = _predictions(emu)
-    return result
-
-
 def run(
     sizes: tuple[int, ...] = (100,),
     slots: tuple[int, ...] = (16, 32),
@@ -431,13 +353,3 @@ def section(result: dict[str, Any]) -> list[str]:
             f"{_num(row.get('cpu_ms_per_edit'), 1)} |"
         )
     return [*out, ""]
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "plain":
-        os.environ["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps(
-            {"conn_type": "fluxkontext", "host": sys.argv[2]}
-        )
-        print(json.dumps(plain(int(sys.argv[3]), int(sys.argv[4]))), flush=True)
-    else:
-        sys.exit("usage: python -m benchmarks.realairflow plain BASE_URL N CONCURRENCY")
