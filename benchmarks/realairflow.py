@@ -316,7 +316,7 @@ def section(result: dict[str, Any]) -> list[str]:
         "processes), against the emulator at Replicate's limits (600 creates/min) and realistic timing "
         "(0.6 s starting + 4 s processing, spread 0.5). Slots = `[core] parallelism` = "
         "`max_active_tasks_per_dag`. Bound = N/10 s + 4.6 s. Hold = the operator's `min_defer_seconds` "
-        "(`default`: `[workers] min_heartbeat_interval` + 5 s; `0`: resume at once; `wait`: the default "
+        "(`default`: `[workers] min_heartbeat_interval` + 10 s; `0`: resume at once; `wait`: the default "
         "with `wait_seconds=60`, an edit done within the create does not defer). Race = tries failed "
         'with "finished with state success, but the task instance\'s state attribute is ...". Edit = '
         "from an edit's first start to its success. CPU in ms per edit of each process tree. Load = "

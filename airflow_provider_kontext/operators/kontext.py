@@ -100,7 +100,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     :param min_defer_seconds: a deferred task resumes no sooner than this many seconds after it
         deferred (a prediction that ends sooner is held in the triggerer), because Airflow 3.1-3.3
         can fail a task that resumes before the scheduler has seen its deferring try exit. Default:
-        ``[workers] min_heartbeat_interval`` + 5; ``0`` resumes at once.
+        ``[workers] min_heartbeat_interval`` + 10; ``0`` resumes at once.
     :param timeout: how long the prediction may take (seconds or timedelta). Default: the task's
         ``execution_timeout`` less a margin, else 30 minutes. Also sent as Replicate's
         ``Cancel-After``, so the remote side stops it even when Airflow cannot.

@@ -19,7 +19,7 @@ __all__ = ["SETTLE_SLACK_SECONDS", "FluxKontextPredictionTrigger", "default_min_
 
 #: Seconds added to ``[workers] min_heartbeat_interval`` for the default :func:`default_min_defer_seconds`:
 #: the deferring process's exit, the worker's report and one loop of a busy scheduler.
-SETTLE_SLACK_SECONDS = 5.0
+SETTLE_SLACK_SECONDS = 10.0
 
 
 def default_min_defer_seconds() -> float:

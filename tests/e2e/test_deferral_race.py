@@ -11,7 +11,7 @@ it to a worker (every version: the LocalExecutor keeps no ``running`` set, so ``
 The failed try then waits ``retry_delay`` (300 s by default).
 
 ``test_no_resumed_try_is_lost`` runs the provider's default (``min_defer_seconds``: the trigger
-holds an early event until ``[workers] min_heartbeat_interval`` + 5 s after the deferral): every edit
+holds an early event until ``[workers] min_heartbeat_interval`` + 10 s after the deferral): every edit
 must succeed in its first try. ``test_without_the_hold_the_race_fails_resumed_tries`` (marked ``load``,
 not run by default) reproduces the race with ``min_defer_seconds=0``; run it with::
 
