@@ -67,6 +67,7 @@ class AirflowRun:
     states: dict[str, int]
     tries_over_1: int
     race_failures: int
+    start_failures: int
     predictions: int
     duplicated_prompts: int
     failed_creates: int
@@ -163,13 +164,16 @@ def measure(cluster: Any, emu: Any, n: int, slots: int, hold: str, timeout: floa
         "where dag_id = ? and task_id = 'edit'",
         dag_id,
     )
-    race = cluster.query(
-        "select map_index, dttm from log where dag_id = ? and event = 'state mismatch'", dag_id
+    mismatches = cluster.query(
+        "select map_index, dttm, extra from log where dag_id = ? and event = 'state mismatch'", dag_id
     )
+    # "finished with state success" is the deferral race; "failed" a try that never started (the
+    # worker's calls to the api-server timed out on an overloaded machine).
+    race = [row for row in mismatches if "finished with state success" in str(row[2])]
     start = _when(run_start[0][0]) if run_start else None
     first_start: dict[int, float] = {}
     first_end: dict[int, float] = {}
-    for map_index, failed_at in race:  # a try failed by the race may leave no history row
+    for map_index, failed_at, _ in mismatches:  # such a try may leave no history row
         first_end[map_index] = _when(failed_at) or 0.0
     for map_index, try_number, started, ended in history:
         if try_number == 1:
@@ -195,6 +199,7 @@ def measure(cluster: Any, emu: Any, n: int, slots: int, hold: str, timeout: floa
         states=dict(Counter(state for _, state, *_ in tis)),
         tries_over_1=sum(1 for _, _, try_number, *_ in tis if try_number > 1),
         race_failures=len(race),
+        start_failures=len(mismatches) - len(race),
         predictions=predictions,
         duplicated_prompts=duplicated,
         failed_creates=_failed_creates(cluster.home, dag_id),
@@ -301,7 +306,8 @@ def _line(r: AirflowRun) -> str:
     return (
         f"N={r.n} slots={r.slots} hold={r.hold}: wall {_num(r.wall_s)} s ({_num(r.ratio, 1)}x bound "
         f"{r.bound_s:.0f} s), first pass {_num(r.first_pass_s)} s, tries>1 {r.tries_over_1}, race "
-        f"{r.race_failures}, predictions {r.predictions}, failed creates {r.failed_creates}, "
+        f"{r.race_failures}, not started {r.start_failures}, predictions {r.predictions}, "
+        f"failed creates {r.failed_creates}, "
         f"{r.states}, load {r.load_before}{'; ' + r.error if r.error else ''}"
     )
 
@@ -318,21 +324,25 @@ def section(result: dict[str, Any]) -> list[str]:
         "`max_active_tasks_per_dag`. Bound = N/10 s + 4.6 s. Hold = the operator's `min_defer_seconds` "
         "(`default`: `[workers] min_heartbeat_interval` + 10 s; `0`: resume at once; `wait`: the default "
         "with `wait_seconds=60`, an edit done within the create does not defer). Race = tries failed "
-        'with "finished with state success, but the task instance\'s state attribute is ...". Edit = '
-        "from an edit's first start to its success. CPU in ms per edit of each process tree. Load = "
+        'with "finished with state success, but the task instance\'s state attribute is ...". Not started '
+        "= tries failed so with state failed: the worker's calls to an overloaded api-server timed out "
+        "before the task ran. Edit = from an edit's first start to its success. CPU in ms per edit of "
+        "each process tree. Load = "
         "1-minute load average before the run (the machine is shared).",
         "",
-        "| N | slots | hold | wall s | x bound | first pass s | tries > 1 | race | predictions/edit | "
+        "| N | slots | hold | wall s | x bound | first pass s | tries > 1 | race | not started | "
+        "predictions/edit | "
         "failed creates | edit p50/p95 s | CPU ms/edit: workers, scheduler, api-server, triggerer, "
         "dag-processor | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["runs"]:
         cpu = row["cpu_ms_per_edit"]
         out.append(
             f"| {row['n']} | {row['slots']} | {row['hold']} | {_num(row['wall_s'])} | "
             f"{_num(row['ratio'], 1)} | {_num(row['first_pass_s'])} | {row['tries_over_1']} | "
-            f"{row['race_failures']} | {row['predictions'] / row['n']:.2f} | {row['failed_creates']} | "
+            f"{row['race_failures']} | {row.get('start_failures', '-')} | "
+            f"{row['predictions'] / row['n']:.2f} | {row['failed_creates']} | "
             f"{_num(row['edit_p50_s'], 1)}/{_num(row['edit_p95_s'], 1)} | "
             f"{', '.join(_num(cpu.get(name), 0) for name in COMPONENTS)} | {row['load_before']} |"
         )
