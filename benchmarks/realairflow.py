@@ -122,10 +122,10 @@ def component_cpu(procs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _failed_creates(home: Path, dag_id: str) -> int:
+def _failed_creates(home: Path, dag_id: str, run_id: str) -> int:
     """Tries whose create failed for good on a 429 (their log names the rate-limit error)."""
     count = 0
-    for log in (home / "logs").glob(f"dag_id={dag_id}/**/attempt=*.log"):
+    for log in (home / "logs").glob(f"dag_id={dag_id}/run_id={run_id}/**/attempt=*.log"):
         if "KontextRateLimitError" in log.read_text(errors="replace"):
             count += 1
     return count
@@ -137,13 +137,15 @@ def measure(cluster: Any, emu: Any, n: int, slots: int, hold: str, timeout: floa
     emu.reset()
     load = os.getloadavg()[0]
     cpu_before = component_cpu(cluster.procs)
-    cluster.cli("dags", "trigger", dag_id)
+    run_id = f"bench_{time.time_ns()}"  # the DAG may run more than once: every query names the run
+    cluster.cli("dags", "trigger", dag_id, "--run-id", run_id)
 
     def done() -> bool:
         rows = cluster.query(
-            "select count(*) from task_instance where dag_id = ? and task_id = 'edit' "
+            "select count(*) from task_instance where dag_id = ? and run_id = ? and task_id = 'edit' "
             "and state in ('success', 'failed', 'upstream_failed', 'skipped')",
             dag_id,
+            run_id,
         )
         return bool(rows) and int(rows[0][0]) == n
 
@@ -153,19 +155,25 @@ def measure(cluster: Any, emu: Any, n: int, slots: int, hold: str, timeout: floa
     except AssertionError as exc:
         error = str(exc).splitlines()[0]
     cpu = component_cpu(cluster.procs)
-    run_start = cluster.query("select start_date from dag_run where dag_id = ?", dag_id)
+    run_start = cluster.query(
+        "select start_date from dag_run where dag_id = ? and run_id = ?", dag_id, run_id
+    )
     tis = cluster.query(
         "select map_index, state, try_number, start_date, end_date from task_instance "
-        "where dag_id = ? and task_id = 'edit'",
+        "where dag_id = ? and run_id = ? and task_id = 'edit'",
         dag_id,
+        run_id,
     )
     history = cluster.query(
         "select map_index, try_number, start_date, end_date from task_instance_history "
-        "where dag_id = ? and task_id = 'edit'",
+        "where dag_id = ? and run_id = ? and task_id = 'edit'",
         dag_id,
+        run_id,
     )
     mismatches = cluster.query(
-        "select map_index, dttm, extra from log where dag_id = ? and event = 'state mismatch'", dag_id
+        "select map_index, dttm, extra from log where dag_id = ? and run_id = ? and event = 'state mismatch'",
+        dag_id,
+        run_id,
     )
     # "finished with state success" is the deferral race; "failed" a try that never started (the
     # worker's calls to the api-server timed out on an overloaded machine).
@@ -202,7 +210,7 @@ def measure(cluster: Any, emu: Any, n: int, slots: int, hold: str, timeout: floa
         start_failures=len(mismatches) - len(race),
         predictions=predictions,
         duplicated_prompts=duplicated,
-        failed_creates=_failed_creates(cluster.home, dag_id),
+        failed_creates=_failed_creates(cluster.home, dag_id, run_id),
         edit_p50_s=percentile(edits, 50) if edits else None,
         edit_p95_s=percentile(edits, 95) if edits else None,
         cpu_ms_per_edit={name: round((cpu[name] - cpu_before[name]) / n * 1000, 1) for name in COMPONENTS},
