@@ -1,8 +1,10 @@
 """``python -m benchmarks`` (``make bench``): run every scenario against the emulator on 127.0.0.1
 and write ``benchmarks/RESULTS.md`` (and the raw figures to ``benchmarks/results.json``).
 
-Options: ``--only scale,slots,parse,policy,limits,creates`` runs some scenarios (the report then holds only those);
-``--out PATH`` writes the report elsewhere.
+Options: ``--only scale,slots,parse,policy,limits,creates,realairflow`` runs some scenarios (the report
+then holds only those); ``--out PATH`` writes the report elsewhere; ``--airflow-sizes``,
+``--airflow-slots``, ``--airflow-holds`` and ``--airflow-repeats`` size the real-Airflow section
+(default: N = 100 at 16 and 32 slots, the operator's default hold, once).
 """
 
 from __future__ import annotations
@@ -14,15 +16,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common, creates, limits, parse, policy, report, scale, slots
+from benchmarks import common, creates, limits, parse, policy, realairflow, report, scale, slots
 
-SCENARIOS = ("scale", "policy", "slots", "parse", "limits", "creates")
+SCENARIOS = ("scale", "policy", "slots", "parse", "limits", "creates", "realairflow")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios to run")
     parser.add_argument("--out", default=str(common.BENCH_DIR / "RESULTS.md"), help="the report's path")
+    parser.add_argument("--airflow-sizes", default="100", help="realairflow: edits per run (N), e.g. 100,300")
+    parser.add_argument("--airflow-slots", default="16,32", help="realairflow: worker slots, comma-separated")
+    parser.add_argument(
+        "--airflow-holds",
+        default="default",
+        help="realairflow: min_defer_seconds values, e.g. default,0",
+    )
+    parser.add_argument("--airflow-repeats", type=int, default=1, help="realairflow: runs of each size")
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(chosen) - set(SCENARIOS)
@@ -72,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         creates_result = creates.run()
         results["creates"] = creates_result
 
+    airflow_result = None
+    if "realairflow" in chosen:
+        print("7. through a real Airflow", flush=True)
+        airflow_result = realairflow.run(
+            sizes=_ints(args.airflow_sizes),
+            slots=_ints(args.airflow_slots),
+            holds=tuple(hold.strip() for hold in args.airflow_holds.split(",") if hold.strip()),
+            repeats=args.airflow_repeats,
+        )
+        results["realairflow"] = airflow_result
+
     text = report.render(
         command=command,
         facts=facts,
@@ -85,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         limits=limits_result,
         creates=creates_result,
     )
+    if airflow_result is not None:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(realairflow.section(airflow_result))
     out = Path(args.out)
     out.write_text(text)
     out.with_name("results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")

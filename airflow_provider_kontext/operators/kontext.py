@@ -99,6 +99,10 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     :param poll_interval: seconds between status polls.
     :param wait_seconds: hold the create request open up to this many seconds (1..60); a prediction
         finished by then completes without deferring.
+    :param min_defer_seconds: a deferred task resumes no sooner than this many seconds after it
+        deferred (a prediction that ends sooner is held in the triggerer), because Airflow 3.1-3.3
+        can fail a task that resumes before the scheduler has seen its deferring try exit. Default:
+        ``[workers] min_heartbeat_interval`` + 10; ``0`` resumes at once.
     :param timeout: how long the prediction may take (seconds or timedelta). Default: the task's
         ``execution_timeout`` less a margin, else 30 minutes. Also sent as Replicate's
         ``Cancel-After``, so the remote side stops it even when Airflow cannot.
@@ -159,6 +163,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         deferrable: bool | None = None,
         poll_interval: float = 2.0,
         wait_seconds: int | None = None,
+        min_defer_seconds: float | None = None,
         timeout: float | timedelta | None = None,
         reattach_on_retry: bool = True,
         retry_uncertain_create: bool = False,
@@ -194,6 +199,11 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             None
             if wait_seconds is None
             else int(check_number("wait_seconds", wait_seconds, 1, 60, integer=True))
+        )
+        self.min_defer_seconds = (
+            None
+            if min_defer_seconds is None
+            else check_number("min_defer_seconds", min_defer_seconds, 0, 600)
         )
         if timeout is not None:
             check_number(
@@ -406,7 +416,10 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         )
 
     def _defer(self, prediction: Prediction, deadline: float) -> None:
-        from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
+        from airflow_provider_kontext.triggers.kontext import (
+            FluxKontextPredictionTrigger,
+            default_min_defer_seconds,
+        )
 
         trigger = FluxKontextPredictionTrigger(
             prediction_id=str(prediction.id),  # id-less predictions are completed at once
@@ -417,6 +430,11 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             hook_params=self.hook_params,
             # Bounds the shared list's window only; the deadline stays on our own clock.
             created_at=prediction.created_at.isoformat() if prediction.created_at else None,
+            # This worker's settings decide how late its deferral's exit can be recorded.
+            deferred_at=time.time(),
+            min_defer_seconds=(
+                default_min_defer_seconds() if self.min_defer_seconds is None else self.min_defer_seconds
+            ),
         )
         self._announce_wait(prediction, deadline, "in the triggerer", trigger.poll_policy)
         self.defer(

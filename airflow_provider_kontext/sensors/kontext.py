@@ -207,7 +207,10 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
             self._created_at = prediction.created_at.isoformat() if prediction.created_at else None
 
     def _trigger(self, end_time: float) -> Any:
-        from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
+        from airflow_provider_kontext.triggers.kontext import (
+            FluxKontextPredictionTrigger,
+            default_min_defer_seconds,
+        )
 
         return FluxKontextPredictionTrigger(
             prediction_id=self._checked_id(),
@@ -217,4 +220,7 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
             cancel_on_kill=self.cancel_on_kill,
             hook_params=self.hook_params,
             created_at=self._created_at,
+            # Resumes no sooner than this worker's settings make safe (see the operator's).
+            deferred_at=time.time(),
+            min_defer_seconds=default_min_defer_seconds(),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -14,7 +15,43 @@ from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 from airflow_provider_kontext.progress import DEFAULT_POLL_POLICY, POLL_POLICIES, PredictionPoller
 from airflow_provider_kontext.triggers.watcher import PredictionWatcher
 
-__all__ = ["FluxKontextPredictionTrigger"]
+__all__ = ["SETTLE_SLACK_SECONDS", "FluxKontextPredictionTrigger", "default_min_defer_seconds"]
+
+#: Seconds added to ``[workers] min_heartbeat_interval`` for the default :func:`default_min_defer_seconds`:
+#: the deferring process's exit, the worker's report and one loop of a busy scheduler.
+SETTLE_SLACK_SECONDS = 10.0
+
+
+def default_min_defer_seconds() -> float:
+    """The least time a deferral lasts by default: Airflow's ``[workers] min_heartbeat_interval``
+    (how late the supervisor may notice the deferring try's exit; 5 when unreadable) plus
+    :data:`SETTLE_SLACK_SECONDS`.
+
+    A resume sooner than the scheduler has processed the deferring try's exit is failed by Airflow
+    3.1-3.3 ("finished with state success, but the task instance's state attribute is
+    queued/running") and waits out ``retry_delay``; see the README's race section. In ``airflow dags
+    test`` (the task runs in-process and the trigger in line, after the deferring run ended) there is
+    no such race, and the default is ``0``.
+    """
+    if _runs_in_process():
+        return 0.0
+    try:
+        from airflow.configuration import conf
+
+        interval = float(conf.getint("workers", "min_heartbeat_interval", fallback=5))
+    except Exception:  # an unreadable setting must not break a deferral
+        interval = 5.0
+    return max(0.0, interval) + SETTLE_SLACK_SECONDS
+
+
+def _runs_in_process() -> bool:
+    """Whether this task runs in-process under ``dag.test()`` (its supervisor comms are in-process)."""
+    try:
+        from airflow.sdk.execution_time import task_runner
+        from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms
+    except ImportError:
+        return False
+    return isinstance(getattr(task_runner, "SUPERVISOR_COMMS", None), InProcessSupervisorComms)
 
 
 class FluxKontextPredictionTrigger(BaseTrigger):
@@ -43,6 +80,10 @@ class FluxKontextPredictionTrigger(BaseTrigger):
     :param created_at: the prediction's ``created_at`` (ISO 8601), if known: where the account's
         waits share the list (:mod:`.watcher`), it bounds the list's window; unknown, the first
         sweeps or one read of its own find it.
+    :param deferred_at: Unix time at which the task deferred (``None``: unknown, no hold).
+    :param min_defer_seconds: an event found sooner than this many seconds after ``deferred_at`` is
+        held until then, so that Airflow has recorded the deferring try's exit before the task
+        resumes (see :func:`default_min_defer_seconds`; ``None``: that default; ``0``: no hold).
 
     The triggers of one account in one triggerer share a
     :class:`~airflow_provider_kontext.triggers.watcher.PredictionWatcher` (one list request answers
@@ -61,6 +102,8 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         poll_policy: str = DEFAULT_POLL_POLICY,
         hook_params: Mapping[str, Any] | None = None,
         created_at: str | None = None,
+        deferred_at: float | None = None,
+        min_defer_seconds: float | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         if poll_policy not in POLL_POLICIES:
@@ -78,6 +121,8 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             if value is None or type(value) in (str, int, float, bool)
         }
         self.created_at = None if created_at is None else str(created_at)
+        self.deferred_at = None if deferred_at is None else float(deferred_at)
+        self.min_defer_seconds = None if min_defer_seconds is None else float(min_defer_seconds)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -92,6 +137,12 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 "poll_policy": self.poll_policy,
                 "hook_params": self.hook_params,
                 **({"created_at": self.created_at} if self.created_at is not None else {}),
+                **({"deferred_at": self.deferred_at} if self.deferred_at is not None else {}),
+                **(
+                    {"min_defer_seconds": self.min_defer_seconds}
+                    if self.min_defer_seconds is not None
+                    else {}
+                ),
             },
         )
 
@@ -136,6 +187,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                 except ValueError as exc:  # a malformed connection (bad extra): no point polling on
                     event = error_event(self.prediction_id, f"Cannot poll: {exc}")
                 if event is not None:
+                    await self._settle()
                     yield TriggerEvent(event.payload())  # type: ignore[no-untyped-call]
                     return
                 delay = poller.delay()
@@ -143,6 +195,22 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             if watch is not None:
                 await watch.close()
             await hook.aclose()
+
+    async def _settle(self) -> None:
+        """Hold the event until ``min_defer_seconds`` after the deferral, if it came sooner."""
+        if self.deferred_at is None:
+            return
+        settle = default_min_defer_seconds() if self.min_defer_seconds is None else self.min_defer_seconds
+        hold = self.deferred_at + settle - time.time()
+        if hold > 0:
+            self.log.info(
+                "Holding the event %.1f s: the task deferred %.1f s ago, and a resume sooner than %g s "
+                "after deferring can be failed by Airflow before it records the deferral's exit",
+                hold,
+                settle - hold,
+                settle,
+            )
+            await asyncio.sleep(hold)
 
     async def on_kill(self) -> None:
         """Cancel the prediction when a user kills the deferred task (not on triggerer restarts)."""

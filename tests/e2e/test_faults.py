@@ -388,9 +388,9 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     source = CLUSTER_DAG.format(crashing_operator=CRASHING_OPERATOR, image=_image_uri())
     (dags / "kontext_cluster_faults.py").write_text(source)
     with (
-        # 20 s on both: a trigger that fires within seconds of its deferral races the scheduler
-        # (Airflow 3.3.2 fails a resumed try that is already queued when the deferring try's late
-        # "success" event arrives: apache/airflow#67287, #72716). Here no task has retries to absorb it.
+        # 20 s on both: the triggerer kill must find the edits still running. (A trigger firing within
+        # seconds of its deferral would race the scheduler, apache/airflow#67287, #72716; the trigger
+        # holds such an event for min_defer_seconds: tests/e2e/test_deferral_race.py.)
         KontextEmulator(token=TOKEN, prediction_seconds=20.0, start_seconds=0.5, output_scale=0.1) as api,
         KontextEmulator(
             token=None, path_prefix="/replicate", prediction_seconds=20.0, output_scale=0.1
