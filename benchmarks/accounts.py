@@ -1,0 +1,282 @@
+"""Scenario 6: several triggerers, one account. k triggerer processes (each a :mod:`benchmarks.pollers`
+run of the real trigger, connection defaults) share N waits on one emulator enforcing Replicate's
+limit on everything but creates, with and without another client spending a third of the account;
+a burst of waits opened at once on predictions already done; the adaptive budgets' convergence on
+a simulated clock (:mod:`benchmarks.aimd`); and the 5000-wait case without limits beside the bare
+aiohttp loop.
+
+``python -m benchmarks.accounts other BASE_URL PER_MINUTE`` and ``python -m benchmarks.accounts
+burst BASE_URL N`` are child processes (one JSON line each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from subprocess import PIPE
+from typing import Any
+
+from benchmarks import aimd
+from benchmarks.common import MODEL, PROMPT, PYTHON, TINY_PNG, EmulatorProcess, child_env, percentile
+from benchmarks.scale import PollRun, run_pollers
+
+#: Replicate's limit on everything but creates; creates left almost unlimited (see section 5).
+RATE_LIMIT = "100000,3000"
+N, INTERVAL = 2000, 1.0
+#: (triggerer processes, the other client's requests per minute).
+CASES: tuple[tuple[int, float], ...] = ((1, 0.0), (2, 0.0), (4, 0.0), (2, 1000.0), (4, 1000.0))
+START_SECONDS, PREDICTION_SECONDS, SPREAD = 0.6, 4.0, 0.5
+CAP_SECONDS = 45.0
+BURST = 300
+#: The unlimited case of section 1 again: N, interval, prediction seconds, start seconds.
+UNLIMITED = (5000, 5.0, 3.0, 0.3)
+
+
+@dataclass
+class SharedRun:
+    """k triggerer processes on one account, with what the emulator answered them."""
+
+    k: int
+    other_per_minute: float
+    processes: list[dict[str, Any]]
+    requests: int
+    throttled: int
+    other: dict[str, Any]
+
+    @property
+    def latencies(self) -> list[float]:
+        return [x for raw in self.processes for x in raw.get("latencies_ms", [])]
+
+    @property
+    def succeeded(self) -> int:
+        return sum(int(raw.get("succeeded", 0)) for raw in self.processes)
+
+    @property
+    def errors(self) -> int:
+        return sum(sum(int(v) for v in raw.get("errors", {}).values()) for raw in self.processes)
+
+    @property
+    def throttled_pct(self) -> float:
+        return self.throttled / self.requests * 100 if self.requests else math.nan
+
+    @property
+    def granted(self) -> list[int]:
+        return [int(raw["budget_trace"][-1][2]) if raw.get("budget_trace") else 0 for raw in self.processes]
+
+    @property
+    def cuts(self) -> list[int]:
+        return [int(raw["budget_trace"][-1][3]) if raw.get("budget_trace") else 0 for raw in self.processes]
+
+    @property
+    def fairness(self) -> float:
+        shares = self.granted
+        total = sum(shares)
+        return total * total / (len(shares) * sum(x * x for x in shares)) if total else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "other_per_minute": self.other_per_minute,
+            "requests": self.requests,
+            "throttled": self.throttled,
+            "succeeded": self.succeeded,
+            "errors": self.errors,
+            "p50_ms": percentile(self.latencies, 50),
+            "p99_ms": percentile(self.latencies, 99),
+            "granted": self.granted,
+            "cuts": self.cuts,
+            "fairness": self.fairness,
+            "other": self.other,
+            "processes": [{k: v for k, v in raw.items() if k != "latencies_ms"} for raw in self.processes],
+        }
+
+
+def _pollers_args(base: str, n: int) -> list[str]:
+    return [
+        PYTHON, "-m", "benchmarks.pollers", "trigger", str(n), str(INTERVAL), base,
+        "--cap", f"{CAP_SECONDS:g}", "--touch-after", "-1", "--created-at",
+    ]  # fmt: skip
+
+
+def run_shared(emu: EmulatorProcess, k: int, other_per_minute: float) -> SharedRun:
+    emu.reset()
+    other = None
+    if other_per_minute:
+        other = subprocess.Popen(
+            [PYTHON, "-m", "benchmarks.accounts", "other", emu.base_url, f"{other_per_minute:g}"],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.0)  # it spends its part before the triggerers start, as a client already there
+    children = [
+        subprocess.Popen(_pollers_args(emu.base_url, N // k), env=child_env(), stdout=PIPE, text=True)
+        for _ in range(k)
+    ]
+    processes = []
+    for child in children:
+        try:
+            out, _ = child.communicate(timeout=CAP_SECONDS + 30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            out, _ = child.communicate()
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        processes.append(json.loads(lines[-1]) if lines else {"errors": {"process failed": N // k}})
+    other_result: dict[str, Any] = {}
+    if other is not None:
+        other.send_signal(signal.SIGTERM)
+        out, _ = other.communicate(timeout=30)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        other_result = json.loads(lines[-1]) if lines else {"error": "no result"}
+    state = emu.state()
+    total = int(state["request_count"]) - int(state["created_count"]) - int(other_result.get("sent", 0))
+    throttled = int(state.get("responses", {}).get("429", 0)) - int(other_result.get("throttled", 0))
+    return SharedRun(k, other_per_minute, processes, total, throttled, other_result)
+
+
+def run() -> dict[str, Any]:
+    """Every part of the scenario."""
+    shared: list[SharedRun] = []
+    extra = ("--spread", str(SPREAD), "--rate-limit", RATE_LIMIT)
+    with EmulatorProcess(
+        prediction_seconds=PREDICTION_SECONDS, start_seconds=START_SECONDS, extra_args=extra
+    ) as emu:
+        for k, other in CASES:
+            started = time.monotonic()
+            one = run_shared(emu, k, other)
+            print(
+                f"  k={k} other={other:g}/min: {one.succeeded}/{N} ok, {one.errors} errors, "
+                f"{one.requests} requests ({one.throttled} 429), p99 {percentile(one.latencies, 99):.0f} ms, "
+                f"granted {one.granted} ({time.monotonic() - started:.0f} s)",
+                flush=True,
+            )
+            shared.append(one)
+        emu.reset()
+        burst = _child(emu.base_url, ["burst", emu.base_url, str(BURST)])
+        print(f"  burst: {burst}", flush=True)
+    sims = aimd.run()
+    n, interval, seconds, start = UNLIMITED
+    unlimited: list[PollRun] = []
+    with EmulatorProcess(prediction_seconds=seconds, start_seconds=start) as emu:
+        for client, extra_args in (("trigger", ["--created-at"]), ("aiohttp", [])):
+            result = run_pollers(emu, client, n, interval, extra=extra_args)
+            print(f"  unlimited {client}: p99 {result.p99_ms:.0f} ms, {result.cpu_ms_per_edit:.2f} ms/edit")
+            unlimited.append(result)
+    return {"shared": shared, "burst": burst, "simulations": sims, "unlimited": unlimited}
+
+
+def _child(base: str, args: list[str], timeout: float = 180) -> dict[str, Any]:
+    out = subprocess.run(
+        [PYTHON, "-m", "benchmarks.accounts", *args],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else {"error": f"exit {out.returncode}: {out.stderr[-1500:]}"}
+
+
+# --- children -----------------------------------------------------------------------------------------
+
+
+async def _other(base: str, per_minute: float) -> dict[str, Any]:
+    """Another program on the account: GET /v1/account at a fixed pace until SIGTERM, whatever it
+    is answered."""
+    import aiohttp
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    sent = throttled = 0
+    gap = 60.0 / per_minute
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> None:
+            nonlocal throttled
+            async with session.get(f"{base}/v1/account") as response:
+                await response.read()
+                throttled += response.status == 429
+
+        tasks = set()
+        next_at = time.monotonic()
+        while not stop.is_set():
+            task = asyncio.create_task(one())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            sent += 1
+            next_at += gap
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=max(0.0, next_at - time.monotonic()))
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"sent": sent, "throttled": throttled, "per_minute": per_minute}
+
+
+async def _burst(base: str, n: int) -> dict[str, Any]:
+    """``n`` predictions that have all ended, then ``n`` triggers opened at once (as the operator
+    defers: with ``created_at``; connection defaults): seconds from the opening to each event."""
+    import os
+
+    import aiohttp
+
+    os.environ["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps({"conn_type": "fluxkontext", "host": base})
+    from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
+
+    body = {"input": {"prompt": PROMPT, "input_image": TINY_PNG, "aspect_ratio": "1:1"}}
+    async with aiohttp.ClientSession() as session:
+
+        async def create() -> dict[str, Any]:
+            async with session.post(f"{base}/v1/models/{MODEL}/predictions", json=body) as response:
+                result: dict[str, Any] = await response.json()
+                return result
+
+        created = await asyncio.gather(*(create() for _ in range(n)))
+        await asyncio.sleep(START_SECONDS * (1 + SPREAD) + 0.3)
+        for prediction in created:  # the emulator edits a prediction read while it processes
+            async with session.get(f"{base}/v1/predictions/{prediction['id']}") as response:
+                await response.read()
+        await asyncio.sleep((START_SECONDS + PREDICTION_SECONDS) * (1 + SPREAD) + 1.0)
+        async with session.get(f"{base}/_emulator/state") as response:
+            before = (await response.json())["request_count"]
+    opened = time.monotonic()
+
+    async def wait(prediction: dict[str, Any]) -> tuple[float, str]:
+        trigger = FluxKontextPredictionTrigger(
+            prediction_id=prediction["id"],
+            poll_interval=INTERVAL,
+            end_time=time.time() + 120,
+            created_at=prediction["created_at"],
+        )
+        async for event in trigger.run():
+            return time.monotonic() - opened, str(event.payload.get("status"))
+        return math.nan, "no event"
+
+    events = await asyncio.gather(*(wait(p) for p in created))
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/_emulator/state") as response:
+        state = await response.json()
+    seconds = [s for s, _ in events]
+    return {
+        "n": n,
+        "succeeded": sum(1 for _, status in events if status == "succeeded"),
+        "max_s": round(max(seconds), 3),
+        "p50_s": round(percentile(seconds, 50), 3),
+        "requests": state["request_count"] - before,
+        "throttled": state.get("responses", {}).get("429", 0),
+    }
+
+
+def main() -> None:
+    what, base, number = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    result = asyncio.run(_other(base, number) if what == "other" else _burst(base, int(number)))
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
