@@ -70,7 +70,7 @@ def plan(known: dict[str, int], unknown: int, sample: list[int], margin: int) ->
     times = sorted(known.values())
     low, high = times[0] - margin, times[-1] + margin + 1
     points = sample or times
-    inside = points[bisect.bisect_right(points, low) : bisect.bisect_left(points, high)]
+    inside = points[bisect.bisect_left(points, low) : bisect.bisect_left(points, high)]
     cuts = sorted(set(inside[PAGE_SIZE::PAGE_SIZE]))
     edges: list[int | None] = [low, *cuts, None if unknown else high]
     slices = [Slice(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
