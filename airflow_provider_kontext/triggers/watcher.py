@@ -11,15 +11,21 @@ per account: 1000 waits cannot all be looked at in less than 20 s). One list pag
   one sweep took last time (``list_min_waits`` at least): a sweep of P pages then costs fewer
   requests than the waits' own reads. Otherwise each wait reads its prediction alone, as without a
   watcher (one wait, or an account whose window holds many other predictions).
-- **The window.** A sweep reads from the oldest waiting prediction's ``created_at`` (a server
-  timestamp: it only bounds the list, it never decides that time is up; deadlines run on the local
-  clock). A wait whose ``created_at`` is unknown (a trigger deferred without it) is looked for in
-  the sweep's pages and learns it there, or reads its prediction alone once.
+- **The window, in slices.** A sweep reads only from its waits' oldest to their newest
+  ``created_at`` (server timestamps: they only bound the list, they never decide that time is up;
+  deadlines run on the local clock), cut into ``created_after``/``created_before`` slices of about a
+  page, read side by side, oldest first (:mod:`.slices`); a slice that holds none of its waits (the
+  other triggerers' predictions, or waits that ended) is not read, and one that holds more than a
+  page stops paging once its waits are found. A wait whose ``created_at`` is unknown (a trigger
+  deferred without it) is looked for in the newest pages and learns it there, or reads its
+  prediction alone once.
 - **Pacing.** Sweeps come when a wait is due, and otherwise every half of the shortest poll
   interval (so a prediction that ends is seen within about half an interval, whenever it ends), at
   most every :func:`sweep_gap` seconds: never more than :data:`SWEEP_SHARE` of the account's
-  request budget, so single reads keep the rest. A sweep hands a prediction to every wait that is
-  due, whose prediction ended, or whose status changed.
+  request budget (whose rate adapts to the account's ``429`` s: several triggerers find their
+  shares), so single reads keep the rest. A ``429`` pauses the account until the reset it names; the
+  throttled slice is read again after it, and its due waits stay due for the next sweep. A sweep
+  hands a prediction to every wait that is due, whose prediction ended, or whose status changed.
 - **Single reads where the list cannot answer:** a prediction missing from the window, an item that
   does not parse, a prediction that ended other than ``succeeded`` (its error and log tail come
   from a full read), and, because list items carry no ``logs``, one full read per
