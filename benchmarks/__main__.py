@@ -1,8 +1,8 @@
 """``python -m benchmarks`` (``make bench``): run every scenario against the emulator on 127.0.0.1
 and write ``benchmarks/RESULTS.md`` (and the raw figures to ``benchmarks/results.json``).
 
-Options: ``--only scale,slots,parse,policy,limits`` runs some scenarios (the report then holds only those);
-``--out PATH`` writes the report elsewhere.
+Options: ``--only scale,slots,parse,policy,limits,accounts`` runs some scenarios (the report then
+holds only those); ``--out PATH`` writes the report elsewhere.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common, limits, parse, policy, report, scale, slots
+from benchmarks import accounts, common, limits, parse, policy, report, scale, slots
 
-SCENARIOS = ("scale", "policy", "slots", "parse", "limits")
+SCENARIOS = ("scale", "policy", "slots", "parse", "limits", "accounts")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +66,18 @@ def main(argv: list[str] | None = None) -> int:
             "costs": limits_result["costs"],
         }
 
+    accounts_result = None
+    if "accounts" in chosen:
+        print("6. several triggerers, one account", flush=True)
+        accounts_result = accounts.run()
+        results["accounts"] = {
+            "shared": [r.to_json() for r in accounts_result["shared"]],
+            "burst": accounts_result["burst"],
+            "simulations": [s.to_json() for s in accounts_result["simulations"]],
+            "unlimited": [r.to_json() for r in accounts_result["unlimited"]],
+            "load": accounts_result["load"],
+        }
+
     text = report.render(
         command=command,
         facts=facts,
@@ -77,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         parse=parse_result,
         policy=policy_runs,
         limits=limits_result,
+        accounts=accounts_result,
     )
     out = Path(args.out)
     out.write_text(text)

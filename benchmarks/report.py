@@ -350,6 +350,7 @@ def render(
     parse: dict[str, Any] | None,
     policy: list[tuple[float, str, PollRun]] | None,
     limits: dict[str, Any] | None = None,
+    accounts: dict[str, Any] | None = None,
 ) -> str:
     out = [
         "# Benchmark results",
@@ -382,6 +383,10 @@ def render(
         from benchmarks import limits as limits_scenario
 
         out += limits_scenario.section(limits)
+    if accounts:
+        from benchmarks import accounts as accounts_scenario
+
+        out += accounts_scenario.section(accounts)
     out += [CHANGES.read_text()]
     return "\n".join(out).rstrip() + "\n"
 
