@@ -40,16 +40,25 @@ class Simulation:
         total = sum(self.sent)
         return sum(self.throttled) / total * 100 if total else math.nan
 
-    def converged_after(self, tolerance: float = 0.15) -> float:
-        """Seconds until the budgets' summed rate stays within ``tolerance`` of what the account
-        leaves them (its limit less the other client's part) for the rest of the run."""
-        target = (LIMIT_PER_MINUTE - self.other_per_minute) / 60.0
+    @property
+    def target(self) -> float:
+        """Requests per second the account leaves the budgets: its limit less the other client's
+        part, at most their ceilings."""
+        return min(self.k * CEILING_PER_MINUTE, LIMIT_PER_MINUTE - self.other_per_minute) / 60.0
+
+    def converged_after(self, tolerance: float = 0.15, window: int = 3) -> float:
+        """Seconds until the budgets' summed rate, averaged over ``window`` seconds, first comes
+        within ``tolerance`` of :attr:`target`."""
         sums = [sum(second) for second in zip(*self.rates, strict=True)]
-        last_out = -1
-        for index, total in enumerate(sums):
-            if abs(total - target) > tolerance * target:
-                last_out = index
-        return float(last_out + 1)
+        for end in range(window, len(sums) + 1):
+            if abs(sum(sums[end - window : end]) / window - self.target) <= tolerance * self.target:
+                return float(end)
+        return math.nan
+
+    def used(self, skip: int = 10) -> float:
+        """The budgets' summed rate after ``skip`` seconds as a share of :attr:`target`."""
+        sums = [sum(second) for second in zip(*self.rates, strict=True)][skip:]
+        return sum(sums) / len(sums) / self.target if sums else math.nan
 
     def fairness(self, skip: float = 10.0) -> float:
         """Jain's index of the budgets' requests granted after ``skip`` seconds (1: equal shares)."""
@@ -66,6 +75,7 @@ class Simulation:
             "throttled": self.throttled,
             "throttled_pct": round(self.throttled_pct, 2),
             "converged_after_s": self.converged_after(),
+            "used": round(self.used(), 3),
             "fairness": round(self.fairness(), 4),
             "mean_rates": [round(sum(r[10:]) / max(1, len(r[10:])), 1) for r in self.rates],
         }
@@ -127,7 +137,7 @@ def simulate(
 CASES: tuple[tuple[int, float], ...] = ((1, 0.0), (2, 0.0), (4, 0.0), (2, 1000.0), (4, 1000.0))
 
 
-def run(seconds: float = 60.0) -> list[Simulation]:
+def run(seconds: float = 120.0) -> list[Simulation]:
     return [simulate(k, seconds, other_per_minute=other) for k, other in CASES]
 
 

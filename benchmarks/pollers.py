@@ -265,6 +265,15 @@ def configure_triggerer_logging(level: str) -> subprocess.Popen[bytes] | None:
     return drain
 
 
+def barrier(spec: str) -> None:
+    """``DIR:K``: say this process is ready (a file in DIR), then wait until K processes are, so
+    that several pollers processes start feeding together whenever each finished warming up."""
+    folder, count = spec.rsplit(":", 1)
+    Path(folder, str(os.getpid())).touch()
+    while len(list(Path(folder).iterdir())) < int(count):
+        time.sleep(0.05)
+
+
 async def trace_budget(trace: list[list[float]], start: float) -> None:
     """Every 0.25 s, the account budget's [seconds, rate per minute, requests granted, cuts] (the
     trigger's; nothing where it has none)."""
@@ -299,6 +308,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     created: dict[str, str] = {}
     poll, close = await makers[args.client]()
+    if args.barrier:
+        await asyncio.to_thread(barrier, args.barrier)
     rng = random.Random(args.seed)
     pickup_window = args.interval if args.pickup is None else args.pickup
     pickup = [rng.uniform(0, pickup_window) for _ in range(args.n)]
@@ -416,6 +427,7 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="write a pyinstrument profile of the run here")
     parser.add_argument("--conn-extra", default="", help="JSON: the connection's extras")
     parser.add_argument("--created-at", action="store_true", help="defer with created_at, as the operator")
+    parser.add_argument("--barrier", default="", help="DIR:K: start with K processes (see barrier())")
     args = parser.parse_args()
     conn: dict[str, Any] = {"conn_type": "fluxkontext", "host": args.base}
     if args.conn_extra:

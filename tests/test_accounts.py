@@ -167,7 +167,7 @@ def test_triggerers_converge_on_the_accounts_limit_in_fair_shares() -> None:
     settled = [sum(budget[s] for budget in per_second) for s in range(10, seconds)]
     assert 0.7 * 50 <= sum(settled) / len(settled) <= 50 * 1.05  # the account's 50/s, well used
     totals = [float(sum(budget[10:])) for budget in per_second]
-    assert jain(totals) > 0.9
+    assert jain(totals) > 0.85
     assert throttled / sent < 0.03
 
 

@@ -61,9 +61,9 @@ DEFAULT_PAUSE_SECONDS = 1.0
 #: requests in flight when the account runs out (each answered ``429``) stay few.
 BURST_SECONDS = 0.25
 #: A ``429`` multiplies the rate by this.
-DECREASE_FACTOR = 0.7
+DECREASE_FACTOR = 0.5
 #: While no ``429`` comes and the rate is used, it grows by this share of the ceiling per second...
-INCREASE_SHARE = 0.01
+INCREASE_SHARE = 0.0075
 #: ...times one more for every this many seconds since the last ``429`` (a budget far below its
 #: share, or an account others stopped using, gets its rate back within seconds, while budgets near
 #: the account's limit probe it gently).
