@@ -329,6 +329,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         str(args.n),
         str(args.interval if args.spread is None else args.spread),
         str(args.touch_after),
+        args.output_format,
         stdout=asyncio.subprocess.PIPE,
         env=child_env(),
     )
@@ -427,6 +428,7 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="write a pyinstrument profile of the run here")
     parser.add_argument("--conn-extra", default="", help="JSON: the connection's extras")
     parser.add_argument("--created-at", action="store_true", help="defer with created_at, as the operator")
+    parser.add_argument("--output-format", default="", help="the edits' output_format (feeder.py)")
     parser.add_argument("--barrier", default="", help="DIR:K: start with K processes (see barrier())")
     args = parser.parse_args()
     conn: dict[str, Any] = {"conn_type": "fluxkontext", "host": args.base}
