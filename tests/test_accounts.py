@@ -248,10 +248,7 @@ async def test_a_sweep_stops_paging_once_its_waits_are_found(
     assert all(call["created_before"] and call["created_after"] for call in list_calls)
 
 
-async def test_a_burst_on_predictions_already_done_is_answered_by_sweeps(
-    emu: KontextEmulator,  # noqa: F811
-    list_calls: list[dict[str, Any]],
-) -> None:
+async def test_a_burst_on_predictions_already_done_is_answered_by_sweeps(emu: KontextEmulator) -> None:  # noqa: F811
     """300 triggers opened at once on predictions that have ended: answered from the list, in
     slices of a page read side by side, none reading alone."""
     predictions = create(emu, 300)
