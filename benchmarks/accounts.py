@@ -101,7 +101,13 @@ class SharedRun:
             "cuts": self.cuts,
             "fairness": self.fairness,
             "other": self.other,
-            "processes": [{k: v for k, v in raw.items() if k != "latencies_ms"} for raw in self.processes],
+            "processes": [
+                {
+                    **{k: v for k, v in raw.items() if k not in ("latencies_ms", "budget_trace")},
+                    "budget_last": (raw.get("budget_trace") or [None])[-1],
+                }
+                for raw in self.processes
+            ],
         }
 
 
