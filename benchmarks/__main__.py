@@ -1,8 +1,8 @@
 """``python -m benchmarks`` (``make bench``): run every scenario against the emulator on 127.0.0.1
 and write ``benchmarks/RESULTS.md`` (and the raw figures to ``benchmarks/results.json``).
 
-Options: ``--only scale,slots,parse,policy,limits,creates,realairflow`` runs some scenarios (the report
-then holds only those); ``--out PATH`` writes the report elsewhere; ``--airflow-sizes``,
+Options: ``--only scale,slots,parse,policy,limits,creates,realairflow,accounts`` runs some scenarios
+(the report then holds only those); ``--out PATH`` writes the report elsewhere; ``--airflow-sizes``,
 ``--airflow-slots``, ``--airflow-holds`` and ``--airflow-repeats`` size the real-Airflow section
 (default: N = 100 at 16 and 32 slots, the operator's default hold, once).
 """
@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common, creates, limits, parse, policy, realairflow, report, scale, slots
+from benchmarks import accounts, common, creates, limits, parse, policy, realairflow, report, scale, slots
 
-SCENARIOS = ("scale", "policy", "slots", "parse", "limits", "creates", "realairflow")
+SCENARIOS = ("scale", "policy", "slots", "parse", "limits", "creates", "realairflow", "accounts")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -97,6 +97,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["realairflow"] = airflow_result
 
+    accounts_result = None
+    if "accounts" in chosen:
+        print("8. several triggerers, one account", flush=True)
+        accounts_result = accounts.run()
+        results["accounts"] = {
+            "shared": [r.to_json() for r in accounts_result["shared"]],
+            "burst": accounts_result["burst"],
+            "simulations": [s.to_json() for s in accounts_result["simulations"]],
+            "unlimited": [r.to_json() for r in accounts_result["unlimited"]],
+            "load": accounts_result["load"],
+        }
+
     text = report.render(
         command=command,
         facts=facts,
@@ -109,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         policy=policy_runs,
         limits=limits_result,
         creates=creates_result,
+        accounts=accounts_result,
     )
     if airflow_result is not None:
         text = text.rstrip("\n") + "\n\n" + "\n".join(realairflow.section(airflow_result))

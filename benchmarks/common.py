@@ -188,8 +188,7 @@ def machine_facts() -> dict[str, str]:
         pass
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     packages = ", ".join(
-        f"{name} {_version(name)}"
-        for name in ("apache-airflow", "aiohttp", "httpx", "replicate", "pydantic")
+        f"{name} {_version(name)}" for name in ("apache-airflow", "aiohttp", "httpx", "replicate", "pydantic")
     )
     return {
         "cpu": f"{cpu}, {os.cpu_count()} cores",

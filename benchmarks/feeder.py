@@ -11,7 +11,8 @@ latency measures the poller, not the emulator's edit queue. The touches are repo
 none (under rate limits a touch would spend the pollers' budget). Each line also carries the
 prediction's ``created_at``, which the operator hands its trigger.
 
-Usage: ``python -m benchmarks.feeder BASE_URL N SPREAD_SECONDS TOUCH_AFTER``
+Usage: ``python -m benchmarks.feeder BASE_URL N SPREAD_SECONDS TOUCH_AFTER [OUTPUT_FORMAT]`` (the
+edits' ``output_format``; default the model's, webp: PNG makes the emulator's edits far cheaper)
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from typing import Any
 
 import aiohttp
 
 from benchmarks.common import MODEL, PROMPT, TINY_PNG
 
 
-async def feed(base_url: str, n: int, spread: float, touch_after: float) -> None:
+async def feed(base_url: str, n: int, spread: float, touch_after: float, output_format: str = "") -> None:
     url = f"{base_url}/v1/models/{MODEL}/predictions"
-    body = {"input": {"prompt": PROMPT, "input_image": TINY_PNG, "aspect_ratio": "1:1"}}
+    body: dict[str, Any] = {"input": {"prompt": PROMPT, "input_image": TINY_PNG, "aspect_ratio": "1:1"}}
+    if output_format:
+        body["input"]["output_format"] = output_format
     out = sys.stdout
     failures = 0
     touches = 0
@@ -71,7 +75,7 @@ async def feed(base_url: str, n: int, spread: float, touch_after: float) -> None
 
 def main() -> None:
     base_url, n, spread, touch_after = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-    asyncio.run(feed(base_url, n, spread, touch_after))
+    asyncio.run(feed(base_url, n, spread, touch_after, sys.argv[5] if len(sys.argv) > 5 else ""))
 
 
 if __name__ == "__main__":

@@ -189,7 +189,12 @@ async def make_hook(base: str, interval: float, tally: Tally) -> tuple[Poller, C
 
 
 async def make_trigger(
-    base: str, interval: float, tally: Tally, trigger_kwargs: dict[str, Any], portal: bool
+    base: str,
+    interval: float,
+    tally: Tally,
+    trigger_kwargs: dict[str, Any],
+    portal: bool,
+    created_at: dict[str, str] | None = None,
 ) -> tuple[Poller, Callable[[], Awaitable[None]]]:
     import greenback
     from structlog.contextvars import bind_contextvars
@@ -205,6 +210,10 @@ async def make_trigger(
     module, name = classpath.rsplit(".", 1)
     trigger_class = getattr(importlib.import_module(module), name)
 
+    def known_created_at(prediction_id: str) -> dict[str, Any]:
+        known = (created_at or {}).get(prediction_id)
+        return {} if known is None else {"created_at": known}
+
     async def poll(index: int, prediction_id: str) -> None:
         # What the operator defers with, serialized and rebuilt as the triggerer does.
         deferred = FluxKontextPredictionTrigger(
@@ -212,6 +221,7 @@ async def make_trigger(
             poll_interval=interval,
             end_time=time.time() + 600,
             **trigger_kwargs,
+            **known_created_at(prediction_id),
         )
         _, kwargs = deferred.serialize()
         trigger = trigger_class(**json.loads(json.dumps(kwargs)))
@@ -255,6 +265,28 @@ def configure_triggerer_logging(level: str) -> subprocess.Popen[bytes] | None:
     return drain
 
 
+def barrier(spec: str) -> None:
+    """``DIR:K``: say this process is ready (a file in DIR), then wait until K processes are, so
+    that several pollers processes start feeding together whenever each finished warming up."""
+    folder, count = spec.rsplit(":", 1)
+    Path(folder, str(os.getpid())).touch()
+    while len(list(Path(folder).iterdir())) < int(count):
+        time.sleep(0.05)
+
+
+async def trace_budget(trace: list[list[float]], start: float) -> None:
+    """Every 0.25 s, the account budget's [seconds, rate per minute, requests granted, cuts] (the
+    trigger's; nothing where it has none)."""
+    from airflow_provider_kontext.hooks.budget import AccountBudgets
+
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(0.25)
+        for budget in AccountBudgets._budgets.get(loop, {}).values():
+            now = round(time.monotonic() - start, 2)
+            trace.append([now, round(budget.rate * 60), budget.granted, budget.decreases])
+
+
 def _completed_at(text: str | None) -> float | None:
     if not text:
         return None
@@ -270,9 +302,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "httpx": lambda: make_httpx(args.base, args.interval, tally),
         "replicate": lambda: make_replicate(args.base, args.interval, tally),
         "hook": lambda: make_hook(args.base, args.interval, tally),
-        "trigger": lambda: make_trigger(args.base, args.interval, tally, extra, not args.no_portal),
+        "trigger": lambda: make_trigger(
+            args.base, args.interval, tally, extra, not args.no_portal, created if args.created_at else None
+        ),
     }
+    created: dict[str, str] = {}
     poll, close = await makers[args.client]()
+    if args.barrier:
+        await asyncio.to_thread(barrier, args.barrier)
     rng = random.Random(args.seed)
     pickup_window = args.interval if args.pickup is None else args.pickup
     pickup = [rng.uniform(0, pickup_window) for _ in range(args.n)]
@@ -292,6 +329,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         str(args.n),
         str(args.interval if args.spread is None else args.spread),
         str(args.touch_after),
+        args.output_format,
         stdout=asyncio.subprocess.PIPE,
         env=child_env(),
     )
@@ -306,6 +344,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     wall0 = time.monotonic()
+    trace: list[list[float]] = []
+    tracer = asyncio.create_task(trace_budget(trace, wall0)) if args.client == "trigger" else None
     tasks: list[asyncio.Task[None]] = []
     feed_failures = touches = 0
     while line := await feeder.stdout.readline():
@@ -313,6 +353,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if first == "done":
             feed_failures, touches = int(second), int(rest[0])
             break
+        if rest and rest[0] != "-":
+            created[second] = rest[0]
         tasks.append(asyncio.create_task(one(int(first), second)))
     deadline = wall0 + args.cap
     unfinished = 0
@@ -325,6 +367,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.wait(pending, timeout=10)
     wall = time.monotonic() - wall0
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    if tracer is not None:
+        tracer.cancel()
+        await asyncio.gather(tracer, return_exceptions=True)
     await feeder.wait()
     if profiler is not None:
         profiler.stop()
@@ -360,6 +405,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_kb_per_poller": round((usage1.ru_maxrss - rss0) / args.n, 2),
         "rss_peak_kb": usage1.ru_maxrss,
         "feeder_touches": touches,
+        "budget_trace": trace,
     }
 
 
@@ -381,6 +427,9 @@ def main() -> None:
     parser.add_argument("--log-level", default="INFO", help="INFO (as the triggerer), DEBUG, or off")
     parser.add_argument("--profile", default="", help="write a pyinstrument profile of the run here")
     parser.add_argument("--conn-extra", default="", help="JSON: the connection's extras")
+    parser.add_argument("--created-at", action="store_true", help="defer with created_at, as the operator")
+    parser.add_argument("--output-format", default="", help="the edits' output_format (feeder.py)")
+    parser.add_argument("--barrier", default="", help="DIR:K: start with K processes (see barrier())")
     args = parser.parse_args()
     conn: dict[str, Any] = {"conn_type": "fluxkontext", "host": args.base}
     if args.conn_extra:

@@ -351,6 +351,7 @@ def render(
     policy: list[tuple[float, str, PollRun]] | None,
     limits: dict[str, Any] | None = None,
     creates: dict[str, Any] | None = None,
+    accounts: dict[str, Any] | None = None,
 ) -> str:
     out = [
         "# Benchmark results",
@@ -391,6 +392,10 @@ def render(
         from benchmarks import creates as creates_scenario
 
         out += creates_scenario.section(creates)
+    if accounts:
+        from benchmarks import accounts as accounts_scenario
+
+        out += accounts_scenario.section(accounts)
     out += [CHANGES.read_text()]
     return "\n".join(out).rstrip() + "\n"
 

@@ -115,7 +115,7 @@ async def test_a_prediction_missing_from_the_window_is_read_alone(emu: KontextEm
     oldest claimed ``created_at`` (less a margin), does not reach its prediction: it reads alone and
     ends like the others."""
     predictions = create(emu, 1)
-    await asyncio.sleep(watcher_module.WINDOW_MARGIN.total_seconds() + 1)
+    await asyncio.sleep(watcher_module.WINDOW_MARGIN_MICROS / 1e6 + 1)
     predictions += create(emu, 9)
     later = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
     triggers = [trigger(p, created_at=p["created_at"]) for p in predictions[1:]]

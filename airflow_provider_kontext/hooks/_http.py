@@ -109,10 +109,10 @@ def get_prediction_request(prediction_id: str) -> ApiRequest:
 
 
 def list_predictions_request(
-    *, created_after: str | None = None, cursor: str | None = None, created_before: str | None = None
+    *, created_after: str | None = None, created_before: str | None = None, cursor: str | None = None
 ) -> ApiRequest:
-    """``GET /v1/predictions``, optionally from ``created_after`` and before ``created_before``
-    (ISO 8601), at ``cursor``."""
+    """``GET /v1/predictions``, optionally from ``created_after`` and before ``created_before`` (ISO
+    8601), at ``cursor``."""
     bounds = (("created_after", created_after), ("created_before", created_before), ("cursor", cursor))
     params = {name: value for name, value in bounds if value}
     query = f"?{urlencode(params)}" if params else ""

@@ -1,16 +1,21 @@
 """One request budget per account per event loop: every async request of the hooks of one event
 loop (the triggerer runs all triggers in one) that talk to the same account draws from one token
-bucket.
+bucket, whose rate adapts to what the account answers.
 
 Replicate limits each account to 3000 requests per minute for everything but creates (every poll of
-every prediction counts). A trigger that polls and backs off on its own cannot know what the others
-of its account spend; the bucket paces them all together. The account is the base URL and the
-token; the token is only ever held here as a short SHA-256 digest, so no key, repr or log line can
-show it.
+every prediction counts), and tells nobody how much of it others spend: several triggerers, other
+deployments and scripts may share one token. Each budget finds its share as congestion control does
+(additive increase, multiplicative decrease): it starts at the connection's
+``max_requests_per_minute`` (a ceiling, never exceeded; ``0``: no budget), cuts its rate by
+:data:`DECREASE_FACTOR` on a ``429``, and while no ``429`` comes and its requests use the rate, adds
+:data:`INCREASE_SHARE` of the ceiling per second, faster the longer no ``429`` came. Budgets of one
+account that all do this converge on the account's limit, in equal shares, with no configuration.
+The account is the base URL and the token; the token is only ever held here as a short SHA-256
+digest, so no key, repr or log line can show it.
 
-- The rate comes from the connection's ``max_requests_per_minute`` extra (``0``: no budget).
 - A ``429`` for one request pauses every request of the account until the reset the server names;
-  after it the bucket starts empty, so requests resume paced, never all at once.
+  after it the bucket starts empty, so requests resume paced, never all at once. The ``429`` s of
+  requests already in flight when the first came are one signal: the rate is cut once per pause.
 - While requests wait, the one whose ``priority`` is smallest goes first (polls pass the time their
   prediction is expected to end, so the predictions most likely to have finished are looked at
   first), except that a request that has waited :data:`MAX_QUEUE_SECONDS` goes before any other:
@@ -38,7 +43,9 @@ if TYPE_CHECKING:
     from airflow_provider_kontext.hooks.connection import ClientSettings
 
 __all__ = [
+    "DECREASE_FACTOR",
     "DEFAULT_PAUSE_SECONDS",
+    "INCREASE_SHARE",
     "MAX_QUEUE_SECONDS",
     "AccountBudgets",
     "RequestBudget",
@@ -50,9 +57,25 @@ __all__ = [
 MAX_QUEUE_SECONDS = 10.0
 #: How long a 429 that names no reset pauses the account.
 DEFAULT_PAUSE_SECONDS = 1.0
-#: Seconds of the rate the bucket holds: the burst a quiet account may send at once. Replicate allows
-#: short bursts above its rate; one second of it stays well inside them.
-BURST_SECONDS = 1.0
+#: Seconds of the rate the bucket holds: the burst a quiet account may send at once. Short, so that
+#: requests in flight when the account runs out (each answered ``429``) stay few.
+BURST_SECONDS = 0.25
+#: A ``429`` multiplies the rate by this.
+DECREASE_FACTOR = 0.5
+#: While no ``429`` comes and the rate is used, it grows by this share of the ceiling per second...
+INCREASE_SHARE = 0.0075
+#: ...times one more for every this many seconds since the last ``429`` (a budget far below its
+#: share, or an account others stopped using, gets its rate back within seconds, while budgets near
+#: the account's limit probe it gently).
+INCREASE_ACCELERATION_SECONDS = 4.0
+#: The rate never falls below this share of the ceiling...
+FLOOR_SHARE = 0.02
+#: ...nor below this many requests per second.
+MIN_RATE = 0.1
+#: The rate is adjusted at most this often (seconds).
+ADJUST_SECONDS = 0.5
+#: A step in which the budget granted at least this share of its rate counts as using it.
+USED_SHARE = 0.5
 
 
 def account_key(settings: ClientSettings) -> str:
@@ -71,11 +94,13 @@ class _Ticket:
 
 
 class RequestBudget:
-    """A token bucket shared by the requests of one account in one event loop.
+    """A token bucket shared by the requests of one account in one event loop, its rate adapted to
+    the account's ``429`` s (see the module's docstring).
 
-    :param per_minute: sustained requests per minute.
+    :param per_minute: the ceiling: most requests per minute, and the rate it starts at.
     :param clock: monotonic seconds (tests pass their own).
     :param max_queue_seconds: see :data:`MAX_QUEUE_SECONDS`.
+    :param adaptive: ``False``: a fixed rate of ``per_minute``, ``429`` s only pause it.
     """
 
     def __init__(
@@ -85,14 +110,18 @@ class RequestBudget:
         clock: Callable[[], float] = time.monotonic,
         max_queue_seconds: float = MAX_QUEUE_SECONDS,
         burst_seconds: float = BURST_SECONDS,
+        adaptive: bool = True,
     ) -> None:
         if not per_minute > 0:
             raise ValueError(f"a request budget needs a positive rate, got {per_minute}")
-        self.per_minute = per_minute
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate * burst_seconds)
+        self.adaptive = adaptive
+        self.burst_seconds = burst_seconds
         self.max_queue_seconds = max_queue_seconds
         self._clock = clock
+        self.per_minute = per_minute
+        #: Requests per second now (the ceiling until a ``429`` says otherwise).
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * burst_seconds)
         self.tokens = self.capacity
         self._updated = clock()
         self.paused_until = 0.0
@@ -101,12 +130,40 @@ class RequestBudget:
         self._seq = itertools.count()
         self._dispatcher: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
-        #: Requests granted, and 429s that paused the account (for logs and benchmarks).
+        self._step_started = self._updated
+        self._step_granted = 0
+        self._step_waited = False
+        self._last_decrease = self._updated
+        #: Requests granted, 429s that paused the account, and cuts of the rate (logs, benchmarks).
         self.granted = 0
         self.pauses = 0
+        self.decreases = 0
 
     def __repr__(self) -> str:
-        return f"RequestBudget(per_minute={self.per_minute:g}, waiting={self.waiting})"
+        return (
+            f"RequestBudget(per_minute={self.per_minute:g}, rate={self.rate * 60:.0f}/min, "
+            f"waiting={self.waiting})"
+        )
+
+    @property
+    def ceiling(self) -> float:
+        """The most requests per second (the connection's ``max_requests_per_minute``)."""
+        return self.per_minute / 60.0
+
+    @property
+    def floor(self) -> float:
+        """The least requests per second a ``429`` leaves."""
+        return min(self.ceiling, max(MIN_RATE, self.ceiling * FLOOR_SHARE))
+
+    def set_ceiling(self, per_minute: float) -> None:
+        """Lower (or raise) the ceiling; the rate never stays above it."""
+        self.per_minute = per_minute
+        self._set_rate(min(self.rate, self.ceiling) if self.adaptive else self.ceiling)
+
+    def _set_rate(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate * self.burst_seconds)
+        self.tokens = min(self.tokens, self.capacity)
 
     @property
     def waiting(self) -> int:
@@ -118,9 +175,31 @@ class RequestBudget:
             self.tokens = min(self.capacity, self.tokens + (now - self._updated) * self.rate)
             self._updated = now
 
+    def _adjust(self, now: float) -> None:
+        """Additive increase: once per :data:`ADJUST_SECONDS`, where the step used the rate (a
+        request waited, or at least :data:`USED_SHARE` of it was granted) and no ``429`` came."""
+        elapsed = now - self._step_started
+        if elapsed < ADJUST_SECONDS:
+            return
+        used = self._step_waited or self._step_granted >= USED_SHARE * self.rate * elapsed
+        if self.adaptive and used and now >= self.paused_until and self.rate < self.ceiling:
+            since = max(0.0, now - self._last_decrease)
+            step = INCREASE_SHARE * self.ceiling * (1.0 + since / INCREASE_ACCELERATION_SECONDS)
+            self._refill(now)
+            self._set_rate(min(self.ceiling, self.rate + step * min(elapsed, 2 * ADJUST_SECONDS)))
+        self._step_started = now
+        self._step_granted = 0
+        self._step_waited = bool(self._fifo)
+
+    def _take(self) -> None:
+        self.tokens -= 1.0
+        self.granted += 1
+        self._step_granted += 1
+
     def _available(self, now: float) -> bool:
         if now < self.paused_until:
             return False
+        self._adjust(now)
         self._refill(now)
         return self.tokens >= 1.0
 
@@ -131,12 +210,13 @@ class RequestBudget:
         return not self._fifo and self._available(now) and self.tokens >= reserve * self.capacity
 
     def try_acquire(self) -> bool:
-        """Take a token if one is there and nobody waits; never waits."""
+        """Take a token if one is there and nobody waits; never waits (a refusal counts as a
+        request that wanted to go: the rate is in use)."""
         now = self._clock()
         if self._fifo or not self._available(now):
+            self._step_waited = True
             return False
-        self.tokens -= 1.0
-        self.granted += 1
+        self._take()
         return True
 
     async def acquire(self, priority: float | None = None) -> None:
@@ -151,6 +231,7 @@ class RequestBudget:
         now = self._clock()
         key = now if priority is None else now + (priority - time.time())
         key = min(key, now + self.max_queue_seconds)
+        self._step_waited = True
         ticket = _Ticket(asyncio.get_running_loop().create_future(), now)
         heapq.heappush(self._heap, (key, next(self._seq), ticket))
         self._fifo.append(ticket)
@@ -159,8 +240,15 @@ class RequestBudget:
 
     def pause(self, seconds: float | None) -> None:
         """A request of this account was answered 429: hold every request until the reset it named
-        (``None``: :data:`DEFAULT_PAUSE_SECONDS`), then resume from an empty bucket (paced)."""
+        (``None``: :data:`DEFAULT_PAUSE_SECONDS`), then resume from an empty bucket (paced), at a
+        rate cut by :data:`DECREASE_FACTOR` (once per pause: the ``429`` s of requests that were in
+        flight when it began are the same signal)."""
         now = self._clock()
+        if self.adaptive and now >= self.paused_until:
+            self._set_rate(max(self.floor, self.rate * DECREASE_FACTOR))
+            self.decreases += 1
+            self._last_decrease = now
+            self._step_started, self._step_granted, self._step_waited = now, 0, False
         until = now + (DEFAULT_PAUSE_SECONDS if seconds is None else max(0.0, seconds))
         if until > self.paused_until:
             self.pauses += 1
@@ -204,8 +292,7 @@ class RequestBudget:
                 ticket = self._next_ticket(now)
                 if ticket is None:
                     continue
-                self.tokens -= 1.0
-                self.granted += 1
+                self._take()
                 ticket.future.set_result(None)
                 continue
             else:
@@ -226,7 +313,7 @@ class AccountBudgets:
     def get(cls, settings: ClientSettings) -> RequestBudget | None:
         """The budget ``settings``' account draws from in the running loop; ``None`` where its
         connection sets ``max_requests_per_minute`` to 0. Hooks of one account that configure
-        different rates share the lowest."""
+        different ceilings share the lowest."""
         per_minute = settings.max_requests_per_minute
         if not per_minute > 0:
             return None
@@ -236,7 +323,5 @@ class AccountBudgets:
         if budget is None:
             budget = budgets[key] = RequestBudget(per_minute)
         elif per_minute < budget.per_minute:
-            budget.per_minute, budget.rate = per_minute, per_minute / 60.0
-            budget.capacity = max(1.0, budget.rate * BURST_SECONDS)
-            budget.tokens = min(budget.tokens, budget.capacity)
+            budget.set_ceiling(per_minute)
         return budget

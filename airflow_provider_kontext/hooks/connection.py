@@ -105,10 +105,9 @@ SETTINGS: tuple[Setting, ...] = (
         float,
         2400.0,
         0,
-        "Request budget of the account per triggerer (requests per minute, 0: none)",
-        "shared by every wait of the account in one triggerer; Replicate allows 3000/min for all "
-        "requests but creates, so the default leaves a fifth for other clients; lower it where "
-        "several triggerers or other programs use the same token",
+        "Most requests per minute of the account per triggerer (0: no budget)",
+        "a ceiling: each triggerer's budget adapts below it to the account's 429s, so several "
+        "triggerers and other programs on one token share Replicate's 3000/min without tuning",
     ),
     Setting(
         "list_min_waits",

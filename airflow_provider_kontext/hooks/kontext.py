@@ -259,6 +259,7 @@ class FluxKontextHook(KontextBaseHook):
         self,
         *,
         created_after: str | None = None,
+        created_before: str | None = None,
         cursor: str | None = None,
         budget: Budget | None = None,
     ) -> PredictionPage:
@@ -266,10 +267,13 @@ class FluxKontextHook(KontextBaseHook):
         without their logs (the list leaves them out).
 
         :param created_after: ISO 8601 date-time: only predictions created at or after it.
+        :param created_before: ISO 8601 date-time: only predictions created before it.
         :param cursor: the cursor of the previous page's ``next`` (:attr:`PredictionPage.next_cursor`).
         :raises KontextAPIError: an error answer, or a body that is not a page of predictions.
         """
-        request = list_predictions_request(created_after=created_after, cursor=cursor)
+        request = list_predictions_request(
+            created_after=created_after, created_before=created_before, cursor=cursor
+        )
         page: PredictionPage = await self._arequest(request, budget, parsed_page)
         return page
 

@@ -11,15 +11,21 @@ per account: 1000 waits cannot all be looked at in less than 20 s). One list pag
   one sweep took last time (``list_min_waits`` at least): a sweep of P pages then costs fewer
   requests than the waits' own reads. Otherwise each wait reads its prediction alone, as without a
   watcher (one wait, or an account whose window holds many other predictions).
-- **The window.** A sweep reads from the oldest waiting prediction's ``created_at`` (a server
-  timestamp: it only bounds the list, it never decides that time is up; deadlines run on the local
-  clock). A wait whose ``created_at`` is unknown (a trigger deferred without it) is looked for in
-  the sweep's pages and learns it there, or reads its prediction alone once.
+- **The window, in slices.** A sweep reads only from its waits' oldest to their newest
+  ``created_at`` (server timestamps: they only bound the list, they never decide that time is up;
+  deadlines run on the local clock), cut into ``created_after``/``created_before`` slices of about a
+  page, read side by side, oldest first (:mod:`.slices`); a slice that holds none of its waits (the
+  other triggerers' predictions, or waits that ended) is not read, and one that holds more than a
+  page stops paging once its waits are found. A wait whose ``created_at`` is unknown (a trigger
+  deferred without it) is looked for in the newest pages and learns it there, or reads its
+  prediction alone once.
 - **Pacing.** Sweeps come when a wait is due, and otherwise every half of the shortest poll
   interval (so a prediction that ends is seen within about half an interval, whenever it ends), at
   most every :func:`sweep_gap` seconds: never more than :data:`SWEEP_SHARE` of the account's
-  request budget, so single reads keep the rest. A sweep hands a prediction to every wait that is
-  due, whose prediction ended, or whose status changed.
+  request budget (whose rate adapts to the account's ``429`` s: several triggerers find their
+  shares), so single reads keep the rest. A ``429`` pauses the account until the reset it names; the
+  throttled slice is read again after it, and its due waits stay due for the next sweep. A sweep
+  hands a prediction to every wait that is due, whose prediction ended, or whose status changed.
 - **Single reads where the list cannot answer:** a prediction missing from the window, an item that
   does not parse, a prediction that ended other than ``succeeded`` (its error and log tail come
   from a full read), and, because list items carry no ``logs``, one full read per
@@ -44,7 +50,6 @@ import contextlib
 import math
 import time
 import weakref
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -53,6 +58,7 @@ from airflow_provider_kontext.exceptions import KontextError, KontextRateLimitEr
 from airflow_provider_kontext.failures import Budget
 from airflow_provider_kontext.hooks.budget import AccountBudgets, account_key
 from airflow_provider_kontext.models import Prediction, PredictionPage
+from airflow_provider_kontext.triggers.slices import PAGE_SIZE, Slice, iso, micros, plan
 from airflow_provider_kontext.triggers.watch import READ_ALONE, Watch, parse_time
 
 if TYPE_CHECKING:
@@ -69,8 +75,6 @@ __all__ = [
     "sweep_gap",
 ]
 
-#: Items per page of Replicate's list.
-PAGE_SIZE = 100
 #: Sweeps come at most this often (seconds).
 MIN_SWEEP_GAP = 0.25
 #: ...and at least this often while a wait is due: the bound on how long a due wait goes unanswered.
@@ -83,8 +87,11 @@ FALLBACK_SECONDS = MAX_SWEEP_GAP + 5.0
 LIST_RETRY_SECONDS = 60.0
 #: The rate assumed where the connection sets no budget: Replicate's, requests per second.
 UNBUDGETED_RATE = 3000 / 60.0
-#: How far before the oldest ``created_at`` the window starts (servers round timestamps).
-WINDOW_MARGIN = timedelta(seconds=2)
+#: How far around the waits' oldest and newest ``created_at`` the window reaches (servers round
+#: timestamps), microseconds.
+WINDOW_MARGIN_MICROS = 2_000_000
+#: Slices of one sweep read at once, at most.
+MAX_CONCURRENT_SLICES = 8
 #: The list's retries of one page; then the waits read alone.
 _PAGE_BUDGET = Budget(retries=2, tolerate=True, priority=0.0)
 
@@ -116,6 +123,8 @@ class PredictionWatcher:
         self.sweeping = False
         #: Pages the last sweep read (the cost of the next, until measured again).
         self.pages = 1
+        #: The ``created_at`` (microseconds) of what the last sweep read, sorted: where to cut.
+        self.sample: list[int] = []
         self.sweeps = 0
         self.list_failed_at: float | None = None
         self._kicked = asyncio.Event()
@@ -256,16 +265,12 @@ class PredictionWatcher:
             watch.hand(READ_ALONE)
         self.due.clear()
 
-    def _window(self, targets: dict[str, list[Watch]]) -> str | None:
-        known = [w.created_at for ws in targets.values() for w in ws if w.created_at is not None]
-        if not known:
-            return None
-        return (min(known) - WINDOW_MARGIN).isoformat().replace("+00:00", "Z")
-
     async def sweep(self) -> None:
-        """Read the list from the oldest waiting prediction's ``created_at`` and hand each waiting
-        watch its prediction where it is due, ended, or changed; the due ones the list did not
-        answer for read alone. A failing list is left alone for :data:`LIST_RETRY_SECONDS`."""
+        """Read the list where the waiting watches are (see :mod:`.slices`: concurrent ranges of
+        about a page, oldest first, each paged only until its waits are found) and hand each its
+        prediction where it is due, ended, or changed; the due ones the list did not answer for
+        read alone. A throttled range leaves its due waits due (the next sweep answers them, after
+        the account's pause); a failing list is left alone for :data:`LIST_RETRY_SECONDS`."""
         targets = {
             pid: ws
             for pid, watches in self.watches.items()
@@ -274,47 +279,86 @@ class PredictionWatcher:
         if not targets:
             self._release_due()  # due, but none the list can answer for
             return
-        window = self._window(targets)
-        # Without a window (no created_at known yet), the newest pages: the waits are among them
-        # unless the account made many other predictions since.
-        page_cap = None if window is not None else math.ceil(len(self.watches) / PAGE_SIZE) + 1
+        known: dict[str, int] = {}
+        for pid, watches in targets.items():
+            created = next((w.created_at for w in watches if w.created_at is not None), None)
+            if created is not None:
+                known[pid] = micros(created)
+        unknown = len(targets) - len(known)
+        ranges = plan(known, unknown, self.sample, WINDOW_MARGIN_MICROS)
+        unknown_ids = set(targets) - set(known)
         missing = set(targets)
-        cursor: str | None = None
-        pages = 0
-        while True:
-            try:
-                page = await self.hook.alist_predictions(
-                    created_after=window, cursor=cursor, budget=_PAGE_BUDGET
-                )
-            except KontextRateLimitError:
-                break  # the account is paused until its reset: the due waits wait for the next sweep
-            except KontextError:
-                self.list_failed_at = time.monotonic()
-                break
-            pages += 1
-            for item in page.results:
-                pid = item.get("id")
-                watches = targets.get(pid) if isinstance(pid, str) else None
-                if watches is None:
-                    continue
-                missing.discard(pid)
-                self._deliver(item, watches)
-            cursor = page.next_cursor
-            if not missing or cursor is None or (page_cap is not None and pages >= page_cap):
-                break
+        seen: list[int] = []
+        limit = asyncio.Semaphore(MAX_CONCURRENT_SLICES)
+        read = await asyncio.gather(
+            *(self._read(one, targets, unknown_ids, missing, seen, limit) for one in ranges)
+        )
         self.sweeps += 1
+        pages = sum(count for count, _complete in read)
         if pages:
             self.pages = pages
+            seen.sort()
+            self.sample = seen
         if not self.list_usable():
             self._release_due()  # they read alone now; the list is tried again later
             return
-        for pid in missing:
-            for watch in targets[pid]:
-                if watch.waiting and watch.due:
-                    watch.misses += 1
-                    watch.hand(READ_ALONE)
-                    self.due.discard(watch)
+        for one, (_count, complete) in zip(ranges, read, strict=True):
+            if not complete:
+                continue  # throttled or cut: its waits wait for the next sweep
+            lost = (one.targets | (unknown_ids if one.unknown else set())) & missing
+            for pid in lost:
+                for watch in targets[pid]:
+                    if watch.waiting and watch.due:
+                        watch.misses += 1
+                        watch.hand(READ_ALONE)
+                        self.due.discard(watch)
         # Waits that became due during the sweep stay due: the next sweep answers them.
+
+    async def _read(
+        self,
+        one: Slice,
+        targets: dict[str, list[Watch]],
+        unknown_ids: set[str],
+        missing: set[str],
+        seen: list[int],
+        limit: asyncio.Semaphore,
+    ) -> tuple[int, bool]:
+        """Page through one slice; (pages read, whether it was read to its end or found all its
+        waits)."""
+        after = None if one.after is None else iso(one.after)
+        before = None if one.before is None else iso(one.before)
+        cursor: str | None = None
+        pages = 0
+        async with limit:
+            while True:
+                try:
+                    page = await self.hook.alist_predictions(
+                        created_after=after, created_before=before, cursor=cursor, budget=_PAGE_BUDGET
+                    )
+                except KontextRateLimitError:
+                    return pages, False  # paused until the reset: the due waits wait for the next sweep
+                except KontextError:
+                    self.list_failed_at = time.monotonic()
+                    return pages, False
+                pages += 1
+                for item in page.results:
+                    created = parse_time(item.get("created_at"))
+                    if created is not None:
+                        seen.append(micros(created))
+                    pid = item.get("id")
+                    watches = targets.get(pid) if isinstance(pid, str) else None
+                    if watches is None:
+                        continue
+                    missing.discard(pid)
+                    one.targets.discard(pid)
+                    self._deliver(item, watches)
+                cursor = page.next_cursor
+                if cursor is None:
+                    return pages, True
+                if not one.targets and not (one.unknown and unknown_ids & missing):
+                    return pages, True  # every wait of the slice is answered
+                if one.cap is not None and pages >= one.cap:
+                    return pages, True
 
     def _deliver(self, item: dict[str, Any], watches: list[Watch]) -> None:
         status = item.get("status")

@@ -1,0 +1,148 @@
+"""How the adaptive request budgets of several triggerers share one account: k
+:class:`~airflow_provider_kontext.hooks.budget.RequestBudget` s, each wanting more than the account
+allows, against the emulator's Replicate limit (:class:`~airflow_provider_kontext.testing.ratelimit.
+RateLimiter`), on one simulated clock (milliseconds, so a minute of it runs in a second): how fast
+their rates converge on the limit, how evenly they share it, and what share of requests is answered
+``429``. Requests learn their answer ``rtt`` seconds after they are sent (a ``429`` for every request
+still in flight when the account runs dry); another client may spend a fixed part of the account.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_kontext.hooks.budget import RequestBudget
+from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
+
+#: The connection's default ceiling (requests per minute) and Replicate's limit.
+CEILING_PER_MINUTE = 2400.0
+LIMIT_PER_MINUTE = 3000.0
+TICK = 0.001
+
+
+@dataclass
+class Simulation:
+    """What one run showed, per budget and in total."""
+
+    k: int
+    seconds: float
+    other_per_minute: float
+    rates: list[list[float]] = field(default_factory=list)  # per second, per budget: requests/s
+    sent: list[int] = field(default_factory=list)
+    throttled: list[int] = field(default_factory=list)
+    other_sent: int = 0
+
+    @property
+    def throttled_pct(self) -> float:
+        total = sum(self.sent)
+        return sum(self.throttled) / total * 100 if total else math.nan
+
+    @property
+    def target(self) -> float:
+        """Requests per second the account leaves the budgets: its limit less the other client's
+        part, at most their ceilings."""
+        return min(self.k * CEILING_PER_MINUTE, LIMIT_PER_MINUTE - self.other_per_minute) / 60.0
+
+    def converged_after(self, tolerance: float = 0.15, window: int = 3) -> float:
+        """Seconds until the budgets' summed rate, averaged over ``window`` seconds, first comes
+        within ``tolerance`` of :attr:`target`."""
+        sums = [sum(second) for second in zip(*self.rates, strict=True)]
+        for end in range(window, len(sums) + 1):
+            if abs(sum(sums[end - window : end]) / window - self.target) <= tolerance * self.target:
+                return float(end)
+        return math.nan
+
+    def used(self, skip: int = 10) -> float:
+        """The budgets' summed rate after ``skip`` seconds as a share of :attr:`target`."""
+        sums = [sum(second) for second in zip(*self.rates, strict=True)][skip:]
+        return sum(sums) / len(sums) / self.target if sums else math.nan
+
+    def fairness(self, skip: float = 10.0) -> float:
+        """Jain's index of the budgets' requests granted after ``skip`` seconds (1: equal shares)."""
+        shares = [sum(rates[int(skip) :]) for rates in self.rates]
+        total = sum(shares)
+        return total * total / (len(shares) * sum(x * x for x in shares)) if total else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "seconds": self.seconds,
+            "other_per_minute": self.other_per_minute,
+            "sent": self.sent,
+            "throttled": self.throttled,
+            "throttled_pct": round(self.throttled_pct, 2),
+            "converged_after_s": self.converged_after(),
+            "used": round(self.used(), 3),
+            "fairness": round(self.fairness(), 4),
+            "mean_rates": [round(sum(r[10:]) / max(1, len(r[10:])), 1) for r in self.rates],
+        }
+
+
+def simulate(
+    k: int,
+    seconds: float = 60.0,
+    *,
+    other_per_minute: float = 0.0,
+    rtt: float = 0.03,
+    start_offsets: list[float] | None = None,
+) -> Simulation:
+    """Run ``k`` saturated budgets (and the other client) for ``seconds`` of simulated time."""
+    now = 0.0
+
+    def clock() -> float:
+        return now
+
+    limiter = RateLimiter(RateLimit.replicate(), clock)
+    budgets = [RequestBudget(CEILING_PER_MINUTE, clock=clock) for _ in range(k)]
+    offsets = start_offsets or [0.0] * k
+    result = Simulation(k, seconds, other_per_minute, [[] for _ in range(k)], [0] * k, [0] * k)
+    in_flight: collections.deque[tuple[float, int, float | None]] = collections.deque()
+    granted_in_second = [0] * k
+    other_due = 0.0
+    second = 1.0
+    while now < seconds:
+        while in_flight and in_flight[0][0] <= now:
+            _, index, wait = in_flight.popleft()
+            if wait is not None:
+                budgets[index].pause(max(1.0, math.ceil(wait)))
+        for index, budget in enumerate(budgets):
+            if now < offsets[index]:
+                continue
+            while budget.try_acquire():
+                wait = limiter.acquire(create=False)
+                result.sent[index] += 1
+                granted_in_second[index] += 1
+                if wait is not None:
+                    result.throttled[index] += 1
+                in_flight.append((now + rtt, index, wait))
+        if other_per_minute:
+            other_due += other_per_minute / 60.0 * TICK
+            while other_due >= 1.0:
+                other_due -= 1.0
+                limiter.acquire(create=False)
+                result.other_sent += 1
+        now = round(now + TICK, 6)
+        if now >= second:
+            for index in range(k):
+                result.rates[index].append(float(granted_in_second[index]))
+                granted_in_second[index] = 0
+            second += 1.0
+    return result
+
+
+#: (k, other client per minute): the cases of the report.
+CASES: tuple[tuple[int, float], ...] = ((1, 0.0), (2, 0.0), (4, 0.0), (2, 1000.0), (4, 1000.0))
+
+
+def run(seconds: float = 120.0) -> list[Simulation]:
+    return [simulate(k, seconds, other_per_minute=other) for k, other in CASES]
+
+
+if __name__ == "__main__":
+    import json
+
+    for sim in run():
+        print(json.dumps(sim.to_json()))
