@@ -123,6 +123,13 @@ def account_request() -> ApiRequest:
     return ApiRequest("GET", "/v1/account")
 
 
+def get_file_request(file_id: str) -> ApiRequest:
+    """``GET /v1/files/{id}``: a Files API record (its name, type, size; not its bytes)."""
+    if not file_id or not re.fullmatch(r"[A-Za-z0-9_-]+", file_id):
+        raise ValueError(f"not a file id: {file_id!r}")
+    return ApiRequest("GET", f"/v1/files/{file_id}", quiet=True)
+
+
 def upload_file_request(content: bytes, filename: str, content_type: str) -> ApiRequest:
     """``POST /v1/files``. Retried like a read: a duplicate upload costs nothing."""
     return ApiRequest(

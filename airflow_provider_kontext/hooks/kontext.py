@@ -20,6 +20,7 @@ from airflow_provider_kontext.hooks._http import (
     cancel_prediction_request,
     create_prediction_request,
     download_request,
+    get_file_request,
     get_prediction_request,
     list_predictions_request,
     parsed_as,
@@ -143,6 +144,21 @@ class FluxKontextHook(KontextBaseHook):
     def get_account(self) -> Account:
         """The account the token belongs to (``GET /v1/account``, free and side-effect free)."""
         return parsed_as(Account, self._request(account_request()))
+
+    def get_file(self, file_id: str) -> UploadedFile:
+        """The record of a file uploaded with the Files API (``GET /v1/files/{id}``): its own name."""
+        return parsed_as(UploadedFile, self._request(get_file_request(file_id)))
+
+    def uploaded_file_id(self, url: str | None) -> str | None:
+        """The Files API id ``url`` names when it is one of this connection's files
+        (``<base URL>/v1/files/<id>``), else ``None``."""
+        import re
+
+        prefix = f"{self.settings.base_url}/v1/files/"
+        if not url or not url.startswith(prefix):
+            return None
+        match = re.fullmatch(r"([A-Za-z0-9_-]+)/?", url[len(prefix) :])
+        return match.group(1) if match else None
 
     def upload_file(
         self,
