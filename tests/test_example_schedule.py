@@ -1,0 +1,35 @@
+"""The scheduled example pipeline never bills twice by surprise: unpausing it starts no run.
+
+"Trigger" in Airflow's UI also unpauses a paused DAG; with ``@daily``, a start date and no catchup,
+that one click started the manual run and the latest past day's run (every edit billed twice).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from airflow.timetables.base import TimeRestriction
+
+PIPELINE = Path(__file__).resolve().parents[1] / "example_dags" / "kontext_asset_pipeline.py"
+
+
+def _dag() -> Any:
+    spec = importlib.util.spec_from_file_location("kontext_asset_pipeline_for_test", PIPELINE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dag
+
+
+def test_unpausing_the_pipeline_schedules_its_first_run_in_the_future() -> None:
+    dag = _dag()
+    now = datetime.now(timezone.utc)
+    restriction = TimeRestriction(earliest=dag.start_date, latest=None, catchup=dag.catchup)
+    first = dag.timetable.next_dagrun_info(last_automated_data_interval=None, restriction=restriction)
+    assert first is not None
+    assert first.run_after > now  # no run for a day that has already passed
+    assert first.run_after - now <= timedelta(days=1)  # but it is still a nightly pipeline
+    assert dag.catchup is False
