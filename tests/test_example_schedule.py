@@ -18,7 +18,8 @@ PIPELINE = Path(__file__).resolve().parents[1] / "example_dags" / "kontext_asset
 
 def _dag() -> Any:
     spec = importlib.util.spec_from_file_location("kontext_asset_pipeline_for_test", PIPELINE)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.dag

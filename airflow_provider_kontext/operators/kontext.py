@@ -231,7 +231,12 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
 
     def _edit_trace(self, event: PredictionEvent) -> dict[str, Any]:
         where, name = trace_image(self.input_image)
-        trace = {"input_image": where, "input_name": name, "prompt": self.prompt, "model": self.model}
+        trace: dict[str, Any] = {
+            "input_image": where,
+            "input_name": name,
+            "prompt": self.prompt,
+            "model": self.model,
+        }
         if event.seed is None and str(self.seed or "").strip().isdigit() and int(str(self.seed)) > 0:
             trace["seed"] = int(str(self.seed))  # the prediction's input is gone (data removed)
         return trace
