@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
 from airflow.timetables.base import TimeRestriction
 
 PIPELINE = Path(__file__).resolve().parents[1] / "example_dags" / "kontext_asset_pipeline.py"
@@ -34,3 +35,28 @@ def test_unpausing_the_pipeline_schedules_its_first_run_in_the_future() -> None:
     assert first.run_after > now  # no run for a day that has already passed
     assert first.run_after - now <= timedelta(days=1)  # but it is still a nightly pipeline
     assert dag.catchup is False
+
+
+def test_the_review_example_parses_and_publishes_only_approved_edits() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "kontext_review_for_test", PIPELINE.parent / "kontext_review.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dag = module.dag
+    assert dag.schedule is None  # waits for people: never started by a schedule
+    assert [t.task_id for t in dag.get_task("review").upstream_list] == sorted(["edit", "review_requests"])
+    summaries = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    decisions = [
+        {"chosen_options": ["Approve"]},
+        {"chosen_options": ["Reject"]},
+        {"chosen_options": ["Approve"]},
+    ]
+    assert [s["id"] for s in module.approved(summaries, decisions)] == ["a", "c"]
+    with pytest.raises(ValueError, match="3 edits but 2 reviews"):
+        module.approved(summaries, decisions[:2])
+    assert module.plugin_link("gallery", dag_id="d", run_id="r+1").endswith(
+        "/kontext/gallery?dag_id=d&run_id=r%2B1"
+    )

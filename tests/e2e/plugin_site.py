@@ -108,7 +108,7 @@ def add_synthetic_run(site: Site, run_id: str, count: int, image: Path, source: 
     try:
         cols = [r[1] for r in db.execute("pragma table_info(dag_run)")]
         row = dict(zip(cols, db.execute("select * from dag_run where run_id = ?", (site.run_id,)).fetchone()))
-        row.update(id=None, run_id=run_id)
+        row.update(id=None, run_id=run_id, logical_date=None)
         row = {k: v for k, v in row.items() if k != "id"}
         db.execute(
             f"insert into dag_run ({','.join(row)}) values ({','.join('?' * len(row))})", list(row.values())
