@@ -1,4 +1,4 @@
-"""The plugin's FastAPI app, mounted on Airflow's API server under :data:`URL_PREFIX`.
+"""The plugin's FastAPI app, mounted on Airflow's API server under ``/kontext`` (see :mod:`.kontext`).
 
 Airflow does not protect a plugin's app: every route here asks Airflow's auth manager itself, with
 the API server's own dependencies (``requires_access_dag`` for a route about one DAG, the user's
@@ -31,8 +31,6 @@ from airflow_provider_kontext.plugins.media import (
 )
 from airflow_provider_kontext.plugins.records import Edit, TaskKey, recent_edits, run_edits, task_edits
 
-#: Where the app is mounted on the API server.
-URL_PREFIX = "/kontext"
 #: Edits per gallery page, and per page of the recent edits.
 PAGE_SIZE = 48
 #: Headers of every answer: no caching by shared caches, no sniffing, no framing by other sites.

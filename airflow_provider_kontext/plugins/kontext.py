@@ -19,8 +19,8 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
-from airflow_provider_kontext.plugins.app import URL_PREFIX
-
+#: Where the app of :mod:`airflow_provider_kontext.plugins.app` is mounted on the API server.
+URL_PREFIX = "/kontext"
 _PREFIX = URL_PREFIX.strip("/")
 _SUPPORTED = hasattr(AirflowPlugin, "fastapi_apps") and hasattr(AirflowPlugin, "external_views")
 
@@ -49,10 +49,20 @@ EXTERNAL_VIEWS: list[dict[str, Any]] = [
 ]
 
 
-def _apps() -> list[dict[str, Any]]:
-    from airflow_provider_kontext.plugins.app import create_app
+class _AppsOnFirstUse:
+    """``fastapi_apps``, built when first read: only the API server reads it, while every Airflow
+    process that loads plugins (scheduler, triggerer, workers) imports this module, and the app
+    imports the API server's security machinery."""
 
-    return [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "FLUX.1 Kontext edits"}]
+    def __init__(self) -> None:
+        self._apps: list[dict[str, Any]] | None = None
+
+    def __get__(self, instance: Any, owner: Any) -> list[dict[str, Any]]:
+        if self._apps is None:
+            from airflow_provider_kontext.plugins.app import create_app
+
+            self._apps = [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "FLUX.1 Kontext edits"}]
+        return self._apps
 
 
 class KontextEditsPlugin(AirflowPlugin):
@@ -60,5 +70,5 @@ class KontextEditsPlugin(AirflowPlugin):
 
     name = "kontext_edits"
     if _SUPPORTED:
-        fastapi_apps = _apps()
+        fastapi_apps = _AppsOnFirstUse()
         external_views = EXTERNAL_VIEWS
