@@ -116,14 +116,15 @@ def seed_of(prediction: Prediction, seen: int | None = None) -> int | None:
     match = SEED_LINE.search(prediction.logs or "")
     if match:
         return int(match.group(1))
-    if seen is not None:
-        return seen
-    given = (prediction.input or {}).get("seed")
-    if isinstance(given, int) and not isinstance(given, bool) and given > 0:
-        return given
-    if isinstance(given, str) and given.strip().isdigit() and int(given) > 0:
-        return int(given)
-    return None
+    return seen if seen is not None else given_seed((prediction.input or {}).get("seed"))
+
+
+def given_seed(value: Any) -> int | None:
+    """A seed as given to the model (an int, or its text after templating); ``None`` for none, for
+    anything else, and for 0 (random to the model)."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+        return None
+    return int(str(value)) or None
 
 
 def prediction_event(

@@ -113,10 +113,16 @@ def test_the_placeholder_escapes_its_reason() -> None:
 
 def test_the_plugin_is_registered_with_its_views() -> None:
     from airflow_provider_kontext.get_provider_info import get_provider_info
-    from airflow_provider_kontext.plugins.kontext import EXTERNAL_VIEWS, KontextEditsPlugin
+    from airflow_provider_kontext.plugins import kontext
 
     (plugin,) = get_provider_info()["plugins"]
     assert plugin["plugin-class"].endswith("KontextEditsPlugin")
-    assert {v["destination"] for v in EXTERNAL_VIEWS} == {"task_instance", "dag_run", "nav"}
-    assert all(not v["href"].startswith(("/", "http")) for v in EXTERNAL_VIEWS)  # relative to base_url
-    assert KontextEditsPlugin.fastapi_apps[0]["url_prefix"] == "/kontext"
+    assert {v["destination"] for v in kontext.EXTERNAL_VIEWS} == {"task_instance", "dag_run", "nav"}
+    assert all(
+        not v["href"].startswith(("/", "http")) for v in kontext.EXTERNAL_VIEWS
+    )  # relative to base_url
+    if not kontext._SUPPORTED:  # an Airflow without fastapi_apps / external_views: a plugin without them
+        assert kontext.KontextEditsPlugin.fastapi_apps == []
+        return
+    assert kontext.KontextEditsPlugin.external_views == kontext.EXTERNAL_VIEWS
+    assert kontext.KontextEditsPlugin.fastapi_apps[0]["url_prefix"] == kontext.URL_PREFIX

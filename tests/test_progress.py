@@ -537,3 +537,23 @@ class TestAdaptivePolling:
         assert poller.delay() == 2
         clock.value = NOW + 5
         assert poller.delay() == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (7, 7),
+        ("42", 42),
+        (" 9 ", 9),
+        (0, None),
+        ("0", None),
+        (True, None),
+        ("x", None),
+        (None, None),
+        (2.5, None),
+    ],
+)
+def test_a_given_seed_is_a_positive_whole_number_or_unknown(value, expected):
+    from airflow_provider_kontext.events import given_seed
+
+    assert given_seed(value) == expected

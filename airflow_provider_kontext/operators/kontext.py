@@ -14,7 +14,7 @@ from airflow_provider_kontext.arguments import check_number, default_deferrable
 from airflow_provider_kontext.compat import AirflowFailException
 from airflow_provider_kontext.deadlines import deadline_after_create, wait_timeout
 from airflow_provider_kontext.edit_request import EditRequest, check_literal_inputs, validated_request
-from airflow_provider_kontext.events import PredictionEvent, prediction_event
+from airflow_provider_kontext.events import PredictionEvent, given_seed, prediction_event
 from airflow_provider_kontext.exceptions import (
     KontextError,
     KontextInputError,
@@ -231,15 +231,9 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
 
     def _edit_trace(self, event: PredictionEvent) -> dict[str, Any]:
         where, name = trace_image(self.input_image)
-        trace: dict[str, Any] = {
-            "input_image": where,
-            "input_name": name,
-            "prompt": self.prompt,
-            "model": self.model,
-        }
-        if event.seed is None and str(self.seed or "").strip().isdigit() and int(str(self.seed)) > 0:
-            trace["seed"] = int(str(self.seed))  # the prediction's input is gone (data removed)
-        return trace
+        trace = {"input_image": where, "input_name": name, "prompt": self.prompt, "model": self.model}
+        # The seed asked for, where the answers said none (its input deleted, no log line read).
+        return trace if event.seed is not None else {**trace, "seed": given_seed(self.seed)}
 
     def _check_literal_inputs(self) -> None:
         """Validate the model inputs given as literals, when the DAG is parsed (no I/O, no HTTP).

@@ -5,7 +5,8 @@ Sources: a saved output or an input image on any storage the API server can read
 (``ObjectStoragePath``: local paths, ``file://``, ``s3://``, ...), an http(s) URL (the input's, or
 Replicate's output URL while Replicate keeps it). What cannot be shown says why, in one word the page
 shows: ``expired`` (Replicate deleted its copy), ``inline`` (a ``data:`` image, never kept),
-``missing``, ``too-large``, ``not-an-image``, ``unreadable``. No token is ever sent: output URLs
+``missing``, ``too-large``, ``not-an-image``, ``unreadable``, ``needs-pillow`` (an API server
+without the ``ui`` extra: full-size images still show). No token is ever sent: output URLs
 are fetched as a browser would fetch them.
 """
 
@@ -116,8 +117,10 @@ def make_thumbnail(data: bytes, edge: int = THUMB_EDGE) -> Picture:
 
     :raises Unavailable: Pillow cannot read it, or it has more than :data:`MAX_PIXELS`.
     """
-    from PIL import Image
-
+    try:
+        from PIL import Image
+    except ImportError:  # the API server lacks the ui extra: say so in place of the thumbnail
+        raise Unavailable("needs-pillow") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_PIXELS:
