@@ -45,8 +45,10 @@ def run_folder(output_dir: str, run_id: str) -> str:
 with DAG(
     dag_id="kontext_asset_pipeline",
     # Not "@daily" with a start_date: unpausing would run the latest past day at once, so a first
-    # click on "Trigger" (which unpauses) started two runs and billed every edit twice.
-    schedule=CronTriggerTimetable("0 3 * * *", timezone="UTC", run_immediately=False),
+    # click on "Trigger" (which unpauses) started two runs and billed every edit twice. Without a
+    # start_date, run_immediately decides the first run: a zero window means "the next 03:00" (False
+    # would still run a 03:00 that passed less than 2.4 hours ago).
+    schedule=CronTriggerTimetable("0 3 * * *", timezone="UTC", run_immediately=timedelta(0)),
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},

@@ -7,7 +7,7 @@ that one click started the manual run and the latest past day's run (every edit 
 from __future__ import annotations
 
 import importlib.util
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,20 @@ def _dag() -> Any:
     return module.dag
 
 
-def test_unpausing_the_pipeline_schedules_its_first_run_in_the_future() -> None:
+@pytest.mark.parametrize("clock", ["03:00:01", "03:14:00", "05:00:00", "12:00:00", "02:59:00", "23:59:59"])
+def test_unpausing_the_pipeline_schedules_its_first_run_in_the_future(
+    monkeypatch: pytest.MonkeyPatch, clock: str
+) -> None:
+    import pendulum
+    from airflow.timetables import trigger
+
+    now = pendulum.parse(f"2026-12-06T{clock}+00:00")
+    monkeypatch.setattr(trigger, "utcnow", lambda: now)
     dag = _dag()
-    now = datetime.now(timezone.utc)
     restriction = TimeRestriction(earliest=dag.start_date, latest=None, catchup=dag.catchup)
     first = dag.timetable.next_dagrun_info(last_automated_data_interval=None, restriction=restriction)
     assert first is not None
-    assert first.run_after > now  # no run for a day that has already passed
+    assert first.run_after > now  # no run for a day that has already passed, whatever the hour
     assert first.run_after - now <= timedelta(days=1)  # but it is still a nightly pipeline
     assert dag.catchup is False
 
@@ -47,7 +54,7 @@ def test_the_review_example_parses_and_publishes_only_approved_edits() -> None:
     spec.loader.exec_module(module)
     dag = module.dag
     assert dag.schedule is None  # waits for people: never started by a schedule
-    assert [t.task_id for t in dag.get_task("review").upstream_list] == sorted(["edit", "review_requests"])
+    assert sorted(t.task_id for t in dag.get_task("review").upstream_list) == ["edit", "review_requests"]
     summaries = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
     decisions = [
         {"chosen_options": ["Approve"]},
