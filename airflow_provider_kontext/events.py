@@ -8,6 +8,7 @@ as the trigger's payload, so it holds JSON primitives only: no inputs (they may 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -24,6 +25,9 @@ MAX_EVENT_TEXT = 4000
 EVENT_LOG_TAIL_LINES = 10
 #: Output files are deleted by Replicate about an hour after the prediction completes.
 OUTPUT_RETENTION = timedelta(hours=1)
+
+#: The line the model logs first: the seed it used (the one given, or the random one it drew).
+SEED_LINE = re.compile(r"^Using seed: (\d+)\s*$", re.MULTILINE)
 
 EventStatus = Literal["succeeded", "failed", "canceled", "aborted", "timeout", "error"]
 
@@ -57,6 +61,9 @@ class PredictionEvent(BaseModel):
     #: Where the prediction's input image is (URL or path without userinfo or query; ``None`` for a
     #: ``data:`` image): lineage of a prediction the task did not start (the sensor's).
     input_location: str | None = None
+    #: The seed the model used: from its "Using seed: N" log line when any read saw it, else the
+    #: input's seed (``None`` when neither is known: a random seed reported only in logs not read).
+    seed: int | None = None
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any] | PredictionEvent) -> PredictionEvent:
@@ -87,6 +94,7 @@ class PredictionEvent(BaseModel):
             "output_urls": [url if not url.startswith("data:") else "data:..." for url in self.output],
             "urls_expire_at": expires,
             "outputs": outputs,
+            "seed": self.seed,
         }
         if self.revised_prompt:
             summary["revised_prompt"] = self.revised_prompt
@@ -101,7 +109,27 @@ def _text(value: Any) -> str | None:
     return text[:MAX_EVENT_TEXT]
 
 
-def prediction_event(prediction: Prediction, redact: Callable[[str], str] | None = None) -> PredictionEvent:
+def seed_of(prediction: Prediction, seen: int | None = None) -> int | None:
+    """The seed the model used for ``prediction``: its "Using seed: N" log line, else the one an
+    earlier read's logs showed (``seen``), else the seed of its input (0 means random to the model,
+    so it tells nothing). The list endpoint's answers carry the input but no logs."""
+    match = SEED_LINE.search(prediction.logs or "")
+    if match:
+        return int(match.group(1))
+    return seen if seen is not None else given_seed((prediction.input or {}).get("seed"))
+
+
+def given_seed(value: Any) -> int | None:
+    """A seed as given to the model (an int, or its text after templating); ``None`` for none, for
+    anything else, and for 0 (random to the model)."""
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+        return None
+    return int(str(value)) or None
+
+
+def prediction_event(
+    prediction: Prediction, redact: Callable[[str], str] | None = None, *, seed: int | None = None
+) -> PredictionEvent:
     """The event for a prediction in a terminal status. The model's error and log tail, which a proxy
     may echo a token into, pass through ``redact`` (the hook's): events are logged and stored.
 
@@ -134,6 +162,7 @@ def prediction_event(prediction: Prediction, redact: Callable[[str], str] | None
         revised_prompt=prediction.revised_prompt,
         shape=prediction.shape,
         input_location=public_location((prediction.input or {}).get("input_image")),
+        seed=seed_of(prediction, seed),
     )
 
 

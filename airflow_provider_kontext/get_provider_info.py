@@ -62,4 +62,11 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": ["airflow_provider_kontext.links.kontext.ReplicatePredictionLink"],
+        # The edits' images in the UI (Airflow >= 3.1; Pillow from the ``ui`` extra makes thumbnails).
+        "plugins": [
+            {
+                "name": "kontext_edits",
+                "plugin-class": "airflow_provider_kontext.plugins.kontext.KontextEditsPlugin",
+            }
+        ],
     }

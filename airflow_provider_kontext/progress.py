@@ -12,7 +12,13 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from airflow_provider_kontext.events import PredictionEvent, error_event, prediction_event, timeout_event
+from airflow_provider_kontext.events import (
+    SEED_LINE,
+    PredictionEvent,
+    error_event,
+    prediction_event,
+    timeout_event,
+)
 from airflow_provider_kontext.failures import Budget, Verdict, classify
 from airflow_provider_kontext.models import Prediction, PredictionStatus
 
@@ -115,6 +121,8 @@ class ProgressTracker:
         self.status: str | None = None
         #: The newest progress bar state seen in the logs, if the model shows one.
         self.progress: Progress | None = None
+        #: The seed the model logged ("Using seed: N"), once any read's logs showed it.
+        self.seed: int | None = None
         self._logs_seen = 0
         self._bar_logged_at = time.time()
         self._held_bar: str | None = None  # the newest bar line not reported yet
@@ -138,6 +146,8 @@ class ProgressTracker:
             cut = fresh.rfind("\n") + 1
             fresh = fresh[:cut]
         self._logs_seen += len(fresh)
+        if self.seed is None and (match := SEED_LINE.search(fresh)):
+            self.seed = int(match.group(1))
         lines = self._without_held_bars(
             [line.rstrip() for line in fresh.replace("\r", "\n").split("\n") if line.strip()],
             prediction.is_terminal,
@@ -232,7 +242,7 @@ class PredictionPoller:
             for line in lines:
                 self._log(line)
         if prediction.is_terminal:
-            return prediction_event(prediction, self._redact)
+            return prediction_event(prediction, self._redact, seed=self.tracker.seed)
         if self._deadline_passed():
             return self._timeout()
         self._estimate_end(prediction, progress_before)

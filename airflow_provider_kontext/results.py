@@ -171,15 +171,18 @@ _TRACED = ("input_image", "prompt", "model")
 
 
 def _story(summary: dict[str, Any], *, saved: bool) -> str:
-    """The one line that ends a successful edit's log: status, time, outputs."""
+    """The one line that ends a successful edit's log: status, time, seed, outputs (last, each
+    followed by a space or the end of the line, so linkified URLs stay whole)."""
     took = (
         f" in {summary['predict_time']:.1f}s" if isinstance(summary.get("predict_time"), float | int) else ""
     )
     source = f" from {summary['input_name']}" if summary.get("input_name") else ""
+    seed = f" with seed {summary['seed']}" if summary.get("seed") is not None else ""
     outputs = [str(o) if not str(o).startswith("data:") else "data:..." for o in summary["outputs"]]
-    listed = ", ".join(outputs[:5]) + (f" and {len(outputs) - 5} more" if len(outputs) > 5 else "")
+    # Separated by spaces only: a log viewer's linkifier would take a comma into the URL before it.
+    listed = " ".join(outputs[:5]) + (f" (and {len(outputs) - 5} more)" if len(outputs) > 5 else "")
     count = f"{len(outputs)} output{'s' if len(outputs) != 1 else ''}"
     return (
-        f"Prediction {summary['id']} {summary['status']}{took}{source}: {count} "
+        f"Prediction {summary['id']} {summary['status']}{took}{source}{seed}: {count} "
         f"{'saved to' if saved else 'at'} {listed}"
     )

@@ -2,7 +2,7 @@
 only the wheel (no extras, no dependency groups), from outside the source tree.
 
 Checks: the metadata (license file, classifiers, URLs, only the user-facing extras published:
-``emulator`` and ``openlineage``), that the package is the installed one, that importing the
+``emulator``, ``openlineage`` and ``ui``), that the package is the installed one, that importing the
 operator, hook and trigger loads neither FastAPI nor Pillow nor uvicorn, that the emulator without
 its extra says which extra to install, and that ``airflow providers list`` shows the provider.
 Exits non-zero, saying what is wrong, otherwise.
@@ -32,7 +32,7 @@ def check_metadata(wheel: Path) -> None:
     assert not [n for n in names if n.startswith("tests/")], "tests/ shipped in the wheel"
     assert metadata["License-Expression"] == "Apache-2.0", metadata["License-Expression"]
     extras = metadata.get_all("Provides-Extra") or []
-    assert sorted(extras) == ["emulator", "openlineage"], (
+    assert sorted(extras) == ["emulator", "openlineage", "ui"], (
         f"published extras: {extras} (only what users install; development groups must not be)"
     )
     classifiers = metadata.get_all("Classifier") or []
@@ -55,6 +55,7 @@ def check_imports() -> None:
         "import sys\n"
         "import airflow_provider_kontext, airflow_provider_kontext.operators.kontext\n"
         "import airflow_provider_kontext.hooks.kontext, airflow_provider_kontext.triggers.kontext\n"
+        "import airflow_provider_kontext.plugins.kontext  # loaded by every Airflow process\n"
         f"loaded = [m for m in {EMULATOR_ONLY!r} if m in sys.modules]\n"
         "assert not loaded, f'importing the operator loaded {loaded}'\n"
         "print(airflow_provider_kontext.__file__)\n"

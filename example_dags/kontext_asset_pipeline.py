@@ -11,8 +11,10 @@ manifest and a contact sheet.
   next to the images. Only then is the ``EDITED_SHOTS`` asset updated (one event per run, its
   ``extra`` naming the manifest), so a DAG scheduled on it starts when the whole batch is there.
 
-Scheduled ``@daily`` without catchup: unpausing the DAG starts one run at once, for the latest day
-that has passed (and bills its edits when it runs against Replicate). Runs unchanged against
+Scheduled every night at 03:00 UTC, and never by surprise: unpausing the DAG starts no run (no
+``start_date``, no catchup: the first run is the next 03:00). Pressing "Trigger" in the UI, which
+also unpauses a paused DAG, therefore starts exactly one run, billed once against Replicate. Runs
+unchanged against
 Replicate (connection ``flux_kontext_default`` with a token) or against the bundled emulator
 (``make demo``).
 """
@@ -25,8 +27,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pendulum
 from airflow.sdk import DAG, Asset, Param, task
+from airflow.timetables.trigger import CronTriggerTimetable
 
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
 from airflow_provider_kontext.outputs import safe_stem
@@ -42,8 +44,11 @@ def run_folder(output_dir: str, run_id: str) -> str:
 
 with DAG(
     dag_id="kontext_asset_pipeline",
-    schedule="@daily",
-    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    # Not "@daily" with a start_date: unpausing would run the latest past day at once, so a first
+    # click on "Trigger" (which unpauses) started two runs and billed every edit twice. Without a
+    # start_date, run_immediately decides the first run: a zero window means "the next 03:00" (False
+    # would still run a 03:00 that passed less than 2.4 hours ago).
+    schedule=CronTriggerTimetable("0 3 * * *", timezone="UTC", run_immediately=timedelta(0)),
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},

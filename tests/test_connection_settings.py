@@ -71,8 +71,13 @@ def test_form_fields_are_the_tables() -> None:
     for setting in SETTINGS:
         schema = fields[setting.name]["schema"]
         assert fields[setting.name]["label"] == setting.label
-        assert schema["default"] == setting.default
-        assert schema["minimum"] == setting.minimum
+        # Neither default nor minimum: the form saved every default and clamped 0 to the minimum.
+        assert "default" not in schema
+        assert "minimum" not in schema
+        assert (
+            f"Empty: {setting.default:g}; at least {setting.minimum:g}."
+            in fields[setting.name]["description"]
+        )
         assert schema["type"][0] == ("integer" if setting.type is int else "number")
 
 
@@ -112,6 +117,26 @@ def test_backoff_base_is_read() -> None:
 def test_below_the_minimum_names_the_extra(setting: Setting) -> None:
     with pytest.raises(ValueError, match=f"connection extra '{setting.name}' must be at least"):
         ClientSettings.from_connection(_Conn(extra={setting.name: setting.minimum - 0.01}))
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"max_retries": 2.5}, "'max_retries' must be a whole number, got 2.5"),
+        ({"max_retries": "2.5"}, "'max_retries' must be a whole number"),
+        ({"list_min_waits": 1.5}, "'list_min_waits' must be a whole number"),
+        ({"timeout": 0}, "'timeout' must be at least 1, got 0 .*leave it empty for the default, 30"),
+        ({"connect_timeout": "nan"}, "'connect_timeout' must be a finite number"),
+        ({"backoff_max": "inf"}, "'backoff_max' must be a finite number"),
+    ],
+)
+def test_a_bad_extra_is_refused_with_the_reason_not_rounded(extra: dict[str, Any], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        ClientSettings.from_connection(_Conn(extra=extra))
+
+
+def test_whole_numbers_written_as_floats_are_fine() -> None:
+    assert ClientSettings.from_connection(_Conn(extra={"max_retries": 3.0})).max_retries == 3
 
 
 def test_default_port_adds_nothing() -> None:

@@ -1162,11 +1162,31 @@ def test_deferring_says_what_is_awaited_how_and_until_when(hook):
     (line,) = [line for line in logged(op) if line.startswith("Waiting")]
     deadline = datetime.fromtimestamp(before + 600, timezone.utc)
     assert line.startswith(
-        f"Waiting in the triggerer for prediction {PID} (starting) https://replicate.com/p/{PID}; "
+        f"Waiting in the triggerer for prediction {PID} (starting); "
         "poll policy adaptive, interval 1.5s; deadline "
     )
     assert deadline.strftime("%Y-%m-%d %H:%M") in line
-    assert line.endswith(("(in 0:10:00)", "(in 0:09:59)"))
+    # The URL ends the line: a linkifier takes everything up to the next space into the link.
+    assert line.endswith(
+        (f"(in 0:10:00) at https://replicate.com/p/{PID}", f"(in 0:09:59) at https://replicate.com/p/{PID}")
+    )
+
+
+def test_urls_in_log_lines_are_never_followed_by_punctuation(hook):
+    """Airflow's log view links ``https?://\\S+``: a URL followed by ``;`` or ``,`` links to a 404."""
+    import re
+
+    from airflow_provider_kontext.results import _story
+
+    op = make_op(poll_interval=1.5, timeout=600)
+    run_deferring(op, make_context())
+    summary = {"id": PID, "status": "succeeded", "predict_time": 1.0, "seed": 7, "outputs": []}
+    summary["outputs"] = [f"https://replicate.delivery/{i}.png" for i in range(7)]
+    lines = [*logged(op), _story(summary, saved=False)]
+    urls = [url for line in lines for url in re.findall(r"https?://\S+", line)]
+    assert len(urls) >= 6
+    assert all(re.fullmatch(r"https?://[\w./-]+", url) for url in urls), urls
+    assert "with seed 7" in lines[-1]
 
 
 def test_template_fields_cover_the_inputs():

@@ -185,10 +185,42 @@ def test_prediction_event_fields():
         "revised_prompt": None,
         "shape": None,
         "input_location": None,  # a data: input image has no location (and is never carried)
+        "seed": None,  # no "Using seed" line, no seed in the input
     }
     assert (
         json.loads(json.dumps(event.payload())) == event.payload()
     )  # JSON primitives only (events go to the DB)
+
+
+@pytest.mark.parametrize(
+    ("logs", "given", "seen", "expected"),
+    [
+        ("Using seed: 4242\n" + "x\n", None, None, 4242),  # a full read's logs
+        ("Using seed: 4242\n", 17, None, 4242),  # what the model says wins over what was asked
+        (None, 17, None, 17),  # a list answer: no logs, but the input
+        (None, "17", None, 17),  # a templated seed arrives as a string
+        (None, None, 99, 99),  # an earlier full read showed it; the last answer came from the list
+        (None, 0, None, None),  # 0 means random to the model: unknown
+        (None, True, None, None),
+        ("", None, None, None),
+    ],
+)
+def test_the_event_names_the_seed_however_the_status_was_read(logs, given, seen, expected):
+    input_ = {"prompt": "p"} if given is None else {"prompt": "p", "seed": given}
+    prediction = make_prediction("succeeded", logs, input=input_, output="https://replicate.delivery/o.png")
+    event = prediction_event(prediction, seed=seen)
+    assert event.seed == expected
+    assert event.summary([])["seed"] == expected
+
+
+def test_the_poller_keeps_the_seed_its_full_reads_logged_for_a_list_answer():
+    poller = PredictionPoller(PID, poll_interval=1.0, end_time=None)
+    assert poller.on_prediction(make_prediction("processing", "Using seed: 31337\n")) is None
+    event = poller.on_prediction(
+        make_prediction("succeeded", None, output="https://replicate.delivery/o.png")
+    )
+    assert event is not None
+    assert event.seed == 31337
 
 
 def test_an_unsuccessful_events_log_tail_is_short_and_shows_each_bar_once():
@@ -505,3 +537,23 @@ class TestAdaptivePolling:
         assert poller.delay() == 2
         clock.value = NOW + 5
         assert poller.delay() == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (7, 7),
+        ("42", 42),
+        (" 9 ", 9),
+        (0, None),
+        ("0", None),
+        (True, None),
+        ("x", None),
+        (None, None),
+        (2.5, None),
+    ],
+)
+def test_a_given_seed_is_a_positive_whole_number_or_unknown(value, expected):
+    from airflow_provider_kontext.events import given_seed
+
+    assert given_seed(value) == expected

@@ -85,5 +85,7 @@ def test_the_ui_shows_the_form_with_labels_and_extra_fields() -> None:
     assert fields["standard_fields"]["login"]["hidden"] is True
     extra = fields["extra_fields"]
     assert {setting.name for setting in SETTINGS} == set(extra)
-    assert extra["max_retries"]["value"] == 5
+    # Empty in the form (not 5): a saved form must not pin every default into the connection.
+    assert extra["max_retries"]["value"] is None
+    assert "Empty: 5; at least 0." in extra["max_retries"]["description"]
     assert "integer" in extra["max_retries"]["schema"]["type"]

@@ -56,6 +56,7 @@ def succeeded(**fields: Any) -> Prediction:
 def hook():
     fake = mock.create_autospec(FluxKontextHook, instance=True)
     fake.redact.side_effect = lambda text: text
+    fake.uploaded_file_id.return_value = None  # inputs are plain URLs unless a test says otherwise
     with mock.patch.object(FluxKontextPredictionSensor, "hook", fake):
         yield fake
 
@@ -292,3 +293,51 @@ def test_lineage_after_resuming_uses_the_input_location_from_the_event(hook):
 def test_an_inline_input_image_is_no_location():
     inline = succeeded(input={"prompt": "p", "input_image": "data:image/png;base64,iVBORw0KGgo="})
     assert prediction_event(inline).input_location is None
+
+
+def test_a_files_api_input_is_named_by_its_files_record(hook, tmp_path):
+    """An input uploaded with the Files API is named ``mug.png`` (its record), not by its upload id."""
+    from airflow_provider_kontext.models import UploadedFile
+
+    file_url = "https://api.replicate.com/v1/files/pu5zcgfileid"
+    hook.download.side_effect = lambda url, dest, max_bytes: dest.write(PNG) and "image/png"
+    hook.uploaded_file_id.side_effect = lambda url: "pu5zcgfileid" if url == file_url else None
+    hook.get_file.return_value = UploadedFile(id="pu5zcgfileid", name="mug.png", urls={"get": file_url})
+    context = make_context()
+    event = prediction_event(succeeded(input={"prompt": "p", "input_image": file_url})).payload()
+    make_sensor(deferrable=True, output_path=str(tmp_path)).execute_complete(context, event)
+    hook.get_file.assert_called_once_with("pu5zcgfileid")
+    (saved,) = tmp_path.glob("*.png")
+    assert saved.name == f"mug-{PID}.png"
+    assert pushed(context)["prediction"]["input_name"] == "mug.png"
+    assert pushed(context)["prediction"]["input_image"] == file_url
+
+
+def test_an_unreadable_files_record_keeps_the_upload_id(hook):
+    file_url = "https://api.replicate.com/v1/files/pu5zcgfileid"
+    hook.uploaded_file_id.return_value = "pu5zcgfileid"
+    hook.get_file.side_effect = KontextNotFoundError("File not found")
+    context = make_context()
+    event = prediction_event(succeeded(input={"prompt": "p", "input_image": file_url})).payload()
+    make_sensor(deferrable=True).execute_complete(context, event)
+    assert pushed(context)["prediction"]["input_name"] == "pu5zcgfileid"
+
+
+def test_the_hook_reads_a_files_record_and_knows_its_own_files(monkeypatch, requests_mock):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT",
+        json.dumps({"conn_type": "fluxkontext", "host": "https://proxy.example/replicate"}),
+    )
+    real = FluxKontextHook()
+    base = "https://proxy.example/replicate/v1/files/"
+    assert real.uploaded_file_id(base + "abc_1") == "abc_1"
+    assert real.uploaded_file_id(base + "abc_1/download?sig=x") is None
+    assert real.uploaded_file_id(base + "../predictions") is None
+    assert real.uploaded_file_id("https://other.example/v1/files/abc") is None
+    assert real.uploaded_file_id(None) is None
+    requests_mock.get(
+        base + "abc_1", json={"id": "abc_1", "name": "mug.png", "urls": {"get": base + "abc_1"}}
+    )
+    assert real.get_file("abc_1").name == "mug.png"
+    with pytest.raises(ValueError, match="not a file id"):
+        real.get_file("../x")

@@ -63,9 +63,22 @@ class Setting:
             number = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"connection extra {self.name!r} must be a number, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"connection extra {self.name!r} must be a finite number, got {value!r}")
         if number < self.minimum:
-            raise ValueError(f"connection extra {self.name!r} must be at least {self.minimum}, got {value!r}")
+            raise ValueError(
+                f"connection extra {self.name!r} must be at least {self.minimum:g}, got {value!r} "
+                f"({self.label}; leave it empty for the default, {self.default:g})"
+            )
+        if self.type is int and number != int(number):
+            raise ValueError(
+                f"connection extra {self.name!r} must be a whole number, got {value!r} ({self.label})"
+            )
         return int(number) if self.type is int else number
+
+    def describe(self) -> str:
+        """The form's help text: what the extra does, its default and its least value."""
+        return f"{self.help}. Empty: {self.default:g}; at least {self.minimum:g}."
 
 
 #: Every extra of the connection, in the form's order.
@@ -153,15 +166,21 @@ def checked_overrides(values: Mapping[str, Any], source: str = "hook_params") ->
 
 
 def conn_fields() -> dict[str, Any]:
-    """Return the form's extra fields as JSON schema (``conn-fields``, read by Airflow >= 3.2)."""
+    """Return the form's extra fields as JSON schema (``conn-fields``, read by Airflow >= 3.2).
+
+    No ``default`` and no ``minimum`` in the schema, on purpose: the form would save every default
+    into the connection (empty must keep meaning "the provider's default", which may change), and
+    its number input silently clamps a value below the minimum to it (``timeout`` 0 was saved as 1).
+    The description names both; :meth:`Setting.read` refuses a bad value with the reason, and
+    testing the connection reports it.
+    """
     fields: dict[str, Any] = {}
     for setting in SETTINGS:
         kind = "integer" if setting.type is int else "number"
-        default = int(setting.default) if setting.type is int else setting.default
         fields[setting.name] = {
             "label": setting.label,
-            "description": setting.help,
-            "schema": {"type": [kind, "null"], "minimum": setting.minimum, "default": default},
+            "description": setting.describe(),
+            "schema": {"type": [kind, "null"]},
         }
     return fields
 

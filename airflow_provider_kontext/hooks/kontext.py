@@ -180,6 +180,17 @@ class FluxKontextHook(KontextBaseHook):
         """The account the token belongs to (``GET /v1/account``, free and side-effect free)."""
         return parsed_as(Account, self._request(account_request()))
 
+    def uploaded_file_id(self, url: str | None) -> str | None:
+        """The Files API id ``url`` names when it is one of this connection's files
+        (``<base URL>/v1/files/<id>``), else ``None``."""
+        import re
+
+        prefix = f"{self.settings.base_url}/v1/files/"
+        if not url or not url.startswith(prefix):
+            return None
+        match = re.fullmatch(r"([A-Za-z0-9_-]+)/?", url[len(prefix) :])
+        return match.group(1) if match else None
+
     def upload_file(
         self,
         content: bytes | IO[bytes] | str | Path,

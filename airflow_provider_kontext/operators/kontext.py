@@ -14,7 +14,7 @@ from airflow_provider_kontext.arguments import check_number, default_deferrable
 from airflow_provider_kontext.compat import AirflowFailException
 from airflow_provider_kontext.deadlines import create_deadline, deadline_after_create, wait_timeout
 from airflow_provider_kontext.edit_request import EditRequest, check_literal_inputs, validated_request
-from airflow_provider_kontext.events import PredictionEvent, prediction_event
+from airflow_provider_kontext.events import PredictionEvent, given_seed, prediction_event
 from airflow_provider_kontext.exceptions import (
     KontextAPIError,
     KontextError,
@@ -244,7 +244,9 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
 
     def _edit_trace(self, event: PredictionEvent) -> dict[str, Any]:
         where, name = trace_image(self.input_image)
-        return {"input_image": where, "input_name": name, "prompt": self.prompt, "model": self.model}
+        trace = {"input_image": where, "input_name": name, "prompt": self.prompt, "model": self.model}
+        # The seed asked for, where the answers said none (its input deleted, no log line read).
+        return trace if event.seed is not None else {**trace, "seed": given_seed(self.seed)}
 
     def _check_literal_inputs(self) -> None:
         """Validate the model inputs given as literals, when the DAG is parsed (no I/O, no HTTP).
@@ -401,18 +403,21 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         ti.xcom_push(key=WEB_URL_XCOM_KEY, value=prediction.web_url)
 
     def _announce_wait(self, prediction: Prediction, deadline: float, where: str, policy: str) -> None:
-        """The line that says what the task now waits for, where, how it polls and until when."""
+        """The line that says what the task now waits for, where, how it polls and until when.
+
+        The prediction's web URL ends the line: a log viewer that turns URLs into links takes every
+        character up to the next space, so nothing may follow it."""
         remaining = max(0.0, deadline - time.time())
         self.log.info(
-            "Waiting %s for prediction %s (%s)%s; poll policy %s, interval %gs; deadline %s (in %s)",
+            "Waiting %s for prediction %s (%s); poll policy %s, interval %gs; deadline %s (in %s)%s",
             where,
             prediction.id,
             prediction.status.value,
-            f" {prediction.web_url}" if prediction.web_url else "",
             policy,
             self.poll_interval,
             datetime.fromtimestamp(deadline, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             timedelta(seconds=round(remaining)),
+            f" at {prediction.web_url}" if prediction.web_url else "",
         )
 
     def _defer(self, prediction: Prediction, deadline: float) -> None:

@@ -182,6 +182,21 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
 
         return edit_lineage(self._input_location, self._summary)
 
+    def _edit_trace(self, event: PredictionEvent) -> dict[str, Any]:
+        """What the prediction's own input says, with a Files-API input named by its file's record
+        (``mug.png``) rather than by its upload id; the id stays when the record cannot be read."""
+        trace = super()._edit_trace(event)
+        file_id = self.hook.uploaded_file_id(event.input_location)
+        if file_id is not None:
+            try:
+                name = self.hook.get_file(file_id).name
+            except (KontextError, ValueError) as exc:
+                self.log.info("Could not read the name of input file %s: %s", file_id, exc)
+            else:
+                if name and name != "file":
+                    trace["input_name"] = name
+        return trace
+
     def _complete(self, context: Context, event: PredictionEvent) -> list[str]:
         self._input_location = event.input_location  # the input the prediction read, for lineage
         return super()._complete(context, event)

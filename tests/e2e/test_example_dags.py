@@ -118,7 +118,8 @@ def test_pipeline_persists_every_edit_and_writes_a_manifest(
     # The log tells the story: the wait, then one summary line; no tqdm dump in the fired event.
     assert run.output.count("Waiting in the triggerer for prediction") == 3
     assert re.search(
-        r"Prediction \w+ succeeded in [\d.]+s from mug\.png: 1 output saved to file://", run.output
+        r"Prediction \w+ succeeded in [\d.]+s from mug\.png with seed \d+: 1 output saved to file://",
+        run.output,
     )
     assert " is succeeded" not in run.output
     assert TOKEN not in run.output

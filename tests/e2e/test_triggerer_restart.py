@@ -31,7 +31,10 @@ def cluster(tmp_path: Path, emulator_slow: KontextEmulator) -> Iterator[Cluster]
         (dags / "images" / image.name).write_bytes(image.read_bytes())
     source = (ROOT / "example_dags" / "kontext_asset_pipeline.py").read_text()
     source = source.replace('dag_id="kontext_asset_pipeline"', f'dag_id="{DAG_ID}"')
-    source = source.replace('schedule="@daily"', "schedule=None")
+    source = source.replace(
+        'schedule=CronTriggerTimetable("0 3 * * *", timezone="UTC", run_immediately=timedelta(0))',
+        "schedule=None",
+    )
     assert DAG_ID in source
     assert "schedule=None" in source
     (dags / f"{DAG_ID}.py").write_text(source)

@@ -1,0 +1,217 @@
+"""The images of an edit, for the plugin: where each is (only ever a location its task recorded),
+its bytes within bounds, and small thumbnails made with Pillow and cached.
+
+Sources: a saved output or an input image on any storage the API server can read
+(``ObjectStoragePath``: local paths, ``file://``, ``s3://``, ...), an http(s) URL (the input's, or
+Replicate's output URL while Replicate keeps it). What cannot be shown says why, in one word the page
+shows: ``expired`` (Replicate deleted its copy), ``inline`` (a ``data:`` image, never kept),
+``missing``, ``too-large``, ``not-an-image``, ``unreadable``, ``needs-pillow`` (an API server
+without the ``ui`` extra: full-size images still show). No token is ever sent: output URLs
+are fetched as a browser would fetch them.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from airflow_provider_kontext.images import sniff_image_type
+
+#: The largest image file read (bytes).
+MAX_SOURCE_BYTES = 40 * 1024 * 1024
+#: The most pixels Pillow decodes (a decompression bomb is refused, not decoded).
+MAX_PIXELS = 64_000_000
+#: Longest edge of a thumbnail (pixels).
+THUMB_EDGE = 320
+#: The longest a fetch of one http(s) image may take (seconds): connect and each read.
+FETCH_TIMEOUT = (5.0, 10.0)
+#: Thumbnails (and reasons) kept in memory, newest used last.
+CACHE_ENTRIES = 4096
+#: How long a reason not to show an image is remembered (seconds): a file may appear later.
+FAILURE_TTL = 30.0
+
+
+class Unavailable(Exception):
+    """An image that cannot be shown; ``str(exc)`` is the one-word reason the page shows."""
+
+
+@dataclass(frozen=True)
+class Picture:
+    """Bytes to send and their content type."""
+
+    data: bytes
+    content_type: str
+
+
+def describe(location: str | None, *, expired: bool = False) -> str | None:
+    """Why ``location`` cannot be shown without reading it (``None``: it may be shown)."""
+    if not location:
+        return "missing"
+    if location.startswith("data:"):
+        return "inline"
+    if expired and location.lower().startswith(("http://", "https://")):
+        return "expired"
+    return None
+
+
+def read_bytes(location: str, *, expired: bool = False) -> Picture:
+    """The image at ``location`` (recorded by a task), as it is.
+
+    :raises Unavailable: why it cannot be shown.
+    """
+    reason = describe(location, expired=expired)
+    if reason:
+        raise Unavailable(reason)
+    data = _fetch(location) if location.lower().startswith(("http://", "https://")) else _read(location)
+    kind = sniff_image_type(data)
+    if kind is None:
+        raise Unavailable("not-an-image")
+    return Picture(data, kind)
+
+
+def _fetch(url: str) -> bytes:
+    import requests
+
+    try:
+        with requests.get(url, timeout=FETCH_TIMEOUT, stream=True, allow_redirects=True) as response:
+            if response.status_code in (403, 404, 410):
+                raise Unavailable("expired")
+            if not response.ok:
+                raise Unavailable("unreadable")
+            data = bytearray()
+            for chunk in response.iter_content(64 * 1024):
+                data += chunk
+                if len(data) > MAX_SOURCE_BYTES:
+                    raise Unavailable("too-large")
+            return bytes(data)
+    except requests.RequestException:
+        raise Unavailable("unreadable") from None
+
+
+def _read(location: str) -> bytes:
+    from pathlib import PurePosixPath
+
+    from airflow.sdk import ObjectStoragePath
+
+    if "\x00" in location or not ("://" in location or PurePosixPath(location).is_absolute()):
+        raise Unavailable("missing")  # tasks record absolute paths and URLs only
+    try:
+        path = ObjectStoragePath(location if "://" in location else PurePosixPath(location).as_uri())
+        with path.open("rb") as handle:  # type: ignore[no-untyped-call]
+            data = handle.read(MAX_SOURCE_BYTES + 1)
+    except FileNotFoundError:
+        raise Unavailable("missing") from None
+    except Exception:  # any storage backend's error: not shown, and not explained to the browser
+        raise Unavailable("unreadable") from None
+    if len(data) > MAX_SOURCE_BYTES:
+        raise Unavailable("too-large")
+    return bytes(data)
+
+
+def make_thumbnail(data: bytes, edge: int = THUMB_EDGE) -> Picture:
+    """A JPEG (or PNG, for images with transparency) no larger than ``edge`` on its longest side.
+
+    :raises Unavailable: Pillow cannot read it, or it has more than :data:`MAX_PIXELS`.
+    """
+    try:
+        from PIL import Image
+    except ImportError:  # the API server lacks the ui extra: say so in place of the thumbnail
+        raise Unavailable("needs-pillow") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise Unavailable("too-large")
+            image.draft("RGB", (edge, edge))  # JPEG decodes at a fraction of its size
+            image.thumbnail((edge, edge), reducing_gap=2.0)
+            keep_alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
+            out = io.BytesIO()
+            if keep_alpha:
+                image.convert("RGBA").save(out, format="PNG", optimize=False)
+                return Picture(out.getvalue(), "image/png")
+            image.convert("RGB").save(out, format="JPEG", quality=82)
+            return Picture(out.getvalue(), "image/jpeg")
+    except Unavailable:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise Unavailable("not-an-image") from None
+
+
+class ThumbnailCache:
+    """Thumbnails by source location, least recently used dropped first; reasons kept briefly.
+
+    Saved outputs are named after their prediction and never rewritten, and an input read once
+    is the same image for the page's purpose, so the location is the key.
+    """
+
+    def __init__(self, entries: int = CACHE_ENTRIES) -> None:
+        self._entries = entries
+        self._items: OrderedDict[str, tuple[float, Picture | str]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._busy: dict[str, threading.Lock] = {}
+
+    def get(self, location: str, *, expired: bool = False) -> Picture:
+        """The thumbnail of the image at ``location``.
+
+        :raises Unavailable: why there is none.
+        """
+        cache_key = f"{'expired|' if expired else ''}{location}"
+        found = self._lookup(cache_key)
+        if found is None:
+            with self._lock:
+                busy = self._busy.setdefault(cache_key, threading.Lock())
+            with busy:  # two requests for one image make one thumbnail
+                found = self._lookup(cache_key)
+                if found is None:
+                    try:
+                        found = make_thumbnail(read_bytes(location, expired=expired).data)
+                    except Unavailable as exc:
+                        found = str(exc)
+                    self._store(cache_key, found)
+            with self._lock:
+                self._busy.pop(cache_key, None)
+        if isinstance(found, str):
+            raise Unavailable(found)
+        return found
+
+    def _lookup(self, key: str) -> Picture | str | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            stored_at, value = item
+            if isinstance(value, str) and time.monotonic() - stored_at > FAILURE_TTL:
+                del self._items[key]
+                return None
+            self._items.move_to_end(key)
+            return value
+
+    def _store(self, key: str, value: Picture | str) -> None:
+        with self._lock:
+            self._items[key] = (time.monotonic(), value)
+            self._items.move_to_end(key)
+            while len(self._items) > self._entries:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def placeholder(reason: str) -> Picture:
+    """A small SVG saying why there is no image (served for ``<img>`` tags; text escaped)."""
+    from html import escape
+
+    svg = (
+        '<svg xmlns="http://www.w3.org/2000/svg" width="160" height="160" viewBox="0 0 160 160">'
+        '<rect width="160" height="160" fill="#eee"/><text x="80" y="85" font-family="sans-serif" '
+        f'font-size="16" text-anchor="middle" fill="#666">{escape(reason)}</text></svg>'
+    )
+    return Picture(svg.encode(), "image/svg+xml")
+
+
+def image_info(location: Any) -> str | None:
+    """``location`` if it is a text location worth showing, else ``None``."""
+    return location if isinstance(location, str) and location else None
