@@ -37,7 +37,11 @@ if TYPE_CHECKING:
 
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
-__all__ = ["FluxKontextEditOperator", "KontextPredictionFailedNoRetry"]
+__all__ = [
+    "FluxKontextBatchEditOperator",
+    "FluxKontextEditOperator",
+    "KontextPredictionFailedNoRetry",
+]
 
 
 #: The model inputs the operator takes as arguments (any other goes in ``extra_input``).
@@ -403,3 +407,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
             if event is not None:
                 return event
             time.sleep(poller.delay())
+
+
+# The batch form lives in its own module; importable from here beside the single edit.
+from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator  # noqa: E402
