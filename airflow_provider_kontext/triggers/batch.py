@@ -18,7 +18,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_kontext.batch_ledger import PROGRESS_SECONDS, TERMINAL
-from airflow_provider_kontext.exceptions import KontextAuthError, KontextError
+from airflow_provider_kontext.exceptions import KontextAuthError, KontextError, KontextNotFoundError
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 
 __all__ = ["BatchWatch", "FluxKontextBatchTrigger", "sweep"]
@@ -120,7 +120,13 @@ class BatchWatch:
         # The list may lag behind a create: what it has not shown twice is read on its own.
         lagging = [pid for pid, count in self._unseen.items() if count >= 2][:MAX_SINGLE_READS]
         for prediction_id in lagging:
-            prediction = await hook.aget_prediction(prediction_id)
+            try:
+                prediction = await hook.aget_prediction(prediction_id)
+            except KontextNotFoundError:  # gone (or never created): the task creates it again
+                self._finish(
+                    prediction_id, {"id": prediction_id, "status": "lost", "error": "no longer exists"}
+                )
+                continue
             self._unseen.pop(prediction_id, None)
             if prediction.is_terminal:
                 self._finish(prediction_id, prediction.model_dump(mode="json", exclude={"logs"}))
@@ -129,6 +135,7 @@ class BatchWatch:
         if prediction_id not in self.pending:
             return
         self.pending.discard(prediction_id)
+        self._unseen.pop(prediction_id, None)
         self.counts[str(item.get("status"))] += 1
         if self._on_final is not None:
             self._on_final(prediction_id, item)
