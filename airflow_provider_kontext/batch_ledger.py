@@ -83,6 +83,9 @@ class BatchLedger:
         self._dirty: set[int] = set()
         self._lock = threading.Lock()  # creates and downloads record from several threads
         self.window: str | None = None
+        #: The size of the batch the stored record is of (``None``: no record).
+        self.recorded_size: int | None = None
+        self._stray: list[dict[str, Any]] = []
 
     @classmethod
     def from_context(cls, context: Any, size: int) -> BatchLedger:
@@ -93,19 +96,44 @@ class BatchLedger:
         return cls(XComStore(context["ti"]), size, durable=False)
 
     def load(self) -> None:
-        """Read the header and every chunk; a record of a batch of another size is ignored."""
+        """Read the header and every chunk. When the record is of a batch of another size (the
+        images listed differ from an earlier try's), its entries are kept aside, to be matched to
+        the images by fingerprint (:meth:`claim`)."""
         header = self._store.get(BATCH_KEY)
-        if not isinstance(header, dict) or header.get("n") != self.size:
+        if not isinstance(header, dict) or not isinstance(header.get("n"), int):
             return
         window = header.get("window")
         self.window = window if isinstance(window, str) else None
-        for chunk in range(self._chunks()):
+        self.recorded_size = size = int(header["n"])
+        for chunk in range((size + CHUNK - 1) // CHUNK):
             saved = self._store.get(f"{BATCH_KEY}/{chunk}")
             if not isinstance(saved, dict):
                 continue
             for key, entry in saved.items():
-                if key.isdigit() and int(key) < self.size and isinstance(entry, dict):
+                if not (key.isdigit() and int(key) < size and isinstance(entry, dict)):
+                    continue
+                if size == self.size:
                     self._entries[int(key)] = entry
+                else:
+                    self._stray.append(entry)
+
+    def rewrite(self) -> None:
+        """Store the whole record under this batch's size and positions (after :meth:`claim`)."""
+        with self._lock:
+            self._dirty.update(range(self._chunks()))
+            self._write_dirty()
+        self._store.set(BATCH_KEY, {"n": self.size, "window": self.window, "chunk": CHUNK})
+        self.recorded_size = self.size
+
+    def claim(self, index: int, fingerprint: str) -> dict[str, Any] | None:
+        """Give image ``index`` an earlier try's entry of the same request, recorded under another
+        position (the listed images changed between tries), if there is an unclaimed one."""
+        for position, entry in enumerate(self._stray):
+            if entry.get("fp") == fingerprint:
+                del self._stray[position]
+                self.put(index, flush=False, **entry)
+                return self._entries[index]
+        return None
 
     def entry(self, index: int) -> dict[str, Any] | None:
         return self._entries[index]
@@ -118,6 +146,7 @@ class BatchLedger:
         if self.window is None or created_after < self.window:
             self.window = created_after
             self._store.set(BATCH_KEY, {"n": self.size, "window": self.window, "chunk": CHUNK})
+            self.recorded_size = self.size
 
     def put(self, index: int, *, flush: bool = True, **entry: Any) -> None:
         """Replace an image's entry; written at once unless ``flush=False`` (then :meth:`flush`)."""

@@ -301,3 +301,24 @@ def test_batch_key_names_the_store_entries(emu: KontextEmulator, shots: Path) ->
         make_op(input_images=str(shots), deferrable=True).execute(make_context(store))
     assert sorted(store.data) == [BATCH_KEY, f"{BATCH_KEY}/0"]
     assert store.data[BATCH_KEY]["n"] == 6
+
+
+def test_images_added_to_the_folder_between_tries_are_matched_by_content(
+    emu: KontextEmulator, shots: Path
+) -> None:
+    store = FakeStore()
+    with pytest.raises(TaskDeferred) as deferred:
+        make_op(input_images=str(shots), deferrable=True).execute(make_context(store))
+    (shots / "shot0a.png").write_bytes(png(colour=(1, 2, 3)))  # listed second from now on
+    with pytest.raises(KontextBatchFailed, match="input_images changed while the batch ran"):
+        make_op(input_images=str(shots), deferrable=True).execute_complete(
+            make_context(store), {"status": "done", "counts": {}}
+        )
+    assert deferred.value.trigger is not None
+    context = make_context(store)
+    result = make_op(input_images=str(shots)).execute(context)
+    assert emu.created_count == 7  # the six already started are not created again
+    rows = pushed(context, "predictions")
+    assert rows[1]["input_name"] == "shot0a.png"
+    assert all(len(outputs) == 1 for outputs in result)
+    assert len({row["prediction"] for row in rows}) == 7

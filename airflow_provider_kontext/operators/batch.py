@@ -219,6 +219,13 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         """Resume after the batch trigger fired: read every result back and finish the batch."""
         items = self._items(check=False)
         ledger = self._ledger(context, len(items))
+        if ledger.recorded_size != len(items):
+            from airflow_provider_kontext.batch_results import KontextBatchFailed
+
+            raise KontextBatchFailed(
+                f"input_images changed while the batch ran ({ledger.recorded_size} images then, "
+                f"{len(items)} now); a retry matches the images to their edits by content"
+            )
         status = str(event.get("status"))
         message = event.get("message")
         self.log.info("Batch wait ended (%s): %s", status, dict(event.get("counts") or {}))
@@ -274,6 +281,8 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         lost: list[int] = []
         for item in items:
             entry = ledger.entry(item.position)
+            if entry is None or entry.get("fp") != item.fingerprint[:16]:
+                entry = ledger.claim(item.position, item.fingerprint[:16]) or entry
             if entry is None:
                 to_create.append(item.position)
             elif entry.get("fp") != item.fingerprint[:16]:
@@ -287,6 +296,15 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
                 continue
             elif entry.get("s") not in FINAL_FAILURES or self.retry_failed_predictions:
                 to_create.append(item.position)
+        if ledger.recorded_size not in (None, len(items)):
+            self.log.warning(
+                "input_images changed since an earlier try (%d images then, %d now): the edits already "
+                "made are matched to the images by content",
+                ledger.recorded_size,
+                len(items),
+            )
+            ledger.rewrite()
+        ledger.flush()
         if lost:
             to_create += adopt_orphans(self, ledger, lost, self.log)
         done = len(items) - len(to_create)

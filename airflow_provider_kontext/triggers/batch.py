@@ -42,7 +42,8 @@ async def sweep(hook: Any, wanted: Collection[str], created_after: str | None) -
         for item in page.results:
             prediction_id = item.get("id") if isinstance(item, dict) else None
             if isinstance(prediction_id, str) and prediction_id in wanted:
-                found[prediction_id] = item
+                # Without its input, which may hold an inline image: thousands are kept at once.
+                found[prediction_id] = {key: value for key, value in item.items() if key != "input"}
         cursor = page.next_cursor
         if cursor is None or len(found) == len(wanted):
             return found
