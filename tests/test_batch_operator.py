@@ -13,7 +13,7 @@ from unittest import mock
 
 import pytest
 from airflow.sdk import Asset
-from emulated import png, started
+from emulated import options, png, started
 
 from airflow_provider_kontext.batch_ledger import BATCH_KEY, CREATED, CREATING, BatchLedger
 from airflow_provider_kontext.batch_results import KontextBatchFailed, KontextBatchFailedNoRetry
@@ -322,3 +322,16 @@ def test_images_added_to_the_folder_between_tries_are_matched_by_content(
     assert rows[1]["input_name"] == "shot0a.png"
     assert all(len(outputs) == 1 for outputs in result)
     assert len({row["prediction"] for row in rows}) == 7
+
+
+@options(prediction_seconds=30.0)
+def test_predictions_past_the_timeout_are_canceled_and_the_retry_redoes_them(
+    emu: KontextEmulator, shots: Path
+) -> None:
+    images = sorted(str(p) for p in shots.glob("*.png"))[:2]
+    with pytest.raises(KontextBatchFailed) as failure:
+        make_op(input_images=images, timeout=1).execute(make_context(FakeStore()))
+    assert not isinstance(failure.value, AirflowFailException)  # a timeout may be retried
+    assert "2 of 2 images were not edited" in str(failure.value)
+    assert "timeout" in str(failure.value)
+    assert {emu.prediction(pid).status.value for pid in emu.predictions} == {"canceled"}
