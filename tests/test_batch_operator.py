@@ -335,3 +335,22 @@ def test_predictions_past_the_timeout_are_canceled_and_the_retry_redoes_them(
     assert "2 of 2 images were not edited" in str(failure.value)
     assert "timeout" in str(failure.value)
     assert {emu.prediction(pid).status.value for pid in emu.predictions} == {"canceled"}
+
+
+def test_an_unforeseen_error_in_one_create_is_reported_and_leaves_a_retryable_failure(
+    emu: KontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import airflow_provider_kontext.edit_request as edit_request
+
+    real = edit_request.validated_request
+
+    def flaky(model: str, arguments: dict[str, Any], image: Any, *args: Any) -> Any:
+        if str(image).endswith("shot2.png"):
+            raise RuntimeError("disk on fire")
+        return real(model, arguments, image, *args)
+
+    monkeypatch.setattr(edit_request, "validated_request", flaky)
+    with pytest.raises(KontextBatchFailed, match="disk on fire") as failure:
+        make_op(input_images=str(shots)).execute(make_context(FakeStore()))
+    assert not isinstance(failure.value, AirflowFailException)
+    assert emu.created_count == 5

@@ -77,9 +77,15 @@ class BatchCreator:
         started = time.monotonic()
         logged = started
         with ThreadPoolExecutor(self.op.max_concurrent_creates, thread_name_prefix="kontext-create") as pool:
-            waiting = {pool.submit(self._one, items[index], pacer) for index in indices}
+            index_of = {pool.submit(self._one, items[index], pacer): index for index in indices}
+            waiting = set(index_of)
             while waiting:
-                _, waiting = wait(waiting, timeout=PROGRESS_SECONDS, return_when=FIRST_COMPLETED)
+                done, waiting = wait(waiting, timeout=PROGRESS_SECONDS, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if (exc := future.exception()) is not None:  # unforeseen: its entry tells the retry
+                        self.log.error("Image %d: the create step failed: %r", index_of[future], exc)
+                        with self._lock:
+                            self.errors[index_of[future]] = f"the create step failed: {exc!r}"[:300]
                 if time.monotonic() - logged >= PROGRESS_SECONDS and waiting:
                     logged = time.monotonic()
                     self._report(len(indices))
