@@ -36,10 +36,9 @@ SUCCEEDED = "succeeded"
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 #: Progress lines of a batch are logged at most this often (seconds).
 PROGRESS_SECONDS = 10.0
-#: Outcomes that a retry of the task does not redo unless ``retry_failed_predictions``.
+#: Outcomes that a retry of the task does not redo unless ``retry_failed_predictions``; a retry
+#: redoes any other (``aborted``, ``timeout``, ``lost``: nothing billed, or nothing usable kept).
 FINAL_FAILURES = frozenset({"failed", "canceled", "rejected", "unusable"})
-#: Outcomes that a retry redoes (nothing was billed, or the wait itself failed).
-RETRYABLE_FAILURES = frozenset({"aborted", "timeout", "error", "lost"})
 
 
 def identity_key(prompt: str, image_ref: str) -> str:

@@ -12,13 +12,12 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_kontext.batch_ledger import CREATED, SUCCEEDED
+from airflow_provider_kontext.batch_ledger import CREATED
 from airflow_provider_kontext.compat import AirflowFailException
 from airflow_provider_kontext.exceptions import KontextError
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.batch_items import BatchItem
-    from airflow_provider_kontext.batch_ledger import BatchLedger
 
 #: The manifest's file name, written beside the outputs when ``output_path`` is set.
 MANIFEST_NAME = "manifest.json"
@@ -88,15 +87,3 @@ def retryable(failed: Sequence[dict[str, Any]], retry_failed_predictions: bool) 
     from airflow_provider_kontext.batch_ledger import FINAL_FAILURES
 
     return any(row["status"] not in FINAL_FAILURES or retry_failed_predictions for row in failed)
-
-
-def outcome_counts(ledger: BatchLedger) -> dict[str, int]:
-    """The ledger's entries counted by state (``missing`` for images without one)."""
-    counts: Counter[str] = Counter()
-    for _, entry in ledger.entries():
-        counts[str(entry.get("s")) if entry else "missing"] += 1
-    return dict(counts)
-
-
-def is_done(entry: dict[str, Any] | None) -> bool:
-    return bool(entry) and entry.get("s") == SUCCEEDED  # type: ignore[union-attr]
