@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from airflow_provider_kontext.batch_items import BatchItem
     from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator
 
+#: Created predictions not yet written with a "creating" mark are written at least this often.
+FLUSH_SECONDS = 1.0
 #: A batch's orphan search looks this far before the earliest lost create (worker clock).
 ORPHAN_MARGIN = timedelta(minutes=5)
 
@@ -75,7 +77,7 @@ class BatchCreator:
     def create(self, items: list[BatchItem], indices: list[int]) -> None:
         pacer = Pacer(self.op.creates_per_minute)
         started = time.monotonic()
-        logged = started
+        logged = flushed = started
         with ThreadPoolExecutor(self.op.max_concurrent_creates, thread_name_prefix="kontext-create") as pool:
             index_of = {pool.submit(self._one, items[index], pacer): index for index in indices}
             waiting = set(index_of)
@@ -86,9 +88,13 @@ class BatchCreator:
                         self.log.error("Image %d: the create step failed: %r", index_of[future], exc)
                         with self._lock:
                             self.errors[index_of[future]] = f"the create step failed: {exc!r}"[:300]
+                if time.monotonic() - flushed >= FLUSH_SECONDS:
+                    flushed = time.monotonic()
+                    self.ledger.flush()
                 if time.monotonic() - logged >= PROGRESS_SECONDS and waiting:
                     logged = time.monotonic()
                     self._report(len(indices))
+        self.ledger.flush()
         self._report(len(indices), took=time.monotonic() - started)
 
     def _report(self, total: int, took: float | None = None) -> None:
@@ -142,7 +148,9 @@ class BatchCreator:
                 index, s="rejected", fp=fingerprint, e="the server answered without a prediction id"
             )
             return
-        self.ledger.put(index, s=CREATED, fp=fingerprint, k=key, id=prediction.id, t=time.time())
+        # Written with the next "creating" mark or the creator's periodic flush: until then the
+        # stored "creating" entry stands for it, and a retry finds the prediction in the list.
+        self.ledger.put(index, flush=False, s=CREATED, fp=fingerprint, k=key, id=prediction.id, t=time.time())
         with self._lock:
             self.created += 1
 
