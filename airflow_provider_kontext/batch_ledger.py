@@ -2,7 +2,8 @@
 
 The record lives in Airflow's task state store (3.3+), which survives retries and killed workers, so
 no image's edit is created twice and none is lost: an entry says ``creating`` before its create is
-sent, then the prediction id as soon as the create returns, then the outcome. A retry (or the resume
+sent, then the prediction id (within a second of the create's return: until then the mark stands
+for it), then the outcome. A retry (or the resume
 after a deferral) reads it back and carries on where the last process stopped.
 
 The record is compact so thousands of images fit: one store key per chunk of :data:`CHUNK` images

@@ -55,11 +55,11 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
     Every image is checked before the first create; a bad one fails the task at once (no retries)
     naming each bad image and why. The creates are then sent a few at a time, never faster than
     ``creates_per_minute``, and each image's state is recorded as it goes (Airflow >= 3.3's task
-    state store: "create under way" before the request, the prediction id when it returns, the
-    outcome at the end), so a retry or a killed worker never creates an image's edit twice and never
-    loses one: a create whose answer was lost is looked for in the account's list before it is sent
-    again. Then one wait for the whole batch: deferred to one trigger that reads the account's list
-    (100 predictions a request), or in the worker with the same loop.
+    state store: "create under way" before the request, the prediction id within a second of
+    its return, the outcome at the end), so a retry or a killed worker never creates an image's
+    edit twice and never loses one: a create whose answer was lost is looked for in the account's
+    list before it is sent again. Then one wait for the whole batch: deferred to one trigger that
+    reads the account's list (100 predictions a request), or in the worker with the same loop.
 
     XCom ``return_value``: one entry per input image, in order, each the list of that image's outputs
     (URLs, or paths under ``output_path`` named ``<input>-<prediction id>.<ext>``; empty for an image
