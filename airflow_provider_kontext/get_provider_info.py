@@ -37,7 +37,10 @@ def get_provider_info() -> dict[str, Any]:
         "operators": [
             {
                 "integration-name": "FLUX.1 Kontext",
-                "python-modules": ["airflow_provider_kontext.operators.kontext"],
+                "python-modules": [
+                    "airflow_provider_kontext.operators.kontext",
+                    "airflow_provider_kontext.operators.batch",
+                ],
             }
         ],
         "sensors": [
@@ -49,7 +52,10 @@ def get_provider_info() -> dict[str, Any]:
         "triggers": [
             {
                 "integration-name": "FLUX.1 Kontext",
-                "python-modules": ["airflow_provider_kontext.triggers.kontext"],
+                "python-modules": [
+                    "airflow_provider_kontext.triggers.kontext",
+                    "airflow_provider_kontext.triggers.batch",
+                ],
             }
         ],
         "connection-types": [

@@ -54,15 +54,17 @@ def test_every_listed_module_imports_and_holds_its_classes() -> None:
 
     info = get_provider_info()
     expected = {
-        "hooks": "FluxKontextHook",
-        "operators": "FluxKontextEditOperator",
-        "sensors": "FluxKontextPredictionSensor",
-        "triggers": "FluxKontextPredictionTrigger",
+        "hooks": ["FluxKontextHook"],
+        "operators": ["FluxKontextEditOperator", "FluxKontextBatchEditOperator"],
+        "sensors": ["FluxKontextPredictionSensor"],
+        "triggers": ["FluxKontextPredictionTrigger", "FluxKontextBatchTrigger"],
     }
-    for kind, class_name in expected.items():
+    for kind, class_names in expected.items():
         (entry,) = info[kind]
-        (module,) = entry["python-modules"]
-        assert hasattr(importlib.import_module(module), class_name), (kind, module)
+        modules = entry["python-modules"]
+        assert len(modules) == len(class_names), (kind, modules)
+        for module, class_name in zip(modules, class_names, strict=True):
+            assert hasattr(importlib.import_module(module), class_name), (kind, module)
 
 
 def test_the_ui_shows_the_form_with_labels_and_extra_fields() -> None:

@@ -39,7 +39,11 @@ if TYPE_CHECKING:
 
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
-__all__ = ["FluxKontextEditOperator", "KontextPredictionFailedNoRetry"]
+__all__ = [
+    "FluxKontextBatchEditOperator",
+    "FluxKontextEditOperator",
+    "KontextPredictionFailedNoRetry",
+]
 
 
 #: The model inputs the operator takes as arguments (any other goes in ``extra_input``).
@@ -475,3 +479,7 @@ def _refused(error: KontextAPIError) -> bool:
     return (
         not isinstance(error, KontextPredictionMayExistError) and status is not None and 400 <= status < 500
     )
+
+
+# The batch form lives in its own module; importable from here beside the single edit.
+from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator  # noqa: E402

@@ -1,0 +1,199 @@
+"""Where a batch of edits records, image by image, what it has started and how each ended.
+
+The record lives in Airflow's task state store (3.3+), which survives retries and killed workers, so
+no image's edit is created twice and none is lost: an entry says ``creating`` before its create is
+sent, then the prediction id (within a second of the create's return: until then the mark stands
+for it), then the outcome. A retry (or the resume
+after a deferral) reads it back and carries on where the last process stopped.
+
+The record is compact so thousands of images fit: one store key per chunk of :data:`CHUNK` images
+(each value well under the store's 64 KB ``max_value_storage_bytes`` policy), plus one header key
+holding the batch's size and the window of its creates (where the account's list of predictions
+has them). Without a task state store (Airflow < 3.3) the same record is kept in XCom: it survives
+the deferral of one try, not a retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+#: Key prefix of the batch's entries in the task state store.
+BATCH_KEY = "flux_kontext_batch"
+#: Images per store key: a chunk of finished entries with saved paths stays under ~30 KB.
+CHUNK = 100
+#: Longest error text kept per image.
+MAX_ERROR = 200
+
+#: Entry states: the create is under way (or its answer was lost), the prediction exists and is not
+#: known to be over, or how it ended.
+CREATING = "creating"
+CREATED = "created"
+SUCCEEDED = "succeeded"
+#: Terminal statuses of a prediction.
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+#: Progress lines of a batch are logged at most this often (seconds).
+PROGRESS_SECONDS = 10.0
+#: Outcomes that a retry of the task does not redo unless ``retry_failed_predictions``; a retry
+#: redoes any other (``aborted``, ``timeout``, ``lost``: nothing billed, or nothing usable kept).
+FINAL_FAILURES = frozenset({"failed", "canceled", "rejected", "unusable"})
+
+
+def identity_key(prompt: str, image_ref: str) -> str:
+    """A short digest of what identifies an image's edit in the account's list: its prompt and its
+    input image (a URL, an upload's URL, or ``sha256:<digest>`` of inline bytes)."""
+    return hashlib.sha256(f"{prompt}\n{image_ref}".encode()).hexdigest()[:16]
+
+
+class XComStore:
+    """The task state store's ``get``/``set``/``delete`` over this try's XComs (Airflow < 3.3): it
+    survives a deferral of the try, not a retry."""
+
+    def __init__(self, ti: Any) -> None:
+        self._ti = ti
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self._ti.xcom_pull(task_ids=self._ti.task_id, key=key, map_indexes=self._ti.map_index)
+        return default if value is None else value
+
+    def set(self, key: str, value: Any) -> None:
+        self._ti.xcom_push(key=key, value=value)
+
+    def delete(self, key: str) -> None:
+        self._ti.xcom_push(key=key, value={})
+
+
+class BatchLedger:
+    """The batch's entries by image index, read from and written to a store chunk by chunk.
+
+    An entry is a dict: ``s`` (state), ``fp`` (fingerprint of the request, short), ``k`` (identity
+    key, for the orphan search), ``id`` (prediction), ``t`` (Unix time the create returned, on the
+    worker's clock), ``o`` (outputs), ``e`` (why it failed).
+    """
+
+    def __init__(self, store: Any, size: int, *, durable: bool) -> None:
+        self._store = store
+        self.size = size
+        #: Whether the record survives a retry (a task state store), not only a deferral.
+        self.durable = durable
+        self._entries: list[dict[str, Any] | None] = [None] * size
+        self._dirty: set[int] = set()
+        self._lock = threading.Lock()  # creates and downloads record from several threads
+        self.window: str | None = None
+        #: The size of the batch the stored record is of (``None``: no record).
+        self.recorded_size: int | None = None
+        self._stray: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_context(cls, context: Any, size: int) -> BatchLedger:
+        """The ledger of this task instance: the task state store where there is one, else XCom."""
+        store = context.get("task_state_store")
+        if store is not None:
+            return cls(store, size, durable=True)
+        return cls(XComStore(context["ti"]), size, durable=False)
+
+    def load(self) -> None:
+        """Read the header and every chunk. When the record is of a batch of another size (the
+        images listed differ from an earlier try's), its entries are kept aside, to be matched to
+        the images by fingerprint (:meth:`claim`)."""
+        header = self._store.get(BATCH_KEY)
+        if not isinstance(header, dict) or not isinstance(header.get("n"), int):
+            return
+        window = header.get("window")
+        self.window = window if isinstance(window, str) else None
+        self.recorded_size = size = int(header["n"])
+        for chunk in range((size + CHUNK - 1) // CHUNK):
+            saved = self._store.get(f"{BATCH_KEY}/{chunk}")
+            if not isinstance(saved, dict):
+                continue
+            for key, entry in saved.items():
+                if not (key.isdigit() and int(key) < size and isinstance(entry, dict)):
+                    continue
+                if size == self.size:
+                    self._entries[int(key)] = entry
+                else:
+                    self._stray.append(entry)
+
+    def rewrite(self) -> None:
+        """Store the whole record under this batch's size and positions (after :meth:`claim`)."""
+        with self._lock:
+            self._dirty.update(range(self._chunks()))
+            self._write_dirty()
+        self._store.set(BATCH_KEY, {"n": self.size, "window": self.window, "chunk": CHUNK})
+        self.recorded_size = self.size
+
+    def claim(self, index: int, fingerprint: str) -> dict[str, Any] | None:
+        """Give image ``index`` an earlier try's entry of the same request, recorded under another
+        position (the listed images changed between tries), if there is an unclaimed one."""
+        for position, entry in enumerate(self._stray):
+            if entry.get("fp") == fingerprint:
+                del self._stray[position]
+                self.put(index, flush=False, **entry)
+                return self._entries[index]
+        return None
+
+    def entry(self, index: int) -> dict[str, Any] | None:
+        return self._entries[index]
+
+    def entries(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        return iter(enumerate(self._entries))
+
+    def open_window(self, created_after: str) -> None:
+        """Record where the batch's creates start in the account's list (once; retries keep it)."""
+        if self.window is None or created_after < self.window:
+            self.window = created_after
+            self._store.set(BATCH_KEY, {"n": self.size, "window": self.window, "chunk": CHUNK})
+            self.recorded_size = self.size
+
+    def put(self, index: int, *, flush: bool = True, **entry: Any) -> None:
+        """Replace an image's entry; written at once unless ``flush=False`` (then :meth:`flush`)."""
+        if isinstance(entry.get("e"), str):
+            entry["e"] = entry["e"][:MAX_ERROR]
+        with self._lock:
+            self._entries[index] = {key: value for key, value in entry.items() if value is not None} or None
+            self._dirty.add(index // CHUNK)
+        if flush:
+            self.flush()
+
+    def drop(self, index: int) -> None:
+        """Forget an image's entry (its create provably made nothing)."""
+        self.put(index)
+
+    def flush(self) -> None:
+        """Write every chunk changed since the last flush."""
+        with self._lock:
+            self._write_dirty()
+
+    def _write_dirty(self) -> None:
+        for chunk in sorted(self._dirty):
+            start = chunk * CHUNK
+            value = {
+                str(index): entry
+                for index, entry in enumerate(self._entries[start : start + CHUNK], start)
+                if entry is not None
+            }
+            self._store.set(f"{BATCH_KEY}/{chunk}", value)
+        self._dirty.clear()
+
+    def forget(self) -> None:
+        """Drop the record once the batch succeeded, so a later clear of the task edits afresh."""
+        for chunk in range(self._chunks()):
+            self._store.delete(f"{BATCH_KEY}/{chunk}")
+        self._store.delete(BATCH_KEY)
+
+    def largest_value_bytes(self) -> int:
+        """The size of the largest chunk as stored (JSON), for checks and benchmarks."""
+        largest = 0
+        for chunk in range(self._chunks()):
+            start = chunk * CHUNK
+            value = {
+                str(i): e for i, e in enumerate(self._entries[start : start + CHUNK], start) if e is not None
+            }
+            largest = max(largest, len(json.dumps(value)))
+        return largest
+
+    def _chunks(self) -> int:
+        return (self.size + CHUNK - 1) // CHUNK

@@ -1,0 +1,377 @@
+"""``FluxKontextBatchEditOperator``: hundreds or thousands of FLUX.1 Kontext edits in one task."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_provider_kontext.arguments import check_number, default_deferrable
+from airflow_provider_kontext.batch_ledger import CREATED, CREATING, FINAL_FAILURES, SUCCEEDED, BatchLedger
+from airflow_provider_kontext.compat import AirflowFailException
+from airflow_provider_kontext.deadlines import wait_timeout
+from airflow_provider_kontext.edit_request import check_literal_inputs
+from airflow_provider_kontext.exceptions import KontextInputError
+from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
+from airflow_provider_kontext.models import DEFAULT_MODEL
+from airflow_provider_kontext.operators.batch_finish import BatchFinisher
+from airflow_provider_kontext.operators.batch_steps import BatchCreator, adopt_orphans
+from airflow_provider_kontext.results import PredictionResultMixin
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_provider_kontext.batch_items import BatchItem
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+__all__ = ["FluxKontextBatchEditOperator"]
+
+#: The model inputs the operator takes as arguments, besides ``prompt`` (any other: ``extra_input``).
+MODEL_ARGUMENTS = (
+    "aspect_ratio",
+    "num_inference_steps",
+    "guidance",
+    "seed",
+    "output_format",
+    "output_quality",
+    "disable_safety_checker",
+    "go_fast",
+)
+#: Longest ``timeout`` and ``poll_interval`` accepted (a week).
+MAX_WAIT = timedelta(days=7)
+#: How far before its first create a batch's window in the account's list opens: covers a worker
+#: clock behind the server's by up to this much.
+WINDOW_MARGIN = timedelta(minutes=5)
+
+
+class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
+    """Edit many images with FLUX.1 Kontext in one task, paced to the account's create limit.
+
+    Every image is checked before the first create; a bad one fails the task at once (no retries)
+    naming each bad image and why. The creates are then sent a few at a time, never faster than
+    ``creates_per_minute``, and each image's state is recorded as it goes (Airflow >= 3.3's task
+    state store: "create under way" before the request, the prediction id within a second of
+    its return, the outcome at the end), so a retry or a killed worker never creates an image's
+    edit twice and never loses one: a create whose answer was lost is looked for in the account's
+    list before it is sent again. Then one wait for the whole batch: deferred to one trigger that
+    reads the account's list (100 predictions a request), or in the worker with the same loop.
+
+    XCom ``return_value``: one entry per input image, in order, each the list of that image's outputs
+    (URLs, or paths under ``output_path`` named ``<input>-<prediction id>.<ext>``; empty for an image
+    not edited). XCom ``predictions``: one row per image (index, input, prompt, model, prediction,
+    status, outputs, error). With ``output_path``, ``manifest.json`` (counts and the same rows) is
+    written beside the outputs. Each ``Asset`` outlet gets one event with the counts and the manifest.
+
+    When some images were not edited the task fails listing which and why, keeping what succeeded;
+    its retry creates only the images not yet edited (a ``failed`` or ``canceled`` prediction is
+    redone only with ``retry_failed_predictions``; when only such remain, the task fails without
+    retries). ``fail_on_partial=False`` lets the task succeed with the failures recorded.
+
+    :param input_images: the images (templated): a list of anything the single operator's
+        ``input_image`` takes (an upstream task's XCom list included), or a folder or object-storage
+        prefix whose jpeg/png/gif/webp files are listed at run time, sorted by name.
+    :param prompt: the edit instruction (templated): one for all images, or a list with one per image.
+    :param creates_per_minute: the most creates sent per minute (Replicate allows 600; lower it for a
+        low-credit account or when other programs create with the same token).
+    :param max_concurrent_creates: creates (with their uploads) in flight at once.
+    :param max_concurrent_downloads: outputs saved at once (with ``output_path``).
+    :param timeout: how long each prediction may take, from its create (seconds or timedelta);
+        default as for the single operator. Sent as ``Cancel-After`` too.
+    :param fail_on_partial: fail the task when some images were not edited (default); ``False``
+        succeeds with the failures in ``predictions`` and the manifest.
+    :param retry_failed_predictions: let a retry redo images whose prediction failed or was canceled.
+
+    The model inputs, ``model``, ``flux_kontext_conn_id``, ``hook_params``, ``deferrable``,
+    ``poll_interval``, ``output_path``, ``max_output_bytes``, ``inline_image_max_bytes`` and
+    ``outlets`` mean what they mean for
+    :class:`~airflow_provider_kontext.operators.kontext.FluxKontextEditOperator`.
+    """
+
+    template_fields: Sequence[str] = (
+        "input_images",
+        "prompt",
+        "model",
+        *MODEL_ARGUMENTS,
+        "extra_input",
+        "output_path",
+    )
+    template_fields_renderers = {"extra_input": "json", "prompt": "py", "input_images": "py"}
+    ui_color = "#d6cdf2"
+
+    def __init__(
+        self,
+        *,
+        input_images: Any,
+        prompt: str | list[str],
+        aspect_ratio: str | None = None,
+        num_inference_steps: int | str | None = None,
+        guidance: float | str | None = None,
+        seed: int | str | None = None,
+        output_format: str | None = None,
+        output_quality: int | str | None = None,
+        disable_safety_checker: bool | str | None = None,
+        go_fast: bool | str | None = None,
+        extra_input: dict[str, Any] | None = None,
+        model: str = DEFAULT_MODEL,
+        flux_kontext_conn_id: str = DEFAULT_CONN_ID,
+        hook_params: dict[str, Any] | None = None,
+        deferrable: bool | None = None,
+        poll_interval: float = 2.0,
+        timeout: float | timedelta | None = None,
+        creates_per_minute: float = 600,
+        max_concurrent_creates: int = 8,
+        max_concurrent_downloads: int = 8,
+        fail_on_partial: bool = True,
+        retry_failed_predictions: bool = False,
+        output_path: Any = None,
+        max_output_bytes: int = 50 * 1024 * 1024,
+        inline_image_max_bytes: int = 256 * 1024,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(flux_kontext_conn_id, str) or not flux_kontext_conn_id:
+            raise ValueError(f"flux_kontext_conn_id must be a non-empty string, got {flux_kontext_conn_id!r}")
+        self.input_images = input_images
+        self.prompt = prompt
+        self.aspect_ratio = aspect_ratio
+        self.num_inference_steps = num_inference_steps
+        self.guidance = guidance
+        self.seed = seed
+        self.output_format = output_format
+        self.output_quality = output_quality
+        self.disable_safety_checker = disable_safety_checker
+        self.go_fast = go_fast
+        self.extra_input = extra_input
+        self.model = model
+        self.flux_kontext_conn_id = flux_kontext_conn_id
+        self.hook_params = checked_overrides(hook_params or {})
+        self.deferrable = default_deferrable() if deferrable is None else deferrable
+        self.poll_interval = check_number("poll_interval", poll_interval, maximum=MAX_WAIT.total_seconds())
+        if timeout is not None:
+            seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+            check_number("timeout", seconds, maximum=MAX_WAIT.total_seconds())
+        self.timeout = timeout
+        self.creates_per_minute = check_number("creates_per_minute", creates_per_minute)
+        self.max_concurrent_creates = int(
+            check_number("max_concurrent_creates", max_concurrent_creates, 1, 64, integer=True)
+        )
+        self.max_concurrent_downloads = int(
+            check_number("max_concurrent_downloads", max_concurrent_downloads, 1, 64, integer=True)
+        )
+        self.fail_on_partial = bool(fail_on_partial)
+        self.retry_failed_predictions = retry_failed_predictions
+        self.reattach_on_retry = True
+        self.output_path = output_path
+        self.max_output_bytes = int(check_number("max_output_bytes", max_output_bytes, 1, integer=True))
+        self.inline_image_max_bytes = int(
+            check_number("inline_image_max_bytes", inline_image_max_bytes, 0, integer=True)
+        )
+        self._finished = False
+        #: Why creating stopped early (a refused token, an unknown model), if it did.
+        self._abort: str | None = None
+        #: Why an image's create failed, by index (this try's, for the failure message).
+        self._create_errors: dict[int, str] = {}
+        literal_prompt = {"prompt": prompt} if isinstance(prompt, str) else {}
+        check_literal_inputs(
+            self.task_id, model, {**self._model_arguments(), **literal_prompt}, None, extra_input
+        )
+
+    @cached_property
+    def hook(self) -> FluxKontextHook:
+        from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+        return FluxKontextHook(self.flux_kontext_conn_id, **self.hook_params)
+
+    def _model_arguments(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in MODEL_ARGUMENTS}
+
+    def _timeout_seconds(self) -> float:
+        return wait_timeout(self.timeout, self.execution_timeout)
+
+    # --- the story: check, create, wait, finish -------------------------------------------------------
+
+    def execute(self, context: Context) -> list[list[str]]:
+        items = self._items(check=True)
+        ledger = self._ledger(context, len(items))
+        to_create = self._plan(items, ledger)
+        window = (datetime.now(timezone.utc) - WINDOW_MARGIN).isoformat()
+        creator = BatchCreator(self, ledger, timeout=self._timeout_seconds(), log=self.log)
+        if to_create:
+            ledger.open_window(window)
+            creator.create(items, to_create)
+        self._abort = creator.abort
+        self._create_errors = creator.errors
+        pending = self._pending(ledger)
+        if pending and self.deferrable:
+            self._defer(pending, ledger.window)
+        finals: dict[str, dict[str, Any]] = {}
+        status, message = ("done", None)
+        if pending:
+            status, message = asyncio.run(self._watch_in_worker(pending, ledger.window, finals))
+        return self._finish(context, items, ledger, finals, status, message)
+
+    def execute_complete(self, context: Context, event: Mapping[str, Any]) -> list[list[str]]:
+        """Resume after the batch trigger fired: read every result back and finish the batch."""
+        items = self._items(check=False)
+        ledger = self._ledger(context, len(items))
+        if ledger.recorded_size != len(items):
+            from airflow_provider_kontext.batch_results import KontextBatchFailed
+
+            raise KontextBatchFailed(
+                f"input_images changed while the batch ran ({ledger.recorded_size} images then, "
+                f"{len(items)} now); a retry matches the images to their edits by content"
+            )
+        status = str(event.get("status"))
+        message = event.get("message")
+        self.log.info("Batch wait ended (%s): %s", status, dict(event.get("counts") or {}))
+        return self._finish(context, items, ledger, {}, status, message if isinstance(message, str) else None)
+
+    # --- steps ------------------------------------------------------------------------------------
+
+    def _items(self, *, check: bool) -> list[BatchItem]:
+        """The batch's images with their prompts; checked (each image read) before creating.
+
+        :raises AirflowFailException: bad input (no retry mends it), naming every bad image.
+        """
+        from airflow_provider_kontext.batch_items import (
+            BatchItem,
+            checked_items,
+            resolve_images,
+            resolve_prompts,
+        )
+        from airflow_provider_kontext.images import trace_image
+
+        try:
+            images = resolve_images(self.input_images)
+            prompts = resolve_prompts(self.prompt, len(images))
+            if check:
+                return checked_items(
+                    images,
+                    prompts,
+                    model=self.model,
+                    arguments=self._model_arguments(),
+                    extra_input=self.extra_input,
+                    output_path=self.output_path,
+                )
+        except KontextInputError as exc:
+            raise AirflowFailException(str(exc)) from exc
+        return [
+            BatchItem(index, image, prompt, *trace_image(image), "")
+            for index, (image, prompt) in enumerate(zip(images, prompts, strict=True))
+        ]
+
+    def _ledger(self, context: Context, size: int) -> BatchLedger:
+        ledger = BatchLedger.from_context(context, size)
+        if not ledger.durable:
+            self.log.warning(
+                "No task state store (Airflow < 3.3): a retry cannot tell which images were already edited"
+            )
+        ledger.load()
+        return ledger
+
+    def _plan(self, items: list[BatchItem], ledger: BatchLedger) -> list[int]:
+        """The images to create now: those without a prediction, or whose prediction a retry may
+        redo; creates whose answer was lost are first looked for in the account's list."""
+        to_create: list[int] = []
+        lost: list[int] = []
+        for item in items:
+            entry = ledger.entry(item.position)
+            if entry is None or entry.get("fp") != item.fingerprint[:16]:
+                entry = ledger.claim(item.position, item.fingerprint[:16]) or entry
+            if entry is None:
+                to_create.append(item.position)
+            elif entry.get("fp") != item.fingerprint[:16]:
+                self.log.warning(
+                    "Image %d changed since its edit was started; editing it afresh", item.position
+                )
+                to_create.append(item.position)
+            elif entry.get("s") == CREATING:
+                lost.append(item.position)
+            elif entry.get("s") in (CREATED, SUCCEEDED):
+                continue
+            elif entry.get("s") not in FINAL_FAILURES or self.retry_failed_predictions:
+                to_create.append(item.position)
+        if ledger.recorded_size not in (None, len(items)):
+            self.log.warning(
+                "input_images changed since an earlier try (%d images then, %d now): the edits already "
+                "made are matched to the images by content",
+                ledger.recorded_size,
+                len(items),
+            )
+            ledger.rewrite()
+        ledger.flush()
+        if lost:
+            to_create += adopt_orphans(self, ledger, lost, self.log)
+        done = len(items) - len(to_create)
+        if done:
+            self.log.info("Batch: %d of %d images already started by an earlier try", done, len(items))
+        return sorted(to_create)
+
+    def _pending(self, ledger: BatchLedger) -> dict[str, float]:
+        """The predictions still to wait for, with each one's deadline (Unix time)."""
+        timeout = self._timeout_seconds()
+        return {
+            str(entry["id"]): float(entry.get("t", time.time())) + timeout
+            for _, entry in ledger.entries()
+            if entry and entry.get("s") == CREATED and entry.get("id")
+        }
+
+    def _defer(self, pending: dict[str, float], window: str | None) -> None:
+        from airflow_provider_kontext.triggers.batch import FluxKontextBatchTrigger
+
+        end_time = max(pending.values())
+        self.log.info(
+            "Waiting in the triggerer for %d predictions until %s",
+            len(pending),
+            datetime.fromtimestamp(end_time, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        )
+        self.defer(
+            trigger=FluxKontextBatchTrigger(
+                prediction_ids=",".join(pending),
+                created_after=window,
+                end_time=end_time,
+                flux_kontext_conn_id=self.flux_kontext_conn_id,
+                poll_interval=self.poll_interval,
+                hook_params=self.hook_params,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 10 * self.poll_interval + 60),
+        )
+
+    async def _watch_in_worker(
+        self, pending: dict[str, float], window: str | None, finals: dict[str, dict[str, Any]]
+    ) -> tuple[str, str | None]:
+        from airflow_provider_kontext.triggers.batch import BatchWatch
+
+        self.log.info("Waiting in the worker for %d predictions", len(pending))
+        watch = BatchWatch(
+            list(pending),
+            window,
+            max(pending.values()),
+            poll_interval=self.poll_interval,
+            log=self.log.info,
+            on_final=lambda pid, item: finals.__setitem__(pid, item),
+        )
+        hook = self.hook
+        try:
+            return await watch.run(hook)
+        finally:
+            await hook.aclose()
+
+    def _finish(
+        self,
+        context: Context,
+        items: list[BatchItem],
+        ledger: BatchLedger,
+        finals: dict[str, dict[str, Any]],
+        status: str,
+        message: str | None,
+    ) -> list[list[str]]:
+        finisher = BatchFinisher(self, ledger, log=self.log)
+        finisher.settle(items, self._pending(ledger), finals, message)
+        return finisher.conclude(context, items, abort=self._abort, create_errors=self._create_errors)

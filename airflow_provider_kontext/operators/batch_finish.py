@@ -1,0 +1,204 @@
+"""The end of a batch of edits: every prediction's outcome read back and recorded, the outputs saved,
+and what the task leaves behind (return value, ``predictions`` XCom, manifest, asset events), or the
+failure that names the images not edited."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from airflow_provider_kontext.batch_ledger import CREATED, SUCCEEDED, TERMINAL, BatchLedger
+from airflow_provider_kontext.batch_results import (
+    KontextBatchFailed,
+    KontextBatchFailedNoRetry,
+    counts_of,
+    failure_message,
+    image_summary,
+    retryable,
+    write_manifest,
+)
+from airflow_provider_kontext.exceptions import KontextError, KontextNotFoundError, KontextPredictionFailed
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from airflow_provider_kontext.batch_items import BatchItem
+    from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator
+
+#: Finished images recorded per write of the ledger while outputs are saved.
+FLUSH_EVERY = 50
+
+
+class BatchFinisher:
+    """Settles a batch: reads back what the wait did not bring, records every outcome, saves the
+    outputs, then builds the task's result."""
+
+    def __init__(self, op: FluxKontextBatchEditOperator, ledger: BatchLedger, *, log: Any) -> None:
+        self.op = op
+        self.ledger = ledger
+        self.log = log
+        #: Why an image is still without an outcome (still running, its outputs not saved), by index.
+        self.unsettled: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._saved = 0
+        self._names: dict[int, str | None] = {}
+
+    def settle(
+        self,
+        items: list[BatchItem],
+        pending: dict[str, float],
+        finals: dict[str, dict[str, Any]],
+        message: str | None,
+    ) -> None:
+        """Record the outcome of each prediction waited for; cancel those past their deadline.
+
+        :raises KontextError: the account's list could not be read (a retry reads it again).
+        """
+        self._names = {item.position: item.name for item in items}
+        unread = [pid for pid in pending if finals.get(pid, {}).get("status") not in TERMINAL]
+        if unread:
+            finals.update(asyncio.run(self._read(unread)))
+        index_of = {
+            str(entry["id"]): index
+            for index, entry in self.ledger.entries()
+            if entry and entry.get("s") == CREATED and entry.get("id")
+        }
+        to_save: list[tuple[int, dict[str, Any]]] = []
+        now = time.time()
+        for prediction_id, deadline in pending.items():
+            index = index_of[prediction_id]
+            entry = dict(self.ledger.entry(index) or {})
+            item = finals.get(prediction_id) or {}
+            outcome = item.get("status")
+            if outcome == "succeeded":
+                to_save.append((index, item))
+            elif outcome in TERMINAL or outcome == "lost":
+                entry.update(s=outcome, e=_error_text(item, self.op.hook.redact))
+                self.ledger.put(index, flush=False, **entry)
+            elif now >= deadline:
+                self.op._cancel(prediction_id, "it did not finish within the timeout")
+                entry.update(s="timeout", e=f"did not finish within {self.op._timeout_seconds():.0f}s")
+                self.ledger.put(index, flush=False, **entry)
+            else:
+                self.unsettled[index] = (
+                    message or f"prediction {prediction_id} is still {outcome or 'unknown'}"
+                )
+        self.ledger.flush()
+        if to_save:
+            workers = min(self.op.max_concurrent_downloads, len(to_save))
+            with ThreadPoolExecutor(workers, thread_name_prefix="kontext-save") as pool:
+                list(pool.map(lambda pair: self._save(*pair), to_save))
+            self.ledger.flush()
+
+    async def _read(self, unread: list[str]) -> dict[str, dict[str, Any]]:
+        """The current state of predictions the wait did not report (the trigger sends counts)."""
+        from airflow_provider_kontext.triggers.batch import sweep
+
+        hook = self.op.hook
+        try:
+            found = await sweep(hook, set(unread), self.ledger.window)
+            for prediction_id in set(unread) - set(found):
+                try:
+                    prediction = await hook.aget_prediction(prediction_id)
+                except KontextNotFoundError:
+                    found[prediction_id] = {
+                        "id": prediction_id,
+                        "status": "lost",
+                        "error": "no longer exists",
+                    }
+                    continue
+                found[prediction_id] = prediction.model_dump(mode="json", exclude={"logs", "input"})
+            return found
+        finally:
+            await hook.aclose()
+
+    def _save(self, index: int, item: dict[str, Any]) -> None:
+        """Hand on one succeeded prediction's outputs (saved under ``output_path``) and record it."""
+        from airflow_provider_kontext.events import prediction_event
+        from airflow_provider_kontext.models import Prediction
+        from airflow_provider_kontext.results import KontextPredictionFailedNoRetry
+
+        op = self.op
+        entry = dict(self.ledger.entry(index) or {})
+        event = prediction_event(Prediction.model_validate(item), op.hook.redact)
+        if not op.output_path and any(url.startswith("data:") for url in event.output):
+            entry.update(s="unusable", e="inline data: outputs need output_path in a batch")
+        else:
+            try:
+                outputs = op._hand_on(event, self._names[index])
+            except KontextPredictionFailedNoRetry as exc:
+                entry.update(s="unusable", e=str(exc))
+            except KontextPredictionFailed as exc:
+                entry.update(s="lost", e=str(exc))
+            except (KontextError, OSError) as exc:
+                with self._lock:
+                    self.unsettled[index] = f"saving its outputs failed: {exc}"
+                return
+            else:
+                entry.update(s=SUCCEEDED, o=outputs)
+        self.ledger.put(index, flush=False, **entry)
+        with self._lock:
+            self._saved += 1
+            flush = self._saved % FLUSH_EVERY == 0
+        if flush:
+            self.ledger.flush()
+
+    def conclude(
+        self, context: Context, items: list[BatchItem], *, abort: str | None, create_errors: dict[int, str]
+    ) -> list[list[str]]:
+        """The task's return value, after its XCom, manifest and asset events; or the failure naming
+        the images not edited."""
+        from airflow.sdk import Asset
+
+        op = self.op
+        summaries = []
+        for item in items:
+            entry = dict(self.ledger.entry(item.position) or {})
+            why = self.unsettled.get(item.position) or create_errors.get(item.position)
+            if why and not entry.get("e"):
+                entry["e"] = why
+            summaries.append(image_summary(item, entry, op.model))
+        counts = counts_of(summaries)
+        manifest = None
+        if op.output_path:
+            from airflow_provider_kontext.outputs import output_folder
+
+            folder = output_folder(op.output_path)
+            folder.mkdir(parents=True, exist_ok=True)
+            manifest = write_manifest(folder, summaries, counts)
+        context["ti"].xcom_push(key="predictions", value=summaries)
+        extra: dict[str, Any] = {"images": len(items), "counts": counts, "manifest": manifest}
+        for outlet in op.outlets or []:
+            if isinstance(outlet, Asset):
+                context["outlet_events"][outlet].extra = extra
+        listed = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        self.log.info(
+            "Batch finished: %d images: %s%s",
+            len(items),
+            listed,
+            f"; manifest {manifest}" if manifest else "",
+        )
+        failed = [row for row in summaries if row["status"] != SUCCEEDED]
+        if abort:
+            raise KontextBatchFailedNoRetry(
+                f"Creating stopped: {abort}\n{failure_message(failed, len(items))}"
+            )
+        if failed:
+            message = failure_message(failed, len(items))
+            if op.fail_on_partial:
+                final = not retryable(failed, op.retry_failed_predictions)
+                raise (KontextBatchFailedNoRetry if final else KontextBatchFailed)(message)
+            self.log.warning("%s", message)
+        else:
+            self.ledger.forget()
+        return [list(row["outputs"]) if row["status"] == SUCCEEDED else [] for row in summaries]
+
+
+def _error_text(item: dict[str, Any], redact: Any) -> str | None:
+    error = item.get("error")
+    if error in (None, ""):
+        return None
+    return str(redact(error if isinstance(error, str) else repr(error)))
