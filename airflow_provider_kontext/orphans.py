@@ -54,6 +54,10 @@ class Wanted(NamedTuple):
     upload_sha256: str | None = None
 
 
+#: Statuses of a listed prediction that no retry can adopt (it ended without a usable output).
+ENDED_UNUSABLE = frozenset({"failed", "canceled", "aborted"})
+
+
 class Found(NamedTuple):
     """The outcome of a search: the one matching prediction (or ``None``) and why, for the log."""
 
@@ -79,6 +83,7 @@ def find_orphan(
     before = until.isoformat() if until else None
     matches: list[dict[str, Any]] = []
     near = 0  # same model and inputs but another image: told in the log
+    ended = 0  # matches that failed, were canceled or aborted: nothing to adopt, so not counted
     cursor: str | None = None
     seen = 0
     for _ in range(max_pages):
@@ -86,7 +91,10 @@ def find_orphan(
         for item in page.results:
             seen += 1
             verdict = _compare(item, wanted, file_sha256)
-            matches += [item] if verdict is True else []
+            if verdict is True and item.get("status") in ENDED_UNUSABLE:
+                ended += 1  # e.g. this task's earlier edit that failed: it must not make ours ambiguous
+            elif verdict is True:
+                matches.append(item)
             near += verdict is None
         cursor = page.next_cursor
         if cursor is None:
@@ -103,6 +111,7 @@ def find_orphan(
         return Found(None, f"{len(matches)} of the {window} match ({ids}): cannot tell which is ours")
     if not matches:
         other = f"; {near} differ only in the image" if near else ""
+        other += f"; {ended} with it ended failed, canceled or aborted" if ended else ""
         return Found(None, f"none of the {window} has this model and input{other}")
     try:
         prediction = PredictionPage.prediction(matches[0])
@@ -158,7 +167,7 @@ def search_with_hook(hook: Any, wanted: Wanted, since: datetime, log: Any) -> Pr
 
     :raises KontextError: the list could not be read.
     """
-    from airflow_provider_kontext.exceptions import KontextAPIError, KontextError
+    from airflow_provider_kontext.exceptions import KontextAPIError, KontextNotFoundError
 
     def list_page(after: str | None, before: str | None, cursor: str | None) -> PredictionPage:
         page: PredictionPage = hook.list_predictions(
@@ -172,15 +181,26 @@ def search_with_hook(hook: Any, wanted: Wanted, since: datetime, log: Any) -> Pr
             return None
         try:
             return hook.get_file(file_id).checksums.get("sha256")  # type: ignore[no-any-return]
-        except KontextError as exc:
-            log.info("Could not read file %s to compare it with the input image: %s", file_id, exc)
+        except KontextNotFoundError as exc:  # gone (expired): it cannot be ours to compare
+            log.info("File %s is gone; not comparing it with the input image: %s", file_id, exc)
             return None
+        # Any other failure is raised like a failed list read: the retry searches again rather
+        # than take an unread file for another image and pay twice.
 
     try:
         found = find_orphan(list_page, wanted, since=since, file_sha256=file_sha256)
     except KontextAPIError as exc:
         if exc.status in (404, 405, 501):
             log.warning("No prediction of an earlier try adopted: the server has no list (%s)", exc)
+            return None
+        if exc.status == 403:
+            # A token that may create but not list: no retry could ever search, so failing every
+            # retry would only stop the edit; create, and say what a new create may cost.
+            log.warning(
+                "No prediction of an earlier try adopted: this token may not list predictions (%s); "
+                "creating one, which may pay again for an edit an earlier try started",
+                exc,
+            )
             return None
         log.warning("Could not search for the prediction an earlier try may have created: %s", exc)
         raise

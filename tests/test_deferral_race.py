@@ -211,3 +211,10 @@ def test_the_sensor_passes_its_deferral_time_and_default_hold(op_hook, monkeypat
     kwargs = deferred_kwargs(sensor, {"ti": mock.MagicMock()})
     assert kwargs["deferred_at"] > 0
     assert kwargs["min_defer_seconds"] == 1 + SETTLE_SLACK_SECONDS
+
+
+async def test_a_worker_clock_ahead_of_the_triggerers_holds_no_longer_than_the_hold(hook, clock):
+    hook.aget_prediction.side_effect = [done()]
+    # The worker's clock said the deferral came 60 s after the triggerer's "now".
+    await events(make_trigger(deferred_at=clock.now + 60, min_defer_seconds=10.0))
+    assert clock.sleeps == [10.0]

@@ -224,3 +224,52 @@ def test_the_emulators_list_shows_images_as_they_were_sent_and_they_match(emulat
     assert found is not None
     assert found.id == created.id
     assert "Adopting prediction" in log.info.call_args.args[0]
+
+
+def test_an_ended_match_neither_is_adopted_nor_makes_ours_ambiguous():
+    earlier = {**item("earlier"), "status": "failed"}  # e.g. this task's edit redone after it failed
+    found = find_orphan(Pages([item("ours"), earlier]), Wanted(MODEL, INPUT), since=SINCE)
+    assert found.prediction is not None
+    assert found.prediction.id == "ours"
+    alone = find_orphan(Pages([earlier]), Wanted(MODEL, INPUT), since=SINCE)
+    assert alone.prediction is None
+    assert "1 with it ended failed, canceled or aborted" in alone.reason
+
+
+def _listing_hook(*, file_error: Exception | None = None, list_error: Exception | None = None) -> Any:
+    hook = mock.Mock()
+    hook.settings.base_url = "https://api.replicate.com"
+    if list_error is not None:
+        hook.list_predictions.side_effect = list_error
+    else:
+        hook.list_predictions.return_value = PredictionPage(
+            results=[item("mine", input_image=FILES + "mine")], next=None
+        )
+    hook.get_file.side_effect = file_error
+    return hook
+
+
+def test_a_file_that_cannot_be_read_is_raised_so_the_retry_searches_again():
+    from airflow_provider_kontext.exceptions import KontextServerError
+
+    wanted = Wanted(MODEL, {k: v for k, v in INPUT.items() if k != "input_image"}, "ab" * 32)
+    hook = _listing_hook(file_error=KontextServerError("Bad gateway", status=502))
+    with pytest.raises(KontextServerError):
+        search_with_hook(hook, wanted, SINCE, mock.Mock())
+
+
+def test_a_file_that_is_gone_is_no_match():
+    from airflow_provider_kontext.exceptions import KontextNotFoundError
+
+    wanted = Wanted(MODEL, {k: v for k, v in INPUT.items() if k != "input_image"}, "ab" * 32)
+    hook = _listing_hook(file_error=KontextNotFoundError("File not found", status=404))
+    assert search_with_hook(hook, wanted, SINCE, mock.Mock()) is None
+
+
+def test_a_token_that_may_not_list_creates_and_says_what_it_may_cost():
+    from airflow_provider_kontext.exceptions import KontextAuthError
+
+    log = mock.Mock()
+    hook = _listing_hook(list_error=KontextAuthError("Forbidden", status=403))
+    assert search_with_hook(hook, Wanted(MODEL, INPUT), SINCE, log) is None
+    assert "may not list predictions" in log.warning.call_args.args[0]

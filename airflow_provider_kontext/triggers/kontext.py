@@ -201,7 +201,8 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         if self.deferred_at is None:
             return
         settle = default_min_defer_seconds() if self.min_defer_seconds is None else self.min_defer_seconds
-        hold = self.deferred_at + settle - time.time()
+        # Bounded by the hold itself: a worker clock ahead of the triggerer's must not stretch it.
+        hold = min(self.deferred_at + settle - time.time(), settle)
         if hold > 0:
             self.log.info(
                 "Holding the event %.1f s: the task deferred %.1f s ago, and a resume sooner than %g s "
