@@ -165,7 +165,8 @@ def test_deferred_batch_waits_in_one_trigger_and_resumes_from_the_store(
     assert set(kwargs["prediction_ids"].split(",")) == set(emu.predictions)
     assert "6 predictions" in repr(trigger)
     assert deferred.value.kwargs is None or "results" not in str(deferred.value.kwargs)
-    assert kwargs["min_defer_seconds"] == 0 and isinstance(kwargs["deferred_at"], float)
+    assert kwargs["min_defer_seconds"] == 0
+    assert isinstance(kwargs["deferred_at"], float)
 
     events = asyncio.run(_events(trigger))
     assert [event.payload["status"] for event in events] == ["done"]
@@ -419,7 +420,8 @@ def test_fail_on_partial_false_a_clear_edits_every_image_afresh(emu: KontextEmul
     first = make_op(input_images=str(shots), fail_on_partial=False).execute(series_context(store, 1, 1))
     assert sum(1 for outputs in first if outputs) == 5
     again = make_op(input_images=str(shots), fail_on_partial=False).execute(series_context(store, 2, 1))
-    assert again == first and emu.created_count == 6  # the same series: completed from the record
+    assert again == first
+    assert emu.created_count == 6
     make_op(input_images=str(shots), fail_on_partial=False).execute(series_context(store, 1, 1, 1))
     assert emu.created_count == 12  # cleared (the run's clear_number rose): every image afresh
 

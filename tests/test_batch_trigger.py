@@ -239,7 +239,8 @@ def test_trigger_holds_an_early_event_until_min_defer_seconds_after_the_deferral
 
     (event,) = run(events())
     assert event.payload["status"] == "done"
-    assert len(sleeps) == 1 and 24 < sleeps[0] <= 26
+    assert len(sleeps) == 1
+    assert 24 < sleeps[0] <= 26
     sleeps.clear()
     run(single.settle_event(now + 3600, 30, mock.Mock()))  # deferred "in the future"
     assert sleeps == [30]
