@@ -86,6 +86,8 @@ class BatchLedger:
         #: The size of the batch the stored record is of (``None``: no record).
         self.recorded_size: int | None = None
         self._stray: list[dict[str, Any]] = []
+        #: The series of tries (``reattach.Series`` as a dict) that finished the batch, if one did.
+        self.finished: dict[str, Any] | None = None
 
     @classmethod
     def from_context(cls, context: Any, size: int) -> BatchLedger:
@@ -104,6 +106,8 @@ class BatchLedger:
             return
         window = header.get("window")
         self.window = window if isinstance(window, str) else None
+        finished = header.get("finished")
+        self.finished = finished if isinstance(finished, dict) else None
         self.recorded_size = size = int(header["n"])
         for chunk in range((size + CHUNK - 1) // CHUNK):
             saved = self._store.get(f"{BATCH_KEY}/{chunk}")
@@ -178,11 +182,25 @@ class BatchLedger:
             self._store.set(f"{BATCH_KEY}/{chunk}", value)
         self._dirty.clear()
 
-    def forget(self) -> None:
-        """Drop the record once the batch succeeded, so a later clear of the task edits afresh."""
-        for chunk in range(self._chunks()):
-            self._store.delete(f"{BATCH_KEY}/{chunk}")
-        self._store.delete(BATCH_KEY)
+    def finish(self, series: dict[str, Any]) -> None:
+        """Mark the record finished by this try's series (``reattach.Series`` as a dict), keeping it:
+        until Airflow records the try's success, a retry completes from the recorded outcomes
+        instead of paying again; a try of a later series (a clear) starts afresh (:meth:`reset`)."""
+        self.flush()
+        self._store.set(
+            BATCH_KEY, {"n": self.size, "window": self.window, "chunk": CHUNK, "finished": series}
+        )
+        self.finished = series
+        self.recorded_size = self.size
+
+    def reset(self) -> None:
+        """Forget every entry (in the store too): the task was cleared after the batch finished."""
+        with self._lock:
+            self._entries = [None] * self.size
+        self._stray = []
+        self.window = None
+        self.finished = None
+        self.rewrite()
 
     def largest_value_bytes(self) -> int:
         """The size of the largest chunk as stored (JSON), for checks and benchmarks."""

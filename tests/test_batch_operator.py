@@ -18,7 +18,7 @@ from emulated import options, png, started
 from airflow_provider_kontext.batch_ledger import BATCH_KEY, CREATED, CREATING, BatchLedger
 from airflow_provider_kontext.batch_results import KontextBatchFailed, KontextBatchFailedNoRetry
 from airflow_provider_kontext.compat import AirflowFailException, TaskDeferred
-from airflow_provider_kontext.exceptions import KontextPredictionMayExistError
+from airflow_provider_kontext.exceptions import KontextAPIError, KontextPredictionMayExistError
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.operators.kontext import FluxKontextBatchEditOperator
 from airflow_provider_kontext.testing import KontextEmulator
@@ -70,6 +70,7 @@ def make_op(**kwargs: Any) -> FluxKontextBatchEditOperator:
     kwargs.setdefault("prompt", PROMPT)
     kwargs.setdefault("deferrable", False)
     kwargs.setdefault("poll_interval", 0.1)
+    kwargs.setdefault("min_defer_seconds", 0)
     return FluxKontextBatchEditOperator(**kwargs)
 
 
@@ -105,7 +106,7 @@ def test_folder_batch_returns_outputs_in_input_order_with_manifest_and_one_asset
     assert manifest["images"] == rows
     extra = context["outlet_events"][asset].extra
     assert extra == {"images": 6, "counts": {"succeeded": 6}, "manifest": f"file://{out}/manifest.json"}
-    assert store.data == {}  # a finished batch forgets its record: a clear edits afresh
+    assert store.data[BATCH_KEY]["finished"] == {"try_number": None, "max_tries": None, "clear_number": None}
 
 
 def test_one_prompt_per_image_and_urls_without_output_path(emu: KontextEmulator, shots: Path) -> None:
@@ -164,6 +165,8 @@ def test_deferred_batch_waits_in_one_trigger_and_resumes_from_the_store(
     assert set(kwargs["prediction_ids"].split(",")) == set(emu.predictions)
     assert "6 predictions" in repr(trigger)
     assert deferred.value.kwargs is None or "results" not in str(deferred.value.kwargs)
+    assert kwargs["min_defer_seconds"] == 0
+    assert isinstance(kwargs["deferred_at"], float)
 
     events = asyncio.run(_events(trigger))
     assert [event.payload["status"] for event in events] == ["done"]
@@ -386,3 +389,87 @@ def test_without_a_task_state_store_the_record_rides_the_trys_xcoms_across_the_d
     assert all(len(outputs) == 1 for outputs in result)
     assert emu.created_count == 6
     assert [row["status"] for row in ti.xcoms["predictions"]] == ["succeeded"] * 6
+
+
+def series_context(store: Any, try_number: int, max_tries: int, clear_number: int = 0) -> dict[str, Any]:
+    context = make_context(store)
+    context["ti"].try_number, context["ti"].max_tries = try_number, max_tries
+    context["dag_run"] = mock.Mock(clear_number=clear_number)
+    return context
+
+
+def test_a_retry_after_the_batch_finished_completes_from_the_record_and_a_clear_edits_afresh(
+    emu: KontextEmulator, shots: Path
+) -> None:
+    """The record is marked finished, not deleted: Airflow may fail the try after the batch finished
+    (its scheduler race, a kill), and the retry must not pay for every image again."""
+    store = FakeStore()
+    first = make_op(input_images=str(shots)).execute(series_context(store, 1, 2))
+    assert emu.created_count == 6
+    retry = make_op(input_images=str(shots)).execute(series_context(store, 2, 2))
+    assert retry == first
+    assert emu.created_count == 6
+    cleared = make_op(input_images=str(shots)).execute(series_context(store, 3, 4))
+    assert emu.created_count == 12
+    assert cleared != first
+
+
+def test_fail_on_partial_false_a_clear_edits_every_image_afresh(emu: KontextEmulator, shots: Path) -> None:
+    emu.faults.fail_predictions(1)
+    store = FakeStore()
+    first = make_op(input_images=str(shots), fail_on_partial=False).execute(series_context(store, 1, 1))
+    assert sum(1 for outputs in first if outputs) == 5
+    again = make_op(input_images=str(shots), fail_on_partial=False).execute(series_context(store, 2, 1))
+    assert again == first
+    assert emu.created_count == 6
+    make_op(input_images=str(shots), fail_on_partial=False).execute(series_context(store, 1, 1, 1))
+    assert emu.created_count == 12  # cleared (the run's clear_number rose): every image afresh
+
+
+@options(prediction_seconds=30.0)
+def test_without_a_store_a_retryable_partial_failure_fails_without_retries(
+    emu: KontextEmulator, shots: Path
+) -> None:
+    """Airflow < 3.3: a retry starts with the try's XComs cleared and would pay again for every image."""
+    images = sorted(str(p) for p in shots.glob("*.png"))[:2]
+    context = {"ti": FakeTi(), "outlet_events": mock.MagicMock()}
+    with pytest.raises(KontextBatchFailedNoRetry, match="no task state store") as failure:
+        make_op(input_images=images, timeout=1).execute(context)
+    assert "would pay again for the images that succeeded" in str(failure.value)
+    assert "Airflow >= 3.3" in str(failure.value)
+
+
+def test_a_create_that_may_have_reached_the_server_keeps_its_mark_a_refused_one_drops_it(
+    emu: KontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection error (OSError) leaves "creating" so a retry searches the list; a 400 answer
+    (nothing created) drops it. The refusal's text is redacted wherever it is kept."""
+    real_create = FluxKontextHook.create_prediction
+    calls: list[int] = []
+
+    def create(self: FluxKontextHook, model: str, model_input: dict[str, Any], **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("connection reset by peer")
+        if len(calls) == 2:
+            assert self.settings is not None  # the connection looked up, as a real create does
+            raise KontextAPIError(f"bad request (token {TOKEN})", status=400)
+        if len(calls) == 3:
+            assert self.settings is not None
+            raise KontextAPIError(f"invalid input for {TOKEN}", status=422)
+        return real_create(self, model, model_input, **kwargs)
+
+    monkeypatch.setattr(FluxKontextHook, "create_prediction", create)
+    store = FakeStore()
+    context = make_context(store)
+    with pytest.raises(KontextBatchFailed):
+        make_op(input_images=str(shots), max_concurrent_creates=1).execute(context)
+    ledger = BatchLedger(store, 6, durable=True)
+    ledger.load()
+    states = [(ledger.entry(n) or {}).get("s") for n in range(6)]
+    assert states[0] == CREATING  # a retry looks for it before creating again
+    assert states[1] is None  # refused: nothing to look for
+    assert states[2] == "rejected"
+    kept = json.dumps(store.data) + json.dumps(pushed(context, "predictions"))
+    assert TOKEN not in kept
+    assert "***" in kept

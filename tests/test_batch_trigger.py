@@ -209,3 +209,41 @@ def test_pacer_spaces_creates_at_the_rate(monkeypatch: pytest.MonkeyPatch) -> No
     pacer.wait()
     pacer.wait()
     assert clock[0] - 10.4 == pytest.approx(0.1)
+
+
+def test_trigger_holds_an_early_event_until_min_defer_seconds_after_the_deferral(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Against Airflow's scheduler race: a batch that ends at once still resumes no sooner than
+    ``min_defer_seconds`` after it deferred; the hold never exceeds it (a clock that jumped)."""
+    import time as time_module
+
+    from airflow_provider_kontext.triggers import kontext as single
+
+    now = time_module.time()
+    trigger = FluxKontextBatchTrigger(rid(1), None, 2e9, deferred_at=now - 4, min_defer_seconds=30)
+    _, kwargs = trigger.serialize()
+    assert (kwargs["deferred_at"], kwargs["min_defer_seconds"]) == (now - 4, 30.0)
+    hook = FakeHook({rid(1): "succeeded"})
+    hook.aclose = mock.AsyncMock()
+    monkeypatch.setattr("airflow_provider_kontext.hooks.kontext.FluxKontextHook", lambda *a, **k: hook)
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    monkeypatch.setattr(single.asyncio, "sleep", sleep)
+
+    async def events() -> list[Any]:
+        return [event async for event in trigger.run()]
+
+    (event,) = run(events())
+    assert event.payload["status"] == "done"
+    assert len(sleeps) == 1
+    assert 24 < sleeps[0] <= 26
+    sleeps.clear()
+    run(single.settle_event(now + 3600, 30, mock.Mock()))  # deferred "in the future"
+    assert sleeps == [30]
+    sleeps.clear()
+    run(single.settle_event(now - 60, 30, mock.Mock()))
+    assert sleeps == []

@@ -87,8 +87,8 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
     :param retry_failed_predictions: let a retry redo images whose prediction failed or was canceled.
 
     The model inputs, ``model``, ``flux_kontext_conn_id``, ``hook_params``, ``deferrable``,
-    ``poll_interval``, ``output_path``, ``max_output_bytes``, ``inline_image_max_bytes`` and
-    ``outlets`` mean what they mean for
+    ``poll_interval``, ``min_defer_seconds``, ``output_path``, ``max_output_bytes``,
+    ``inline_image_max_bytes`` and ``outlets`` mean what they mean for
     :class:`~airflow_provider_kontext.operators.kontext.FluxKontextEditOperator`.
     """
 
@@ -122,6 +122,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         hook_params: dict[str, Any] | None = None,
         deferrable: bool | None = None,
         poll_interval: float = 2.0,
+        min_defer_seconds: float | None = None,
         timeout: float | timedelta | None = None,
         creates_per_minute: float = 600,
         max_concurrent_creates: int = 8,
@@ -152,6 +153,11 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         self.hook_params = checked_overrides(hook_params or {})
         self.deferrable = default_deferrable() if deferrable is None else deferrable
         self.poll_interval = check_number("poll_interval", poll_interval, maximum=MAX_WAIT.total_seconds())
+        self.min_defer_seconds = (
+            None
+            if min_defer_seconds is None
+            else check_number("min_defer_seconds", min_defer_seconds, 0, 600)
+        )
         if timeout is not None:
             seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
             check_number("timeout", seconds, maximum=MAX_WAIT.total_seconds())
@@ -198,7 +204,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
     def execute(self, context: Context) -> list[list[str]]:
         items = self._items(check=True)
         ledger = self._ledger(context, len(items))
-        to_create = self._plan(items, ledger)
+        to_create = [] if self._finished_earlier(context, ledger) else self._plan(items, ledger)
         window = (datetime.now(timezone.utc) - WINDOW_MARGIN).isoformat()
         creator = BatchCreator(self, ledger, timeout=self._timeout_seconds(), log=self.log)
         if to_create:
@@ -274,6 +280,27 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         ledger.load()
         return ledger
 
+    def _finished_earlier(self, context: Context, ledger: BatchLedger) -> bool:
+        """Whether a try of this series already finished the batch (Airflow failed that try after
+        it, or killed it): then this try completes from the recorded outcomes and creates nothing.
+        A record finished before a clear of the task is dropped: the batch is edited afresh."""
+        if ledger.finished is None or ledger.recorded_size != ledger.size:
+            return False
+        from airflow_provider_kontext.reattach import Series
+
+        if Series.of(context).continues(ledger.finished):
+            self.log.info(
+                "Try %s finished this batch but Airflow did not record its success; completing from it",
+                ledger.finished.get("try_number"),
+            )
+            return True
+        self.log.info(
+            "The batch finished in try %s before this task instance was cleared; editing it afresh",
+            ledger.finished.get("try_number"),
+        )
+        ledger.reset()
+        return False
+
     def _plan(self, items: list[BatchItem], ledger: BatchLedger) -> list[int]:
         """The images to create now: those without a prediction, or whose prediction a retry may
         redo; creates whose answer was lost are first looked for in the account's list."""
@@ -323,6 +350,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
 
     def _defer(self, pending: dict[str, float], window: str | None) -> None:
         from airflow_provider_kontext.triggers.batch import FluxKontextBatchTrigger
+        from airflow_provider_kontext.triggers.kontext import default_min_defer_seconds
 
         end_time = max(pending.values())
         self.log.info(
@@ -338,6 +366,10 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
                 flux_kontext_conn_id=self.flux_kontext_conn_id,
                 poll_interval=self.poll_interval,
                 hook_params=self.hook_params,
+                deferred_at=time.time(),
+                min_defer_seconds=(
+                    default_min_defer_seconds() if self.min_defer_seconds is None else self.min_defer_seconds
+                ),
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 10 * self.poll_interval + 60),

@@ -21,6 +21,7 @@ from airflow_provider_kontext.batch_results import (
     write_manifest,
 )
 from airflow_provider_kontext.exceptions import KontextError, KontextNotFoundError, KontextPredictionFailed
+from airflow_provider_kontext.reattach import Series
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
     from airflow_provider_kontext.batch_items import BatchItem
     from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator
 
+#: Why a retryable partial failure fails without retries on Airflow < 3.3.
+NO_STORE = (
+    "Not retried: this Airflow has no task state store (3.3+), and the batch's record in XCom is "
+    "cleared when a retry starts, so a retry would pay again for the images that succeeded. Clear "
+    "the task to redo all of them, or use Airflow >= 3.3."
+)
 #: Finished images recorded per write of the ledger while outputs are saved.
 FLUSH_EVERY = 50
 
@@ -130,12 +137,12 @@ class BatchFinisher:
             try:
                 outputs = op._hand_on(event, self._names[index])
             except KontextPredictionFailedNoRetry as exc:
-                entry.update(s="unusable", e=str(exc))
+                entry.update(s="unusable", e=op.hook.redact(str(exc)))
             except KontextPredictionFailed as exc:
-                entry.update(s="lost", e=str(exc))
+                entry.update(s="lost", e=op.hook.redact(str(exc)))
             except (KontextError, OSError) as exc:
                 with self._lock:
-                    self.unsettled[index] = f"saving its outputs failed: {exc}"
+                    self.unsettled[index] = op.hook.redact(f"saving its outputs failed: {exc}")
                 return
             else:
                 entry.update(s=SUCCEEDED, o=outputs)
@@ -190,10 +197,11 @@ class BatchFinisher:
             message = failure_message(failed, len(items))
             if op.fail_on_partial:
                 final = not retryable(failed, op.retry_failed_predictions)
+                if not final and not self.ledger.durable:
+                    raise KontextBatchFailedNoRetry(f"{message}\n{NO_STORE}")
                 raise (KontextBatchFailedNoRetry if final else KontextBatchFailed)(message)
             self.log.warning("%s", message)
-        else:
-            self.ledger.forget()
+        self.ledger.finish(Series.of(context)._asdict())
         return [list(row["outputs"]) if row["status"] == SUCCEEDED else [] for row in summaries]
 
 

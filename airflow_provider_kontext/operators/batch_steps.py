@@ -87,7 +87,9 @@ class BatchCreator:
                     if (exc := future.exception()) is not None:  # unforeseen: its entry tells the retry
                         self.log.error("Image %d: the create step failed: %r", index_of[future], exc)
                         with self._lock:
-                            self.errors[index_of[future]] = f"the create step failed: {exc!r}"[:300]
+                            self.errors[index_of[future]] = self.op.hook.redact(
+                                f"the create step failed: {exc!r}"
+                            )[:300]
                 if time.monotonic() - flushed >= FLUSH_SECONDS:
                     flushed = time.monotonic()
                     self.ledger.flush()
@@ -113,7 +115,7 @@ class BatchCreator:
         try:
             request, model_input, sent_image = self._prepared(item)
         except KontextInputError as exc:
-            self.ledger.put(index, s="rejected", fp=item.fingerprint[:16], e=str(exc))
+            self.ledger.put(index, s="rejected", fp=item.fingerprint[:16], e=self._redact(exc))
             return
         except (KontextError, OSError) as exc:
             self._failed(index, exc, "upload")
@@ -130,17 +132,20 @@ class BatchCreator:
         except KontextPredictionMayExistError as exc:
             # Left "creating": the retry looks for it in the account's list before creating again.
             with self._lock:
-                self.errors[index] = f"the create may have started a prediction: {exc}"
+                self.errors[index] = f"the create may have started a prediction: {self._redact(exc)}"
             return
         except KontextAPIError as exc:
             if exc.status == 422:
-                self.ledger.put(index, s="rejected", fp=fingerprint, e=f"the server rejects the input: {exc}")
+                why = f"the server rejects the input: {self._redact(exc)}"
+                self.ledger.put(index, s="rejected", fp=fingerprint, e=why)
                 return
-            self.ledger.drop(index)
+            if _refused(exc):  # the server answered: nothing was created
+                self.ledger.drop(index)
             self._failed(index, exc, "create")
             return
         except (KontextError, OSError) as exc:
-            self.ledger.drop(index)
+            # The request may have reached the server: the "creating" mark stays, so a retry
+            # looks for its prediction in the account's list before creating again.
             self._failed(index, exc, "create")
             return
         if not prediction.id:
@@ -175,15 +180,27 @@ class BatchCreator:
                 model_input["input_image"] = uploaded.urls.get
         return request, model_input, image
 
+    def _redact(self, exc: BaseException) -> str:
+        """The error's text without the connection's secrets (it goes to the store, XCom, manifest)."""
+        return str(self.op.hook.redact(str(exc)))
+
     def _failed(self, index: int, exc: BaseException, what: str) -> None:
         final = isinstance(exc, KontextAuthError | KontextTLSError) or (
             isinstance(exc, KontextNotFoundError) and what == "create"
         )
         with self._lock:
-            self.errors[index] = f"{what} failed: {exc}"
+            text = self._redact(exc)
+            self.errors[index] = f"{what} failed: {text}"
             if final and self.abort is None:
-                self.abort = f"the {what} was refused ({exc}); the others would get the same answer"
+                self.abort = f"the {what} was refused ({text}); the others would get the same answer"
                 self.log.error("Batch: stopping the creates: %s", self.abort)
+
+
+def _refused(error: KontextAPIError) -> bool:
+    """Whether a create's error is a client error the server answered (it created nothing)."""
+    from airflow_provider_kontext.operators.kontext import _refused as refused
+
+    return refused(error)
 
 
 def adopt_orphans(

@@ -171,6 +171,10 @@ class FluxKontextBatchTrigger(BaseTrigger):
     :param end_time: Unix time at which to give up with a ``timeout`` event.
     :param poll_interval: seconds between sweeps of the list.
     :param hook_params: keyword arguments of the hook; only JSON primitives are kept.
+    :param deferred_at: Unix time at which the task deferred (``None``: unknown, no hold).
+    :param min_defer_seconds: an event found sooner than this many seconds after ``deferred_at`` is
+        held until then, so the task does not resume before Airflow has recorded the deferral
+        (``None``: ``default_min_defer_seconds``; ``0``: no hold).
     """
 
     def __init__(
@@ -181,6 +185,8 @@ class FluxKontextBatchTrigger(BaseTrigger):
         flux_kontext_conn_id: str = DEFAULT_CONN_ID,
         poll_interval: float = 2.0,
         hook_params: Mapping[str, Any] | None = None,
+        deferred_at: float | None = None,
+        min_defer_seconds: float | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.prediction_ids = str(prediction_ids)
@@ -193,6 +199,8 @@ class FluxKontextBatchTrigger(BaseTrigger):
             for name, value in (hook_params or {}).items()
             if value is None or type(value) in (str, int, float, bool)
         }
+        self.deferred_at = None if deferred_at is None else float(deferred_at)
+        self.min_defer_seconds = None if min_defer_seconds is None else float(min_defer_seconds)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -204,6 +212,8 @@ class FluxKontextBatchTrigger(BaseTrigger):
                 "flux_kontext_conn_id": self.flux_kontext_conn_id,
                 "poll_interval": self.poll_interval,
                 "hook_params": self.hook_params,
+                "deferred_at": self.deferred_at,
+                "min_defer_seconds": self.min_defer_seconds,
             },
         )
 
@@ -231,6 +241,9 @@ class FluxKontextBatchTrigger(BaseTrigger):
             status, message = "error", f"Cannot read the account's predictions: {exc}"
         finally:
             await hook.aclose()
+        from airflow_provider_kontext.triggers.kontext import settle_event
+
+        await settle_event(self.deferred_at, self.min_defer_seconds, self.log)
         yield TriggerEvent(  # type: ignore[no-untyped-call]
             {
                 "status": status,

@@ -15,7 +15,12 @@ from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 from airflow_provider_kontext.progress import DEFAULT_POLL_POLICY, POLL_POLICIES, PredictionPoller
 from airflow_provider_kontext.triggers.watcher import PredictionWatcher
 
-__all__ = ["SETTLE_SLACK_SECONDS", "FluxKontextPredictionTrigger", "default_min_defer_seconds"]
+__all__ = [
+    "SETTLE_SLACK_SECONDS",
+    "FluxKontextPredictionTrigger",
+    "default_min_defer_seconds",
+    "settle_event",
+]
 
 #: Seconds added to ``[workers] min_heartbeat_interval`` for the default :func:`default_min_defer_seconds`:
 #: the deferring process's exit, the worker's report and one loop of a busy scheduler.
@@ -42,6 +47,26 @@ def default_min_defer_seconds() -> float:
     except Exception:  # an unreadable setting must not break a deferral
         interval = 5.0
     return max(0.0, interval) + SETTLE_SLACK_SECONDS
+
+
+async def settle_event(deferred_at: float | None, min_defer_seconds: float | None, log: Any) -> None:
+    """Hold a trigger's event until ``min_defer_seconds`` (``None``: :func:`default_min_defer_seconds`)
+    after ``deferred_at`` (Unix time; ``None``: no hold), if it came sooner; never longer than
+    ``min_defer_seconds`` (a clock that jumped back does not stall the event).
+    """
+    if deferred_at is None:
+        return
+    settle = default_min_defer_seconds() if min_defer_seconds is None else min_defer_seconds
+    hold = min(deferred_at + settle - time.time(), settle)
+    if hold > 0:
+        log.info(
+            "Holding the event %.1f s: the task deferred %.1f s ago, and a resume sooner than %g s "
+            "after deferring can be failed by Airflow before it records the deferral's exit",
+            hold,
+            settle - hold,
+            settle,
+        )
+        await asyncio.sleep(hold)
 
 
 def _runs_in_process() -> bool:
@@ -198,20 +223,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
 
     async def _settle(self) -> None:
         """Hold the event until ``min_defer_seconds`` after the deferral, if it came sooner."""
-        if self.deferred_at is None:
-            return
-        settle = default_min_defer_seconds() if self.min_defer_seconds is None else self.min_defer_seconds
-        # Bounded by the hold itself: a worker clock ahead of the triggerer's must not stretch it.
-        hold = min(self.deferred_at + settle - time.time(), settle)
-        if hold > 0:
-            self.log.info(
-                "Holding the event %.1f s: the task deferred %.1f s ago, and a resume sooner than %g s "
-                "after deferring can be failed by Airflow before it records the deferral's exit",
-                hold,
-                settle - hold,
-                settle,
-            )
-            await asyncio.sleep(hold)
+        await settle_event(self.deferred_at, self.min_defer_seconds, self.log)
 
     async def on_kill(self) -> None:
         """Cancel the prediction when a user kills the deferred task (not on triggerer restarts)."""
