@@ -143,6 +143,7 @@ def connection_form_widgets(fields: Mapping[str, Mapping[str, Any]]) -> dict[str
         widgets[name] = kind(
             lazy_gettext(field.get("label", name)),
             validators=[Optional()],
+            description=field.get("description", ""),
             default=schema.get("default"),
             widget=BS3TextFieldWidget(),
         )
