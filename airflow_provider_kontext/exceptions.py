@@ -1,4 +1,4 @@
-"""The provider's exceptions: one small hierarchy for every way a call to the API can fail.
+"""Define every exception of the provider: one small hierarchy for every way an edit can fail.
 
 Every message is written for the person who has to fix the cause, and none ever contains the API
 token: messages are built from the status, the server's problem document and the request path only.
@@ -6,14 +6,14 @@ token: messages are built from the status, the server's problem document and the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
-class KontextError(Exception):
+class FluxKontextError(Exception):
     """Base class of every error this provider raises."""
 
 
-class KontextInputError(KontextError, ValueError):
+class FluxKontextInputError(FluxKontextError, ValueError):
     """The model inputs or operator arguments are invalid; raised before any HTTP call is made.
 
     ``errors`` holds one ``(field, message)`` pair per problem, for programs that want them.
@@ -24,7 +24,7 @@ class KontextInputError(KontextError, ValueError):
         self.errors = errors or []
 
 
-class KontextAPIError(KontextError):
+class FluxKontextAPIError(FluxKontextError):
     """The API answered with an error status, or with a body that is not what the API documents.
 
     :param status: the HTTP status code (``None`` when no response arrived or it was malformed).
@@ -70,23 +70,23 @@ class KontextAPIError(KontextError):
         return msg
 
 
-class KontextAuthError(KontextAPIError):
+class FluxKontextAuthError(FluxKontextAPIError):
     """401 or 403: the token is missing, wrong, or lacks access."""
 
 
-class KontextNotFoundError(KontextAPIError):
+class FluxKontextNotFoundError(FluxKontextAPIError):
     """404: the model, version or prediction does not exist (or is not visible to this token)."""
 
 
-class KontextRateLimitError(KontextAPIError):
+class FluxKontextRateLimitError(FluxKontextAPIError):
     """429: the API throttled the request. ``retry_after`` holds the seconds it asked us to wait."""
 
 
-class KontextServerError(KontextAPIError):
+class FluxKontextServerError(FluxKontextAPIError):
     """5xx: the API (or a proxy in front of it) failed."""
 
 
-class KontextTransportError(KontextAPIError):
+class FluxKontextTransportError(FluxKontextAPIError):
     """No response arrived: connection refused or reset, DNS failure, timeout.
 
     ``request_sent`` is ``False`` only where the request provably never left this machine
@@ -100,7 +100,7 @@ class KontextTransportError(KontextAPIError):
         super().__init__(message, method=method, path=path)
 
 
-class KontextTLSError(KontextTransportError):
+class FluxKontextTLSError(FluxKontextTransportError):
     """The TLS handshake failed the way it will fail again: the server's certificate is not trusted
     or names another host, or the server does not speak TLS at all.
 
@@ -112,7 +112,7 @@ class KontextTLSError(KontextTransportError):
         super().__init__(message, request_sent=False, method=method, path=path)
 
 
-class KontextPredictionMayExistError(KontextAPIError):
+class FluxKontextPredictionMayExistError(FluxKontextAPIError):
     """A create request failed in a way that does not prove the prediction was not created.
 
     Creating is not idempotent, so it is not retried: a retry could start, and bill, a second
@@ -120,12 +120,12 @@ class KontextPredictionMayExistError(KontextAPIError):
     """
 
 
-class KontextDeadlineError(KontextError):
+class FluxKontextDeadlineError(FluxKontextError):
     """A request was still failing, or had no answer, when its caller's deadline came (a poll at the
     end of the wait): the caller reports a timeout, not an error."""
 
 
-class KontextPredictionFailed(KontextError):
+class FluxKontextPredictionFailed(FluxKontextError):
     """The prediction ended in ``failed``, ``canceled`` or ``aborted``, or did not finish in time.
 
     :param prediction_id: the prediction's id.
@@ -148,3 +148,71 @@ class KontextPredictionFailed(KontextError):
         self.error = error
         self.logs_tail = logs_tail
         super().__init__(message)
+
+
+class FluxKontextBatchFailed(FluxKontextError):
+    """Some images of a batch were not edited; a retry of the task redoes only those."""
+
+
+_NO_RETRY_DOCS = {
+    "FluxKontextPredictionFailedNoRetry": (
+        "FluxKontextPredictionFailed",
+        """Fail the task without retries: a prediction failed, was canceled, or its paid output is unusable.
+
+        A retry would start (and bill) a new prediction likely to end the same way. Switched off with
+        ``retry_failed_predictions=True``.
+        """,
+    ),
+    "FluxKontextBatchFailedNoRetry": (
+        "FluxKontextBatchFailed",
+        """Fail a batch without retries: the images left unedited are ones no retry would mend.
+
+        The model failed them, or the server rejects their input.
+        """,
+    ),
+}
+
+if TYPE_CHECKING:
+    from airflow_provider_kontext.compat import AirflowFailException
+
+    class FluxKontextPredictionFailedNoRetry(FluxKontextPredictionFailed, AirflowFailException):
+        """Fail the task without retries (see ``_NO_RETRY_DOCS``)."""
+
+    class FluxKontextBatchFailedNoRetry(FluxKontextBatchFailed, AirflowFailException):
+        """Fail a batch without retries (see ``_NO_RETRY_DOCS``)."""
+
+
+def __getattr__(name: str) -> Any:
+    """Build the two exceptions that are also Airflow's ``AirflowFailException`` on first use.
+
+    They fail a task without retries, so they derive from Airflow's class; built lazily, this module
+    stays free of Airflow imports for the emulator and the provider's metadata.
+    """
+    name = {"KontextPredictionFailedNoRetry": "FluxKontextPredictionFailedNoRetry"}.get(name, name)
+    name = {"KontextBatchFailedNoRetry": "FluxKontextBatchFailedNoRetry"}.get(name, name)
+    if name in globals():
+        return globals()[name]
+    if name not in _NO_RETRY_DOCS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from airflow_provider_kontext.compat import AirflowFailException
+
+    base, doc = _NO_RETRY_DOCS[name]
+    cls = type(name, (globals()[base], AirflowFailException), {"__doc__": doc, "__module__": __name__})
+    globals()[name] = cls
+    return cls
+
+
+# The names of releases before 0.2 (one class prefix since): importable, the same classes.
+KontextError = FluxKontextError
+KontextInputError = FluxKontextInputError
+KontextAPIError = FluxKontextAPIError
+KontextAuthError = FluxKontextAuthError
+KontextNotFoundError = FluxKontextNotFoundError
+KontextRateLimitError = FluxKontextRateLimitError
+KontextServerError = FluxKontextServerError
+KontextTransportError = FluxKontextTransportError
+KontextTLSError = FluxKontextTLSError
+KontextPredictionMayExistError = FluxKontextPredictionMayExistError
+KontextDeadlineError = FluxKontextDeadlineError
+KontextPredictionFailed = FluxKontextPredictionFailed
+KontextBatchFailed = FluxKontextBatchFailed

@@ -67,12 +67,12 @@ def get_provider_info() -> dict[str, Any]:
                 "ui-field-behaviour": connection.ui_field_behaviour(),
             }
         ],
-        "extra-links": ["airflow_provider_kontext.links.kontext.ReplicatePredictionLink"],
+        "extra-links": ["airflow_provider_kontext.links.kontext.FluxKontextPredictionLink"],
         # The edits' images in the UI (Airflow >= 3.1; Pillow from the ``ui`` extra makes thumbnails).
         "plugins": [
             {
                 "name": "kontext_edits",
-                "plugin-class": "airflow_provider_kontext.plugins.kontext.KontextEditsPlugin",
+                "plugin-class": "airflow_provider_kontext.plugins.kontext.FluxKontextEditsPlugin",
             }
         ],
     }

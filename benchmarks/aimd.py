@@ -1,5 +1,5 @@
 """How the adaptive request budgets of several triggerers share one account: k
-:class:`~airflow_provider_kontext.hooks.budget.RequestBudget` s, each wanting more than the account
+:class:`~airflow_provider_kontext.hooks.rate_limit.AccountRateLimiter` s, each wanting more than the account
 allows, against the emulator's Replicate limit (:class:`~airflow_provider_kontext.testing.ratelimit.
 RateLimiter`), on one simulated clock (milliseconds, so a minute of it runs in a second): how fast
 their rates converge on the limit, how evenly they share it, and what share of requests is answered
@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_kontext.hooks.budget import RequestBudget
+from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter
 from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
 
 #: The connection's default ceiling (requests per minute) and Replicate's limit.
@@ -96,7 +96,7 @@ def simulate(
         return now
 
     limiter = RateLimiter(RateLimit.replicate(), clock)
-    budgets = [RequestBudget(CEILING_PER_MINUTE, clock=clock) for _ in range(k)]
+    budgets = [AccountRateLimiter(CEILING_PER_MINUTE, clock=clock) for _ in range(k)]
     offsets = start_offsets or [0.0] * k
     result = Simulation(k, seconds, other_per_minute, [[] for _ in range(k)], [0] * k, [0] * k)
     in_flight: collections.deque[tuple[float, int, float | None]] = collections.deque()

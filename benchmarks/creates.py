@@ -103,16 +103,16 @@ def _creates(base: str, creators: int, n: int, policy: str) -> dict[str, Any]:
     os.environ["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = connection_json(base)
     import logging
 
-    from airflow_provider_kontext.exceptions import KontextAuthError, KontextError
-    from airflow_provider_kontext.failures import (
+    from airflow_provider_kontext.exceptions import FluxKontextAuthError, FluxKontextError
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+    from airflow_provider_kontext.hooks.retry import (
         Attempts,
-        Budget,
+        RetryLimits,
         Verdict,
         backoff_seconds,
         classify,
         final_error,
     )
-    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
     # Thousands of attempt lines would cost the creators' CPU; the policy is what is measured.
     logging.getLogger("airflow_provider_kontext").setLevel(logging.WARNING)
@@ -121,8 +121,8 @@ def _creates(base: str, creators: int, n: int, policy: str) -> dict[str, Any]:
         """The policy before: a create's 429 retried like any transient failure, ``max_retries``
         times, each after :func:`backoff_seconds` (the named reset + up to 0.1 s)."""
 
-        def after(self, exc: KontextError) -> float | None:
-            if isinstance(exc, KontextAuthError) and not self._refreshed:
+        def after(self, exc: FluxKontextError) -> float | None:
+            if isinstance(exc, FluxKontextAuthError) and not self._refreshed:
                 self._refreshed = True
                 return None
             verdict = classify(exc, self.request)
@@ -137,9 +137,9 @@ def _creates(base: str, creators: int, n: int, policy: str) -> dict[str, Any]:
 
         last: Attempts | None = None
 
-        def _attempts(self, settings: Any, request: Any, budget: Budget | None) -> Attempts:
+        def _attempts(self, settings: Any, request: Any, retry_limits: RetryLimits | None) -> Attempts:
             kind = BeforeAttempts if policy == "before" else Attempts
-            self.last = kind(settings, request, budget=budget)
+            self.last = kind(settings, request, retry_limits=retry_limits)
             return self.last
 
     lock = threading.Lock()
@@ -162,7 +162,7 @@ def _creates(base: str, creators: int, n: int, policy: str) -> dict[str, Any]:
                 try:
                     deadline = began + DEADLINE_SECONDS if policy == "after" else None
                     hook.create_prediction(MODEL, body, deadline=deadline)
-                except KontextError as exc:
+                except FluxKontextError as exc:
                     with lock:
                         failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
                 else:

@@ -277,12 +277,12 @@ def barrier(spec: str) -> None:
 async def trace_budget(trace: list[list[float]], start: float) -> None:
     """Every 0.25 s, the account budget's [seconds, rate per minute, requests granted, cuts] (the
     trigger's; nothing where it has none)."""
-    from airflow_provider_kontext.hooks.budget import AccountBudgets
+    from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiters
 
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(0.25)
-        for budget in AccountBudgets._budgets.get(loop, {}).values():
+        for budget in AccountRateLimiters._budgets.get(loop, {}).values():
             now = round(time.monotonic() - start, 2)
             trace.append([now, round(budget.rate * 60), budget.granted, budget.decreases])
 

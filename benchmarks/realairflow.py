@@ -126,7 +126,7 @@ def _failed_creates(home: Path, dag_id: str, run_id: str) -> int:
     """Tries whose create failed for good on a 429 (their log names the rate-limit error)."""
     count = 0
     for log in (home / "logs").glob(f"dag_id={dag_id}/run_id={run_id}/**/attempt=*.log"):
-        if "KontextRateLimitError" in log.read_text(errors="replace"):
+        if "FluxKontextRateLimitError" in log.read_text(errors="replace"):
             count += 1
     return count
 

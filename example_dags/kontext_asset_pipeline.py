@@ -30,8 +30,8 @@ from typing import Any
 from airflow.sdk import DAG, Asset, Param, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
+from airflow_provider_kontext.edits.outputs import safe_stem
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
-from airflow_provider_kontext.outputs import safe_stem
 
 IMAGES = Path(__file__).parent / "images"
 EDITED_SHOTS = Asset("kontext://example/edited-product-shots")

@@ -28,8 +28,8 @@ from typing import Any
 import pendulum
 from airflow.sdk import DAG, Asset, Param, task
 
+from airflow_provider_kontext.edits.outputs import safe_stem
 from airflow_provider_kontext.operators.kontext import FluxKontextBatchEditOperator
-from airflow_provider_kontext.outputs import safe_stem
 
 IMAGES = Path(__file__).parent / "images"
 EDITED_SHOTS = Asset("kontext://example/edited-product-shots")

@@ -24,8 +24,8 @@ from urllib.parse import urlencode, urlparse
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import DAG, Param, task
 
+from airflow_provider_kontext.edits.outputs import safe_stem
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
-from airflow_provider_kontext.outputs import safe_stem
 
 IMAGES = Path(__file__).parent / "images"
 APPROVE, REJECT = "Approve", "Reject"

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from test_watcher import create, emu, trigger, wait_all  # noqa: F401 (emu: the fixture)
 
-from airflow_provider_kontext.hooks import budget as budget_module
-from airflow_provider_kontext.hooks.budget import AccountBudgets, RequestBudget
+from airflow_provider_kontext.hooks import rate_limit as budget_module
 from airflow_provider_kontext.hooks.connection import ClientSettings
+from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter, AccountRateLimiters
 from airflow_provider_kontext.testing import KontextEmulator
 from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
 from airflow_provider_kontext.triggers.slices import PAGE_SIZE, iso, micros, plan
@@ -34,7 +34,7 @@ class Clock:
         return self.now
 
 
-def spend(budget: RequestBudget, clock: Clock, seconds: float, tick: float = 0.01) -> int:
+def spend(budget: AccountRateLimiter, clock: Clock, seconds: float, tick: float = 0.01) -> int:
     """Send as much as the budget allows for ``seconds`` (every refusal is a request that wanted to
     go); the number sent."""
     sent = 0
@@ -51,7 +51,7 @@ def spend(budget: RequestBudget, clock: Clock, seconds: float, tick: float = 0.0
 
 def test_a_429_cuts_the_rate_once_per_pause() -> None:
     clock = Clock()
-    budget = RequestBudget(2400, clock=clock)
+    budget = AccountRateLimiter(2400, clock=clock)
     assert budget.rate == 40.0  # starts at the ceiling
     budget.pause(1.0)
     assert budget.rate == 40.0 * budget_module.DECREASE_FACTOR
@@ -67,7 +67,7 @@ def test_a_429_cuts_the_rate_once_per_pause() -> None:
 
 def test_the_rate_never_falls_below_its_floor() -> None:
     clock = Clock()
-    budget = RequestBudget(2400, clock=clock)
+    budget = AccountRateLimiter(2400, clock=clock)
     for _ in range(100):
         budget.pause(0.0)
         clock.now += 0.1
@@ -76,7 +76,7 @@ def test_the_rate_never_falls_below_its_floor() -> None:
 
 def test_a_used_rate_grows_back_to_the_ceiling_and_no_further() -> None:
     clock = Clock()
-    budget = RequestBudget(2400, clock=clock)
+    budget = AccountRateLimiter(2400, clock=clock)
     budget.pause(0.0)
     cut = budget.rate
     spend(budget, clock, 2.0)
@@ -91,7 +91,7 @@ def test_a_used_rate_grows_back_to_the_ceiling_and_no_further() -> None:
 
 def test_an_unused_rate_does_not_grow() -> None:
     clock = Clock()
-    budget = RequestBudget(2400, clock=clock)
+    budget = AccountRateLimiter(2400, clock=clock)
     budget.pause(0.0)
     cut = budget.rate
     for _ in range(100):  # one request a second: far below the rate
@@ -102,7 +102,7 @@ def test_an_unused_rate_does_not_grow() -> None:
 
 def test_a_fixed_budget_only_pauses() -> None:
     clock = Clock()
-    budget = RequestBudget(600, clock=clock, adaptive=False)
+    budget = AccountRateLimiter(600, clock=clock, adaptive=False)
     budget.pause(1.0)
     assert budget.rate == 10.0
     assert budget.decreases == 0
@@ -110,13 +110,13 @@ def test_a_fixed_budget_only_pauses() -> None:
 
 async def test_a_lower_ceiling_of_the_account_caps_the_rate() -> None:
     settings = ClientSettings("c", "https://api.replicate.com", token="r8_accounts_test_0123456789")
-    budget = AccountBudgets.get(settings)
+    budget = AccountRateLimiters.get(settings)
     assert budget is not None
     assert budget.rate == settings.max_requests_per_minute / 60
     lower = ClientSettings(
         "d", "https://api.replicate.com", token="r8_accounts_test_0123456789", max_requests_per_minute=600
     )
-    assert AccountBudgets.get(lower) is budget
+    assert AccountRateLimiters.get(lower) is budget
     assert budget.rate == budget.ceiling == 10.0
 
 
@@ -126,7 +126,7 @@ def share(k: int, seconds: float, other_per_minute: float = 0.0) -> tuple[list[l
     (requests sent per budget per second, all sent, all answered 429)."""
     clock = Clock()
     limiter = RateLimiter(RateLimit.replicate(), clock)
-    budgets = [RequestBudget(2400, clock=clock) for _ in range(k)]
+    budgets = [AccountRateLimiter(2400, clock=clock) for _ in range(k)]
     in_flight: collections.deque[tuple[float, int, float | None]] = collections.deque()
     per_second = [[0] for _ in range(k)]
     sent = throttled = 0

@@ -15,10 +15,14 @@ import pytest
 from airflow.sdk import Asset
 from emulated import options, png, started
 
-from airflow_provider_kontext.batch_ledger import BATCH_KEY, CREATED, CREATING, BatchLedger
-from airflow_provider_kontext.batch_results import KontextBatchFailed, KontextBatchFailedNoRetry
 from airflow_provider_kontext.compat import AirflowFailException, TaskDeferred
-from airflow_provider_kontext.exceptions import KontextAPIError, KontextPredictionMayExistError
+from airflow_provider_kontext.edits.batch_ledger import BATCH_KEY, CREATED, CREATING, BatchLedger
+from airflow_provider_kontext.exceptions import (
+    FluxKontextAPIError,
+    FluxKontextBatchFailed,
+    FluxKontextBatchFailedNoRetry,
+    FluxKontextPredictionMayExistError,
+)
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.operators.kontext import FluxKontextBatchEditOperator
 from airflow_provider_kontext.testing import KontextEmulator
@@ -192,7 +196,7 @@ def test_partial_failure_fails_listing_which_keeps_successes_and_retry_redoes_on
     emu.faults.fail_predictions(2, error="CUDA out of memory")
     store = FakeStore()
     out = tmp_path / "out"
-    with pytest.raises(KontextBatchFailedNoRetry) as failure:
+    with pytest.raises(FluxKontextBatchFailedNoRetry) as failure:
         make_op(input_images=str(shots), output_path=str(out)).execute(make_context(store))
     assert "2 of 6 images were not edited" in str(failure.value)
     assert "CUDA out of memory" in str(failure.value)
@@ -200,7 +204,7 @@ def test_partial_failure_fails_listing_which_keeps_successes_and_retry_redoes_on
     assert emu.created_count == 6
 
     # A failed prediction is not redone by a retry unless asked...
-    with pytest.raises(KontextBatchFailedNoRetry):
+    with pytest.raises(FluxKontextBatchFailedNoRetry):
         make_op(input_images=str(shots), output_path=str(out)).execute(make_context(store))
     assert emu.created_count == 6
     # ...and with retry_failed_predictions only the two failed images are edited again.
@@ -236,10 +240,12 @@ def test_lost_creates_are_found_in_the_list_and_never_created_twice(
     def create(self: FluxKontextHook, model: str, model_input: dict[str, Any], **kwargs: Any) -> Any:
         name = _name_of(model_input)
         if name in never_sent:
-            raise KontextPredictionMayExistError("connection reset", method="POST", path="/v1/predictions")
+            raise FluxKontextPredictionMayExistError(
+                "connection reset", method="POST", path="/v1/predictions"
+            )
         prediction = real_create(self, model, model_input, **kwargs)
         if name in lost_answers:
-            raise KontextPredictionMayExistError("read timed out", method="POST", path="/v1/predictions")
+            raise FluxKontextPredictionMayExistError("read timed out", method="POST", path="/v1/predictions")
         return prediction
 
     colours = {png(colour=(n * 40, 20, 20)): f"shot{n}.png" for n in range(6)}
@@ -252,7 +258,7 @@ def test_lost_creates_are_found_in_the_list_and_never_created_twice(
 
     store = FakeStore()
     monkeypatch.setattr(FluxKontextHook, "create_prediction", create)
-    with pytest.raises(KontextBatchFailed) as failure:
+    with pytest.raises(FluxKontextBatchFailed) as failure:
         make_op(input_images=str(shots)).execute(make_context(store))
     assert not isinstance(failure.value, AirflowFailException)  # retryable
     assert emu.created_count == 5
@@ -293,7 +299,7 @@ def test_refused_token_stops_the_creates_and_fails_without_retry(
 ) -> None:
     conn = {"conn_type": "fluxkontext", "host": emu.base_url, "password": "r8_wrong"}
     monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps(conn))
-    with pytest.raises(KontextBatchFailedNoRetry, match="Creating stopped"):
+    with pytest.raises(FluxKontextBatchFailedNoRetry, match="Creating stopped"):
         make_op(input_images=str(shots), max_concurrent_creates=1).execute(make_context(FakeStore()))
     assert emu.created_count == 0
 
@@ -313,7 +319,7 @@ def test_images_added_to_the_folder_between_tries_are_matched_by_content(
     with pytest.raises(TaskDeferred) as deferred:
         make_op(input_images=str(shots), deferrable=True).execute(make_context(store))
     (shots / "shot0a.png").write_bytes(png(colour=(1, 2, 3)))  # listed second from now on
-    with pytest.raises(KontextBatchFailed, match="input_images changed while the batch ran"):
+    with pytest.raises(FluxKontextBatchFailed, match="input_images changed while the batch ran"):
         make_op(input_images=str(shots), deferrable=True).execute_complete(
             make_context(store), {"status": "done", "counts": {}}
         )
@@ -332,7 +338,7 @@ def test_predictions_past_the_timeout_are_canceled_and_the_retry_redoes_them(
     emu: KontextEmulator, shots: Path
 ) -> None:
     images = sorted(str(p) for p in shots.glob("*.png"))[:2]
-    with pytest.raises(KontextBatchFailed) as failure:
+    with pytest.raises(FluxKontextBatchFailed) as failure:
         make_op(input_images=images, timeout=1).execute(make_context(FakeStore()))
     assert not isinstance(failure.value, AirflowFailException)  # a timeout may be retried
     assert "2 of 2 images were not edited" in str(failure.value)
@@ -343,7 +349,7 @@ def test_predictions_past_the_timeout_are_canceled_and_the_retry_redoes_them(
 def test_an_unforeseen_error_in_one_create_is_reported_and_leaves_a_retryable_failure(
     emu: KontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import airflow_provider_kontext.edit_request as edit_request
+    import airflow_provider_kontext.edits.request as edit_request
 
     real = edit_request.validated_request
 
@@ -353,7 +359,7 @@ def test_an_unforeseen_error_in_one_create_is_reported_and_leaves_a_retryable_fa
         return real(model, arguments, image, *args)
 
     monkeypatch.setattr(edit_request, "validated_request", flaky)
-    with pytest.raises(KontextBatchFailed, match="disk on fire") as failure:
+    with pytest.raises(FluxKontextBatchFailed, match="disk on fire") as failure:
         make_op(input_images=str(shots)).execute(make_context(FakeStore()))
     assert not isinstance(failure.value, AirflowFailException)
     assert emu.created_count == 5
@@ -433,7 +439,7 @@ def test_without_a_store_a_retryable_partial_failure_fails_without_retries(
     """Airflow < 3.3: a retry starts with the try's XComs cleared and would pay again for every image."""
     images = sorted(str(p) for p in shots.glob("*.png"))[:2]
     context = {"ti": FakeTi(), "outlet_events": mock.MagicMock()}
-    with pytest.raises(KontextBatchFailedNoRetry, match="no task state store") as failure:
+    with pytest.raises(FluxKontextBatchFailedNoRetry, match="no task state store") as failure:
         make_op(input_images=images, timeout=1).execute(context)
     assert "would pay again for the images that succeeded" in str(failure.value)
     assert "Airflow >= 3.3" in str(failure.value)
@@ -453,16 +459,16 @@ def test_a_create_that_may_have_reached_the_server_keeps_its_mark_a_refused_one_
             raise OSError("connection reset by peer")
         if len(calls) == 2:
             assert self.settings is not None  # the connection looked up, as a real create does
-            raise KontextAPIError(f"bad request (token {TOKEN})", status=400)
+            raise FluxKontextAPIError(f"bad request (token {TOKEN})", status=400)
         if len(calls) == 3:
             assert self.settings is not None
-            raise KontextAPIError(f"invalid input for {TOKEN}", status=422)
+            raise FluxKontextAPIError(f"invalid input for {TOKEN}", status=422)
         return real_create(self, model, model_input, **kwargs)
 
     monkeypatch.setattr(FluxKontextHook, "create_prediction", create)
     store = FakeStore()
     context = make_context(store)
-    with pytest.raises(KontextBatchFailed):
+    with pytest.raises(FluxKontextBatchFailed):
         make_op(input_images=str(shots), max_concurrent_creates=1).execute(context)
     ledger = BatchLedger(store, 6, durable=True)
     ledger.load()

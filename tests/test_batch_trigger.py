@@ -10,8 +10,12 @@ from unittest import mock
 
 import pytest
 
-from airflow_provider_kontext.batch_ledger import CHUNK, SUCCEEDED, BatchLedger
-from airflow_provider_kontext.exceptions import KontextAuthError, KontextNotFoundError, KontextServerError
+from airflow_provider_kontext.edits.batch_ledger import CHUNK, SUCCEEDED, BatchLedger
+from airflow_provider_kontext.exceptions import (
+    FluxKontextAuthError,
+    FluxKontextNotFoundError,
+    FluxKontextServerError,
+)
 from airflow_provider_kontext.models import PredictionPage
 from airflow_provider_kontext.operators.batch_steps import Pacer
 from airflow_provider_kontext.triggers import batch as batch_module
@@ -51,7 +55,7 @@ class FakeHook:
     async def aget_prediction(self, prediction_id: str) -> Any:
         self.reads.append(prediction_id)
         if prediction_id not in self.statuses:
-            raise KontextNotFoundError("gone", status=404)
+            raise FluxKontextNotFoundError("gone", status=404)
         prediction = mock.Mock(is_terminal=self.statuses[prediction_id] in ("succeeded", "failed"))
         prediction.model_dump.return_value = {"id": prediction_id, "status": self.statuses[prediction_id]}
         return prediction
@@ -113,9 +117,9 @@ def test_watch_times_out_at_its_deadline() -> None:
 
 def test_watch_rides_out_transient_errors_but_not_a_refused_token() -> None:
     hook = FakeHook({rid(1): "succeeded"})
-    hook.fail_next = [KontextServerError("503", status=503)] * 3
+    hook.fail_next = [FluxKontextServerError("503", status=503)] * 3
     assert run(BatchWatch([rid(1)], None, None, poll_interval=0, log=mock.Mock()).run(hook))[0] == "done"
-    hook.fail_next = [KontextAuthError("401", status=401)]
+    hook.fail_next = [FluxKontextAuthError("401", status=401)]
     status, message = run(BatchWatch([rid(1)], None, None, poll_interval=0, log=mock.Mock()).run(hook))
     assert status == "error"
     assert "401" in str(message)

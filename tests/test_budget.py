@@ -17,9 +17,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from airflow_provider_kontext.hooks.budget import AccountBudgets, RequestBudget, account_key
 from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter, AccountRateLimiters, account_key
 
 TOKEN = "r8_budget_test_token_0123456789"
 
@@ -29,17 +29,17 @@ def settings(token: str | None = TOKEN, base_url: str = "https://api.replicate.c
 
 
 async def test_one_budget_per_account_in_a_loop() -> None:
-    first = AccountBudgets.get(settings())
+    first = AccountRateLimiters.get(settings())
     assert first is not None
-    assert AccountBudgets.get(settings()) is first  # another hook of the same account
-    assert AccountBudgets.get(settings(token="r8_other_token_000000")) is not first
-    assert AccountBudgets.get(settings(base_url="https://proxy.example")) is not first
-    assert AccountBudgets.get(settings(max_requests_per_minute=0)) is None
+    assert AccountRateLimiters.get(settings()) is first  # another hook of the same account
+    assert AccountRateLimiters.get(settings(token="r8_other_token_000000")) is not first
+    assert AccountRateLimiters.get(settings(base_url="https://proxy.example")) is not first
+    assert AccountRateLimiters.get(settings(max_requests_per_minute=0)) is None
 
 
 def test_each_event_loop_has_its_own() -> None:
-    async def get() -> RequestBudget | None:
-        return AccountBudgets.get(settings())
+    async def get() -> AccountRateLimiter | None:
+        return AccountRateLimiters.get(settings())
 
     assert asyncio.run(get()) is not asyncio.run(get())
 
@@ -65,9 +65,9 @@ async def test_hooks_of_one_account_share_it(monkeypatch: pytest.MonkeyPatch) ->
         try:
             for hook in hooks:
                 await hook.aget_prediction("p1")
-            budgets = {id(AccountBudgets.get(await hook.aget_settings())) for hook in hooks}
+            budgets = {id(AccountRateLimiters.get(await hook.aget_settings())) for hook in hooks}
             assert len(budgets) == 1
-            (budget,) = {AccountBudgets.get(await hook.aget_settings()) for hook in hooks}
+            (budget,) = {AccountRateLimiters.get(await hook.aget_settings()) for hook in hooks}
             assert budget is not None
             assert budget.granted == 2
             assert seen == 2
@@ -80,11 +80,11 @@ def test_the_token_never_shows() -> None:
     key = account_key(settings())
     assert TOKEN not in key
     assert key.startswith("https://api.replicate.com#")
-    assert TOKEN not in repr(RequestBudget(60))
+    assert TOKEN not in repr(AccountRateLimiter(60))
 
 
 async def test_a_429_pauses_every_request_until_the_reset_then_resumes_paced() -> None:
-    budget = RequestBudget(600)  # 10 per second
+    budget = AccountRateLimiter(600)  # 10 per second
     assert budget.try_acquire()
     started = time.monotonic()
     budget.pause(0.3)
@@ -135,7 +135,7 @@ async def test_the_hook_pauses_the_account_on_a_429(monkeypatch: pytest.MonkeyPa
 
 
 async def test_polls_of_predictions_expected_to_end_first_go_first() -> None:
-    budget = RequestBudget(600, max_queue_seconds=100)
+    budget = AccountRateLimiter(600, max_queue_seconds=100)
     budget.pause(0.05)  # the bucket is empty: everyone queues
     order: list[str] = []
     now = time.time()
@@ -157,7 +157,7 @@ async def test_polls_of_predictions_expected_to_end_first_go_first() -> None:
 async def test_no_poll_starves() -> None:
     """A poll whose prediction is expected to end far off still goes once it has waited
     ``max_queue_seconds``, while polls expected to end sooner keep coming."""
-    budget = RequestBudget(1200, max_queue_seconds=0.3)  # 20 per second
+    budget = AccountRateLimiter(1200, max_queue_seconds=0.3)  # 20 per second
     budget.pause(0.0)
     order: list[str] = []
     flooding = True
@@ -182,7 +182,7 @@ async def test_no_poll_starves() -> None:
 
 
 async def test_a_canceled_wait_takes_nothing() -> None:
-    budget = RequestBudget(600)
+    budget = AccountRateLimiter(600)
     budget.pause(0.1)
     waiter = asyncio.create_task(budget.acquire())
     await asyncio.sleep(0)

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from airflow_provider_kontext.compat import hook_field_behaviour
-from airflow_provider_kontext.exceptions import KontextAuthError, KontextTransportError
+from airflow_provider_kontext.exceptions import FluxKontextAuthError, FluxKontextTransportError
 from airflow_provider_kontext.get_provider_info import get_provider_info
-from airflow_provider_kontext.hooks._http import account_request, parse_response
+from airflow_provider_kontext.hooks.api import account_request, parse_response
 from airflow_provider_kontext.hooks.connection import (
     CONN_TYPE,
     DEFAULT_CONN_ID,
@@ -204,7 +204,7 @@ def test_conn_type_round_trips_through_a_uri_without_warnings(caplog: pytest.Log
 
 def test_auth_hint_names_the_forms_token_field() -> None:
     settings = ClientSettings(conn_id="kontext_prod", base_url="https://api.replicate.com", token="r8_secret")
-    with pytest.raises(KontextAuthError) as err:
+    with pytest.raises(FluxKontextAuthError) as err:
         parse_response(settings, account_request(), 401, {}, b'{"title": "Unauthenticated"}')
     assert f"its {TOKEN_LABEL!r} field" in str(err.value)
     assert "password" not in str(err.value)
@@ -263,7 +263,7 @@ def test_scheme_less_host_against_plain_http_says_did_you_mean(
     plain_http_server: str, set_conn: Callable[..., None]
 ) -> None:
     set_conn(host=plain_http_server, password="r8_secret_token")
-    with pytest.raises(KontextTransportError) as err:
+    with pytest.raises(FluxKontextTransportError) as err:
         FluxKontextHook(max_retries=0).get_account()
     assert f"did you mean 'http://{plain_http_server}'?" in str(err.value)
     assert "r8_secret_token" not in str(err.value)
@@ -278,14 +278,14 @@ def test_scheme_less_host_against_plain_http_says_did_you_mean_async(
         async with FluxKontextHook(max_retries=0) as hook:
             await hook.aget_account()
 
-    with pytest.raises(KontextTransportError) as err:
+    with pytest.raises(FluxKontextTransportError) as err:
         asyncio.run(account())
     assert f"did you mean 'http://{plain_http_server}'?" in str(err.value)
 
 
 def test_no_hint_where_the_scheme_was_written(plain_http_server: str, set_conn: Callable[..., None]) -> None:
     set_conn(host=f"https://{plain_http_server}")
-    with pytest.raises(KontextTransportError) as err:
+    with pytest.raises(FluxKontextTransportError) as err:
         FluxKontextHook(max_retries=0).get_account()
     assert "did you mean" not in str(err.value)
 

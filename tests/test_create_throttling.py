@@ -1,5 +1,5 @@
 """A throttled create (429) waits its turn: sent again with jitter for as long as its caller's
-deadline allows (else the connection's bound), then failing with a ``KontextRateLimitError`` that
+deadline allows (else the connection's bound), then failing with a ``FluxKontextRateLimitError`` that
 says nothing was created; never a "may exist". Reads keep their fixed count of retries.
 
 Time is a fake clock that moves only by the waits the attempt loop asks for.
@@ -19,29 +19,29 @@ from typing import Any
 import pytest
 from hook_api import CREATE_URL, DEV, GET_URL, INPUT, PRED_ID
 
-from airflow_provider_kontext import failures
-from airflow_provider_kontext.deadlines import create_deadline, wait_timeout
+from airflow_provider_kontext.edits.deadlines import create_deadline, wait_timeout
 from airflow_provider_kontext.exceptions import (
-    KontextDeadlineError,
-    KontextError,
-    KontextPredictionMayExistError,
-    KontextRateLimitError,
+    FluxKontextDeadlineError,
+    FluxKontextError,
+    FluxKontextPredictionMayExistError,
+    FluxKontextRateLimitError,
 )
-from airflow_provider_kontext.failures import (
-    THROTTLE_SPREAD_GROWTH,
-    THROTTLE_SPREAD_MIN,
-    Attempts,
-    Budget,
-    create_throttle_bound,
-    final_error,
-    throttle_wait,
-)
-from airflow_provider_kontext.hooks._http import (
+from airflow_provider_kontext.hooks import retry as failures
+from airflow_provider_kontext.hooks.api import (
     ClientSettings,
     create_prediction_request,
     get_prediction_request,
 )
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+from airflow_provider_kontext.hooks.retry import (
+    THROTTLE_SPREAD_GROWTH,
+    THROTTLE_SPREAD_MIN,
+    Attempts,
+    RetryLimits,
+    create_throttle_bound,
+    final_error,
+    throttle_wait,
+)
 
 #: The connection's defaults: max_retries 5, backoff_base 1, backoff_max 30, retry_after_max 60.
 SETTINGS = ClientSettings(conn_id="c", base_url="https://api.example")
@@ -69,7 +69,7 @@ class Clock:
 class Sender:
     """An attempt that fails with ``exc`` every time (or the first ``times`` times, then answers)."""
 
-    def __init__(self, exc: KontextError, times: int | None = None) -> None:
+    def __init__(self, exc: FluxKontextError, times: int | None = None) -> None:
         self.exc = exc
         self.times = times
         self.numbers: list[int] = []
@@ -81,8 +81,8 @@ class Sender:
         return "created"
 
 
-def throttled(retry_after: float | None = 1.0) -> KontextRateLimitError:
-    return KontextRateLimitError(
+def throttled(retry_after: float | None = 1.0) -> FluxKontextRateLimitError:
+    return FluxKontextRateLimitError(
         status=429, detail=DETAIL, method="POST", path=CREATE.path, retry_after=retry_after
     )
 
@@ -103,10 +103,10 @@ def test_a_throttled_create_is_sent_again_until_the_deadline_then_fails_safe_to_
     clock = Clock()
     send = Sender(throttled())
     deadline = T0 + 600
-    with pytest.raises(KontextRateLimitError) as info:
-        run(clock, send, budget=Budget(deadline=deadline))
+    with pytest.raises(FluxKontextRateLimitError) as info:
+        run(clock, send, retry_limits=RetryLimits(deadline=deadline))
     err = info.value
-    assert not isinstance(err, KontextPredictionMayExistError)
+    assert not isinstance(err, FluxKontextPredictionMayExistError)
     # Far more than max_retries (5): the deadline, not a count, ended it.
     assert len(send.numbers) > 30
     assert send.numbers == list(range(1, len(send.numbers) + 1))
@@ -126,8 +126,8 @@ def test_a_throttled_create_is_sent_again_until_the_deadline_then_fails_safe_to_
 def test_a_create_throttled_past_its_deadline_fails_at_once() -> None:
     clock = Clock()
     send = Sender(throttled())
-    with pytest.raises(KontextRateLimitError, match="when the deadline came"):
-        run(clock, send, budget=Budget(deadline=T0 - 1))
+    with pytest.raises(FluxKontextRateLimitError, match="when the deadline came"):
+        run(clock, send, retry_limits=RetryLimits(deadline=T0 - 1))
     assert send.numbers == [1]
     assert clock.waits == []
 
@@ -135,8 +135,8 @@ def test_a_create_throttled_past_its_deadline_fails_at_once() -> None:
 def test_the_last_wait_is_not_taken_when_not_even_the_reset_fits() -> None:
     clock = Clock()
     send = Sender(throttled(retry_after=5.0))
-    with pytest.raises(KontextRateLimitError):
-        run(clock, send, budget=Budget(deadline=T0 + 3))
+    with pytest.raises(FluxKontextRateLimitError):
+        run(clock, send, retry_limits=RetryLimits(deadline=T0 + 3))
     assert send.numbers == [1]  # a retry before the reset the server named would be throttled again
 
 
@@ -148,7 +148,7 @@ def test_a_throttled_create_that_gets_through_returns_and_says_so(caplog: pytest
     def log(level: int, message: str, *args: object) -> None:
         lines.append((level, message % args))
 
-    assert run(clock, send, budget=Budget(deadline=T0 + 600), log=log) == "created"
+    assert run(clock, send, retry_limits=RetryLimits(deadline=T0 + 600), log=log) == "created"
     assert len(send.numbers) == 8
     infos = [text for level, text in lines if level == logging.INFO]
     debugs = [text for level, text in lines if level == logging.DEBUG]
@@ -166,7 +166,7 @@ def test_without_a_deadline_the_connections_bound_holds() -> None:
     assert create_throttle_bound(settings) == 20
     clock = Clock()
     send = Sender(throttled())
-    with pytest.raises(KontextRateLimitError, match=r"max_retries x retry_after_max = 20 s"):
+    with pytest.raises(FluxKontextRateLimitError, match=r"max_retries x retry_after_max = 20 s"):
         run(clock, send, settings=settings)
     assert clock.now == pytest.approx(T0 + 20)
     assert len(send.numbers) > 3  # more than max_retries + 1: the bound is time, not a count
@@ -175,23 +175,23 @@ def test_without_a_deadline_the_connections_bound_holds() -> None:
 def test_max_retries_zero_turns_the_retries_off() -> None:
     settings = ClientSettings(conn_id="c", base_url="https://x", max_retries=0)
     send = Sender(throttled())
-    with pytest.raises(KontextRateLimitError) as info:
-        run(Clock(), send, settings=settings, budget=Budget(deadline=T0 + 600))
+    with pytest.raises(FluxKontextRateLimitError) as info:
+        run(Clock(), send, settings=settings, retry_limits=RetryLimits(deadline=T0 + 600))
     assert send.numbers == [1]
-    assert not isinstance(info.value, KontextPredictionMayExistError)
+    assert not isinstance(info.value, FluxKontextPredictionMayExistError)
 
 
 def test_a_429_on_a_create_is_never_may_exist() -> None:
     exc = throttled()
     assert final_error(CREATE, exc) is exc
-    assert not isinstance(final_error(CREATE, exc), KontextPredictionMayExistError)
+    assert not isinstance(final_error(CREATE, exc), FluxKontextPredictionMayExistError)
 
 
 def test_reads_keep_their_fixed_count_and_the_named_reset() -> None:
     clock = Clock()
-    send = Sender(KontextRateLimitError(status=429, retry_after=1.0))
-    with pytest.raises(KontextRateLimitError) as info:
-        run(clock, send, request=GET, budget=Budget(deadline=T0 + 600))
+    send = Sender(FluxKontextRateLimitError(status=429, retry_after=1.0))
+    with pytest.raises(FluxKontextRateLimitError) as info:
+        run(clock, send, request=GET, retry_limits=RetryLimits(deadline=T0 + 600))
     assert len(send.numbers) == SETTINGS.max_retries + 1
     assert all(1.0 <= wait <= 1.1 for wait in clock.waits)
     assert "deadline" not in str(info.value)
@@ -208,11 +208,11 @@ def test_an_async_create_in_flight_at_the_deadline_is_not_abandoned() -> None:
     async def no_arefresh(stale: ClientSettings) -> ClientSettings | None:
         return None
 
-    past = Budget(deadline=T0 - 10, grace=0.0)
-    create = Attempts(SETTINGS, CREATE, budget=past, clock=clock)
+    past = RetryLimits(deadline=T0 - 10, grace=0.0)
+    create = Attempts(SETTINGS, CREATE, retry_limits=past, clock=clock)
     assert asyncio.run(create.run_async(slow, no_arefresh)) == "created"
-    read = Attempts(SETTINGS, GET, budget=past, clock=clock)
-    with pytest.raises(KontextDeadlineError):
+    read = Attempts(SETTINGS, GET, retry_limits=past, clock=clock)
+    with pytest.raises(FluxKontextDeadlineError):
         asyncio.run(read.run_async(slow, no_arefresh))
 
 
@@ -290,7 +290,7 @@ def test_the_hook_retries_a_throttled_create_until_its_deadline(
 ) -> None:
     requests_mock.post(CREATE_URL, status_code=429, json={"detail": DETAIL})
     hook = FluxKontextHook()
-    with pytest.raises(KontextRateLimitError, match="safe to retry"):
+    with pytest.raises(FluxKontextRateLimitError, match="safe to retry"):
         hook.create_prediction(DEV, INPUT, deadline=T0 + 120)
     assert requests_mock.call_count > hook.settings.max_retries + 1
     assert hook_clock.now == pytest.approx(T0 + 120)

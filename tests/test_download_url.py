@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from airflow_provider_kontext.hooks._http import download_request
+from airflow_provider_kontext.hooks.api import download_request
 from airflow_provider_kontext.hooks.connection import ClientSettings
 
 SETTINGS = ClientSettings(conn_id="c", base_url="http://127.0.0.1:8123", token="r8_DownloadUrlTest_0c1d")

@@ -1,4 +1,4 @@
-"""The failure policy (``airflow_provider_kontext.failures``): the verdict for every failure, the wait
+"""The failure policy (``airflow_provider_kontext.hooks.retry``): the verdict for every failure, the wait
 a 429 names in each of Replicate's forms, and the one attempt loop driven sync and async."""
 
 from __future__ import annotations
@@ -11,22 +11,23 @@ from typing import Any
 import pytest
 
 from airflow_provider_kontext.exceptions import (
-    KontextAPIError,
-    KontextAuthError,
-    KontextDeadlineError,
-    KontextNotFoundError,
-    KontextPredictionMayExistError,
-    KontextRateLimitError,
-    KontextServerError,
-    KontextTransportError,
+    FluxKontextAPIError,
+    FluxKontextAuthError,
+    FluxKontextDeadlineError,
+    FluxKontextNotFoundError,
+    FluxKontextPredictionMayExistError,
+    FluxKontextRateLimitError,
+    FluxKontextServerError,
+    FluxKontextTransportError,
 )
-from airflow_provider_kontext.failures import Attempts, Budget, Verdict, classify, parse_retry_after
-from airflow_provider_kontext.hooks._http import (
+from airflow_provider_kontext.hooks.api import (
     ClientSettings,
     create_prediction_request,
     get_prediction_request,
     parse_response,
+    parse_retry_after,
 )
+from airflow_provider_kontext.hooks.retry import Attempts, RetryLimits, Verdict, classify
 
 SETTINGS = ClientSettings(conn_id="c", base_url="https://api.example", max_retries=2)
 GET = get_prediction_request("p1")
@@ -74,7 +75,7 @@ def test_no_wait_named(body: str | None) -> None:
 
 def test_a_429_answer_carries_the_wait() -> None:
     body = b'{"detail":"Request was throttled. Your rate limit resets in ~2s."}'
-    with pytest.raises(KontextRateLimitError) as info:
+    with pytest.raises(FluxKontextRateLimitError) as info:
         parse_response(SETTINGS, CREATE, 429, {"Content-Type": "application/json"}, body)
     assert info.value.retry_after == 2
 
@@ -85,16 +86,16 @@ def test_a_429_answer_carries_the_wait() -> None:
 @pytest.mark.parametrize(
     ("exc", "on_get", "on_create"),
     [
-        (KontextRateLimitError(status=429), Verdict.RETRY, Verdict.RETRY),
-        (KontextServerError(status=503), Verdict.RETRY, Verdict.FAIL),
-        (KontextTransportError("reset", request_sent=True), Verdict.RETRY, Verdict.FAIL),
-        (KontextTransportError("refused", request_sent=False), Verdict.RETRY, Verdict.RETRY),
-        (KontextAPIError(title="unexpected response"), Verdict.TOLERATE, Verdict.FAIL),
-        (KontextAPIError(status=200, title="malformed response"), Verdict.TOLERATE, Verdict.FAIL),
-        (KontextAuthError(status=401), Verdict.FAIL, Verdict.FAIL),
-        (KontextNotFoundError(status=404), Verdict.FAIL, Verdict.FAIL),
-        (KontextAPIError(status=422), Verdict.FAIL, Verdict.FAIL),
-        (KontextDeadlineError("late"), Verdict.FAIL, Verdict.FAIL),
+        (FluxKontextRateLimitError(status=429), Verdict.RETRY, Verdict.RETRY),
+        (FluxKontextServerError(status=503), Verdict.RETRY, Verdict.FAIL),
+        (FluxKontextTransportError("reset", request_sent=True), Verdict.RETRY, Verdict.FAIL),
+        (FluxKontextTransportError("refused", request_sent=False), Verdict.RETRY, Verdict.RETRY),
+        (FluxKontextAPIError(title="unexpected response"), Verdict.TOLERATE, Verdict.FAIL),
+        (FluxKontextAPIError(status=200, title="malformed response"), Verdict.TOLERATE, Verdict.FAIL),
+        (FluxKontextAuthError(status=401), Verdict.FAIL, Verdict.FAIL),
+        (FluxKontextNotFoundError(status=404), Verdict.FAIL, Verdict.FAIL),
+        (FluxKontextAPIError(status=422), Verdict.FAIL, Verdict.FAIL),
+        (FluxKontextDeadlineError("late"), Verdict.FAIL, Verdict.FAIL),
     ],
 )
 def test_classify(exc: Exception, on_get: Verdict, on_create: Verdict) -> None:
@@ -125,7 +126,9 @@ def no_refresh(stale: ClientSettings) -> ClientSettings | None:
 
 
 def test_retries_then_the_answer() -> None:
-    send = Script(KontextServerError(status=502), KontextRateLimitError(status=429, retry_after=3), "ok")
+    send = Script(
+        FluxKontextServerError(status=502), FluxKontextRateLimitError(status=429, retry_after=3), "ok"
+    )
     waits: list[float] = []
     assert Attempts(SETTINGS, GET).run_sync(send, no_refresh, waits.append) == "ok"
     assert [number for _, number in send.calls] == [1, 2, 3]
@@ -134,36 +137,36 @@ def test_retries_then_the_answer() -> None:
 
 
 def test_max_retries_then_the_last_error() -> None:
-    send = Script(*[KontextServerError(status=502)] * 3)
-    with pytest.raises(KontextServerError):
+    send = Script(*[FluxKontextServerError(status=502)] * 3)
+    with pytest.raises(FluxKontextServerError):
         Attempts(SETTINGS, GET).run_sync(send, no_refresh, lambda _: None)
     assert len(send.calls) == 3  # max_retries=2
 
 
 def test_an_uncertain_create_is_said_as_such() -> None:
-    send = Script(KontextTransportError("reset", request_sent=True))
-    with pytest.raises(KontextPredictionMayExistError):
+    send = Script(FluxKontextTransportError("reset", request_sent=True))
+    with pytest.raises(FluxKontextPredictionMayExistError):
         Attempts(SETTINGS, CREATE).run_sync(send, no_refresh, lambda _: None)
     assert len(send.calls) == 1
 
 
 def test_an_auth_error_refreshes_the_settings_once() -> None:
     rotated = ClientSettings(conn_id="c", base_url="https://api.example", token="r8_new")
-    send = Script(KontextAuthError(status=401), KontextAuthError(status=401))
+    send = Script(FluxKontextAuthError(status=401), FluxKontextAuthError(status=401))
     refreshed: list[ClientSettings] = []
 
     def refresh(stale: ClientSettings) -> ClientSettings | None:
         refreshed.append(stale)
         return rotated
 
-    with pytest.raises(KontextAuthError):
+    with pytest.raises(FluxKontextAuthError):
         Attempts(SETTINGS, GET).run_sync(send, refresh, lambda _: None)
     assert send.calls == [(None, 1), ("r8_new", 1)]
     assert refreshed == [SETTINGS]
 
 
 def test_the_async_driver_runs_the_same_loop() -> None:
-    send = Script(KontextServerError(status=502), "ok")
+    send = Script(FluxKontextServerError(status=502), "ok")
     waits: list[float] = []
 
     async def asend(settings: ClientSettings, number: int) -> Any:
@@ -180,8 +183,8 @@ def test_the_async_driver_runs_the_same_loop() -> None:
 
 
 def test_a_wait_past_the_deadline_is_not_slept() -> None:
-    send = Script(KontextRateLimitError(status=429, retry_after=30))
-    budget = Budget(retries=10, deadline=time.time() + 5)
-    with pytest.raises(KontextDeadlineError):
-        Attempts(SETTINGS, GET, budget=budget).run_sync(send, no_refresh, lambda _: None)
+    send = Script(FluxKontextRateLimitError(status=429, retry_after=30))
+    retry_limits = RetryLimits(retries=10, deadline=time.time() + 5)
+    with pytest.raises(FluxKontextDeadlineError):
+        Attempts(SETTINGS, GET, retry_limits=retry_limits).run_sync(send, no_refresh, lambda _: None)
     assert len(send.calls) == 1

@@ -21,8 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_hardening_server import ScriptedServer, endless, reset_connection, response
 
-from airflow_provider_kontext.events import prediction_event
-from airflow_provider_kontext.exceptions import KontextAPIError, KontextError, KontextPredictionFailed
+from airflow_provider_kontext.edits.events import prediction_event
+from airflow_provider_kontext.exceptions import (
+    FluxKontextAPIError,
+    FluxKontextError,
+    FluxKontextPredictionFailed,
+)
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
@@ -74,7 +78,7 @@ def files_in(folder: Path) -> list[str]:
 
 def test_a_body_over_the_cap_is_refused_and_nothing_is_kept(server: ScriptedServer, tmp_path: Path) -> None:
     server.script(response(200, PNG + bytes(300_000), "image/png"))
-    with pytest.raises(KontextAPIError, match="output too large"):
+    with pytest.raises(FluxKontextAPIError, match="output too large"):
         finish(tmp_path / "out", [f"{server.base_url}/out.png"], max_output_bytes=100_000)
     assert files_in(tmp_path / "out") == []
     assert len(server.seen) == 1  # too large is final: not downloaded again
@@ -83,7 +87,7 @@ def test_a_body_over_the_cap_is_refused_and_nothing_is_kept(server: ScriptedServ
 def test_a_body_that_never_ends_is_cut_at_the_cap(server: ScriptedServer, tmp_path: Path) -> None:
     server.script(endless("image/png"))
     started = time.monotonic()
-    with pytest.raises(KontextAPIError, match="output too large"):
+    with pytest.raises(FluxKontextAPIError, match="output too large"):
         finish(tmp_path / "out", [f"{server.base_url}/out.png"], max_output_bytes=1 << 20)
     assert time.monotonic() - started < 10
     assert files_in(tmp_path / "out") == []
@@ -93,7 +97,7 @@ def test_a_data_uri_over_the_cap_is_refused(tmp_path: Path) -> None:
     import base64
 
     uri = "data:image/png;base64," + base64.b64encode(PNG + bytes(10_000)).decode()
-    with pytest.raises(KontextPredictionFailed, match="more than 1000 bytes"):
+    with pytest.raises(FluxKontextPredictionFailed, match="more than 1000 bytes"):
         finish(tmp_path / "out", [uri], max_output_bytes=1000)
     assert files_in(tmp_path / "out") == []
 
@@ -121,7 +125,7 @@ def test_what_is_not_an_image_is_refused(
     server: ScriptedServer, tmp_path: Path, body: bytes, content_type: str, expected: str
 ) -> None:
     server.script(response(200, body, content_type))
-    with pytest.raises(KontextPredictionFailed, match=re.escape(expected)):
+    with pytest.raises(FluxKontextPredictionFailed, match=re.escape(expected)):
         finish(tmp_path / "out", [f"{server.base_url}/out.png"])
     assert files_in(tmp_path / "out") == []
 
@@ -201,7 +205,7 @@ def test_server_chosen_names_never_leave_the_folder(
 )
 def test_a_cut_download_leaves_no_file(server: ScriptedServer, tmp_path: Path, answer: Any) -> None:
     server.script(answer)
-    with pytest.raises(KontextError):
+    with pytest.raises(FluxKontextError):
         finish(tmp_path / "out", [f"{server.base_url}/out.png"])
     assert files_in(tmp_path / "out") == []
     assert len(server.seen) == 2  # retried once (a read), then given up
@@ -257,7 +261,7 @@ def test_a_killed_worker_leaves_only_a_marked_partial_file(server: ScriptedServe
         os.environ["AIRFLOW_CONN_{CONN_ID.upper()}"] = {connection!r}
         from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
         from airflow_provider_kontext.models import Prediction
-        from airflow_provider_kontext.events import prediction_event
+        from airflow_provider_kontext.edits.events import prediction_event
         from airflow.sdk import ObjectStoragePath
         real_open = ObjectStoragePath.open
         class Killed:

@@ -27,8 +27,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from airflow_provider_kontext.compat import AirflowFailException, TaskDeferred
-from airflow_provider_kontext.exceptions import KontextInputError
-from airflow_provider_kontext.hooks._http import create_prediction_request
+from airflow_provider_kontext.exceptions import FluxKontextInputError
+from airflow_provider_kontext.hooks.api import create_prediction_request
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import (
     INPUT_MODELS,
@@ -191,7 +191,7 @@ def run(argument: str, value: Any) -> str:
         try:
             op.execute(context)  # type: ignore[arg-type]
         except AirflowFailException as exc:
-            assert isinstance(exc.__cause__, KontextInputError)
+            assert isinstance(exc.__cause__, FluxKontextInputError)
             assert names(str(exc), argument, value), (argument, str(exc)[:300])
             assert hook.method_calls == [], "an invalid input reached the hook"
             return "rejected before any call"
@@ -221,7 +221,7 @@ def test_extra_input_for_an_unknown_model(extra: dict[str, Any]) -> None:
     kwargs = {"task_id": "edit", "prompt": "p", "input_image": IMAGE_URL, "model": "someone/kontext-fork"}
     try:
         op = FluxKontextEditOperator(**kwargs, extra_input=extra)
-    except KontextInputError as exc:  # a literal the schema refuses: a DAG import error
+    except FluxKontextInputError as exc:  # a literal the schema refuses: a DAG import error
         assert names(str(exc), "extra_input", extra), str(exc)[:300]
         return
     op._cached_logger = mock.Mock()
@@ -305,7 +305,7 @@ FIELDS = sorted({name for schema in INPUT_MODELS.values() for name in schema.mod
 def test_every_model_field_validates_or_names_the_field(model: str, values: dict[Any, Any]) -> None:
     try:
         body = validate_input(model, values)
-    except KontextInputError as exc:
+    except FluxKontextInputError as exc:
         assert exc.errors, str(exc)
         keys = {str(key) for key in values}
         for field, message in exc.errors:
@@ -328,7 +328,7 @@ def test_every_model_field_validates_or_names_the_field(model: str, values: dict
 def test_a_model_reference_is_checked_before_it_reaches_a_url(model: Any) -> None:
     try:
         checked = check_model_reference(model)
-    except KontextInputError as exc:
+    except FluxKontextInputError as exc:
         assert str(exc).startswith("model: ")
         with pytest.raises(ValueError, match="model must be"):
             create_prediction_request(model, {"prompt": "p"})
@@ -338,18 +338,18 @@ def test_a_model_reference_is_checked_before_it_reaches_a_url(model: Any) -> Non
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -1.0, 10.5])
 def test_guidance_out_of_range_names_the_field(value: float) -> None:
-    with pytest.raises(KontextInputError, match=r"^Invalid input for .*: guidance: ") as info:
+    with pytest.raises(FluxKontextInputError, match=r"^Invalid input for .*: guidance: ") as info:
         validate_input(DEV, {"prompt": "p", "input_image": IMAGE_URL, "guidance": value})
     assert [field for field, _ in info.value.errors] == ["guidance"]
 
 
 def test_huge_values_are_shown_shortened_in_the_message() -> None:
-    with pytest.raises(KontextInputError) as info:
+    with pytest.raises(FluxKontextInputError) as info:
         validate_input(DEV, {"prompt": "p" * 20_000, "input_image": IMAGE_URL, "seed": 10**400})
     assert len(str(info.value)) < 1000
     assert {field for field, _ in info.value.errors} == {"prompt", "seed"}
 
 
 def test_pro_schema_applies_its_own_bounds() -> None:
-    with pytest.raises(KontextInputError, match="safety_tolerance"):
+    with pytest.raises(FluxKontextInputError, match="safety_tolerance"):
         validate_input(PRO, {"prompt": "p", "input_image": IMAGE_URL, "safety_tolerance": 6})

@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_hardening_server import ScriptedServer, response
 
-from airflow_provider_kontext.events import prediction_event
-from airflow_provider_kontext.exceptions import KontextError
-from airflow_provider_kontext.hooks._http import (
+from airflow_provider_kontext.edits.events import prediction_event
+from airflow_provider_kontext.exceptions import FluxKontextError
+from airflow_provider_kontext.hooks.api import (
     download_request,
     get_prediction_request,
     parse_response,
@@ -160,7 +160,7 @@ def test_a_token_echoed_by_the_server_is_never_shown(status: int, where: str, pa
     request = get_prediction_request(PID)
     try:
         parse_response(settings_, request, status, {"content-type": "text/html"}, body)
-    except KontextError as exc:
+    except FluxKontextError as exc:
         assert_hidden(
             [TOKEN], str(exc), repr(exc), str(getattr(exc, "detail", "")), str(getattr(exc, "title", ""))
         )
@@ -245,7 +245,7 @@ def test_a_failing_run_through_a_proxy_url_shows_no_secret(
         response(503, json.dumps({"title": echo, "detail": echo})),
         response(401, f"<html><title>{echo}</title></html>", "text/html"),
     )
-    with pytest.raises(KontextError) as sync_error:
+    with pytest.raises(FluxKontextError) as sync_error:
         FluxKontextHook(CONN_ID).get_prediction(PID)
     assert server.seen[0].path.startswith("/replicate/v1/predictions/")  # the proxy URL was really used
 
@@ -254,7 +254,7 @@ def test_a_failing_run_through_a_proxy_url_shows_no_secret(
             await hook.aget_prediction(PID)
 
     server.script(response(503, json.dumps({"title": echo, "detail": echo})))
-    with pytest.raises(KontextError) as async_error:
+    with pytest.raises(FluxKontextError) as async_error:
         asyncio.run(poll())
     text = logs()
     assert "attempt 1 failed" in text  # the retries were logged
@@ -271,7 +271,7 @@ def test_a_proxy_url_with_userinfo_and_a_token(
     server.script(response(200, json.dumps({"id": PID, "status": "processing"})))
     try:
         FluxKontextHook(CONN_ID).get_prediction(PID)
-    except KontextError as exc:
+    except FluxKontextError as exc:
         assert_hidden([TOKEN, URL_PASSWORD, QUERY_TOKEN], str(exc))
 
     async def poll() -> None:
@@ -280,7 +280,7 @@ def test_a_proxy_url_with_userinfo_and_a_token(
 
     try:
         asyncio.run(poll())
-    except (KontextError, ValueError) as exc:
+    except (FluxKontextError, ValueError) as exc:
         assert_hidden([TOKEN, URL_PASSWORD, QUERY_TOKEN], str(exc), repr(exc))
     assert_hidden([TOKEN, URL_PASSWORD, QUERY_TOKEN], logs())
 
@@ -292,7 +292,7 @@ def test_an_unreachable_proxy_url_shows_no_secret(conn: Callable[..., None], log
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed once the block ends: connection refused
     conn(host=proxy_url(f"http://127.0.0.1:{port}"), password=TOKEN)
-    with pytest.raises(KontextError) as info:
+    with pytest.raises(FluxKontextError) as info:
         FluxKontextHook(CONN_ID).get_prediction(PID)
     assert_hidden([TOKEN, URL_PASSWORD, QUERY_TOKEN], str(info.value), repr(info.value), logs())
 

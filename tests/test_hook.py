@@ -33,17 +33,17 @@ from hook_api import (
 )
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
-from airflow_provider_kontext import failures
 from airflow_provider_kontext.exceptions import (
-    KontextAPIError,
-    KontextAuthError,
-    KontextError,
-    KontextNotFoundError,
-    KontextPredictionMayExistError,
-    KontextServerError,
-    KontextTransportError,
+    FluxKontextAPIError,
+    FluxKontextAuthError,
+    FluxKontextError,
+    FluxKontextNotFoundError,
+    FluxKontextPredictionMayExistError,
+    FluxKontextServerError,
+    FluxKontextTransportError,
 )
-from airflow_provider_kontext.failures import parse_retry_after
+from airflow_provider_kontext.hooks import retry as failures
+from airflow_provider_kontext.hooks.api import parse_retry_after
 from airflow_provider_kontext.hooks.connection import ClientSettings, normalize_base_url
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import PredictionStatus
@@ -137,7 +137,7 @@ def hook() -> FluxKontextHook:
     return FluxKontextHook()
 
 
-def raised(call: Callable[[], Any], kind: type[BaseException] = KontextError) -> Any:
+def raised(call: Callable[[], Any], kind: type[BaseException] = FluxKontextError) -> Any:
     with pytest.raises(kind) as info:
         call()
     return info.value
@@ -670,7 +670,7 @@ def test_create_not_retried_after_5xx(
     hook: FluxKontextHook, requests_mock: Any, sleeps: list[float], status: int
 ) -> None:
     requests_mock.post(CREATE_URL, [{"status_code": status}, {"status_code": 201, "json": prediction_json()}])
-    err = raised(lambda: hook.create_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    err = raised(lambda: hook.create_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
     assert requests_mock.call_count == 1
     assert sleeps == []
     assert err.status == status
@@ -688,7 +688,7 @@ def test_create_not_retried_after_request_may_have_been_sent(
     hook: FluxKontextHook, requests_mock: Any, sleeps: list[float], exc: Exception
 ) -> None:
     requests_mock.post(CREATE_URL, [{"exc": exc}, {"status_code": 201, "json": prediction_json()}])
-    err = raised(lambda: hook.create_prediction(DEV, INPUT, wait=10), KontextPredictionMayExistError)
+    err = raised(lambda: hook.create_prediction(DEV, INPUT, wait=10), FluxKontextPredictionMayExistError)
     assert requests_mock.call_count == 1
     assert sleeps == []
     assert err.status is None
@@ -728,9 +728,11 @@ def test_create_retried_when_the_request_never_left(
 
 def test_create_refused_until_retries_run_out(requests_mock: Any, sleeps: list[float]) -> None:
     requests_mock.post(CREATE_URL, exc=refused())
-    err = raised(lambda: FluxKontextHook(max_retries=2).create_prediction(DEV, INPUT), KontextTransportError)
+    err = raised(
+        lambda: FluxKontextHook(max_retries=2).create_prediction(DEV, INPUT), FluxKontextTransportError
+    )
     # nothing was sent, so it is not a "may exist" error
-    assert not isinstance(err, KontextPredictionMayExistError)
+    assert not isinstance(err, FluxKontextPredictionMayExistError)
     assert err.request_sent is False
     assert requests_mock.call_count == 3
     assert len(sleeps) == 2
@@ -738,7 +740,7 @@ def test_create_refused_until_retries_run_out(requests_mock: Any, sleeps: list[f
 
 def test_ssl_error_is_not_treated_as_refused(hook: FluxKontextHook, requests_mock: Any) -> None:
     requests_mock.post(CREATE_URL, exc=requests.exceptions.SSLError("handshake failed"))
-    raised(lambda: hook.create_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    raised(lambda: hook.create_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
     assert requests_mock.call_count == 1
 
 
@@ -748,7 +750,7 @@ def test_retries_stop_after_max_retries(
 ) -> None:
     set_conn(password=TOKEN, extra={"max_retries": max_retries})
     requests_mock.get(GET_URL, status_code=503, text="upstream unavailable")
-    err = raised(lambda: FluxKontextHook().get_prediction(PRED_ID), KontextServerError)
+    err = raised(lambda: FluxKontextHook().get_prediction(PRED_ID), FluxKontextServerError)
     assert err.status == 503
     assert err.detail == "upstream unavailable"
     assert requests_mock.call_count == max_retries + 1
@@ -757,7 +759,7 @@ def test_retries_stop_after_max_retries(
 
 def test_transport_errors_until_retries_run_out(requests_mock: Any, sleeps: list[float]) -> None:
     requests_mock.get(GET_URL, exc=requests.exceptions.ReadTimeout("read timed out"))
-    err = raised(lambda: FluxKontextHook(max_retries=2).get_prediction(PRED_ID), KontextTransportError)
+    err = raised(lambda: FluxKontextHook(max_retries=2).get_prediction(PRED_ID), FluxKontextTransportError)
     assert err.request_sent is True
     assert "GET /v1/predictions/" in str(err)
     assert "ReadTimeout" in str(err)
@@ -769,7 +771,7 @@ def test_client_errors_are_not_retried(
     hook: FluxKontextHook, requests_mock: Any, sleeps: list[float], status: int
 ) -> None:
     requests_mock.get(GET_URL, status_code=status, json={"detail": "no"})
-    raised(lambda: hook.get_prediction(PRED_ID), KontextAPIError)
+    raised(lambda: hook.get_prediction(PRED_ID), FluxKontextAPIError)
     assert requests_mock.call_count == 1
     assert sleeps == []
 
@@ -795,7 +797,7 @@ def test_auth_errors(set_conn: Callable[..., None], requests_mock: Any, status: 
         headers={"Content-Type": PROBLEM},
         json={"title": "Unauthenticated", "detail": "Invalid token.", "status": status},
     )
-    err = raised(lambda: FluxKontextHook("kontext_prod").get_prediction(PRED_ID), KontextAuthError)
+    err = raised(lambda: FluxKontextHook("kontext_prod").get_prediction(PRED_ID), FluxKontextAuthError)
     assert err.status == status
     assert (err.title, err.detail) == ("Unauthenticated", "Invalid token.")
     message = str(err)
@@ -831,7 +833,7 @@ def test_a_rotated_token_is_used_after_an_auth_error(
 
 def test_an_auth_error_with_unchanged_settings_is_not_resent(requests_mock: Any, sleeps: list[float]) -> None:
     requests_mock.get(GET_URL, status_code=401, json={"detail": "Invalid token"})
-    raised(lambda: FluxKontextHook().get_prediction(PRED_ID), KontextAuthError)
+    raised(lambda: FluxKontextHook().get_prediction(PRED_ID), FluxKontextAuthError)
     assert requests_mock.call_count == 1
     assert sleeps == []
 
@@ -839,7 +841,7 @@ def test_an_auth_error_with_unchanged_settings_is_not_resent(requests_mock: Any,
 def test_auth_error_without_token_says_so(set_conn: Callable[..., None], requests_mock: Any) -> None:
     set_conn(host=PROXY)
     requests_mock.get(f"{PROXY}/v1/account", status_code=401, json={"detail": "Authentication required"})
-    err = raised(lambda: FluxKontextHook().get_account(), KontextAuthError)
+    err = raised(lambda: FluxKontextHook().get_account(), FluxKontextAuthError)
     assert "no token is configured" in str(err)
     assert "'flux_kontext_default'" in str(err)
 
@@ -851,7 +853,7 @@ def test_404(hook: FluxKontextHook, requests_mock: Any) -> None:
         headers={"Content-Type": PROBLEM},
         json={"title": "Not found", "status": 404},
     )
-    err = raised(lambda: hook.get_prediction(PRED_ID), KontextNotFoundError)
+    err = raised(lambda: hook.get_prediction(PRED_ID), FluxKontextNotFoundError)
     assert err.status == 404
     assert err.title == "Not found"
     assert "Check the model name, version or prediction id" in str(err)
@@ -865,8 +867,8 @@ def test_422_problem_json_keeps_title_and_detail(hook: FluxKontextHook, requests
         "detail": "- input.num_inference_steps: Must be less than or equal to 50",
     }
     requests_mock.post(CREATE_URL, status_code=422, headers={"Content-Type": PROBLEM}, json=problem)
-    err = raised(lambda: hook.create_prediction(DEV, INPUT), KontextAPIError)
-    assert type(err) is KontextAPIError
+    err = raised(lambda: hook.create_prediction(DEV, INPUT), FluxKontextAPIError)
+    assert type(err) is FluxKontextAPIError
     assert err.status == 422
     assert err.title == "Input validation failed"
     assert err.detail == "- input.num_inference_steps: Must be less than or equal to 50"
@@ -879,7 +881,7 @@ def test_422_problem_json_keeps_title_and_detail(hook: FluxKontextHook, requests
 
 def test_json_error_key_is_used_as_detail(hook: FluxKontextHook, requests_mock: Any) -> None:
     requests_mock.get(GET_URL, status_code=400, json={"error": {"code": "bad", "message": "nope"}})
-    err = raised(lambda: hook.get_prediction(PRED_ID), KontextAPIError)
+    err = raised(lambda: hook.get_prediction(PRED_ID), FluxKontextAPIError)
     assert json.loads(err.detail) == {"code": "bad", "message": "nope"}
 
 
@@ -887,7 +889,7 @@ def test_plain_text_error(hook: FluxKontextHook, requests_mock: Any) -> None:
     requests_mock.get(
         GET_URL, status_code=400, headers={"Content-Type": "text/plain"}, text="  bad\n\n request  body "
     )
-    err = raised(lambda: hook.get_prediction(PRED_ID), KontextAPIError)
+    err = raised(lambda: hook.get_prediction(PRED_ID), FluxKontextAPIError)
     assert err.status == 400
     assert err.title is None
     assert err.detail == "bad request body"
@@ -896,27 +898,27 @@ def test_plain_text_error(hook: FluxKontextHook, requests_mock: Any) -> None:
 
 def test_long_plain_text_error_is_shortened(hook: FluxKontextHook, requests_mock: Any) -> None:
     requests_mock.get(GET_URL, status_code=400, text="x" * 5000)
-    err = raised(lambda: hook.get_prediction(PRED_ID), KontextAPIError)
+    err = raised(lambda: hook.get_prediction(PRED_ID), FluxKontextAPIError)
     assert len(err.detail) == 500
 
 
 def test_html_error_page(hook: FluxKontextHook, requests_mock: Any) -> None:
     page = "<!DOCTYPE html><html><head><title>404 Not\n  Found</title></head><body>nginx</body></html>"
     requests_mock.get(GET_URL, status_code=404, headers={"Content-Type": "text/html"}, text=page)
-    err = raised(lambda: hook.get_prediction(PRED_ID), KontextNotFoundError)
+    err = raised(lambda: hook.get_prediction(PRED_ID), FluxKontextNotFoundError)
     assert err.detail == "an HTML page (404 Not Found) instead of the API's JSON; is the base URL right?"
     assert "<html>" not in str(err)
 
 
 def test_html_page_without_title_or_content_type(hook: FluxKontextHook, requests_mock: Any) -> None:
     requests_mock.get(GET_URL, status_code=400, text="<html><body>Bad</body></html>")
-    err = raised(lambda: hook.get_prediction(PRED_ID), KontextAPIError)
+    err = raised(lambda: hook.get_prediction(PRED_ID), FluxKontextAPIError)
     assert "an HTML page (no title)" in err.detail
 
 
 def test_empty_error_body(hook: FluxKontextHook, requests_mock: Any) -> None:
     requests_mock.get(GET_URL, status_code=409, content=b"")
-    err = raised(lambda: hook.get_prediction(PRED_ID), KontextAPIError)
+    err = raised(lambda: hook.get_prediction(PRED_ID), FluxKontextAPIError)
     assert str(err) == f"GET /v1/predictions/{PRED_ID} failed with HTTP 409"
 
 
@@ -927,8 +929,8 @@ def test_2xx_with_html_body(hook: FluxKontextHook, requests_mock: Any) -> None:
         headers={"Content-Type": "text/html"},
         text="<html><head><title>Welcome to nginx!</title></head></html>",
     )
-    err = raised(lambda: hook.get_prediction(PRED_ID), KontextAPIError)
-    assert type(err) is KontextAPIError
+    err = raised(lambda: hook.get_prediction(PRED_ID), FluxKontextAPIError)
+    assert type(err) is FluxKontextAPIError
     assert err.status == 200
     assert err.title == "malformed response"
     assert "Welcome to nginx!" in err.detail
@@ -938,7 +940,7 @@ def test_2xx_with_html_body(hook: FluxKontextHook, requests_mock: Any) -> None:
 def test_2xx_with_non_json_text(hook: FluxKontextHook, requests_mock: Any, sleeps: list[float]) -> None:
     requests_mock.post(CREATE_URL, status_code=201, text="OK")
     # Unreadable, yet the server may have created it: an uncertain create, not retried.
-    err = raised(lambda: hook.create_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    err = raised(lambda: hook.create_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
     assert err.status == 201
     assert "(malformed response): OK (expected JSON)" in str(err)
     assert requests_mock.call_count == 1
@@ -950,7 +952,7 @@ def test_2xx_json_of_the_wrong_shape_is_an_api_error(
     hook: FluxKontextHook, requests_mock: Any, body: bytes
 ) -> None:
     requests_mock.get(GET_URL, status_code=200, content=body)
-    err = raised(lambda: hook.get_prediction(PRED_ID), KontextAPIError)
+    err = raised(lambda: hook.get_prediction(PRED_ID), FluxKontextAPIError)
     assert "Prediction" in str(err)
 
 
@@ -979,7 +981,7 @@ def test_token_echoed_by_the_server_is_never_shown(
 ) -> None:
     requests_mock.get(GET_URL, status_code=status, **echo)
     hook = FluxKontextHook(max_retries=1)
-    err = raised(lambda: hook.get_prediction(PRED_ID), KontextAPIError)
+    err = raised(lambda: hook.get_prediction(PRED_ID), FluxKontextAPIError)
     assert err.status == status
     assert_no_secret(str(err), repr(err), err.title, err.detail, logs())
 
@@ -989,13 +991,13 @@ def test_token_echoed_to_a_create_is_never_shown(
     hook: FluxKontextHook, requests_mock: Any, logs: Callable[[], str], echo: dict[str, Any]
 ) -> None:
     requests_mock.post(CREATE_URL, status_code=500, **echo)
-    err = raised(lambda: hook.create_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    err = raised(lambda: hook.create_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
     assert_no_secret(str(err), repr(err), err.title, err.detail, logs())
 
 
 def test_token_echoed_in_a_2xx_non_json_body(hook: FluxKontextHook, requests_mock: Any) -> None:
     requests_mock.get(GET_URL, status_code=200, text=f"hello {TOKEN}")
-    err = raised(lambda: hook.get_prediction(PRED_ID), KontextAPIError)
+    err = raised(lambda: hook.get_prediction(PRED_ID), FluxKontextAPIError)
     assert err.detail == "hello *** (expected JSON)"
     assert_no_secret(str(err))
 
@@ -1004,7 +1006,7 @@ def test_token_in_a_transport_error_is_never_shown(
     hook: FluxKontextHook, requests_mock: Any, logs: Callable[[], str]
 ) -> None:
     requests_mock.get(GET_URL, exc=requests.exceptions.ConnectionError(f"proxy said Bearer {TOKEN}"))
-    err = raised(lambda: FluxKontextHook(max_retries=1).get_prediction(PRED_ID), KontextTransportError)
+    err = raised(lambda: FluxKontextHook(max_retries=1).get_prediction(PRED_ID), FluxKontextTransportError)
     assert "***" in str(err)
     assert_no_secret(str(err), repr(err), logs())
 
@@ -1089,7 +1091,7 @@ def test_unreadable_answer_to_a_create_is_an_uncertain_create(
     """A 2xx the hook cannot read may still have created (and billed) a prediction: never a plain
     error that would let a retry create a second one."""
     requests_mock.post(CREATE_URL, text=body, status_code=201)
-    with pytest.raises(KontextPredictionMayExistError) as info:
+    with pytest.raises(FluxKontextPredictionMayExistError) as info:
         hook.create_prediction(DEV, INPUT)
     assert requests_mock.call_count == 1
     if named:

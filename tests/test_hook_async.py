@@ -41,20 +41,20 @@ from hook_api import (
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from airflow_provider_kontext.exceptions import (
-    KontextAPIError,
-    KontextAuthError,
-    KontextDeadlineError,
-    KontextError,
-    KontextNotFoundError,
-    KontextPredictionMayExistError,
-    KontextRateLimitError,
-    KontextServerError,
-    KontextTransportError,
+    FluxKontextAPIError,
+    FluxKontextAuthError,
+    FluxKontextDeadlineError,
+    FluxKontextError,
+    FluxKontextNotFoundError,
+    FluxKontextPredictionMayExistError,
+    FluxKontextRateLimitError,
+    FluxKontextServerError,
+    FluxKontextTransportError,
 )
-from airflow_provider_kontext.failures import Budget
 from airflow_provider_kontext.hooks import connection as connection_module
 from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+from airflow_provider_kontext.hooks.retry import RetryLimits
 from airflow_provider_kontext.hooks.transports import AiohttpClient, SharedAsyncClient
 from airflow_provider_kontext.models import PredictionStatus
 
@@ -291,7 +291,7 @@ def logs(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -
     return read
 
 
-async def araised(coro: Any, kind: type[BaseException] = KontextError) -> Any:
+async def araised(coro: Any, kind: type[BaseException] = FluxKontextError) -> Any:
     with pytest.raises(kind) as info:
         await coro
     return info.value
@@ -408,7 +408,7 @@ async def test_an_auth_error_with_unchanged_settings_is_not_resent(
 ) -> None:
     api.on("GET", GET_URL, {"status_code": 401, "json": {"detail": "Invalid token"}})
     async with FluxKontextHook() as hook:
-        await araised(hook.aget_prediction(PRED_ID), KontextAuthError)
+        await araised(hook.aget_prediction(PRED_ID), FluxKontextAuthError)
     assert len(api.requests) == 1
     assert len(lookups) == 2  # looked up again, found the same
     assert sleeps == []
@@ -693,7 +693,7 @@ async def test_create_not_retried_after_5xx(
     hook: FluxKontextHook, api: FakeApi, sleeps: list[float], status: int
 ) -> None:
     api.on("POST", CREATE_URL, {"status_code": status}, {"status_code": 201, "json": prediction_json()})
-    err = await araised(hook.acreate_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
     assert len(api.requests) == 1
     assert sleeps == []
     assert err.status == status
@@ -715,7 +715,7 @@ async def test_create_not_retried_when_the_request_may_have_been_sent(
 ) -> None:
     api.on("POST", CREATE_URL, failure, {"status_code": 201, "json": prediction_json()})
     async with FluxKontextHook(timeout=0.2) as hook:
-        err = await araised(hook.acreate_prediction(DEV, INPUT), KontextPredictionMayExistError)
+        err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
     assert len(api.requests) == 1
     assert sleeps == []
     assert "no complete response" in str(err)
@@ -754,8 +754,8 @@ async def test_create_retried_when_the_request_never_left(
 async def test_create_refused_until_retries_run_out(api: FakeApi, sleeps: list[float]) -> None:
     api.on("POST", CREATE_URL, Fail("refuse"))
     async with FluxKontextHook(max_retries=2) as hook:
-        err = await araised(hook.acreate_prediction(DEV, INPUT), KontextTransportError)
-    assert not isinstance(err, KontextPredictionMayExistError)
+        err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextTransportError)
+    assert not isinstance(err, FluxKontextPredictionMayExistError)
     assert err.request_sent is False
     assert "could not connect" in str(err)
     assert len(api.requests) == 3
@@ -767,7 +767,7 @@ async def test_create_429_until_its_bound(api: FakeApi, sleeps: list[float]) -> 
     (here 0.5 s; the account's budget pauses 0.05 s per 429), not for max_retries attempts."""
     api.on("POST", CREATE_URL, {"status_code": 429, "headers": {"Retry-After": "0.05"}})
     async with FluxKontextHook(max_retries=1, retry_after_max=0.5) as hook:
-        err = await araised(hook.acreate_prediction(DEV, INPUT), KontextRateLimitError)
+        err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextRateLimitError)
     assert err.retry_after == 0.05
     assert "max_retries x retry_after_max = 0.5 s" in str(err)
     assert len(api.requests) >= 3
@@ -780,7 +780,7 @@ async def test_retries_stop_after_max_retries(
     set_conn(password=TOKEN, extra={"max_retries": max_retries})
     api.on("GET", GET_URL, {"status_code": 502, "text": "bad gateway"})
     async with FluxKontextHook() as hook:
-        err = await araised(hook.aget_prediction(PRED_ID), KontextServerError)
+        err = await araised(hook.aget_prediction(PRED_ID), FluxKontextServerError)
     assert err.detail == "bad gateway"
     assert len(api.requests) == max_retries + 1
     assert len(sleeps) == max_retries
@@ -789,7 +789,7 @@ async def test_retries_stop_after_max_retries(
 async def test_transport_errors_until_retries_run_out(api: FakeApi, sleeps: list[float]) -> None:
     api.on("GET", GET_URL, Fail("hang"))
     async with FluxKontextHook(max_retries=2, timeout=0.2) as hook:
-        err = await araised(hook.aget_prediction(PRED_ID), KontextTransportError)
+        err = await araised(hook.aget_prediction(PRED_ID), FluxKontextTransportError)
     assert err.request_sent is True
     assert "Timeout" in str(err)
     assert len(api.requests) == 3
@@ -800,7 +800,7 @@ async def test_client_errors_are_not_retried(
     hook: FluxKontextHook, api: FakeApi, sleeps: list[float], status: int
 ) -> None:
     api.on("GET", GET_URL, {"status_code": status, "json": {"detail": "no"}})
-    await araised(hook.aget_prediction(PRED_ID), KontextAPIError)
+    await araised(hook.aget_prediction(PRED_ID), FluxKontextAPIError)
     assert len(api.requests) == 1
     assert sleeps == []
 
@@ -829,7 +829,7 @@ async def test_auth_errors(set_conn: Callable[..., None], api: FakeApi, status: 
         },
     )
     async with FluxKontextHook("kontext_prod") as hook:
-        err = await araised(hook.aget_account(), KontextAuthError)
+        err = await araised(hook.aget_account(), FluxKontextAuthError)
     assert err.status == status
     assert (err.title, err.detail) == ("Unauthenticated", "Invalid token.")
     assert "Check the API token in connection 'kontext_prod'" in str(err)
@@ -838,15 +838,15 @@ async def test_auth_errors(set_conn: Callable[..., None], api: FakeApi, status: 
 
 async def test_404(hook: FluxKontextHook, api: FakeApi) -> None:
     api.on("GET", GET_URL, {"status_code": 404, "json": {"title": "Not found", "status": 404}})
-    err = await araised(hook.aget_prediction(PRED_ID), KontextNotFoundError)
+    err = await araised(hook.aget_prediction(PRED_ID), FluxKontextNotFoundError)
     assert (err.status, err.title) == (404, "Not found")
 
 
 async def test_422_problem_json_keeps_title_and_detail(hook: FluxKontextHook, api: FakeApi) -> None:
     problem = {"title": "Input validation failed", "status": 422, "detail": "- input.guidance: Must be <= 10"}
     api.on("POST", CREATE_URL, {"status_code": 422, "headers": {"Content-Type": PROBLEM}, "json": problem})
-    err = await araised(hook.acreate_prediction(DEV, INPUT), KontextAPIError)
-    assert type(err) is KontextAPIError
+    err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextAPIError)
+    assert type(err) is FluxKontextAPIError
     assert (err.status, err.title, err.detail) == (
         422,
         "Input validation failed",
@@ -864,7 +864,7 @@ async def test_plain_text_error(hook: FluxKontextHook, api: FakeApi) -> None:
         GET_URL,
         {"status_code": 400, "headers": {"Content-Type": "text/plain"}, "text": "bad\n request"},
     )
-    err = await araised(hook.aget_prediction(PRED_ID), KontextAPIError)
+    err = await araised(hook.aget_prediction(PRED_ID), FluxKontextAPIError)
     assert (err.title, err.detail) == (None, "bad request")
 
 
@@ -878,7 +878,7 @@ async def test_html_error_page(hook: FluxKontextHook, api: FakeApi) -> None:
             "text": "<html><title>Oops</title></html>",
         },
     )
-    err = await araised(hook.aget_prediction(PRED_ID), KontextNotFoundError)
+    err = await araised(hook.aget_prediction(PRED_ID), FluxKontextNotFoundError)
     assert err.detail == "an HTML page (Oops) instead of the API's JSON; is the base URL right?"
 
 
@@ -886,7 +886,7 @@ async def test_2xx_with_non_json_body(hook: FluxKontextHook, api: FakeApi, sleep
     api.on(
         "POST", CREATE_URL, {"status_code": 201, "headers": {"Content-Type": "text/html"}, "text": "<html/>"}
     )
-    err = await araised(hook.acreate_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
     assert err.status == 201
     assert "(malformed response)" in str(err)
     assert "(expected JSON)" in str(err)
@@ -898,7 +898,7 @@ async def test_2xx_json_of_the_wrong_shape_is_an_api_error(
     hook: FluxKontextHook, api: FakeApi, body: bytes
 ) -> None:
     api.on("GET", GET_URL, {"status_code": 200, "content": body})
-    err = await araised(hook.aget_prediction(PRED_ID), KontextAPIError)
+    err = await araised(hook.aget_prediction(PRED_ID), FluxKontextAPIError)
     assert "Prediction" in str(err)
 
 
@@ -924,7 +924,7 @@ async def test_token_echoed_by_the_server_is_never_shown(
 ) -> None:
     api.on("GET", GET_URL, {"status_code": status, **echo})
     async with FluxKontextHook(max_retries=1) as hook:
-        err = await araised(hook.aget_prediction(PRED_ID), KontextAPIError)
+        err = await araised(hook.aget_prediction(PRED_ID), FluxKontextAPIError)
     assert err.status == status
     assert_no_secret(str(err), repr(err), err.title, err.detail, logs())
 
@@ -934,14 +934,14 @@ async def test_token_echoed_to_a_create_is_never_shown(
     hook: FluxKontextHook, api: FakeApi, logs: Callable[[], str], echo: dict[str, Any]
 ) -> None:
     api.on("POST", CREATE_URL, {"status_code": 502, **echo})
-    err = await araised(hook.acreate_prediction(DEV, INPUT), KontextPredictionMayExistError)
+    err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
     assert_no_secret(str(err), repr(err), logs())
 
 
 async def test_token_in_a_transport_error_is_never_shown(api: FakeApi, logs: Callable[[], str]) -> None:
     api.on("GET", GET_URL, Fail("garbled", f"peer said Bearer {TOKEN}"))
     async with FluxKontextHook(max_retries=1) as hook:
-        err = await araised(hook.aget_prediction(PRED_ID), KontextTransportError)
+        err = await araised(hook.aget_prediction(PRED_ID), FluxKontextTransportError)
     assert "***" in str(err)
     assert_no_secret(str(err), repr(err), logs())
 
@@ -1126,7 +1126,7 @@ async def test_real_read_timeout_on_a_create_is_not_retried(
     local_api: dict[str, Any], sleeps: list[float]
 ) -> None:
     async with FluxKontextHook(timeout=0.2, max_retries=3) as hook:
-        err = await araised(hook.acreate_prediction(DEV, INPUT), KontextPredictionMayExistError)
+        err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
     assert len(local_api["seen"]) == 1
     assert sleeps == []
     assert "no complete response" in str(err)
@@ -1134,7 +1134,7 @@ async def test_real_read_timeout_on_a_create_is_not_retried(
 
 async def test_real_read_timeout_on_a_get_is_retried(local_api: dict[str, Any], sleeps: list[float]) -> None:
     async with FluxKontextHook(timeout=0.2, max_retries=1) as hook:
-        err = await araised(hook.aget_prediction("slow"), KontextTransportError)
+        err = await araised(hook.aget_prediction("slow"), FluxKontextTransportError)
     assert err.request_sent is True
     assert len(local_api["seen"]) == 2
     assert len(sleeps) == 1
@@ -1151,8 +1151,8 @@ async def test_real_connection_refused_create_is_retried(
 ) -> None:
     set_conn(host=f"http://127.0.0.1:{free_port()}", password=TOKEN)
     async with FluxKontextHook(max_retries=2) as hook:
-        err = await araised(hook.acreate_prediction(DEV, INPUT), KontextTransportError)
-    assert not isinstance(err, KontextPredictionMayExistError)
+        err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextTransportError)
+    assert not isinstance(err, FluxKontextPredictionMayExistError)
     assert err.request_sent is False
     assert "could not connect" in str(err)
     assert len(sleeps) == 2
@@ -1173,7 +1173,7 @@ async def test_real_dropped_connection_create_is_not_retried(
     set_conn(host=f"http://127.0.0.1:{port}", password=TOKEN)
     try:
         async with FluxKontextHook(max_retries=3) as hook:
-            await araised(hook.acreate_prediction(DEV, INPUT), KontextPredictionMayExistError)
+            await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
     finally:
         server.close()
         await server.wait_closed()
@@ -1247,7 +1247,7 @@ async def test_unreadable_answer_to_a_create_is_an_uncertain_create_async(
     hook: FluxKontextHook, api: FakeApi
 ) -> None:
     api.on("POST", CREATE_URL, {"status_code": 201, "text": '{"id": "p1", "status": "queued"}'})
-    with pytest.raises(KontextPredictionMayExistError, match="named prediction 'p1'"):
+    with pytest.raises(FluxKontextPredictionMayExistError, match="named prediction 'p1'"):
         await hook.acreate_prediction(DEV, INPUT)
     assert len(api.requests) == 1
 
@@ -1259,7 +1259,7 @@ async def test_a_poll_budget_replaces_max_retries(
     hook: FluxKontextHook, api: FakeApi, sleeps: list[float]
 ) -> None:
     api.on("GET", GET_URL, {"status_code": 503})
-    await araised(hook.aget_prediction(PRED_ID, budget=Budget(retries=7)), KontextServerError)
+    await araised(hook.aget_prediction(PRED_ID, retry_limits=RetryLimits(retries=7)), FluxKontextServerError)
     assert len(api.requests) == 8
     assert len(sleeps) == 7
 
@@ -1270,7 +1270,7 @@ async def test_a_poll_budget_tolerates_unreadable_answers(
     api.on(
         "GET", GET_URL, {"content": b"<html/>"}, {"json": {"unexpected": True}}, {"json": prediction_json()}
     )
-    prediction = await hook.aget_prediction(PRED_ID, budget=Budget(retries=3, tolerate=True))
+    prediction = await hook.aget_prediction(PRED_ID, retry_limits=RetryLimits(retries=3, tolerate=True))
     assert prediction.id == PRED_ID
     assert len(api.requests) == 3
     assert len(sleeps) == 2
@@ -1280,7 +1280,7 @@ async def test_without_a_poll_budget_an_unreadable_answer_fails_at_once(
     hook: FluxKontextHook, api: FakeApi, sleeps: list[float]
 ) -> None:
     api.on("GET", GET_URL, {"json": {"unexpected": True}}, {"json": prediction_json()})
-    await araised(hook.aget_prediction(PRED_ID), KontextAPIError)
+    await araised(hook.aget_prediction(PRED_ID), FluxKontextAPIError)
     assert len(api.requests) == 1
     assert sleeps == []
 
@@ -1289,8 +1289,8 @@ async def test_a_poll_never_waits_past_its_deadline(
     hook: FluxKontextHook, api: FakeApi, sleeps: list[float]
 ) -> None:
     api.on("GET", GET_URL, {"status_code": 429, "json": {"detail": "Your rate limit resets in ~30s."}})
-    budget = Budget(retries=10, tolerate=True, deadline=time.time() + 5)
-    err = await araised(hook.aget_prediction(PRED_ID, budget=budget), KontextDeadlineError)
+    retry_limits = RetryLimits(retries=10, tolerate=True, deadline=time.time() + 5)
+    err = await araised(hook.aget_prediction(PRED_ID, retry_limits=retry_limits), FluxKontextDeadlineError)
     assert "still failing at the deadline" in str(err)
     assert len(api.requests) == 1
     assert sleeps == []
@@ -1301,8 +1301,8 @@ async def test_a_poll_in_flight_is_cut_at_the_deadline(
 ) -> None:
     api.on("GET", GET_URL, Fail("hang"))  # the read timeout (30 s) is far away
     started = time.monotonic()
-    budget = Budget(retries=10, deadline=time.time() + 0.1, grace=0.2)
-    err = await araised(hook.aget_prediction(PRED_ID, budget=budget), KontextDeadlineError)
+    retry_limits = RetryLimits(retries=10, deadline=time.time() + 0.1, grace=0.2)
+    err = await araised(hook.aget_prediction(PRED_ID, retry_limits=retry_limits), FluxKontextDeadlineError)
     assert "no answer by the deadline" in str(err)
     assert time.monotonic() - started < 10
     assert sleeps == []

@@ -13,9 +13,14 @@ from unittest import mock
 import pytest
 from airflow.sdk import ObjectStoragePath
 
-from airflow_provider_kontext.events import prediction_event
+from airflow_provider_kontext.edits.events import prediction_event
+from airflow_provider_kontext.edits.lineage import (
+    RUN_FACET_KEY,
+    dataset_identity,
+    edit_lineage,
+    public_location,
+)
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-from airflow_provider_kontext.lineage import RUN_FACET_KEY, dataset_identity, edit_lineage, public_location
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
 

@@ -8,7 +8,7 @@ from typing import Any, get_args
 import pytest
 from pydantic import ValidationError
 
-from airflow_provider_kontext.exceptions import KontextInputError
+from airflow_provider_kontext.exceptions import FluxKontextInputError
 from airflow_provider_kontext.models import (
     DEFAULT_MODEL,
     TERMINAL_STATUSES,
@@ -73,8 +73,8 @@ def dev(**values: Any) -> dict[str, Any]:
     return {"prompt": "make it a watercolour", "input_image": IMAGE, **values}
 
 
-def invalid(model: str, values: dict[str, Any]) -> KontextInputError:
-    with pytest.raises(KontextInputError) as info:
+def invalid(model: str, values: dict[str, Any]) -> FluxKontextInputError:
+    with pytest.raises(FluxKontextInputError) as info:
         validate_input(model, values)
     return info.value
 

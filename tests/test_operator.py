@@ -19,20 +19,23 @@ from airflow.sdk.execution_time.context import OutletEventAccessors
 from factories import api_prediction
 
 from airflow_provider_kontext.compat import AirflowFailException, TaskDeferred
-from airflow_provider_kontext.events import prediction_event
+from airflow_provider_kontext.edits.events import prediction_event
 from airflow_provider_kontext.exceptions import (
-    KontextAPIError,
-    KontextAuthError,
-    KontextInputError,
-    KontextNotFoundError,
-    KontextPredictionFailed,
-    KontextPredictionMayExistError,
-    KontextServerError,
+    FluxKontextAPIError,
+    FluxKontextAuthError,
+    FluxKontextInputError,
+    FluxKontextNotFoundError,
+    FluxKontextPredictionFailed,
+    FluxKontextPredictionMayExistError,
+    FluxKontextServerError,
 )
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-from airflow_provider_kontext.links.kontext import ReplicatePredictionLink
+from airflow_provider_kontext.links.kontext import FluxKontextPredictionLink
 from airflow_provider_kontext.models import Prediction, UploadedFile
-from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator, KontextPredictionFailedNoRetry
+from airflow_provider_kontext.operators.kontext import (
+    FluxKontextEditOperator,
+    FluxKontextPredictionFailedNoRetry,
+)
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
 
 PID = "gm3qorzdhgbfurvjtvhg6dckhu"
@@ -197,7 +200,7 @@ def test_invalid_input_fails_before_any_call(hook, kwargs, field):
 )
 def test_a_bad_literal_input_is_a_dag_import_error(kwargs, message):
     """Checked in ``__init__``: the DAG file fails to import, naming the task, field and range."""
-    with pytest.raises(KontextInputError) as info:
+    with pytest.raises(FluxKontextInputError) as info:
         make_op(**kwargs)
     assert str(info.value).startswith("Task 'edit': ")
     assert message in str(info.value)
@@ -527,9 +530,9 @@ def test_state_store_written_before_deferral(hook):
 
 def test_create_failure_that_may_have_created_leaves_the_create_marker(hook):
     """A 5xx does not prove nothing was created: the retry must know to search for it."""
-    hook.create_prediction.side_effect = KontextServerError(status=503)
+    hook.create_prediction.side_effect = FluxKontextServerError(status=503)
     context = make_context()
-    with pytest.raises(KontextServerError):
+    with pytest.raises(FluxKontextServerError):
         make_op().execute(context)
     assert set(context["task_state_store"].data[STATE_KEY]) == {"creating"}
 
@@ -537,10 +540,10 @@ def test_create_failure_that_may_have_created_leaves_the_create_marker(hook):
 @pytest.mark.parametrize(
     ("error", "why"),
     [
-        (KontextAuthError(status=401, method="POST", path="/v1/x"), "the token is refused"),
-        (KontextAuthError(status=403), "the token is refused"),
-        (KontextNotFoundError(status=404), "the model or version does not exist"),
-        (KontextAPIError(status=422, title="Unprocessable Entity"), "the server rejects this input"),
+        (FluxKontextAuthError(status=401, method="POST", path="/v1/x"), "the token is refused"),
+        (FluxKontextAuthError(status=403), "the token is refused"),
+        (FluxKontextNotFoundError(status=404), "the model or version does not exist"),
+        (FluxKontextAPIError(status=422, title="Unprocessable Entity"), "the server rejects this input"),
     ],
 )
 def test_a_create_answer_no_retry_can_change_fails_without_retries(hook, error, why):
@@ -560,7 +563,7 @@ def test_a_create_answer_no_retry_can_change_fails_without_retries(hook, error, 
 def test_an_upload_refused_fails_without_retries(hook, tmp_path):
     image = tmp_path / "big.png"
     image.write_bytes(PNG + bytes(1024))
-    hook.upload_file.side_effect = KontextAuthError(status=401)
+    hook.upload_file.side_effect = FluxKontextAuthError(status=401)
     with pytest.raises(AirflowFailException, match="Not retried: the upload would get the same answer"):
         make_op(input_image=str(image), inline_image_max_bytes=10).execute(make_context())
     hook.create_prediction.assert_not_called()
@@ -568,9 +571,9 @@ def test_an_upload_refused_fails_without_retries(hook, tmp_path):
 
 @pytest.mark.parametrize("status", [400, 409, 429, 500])
 def test_other_create_answers_keep_their_retries(hook, status):
-    error = (KontextServerError if status >= 500 else KontextAPIError)(status=status)
+    error = (FluxKontextServerError if status >= 500 else FluxKontextAPIError)(status=status)
     hook.create_prediction.side_effect = error
-    with pytest.raises(KontextAPIError):
+    with pytest.raises(FluxKontextAPIError):
         make_op().execute(make_context())
 
 
@@ -666,7 +669,7 @@ def test_changed_local_image_creates_new(hook, tmp_path):
 
 
 def test_vanished_prediction_creates_new(hook, first_try):
-    hook.get_prediction.side_effect = KontextNotFoundError(status=404)
+    hook.get_prediction.side_effect = FluxKontextNotFoundError(status=404)
     op = make_op()
     deferred = run_deferring(op, make_context(first_try))
     hook.create_prediction.assert_called_once()
@@ -704,20 +707,20 @@ def test_malformed_store_value_is_ignored(hook):
 
 
 def test_uncertain_create_fails_without_retry_by_default(hook):
-    hook.create_prediction.side_effect = KontextPredictionMayExistError("read timed out after sending")
+    hook.create_prediction.side_effect = FluxKontextPredictionMayExistError("read timed out after sending")
     context = make_context()
     with pytest.raises(AirflowFailException, match="read timed out after sending") as info:
         make_op().execute(context)
     assert "retry_uncertain_create" in str(info.value)
-    assert isinstance(info.value.__cause__, KontextPredictionMayExistError)
+    assert isinstance(info.value.__cause__, FluxKontextPredictionMayExistError)
     # Kept for a clear or retry to search the list for the prediction the create may have made.
     assert set(context["task_state_store"].data[STATE_KEY]) == {"creating"}
 
 
 def test_uncertain_create_reraised_when_retries_allowed(hook):
-    error = KontextPredictionMayExistError("read timed out after sending")
+    error = FluxKontextPredictionMayExistError("read timed out after sending")
     hook.create_prediction.side_effect = error
-    with pytest.raises(KontextPredictionMayExistError) as info:
+    with pytest.raises(FluxKontextPredictionMayExistError) as info:
         make_op(retry_uncertain_create=True).execute(make_context())
     assert info.value is error
 
@@ -793,7 +796,7 @@ def test_complete_unsuccessful(hook, status):
         status, error="NSFW content detected", logs="step 1/28\nstep 2/28\nrunning safety checker\n"
     )
     context = stored_context()
-    with pytest.raises(KontextPredictionFailed) as info:
+    with pytest.raises(FluxKontextPredictionFailed) as info:
         make_op().execute_complete(context, prediction_event(prediction))
     exc = info.value
     assert exc.status == status
@@ -808,14 +811,14 @@ def test_complete_unsuccessful(hook, status):
 
 
 def test_complete_succeeded_without_output(hook):
-    with pytest.raises(KontextPredictionFailed, match="returned no output") as info:
+    with pytest.raises(FluxKontextPredictionFailed, match="returned no output") as info:
         make_op().execute_complete(stored_context(), prediction_event(succeeded(output=[])))
     assert info.value.status == "succeeded"
 
 
 def test_complete_succeeded_but_data_removed(hook):
     event = prediction_event(succeeded(output=None, data_removed=True))
-    with pytest.raises(KontextPredictionFailed, match="already deleted"):
+    with pytest.raises(FluxKontextPredictionFailed, match="already deleted"):
         make_op().execute_complete(stored_context(), event)
 
 
@@ -823,7 +826,7 @@ def test_complete_timeout_cancels_then_fails(hook):
     hook.cancel_prediction.return_value = make_prediction("canceled")
     event = {"status": "timeout", "prediction_id": PID, "message": f"Prediction {PID} did not finish"}
     op = make_op()
-    with pytest.raises(KontextPredictionFailed, match="did not finish") as info:
+    with pytest.raises(FluxKontextPredictionFailed, match="did not finish") as info:
         op.execute_complete(make_context(), event)
     hook.cancel_prediction.assert_called_once_with(PID)
     assert info.value.status == "timeout"
@@ -831,9 +834,9 @@ def test_complete_timeout_cancels_then_fails(hook):
 
 
 def test_complete_timeout_fails_even_if_cancel_fails(hook):
-    hook.cancel_prediction.side_effect = KontextServerError(status=500)
+    hook.cancel_prediction.side_effect = FluxKontextServerError(status=500)
     op = make_op()
-    with pytest.raises(KontextPredictionFailed) as info:
+    with pytest.raises(FluxKontextPredictionFailed) as info:
         op.execute_complete(make_context(), {"status": "timeout", "prediction_id": PID, "message": "late"})
     assert info.value.status == "timeout"
     assert any("Could not cancel" in line for line in logged(op, "warning"))
@@ -841,7 +844,7 @@ def test_complete_timeout_fails_even_if_cancel_fails(hook):
 
 def test_complete_error_event(hook):
     event = {"status": "error", "prediction_id": PID, "message": "Polling failed: HTTP 401"}
-    with pytest.raises(KontextPredictionFailed, match="HTTP 401") as info:
+    with pytest.raises(FluxKontextPredictionFailed, match="HTTP 401") as info:
         make_op().execute_complete(make_context(), event)
     assert info.value.status == "error"
     hook.cancel_prediction.assert_not_called()
@@ -933,7 +936,7 @@ def test_non_image_download_fails_and_leaves_no_file(hook, tmp_path):
     folder = tmp_path / "out"
     hook.download.side_effect = writes(b"<html><body>Access denied</body></html>")
     context = stored_context()
-    with pytest.raises(KontextPredictionFailed, match="not a jpeg/png/gif/webp"):
+    with pytest.raises(FluxKontextPredictionFailed, match="not a jpeg/png/gif/webp"):
         make_op(output_path=str(folder)).execute_complete(context, prediction_event(succeeded()))
     assert list(folder.iterdir()) == []
     # Still stored, so a retry can reattach and download again while the files exist.
@@ -953,7 +956,7 @@ def test_data_uri_outputs_are_decoded(hook, tmp_path):
 
 def test_malformed_data_uri_output_fails_the_task_clearly(hook, tmp_path):
     event = prediction_event(succeeded(output=["data:image/png;base64,@@not-base64@@"]))
-    with pytest.raises(KontextPredictionFailed, match=r"output 0.*malformed"):
+    with pytest.raises(FluxKontextPredictionFailed, match=r"output 0.*malformed"):
         make_op(output_path=str(tmp_path / "out")).execute_complete(make_context(), event)
 
 
@@ -1035,7 +1038,7 @@ def test_non_deferrable_polls_until_terminal(hook, no_sleep):
     context = make_context()
     assert op.execute(context) == [OUT_URL]
     assert hook.get_prediction.call_count == 4
-    hook.get_prediction.assert_called_with(PID, budget=mock.ANY)
+    hook.get_prediction.assert_called_with(PID, retry_limits=mock.ANY)
     assert [c.args[0] for c in no_sleep.call_args_list] == [3.0, 3.0, 3.0]
     lines = logged(op)
     assert lines.count(f"Prediction {PID} is processing") == 1
@@ -1063,7 +1066,7 @@ def test_non_deferrable_timeout_cancels(hook, no_sleep):
     hook.create_prediction.return_value = make_prediction("processing", created_at=created.isoformat())
     hook.get_prediction.return_value = make_prediction("processing")
     hook.cancel_prediction.return_value = make_prediction("canceled")
-    with pytest.raises(KontextPredictionFailed) as info:
+    with pytest.raises(FluxKontextPredictionFailed) as info:
         make_op(deferrable=False, timeout=60).execute(make_context())
     assert info.value.status == "timeout"
     hook.cancel_prediction.assert_called_once_with(PID)
@@ -1074,7 +1077,7 @@ def test_on_kill_cancels_running_prediction(hook, no_sleep):
     hook.cancel_prediction.return_value = make_prediction("canceled")
     hook.get_prediction.side_effect = [make_prediction("processing"), make_prediction("canceled")]
     no_sleep.side_effect = lambda _: op.on_kill()  # killed while waiting between polls
-    with pytest.raises(KontextPredictionFailed):
+    with pytest.raises(FluxKontextPredictionFailed):
         op.execute(make_context())
     hook.cancel_prediction.assert_called_once_with(PID)
 
@@ -1090,7 +1093,7 @@ def test_on_kill_after_finish_does_nothing(hook, no_sleep):
 def test_on_kill_after_failure_does_nothing(hook, no_sleep):
     hook.get_prediction.return_value = make_prediction("failed", error="x")
     op = make_op(deferrable=False)
-    with pytest.raises(KontextPredictionFailed):
+    with pytest.raises(FluxKontextPredictionFailed):
         op.execute(make_context())
     op.on_kill()
     hook.cancel_prediction.assert_not_called()
@@ -1176,13 +1179,13 @@ def test_urls_in_log_lines_are_never_followed_by_punctuation(hook):
     """Airflow's log view links ``https?://\\S+``: a URL followed by ``;`` or ``,`` links to a 404."""
     import re
 
-    from airflow_provider_kontext.results import _story
+    from airflow_provider_kontext.edits.results import _success_line
 
     op = make_op(poll_interval=1.5, timeout=600)
     run_deferring(op, make_context())
     summary = {"id": PID, "status": "succeeded", "predict_time": 1.0, "seed": 7, "outputs": []}
     summary["outputs"] = [f"https://replicate.delivery/{i}.png" for i in range(7)]
-    lines = [*logged(op), _story(summary, saved=False)]
+    lines = [*logged(op), _success_line(summary, saved=False)]
     urls = [url for line in lines for url in re.findall(r"https?://\S+", line)]
     assert len(urls) >= 6
     assert all(re.fullmatch(r"https?://[\w./-]+", url) for url in urls), urls
@@ -1205,7 +1208,7 @@ def test_template_fields_cover_the_inputs():
 def test_extra_link_reads_the_web_url(stored, expected):
     op = make_op()
     [link] = op.operator_extra_links
-    assert isinstance(link, ReplicatePredictionLink)
+    assert isinstance(link, FluxKontextPredictionLink)
     ti_key = mock.Mock(name="ti_key")
     with mock.patch("airflow_provider_kontext.links.kontext.XCom.get_value", return_value=stored) as get:
         assert link.get_link(op, ti_key=ti_key) == expected
@@ -1216,7 +1219,7 @@ def test_in_worker_polling_redacts_a_secret_echoed_into_a_failed_prediction(hook
     hook.get_prediction.return_value = make_prediction(
         "failed", error=f"upstream rejected Bearer {SECRET_ECHO}", logs=f"{SECRET_ECHO}\n"
     )
-    with pytest.raises(KontextPredictionFailed) as info:
+    with pytest.raises(FluxKontextPredictionFailed) as info:
         make_op(deferrable=False).execute(make_context())
     assert SECRET_ECHO not in str(info.value)
     assert "Bearer ***" in str(info.value)
@@ -1254,7 +1257,7 @@ def test_model_failures_fail_without_retry_unless_asked(hook, status, retry_fail
 
     event = prediction_event(make_prediction(status, error="NSFW content detected."))
     op = make_op(retry_failed_predictions=retry_failed_predictions)
-    with pytest.raises(KontextPredictionFailed) as info:
+    with pytest.raises(FluxKontextPredictionFailed) as info:
         op.execute_complete(make_context(), event)
     assert isinstance(info.value, AirflowFailException) is no_retry
     assert info.value.status == status
@@ -1265,7 +1268,7 @@ def test_model_failures_fail_without_retry_unless_asked(hook, status, retry_fail
 
 @pytest.mark.parametrize("skew_days", [-5, 5])
 def test_a_skewed_server_clock_does_not_move_the_deadline(hook, skew_days):
-    from airflow_provider_kontext import deadlines
+    from airflow_provider_kontext.edits import deadlines
 
     deadlines._skew_reported.clear()
     created = datetime.now(timezone.utc) + timedelta(days=skew_days)
@@ -1279,7 +1282,7 @@ def test_a_skewed_server_clock_does_not_move_the_deadline(hook, skew_days):
 
 
 def test_clock_skew_is_reported_once_per_server(hook):
-    from airflow_provider_kontext import deadlines
+    from airflow_provider_kontext.edits import deadlines
 
     deadlines._skew_reported.clear()
     created = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()
@@ -1365,17 +1368,17 @@ def test_a_b64_json_answer_is_handed_on_as_a_data_uri(hook):
 
 
 def test_a_b64_json_answer_too_large_for_xcom_fails_without_retry(hook):
-    from airflow_provider_kontext.outputs import MAX_INLINE_OUTPUT_BYTES
+    from airflow_provider_kontext.edits.outputs import MAX_INLINE_OUTPUT_BYTES
 
     big = PNG + bytes(MAX_INLINE_OUTPUT_BYTES)
     hook.create_prediction.return_value = images_api_answer({"b64_json": base64.b64encode(big).decode()})
-    with pytest.raises(KontextPredictionFailedNoRetry, match="set output_path"):
+    with pytest.raises(FluxKontextPredictionFailedNoRetry, match="set output_path"):
         make_op().execute(make_context())
 
 
 def test_an_answer_shape_we_cannot_use_fails_without_retry_naming_it(hook):
     hook.create_prediction.return_value = images_api_answer({"image_base64": "AAAA", "seed": 3})
-    with pytest.raises(KontextPredictionFailedNoRetry) as info:
+    with pytest.raises(FluxKontextPredictionFailedNoRetry) as info:
         make_op().execute(make_context())
     message = str(info.value)
     assert "no output" in message

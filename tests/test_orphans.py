@@ -14,9 +14,7 @@ from unittest import mock
 import pytest
 from emulated import png
 
-from airflow_provider_kontext.images import LocalImage
-from airflow_provider_kontext.models import PredictionPage
-from airflow_provider_kontext.orphans import (
+from airflow_provider_kontext.edits.orphans import (
     CLOCK_MARGIN,
     Wanted,
     file_id_of,
@@ -24,6 +22,8 @@ from airflow_provider_kontext.orphans import (
     search_with_hook,
     wanted_for,
 )
+from airflow_provider_kontext.models import PredictionPage
+from airflow_provider_kontext.models.images import LocalImage
 
 MODEL = "black-forest-labs/flux-kontext-dev"
 SINCE = datetime(2026, 12, 6, 1, 0, tzinfo=timezone.utc)
@@ -250,26 +250,26 @@ def _listing_hook(*, file_error: Exception | None = None, list_error: Exception 
 
 
 def test_a_file_that_cannot_be_read_is_raised_so_the_retry_searches_again():
-    from airflow_provider_kontext.exceptions import KontextServerError
+    from airflow_provider_kontext.exceptions import FluxKontextServerError
 
     wanted = Wanted(MODEL, {k: v for k, v in INPUT.items() if k != "input_image"}, "ab" * 32)
-    hook = _listing_hook(file_error=KontextServerError("Bad gateway", status=502))
-    with pytest.raises(KontextServerError):
+    hook = _listing_hook(file_error=FluxKontextServerError("Bad gateway", status=502))
+    with pytest.raises(FluxKontextServerError):
         search_with_hook(hook, wanted, SINCE, mock.Mock())
 
 
 def test_a_file_that_is_gone_is_no_match():
-    from airflow_provider_kontext.exceptions import KontextNotFoundError
+    from airflow_provider_kontext.exceptions import FluxKontextNotFoundError
 
     wanted = Wanted(MODEL, {k: v for k, v in INPUT.items() if k != "input_image"}, "ab" * 32)
-    hook = _listing_hook(file_error=KontextNotFoundError("File not found", status=404))
+    hook = _listing_hook(file_error=FluxKontextNotFoundError("File not found", status=404))
     assert search_with_hook(hook, wanted, SINCE, mock.Mock()) is None
 
 
 def test_a_token_that_may_not_list_creates_and_says_what_it_may_cost():
-    from airflow_provider_kontext.exceptions import KontextAuthError
+    from airflow_provider_kontext.exceptions import FluxKontextAuthError
 
     log = mock.Mock()
-    hook = _listing_hook(list_error=KontextAuthError("Forbidden", status=403))
+    hook = _listing_hook(list_error=FluxKontextAuthError("Forbidden", status=403))
     assert search_with_hook(hook, Wanted(MODEL, INPUT), SINCE, log) is None
     assert "may not list predictions" in log.warning.call_args.args[0]

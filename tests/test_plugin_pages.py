@@ -116,13 +116,13 @@ def test_the_plugin_is_registered_with_its_views() -> None:
     from airflow_provider_kontext.plugins import kontext
 
     (plugin,) = get_provider_info()["plugins"]
-    assert plugin["plugin-class"].endswith("KontextEditsPlugin")
+    assert plugin["plugin-class"].endswith("FluxKontextEditsPlugin")
     assert {v["destination"] for v in kontext.EXTERNAL_VIEWS} == {"task_instance", "dag_run", "nav"}
     assert all(
         not v["href"].startswith(("/", "http")) for v in kontext.EXTERNAL_VIEWS
     )  # relative to base_url
     if not kontext._SUPPORTED:  # an Airflow without fastapi_apps / external_views: a plugin without them
-        assert kontext.KontextEditsPlugin.fastapi_apps == []
+        assert kontext.FluxKontextEditsPlugin.fastapi_apps == []
         return
-    assert kontext.KontextEditsPlugin.external_views == kontext.EXTERNAL_VIEWS
-    assert kontext.KontextEditsPlugin.fastapi_apps[0]["url_prefix"] == kontext.URL_PREFIX
+    assert kontext.FluxKontextEditsPlugin.external_views == kontext.EXTERNAL_VIEWS
+    assert kontext.FluxKontextEditsPlugin.fastapi_apps[0]["url_prefix"] == kontext.URL_PREFIX

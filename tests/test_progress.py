@@ -10,27 +10,15 @@ from unittest import mock
 
 import pytest
 
-from airflow_provider_kontext import progress
-from airflow_provider_kontext.events import (
+from airflow_provider_kontext.edits import events, progress
+from airflow_provider_kontext.edits.events import (
     EVENT_LOG_TAIL_LINES,
     MAX_EVENT_TEXT,
     error_event,
     prediction_event,
     timeout_event,
 )
-from airflow_provider_kontext.exceptions import (
-    KontextAPIError,
-    KontextAuthError,
-    KontextDeadlineError,
-    KontextNotFoundError,
-    KontextRateLimitError,
-    KontextServerError,
-    KontextTransportError,
-)
-from airflow_provider_kontext.failures import Attempts, Budget
-from airflow_provider_kontext.hooks._http import ClientSettings, get_prediction_request
-from airflow_provider_kontext.models import Prediction
-from airflow_provider_kontext.progress import (
+from airflow_provider_kontext.edits.progress import (
     ADAPTIVE_FIRST_DELAY,
     ADAPTIVE_LATE_DELAY,
     ADAPTIVE_MAX_INTERVALS,
@@ -42,6 +30,18 @@ from airflow_provider_kontext.progress import (
     ProgressTracker,
     parse_progress,
 )
+from airflow_provider_kontext.exceptions import (
+    FluxKontextAPIError,
+    FluxKontextAuthError,
+    FluxKontextDeadlineError,
+    FluxKontextNotFoundError,
+    FluxKontextRateLimitError,
+    FluxKontextServerError,
+    FluxKontextTransportError,
+)
+from airflow_provider_kontext.hooks.api import ClientSettings, get_prediction_request
+from airflow_provider_kontext.hooks.retry import Attempts, RetryLimits
+from airflow_provider_kontext.models import Prediction
 
 PID = "p1abc"
 NOW = 1_700_000_000.0
@@ -234,7 +234,7 @@ def test_an_unsuccessful_events_log_tail_is_short_and_shows_each_bar_once():
 
 def test_collapse_progress_bars_keeps_each_runs_last_line():
     lines = ["a", *bars(1, 2, 3).splitlines(), "b", *bars(9).splitlines()]
-    assert progress.collapse_progress_bars(lines) == ["a", bar(3), "b", bar(9)]
+    assert events.collapse_progress_bars(lines) == ["a", bar(3), "b", bar(9)]
 
 
 def test_prediction_event_error_text_is_capped_and_stringified():
@@ -315,10 +315,10 @@ class TestPredictionPollerDecisions:
     @pytest.mark.parametrize(
         "exc",
         [
-            KontextServerError(status=503),
-            KontextTransportError("reset", request_sent=True),
-            KontextRateLimitError(status=429),
-            KontextAPIError(title="unexpected response"),  # a malformed body: no status
+            FluxKontextServerError(status=503),
+            FluxKontextTransportError("reset", request_sent=True),
+            FluxKontextRateLimitError(status=429),
+            FluxKontextAPIError(title="unexpected response"),  # a malformed body: no status
         ],
         ids=["5xx", "transport", "429", "malformed"],
     )
@@ -326,7 +326,7 @@ class TestPredictionPollerDecisions:
         """The hook retries a failing poll ``max_consecutive_errors`` times (the poller's budget); a
         transient error that still reaches the poller has spent it."""
         poller = PredictionPoller(PID, poll_interval=1, end_time=None, max_consecutive_errors=3)
-        assert poller.budget == Budget(retries=3, tolerate=True, deadline=None, grace=1.0)
+        assert poller.retry_limits == RetryLimits(retries=3, tolerate=True, deadline=None, grace=1.0)
         event = poller.on_error(exc)
         assert event.status == "error"
         assert event.prediction_id == PID
@@ -336,27 +336,29 @@ class TestPredictionPollerDecisions:
         """Each poll gets the whole budget: failures of an earlier poll that ended well do not count."""
         poller = PredictionPoller(PID, poll_interval=1, end_time=None, max_consecutive_errors=2)
         request = get_prediction_request(PID)
-        err = KontextServerError(status=502)
+        err = FluxKontextServerError(status=502)
         for _ in range(2):  # two polls, each failing twice and then answering
             attempts = Attempts(
-                ClientSettings(conn_id="c", base_url="https://x"), request, budget=poller.budget
+                ClientSettings(conn_id="c", base_url="https://x"), request, retry_limits=poller.retry_limits
             )
             assert attempts.after(err) is not None
             assert attempts.after(err) is not None
             assert poller.on_prediction(make_prediction("processing")) is None
-        attempts = Attempts(ClientSettings(conn_id="c", base_url="https://x"), request, budget=poller.budget)
+        attempts = Attempts(
+            ClientSettings(conn_id="c", base_url="https://x"), request, retry_limits=poller.retry_limits
+        )
         assert attempts.after(err) is not None
         assert attempts.after(err) is not None
-        with pytest.raises(KontextServerError):
+        with pytest.raises(FluxKontextServerError):
             attempts.after(err)
 
     def test_a_poll_at_the_deadline_times_out(self, clock):
         poller = PredictionPoller(PID, poll_interval=1, end_time=NOW + 60)
-        assert poller.on_error(KontextDeadlineError("still failing")).status == "timeout"
+        assert poller.on_error(FluxKontextDeadlineError("still failing")).status == "timeout"
 
     @pytest.mark.parametrize(
         "exc",
-        [KontextAuthError(status=401, detail="bad token"), KontextNotFoundError(status=404)],
+        [FluxKontextAuthError(status=401, detail="bad token"), FluxKontextNotFoundError(status=404)],
         ids=["auth", "not-found"],
     )
     def test_client_errors_end_the_wait_at_once(self, clock, exc):
@@ -369,7 +371,7 @@ class TestPredictionPollerDecisions:
 
     def test_transient_error_after_the_deadline_times_out(self, clock):
         poller = PredictionPoller(PID, poll_interval=1, end_time=NOW - 1, max_consecutive_errors=10)
-        assert poller.on_error(KontextServerError(status=500)).status == "timeout"
+        assert poller.on_error(FluxKontextServerError(status=500)).status == "timeout"
 
 
 # --- progress bars ---------------------------------------------------------------------------------
@@ -554,6 +556,6 @@ class TestAdaptivePolling:
     ],
 )
 def test_a_given_seed_is_a_positive_whole_number_or_unknown(value, expected):
-    from airflow_provider_kontext.events import given_seed
+    from airflow_provider_kontext.edits.events import given_seed
 
     assert given_seed(value) == expected

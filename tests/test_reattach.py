@@ -26,12 +26,12 @@ from test_operator import (
     succeeded,
 )
 
-from airflow_provider_kontext.events import prediction_event
-from airflow_provider_kontext.exceptions import KontextAPIError, KontextServerError
+from airflow_provider_kontext.edits.events import prediction_event
+from airflow_provider_kontext.edits.reattach import ReattachLedger, Series
+from airflow_provider_kontext.exceptions import FluxKontextAPIError, FluxKontextServerError
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import PredictionPage
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
-from airflow_provider_kontext.reattach import ReattachLedger, Series
 
 RUN_START = datetime(2026, 12, 6, 1, 0, tzinfo=timezone.utc)
 
@@ -224,12 +224,12 @@ def test_no_or_several_matches_create_and_say_why(hook, results):
 
 def test_a_server_without_a_list_creates_and_a_failing_list_fails_the_try(hook):
     store = died_after_create(hook)
-    hook.list_predictions.side_effect = KontextAPIError(status=404)
+    hook.list_predictions.side_effect = FluxKontextAPIError(status=404)
     run_deferring(make_op(retries=2), make_context(store, try_number=2, max_tries=2))
     hook.create_prediction.assert_called_once()
     store = died_after_create(hook)
-    hook.list_predictions.side_effect = KontextServerError(status=503)
-    with pytest.raises(KontextServerError):
+    hook.list_predictions.side_effect = FluxKontextServerError(status=503)
+    with pytest.raises(FluxKontextServerError):
         make_op(retries=2).execute(make_context(store, try_number=2, max_tries=2))
     hook.create_prediction.assert_not_called()
     assert set(store.data[STATE_KEY]) == {"creating"}  # the next retry searches again
@@ -237,7 +237,7 @@ def test_a_server_without_a_list_creates_and_a_failing_list_fails_the_try(hook):
 
 def test_a_refused_create_leaves_nothing_to_search_for(hook):
     store = FakeStore()
-    hook.create_prediction.side_effect = KontextAPIError(status=422)
+    hook.create_prediction.side_effect = FluxKontextAPIError(status=422)
     with pytest.raises(Exception, match="422"):
         make_op().execute(make_context(store))
     assert store.data == {}

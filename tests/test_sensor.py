@@ -18,15 +18,15 @@ from airflow_provider_kontext.compat import (
     AirflowSkipException,
     TaskDeferred,
 )
-from airflow_provider_kontext.events import prediction_event, timeout_event
+from airflow_provider_kontext.edits.events import prediction_event, timeout_event
 from airflow_provider_kontext.exceptions import (
-    KontextNotFoundError,
-    KontextPredictionFailed,
-    KontextServerError,
+    FluxKontextNotFoundError,
+    FluxKontextPredictionFailed,
+    FluxKontextPredictionFailedNoRetry,
+    FluxKontextServerError,
 )
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import Prediction
-from airflow_provider_kontext.results import KontextPredictionFailedNoRetry
 from airflow_provider_kontext.sensors.kontext import FluxKontextPredictionSensor
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
 
@@ -155,7 +155,7 @@ def test_polls_once_then_defers_with_the_trigger(hook):
     assert deferred.timeout.total_seconds() > 600  # Airflow's own timeout is only a backstop
     assert not deferred.kwargs
     assert pushed(context) == {"prediction_web_url": f"https://replicate.com/p/{PID}"}
-    hook.get_prediction.assert_called_once_with(PID, budget=mock.ANY)
+    hook.get_prediction.assert_called_once_with(PID, retry_limits=mock.ANY)
 
 
 def test_a_finished_prediction_completes_without_deferring(hook):
@@ -186,7 +186,7 @@ def test_complete_returns_what_the_operator_returns(hook, tmp_path):
 @pytest.mark.parametrize("status", ["failed", "canceled"])
 def test_a_failed_prediction_fails_without_retry_or_is_skipped_with_soft_fail(hook, status):
     event = prediction_event(make_prediction(status, error="NSFW content detected")).payload()
-    with pytest.raises(KontextPredictionFailedNoRetry, match="NSFW"):
+    with pytest.raises(FluxKontextPredictionFailedNoRetry, match="NSFW"):
         make_sensor(deferrable=True).execute_complete(make_context(), event)
     soft = make_sensor(deferrable=True, soft_fail=True)
     with pytest.raises(AirflowSkipException):
@@ -226,18 +226,21 @@ def test_pokes_until_the_prediction_succeeds(hook, no_sleep):
     assert [c.args[0] for c in no_sleep.call_args_list] == [3.0, 3.0]
     assert pushed(context)["prediction"]["status"] == "succeeded"
     # Each poll retries transient failures within the poller's budget, as the operator's loop does.
-    assert all(c.kwargs["budget"].retries == 10 for c in hook.get_prediction.call_args_list)
+    assert all(c.kwargs["retry_limits"].retries == 10 for c in hook.get_prediction.call_args_list)
 
 
 def test_a_failure_the_hook_could_not_retry_away_ends_the_wait(hook, no_sleep):
-    hook.get_prediction.side_effect = [make_prediction("processing"), KontextServerError("502", status=502)]
-    with pytest.raises(KontextPredictionFailed, match="502"):
+    hook.get_prediction.side_effect = [
+        make_prediction("processing"),
+        FluxKontextServerError("502", status=502),
+    ]
+    with pytest.raises(FluxKontextPredictionFailed, match="502"):
         make_sensor(deferrable=False).execute(make_context())
 
 
 def test_an_unknown_prediction_ends_the_wait(hook, no_sleep):
-    hook.get_prediction.side_effect = KontextNotFoundError("404 Not Found", status=404)
-    with pytest.raises(KontextPredictionFailed, match="404"):
+    hook.get_prediction.side_effect = FluxKontextNotFoundError("404 Not Found", status=404)
+    with pytest.raises(FluxKontextPredictionFailed, match="404"):
         make_sensor(deferrable=False).execute(make_context())
 
 
@@ -316,7 +319,7 @@ def test_a_files_api_input_is_named_by_its_files_record(hook, tmp_path):
 def test_an_unreadable_files_record_keeps_the_upload_id(hook):
     file_url = "https://api.replicate.com/v1/files/pu5zcgfileid"
     hook.uploaded_file_id.return_value = "pu5zcgfileid"
-    hook.get_file.side_effect = KontextNotFoundError("File not found")
+    hook.get_file.side_effect = FluxKontextNotFoundError("File not found")
     context = make_context()
     event = prediction_event(succeeded(input={"prompt": "p", "input_image": file_url})).payload()
     make_sensor(deferrable=True).execute_complete(context, event)

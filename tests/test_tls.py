@@ -19,14 +19,14 @@ import pytest
 
 from airflow_provider_kontext.compat import AirflowFailException
 from airflow_provider_kontext.exceptions import (
-    KontextPredictionMayExistError,
-    KontextTLSError,
-    KontextTransportError,
+    FluxKontextPredictionMayExistError,
+    FluxKontextTLSError,
+    FluxKontextTransportError,
 )
-from airflow_provider_kontext.failures import Verdict, classify, fail_task_on_final_answers
-from airflow_provider_kontext.hooks._http import account_request
+from airflow_provider_kontext.hooks.api import account_request
 from airflow_provider_kontext.hooks.connection import CONN_TYPE, DEFAULT_CONN_ID, ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+from airflow_provider_kontext.hooks.retry import Verdict, classify, fail_task_on_final_answers
 from airflow_provider_kontext.hooks.transports import transport_error
 
 TOKEN = "r8_tls_secret_token"
@@ -178,7 +178,7 @@ def test_an_untrusted_certificate_is_tried_once(
     untrusted: Server, set_conn: Callable[..., None], call: Callable[[FluxKontextHook], Any]
 ) -> None:
     set_conn(f"https://{untrusted.address}?key={QUERY_SECRET}")
-    with pytest.raises(KontextTLSError) as err:
+    with pytest.raises(FluxKontextTLSError) as err:
         call(FluxKontextHook(max_retries=3))
     assert untrusted.connections == 1  # a read is retried on transport errors, but not on this one
     assert "CERTIFICATE_VERIFY_FAILED" in str(err.value) or "certificate verify failed" in str(err.value)
@@ -192,9 +192,9 @@ def test_a_create_that_fails_the_handshake_was_not_sent(
     untrusted: Server, set_conn: Callable[..., None], call: Callable[[FluxKontextHook], Any]
 ) -> None:
     set_conn(f"https://{untrusted.address}")
-    with pytest.raises(KontextTLSError) as err:
+    with pytest.raises(FluxKontextTLSError) as err:
         call(FluxKontextHook(max_retries=3))
-    assert not isinstance(err.value, KontextPredictionMayExistError)  # nothing can have been billed
+    assert not isinstance(err.value, FluxKontextPredictionMayExistError)  # nothing can have been billed
     assert err.value.request_sent is False
     assert untrusted.connections == 1
 
@@ -204,7 +204,7 @@ def test_a_server_without_tls_is_tried_once_where_the_connection_never_opened(
 ) -> None:
     """aiohttp says the handshake failed while connecting: nothing was sent, and no retry helps."""
     set_conn(plain_http.address)  # no scheme: https is assumed
-    with pytest.raises(KontextTLSError) as err:
+    with pytest.raises(FluxKontextTLSError) as err:
         _async_account(FluxKontextHook(max_retries=3))
     assert plain_http.connections == 1
     assert f"did you mean 'http://{plain_http.address}'?" in str(err.value)
@@ -216,9 +216,9 @@ def test_a_server_without_tls_keeps_its_retries_where_the_phase_is_unknown(
     """requests cannot say whether the same words came from the handshake or from a record broken
     mid-answer (after the request went): the error stays an ordinary, retried transport error."""
     set_conn(plain_http.address)
-    with pytest.raises(KontextTransportError) as err:
+    with pytest.raises(FluxKontextTransportError) as err:
         _sync_account(FluxKontextHook(max_retries=2))
-    assert not isinstance(err.value, KontextTLSError)
+    assert not isinstance(err.value, FluxKontextTLSError)
     assert plain_http.connections == 3
     assert f"did you mean 'http://{plain_http.address}'?" in str(err.value)
 
@@ -237,14 +237,14 @@ def test_only_a_certificate_refusal_or_a_failed_connect_is_lasting() -> None:
     refused = _requests_ssl_error("certificate verify failed", ssl.SSLCertVerificationError)
     cut = _requests_ssl_error("EOF occurred in violation of protocol", ssl.SSLEOFError)
     broken = _requests_ssl_error("[SSL: RECORD_LAYER_FAILURE] record layer failure")
-    assert isinstance(transport_error(settings, request, refused, sent=True), KontextTLSError)
+    assert isinstance(transport_error(settings, request, refused, sent=True), FluxKontextTLSError)
     for exc in (cut, broken):
         error = transport_error(settings, request, exc, sent=True)
-        assert not isinstance(error, KontextTLSError)
+        assert not isinstance(error, FluxKontextTLSError)
         assert error.request_sent is True
         assert classify(error, request) is Verdict.RETRY
-    assert isinstance(transport_error(settings, request, broken, sent=False), KontextTLSError)
-    assert not isinstance(transport_error(settings, request, cut, sent=False), KontextTLSError)
+    assert isinstance(transport_error(settings, request, broken, sent=False), FluxKontextTLSError)
+    assert not isinstance(transport_error(settings, request, cut, sent=False), FluxKontextTLSError)
 
 
 def test_a_create_whose_answer_broke_mid_record_may_exist(
@@ -255,21 +255,21 @@ def test_a_create_whose_answer_broke_mid_record_may_exist(
     set_conn("https://api.example.com")
     url = f"https://api.example.com/v1/models/{MODEL}/predictions"
     requests_mock.post(url, exc=_requests_ssl_error("[SSL: RECORD_LAYER_FAILURE] record layer failure"))
-    with pytest.raises(KontextPredictionMayExistError):
+    with pytest.raises(FluxKontextPredictionMayExistError):
         FluxKontextHook(max_retries=3).create_prediction(MODEL, INPUT)
     assert requests_mock.call_count == 1
 
 
 def test_lasting_failures_fail_the_attempt_loop() -> None:
     request = account_request()
-    assert classify(KontextTLSError("refused"), request) is Verdict.FAIL
-    assert classify(KontextTransportError("cut", request_sent=False), request) is Verdict.RETRY
+    assert classify(FluxKontextTLSError("refused"), request) is Verdict.FAIL
+    assert classify(FluxKontextTransportError("cut", request_sent=False), request) is Verdict.RETRY
 
 
 def test_a_task_fails_once_on_a_lasting_handshake_failure() -> None:
     with pytest.raises(AirflowFailException) as err, fail_task_on_final_answers("create"):
-        raise KontextTLSError("POST /v1/predictions failed (the TLS handshake failed)")
+        raise FluxKontextTLSError("POST /v1/predictions failed (the TLS handshake failed)")
     assert "Not retried: the create would get the same answer" in str(err.value)
     assert "fix the connection" in str(err.value)
-    with pytest.raises(KontextTransportError), fail_task_on_final_answers("create"):
-        raise KontextTransportError("reset", request_sent=False)  # others keep Airflow's retries
+    with pytest.raises(FluxKontextTransportError), fail_task_on_final_answers("create"):
+        raise FluxKontextTransportError("reset", request_sent=False)  # others keep Airflow's retries

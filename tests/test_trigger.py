@@ -19,15 +19,15 @@ from aiohttp.test_utils import TestServer
 from airflow.triggers.base import TriggerEvent
 from factories import api_prediction
 
-from airflow_provider_kontext.events import prediction_event
+from airflow_provider_kontext.edits.events import prediction_event
 from airflow_provider_kontext.exceptions import (
-    KontextAuthError,
-    KontextNotFoundError,
-    KontextServerError,
+    FluxKontextAuthError,
+    FluxKontextNotFoundError,
+    FluxKontextServerError,
 )
-from airflow_provider_kontext.failures import Budget
 from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+from airflow_provider_kontext.hooks.retry import RetryLimits
 from airflow_provider_kontext.hooks.transports import SharedAsyncClient
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.triggers import kontext as trigger_module
@@ -189,7 +189,7 @@ async def test_succeeded(hook, sleeps):
     assert payload["output"] == ["https://replicate.delivery/xezq/out.webp"]
     assert payload["predict_time"] == 4.2
     hook.cls.assert_called_once_with(CONN_ID)
-    hook.aget_prediction.assert_awaited_with(PID, budget=mock.ANY)
+    hook.aget_prediction.assert_awaited_with(PID, retry_limits=mock.ANY)
     assert hook.aget_prediction.await_count == 3
     assert sleeps == [3.0, 3.0]  # waited between polls, not after the last one
     hook.acreate_prediction.assert_not_called()  # the trigger only reads
@@ -351,13 +351,13 @@ async def test_the_trigger_hands_its_budget_to_the_hook(hook, sleeps):
     hook.aget_prediction.return_value = make_prediction("succeeded", output="https://x/o.png")
     await collect(make_trigger(max_consecutive_errors=4, poll_interval=3.0, end_time=1_750_000_000.0))
     hook.aget_prediction.assert_awaited_once_with(
-        PID, budget=Budget(retries=4, tolerate=True, deadline=1_750_000_000.0, grace=3.0)
+        PID, retry_limits=RetryLimits(retries=4, tolerate=True, deadline=1_750_000_000.0, grace=3.0)
     )
 
 
 @pytest.mark.parametrize(
     "exc",
-    [KontextAuthError(status=401, title="Unauthorized"), KontextNotFoundError(status=404)],
+    [FluxKontextAuthError(status=401, title="Unauthorized"), FluxKontextNotFoundError(status=404)],
     ids=["auth", "not-found"],
 )
 async def test_client_error_is_immediate(hook, sleeps, exc):
@@ -396,7 +396,7 @@ async def test_adaptive_polls_when_the_progress_bar_ends(hook, sleeps):
     ]
     trigger = make_trigger(poll_interval=3.0)
     log = attach_log(trigger)
-    with mock.patch("airflow_provider_kontext.progress.time", frozen):
+    with mock.patch("airflow_provider_kontext.edits.progress.time", frozen):
         [event] = await collect(trigger)
     assert event.payload["status"] == "succeeded"
     # a moment before the first poll, then until the bar's end: 8 steps of 0.25 s + half a step
@@ -469,7 +469,7 @@ async def test_recreated_from_kwargs_resumes_polling(hook, sleeps):
     assert event.payload["status"] == "succeeded"
     assert event.payload["prediction_id"] == PID
     hook.cls.assert_called_once_with(CONN_ID)
-    hook.aget_prediction.assert_awaited_with(PID, budget=mock.ANY)
+    hook.aget_prediction.assert_awaited_with(PID, retry_limits=mock.ANY)
     hook.acreate_prediction.assert_not_called()
 
 
@@ -483,7 +483,7 @@ async def test_aclose_after_success(hook, sleeps):
 
 
 async def test_aclose_after_error_event(hook, sleeps):
-    hook.aget_prediction.side_effect = KontextAuthError(status=403)
+    hook.aget_prediction.side_effect = FluxKontextAuthError(status=403)
     await collect(make_trigger())
     hook.aclose.assert_awaited_once()
 
@@ -528,7 +528,7 @@ async def test_on_kill_disabled_does_nothing(hook):
 
 
 async def test_on_kill_cancel_failure_is_logged_not_raised(hook):
-    hook.acancel_prediction.side_effect = KontextServerError(status=500)
+    hook.acancel_prediction.side_effect = FluxKontextServerError(status=500)
     trigger = make_trigger()
     log = attach_log(trigger)
     await trigger.on_kill()

@@ -4,9 +4,9 @@ connection's settings, and sending a request.
 Settings are looked up once per hook (in an event loop, shared by its hooks for
 :data:`~airflow_provider_kontext.hooks.connection.SETTINGS_TTL_SECONDS`), every secret in them
 registered with Airflow's masker, and looked up again after an auth error (a rotated token). A
-request goes through the one attempt loop of :mod:`airflow_provider_kontext.failures` over requests
-(sync) or the event loop's shared aiohttp client (async, drawing on the account's request budget of
-:mod:`.budget`); the final error of the loop is what the caller gets.
+request goes through the one attempt loop of :mod:`airflow_provider_kontext.hooks.retry` over requests
+(sync) or the event loop's shared aiohttp client (async, drawing on the account's rate limiter of
+:mod:`.rate_limit`); the final error of the loop is what the caller gets.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow.sdk import BaseHook
 
-from airflow_provider_kontext.exceptions import KontextRateLimitError
-from airflow_provider_kontext.failures import Attempts, Budget
-from airflow_provider_kontext.hooks._http import ApiRequest, parse_response
-from airflow_provider_kontext.hooks.budget import AccountBudgets
+from airflow_provider_kontext.exceptions import FluxKontextRateLimitError
+from airflow_provider_kontext.hooks.api import ApiRequest, parse_response
 from airflow_provider_kontext.hooks.connection import (
     DEFAULT_CONN_ID,
     ClientSettings,
@@ -30,22 +28,24 @@ from airflow_provider_kontext.hooks.connection import (
     SettingsKey,
     checked_overrides,
 )
+from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiters
+from airflow_provider_kontext.hooks.retry import Attempts, RetryLimits
 from airflow_provider_kontext.hooks.transports import AiohttpClient, SharedAsyncClient, send_with_requests
 
 if TYPE_CHECKING:
     import requests
 
-__all__ = ["KontextBaseHook"]
+__all__ = ["FluxKontextBaseHook"]
 
 _Parse = Callable[[Any], Any]
-_Hook = TypeVar("_Hook", bound="KontextBaseHook")
+_Hook = TypeVar("_Hook", bound="FluxKontextBaseHook")
 
 
 def _raw(data: Any) -> Any:
     return data
 
 
-class KontextBaseHook(BaseHook):
+class FluxKontextBaseHook(BaseHook):
     """A connection's settings and the two ways of sending, under the hook's API calls.
 
     Subclassed by :class:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook`; not a hook of
@@ -151,17 +151,23 @@ class KontextBaseHook(BaseHook):
     def _log_throttle(self, level: int, message: str, *args: object) -> None:
         self.log.log(level, message, *args)
 
-    def _attempts(self, settings: ClientSettings, request: ApiRequest, budget: Budget | None) -> Attempts:
-        return Attempts(settings, request, budget=budget, log_retry=self._log_retry, log=self._log_throttle)
+    def _attempts(
+        self, settings: ClientSettings, request: ApiRequest, retry_limits: RetryLimits | None
+    ) -> Attempts:
+        return Attempts(
+            settings, request, retry_limits=retry_limits, log_retry=self._log_retry, log=self._log_throttle
+        )
 
-    def _request(self, request: ApiRequest, budget: Budget | None = None, parse: _Parse = _raw) -> Any:
+    def _request(
+        self, request: ApiRequest, retry_limits: RetryLimits | None = None, parse: _Parse = _raw
+    ) -> Any:
         """Send ``request`` through the attempt loop; return its decoded JSON body through ``parse``,
         which runs inside each attempt, so an unreadable answer counts as that attempt's failure.
 
-        :raises KontextError: the final error once trying stops (see :class:`Attempts`).
+        :raises FluxKontextError: the final error once trying stops (see :class:`Attempts`).
         """
 
-        attempts = self._attempts(self.settings, request, budget)
+        attempts = self._attempts(self.settings, request, retry_limits)
 
         def send(settings: ClientSettings, attempt: int) -> Any:
             self._log_attempt(request, attempt, quiet=attempts.throttled > 0)
@@ -170,21 +176,23 @@ class KontextBaseHook(BaseHook):
 
         return attempts.run_sync(send, self._refreshed_settings, self._sleep)
 
-    async def _arequest(self, request: ApiRequest, budget: Budget | None = None, parse: _Parse = _raw) -> Any:
+    async def _arequest(
+        self, request: ApiRequest, retry_limits: RetryLimits | None = None, parse: _Parse = _raw
+    ) -> Any:
         """Async twin of :meth:`_request`, over the event loop's shared client."""
 
-        priority = budget.priority if budget is not None else None
-        attempts = self._attempts(await self.aget_settings(), request, budget)
+        priority = retry_limits.priority if retry_limits is not None else None
+        attempts = self._attempts(await self.aget_settings(), request, retry_limits)
 
         async def send(settings: ClientSettings, attempt: int) -> Any:
-            account = AccountBudgets.get(settings)
+            account = AccountRateLimiters.get(settings)
             if account is not None:
                 await account.acquire(priority)
             self._log_attempt(request, attempt, quiet=attempts.throttled > 0)
             answer = await self._async_client().send(settings, request)
             try:
                 return parse(parse_response(settings, request, *answer))
-            except KontextRateLimitError as exc:
+            except FluxKontextRateLimitError as exc:
                 if account is not None:
                     wait = exc.retry_after
                     account.pause(None if wait is None else min(wait, settings.retry_after_max))

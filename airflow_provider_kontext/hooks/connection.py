@@ -146,7 +146,7 @@ def checked_overrides(values: Mapping[str, Any], source: str = "hook_params") ->
 
     :raises ValueError: an unknown name (the allowed ones listed) or a bad value, naming ``source``.
     """
-    from airflow_provider_kontext.arguments import check_number
+    from airflow_provider_kontext.models.arguments import check_number
 
     if not isinstance(values, Mapping):
         raise ValueError(f"{source} must be a dict, got {type(values).__name__}")
@@ -387,7 +387,7 @@ def _wrapped(exc: BaseException) -> Iterator[BaseException]:
 #: builds its own hook, and each lookup goes through the secrets backends (in a triggerer, a round
 #: trip over the supervisor to the API server): at 1000 triggers that was ~0.5 ms of CPU per trigger
 #: here. A rotated token is picked up at once all the same: an auth error looks the connection up
-#: again and retries with the new settings (see :class:`~airflow_provider_kontext.failures.Attempts`).
+#: again and retries with the new settings (see :class:`~airflow_provider_kontext.hooks.retry.Attempts`).
 SETTINGS_TTL_SECONDS = 60.0
 
 SettingsKey = tuple[Any, ...]  # the connection id, then the overrides as sorted (name, value) pairs

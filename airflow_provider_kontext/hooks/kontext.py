@@ -1,8 +1,8 @@
 """``FluxKontextHook``: every API call of the provider, sync (requests) and async (aiohttp).
 
 Request building and response parsing are shared by both paths
-(:mod:`airflow_provider_kontext.hooks._http`), and so is the failure policy with its one attempt loop
-(:mod:`airflow_provider_kontext.failures`); settings and sending live in :mod:`.base`, the bytes
+(:mod:`airflow_provider_kontext.hooks.api`), and so is the failure policy with its one attempt loop
+(:mod:`airflow_provider_kontext.hooks.retry`); settings and sending live in :mod:`.base`, the bytes
 move in :mod:`.transports`.
 """
 
@@ -13,9 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from airflow_provider_kontext.exceptions import KontextError
-from airflow_provider_kontext.failures import Budget
-from airflow_provider_kontext.hooks._http import (
+from airflow_provider_kontext.exceptions import FluxKontextError
+from airflow_provider_kontext.hooks.api import (
     account_request,
     cancel_prediction_request,
     create_prediction_request,
@@ -24,12 +23,11 @@ from airflow_provider_kontext.hooks._http import (
     get_prediction_request,
     list_predictions_request,
     parsed_as,
-    parsed_created,
     parsed_page,
     parsed_prediction,
     upload_file_request,
 )
-from airflow_provider_kontext.hooks.base import KontextBaseHook
+from airflow_provider_kontext.hooks.base import FluxKontextBaseHook
 from airflow_provider_kontext.hooks.connection import (
     CONN_TYPE,
     DEFAULT_CONN_ID,
@@ -37,14 +35,15 @@ from airflow_provider_kontext.hooks.connection import (
     ClientSettings,
     ui_field_behaviour,
 )
+from airflow_provider_kontext.hooks.retry import RetryLimits, parsed_created
 from airflow_provider_kontext.hooks.transports import AiohttpClient, stream_with_requests
-from airflow_provider_kontext.images import read_source
 from airflow_provider_kontext.models import Account, Prediction, PredictionPage, UploadedFile
+from airflow_provider_kontext.models.images import read_source
 
 __all__ = ["AiohttpClient", "FluxKontextHook"]
 
 
-class FluxKontextHook(KontextBaseHook):
+class FluxKontextHook(FluxKontextBaseHook):
     """Talks to Replicate's predictions API, or a Replicate-compatible proxy, for FLUX.1 Kontext.
 
     The connection (type ``fluxkontext``) holds the base URL in ``host`` (default
@@ -58,16 +57,16 @@ class FluxKontextHook(KontextBaseHook):
     jitter, honouring ``Retry-After``; a TLS handshake that fails for good (an untrusted certificate)
     is not retried. Creating a prediction is retried only when the request provably
     did not create one (429, connection refused); otherwise it fails with
-    :class:`~airflow_provider_kontext.exceptions.KontextPredictionMayExistError`. A throttled
+    :class:`~airflow_provider_kontext.exceptions.FluxKontextPredictionMayExistError`. A throttled
     create is retried until its ``deadline``, each wait spread at random so that workers throttled
     together do not come back together.
     An auth error looks the connection up again once and, if it changed (a rotated token), sends again.
-    The policy is :mod:`airflow_provider_kontext.failures`; a poll may pass its own
-    :class:`~airflow_provider_kontext.failures.Budget`.
+    The policy is :mod:`airflow_provider_kontext.hooks.retry`; a poll may pass its own
+    :class:`~airflow_provider_kontext.hooks.retry.RetryLimits`.
 
     The async methods (``a``-prefixed) share one HTTP client per event loop; call :meth:`aclose` (or
     use ``async with``) when done so it can be closed once its last user is gone. They also share
-    one request budget per account per event loop (:mod:`.budget`): every attempt waits for it, and a
+    one rate limiter per account per event loop (:mod:`.rate_limit`): every attempt waits for it, and a
     429 pauses the whole account until the reset the server names.
 
     :param flux_kontext_conn_id: the connection id.
@@ -119,9 +118,9 @@ class FluxKontextHook(KontextBaseHook):
         :param cancel_after: seconds after which Replicate cancels (or aborts) the prediction.
         :param deadline: Unix time until which a throttled create (429: nothing created) is sent
             again, with jitter; without one, for ``max_retries`` x ``retry_after_max`` seconds
-            (:func:`~airflow_provider_kontext.failures.create_throttle_bound`).
-        :raises KontextPredictionMayExistError: the request failed after it may have reached the server.
-        :raises KontextRateLimitError: still throttled when that time was up (safe to retry).
+            (:func:`~airflow_provider_kontext.hooks.retry.create_throttle_bound`).
+        :raises FluxKontextPredictionMayExistError: the request failed after it may have reached the server.
+        :raises FluxKontextRateLimitError: still throttled when that time was up (safe to retry).
         """
         request = create_prediction_request(
             model,
@@ -131,17 +130,17 @@ class FluxKontextHook(KontextBaseHook):
             webhook=webhook,
             webhook_events_filter=webhook_events_filter,
         )
-        return parsed_created(request, self._request(request, Budget(deadline=deadline)))
+        return parsed_created(request, self._request(request, RetryLimits(deadline=deadline)))
 
-    def get_prediction(self, prediction_id: str, *, budget: Budget | None = None) -> Prediction:
+    def get_prediction(self, prediction_id: str, *, retry_limits: RetryLimits | None = None) -> Prediction:
         """The prediction's current state.
 
-        :param budget: how long to keep trying, where not the connection's settings (polls pass
+        :param retry_limits: how long to keep trying, where not the connection's settings (polls pass
             theirs: one retry layer, tolerant of unreadable answers, never past their deadline).
-        :raises KontextDeadlineError: the budget's deadline came before an answer.
+        :raises FluxKontextDeadlineError: the retry limits' deadline came before an answer.
         """
         request = get_prediction_request(prediction_id)
-        prediction: Prediction = self._request(request, budget, parsed_prediction)
+        prediction: Prediction = self._request(request, retry_limits, parsed_prediction)
         return prediction
 
     def cancel_prediction(self, prediction_id: str) -> Prediction:
@@ -161,7 +160,7 @@ class FluxKontextHook(KontextBaseHook):
         :param created_after: ISO 8601 date-time: only predictions created at or after it.
         :param created_before: ISO 8601 date-time: only predictions created before it.
         :param cursor: the cursor of the previous page's ``next`` (:attr:`PredictionPage.next_cursor`).
-        :raises KontextAPIError: an error answer, or a body that is not a page of predictions.
+        :raises FluxKontextAPIError: an error answer, or a body that is not a page of predictions.
         """
         request = list_predictions_request(
             created_after=created_after, created_before=created_before, cursor=cursor
@@ -172,7 +171,7 @@ class FluxKontextHook(KontextBaseHook):
     def get_file(self, file_id: str) -> UploadedFile:
         """A file's metadata (``GET /v1/files/{id}``): its name, size, checksums and URLs.
 
-        :raises KontextNotFoundError: no such file (or it expired).
+        :raises FluxKontextNotFoundError: no such file (or it expired).
         """
         return parsed_as(UploadedFile, self._request(get_file_request(file_id)))
 
@@ -212,7 +211,7 @@ class FluxKontextHook(KontextBaseHook):
         on other hosts, like ``replicate.delivery``, never see it). Transient failures are retried
         like any read; a retry starts the file over, so ``dest`` must be seekable.
 
-        :raises KontextAPIError: an error status, a non-http(s) URL, or a body over ``max_bytes``.
+        :raises FluxKontextAPIError: an error status, a non-http(s) URL, or a body over ``max_bytes``.
         """
         request = download_request(self.settings, url)
 
@@ -229,7 +228,9 @@ class FluxKontextHook(KontextBaseHook):
         try:
             account = self.get_account()
         except Exception as exc:  # the UI shows whatever went wrong, a missing connection included
-            return False, f"{type(exc).__name__}: {exc}" if not isinstance(exc, KontextError) else str(exc)
+            return False, f"{type(exc).__name__}: {exc}" if not isinstance(exc, FluxKontextError) else str(
+                exc
+            )
         who = account.username + (f" ({account.name})" if account.name else "")
         message = f"Connected to {self.settings.redact(self.settings.base_url)} as {who}"
         # `airflow connections test` prints only the message of a failure; the log shows a success's.
@@ -258,12 +259,14 @@ class FluxKontextHook(KontextBaseHook):
             webhook=webhook,
             webhook_events_filter=webhook_events_filter,
         )
-        return parsed_created(request, await self._arequest(request, Budget(deadline=deadline)))
+        return parsed_created(request, await self._arequest(request, RetryLimits(deadline=deadline)))
 
-    async def aget_prediction(self, prediction_id: str, *, budget: Budget | None = None) -> Prediction:
+    async def aget_prediction(
+        self, prediction_id: str, *, retry_limits: RetryLimits | None = None
+    ) -> Prediction:
         """Async twin of :meth:`get_prediction`."""
         request = get_prediction_request(prediction_id)
-        prediction: Prediction = await self._arequest(request, budget, parsed_prediction)
+        prediction: Prediction = await self._arequest(request, retry_limits, parsed_prediction)
         return prediction
 
     async def alist_predictions(
@@ -272,7 +275,7 @@ class FluxKontextHook(KontextBaseHook):
         created_after: str | None = None,
         created_before: str | None = None,
         cursor: str | None = None,
-        budget: Budget | None = None,
+        retry_limits: RetryLimits | None = None,
     ) -> PredictionPage:
         """One page of the account's predictions (``GET /v1/predictions``): newest first, up to 100,
         without their logs (the list leaves them out).
@@ -280,12 +283,12 @@ class FluxKontextHook(KontextBaseHook):
         :param created_after: ISO 8601 date-time: only predictions created at or after it.
         :param created_before: ISO 8601 date-time: only predictions created before it.
         :param cursor: the cursor of the previous page's ``next`` (:attr:`PredictionPage.next_cursor`).
-        :raises KontextAPIError: an error answer, or a body that is not a page of predictions.
+        :raises FluxKontextAPIError: an error answer, or a body that is not a page of predictions.
         """
         request = list_predictions_request(
             created_after=created_after, created_before=created_before, cursor=cursor
         )
-        page: PredictionPage = await self._arequest(request, budget, parsed_page)
+        page: PredictionPage = await self._arequest(request, retry_limits, parsed_page)
         return page
 
     async def acancel_prediction(self, prediction_id: str) -> Prediction:

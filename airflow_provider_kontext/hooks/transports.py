@@ -1,7 +1,7 @@
 """The hook's two transports: requests (sync) and one shared aiohttp session per event loop (async).
 
 Each sends one request and returns ``(status, headers, body)``, or raises
-:class:`~airflow_provider_kontext.exceptions.KontextTransportError` with ``request_sent`` decided
+:class:`~airflow_provider_kontext.exceptions.FluxKontextTransportError` with ``request_sent`` decided
 from its own library's exception: ``False`` only where the request provably never left this
 machine (the connection could not be opened), so a create may be sent again.
 """
@@ -17,14 +17,18 @@ from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from airflow_provider_kontext.exceptions import KontextAPIError, KontextTLSError, KontextTransportError
+from airflow_provider_kontext.exceptions import (
+    FluxKontextAPIError,
+    FluxKontextTLSError,
+    FluxKontextTransportError,
+)
 from airflow_provider_kontext.hooks.connection import is_lasting_tls_failure, tls_hint
 
 if TYPE_CHECKING:
     import aiohttp
     import requests
 
-    from airflow_provider_kontext.hooks._http import ApiRequest
+    from airflow_provider_kontext.hooks.api import ApiRequest
     from airflow_provider_kontext.hooks.connection import ClientSettings
 
 __all__ = [
@@ -42,12 +46,12 @@ Answer = tuple[int, Mapping[str, str], bytes]
 
 def transport_error(
     settings: ClientSettings, request: ApiRequest, exc: BaseException, *, sent: bool
-) -> KontextTransportError:
+) -> FluxKontextTransportError:
     """Our error for a request that got no usable answer; the message never holds a secret."""
     reason = settings.redact(f"{type(exc).__name__}: {exc}")[:500]
     hint = tls_hint(settings, exc)
     if is_lasting_tls_failure(exc, connecting=not sent):
-        return KontextTLSError(
+        return FluxKontextTLSError(
             f"{request.label} failed (the TLS handshake failed; nothing was sent, and a retry would "
             f"fail the same way): {reason}"
             + (f" -- {hint}" if hint else " -- check the URL's host and scheme, or the trust store"),
@@ -55,7 +59,7 @@ def transport_error(
             path=request.path,
         )
     where = "no complete response" if sent else "could not connect"
-    return KontextTransportError(
+    return FluxKontextTransportError(
         f"{request.label} failed ({where}): {reason}" + (f" -- {hint}" if hint else ""),
         request_sent=sent,
         method=request.method,
@@ -68,7 +72,7 @@ def transport_error(
 
 def requests_error(
     settings: ClientSettings, request: ApiRequest, exc: requests.exceptions.RequestException
-) -> KontextTransportError:
+) -> FluxKontextTransportError:
     """Classify a requests failure: only a connect timeout or a refused/unresolvable connection
     (urllib3's ``NewConnectionError``, TLS aside) proves nothing was sent."""
     import requests
@@ -113,12 +117,12 @@ def stream_with_requests(
 ) -> str:
     """Stream the file at ``url`` into ``dest`` (emptied first); return its content type.
 
-    :raises KontextAPIError: an error status, or a body over ``max_bytes``.
-    :raises KontextTransportError: no complete answer.
+    :raises FluxKontextAPIError: an error status, or a body over ``max_bytes``.
+    :raises FluxKontextTransportError: no complete answer.
     """
     import requests
 
-    from airflow_provider_kontext.hooks._http import parse_response
+    from airflow_provider_kontext.hooks.api import parse_response
     from airflow_provider_kontext.hooks.connection import USER_AGENT
 
     dest.seek(0)
@@ -137,7 +141,7 @@ def stream_with_requests(
             for chunk in response.iter_content(chunk_size=1 << 16):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise KontextAPIError(
+                    raise FluxKontextAPIError(
                         title="output too large",
                         detail=f"more than {max_bytes} bytes",
                         method="GET",
@@ -223,7 +227,7 @@ class AiohttpClient:
     async def send(self, settings: ClientSettings, request: ApiRequest) -> Answer:
         """Send ``request`` and read the whole answer.
 
-        :raises KontextTransportError: no usable answer (``request_sent`` as judged above).
+        :raises FluxKontextTransportError: no usable answer (``request_sent`` as judged above).
         """
         import aiohttp
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 WEB_URL_XCOM_KEY = "prediction_web_url"
 
 
-class ReplicatePredictionLink(BaseOperatorLink):
+class FluxKontextPredictionLink(BaseOperatorLink):
     """ "Replicate prediction": the web page of the prediction the task started (empty before)."""
 
     name = "Replicate prediction"
@@ -23,3 +23,7 @@ class ReplicatePredictionLink(BaseOperatorLink):
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
         url = XCom.get_value(ti_key=ti_key, key=WEB_URL_XCOM_KEY)
         return url if isinstance(url, str) and url.startswith(("https://", "http://")) else ""
+
+
+#: The name of releases before 0.2 (one class prefix since).
+ReplicatePredictionLink = FluxKontextPredictionLink

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticSerializationError, to_json
 
-from airflow_provider_kontext.exceptions import KontextInputError
+from airflow_provider_kontext.exceptions import FluxKontextInputError
 
 DEFAULT_MODEL = "black-forest-labs/flux-kontext-dev"
 
@@ -177,14 +177,14 @@ def _shown(value: Any, limit: int = 80) -> str:
 def check_model_reference(model: Any) -> str:
     """``model`` if it is ``owner/name``, ``owner/name:version`` or a 64-hex version id.
 
-    :raises KontextInputError: anything else (it would end up in the request's URL path).
+    :raises FluxKontextInputError: anything else (it would end up in the request's URL path).
     """
     if not isinstance(model, str) or not MODEL_REFERENCE.fullmatch(model):
         message = (
             "must be 'owner/name' or 'owner/name:version' (letters, digits, '.', '_', '-') "
             f"or a 64-hex version id (got {_shown(model)})"
         )
-        raise KontextInputError(f"model: {message}", errors=[("model", message)])
+        raise FluxKontextInputError(f"model: {message}", errors=[("model", message)])
     return model
 
 
@@ -205,7 +205,7 @@ def validate_input(model: str, values: dict[str, Any]) -> dict[str, Any]:
     Only the keys the caller gave are sent (the model's own defaults apply to the rest), with
     values normalised by the schema (``"28"`` from a template becomes ``28``).
 
-    :raises KontextInputError: naming each bad field, what is allowed, and what was given (``model``
+    :raises FluxKontextInputError: naming each bad field, what is allowed, and what was given (``model``
         itself when it is not a model reference).
     """
     check_model_reference(model)
@@ -218,7 +218,7 @@ def validate_input(model: str, values: dict[str, Any]) -> dict[str, Any]:
         lines = [f"{field}: {msg}" for field, msg in problems]
         if any(msg == "unknown input" for _, msg in problems):
             lines.append(f"allowed inputs for {model_name(model)}: {', '.join(allowed)}")
-        raise KontextInputError(
+        raise FluxKontextInputError(
             f"Invalid input for {model_name(model)}: " + "; ".join(lines), errors=problems
         ) from None
     try:
@@ -228,7 +228,7 @@ def validate_input(model: str, values: dict[str, Any]) -> dict[str, Any]:
         problems = _json_problems(parsed.model_dump(exclude_unset=True)) or [
             ("input", "cannot be sent as JSON")
         ]
-        raise KontextInputError(
+        raise FluxKontextInputError(
             f"Invalid input for {model_name(model)}: " + "; ".join(f"{f}: {m}" for f, m in problems),
             errors=problems,
         ) from None
@@ -240,7 +240,7 @@ def check_literal_input(model: str, values: dict[str, Any]) -> None:
     Each given field is checked against ``model``'s schema; missing fields and rules that tie
     several fields together are left to :func:`validate_input` at run time.
 
-    :raises KontextInputError: naming each bad field and what is allowed (``model`` itself when it
+    :raises FluxKontextInputError: naming each bad field and what is allowed (``model`` itself when it
         is not a model reference).
     """
     check_model_reference(model)
@@ -261,6 +261,6 @@ def check_literal_input(model: str, values: dict[str, Any]) -> None:
                 lines.append(
                     f"allowed inputs for {model_name(model)}: {', '.join(sorted(schema.model_fields))}"
                 )
-            raise KontextInputError(
+            raise FluxKontextInputError(
                 f"Invalid input for {model_name(model)}: " + "; ".join(lines), errors=problems
             ) from None

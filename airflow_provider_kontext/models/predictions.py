@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from airflow_provider_kontext.images import sniff_image_type
+from airflow_provider_kontext.models.images import sniff_image_type
 
 
 class PredictionStatus(str, enum.Enum):

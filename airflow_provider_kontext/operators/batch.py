@@ -11,22 +11,28 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_provider_kontext.arguments import check_number, default_deferrable
-from airflow_provider_kontext.batch_ledger import CREATED, CREATING, FINAL_FAILURES, SUCCEEDED, BatchLedger
 from airflow_provider_kontext.compat import AirflowFailException
-from airflow_provider_kontext.deadlines import wait_timeout
-from airflow_provider_kontext.edit_request import check_literal_inputs
-from airflow_provider_kontext.exceptions import KontextInputError
+from airflow_provider_kontext.edits.batch_ledger import (
+    CREATED,
+    CREATING,
+    FINAL_FAILURES,
+    SUCCEEDED,
+    BatchLedger,
+)
+from airflow_provider_kontext.edits.deadlines import wait_timeout
+from airflow_provider_kontext.edits.request import check_literal_inputs
+from airflow_provider_kontext.edits.results import PredictionResultMixin
+from airflow_provider_kontext.exceptions import FluxKontextInputError
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
 from airflow_provider_kontext.models import DEFAULT_MODEL
+from airflow_provider_kontext.models.arguments import check_number, default_deferrable
 from airflow_provider_kontext.operators.batch_finish import BatchFinisher
 from airflow_provider_kontext.operators.batch_steps import BatchCreator, adopt_orphans
-from airflow_provider_kontext.results import PredictionResultMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_provider_kontext.batch_items import BatchItem
+    from airflow_provider_kontext.edits.batch_items import BatchItem
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
 __all__ = ["FluxKontextBatchEditOperator"]
@@ -226,9 +232,9 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         items = self._items(check=False)
         ledger = self._ledger(context, len(items))
         if ledger.recorded_size != len(items):
-            from airflow_provider_kontext.batch_results import KontextBatchFailed
+            from airflow_provider_kontext.exceptions import FluxKontextBatchFailed
 
-            raise KontextBatchFailed(
+            raise FluxKontextBatchFailed(
                 f"input_images changed while the batch ran ({ledger.recorded_size} images then, "
                 f"{len(items)} now); a retry matches the images to their edits by content"
             )
@@ -244,13 +250,13 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
 
         :raises AirflowFailException: bad input (no retry mends it), naming every bad image.
         """
-        from airflow_provider_kontext.batch_items import (
+        from airflow_provider_kontext.edits.batch_items import (
             BatchItem,
             checked_items,
             resolve_images,
             resolve_prompts,
         )
-        from airflow_provider_kontext.images import trace_image
+        from airflow_provider_kontext.models.images import trace_image
 
         try:
             images = resolve_images(self.input_images)
@@ -264,7 +270,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
                     extra_input=self.extra_input,
                     output_path=self.output_path,
                 )
-        except KontextInputError as exc:
+        except FluxKontextInputError as exc:
             raise AirflowFailException(str(exc)) from exc
         return [
             BatchItem(index, image, prompt, *trace_image(image), "")
@@ -286,7 +292,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         A record finished before a clear of the task is dropped: the batch is edited afresh."""
         if ledger.finished is None or ledger.recorded_size != ledger.size:
             return False
-        from airflow_provider_kontext.reattach import Series
+        from airflow_provider_kontext.edits.reattach import Series
 
         if Series.of(context).continues(ledger.finished):
             self.log.info(

@@ -10,23 +10,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_kontext.batch_ledger import CREATED, SUCCEEDED, TERMINAL, BatchLedger
-from airflow_provider_kontext.batch_results import (
-    KontextBatchFailed,
-    KontextBatchFailedNoRetry,
+from airflow_provider_kontext.edits.batch_ledger import CREATED, SUCCEEDED, TERMINAL, BatchLedger
+from airflow_provider_kontext.edits.batch_results import (
     counts_of,
     failure_message,
     image_summary,
     retryable,
     write_manifest,
 )
-from airflow_provider_kontext.exceptions import KontextError, KontextNotFoundError, KontextPredictionFailed
-from airflow_provider_kontext.reattach import Series
+from airflow_provider_kontext.edits.reattach import Series
+from airflow_provider_kontext.exceptions import (
+    FluxKontextBatchFailed,
+    FluxKontextBatchFailedNoRetry,
+    FluxKontextError,
+    FluxKontextNotFoundError,
+    FluxKontextPredictionFailed,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_provider_kontext.batch_items import BatchItem
+    from airflow_provider_kontext.edits.batch_items import BatchItem
     from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator
 
 #: Why a retryable partial failure fails without retries on Airflow < 3.3.
@@ -62,7 +66,7 @@ class BatchFinisher:
     ) -> None:
         """Record the outcome of each prediction waited for; cancel those past their deadline.
 
-        :raises KontextError: the account's list could not be read (a retry reads it again).
+        :raises FluxKontextError: the account's list could not be read (a retry reads it again).
         """
         self._names = {item.position: item.name for item in items}
         unread = [pid for pid in pending if finals.get(pid, {}).get("status") not in TERMINAL]
@@ -110,7 +114,7 @@ class BatchFinisher:
             for prediction_id in set(unread) - set(found):
                 try:
                     prediction = await hook.aget_prediction(prediction_id)
-                except KontextNotFoundError:
+                except FluxKontextNotFoundError:
                     found[prediction_id] = {
                         "id": prediction_id,
                         "status": "lost",
@@ -124,9 +128,9 @@ class BatchFinisher:
 
     def _save(self, index: int, item: dict[str, Any]) -> None:
         """Hand on one succeeded prediction's outputs (saved under ``output_path``) and record it."""
-        from airflow_provider_kontext.events import prediction_event
+        from airflow_provider_kontext.edits.events import prediction_event
+        from airflow_provider_kontext.exceptions import FluxKontextPredictionFailedNoRetry
         from airflow_provider_kontext.models import Prediction
-        from airflow_provider_kontext.results import KontextPredictionFailedNoRetry
 
         op = self.op
         entry = dict(self.ledger.entry(index) or {})
@@ -135,12 +139,12 @@ class BatchFinisher:
             entry.update(s="unusable", e="inline data: outputs need output_path in a batch")
         else:
             try:
-                outputs = op._hand_on(event, self._names[index])
-            except KontextPredictionFailedNoRetry as exc:
+                outputs = op._keep_outputs(event, self._names[index])
+            except FluxKontextPredictionFailedNoRetry as exc:
                 entry.update(s="unusable", e=op.hook.redact(str(exc)))
-            except KontextPredictionFailed as exc:
+            except FluxKontextPredictionFailed as exc:
                 entry.update(s="lost", e=op.hook.redact(str(exc)))
-            except (KontextError, OSError) as exc:
+            except (FluxKontextError, OSError) as exc:
                 with self._lock:
                     self.unsettled[index] = op.hook.redact(f"saving its outputs failed: {exc}")
                 return
@@ -171,7 +175,7 @@ class BatchFinisher:
         counts = counts_of(summaries)
         manifest = None
         if op.output_path:
-            from airflow_provider_kontext.outputs import output_folder
+            from airflow_provider_kontext.edits.outputs import output_folder
 
             folder = output_folder(op.output_path)
             folder.mkdir(parents=True, exist_ok=True)
@@ -190,7 +194,7 @@ class BatchFinisher:
         )
         failed = [row for row in summaries if row["status"] != SUCCEEDED]
         if abort:
-            raise KontextBatchFailedNoRetry(
+            raise FluxKontextBatchFailedNoRetry(
                 f"Creating stopped: {abort}\n{failure_message(failed, len(items))}"
             )
         if failed:
@@ -198,8 +202,8 @@ class BatchFinisher:
             if op.fail_on_partial:
                 final = not retryable(failed, op.retry_failed_predictions)
                 if not final and not self.ledger.durable:
-                    raise KontextBatchFailedNoRetry(f"{message}\n{NO_STORE}")
-                raise (KontextBatchFailedNoRetry if final else KontextBatchFailed)(message)
+                    raise FluxKontextBatchFailedNoRetry(f"{message}\n{NO_STORE}")
+                raise (FluxKontextBatchFailedNoRetry if final else FluxKontextBatchFailed)(message)
             self.log.warning("%s", message)
         self.ledger.finish(Series.of(context)._asdict())
         return [list(row["outputs"]) if row["status"] == SUCCEEDED else [] for row in summaries]

@@ -14,8 +14,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_kontext.batch_items import image_ref, listed_identity
-from airflow_provider_kontext.batch_ledger import (
+from airflow_provider_kontext.edits.batch_items import image_ref, listed_identity
+from airflow_provider_kontext.edits.batch_ledger import (
     CREATED,
     CREATING,
     PROGRESS_SECONDS,
@@ -23,17 +23,17 @@ from airflow_provider_kontext.batch_ledger import (
     identity_key,
 )
 from airflow_provider_kontext.exceptions import (
-    KontextAPIError,
-    KontextAuthError,
-    KontextError,
-    KontextInputError,
-    KontextNotFoundError,
-    KontextPredictionMayExistError,
-    KontextTLSError,
+    FluxKontextAPIError,
+    FluxKontextAuthError,
+    FluxKontextError,
+    FluxKontextInputError,
+    FluxKontextNotFoundError,
+    FluxKontextPredictionMayExistError,
+    FluxKontextTLSError,
 )
 
 if TYPE_CHECKING:
-    from airflow_provider_kontext.batch_items import BatchItem
+    from airflow_provider_kontext.edits.batch_items import BatchItem
     from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator
 
 #: Created predictions not yet written with a "creating" mark are written at least this often.
@@ -114,10 +114,10 @@ class BatchCreator:
             return
         try:
             request, model_input, sent_image = self._prepared(item)
-        except KontextInputError as exc:
+        except FluxKontextInputError as exc:
             self.ledger.put(index, s="rejected", fp=item.fingerprint[:16], e=self._redact(exc))
             return
-        except (KontextError, OSError) as exc:
+        except (FluxKontextError, OSError) as exc:
             self._failed(index, exc, "upload")
             return
         key = identity_key(item.prompt, image_ref(model_input["input_image"], sent_image))
@@ -129,12 +129,12 @@ class BatchCreator:
             return
         try:
             prediction = self.op.hook.create_prediction(self.op.model, model_input, cancel_after=self.timeout)
-        except KontextPredictionMayExistError as exc:
+        except FluxKontextPredictionMayExistError as exc:
             # Left "creating": the retry looks for it in the account's list before creating again.
             with self._lock:
                 self.errors[index] = f"the create may have started a prediction: {self._redact(exc)}"
             return
-        except KontextAPIError as exc:
+        except FluxKontextAPIError as exc:
             if exc.status == 422:
                 why = f"the server rejects the input: {self._redact(exc)}"
                 self.ledger.put(index, s="rejected", fp=fingerprint, e=why)
@@ -143,7 +143,7 @@ class BatchCreator:
                 self.ledger.drop(index)
             self._failed(index, exc, "create")
             return
-        except (KontextError, OSError) as exc:
+        except (FluxKontextError, OSError) as exc:
             # The request may have reached the server: the "creating" mark stays, so a retry
             # looks for its prediction in the account's list before creating again.
             self._failed(index, exc, "create")
@@ -161,8 +161,8 @@ class BatchCreator:
 
     def _prepared(self, item: BatchItem) -> tuple[Any, dict[str, Any], Any]:
         """The request read again (the image's bytes), the image sent (inline or uploaded)."""
-        from airflow_provider_kontext.edit_request import validated_request
-        from airflow_provider_kontext.images import to_data_uri
+        from airflow_provider_kontext.edits.request import validated_request
+        from airflow_provider_kontext.models.images import to_data_uri
 
         op = self.op
         request = validated_request(
@@ -185,8 +185,8 @@ class BatchCreator:
         return str(self.op.hook.redact(str(exc)))
 
     def _failed(self, index: int, exc: BaseException, what: str) -> None:
-        final = isinstance(exc, KontextAuthError | KontextTLSError) or (
-            isinstance(exc, KontextNotFoundError) and what == "create"
+        final = isinstance(exc, FluxKontextAuthError | FluxKontextTLSError) or (
+            isinstance(exc, FluxKontextNotFoundError) and what == "create"
         )
         with self._lock:
             text = self._redact(exc)
@@ -196,7 +196,7 @@ class BatchCreator:
                 self.log.error("Batch: stopping the creates: %s", self.abort)
 
 
-def _refused(error: KontextAPIError) -> bool:
+def _refused(error: FluxKontextAPIError) -> bool:
     """Whether a create's error is a client error the server answered (it created nothing)."""
     from airflow_provider_kontext.operators.kontext import _refused as refused
 
@@ -210,7 +210,7 @@ def adopt_orphans(
     connection) in the account's list, by model, prompt and input image, and record them; return the
     images that have none (to be created now).
 
-    :raises KontextError: the list could not be read (the task fails and its retry looks again).
+    :raises FluxKontextError: the list could not be read (the task fails and its retry looks again).
     """
     earliest = min(float(ledger.entry(index).get("c", time.time())) for index in lost)  # type: ignore[union-attr]
     window = ledger.window or (datetime.fromtimestamp(earliest, timezone.utc) - ORPHAN_MARGIN).isoformat()

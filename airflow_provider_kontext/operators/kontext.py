@@ -10,29 +10,30 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_provider_kontext.arguments import check_number, default_deferrable
 from airflow_provider_kontext.compat import AirflowFailException
-from airflow_provider_kontext.deadlines import create_deadline, deadline_after_create, wait_timeout
-from airflow_provider_kontext.edit_request import EditRequest, check_literal_inputs, validated_request
-from airflow_provider_kontext.events import PredictionEvent, given_seed, prediction_event
+from airflow_provider_kontext.edits.deadlines import create_deadline, deadline_after_create, wait_timeout
+from airflow_provider_kontext.edits.events import PredictionEvent, given_seed, prediction_event
+from airflow_provider_kontext.edits.orphans import search_since, search_with_hook, wanted_for
+from airflow_provider_kontext.edits.progress import PredictionPoller
+from airflow_provider_kontext.edits.reattach import STATE_KEY, ReattachLedger, usable
+from airflow_provider_kontext.edits.request import EditRequest, check_literal_inputs, validated_request
+from airflow_provider_kontext.edits.results import PredictionResultMixin
 from airflow_provider_kontext.exceptions import (
-    KontextAPIError,
-    KontextError,
-    KontextInputError,
-    KontextPredictionMayExistError,
+    FluxKontextAPIError,
+    FluxKontextError,
+    FluxKontextInputError,
+    FluxKontextPredictionFailedNoRetry,
+    FluxKontextPredictionMayExistError,
 )
-from airflow_provider_kontext.failures import fail_task_on_final_answers
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
-from airflow_provider_kontext.images import LocalImage, to_data_uri, trace_image
-from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, ReplicatePredictionLink
+from airflow_provider_kontext.hooks.retry import fail_task_on_final_answers
+from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, FluxKontextPredictionLink
 from airflow_provider_kontext.models import (
     DEFAULT_MODEL,
     Prediction,
 )
-from airflow_provider_kontext.orphans import search_since, search_with_hook, wanted_for
-from airflow_provider_kontext.progress import PredictionPoller
-from airflow_provider_kontext.reattach import STATE_KEY, ReattachLedger, usable
-from airflow_provider_kontext.results import KontextPredictionFailedNoRetry, PredictionResultMixin
+from airflow_provider_kontext.models.arguments import check_number, default_deferrable
+from airflow_provider_kontext.models.images import LocalImage, to_data_uri, trace_image
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FluxKontextBatchEditOperator",
     "FluxKontextEditOperator",
-    "KontextPredictionFailedNoRetry",
+    "FluxKontextPredictionFailedNoRetry",
 ]
 
 
@@ -112,7 +113,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         ``Cancel-After``, so the remote side stops it even when Airflow cannot.
     :param reattach_on_retry: on a retry, reattach to the prediction the earlier try started when it
         is still running or succeeded, instead of paying for a new one; one the try did not live to
-        record is searched for in the account's list (:mod:`airflow_provider_kontext.orphans`).
+        record is searched for in the account's list (:mod:`airflow_provider_kontext.edits.orphans`).
     :param retry_uncertain_create: when a create fails in a way that leaves open whether a prediction
         was started, let Airflow retry the task (may pay twice) instead of failing it for a human.
     :param retry_failed_predictions: let Airflow retry the task (a new, billed prediction) when the
@@ -141,7 +142,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         "output_path",
     )
     template_fields_renderers = {"extra_input": "json", "prompt": "py"}
-    operator_extra_links = (ReplicatePredictionLink(),)
+    operator_extra_links = (FluxKontextPredictionLink(),)
     ui_color = "#e4dcf7"
 
     #: Key of the prediction id in the task state store (survives retries; XComs do not).
@@ -255,7 +256,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     def _check_literal_inputs(self) -> None:
         """Validate the model inputs given as literals, when the DAG is parsed (no I/O, no HTTP).
 
-        :raises KontextInputError: naming the task, the field and what is allowed (an import error).
+        :raises FluxKontextInputError: naming the task, the field and what is allowed (an import error).
         """
         check_literal_inputs(
             self.task_id, self.model, self._model_arguments(), self.input_image, self.extra_input
@@ -269,7 +270,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     def execute(self, context: Context) -> list[str]:
         try:
             request = self._validated_request()
-        except KontextInputError as exc:
+        except FluxKontextInputError as exc:
             raise AirflowFailException(str(exc)) from exc
         ledger = ReattachLedger.from_context(context, enabled=self.reattach_on_retry)
         if self.reattach_on_retry and not ledger.enabled:
@@ -303,15 +304,15 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """The edit's lineage for the OpenLineage provider: the input image and the outputs as
         datasets, the prediction (model, id, predict time) as a run facet; ``None`` without the
-        provider. See :mod:`airflow_provider_kontext.lineage`."""
-        from airflow_provider_kontext.lineage import edit_lineage
+        provider. See :mod:`airflow_provider_kontext.edits.lineage`."""
+        from airflow_provider_kontext.edits.lineage import edit_lineage
 
         return edit_lineage(self.input_image, self._summary)
 
     # --- steps ------------------------------------------------------------------------------------
 
     def _validated_request(self) -> EditRequest:
-        """Validate the inputs without any HTTP call. :raises KontextInputError: naming the field."""
+        """Validate the inputs without any HTTP call. :raises FluxKontextInputError: naming the field."""
         return validated_request(
             self.model, self._model_arguments(), self.input_image, self.extra_input, self.output_path
         )
@@ -330,7 +331,7 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         self, context: Context, ledger: ReattachLedger, request: EditRequest
     ) -> tuple[Prediction, float] | None:
         """The prediction an earlier try created but did not record, found in the account's list
-        (:mod:`airflow_provider_kontext.orphans`), if exactly one matches and it is usable."""
+        (:mod:`airflow_provider_kontext.edits.orphans`), if exactly one matches and it is usable."""
         if not self.reattach_on_retry:
             return None
         since = search_since(ledger, context, request.fingerprint, self.retries or 0, self.log)
@@ -367,11 +368,11 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
                         cancel_after=timeout,
                         deadline=create_deadline(started, timeout, self.execution_timeout),
                     )
-                except KontextAPIError as exc:
+                except FluxKontextAPIError as exc:
                     if _refused(exc):  # nothing was created: nothing for a retry to search for
                         ledger.drop()
                     raise
-        except KontextPredictionMayExistError as exc:
+        except FluxKontextPredictionMayExistError as exc:
             if self.retry_uncertain_create:
                 raise
             raise AirflowFailException(
@@ -465,19 +466,23 @@ class FluxKontextEditOperator(PredictionResultMixin, BaseOperator):
         self._announce_wait(prediction, end_time, "in the worker", poller.policy)
         while True:
             try:
-                event = poller.on_prediction(self.hook.get_prediction(prediction_id, budget=poller.budget))
-            except KontextError as exc:
+                event = poller.on_prediction(
+                    self.hook.get_prediction(prediction_id, retry_limits=poller.retry_limits)
+                )
+            except FluxKontextError as exc:
                 event = poller.on_error(exc)
             if event is not None:
                 return event
             time.sleep(poller.delay())
 
 
-def _refused(error: KontextAPIError) -> bool:
+def _refused(error: FluxKontextAPIError) -> bool:
     """Whether a create's error is a client error the server answered (it created nothing)."""
     status = error.status
     return (
-        not isinstance(error, KontextPredictionMayExistError) and status is not None and 400 <= status < 500
+        not isinstance(error, FluxKontextPredictionMayExistError)
+        and status is not None
+        and 400 <= status < 500
     )
 
 

@@ -1,4 +1,4 @@
-"""``KontextEditsPlugin``: the edits' images in Airflow's UI (Airflow >= 3.1).
+"""``FluxKontextEditsPlugin``: the edits' images in Airflow's UI (Airflow >= 3.1).
 
 Registered through ``get_provider_info()["plugins"]``, so installing the provider (with the ``ui``
 extra, for Pillow) is enough. It mounts the app of :mod:`airflow_provider_kontext.plugins.app` on
@@ -65,7 +65,7 @@ class _AppsOnFirstUse:
         return self._apps
 
 
-class KontextEditsPlugin(AirflowPlugin):
+class FluxKontextEditsPlugin(AirflowPlugin):
     """The edits' views and the app serving them."""
 
     name = "kontext_edits"

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_kontext.images import sniff_image_type
+from airflow_provider_kontext.models.images import sniff_image_type
 
 #: The largest image file read (bytes).
 MAX_SOURCE_BYTES = 40 * 1024 * 1024

@@ -108,7 +108,7 @@ def _xcom_value(row: Any) -> Any:
 
 def _unfinished(values: dict[str, Any], rendered: dict[str, Any] | None) -> dict[str, Any]:
     """What is known of a started edit without a summary: its id and link, the rendered inputs."""
-    from airflow_provider_kontext.images import trace_image
+    from airflow_provider_kontext.models.images import trace_image
 
     summary: dict[str, Any] = {"id": values.get(ID_KEY), "web_url": values.get(WEB_URL_KEY)}
     for name in RENDERED_INPUTS:

@@ -10,15 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
-from airflow_provider_kontext.arguments import check_number, default_deferrable
 from airflow_provider_kontext.compat import AirflowFailException, AirflowSensorTimeout, AirflowSkipException
-from airflow_provider_kontext.events import PredictionEvent
-from airflow_provider_kontext.exceptions import KontextError
+from airflow_provider_kontext.edits.events import PredictionEvent
+from airflow_provider_kontext.edits.progress import PredictionPoller
+from airflow_provider_kontext.edits.results import PredictionResultMixin
+from airflow_provider_kontext.exceptions import FluxKontextError
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
-from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, ReplicatePredictionLink
+from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, FluxKontextPredictionLink
 from airflow_provider_kontext.models import Prediction
-from airflow_provider_kontext.progress import PredictionPoller
-from airflow_provider_kontext.results import PredictionResultMixin
+from airflow_provider_kontext.models.arguments import check_number, default_deferrable
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -34,7 +34,7 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
     For a prediction another task (or system) started, e.g. with the hook in a ``@task`` or a
     ``FluxKontextEditOperator`` in another DAG: the id comes from a template such as
     ``"{{ ti.xcom_pull(task_ids='start', key='prediction_id') }}"``. The sensor ends the way the
-    operator does (:mod:`airflow_provider_kontext.results`): it returns the output URLs, or the
+    operator does (:mod:`airflow_provider_kontext.edits.results`): it returns the output URLs, or the
     durable paths when ``output_path`` is set; pushes the ``prediction`` summary and
     ``prediction_web_url`` (the extra link); fills the ``extra`` of ``Asset`` outlets; and a
     ``failed`` or ``canceled`` prediction, or a paid one whose output cannot be used, fails the task
@@ -70,7 +70,7 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
     """
 
     template_fields: Sequence[str] = ("prediction_id", "output_path")
-    operator_extra_links = (ReplicatePredictionLink(),)
+    operator_extra_links = (FluxKontextPredictionLink(),)
     ui_color = "#e4dcf7"
 
     def __init__(
@@ -149,8 +149,8 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         event: PredictionEvent | None
         try:
             # The hook retries transient failures within the poller's budget; what escapes is final.
-            prediction = self.hook.get_prediction(prediction_id, budget=self._poller.budget)
-        except KontextError as exc:
+            prediction = self.hook.get_prediction(prediction_id, retry_limits=self._poller.retry_limits)
+        except FluxKontextError as exc:
             event = self._poller.on_error(exc)
         else:
             self._first_sight(context, prediction)
@@ -178,7 +178,7 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """The edit's lineage for the OpenLineage provider, as the operator reports it (the input
         image as the prediction's input names it); ``None`` without the provider."""
-        from airflow_provider_kontext.lineage import edit_lineage
+        from airflow_provider_kontext.edits.lineage import edit_lineage
 
         return edit_lineage(self._input_location, self._summary)
 
@@ -190,7 +190,7 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         if file_id is not None:
             try:
                 name = self.hook.get_file(file_id).name
-            except (KontextError, ValueError) as exc:
+            except (FluxKontextError, ValueError) as exc:
                 self.log.info("Could not read the name of input file %s: %s", file_id, exc)
             else:
                 if name and name != "file":

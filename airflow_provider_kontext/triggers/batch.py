@@ -17,8 +17,12 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_kontext.batch_ledger import PROGRESS_SECONDS, TERMINAL
-from airflow_provider_kontext.exceptions import KontextAuthError, KontextError, KontextNotFoundError
+from airflow_provider_kontext.edits.batch_ledger import PROGRESS_SECONDS, TERMINAL
+from airflow_provider_kontext.exceptions import (
+    FluxKontextAuthError,
+    FluxKontextError,
+    FluxKontextNotFoundError,
+)
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 
 __all__ = ["BatchWatch", "FluxKontextBatchTrigger", "sweep"]
@@ -33,7 +37,7 @@ async def sweep(hook: Any, wanted: Collection[str], created_after: str | None) -
     """The account's list items (raw JSON objects, no logs) of the ``wanted`` predictions, paging
     from the newest back to ``created_after``; stops as soon as all were seen.
 
-    :raises KontextError: a page could not be read (after the hook's retries).
+    :raises FluxKontextError: a page could not be read (after the hook's retries).
     """
     found: dict[str, dict[str, Any]] = {}
     cursor: str | None = None
@@ -90,9 +94,9 @@ class BatchWatch:
             try:
                 await self._sweep_once(hook)
                 errors = 0
-            except KontextAuthError as exc:
+            except FluxKontextAuthError as exc:
                 return "error", f"Cannot read the account's predictions: {exc}"
-            except KontextError as exc:
+            except FluxKontextError as exc:
                 errors += 1
                 if errors >= MAX_CONSECUTIVE_ERRORS:
                     return "error", f"Reading the account's predictions failed {errors} times: {exc}"
@@ -123,7 +127,7 @@ class BatchWatch:
         for prediction_id in lagging:
             try:
                 prediction = await hook.aget_prediction(prediction_id)
-            except KontextNotFoundError:  # gone (or never created): the task creates it again
+            except FluxKontextNotFoundError:  # gone (or never created): the task creates it again
                 self._finish(
                     prediction_id, {"id": prediction_id, "status": "lost", "error": "no longer exists"}
                 )

@@ -9,10 +9,10 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_kontext.events import error_event
-from airflow_provider_kontext.exceptions import KontextError
+from airflow_provider_kontext.edits.events import error_event
+from airflow_provider_kontext.edits.progress import DEFAULT_POLL_POLICY, POLL_POLICIES, PredictionPoller
+from airflow_provider_kontext.exceptions import FluxKontextError
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
-from airflow_provider_kontext.progress import DEFAULT_POLL_POLICY, POLL_POLICIES, PredictionPoller
 from airflow_provider_kontext.triggers.watcher import PredictionWatcher
 
 __all__ = [
@@ -81,7 +81,7 @@ def _runs_in_process() -> bool:
 
 class FluxKontextPredictionTrigger(BaseTrigger):
     """Polls one prediction until it reaches a terminal status or the deadline passes, then fires
-    exactly one event (a :class:`~airflow_provider_kontext.events.PredictionEvent`).
+    exactly one event (a :class:`~airflow_provider_kontext.edits.events.PredictionEvent`).
 
     It only reads: it never creates a prediction, so a restarted or duplicated trigger (triggerer
     restart, HA triggerers) is harmless. Its kwargs are ids and numbers only, never a secret: the
@@ -99,7 +99,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
     :param max_consecutive_errors: retries of a failing poll before an ``error`` event.
     :param poll_policy: ``"adaptive"`` (default: poll when the model's progress bar says it ends) or
         ``"fixed"`` (every ``poll_interval``); see
-        :meth:`airflow_provider_kontext.progress.PredictionPoller.delay`.
+        :meth:`airflow_provider_kontext.edits.progress.PredictionPoller.delay`.
     :param hook_params: keyword arguments of the hook (``timeout``, ``max_retries``, ...); only JSON
         primitives are kept, since the kwargs are stored and logged (they are settings, never secrets).
     :param created_at: the prediction's ``created_at`` (ISO 8601), if known: where the account's
@@ -196,18 +196,20 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             while True:
                 try:
                     if watch is not None and watch.shared:
-                        prediction = await watch.poll(delay, poller.budget)
+                        prediction = await watch.poll(delay, poller.retry_limits)
                     else:
                         if delay > 0:
                             await asyncio.sleep(delay)
                         if watch is not None and watch.shared:  # others joined in the meantime
-                            prediction = await watch.poll(0.0, poller.budget)
+                            prediction = await watch.poll(0.0, poller.retry_limits)
                         else:
-                            prediction = await hook.aget_prediction(self.prediction_id, budget=poller.budget)
+                            prediction = await hook.aget_prediction(
+                                self.prediction_id, retry_limits=poller.retry_limits
+                            )
                             if watch is not None:
                                 watch.saw(prediction, full=True)
                     event = poller.on_prediction(prediction)
-                except KontextError as exc:
+                except FluxKontextError as exc:
                     event = poller.on_error(exc)
                 except ValueError as exc:  # a malformed connection (bad extra): no point polling on
                     event = error_event(self.prediction_id, f"Cannot poll: {exc}")
@@ -235,7 +237,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             self.log.info(
                 "Prediction %s canceled on kill (status %s)", self.prediction_id, prediction.status.value
             )
-        except KontextError as exc:
+        except FluxKontextError as exc:
             self.log.warning("Could not cancel prediction %s on kill: %s", self.prediction_id, exc)
         finally:
             await hook.aclose()

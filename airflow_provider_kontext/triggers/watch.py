@@ -15,11 +15,11 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_kontext.progress import PROGRESS_LOG_SECONDS
+from airflow_provider_kontext.edits.progress import PROGRESS_LOG_SECONDS
 
 if TYPE_CHECKING:
-    from airflow_provider_kontext.failures import Budget
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+    from airflow_provider_kontext.hooks.retry import RetryLimits
     from airflow_provider_kontext.models import Prediction
     from airflow_provider_kontext.triggers.watcher import PredictionWatcher
 
@@ -147,20 +147,20 @@ class Watch:
         """Call ``callback(*args)`` in ``delay`` seconds, unless the poll ends first."""
         self._timers.append(asyncio.get_running_loop().call_later(delay, callback, *args))
 
-    async def poll(self, delay: float, budget: Budget) -> Prediction:
+    async def poll(self, delay: float, retry_limits: RetryLimits) -> Prediction:
         """The prediction, looked at ``delay`` seconds from now (earlier if a sweep sees it end).
 
-        :param budget: the poll's budget, for a read alone (retries, deadline, priority).
-        :raises KontextError: a read alone failed for good (as
+        :param retry_limits: the poll's retry limits, for a read alone (retries, deadline, priority).
+        :raises FluxKontextError: a read alone failed for good (as
             :meth:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook.aget_prediction`).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Prediction | ReadAlone | BaseException] = loop.create_future()
         self._future = future
         self.due = False
-        if budget.deadline is not None:
+        if retry_limits.deadline is not None:
             # Waiting on sweeps never outlasts the deadline: a read alone then ends it as before.
-            at_deadline = max(0.0, budget.deadline - time.time())
+            at_deadline = max(0.0, retry_limits.deadline - time.time())
             self._later(at_deadline, self.hand, READ_ALONE)
         if delay > 0:
             self._later(delay, self._became_due)
@@ -177,7 +177,7 @@ class Watch:
         if isinstance(result, BaseException):
             raise result
         if isinstance(result, ReadAlone):
-            prediction = await self.hook.aget_prediction(self.prediction_id, budget=budget)
+            prediction = await self.hook.aget_prediction(self.prediction_id, retry_limits=retry_limits)
             self.saw(prediction, full=True)
             return prediction
         return result

@@ -5,7 +5,7 @@ newest first, 100 per page) and hands each trigger its prediction.
 Polling each prediction on its own cannot scale under Replicate's budget (3000 requests per minute
 per account: 1000 waits cannot all be looked at in less than 20 s). One list page answers for up to
 100 waits. Each trigger still decides *when* it wants to look (its
-:class:`~airflow_provider_kontext.progress.PredictionPoller`); the watcher decides *how*:
+:class:`~airflow_provider_kontext.edits.progress.PredictionPoller`); the watcher decides *how*:
 
 - **Sweep or single reads.** The list is used while the waits it can answer for outnumber the pages
   one sweep took last time (``list_min_waits`` at least): a sweep of P pages then costs fewer
@@ -54,9 +54,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from airflow_provider_kontext.exceptions import KontextError, KontextRateLimitError
-from airflow_provider_kontext.failures import Budget
-from airflow_provider_kontext.hooks.budget import AccountBudgets, account_key
+from airflow_provider_kontext.exceptions import FluxKontextError, FluxKontextRateLimitError
+from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiters, account_key
+from airflow_provider_kontext.hooks.retry import RetryLimits
 from airflow_provider_kontext.models import Prediction, PredictionPage
 from airflow_provider_kontext.triggers.slices import PAGE_SIZE, Slice, iso, micros, plan
 from airflow_provider_kontext.triggers.watch import READ_ALONE, Watch, parse_time
@@ -93,7 +93,7 @@ WINDOW_MARGIN_MICROS = 2_000_000
 #: Slices of one sweep read at once, at most.
 MAX_CONCURRENT_SLICES = 8
 #: The list's retries of one page; then the waits read alone.
-_PAGE_BUDGET = Budget(retries=2, tolerate=True, priority=0.0)
+_PAGE_LIMITS = RetryLimits(retries=2, tolerate=True, priority=0.0)
 
 _TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
@@ -179,7 +179,7 @@ class PredictionWatcher:
     # --- bookkeeping ----------------------------------------------------------------------------
 
     def _rate(self) -> float:
-        budget = AccountBudgets.get(self.settings)
+        budget = AccountRateLimiters.get(self.settings)
         return budget.rate if budget is not None else UNBUDGETED_RATE
 
     @property
@@ -333,11 +333,11 @@ class PredictionWatcher:
             while True:
                 try:
                     page = await self.hook.alist_predictions(
-                        created_after=after, created_before=before, cursor=cursor, budget=_PAGE_BUDGET
+                        created_after=after, created_before=before, cursor=cursor, retry_limits=_PAGE_LIMITS
                     )
-                except KontextRateLimitError:
+                except FluxKontextRateLimitError:
                     return pages, False  # paused until the reset: the due waits wait for the next sweep
-                except KontextError:
+                except FluxKontextError:
                     self.list_failed_at = time.monotonic()
                     return pages, False
                 pages += 1

@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from airflow_provider_kontext.outputs import safe_stem
+from airflow_provider_kontext.edits.outputs import safe_stem
 from airflow_provider_kontext.testing.emulator import KontextEmulator
 
 from .conftest import TOKEN, Airflow

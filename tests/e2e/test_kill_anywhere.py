@@ -159,8 +159,8 @@ class KillableEdit(FluxKontextEditOperator):
         mark(self._ti, "resumed")
         return super().execute_complete(context, event)
 
-    def _hand_on(self, event, input_name=None):
-        result = super()._hand_on(event, input_name)
+    def _keep_outputs(self, event, input_name=None):
+        result = super()._keep_outputs(event, input_name)
         mark(self._ti, "saved")
         return result
 

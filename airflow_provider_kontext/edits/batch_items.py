@@ -15,10 +15,10 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from airflow_provider_kontext.batch_ledger import identity_key
-from airflow_provider_kontext.edit_request import validated_request
-from airflow_provider_kontext.exceptions import KontextInputError
-from airflow_provider_kontext.images import EXTENSIONS, LocalImage, decode_data_uri, trace_image
+from airflow_provider_kontext.edits.batch_ledger import identity_key
+from airflow_provider_kontext.edits.request import validated_request
+from airflow_provider_kontext.exceptions import FluxKontextInputError
+from airflow_provider_kontext.models.images import EXTENSIONS, LocalImage, decode_data_uri, trace_image
 
 #: File name endings listed as images in a folder or prefix.
 IMAGE_SUFFIXES = frozenset({f".{ext}" for ext in EXTENSIONS.values()} | {".jpeg"})
@@ -41,19 +41,19 @@ class BatchItem(NamedTuple):
 def resolve_images(input_images: Any) -> list[Any]:
     """The images to edit: the list as given, or the images listed in a folder or prefix.
 
-    :raises KontextInputError: not a list, folder or prefix; an empty list or folder.
+    :raises FluxKontextInputError: not a list, folder or prefix; an empty list or folder.
     """
     if isinstance(input_images, list | tuple):
         images = list(input_images)
     elif isinstance(input_images, str) or hasattr(input_images, "iterdir"):
         images = _listed(input_images)
     else:
-        raise KontextInputError(
+        raise FluxKontextInputError(
             "input_images: must be a list of images, or a folder or object-storage prefix to list, "
             f"got {type(input_images).__name__}"
         )
     if not images:
-        raise KontextInputError(f"input_images: no images in {str(input_images)[:200]!r}")
+        raise FluxKontextInputError(f"input_images: no images in {str(input_images)[:200]!r}")
     return images
 
 
@@ -62,28 +62,28 @@ def _listed(folder: Any) -> list[Any]:
     from airflow.sdk import ObjectStoragePath
 
     if isinstance(folder, str) and folder[:5].lower() in ("http:", "https", "data:"):
-        raise KontextInputError("input_images: a single image URL is not a list; pass [url]")
+        raise FluxKontextInputError("input_images: a single image URL is not a list; pass [url]")
     path = folder if hasattr(folder, "iterdir") else ObjectStoragePath(folder)
     try:
         entries = sorted(path.iterdir(), key=lambda entry: str(entry))
     except (FileNotFoundError, NotADirectoryError) as exc:
-        raise KontextInputError(f"input_images: cannot list {str(folder)[:200]!r}: {exc}") from None
+        raise FluxKontextInputError(f"input_images: cannot list {str(folder)[:200]!r}: {exc}") from None
     return [entry for entry in entries if entry.suffix.lower() in IMAGE_SUFFIXES and entry.is_file()]
 
 
 def resolve_prompts(prompt: Any, count: int) -> list[str]:
-    """One prompt per image. :raises KontextInputError: a list of another length, or not strings."""
+    """One prompt per image. :raises FluxKontextInputError: a list of another length, or not strings."""
     if isinstance(prompt, str):
         return [prompt] * count
     if isinstance(prompt, list | tuple):
         if len(prompt) != count:
-            raise KontextInputError(
+            raise FluxKontextInputError(
                 f"prompt: a list of prompts needs one per image: {len(prompt)} prompts for {count} images"
             )
         if not all(isinstance(p, str) for p in prompt):
-            raise KontextInputError("prompt: every prompt in the list must be a string")
+            raise FluxKontextInputError("prompt: every prompt in the list must be a string")
         return list(prompt)
-    raise KontextInputError(f"prompt: must be a string or a list of strings, got {type(prompt).__name__}")
+    raise FluxKontextInputError(f"prompt: must be a string or a list of strings, got {type(prompt).__name__}")
 
 
 def checked_items(
@@ -97,7 +97,7 @@ def checked_items(
 ) -> list[BatchItem]:
     """Every image checked and fingerprinted (each read once, then dropped).
 
-    :raises KontextInputError: listing the bad images by index and name and why (all of them, up to
+    :raises FluxKontextInputError: listing the bad images by index and name and why (all of them, up to
         :data:`MAX_LISTED`), so one fix mends the batch.
     """
     items: list[BatchItem] = []
@@ -108,7 +108,7 @@ def checked_items(
             request = validated_request(
                 model, {**arguments, "prompt": prompt}, image, extra_input, output_path
             )
-        except KontextInputError as exc:
+        except FluxKontextInputError as exc:
             problems.append(f"image {index} ({name or where or type(image).__name__}): {exc}")
             continue
         if request.image is not None and not name:
@@ -117,7 +117,9 @@ def checked_items(
     if problems:
         listed = "\n".join(problems[:MAX_LISTED])
         more = f"\n... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise KontextInputError(f"{len(problems)} of {len(images)} images are not usable:\n{listed}{more}")
+        raise FluxKontextInputError(
+            f"{len(problems)} of {len(images)} images are not usable:\n{listed}{more}"
+        )
     return items
 
 
@@ -130,7 +132,7 @@ def image_ref(sent: str, image: LocalImage | None) -> str:
 
 
 def listed_identity(model_input: dict[str, Any], max_bytes: int) -> str | None:
-    """The identity key (:func:`~airflow_provider_kontext.batch_ledger.identity_key`) of a
+    """The identity key (:func:`~airflow_provider_kontext.edits.batch_ledger.identity_key`) of a
     prediction in the account's list, from its input; ``None`` when it cannot be told."""
     prompt, sent = model_input.get("prompt"), model_input.get("input_image")
     if not isinstance(prompt, str) or not isinstance(sent, str):

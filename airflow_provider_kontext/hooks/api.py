@@ -1,14 +1,16 @@
 """What the sync and async paths of the hook share: request building and response parsing. Each
 fact lives here once; the hook only moves bytes (the connection's settings are in
-:mod:`.connection`, the failure policy in :mod:`airflow_provider_kontext.failures`, the transports
+:mod:`.connection`, the failure policy in :mod:`airflow_provider_kontext.hooks.retry`, the transports
 in :mod:`.transports`).
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -17,15 +19,22 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from pydantic import BaseModel, ValidationError
 
 from airflow_provider_kontext.exceptions import (
-    KontextAPIError,
-    KontextAuthError,
-    KontextNotFoundError,
-    KontextRateLimitError,
-    KontextServerError,
+    FluxKontextAPIError,
+    FluxKontextAuthError,
+    FluxKontextNotFoundError,
+    FluxKontextRateLimitError,
+    FluxKontextServerError,
 )
-from airflow_provider_kontext.failures import final_error, parse_retry_after
 from airflow_provider_kontext.hooks.connection import ClientSettings, auth_hint
 from airflow_provider_kontext.models import MODEL_REFERENCE, Prediction, PredictionPage
+
+# Replicate's 429 wordings: "Your rate limit resets in ~30s." (today) and "Expected available in
+# 1 second." (older); minutes where the wait is long ("~2m", "in ~1 minute").
+_RESETS_IN = re.compile(
+    r"resets?\s+in\s*~?\s*(\d+(?:\.\d+)?)\s*(seconds?|secs?|s|minutes?|mins?|m)\b", re.IGNORECASE
+)
+_AVAILABLE_IN = re.compile(r"available\s+in\s*~?\s*(\d+(?:\.\d+)?)\s*seconds?\b", re.IGNORECASE)
+
 
 _HEX_VERSION = re.compile(r"^[0-9a-f]{64}$")
 _HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -145,12 +154,12 @@ def download_request(settings: ClientSettings, url: str) -> ApiRequest:
     """``GET`` of an output file. ``path`` is the URL without query (which may hold a signature);
     ``headers`` carry the token only when the file is on the API's own origin.
 
-    :raises KontextAPIError: the URL is not http(s) (``file:``, ``javascript:``, ...).
+    :raises FluxKontextAPIError: the URL is not http(s) (``file:``, ``javascript:``, ...).
     """
     parts = urlsplit(url)
     shown = urlunsplit(parts._replace(query="", fragment="", netloc=parts.netloc.rpartition("@")[2]))
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise KontextAPIError(
+        raise FluxKontextAPIError(
             title="refused",
             detail=f"output URL {shown[:200]!r} is not an http(s) URL; it is not downloaded",
         )
@@ -194,9 +203,9 @@ def parse_response(
 ) -> Any:
     """Decode a 2xx JSON body, or raise the matching exception for any other answer.
 
-    :raises KontextAuthError: 401/403. :raises KontextNotFoundError: 404.
-    :raises KontextRateLimitError: 429 (with ``retry_after``). :raises KontextServerError: 5xx.
-    :raises KontextAPIError: any other error status, or a 2xx body that is not JSON.
+    :raises FluxKontextAuthError: 401/403. :raises FluxKontextNotFoundError: 404.
+    :raises FluxKontextRateLimitError: 429 (with ``retry_after``). :raises FluxKontextServerError: 5xx.
+    :raises FluxKontextAPIError: any other error status, or a 2xx body that is not JSON.
     """
     content_type = headers.get("content-type") or headers.get("Content-Type") or ""
     if 200 <= status < 300:
@@ -204,7 +213,7 @@ def parse_response(
             return json.loads(body) if body else None
         except ValueError:
             _, detail = _problem(_redacted(settings, body), content_type)
-            raise KontextAPIError(
+            raise FluxKontextAPIError(
                 status=status,
                 title="malformed response",
                 detail=settings.redact(detail or "empty body") + " (expected JSON)",
@@ -223,25 +232,25 @@ def parse_response(
     }
     if status in (401, 403):
         return _raise(
-            KontextAuthError,
+            FluxKontextAuthError,
             kwargs,
             hint=auth_hint(settings),
         )
     if status == 404:
-        return _raise(KontextNotFoundError, kwargs, hint="Check the model name, version or prediction id")
+        return _raise(FluxKontextNotFoundError, kwargs, hint="Check the model name, version or prediction id")
     if status == 429:
         text = _redacted(settings, body).decode()
-        return _raise(KontextRateLimitError, kwargs, retry_after=parse_retry_after(headers, text))
+        return _raise(FluxKontextRateLimitError, kwargs, retry_after=parse_retry_after(headers, text))
     if status >= 500:
-        return _raise(KontextServerError, kwargs)
-    return _raise(KontextAPIError, kwargs)
+        return _raise(FluxKontextServerError, kwargs)
+    return _raise(FluxKontextAPIError, kwargs)
 
 
 def _redacted(settings: ClientSettings, body: bytes) -> bytes:
     return settings.redact(body.decode("utf-8", errors="replace")).encode()
 
 
-def _raise(cls: type[KontextAPIError], kwargs: dict[str, Any], **more: Any) -> Any:
+def _raise(cls: type[FluxKontextAPIError], kwargs: dict[str, Any], **more: Any) -> Any:
     raise cls(**kwargs, **more)
 
 
@@ -259,7 +268,7 @@ def parsed_as(model: type[_M], data: Any) -> _M:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()[:5]
         )
-        raise KontextAPIError(
+        raise FluxKontextAPIError(
             title="unexpected response", detail=f"not a valid {model.__name__}: {problems}"
         ) from None
 
@@ -274,10 +283,36 @@ def parsed_page(data: Any) -> PredictionPage:
     return parsed_as(PredictionPage, data)
 
 
-def parsed_created(request: ApiRequest, body: Any) -> Prediction:
-    """The prediction a create answered with; an unreadable answer to a create is an uncertain
-    create (:class:`KontextPredictionMayExistError`), never a reason to create again."""
+def parse_retry_after(headers: Mapping[str, str], body: str | None) -> float | None:
+    """Seconds a 429 asks to wait, from every form Replicate uses: the ``Retry-After`` header
+    (seconds or an HTTP date), a JSON ``retry_after`` field, "resets in ~30s" (or "~2m", "in ~1
+    minute"), "Expected available in 1 second". ``body``: the answer's text (or its detail).
+    ``None`` when none of them is there or readable."""
+    value = headers.get("retry-after") or headers.get("Retry-After")
+    if value:
+        value = value.strip()
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                when = None
+            if when is not None:
+                return max(0.0, when.timestamp() - time.time())
+    if not body:
+        return None
     try:
-        return parsed_as(Prediction, body)
-    except KontextAPIError as exc:
-        raise final_error(request, exc, body) from None
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and (field := doc.get("retry_after")) is not None:
+        try:
+            return max(0.0, float(field))
+        except (TypeError, ValueError):
+            pass
+    if match := _RESETS_IN.search(body):
+        return float(match.group(1)) * (60.0 if match.group(2).lower().startswith("m") else 1.0)
+    if match := _AVAILABLE_IN.search(body):
+        return float(match.group(1))
+    return None

@@ -8,7 +8,7 @@ import errno
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from airflow_provider_kontext.exceptions import KontextInputError
+from airflow_provider_kontext.exceptions import FluxKontextInputError
 
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
 
@@ -103,7 +103,7 @@ _PERMANENT_ERRNOS = frozenset(
 def read_local_image(image: Any) -> LocalImage:
     """Read the image to edit, given as bytes, a path, a ``file://`` URL or an ``ObjectStoragePath``.
 
-    :raises KontextInputError: missing, a folder, not permitted, or not a jpeg, png, gif or webp
+    :raises FluxKontextInputError: missing, a folder, not permitted, or not a jpeg, png, gif or webp
         image (permanent: no retry helps). Other I/O errors (a storage hiccup) propagate as they
         are, so Airflow's retries apply.
     """
@@ -113,10 +113,10 @@ def read_local_image(image: Any) -> LocalImage:
         if isinstance(exc, OSError) and exc.errno not in _PERMANENT_ERRNOS:
             raise  # a storage hiccup, not bad input: let Airflow's retries apply
         reason = getattr(exc, "strerror", None) or exc
-        raise KontextInputError(f"input_image: cannot read {str(image)[:200]!r}: {reason}") from None
+        raise FluxKontextInputError(f"input_image: cannot read {str(image)[:200]!r}: {reason}") from None
     kind = sniff_image_type(data[:16])
     if kind is None:
-        raise KontextInputError(
+        raise FluxKontextInputError(
             f"input_image: {name!r} is not a jpeg, png, gif or webp image (the model accepts only those)"
         )
     if "." not in name:

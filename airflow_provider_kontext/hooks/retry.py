@@ -4,10 +4,10 @@ trying stops.
 Every request of the provider (sync, async, downloads, polls) runs through one :class:`Attempts`
 loop, driven by ``time.sleep`` (:meth:`Attempts.run_sync`) or ``asyncio.sleep``
 (:meth:`Attempts.run_async`). :func:`classify` decides for each failure: retry it, tolerate it (an
-unreadable answer to a read: only a caller that polls anyway, with ``Budget(tolerate=True)``, sends
+unreadable answer to a read: only a caller that polls anyway, with ``RetryLimits(tolerate=True)``, sends
 it again), or fail. A create is never sent again where it may have reached the server; when
 trying stops, :func:`final_error` says so with
-:class:`~airflow_provider_kontext.exceptions.KontextPredictionMayExistError`.
+:class:`~airflow_provider_kontext.exceptions.FluxKontextPredictionMayExistError`.
 
 A throttled create (429) provably created nothing, and the account's create limit is shared by
 worker processes that cannot coordinate: it is sent again for as long as its caller's deadline
@@ -19,57 +19,48 @@ throttled together come back spread out instead of all after the same reset.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import enum
-import json
 import logging
 import random
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from airflow_provider_kontext.exceptions import (
-    KontextAPIError,
-    KontextAuthError,
-    KontextDeadlineError,
-    KontextError,
-    KontextNotFoundError,
-    KontextPredictionMayExistError,
-    KontextRateLimitError,
-    KontextServerError,
-    KontextTLSError,
-    KontextTransportError,
+    FluxKontextAPIError,
+    FluxKontextAuthError,
+    FluxKontextDeadlineError,
+    FluxKontextError,
+    FluxKontextNotFoundError,
+    FluxKontextPredictionMayExistError,
+    FluxKontextRateLimitError,
+    FluxKontextServerError,
+    FluxKontextTLSError,
+    FluxKontextTransportError,
 )
+from airflow_provider_kontext.hooks.api import ApiRequest, parsed_as
+from airflow_provider_kontext.models import Prediction
 
 if TYPE_CHECKING:
-    from airflow_provider_kontext.hooks._http import ApiRequest
     from airflow_provider_kontext.hooks.connection import ClientSettings
 
 __all__ = [
     "Attempts",
-    "Budget",
+    "RetryLimits",
     "Verdict",
     "backoff_seconds",
     "classify",
     "create_throttle_bound",
     "fail_task_on_final_answers",
     "final_error",
-    "parse_retry_after",
+    "parsed_created",
     "throttle_wait",
 ]
 
 _T = TypeVar("_T")
-
-# Replicate's 429 wordings: "Your rate limit resets in ~30s." (today) and "Expected available in
-# 1 second." (older); minutes where the wait is long ("~2m", "in ~1 minute").
-_RESETS_IN = re.compile(
-    r"resets?\s+in\s*~?\s*(\d+(?:\.\d+)?)\s*(seconds?|secs?|s|minutes?|mins?|m)\b", re.IGNORECASE
-)
-_AVAILABLE_IN = re.compile(r"available\s+in\s*~?\s*(\d+(?:\.\d+)?)\s*seconds?\b", re.IGNORECASE)
 
 
 class Verdict(enum.Enum):
@@ -83,8 +74,8 @@ class Verdict(enum.Enum):
 def _unreadable(exc: BaseException) -> bool:
     """An answer arrived but could not be read (not JSON, not the documented shape)."""
     return (
-        isinstance(exc, KontextAPIError)
-        and not isinstance(exc, KontextTransportError)
+        isinstance(exc, FluxKontextAPIError)
+        and not isinstance(exc, FluxKontextTransportError)
         and (exc.status is None or 200 <= exc.status < 300)
     )
 
@@ -97,13 +88,13 @@ def classify(exc: BaseException, request: ApiRequest) -> Verdict:
     for good (untrusted certificate, a server without TLS) is never retried. An unreadable answer to a
     read is tolerated; to a create it fails (the server may have acted). Everything else fails.
     """
-    if isinstance(exc, KontextRateLimitError):
+    if isinstance(exc, FluxKontextRateLimitError):
         return Verdict.RETRY
-    if isinstance(exc, KontextTLSError):
+    if isinstance(exc, FluxKontextTLSError):
         return Verdict.FAIL
-    if isinstance(exc, KontextTransportError):
+    if isinstance(exc, FluxKontextTransportError):
         return Verdict.RETRY if request.idempotent or not exc.request_sent else Verdict.FAIL
-    if isinstance(exc, KontextServerError):
+    if isinstance(exc, FluxKontextServerError):
         return Verdict.RETRY if request.idempotent else Verdict.FAIL
     if _unreadable(exc) and request.idempotent:
         return Verdict.TOLERATE
@@ -111,9 +102,9 @@ def classify(exc: BaseException, request: ApiRequest) -> Verdict:
 
 
 def _may_have_created(exc: BaseException) -> bool:
-    if isinstance(exc, KontextTransportError):
+    if isinstance(exc, FluxKontextTransportError):
         return exc.request_sent
-    return isinstance(exc, KontextServerError) or _unreadable(exc)
+    return isinstance(exc, FluxKontextServerError) or _unreadable(exc)
 
 
 def final_error(request: ApiRequest, exc: BaseException, body: Any = None) -> BaseException:
@@ -124,7 +115,7 @@ def final_error(request: ApiRequest, exc: BaseException, body: Any = None) -> Ba
         return exc
     named = body.get("id") if isinstance(body, dict) else None
     hint = f" The answer named prediction {named[:64]!r}." if isinstance(named, str) else ""
-    return KontextPredictionMayExistError(
+    return FluxKontextPredictionMayExistError(
         f"{exc} -- the create request may have reached the server, so a prediction may exist and be "
         "billed. It was not retried automatically, to avoid starting a second one; look for it in the "
         f"account's prediction list before starting another.{hint}",
@@ -132,41 +123,6 @@ def final_error(request: ApiRequest, exc: BaseException, body: Any = None) -> Ba
         method=request.method,
         path=request.path,
     )
-
-
-def parse_retry_after(headers: Mapping[str, str], body: str | None) -> float | None:
-    """Seconds a 429 asks to wait, from every form Replicate uses: the ``Retry-After`` header
-    (seconds or an HTTP date), a JSON ``retry_after`` field, "resets in ~30s" (or "~2m", "in ~1
-    minute"), "Expected available in 1 second". ``body``: the answer's text (or its detail).
-    ``None`` when none of them is there or readable."""
-    value = headers.get("retry-after") or headers.get("Retry-After")
-    if value:
-        value = value.strip()
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                when = None
-            if when is not None:
-                return max(0.0, when.timestamp() - time.time())
-    if not body:
-        return None
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict) and (field := doc.get("retry_after")) is not None:
-        try:
-            return max(0.0, float(field))
-        except (TypeError, ValueError):
-            pass
-    if match := _RESETS_IN.search(body):
-        return float(match.group(1)) * (60.0 if match.group(2).lower().startswith("m") else 1.0)
-    if match := _AVAILABLE_IN.search(body):
-        return float(match.group(1))
-    return None
 
 
 def backoff_seconds(settings: ClientSettings, attempt: int, exc: BaseException | None) -> float:
@@ -216,19 +172,19 @@ def create_throttle_bound(settings: ClientSettings) -> float:
 
 
 @dataclass(frozen=True)
-class Budget:
+class RetryLimits:
     """How long one caller keeps trying a request, where it differs from the connection's settings.
 
     :param retries: retries after the first attempt (``None``: the connection's ``max_retries``).
     :param tolerate: also send again after an unreadable answer (polls, which would poll again).
     :param deadline: Unix time past which no wait reaches: a retry that would start later raises
-        :class:`~airflow_provider_kontext.exceptions.KontextDeadlineError` instead. For a create,
+        :class:`~airflow_provider_kontext.exceptions.FluxKontextDeadlineError` instead. For a create,
         also how long a throttled one keeps trying (:class:`Attempts`).
     :param grace: an attempt still in flight ``grace`` seconds after ``deadline`` is abandoned (async
         path) with the same error; never a create's, which may be creating the prediction.
     :param priority: Unix time by which the request is most likely to be useful (a poll: when its
-        prediction is expected to end); where the account's request budget is short, the smallest
-        goes first (:mod:`airflow_provider_kontext.hooks.budget`). ``None``: now.
+        prediction is expected to end); where the account's rate limiter is short, the smallest
+        goes first (:mod:`airflow_provider_kontext.hooks.rate_limit`). ``None``: now.
     """
 
     retries: int | None = None
@@ -238,7 +194,7 @@ class Budget:
     priority: float | None = None
 
 
-_DEFAULT_BUDGET = Budget()
+_DEFAULT_LIMITS = RetryLimits()
 
 
 class Attempts:
@@ -246,7 +202,7 @@ class Attempts:
 
     ``send(settings, attempt_number)`` makes one attempt. An auth error looks the connection up
     again once (``refresh(stale)``: the new settings, or ``None`` if unchanged) and, with new
-    settings, sends at once again. A throttled create is sent again until the budget's deadline
+    settings, sends at once again. A throttled create is sent again until the retry limits' deadline
     (else for :func:`create_throttle_bound`) after :func:`throttle_wait`, however many times; its
     first 429 is logged at info, the rest at debug, and one line says when it went through.
 
@@ -254,9 +210,9 @@ class Attempts:
     :param clock: Unix time (tests pass their own). :param uniform: the jitter's random draw; the
         ``random`` module's by default, which is reseeded in forked workers (a private generator
         would repeat the parent's draws in every worker).
-    :raises KontextError: :func:`final_error` of the last failure once trying stops.
-    :raises KontextDeadlineError: the budget's deadline came first.
-    :raises KontextRateLimitError: a create still throttled when its time was up (nothing created).
+    :raises FluxKontextError: :func:`final_error` of the last failure once trying stops.
+    :raises FluxKontextDeadlineError: the retry limits' deadline came first.
+    :raises FluxKontextRateLimitError: a create still throttled when its time was up (nothing created).
     """
 
     def __init__(
@@ -264,7 +220,7 @@ class Attempts:
         settings: ClientSettings,
         request: ApiRequest,
         *,
-        budget: Budget | None = None,
+        retry_limits: RetryLimits | None = None,
         log_retry: Callable[[ApiRequest, int, BaseException, float], None] | None = None,
         log: Callable[..., None] | None = None,
         clock: Callable[[], float] | None = None,
@@ -272,7 +228,7 @@ class Attempts:
     ) -> None:
         self.settings = settings
         self.request = request
-        self.budget = budget or _DEFAULT_BUDGET
+        self.limits = retry_limits or _DEFAULT_LIMITS
         self.number = 1
         #: 429s this create has had (reads do not count them).
         self.throttled = 0
@@ -283,37 +239,39 @@ class Attempts:
         self._started = self._clock()
         self._refreshed = False
 
-    def after(self, exc: KontextError) -> float | None:
+    def after(self, exc: FluxKontextError) -> float | None:
         """Seconds to wait before the next attempt, ``None`` to refresh the settings first; raises
         the final error when trying stops."""
-        if isinstance(exc, KontextAuthError) and not self._refreshed:
+        if isinstance(exc, FluxKontextAuthError) and not self._refreshed:
             self._refreshed = True
             return None
         verdict = classify(exc, self.request)
-        retries = self.settings.max_retries if self.budget.retries is None else self.budget.retries
-        if isinstance(exc, KontextRateLimitError) and not self.request.idempotent and retries > 0:
+        retries = self.settings.max_retries if self.limits.retries is None else self.limits.retries
+        if isinstance(exc, FluxKontextRateLimitError) and not self.request.idempotent and retries > 0:
             return self._throttled_create(exc)
         if (
             verdict is Verdict.FAIL
-            or (verdict is Verdict.TOLERATE and not self.budget.tolerate)
+            or (verdict is Verdict.TOLERATE and not self.limits.tolerate)
             or self.number > retries
         ):
             raise final_error(self.request, exc) from None
         delay = backoff_seconds(self.settings, self.number, exc)
-        deadline = self.budget.deadline
+        deadline = self.limits.deadline
         if deadline is not None and self._clock() + delay >= deadline:
-            raise KontextDeadlineError(f"{self.request.label} still failing at the deadline: {exc}") from None
+            raise FluxKontextDeadlineError(
+                f"{self.request.label} still failing at the deadline: {exc}"
+            ) from None
         if self._log_retry is not None:
             self._log_retry(self.request, self.number, exc, delay)
         self.number += 1
         return delay
 
-    def _throttled_create(self, exc: KontextRateLimitError) -> float:
+    def _throttled_create(self, exc: FluxKontextRateLimitError) -> float:
         """The wait after a create's 429: jittered, and the last one cut to end at the deadline."""
         self.throttled += 1
         now = self._clock()
-        if self.budget.deadline is not None:
-            until, why = self.budget.deadline, "the deadline"
+        if self.limits.deadline is not None:
+            until, why = self.limits.deadline, "the deadline"
         else:
             bound = create_throttle_bound(self.settings)
             until = self._started + bound
@@ -323,7 +281,7 @@ class Attempts:
         if delay >= left:
             named = 0.0 if exc.retry_after is None else min(exc.retry_after, self.settings.retry_after_max)
             if left <= max(named, 0.0):  # not even the reset fits: the next attempt would be throttled
-                raise KontextRateLimitError(
+                raise FluxKontextRateLimitError(
                     f"{self.request.label} still throttled (HTTP 429) when {why} came "
                     f"({_utc(until)}), after {self.throttled} throttled attempts over "
                     f"{now - self._started:.0f} s: more creates share the account's limit than it "
@@ -362,7 +320,7 @@ class Attempts:
                 self._clock() - self._started,
             )
 
-    def refreshed(self, fresh: ClientSettings | None, exc: KontextError) -> float:
+    def refreshed(self, fresh: ClientSettings | None, exc: FluxKontextError) -> float:
         """Take the settings looked up again after ``exc`` (an auth error): no wait; re-raise ``exc``
         when they did not change (the same token would fail the same way)."""
         if fresh is None:
@@ -381,7 +339,7 @@ class Attempts:
         while True:
             try:
                 result = send(self.settings, self.number)
-            except KontextError as exc:
+            except FluxKontextError as exc:
                 delay = self.after(exc)
                 if delay is None:
                     delay = self.refreshed(refresh(self.settings), exc)
@@ -400,8 +358,8 @@ class Attempts:
         """Drive the loop in an event loop; an attempt in flight past the deadline is abandoned."""
         while True:
             try:
-                result = await self._cut(send(self.settings, self.number))
-            except KontextError as exc:
+                result = await self._within_deadline(send(self.settings, self.number))
+            except FluxKontextError as exc:
                 delay = self.after(exc)
                 if delay is None:
                     delay = self.refreshed(await refresh(self.settings), exc)
@@ -411,15 +369,15 @@ class Attempts:
             if delay > 0:
                 await sleep(delay)
 
-    async def _cut(self, attempt: Awaitable[_T]) -> _T:
+    async def _within_deadline(self, attempt: Awaitable[_T]) -> _T:
         # A create in flight is never abandoned: it may be creating the prediction.
-        if self.budget.deadline is None or not self.request.idempotent:
+        if self.limits.deadline is None or not self.request.idempotent:
             return await attempt
-        remaining = self.budget.deadline + self.budget.grace - self._clock()
+        remaining = self.limits.deadline + self.limits.grace - self._clock()
         try:
             return await asyncio.wait_for(attempt, timeout=max(0.0, remaining))
         except asyncio.TimeoutError:
-            raise KontextDeadlineError(f"{self.request.label} had no answer by the deadline") from None
+            raise FluxKontextDeadlineError(f"{self.request.label} had no answer by the deadline") from None
 
 
 def _utc(when: float) -> str:
@@ -441,17 +399,26 @@ def fail_task_on_final_answers(what: str) -> Iterator[None]:
 
     try:
         yield
-    except KontextAPIError as exc:
-        if exc.status not in FINAL_CREATE_STATUSES and not isinstance(exc, KontextTLSError):
+    except FluxKontextAPIError as exc:
+        if exc.status not in FINAL_CREATE_STATUSES and not isinstance(exc, FluxKontextTLSError):
             raise
-        if isinstance(exc, KontextTLSError):
+        if isinstance(exc, FluxKontextTLSError):
             why = "the TLS handshake fails the same way each time; fix the connection, then clear the task"
-        elif isinstance(exc, KontextAuthError):
+        elif isinstance(exc, FluxKontextAuthError):
             why = "the token is refused; fix the connection, then clear the task"
-        elif isinstance(exc, KontextNotFoundError):
+        elif isinstance(exc, FluxKontextNotFoundError):
             why = "the model or version does not exist for this token"
         else:
             why = "the server rejects this input"
         raise AirflowFailException(
             f"{exc} Not retried: the {what} would get the same answer ({why})."
         ) from None
+
+
+def parsed_created(request: ApiRequest, body: Any) -> Prediction:
+    """The prediction a create answered with; an unreadable answer to a create is an uncertain
+    create (:class:`FluxKontextPredictionMayExistError`), never a reason to create again."""
+    try:
+        return parsed_as(Prediction, body)
+    except FluxKontextAPIError as exc:
+        raise final_error(request, exc, body) from None

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_kontext.compat import AirflowFailException
-from airflow_provider_kontext.events import PredictionEvent
-from airflow_provider_kontext.exceptions import KontextError, KontextPredictionFailed
-from airflow_provider_kontext.outputs import (
+from airflow_provider_kontext.edits.events import PredictionEvent
+from airflow_provider_kontext.edits.outputs import (
     MAX_INLINE_OUTPUT_BYTES,
     UnusableOutputError,
     check_outputs,
@@ -21,18 +19,17 @@ from airflow_provider_kontext.outputs import (
     output_stem,
     save_outputs,
 )
-from airflow_provider_kontext.reattach import ReattachLedger
+from airflow_provider_kontext.edits.reattach import ReattachLedger
+from airflow_provider_kontext.exceptions import (
+    FluxKontextError,
+    FluxKontextPredictionFailed,
+    FluxKontextPredictionFailedNoRetry,
+)
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-
-
-class KontextPredictionFailedNoRetry(KontextPredictionFailed, AirflowFailException):
-    """A prediction the model failed or that was canceled, or a paid one whose output cannot be used:
-    the task fails without retrying, since a retry would start (and bill) a new prediction likely to
-    end the same way. Switched off with ``retry_failed_predictions=True``."""
 
 
 class PredictionResultMixin:
@@ -62,7 +59,7 @@ class PredictionResultMixin:
         (its file name), ``prompt`` and ``model``. Here, what the finished prediction's own ``event``
         says (a task that only waits for a prediction started elsewhere knows nothing else): where
         its input image is (a URL without query or user info; nothing for an inline image)."""
-        from airflow_provider_kontext.images import trace_image
+        from airflow_provider_kontext.models.images import trace_image
 
         where, name = trace_image(event.input_location)
         return {"input_image": where, "input_name": name}
@@ -71,10 +68,10 @@ class PredictionResultMixin:
         """The task's result for a final event, or the exception that fails it."""
         self._raise_unless_succeeded(event)
         trace = self._edit_trace(event)
-        result = self._hand_on(event, trace.get("input_name"))
+        result = self._keep_outputs(event, trace.get("input_name"))
         summary = event.summary(result, **trace)
         self._summary = summary  # also what get_openlineage_facets_on_complete reports
-        self.log.info("%s", _story(summary, saved=bool(self.output_path)))
+        self.log.info("%s", _success_line(summary, saved=bool(self.output_path)))
         context["ti"].xcom_push(key="prediction", value=summary)
         self._describe_outlets(context, summary)
         # Kept, marked finished by this try: Airflow may yet fail the try (its scheduler race, a
@@ -90,9 +87,11 @@ class PredictionResultMixin:
             if prediction_id:
                 self._cancel(prediction_id, "it did not finish within the timeout")
             self._finished = True
-            raise KontextPredictionFailed(str(event.message), prediction_id=prediction_id, status="timeout")
+            raise FluxKontextPredictionFailed(
+                str(event.message), prediction_id=prediction_id, status="timeout"
+            )
         if event.status == "error":
-            raise KontextPredictionFailed(str(event.message), prediction_id=prediction_id, status="error")
+            raise FluxKontextPredictionFailed(str(event.message), prediction_id=prediction_id, status="error")
         self._finished = True
         if event.status == "succeeded":
             return
@@ -101,7 +100,7 @@ class PredictionResultMixin:
             message += f"\nLast log lines:\n{event.logs_tail}"
         # aborted never ran (not billed), so a retry costs nothing extra; failed and canceled did.
         final = event.status != "aborted" and not self.retry_failed_predictions
-        raise (KontextPredictionFailedNoRetry if final else KontextPredictionFailed)(
+        raise (FluxKontextPredictionFailedNoRetry if final else FluxKontextPredictionFailed)(
             message,
             prediction_id=prediction_id,
             status=event.status,
@@ -109,16 +108,18 @@ class PredictionResultMixin:
             logs_tail=event.logs_tail,
         )
 
-    def _hand_on(self, event: PredictionEvent, input_name: str | None = None) -> list[str]:
-        """The outputs of a succeeded prediction: its URLs, or the paths they were saved to, named
-        after ``input_name`` and the prediction (:func:`~airflow_provider_kontext.outputs.output_stem`)."""
+    def _keep_outputs(self, event: PredictionEvent, input_name: str | None = None) -> list[str]:
+        """Return the outputs of a succeeded prediction: its URLs, or the paths they were saved to.
+
+        Saved copies are named after ``input_name`` and the prediction (:func:`.outputs.output_stem`).
+        """
         urls = event.output
         try:
             check_outputs(urls, inline_limit=None if self.output_path else MAX_INLINE_OUTPUT_BYTES)
             if not urls:
                 if event.data_removed:
                     # Gone from the server: a retry makes a new edit (the old one cannot be had).
-                    raise KontextPredictionFailed(
+                    raise FluxKontextPredictionFailed(
                         f"Prediction {event.prediction_id} succeeded but its outputs were already deleted",
                         prediction_id=event.prediction_id,
                         status=event.status,
@@ -137,7 +138,7 @@ class PredictionResultMixin:
         except UnusableOutputError as exc:
             why = f" (the answer was {event.shape})" if event.shape else ""
             final = not self.retry_failed_predictions
-            raise (KontextPredictionFailedNoRetry if final else KontextPredictionFailed)(
+            raise (FluxKontextPredictionFailedNoRetry if final else FluxKontextPredictionFailed)(
                 f"Prediction {event.prediction_id} succeeded but {exc}{why}"
                 + ("; not retried, since a retry would pay for another edit" if final else ""),
                 prediction_id=event.prediction_id,
@@ -162,7 +163,7 @@ class PredictionResultMixin:
             self.log.info(
                 "Canceled prediction %s because %s (now %s)", prediction_id, why, prediction.status.value
             )
-        except KontextError as exc:
+        except FluxKontextError as exc:
             self.log.warning("Could not cancel prediction %s: %s", prediction_id, exc)
 
 
@@ -170,7 +171,7 @@ class PredictionResultMixin:
 _TRACED = ("input_image", "prompt", "model")
 
 
-def _story(summary: dict[str, Any], *, saved: bool) -> str:
+def _success_line(summary: dict[str, Any], *, saved: bool) -> str:
     """The one line that ends a successful edit's log: status, time, seed, outputs (last, each
     followed by a space or the end of the line, so linkified URLs stay whole)."""
     took = (

@@ -2,7 +2,7 @@
 the manifest beside the saved outputs, and the message that names what failed and why.
 
 Used by :class:`~airflow_provider_kontext.operators.batch.FluxKontextBatchEditOperator`; the outputs
-themselves are checked and saved by :mod:`airflow_provider_kontext.outputs` as for a single edit.
+themselves are checked and saved by :mod:`airflow_provider_kontext.edits.outputs` as for a single edit.
 """
 
 from __future__ import annotations
@@ -12,26 +12,15 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_kontext.batch_ledger import CREATED
-from airflow_provider_kontext.compat import AirflowFailException
-from airflow_provider_kontext.exceptions import KontextError
+from airflow_provider_kontext.edits.batch_ledger import CREATED
 
 if TYPE_CHECKING:
-    from airflow_provider_kontext.batch_items import BatchItem
+    from airflow_provider_kontext.edits.batch_items import BatchItem
 
 #: The manifest's file name, written beside the outputs when ``output_path`` is set.
 MANIFEST_NAME = "manifest.json"
 #: How many failed images a failure message lists.
 MAX_LISTED_FAILURES = 20
-
-
-class KontextBatchFailed(KontextError):
-    """Some images of a batch were not edited; a retry of the task redoes only those."""
-
-
-class KontextBatchFailedNoRetry(KontextBatchFailed, AirflowFailException):
-    """Some images of a batch were not edited, and no retry would mend them (the model failed them,
-    or the server rejects their input): the task fails without retrying."""
 
 
 def image_summary(item: BatchItem, entry: dict[str, Any] | None, model: str) -> dict[str, Any]:
@@ -84,6 +73,6 @@ def write_manifest(folder: Any, summaries: Sequence[dict[str, Any]], counts: dic
 
 def retryable(failed: Sequence[dict[str, Any]], retry_failed_predictions: bool) -> bool:
     """Whether a retry of the task could mend some failed image."""
-    from airflow_provider_kontext.batch_ledger import FINAL_FAILURES
+    from airflow_provider_kontext.edits.batch_ledger import FINAL_FAILURES
 
     return any(row["status"] not in FINAL_FAILURES or retry_failed_predictions for row in failed)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from airflow_provider_kontext.lineage import public_location
+from airflow_provider_kontext.edits.lineage import public_location
 from airflow_provider_kontext.models import Prediction, PredictionStatus
 
 #: Longest error text and log tail carried in an event (events are stored in the metadata DB).
@@ -30,6 +30,26 @@ OUTPUT_RETENTION = timedelta(hours=1)
 SEED_LINE = re.compile(r"^Using seed: (\d+)\s*$", re.MULTILINE)
 
 EventStatus = Literal["succeeded", "failed", "canceled", "aborted", "timeout", "error"]
+
+
+#: A tqdm progress bar line as Replicate shows it, e.g. " 46%|████▋     | 13/28 [00:01<00:01, 9.33it/s]".
+PROGRESS_BAR_LINE = re.compile(r"^\s*\d{1,3}%\|[^|]*\|\s*(\d+)/(\d+)\s*\[([^\]]*)\]")
+
+
+def is_progress_bar(line: str) -> bool:
+    """Whether ``line`` is a tqdm progress bar line."""
+    return "|" in line and PROGRESS_BAR_LINE.match(line) is not None
+
+
+def collapse_progress_bars(lines: list[str]) -> list[str]:
+    """``lines`` with each run of progress bar lines cut to its last (the others are superseded)."""
+    kept: list[str] = []
+    for line in lines:
+        if kept and is_progress_bar(line) and is_progress_bar(kept[-1]):
+            kept[-1] = line
+        else:
+            kept.append(line)
+    return kept
 
 
 class PredictionEvent(BaseModel):
@@ -137,8 +157,6 @@ def prediction_event(
     bar lines cut to its last): it says how far the model got. A success's logs were already
     reported while it ran, and Airflow logs the whole event when the trigger fires.
     """
-    from airflow_provider_kontext.progress import collapse_progress_bars
-
     error = _text(prediction.error)
     tail = ""
     if prediction.status is not PredictionStatus.SUCCEEDED and prediction.logs:

@@ -1,7 +1,7 @@
 """What the deferrable trigger and the operator's in-worker polling share: when to poll, how a
 prediction's progress is reported, and which event ends the wait.
 
-Both paths end in the same :class:`~airflow_provider_kontext.events.PredictionEvent`, so
+Both paths end in the same :class:`~airflow_provider_kontext.edits.events.PredictionEvent`, so
 ``FluxKontextEditOperator`` handles them identically.
 """
 
@@ -12,14 +12,16 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from airflow_provider_kontext.events import (
+from airflow_provider_kontext.edits.events import (
+    PROGRESS_BAR_LINE,
     SEED_LINE,
     PredictionEvent,
     error_event,
+    is_progress_bar,
     prediction_event,
     timeout_event,
 )
-from airflow_provider_kontext.failures import Budget, Verdict, classify
+from airflow_provider_kontext.hooks.retry import RetryLimits, Verdict, classify
 from airflow_provider_kontext.models import Prediction, PredictionStatus
 
 #: Longest single log line passed on to the task log.
@@ -42,8 +44,6 @@ ADAPTIVE_MAX_INTERVALS = 4.0
 #: Adaptive polling's first wait after the estimated end has passed (doubling up to the interval).
 ADAPTIVE_LATE_DELAY = 0.2
 
-# A tqdm progress bar line as Replicate shows it, e.g. " 46%|████▋     | 13/28 [00:01<00:01, 9.33it/s]".
-_TQDM = re.compile(r"^\s*\d{1,3}%\|[^|]*\|\s*(\d+)/(\d+)\s*\[([^\]]*)\]")
 _RATE = re.compile(r"(\d+(?:\.\d+)?)\s*(it/s|s/it)")
 
 
@@ -64,7 +64,7 @@ class Progress(NamedTuple):
 
 def parse_progress(line: str) -> Progress | None:
     """The progress of a tqdm bar line, or ``None`` if ``line`` is not one."""
-    match = _TQDM.match(line)
+    match = PROGRESS_BAR_LINE.match(line)
     if match is None:
         return None
     step, total = int(match.group(1)), int(match.group(2))
@@ -76,22 +76,6 @@ def parse_progress(line: str) -> Progress | None:
         if value > 0:
             seconds_per_step = 1 / value if rate.group(2) == "it/s" else value
     return Progress(step, total, seconds_per_step)
-
-
-def is_progress_bar(line: str) -> bool:
-    """Whether ``line`` is a tqdm progress bar line."""
-    return "|" in line and _TQDM.match(line) is not None
-
-
-def collapse_progress_bars(lines: list[str]) -> list[str]:
-    """``lines`` with each run of progress bar lines cut to its last (the others are superseded)."""
-    kept: list[str] = []
-    for line in lines:
-        if kept and is_progress_bar(line) and is_progress_bar(kept[-1]):
-            kept[-1] = line
-        else:
-            kept.append(line)
-    return kept
 
 
 #: How a status change reads in the task log ("Prediction abc succeeded").
@@ -198,7 +182,7 @@ class PredictionPoller:
     :param end_time: Unix time after which the wait ends with a ``timeout`` event (``None``: never).
     :param max_consecutive_errors: retries of one poll that keeps failing transiently (429, 5xx,
         network, an unreadable answer) before the wait ends with an ``error`` event; the deadline
-        ends it earlier. The hook spends them (:attr:`budget`): the poll's one retry layer.
+        ends it earlier. The hook spends them (:attr:`retry_limits`): the poll's one retry layer.
     :param log: where progress lines go (``logger.info``).
     :param policy: ``"adaptive"`` (default) or ``"fixed"``; see :meth:`delay`.
     """
@@ -263,12 +247,12 @@ class PredictionPoller:
             self._late_polls = 0
 
     @property
-    def budget(self) -> Budget:
+    def retry_limits(self) -> RetryLimits:
         """How long the hook keeps trying one poll: ``max_consecutive_errors`` retries, unreadable
         answers included, never waiting past the deadline, and an attempt still in flight a moment
         after it (at most one interval, 1-5 s) abandoned; where the account's request budget is
         short, polls of predictions expected to end sooner go first."""
-        return Budget(
+        return RetryLimits(
             retries=self.max_consecutive_errors,
             tolerate=True,
             deadline=self.end_time,
@@ -277,16 +261,16 @@ class PredictionPoller:
         )
 
     def on_error(self, exc: Exception) -> PredictionEvent:
-        """The final event for a poll that failed for good (the hook already spent :attr:`budget`).
+        """The final event for a poll that failed for good (the hook already spent :attr:`retry_limits`).
 
         The deadline reached (or passed while failing): ``timeout``. Anything else: ``error``, saying
         so where the retries ran out.
         """
-        from airflow_provider_kontext.exceptions import KontextDeadlineError
-        from airflow_provider_kontext.hooks._http import get_prediction_request
+        from airflow_provider_kontext.exceptions import FluxKontextDeadlineError
+        from airflow_provider_kontext.hooks.api import get_prediction_request
 
         transient = classify(exc, get_prediction_request(self.prediction_id)) is not Verdict.FAIL
-        if isinstance(exc, KontextDeadlineError) or (transient and self._deadline_passed()):
+        if isinstance(exc, FluxKontextDeadlineError) or (transient and self._deadline_passed()):
             return self._timeout()
         why = f" ({self.max_consecutive_errors + 1} polls in a row failed)" if transient else ""
         return error_event(self.prediction_id, f"Polling prediction {self.prediction_id} failed{why}: {exc}")

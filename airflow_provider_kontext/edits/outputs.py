@@ -16,8 +16,8 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from airflow_provider_kontext.exceptions import KontextError, KontextInputError
-from airflow_provider_kontext.images import (
+from airflow_provider_kontext.exceptions import FluxKontextError, FluxKontextInputError
+from airflow_provider_kontext.models.images import (
     EXTENSIONS,
     decode_data_uri,
     is_image_content_type,
@@ -37,7 +37,7 @@ MAX_INLINE_OUTPUT_BYTES = 1024 * 1024
 Downloader = Callable[[str, IO[bytes]], str]
 
 
-class UnusableOutputError(KontextError):
+class UnusableOutputError(FluxKontextError):
     """A paid prediction's output cannot be used (not an image, malformed, not http(s), too large to
     hand on); no retry of the task would change it."""
 
@@ -78,7 +78,7 @@ def check_outputs(urls: list[str], *, inline_limit: int | None) -> None:
 def output_folder(output_path: Any) -> ObjectStoragePath:
     """``output_path`` as an ``ObjectStoragePath`` (no I/O).
 
-    :raises KontextInputError: a path with a NUL byte, or a URL no file system is known for.
+    :raises FluxKontextInputError: a path with a NUL byte, or a URL no file system is known for.
     """
     from airflow.sdk import ObjectStoragePath
 
@@ -91,7 +91,7 @@ def output_folder(output_path: Any) -> ObjectStoragePath:
         folder = ObjectStoragePath(text if "://" in text else Path(text).absolute().as_uri())
         folder.fs  # noqa: B018 (resolves the file system for the URL's scheme, or raises)
     except (ValueError, TypeError, ImportError, OSError) as exc:
-        raise KontextInputError(f"output_path: cannot write to {text[:200]!r}: {exc}") from None
+        raise FluxKontextInputError(f"output_path: cannot write to {text[:200]!r}: {exc}") from None
     return folder
 
 
@@ -123,7 +123,7 @@ def save_outputs(
     the paths.
 
     :raises UnusableOutputError: an output is malformed or not an image.
-    :raises KontextError: a download failed (retryable as the hook decided).
+    :raises FluxKontextError: a download failed (retryable as the hook decided).
     """
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -23,7 +23,7 @@ digest, so no key, repr or log line can show it.
 
 Requests of the sync path (creates and uploads in worker processes) draw from no budget: a process
 budget cannot cover many workers. They retry a 429 after the reset the server names (see
-:mod:`airflow_provider_kontext.failures`).
+:mod:`airflow_provider_kontext.hooks.retry`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ __all__ = [
     "DEFAULT_PAUSE_SECONDS",
     "INCREASE_SHARE",
     "MAX_QUEUE_SECONDS",
-    "AccountBudgets",
-    "RequestBudget",
+    "AccountRateLimiter",
+    "AccountRateLimiters",
     "account_key",
 ]
 
@@ -93,7 +93,7 @@ class _Ticket:
         self.enqueued = enqueued
 
 
-class RequestBudget:
+class AccountRateLimiter:
     """A token bucket shared by the requests of one account in one event loop, its rate adapted to
     the account's ``429`` s (see the module's docstring).
 
@@ -141,7 +141,7 @@ class RequestBudget:
 
     def __repr__(self) -> str:
         return (
-            f"RequestBudget(per_minute={self.per_minute:g}, rate={self.rate * 60:.0f}/min, "
+            f"AccountRateLimiter(per_minute={self.per_minute:g}, rate={self.rate * 60:.0f}/min, "
             f"waiting={self.waiting})"
         )
 
@@ -302,15 +302,15 @@ class RequestBudget:
                 await asyncio.wait_for(wake.wait(), timeout=delay)
 
 
-class AccountBudgets:
-    """The :class:`RequestBudget` of each account, per event loop (created on first use)."""
+class AccountRateLimiters:
+    """The :class:`AccountRateLimiter` of each account, per event loop (created on first use)."""
 
-    _budgets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, RequestBudget]] = (
+    _budgets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AccountRateLimiter]] = (
         weakref.WeakKeyDictionary()
     )
 
     @classmethod
-    def get(cls, settings: ClientSettings) -> RequestBudget | None:
+    def get(cls, settings: ClientSettings) -> AccountRateLimiter | None:
         """The budget ``settings``' account draws from in the running loop; ``None`` where its
         connection sets ``max_requests_per_minute`` to 0. Hooks of one account that configure
         different ceilings share the lowest."""
@@ -321,7 +321,7 @@ class AccountBudgets:
         key = account_key(settings)
         budget = budgets.get(key)
         if budget is None:
-            budget = budgets[key] = RequestBudget(per_minute)
+            budget = budgets[key] = AccountRateLimiter(per_minute)
         elif per_minute < budget.per_minute:
             budget.set_ceiling(per_minute)
         return budget

@@ -5,7 +5,7 @@ One entry per task instance goes through these states:
 
 - *create under way* (``{"creating": {fingerprint, since}}``), written just before the create: a
   retry that finds it (the try died before learning the id) searches the account's predictions
-  created since then for the lost one (:mod:`airflow_provider_kontext.orphans`);
+  created since then for the lost one (:mod:`airflow_provider_kontext.edits.orphans`);
 - *created* (``{id, fingerprint, deadline}``), written right after the create: a retry reattaches to
   the prediction while it runs, or takes its outputs once it succeeded;
 - *finished by try N* (``finished``: the try number and the task instance's series, below), written
@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from airflow_provider_kontext.exceptions import KontextNotFoundError
+from airflow_provider_kontext.exceptions import FluxKontextNotFoundError
 from airflow_provider_kontext.models import PredictionStatus
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ class ReattachLedger:
             return None
         try:
             prediction = get_prediction(previous)
-        except KontextNotFoundError:
+        except FluxKontextNotFoundError:
             log.warning("Prediction %s from an earlier try no longer exists; starting a new one", previous)
             return None
         # The first try's deadline holds: a retry does not give the prediction more time.

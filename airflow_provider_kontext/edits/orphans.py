@@ -27,11 +27,11 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
-from airflow_provider_kontext.images import LocalImage, to_data_uri
 from airflow_provider_kontext.models import Prediction, PredictionPage
+from airflow_provider_kontext.models.images import LocalImage, to_data_uri
 
 if TYPE_CHECKING:
-    from airflow_provider_kontext.reattach import ReattachLedger
+    from airflow_provider_kontext.edits.reattach import ReattachLedger
 
 #: List pages read at most per search (100 predictions a page).
 MAX_PAGES = 5
@@ -77,7 +77,7 @@ def find_orphan(
     """Search the predictions created from ``since`` (less :data:`CLOCK_MARGIN`) until ``until`` for
     the one ``wanted`` describes.
 
-    :raises KontextError: the list could not be read (as the hook's failure policy decided).
+    :raises FluxKontextError: the list could not be read (as the hook's failure policy decided).
     """
     after = (since - CLOCK_MARGIN).isoformat()
     before = until.isoformat() if until else None
@@ -165,9 +165,9 @@ def search_with_hook(hook: Any, wanted: Wanted, since: datetime, log: Any) -> Pr
     nothing can be found; any other failure to read the list is raised, so the task fails and a
     retry searches again rather than paying twice.
 
-    :raises KontextError: the list could not be read.
+    :raises FluxKontextError: the list could not be read.
     """
-    from airflow_provider_kontext.exceptions import KontextAPIError, KontextNotFoundError
+    from airflow_provider_kontext.exceptions import FluxKontextAPIError, FluxKontextNotFoundError
 
     def list_page(after: str | None, before: str | None, cursor: str | None) -> PredictionPage:
         page: PredictionPage = hook.list_predictions(
@@ -181,7 +181,7 @@ def search_with_hook(hook: Any, wanted: Wanted, since: datetime, log: Any) -> Pr
             return None
         try:
             return hook.get_file(file_id).checksums.get("sha256")  # type: ignore[no-any-return]
-        except KontextNotFoundError as exc:  # gone (expired): it cannot be ours to compare
+        except FluxKontextNotFoundError as exc:  # gone (expired): it cannot be ours to compare
             log.info("File %s is gone; not comparing it with the input image: %s", file_id, exc)
             return None
         # Any other failure is raised like a failed list read: the retry searches again rather
@@ -189,7 +189,7 @@ def search_with_hook(hook: Any, wanted: Wanted, since: datetime, log: Any) -> Pr
 
     try:
         found = find_orphan(list_page, wanted, since=since, file_sha256=file_sha256)
-    except KontextAPIError as exc:
+    except FluxKontextAPIError as exc:
         if exc.status in (404, 405, 501):
             log.warning("No prediction of an earlier try adopted: the server has no list (%s)", exc)
             return None

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from airflow_provider_kontext.exceptions import KontextInputError
-from airflow_provider_kontext.images import LocalImage, read_local_image
+from airflow_provider_kontext.edits.outputs import output_folder
+from airflow_provider_kontext.edits.reattach import fingerprint
+from airflow_provider_kontext.exceptions import FluxKontextInputError
 from airflow_provider_kontext.models import check_literal_input, validate_input
-from airflow_provider_kontext.outputs import output_folder
-from airflow_provider_kontext.reattach import fingerprint
+from airflow_provider_kontext.models.images import LocalImage, read_local_image
 
 #: Stands in for a local image in the input until it is sent (inline or uploaded).
 _PENDING_IMAGE = "data:image/png;base64,"
@@ -49,7 +49,7 @@ def check_literal_inputs(
     ``input_image`` unless it is a literal URL or data: URI.
 
     :param arguments: the operator's model arguments by name (``None`` where not given).
-    :raises KontextInputError: naming the task, the field and what is allowed (a DAG import error).
+    :raises FluxKontextInputError: naming the task, the field and what is allowed (a DAG import error).
     """
     if not is_literal(model):
         return
@@ -67,10 +67,10 @@ def check_literal_inputs(
         }
     try:
         check_literal_input(model, {**values, **extra})
-    except KontextInputError as exc:
+    except FluxKontextInputError as exc:
         from_extra = [field for field, _ in exc.errors if field not in values and field != "model"]
         where = " (in extra_input)" if extra and from_extra else ""
-        raise KontextInputError(f"Task {task_id!r}: {exc}{where}", errors=exc.errors) from None
+        raise FluxKontextInputError(f"Task {task_id!r}: {exc}{where}", errors=exc.errors) from None
 
 
 def validated_request(
@@ -78,14 +78,14 @@ def validated_request(
 ) -> EditRequest:
     """The rendered inputs validated against the model's schema, the local image read.
 
-    :raises KontextInputError: naming the field and what is allowed.
+    :raises FluxKontextInputError: naming the field and what is allowed.
     """
     values = {name: value for name, value in arguments.items() if value is not None}
     extra = extra_input or {}
     if not isinstance(extra, dict):
-        raise KontextInputError(f"extra_input: must be a dict, got {type(extra).__name__}")
+        raise FluxKontextInputError(f"extra_input: must be a dict, got {type(extra).__name__}")
     if clash := sorted(set(extra) & {*values, "input_image"}):
-        raise KontextInputError(f"extra_input: repeats arguments given directly: {', '.join(clash)}")
+        raise FluxKontextInputError(f"extra_input: repeats arguments given directly: {', '.join(clash)}")
     values.update(extra)
     image = None
     if isinstance(input_image, str) and input_image.startswith(_URL_PREFIXES):
