@@ -211,7 +211,8 @@ def _child(base: str, args: list[str], timeout: float = 180) -> dict[str, Any]:
 
 async def _other(base: str, per_minute: float) -> dict[str, Any]:
     """Another program on the account: GET /v1/account at a fixed pace until SIGTERM, whatever it
-    is answered."""
+    is answered.
+    """
     import aiohttp
 
     stop = asyncio.Event()
@@ -242,7 +243,8 @@ async def _other(base: str, per_minute: float) -> dict[str, Any]:
 
 async def _burst(base: str, n: int) -> dict[str, Any]:
     """``n`` predictions that have all ended, then ``n`` triggers opened at once (as the operator
-    defers: with ``created_at``; connection defaults): seconds from the opening to each event."""
+    defers: with ``created_at``; connection defaults): seconds from the opening to each event.
+    """
     import aiohttp
 
     os.environ["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps({"conn_type": "fluxkontext", "host": base})

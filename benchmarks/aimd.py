@@ -43,12 +43,14 @@ class Simulation:
     @property
     def target(self) -> float:
         """Requests per second the account leaves the budgets: its limit less the other client's
-        part, at most their ceilings."""
+        part, at most their ceilings.
+        """
         return min(self.k * CEILING_PER_MINUTE, LIMIT_PER_MINUTE - self.other_per_minute) / 60.0
 
     def converged_after(self, tolerance: float = 0.15, window: int = 3) -> float:
         """Seconds until the budgets' summed rate, averaged over ``window`` seconds, first comes
-        within ``tolerance`` of :attr:`target`."""
+        within ``tolerance`` of :attr:`target`.
+        """
         sums = [sum(second) for second in zip(*self.rates, strict=True)]
         for end in range(window, len(sums) + 1):
             if abs(sum(sums[end - window : end]) / window - self.target) <= tolerance * self.target:

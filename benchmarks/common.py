@@ -1,5 +1,6 @@
 """What the scenarios share: the emulator in its own process, a clean environment for child
-processes (nothing may leave 127.0.0.1), machine facts and small statistics helpers."""
+processes (nothing may leave 127.0.0.1), machine facts and small statistics helpers.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ PROMPT = "make it a watercolour"
 
 def child_env(**extra: str) -> dict[str, str]:
     """The environment of every child process: no proxy (so nothing is routed off this machine),
-    no token from the caller's shell, Airflow quiet about examples."""
+    no token from the caller's shell, Airflow quiet about examples.
+    """
     env = {
         key: value
         for key, value in os.environ.items()
@@ -57,7 +59,7 @@ def connection_json(base_url: str) -> str:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a process (and its reaped children) from ``/proc``."""
+    """User + system CPU time of a process (and its reaped children) from ``/proc``."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks

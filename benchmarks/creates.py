@@ -119,7 +119,8 @@ def _creates(base: str, creators: int, n: int, policy: str) -> dict[str, Any]:
 
     class BeforeAttempts(Attempts):
         """The policy before: a create's 429 retried like any transient failure, ``max_retries``
-        times, each after :func:`backoff_seconds` (the named reset + up to 0.1 s)."""
+        times, each after :func:`backoff_seconds` (the named reset + up to 0.1 s).
+        """
 
         def after(self, exc: FluxKontextError) -> float | None:
             if isinstance(exc, FluxKontextAuthError) and not self._refreshed:

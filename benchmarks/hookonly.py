@@ -1,7 +1,8 @@
 """The real-Airflow section's baseline (:mod:`benchmarks.realairflow`): the same edits created and
 awaited by one plain process with the provider's async hook, against the emulator at Replicate's
 limits and realistic timing. ``python -m benchmarks.hookonly plain BASE_URL N CONCURRENCY`` is that
-process (one JSON line)."""
+process (one JSON line).
+"""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def predictions_of(emu: Any) -> tuple[int, int]:
 
 def plain(n: int, concurrency: int) -> dict[str, Any]:
     """Create and await ``n`` edits from one process with the async hook: ``concurrency`` creates at
-    a time, every wait polling each second."""
+    a time, every wait polling each second.
+    """
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
     async def main() -> dict[str, Any]:

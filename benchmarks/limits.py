@@ -167,7 +167,8 @@ def run() -> dict[str, Any]:
 def _lowcredit(base: str) -> dict[str, Any]:
     """10 edits end to end on an account low on credit (1 request/s, 6/min, creates included):
     creates from 'workers' (threads, sync hook, retrying 429 after the named reset), then the
-    triggers in one event loop (shared budget at 6/min, watcher)."""
+    triggers in one event loop (shared budget at 6/min, watcher).
+    """
     os.environ["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps(
         {
             "conn_type": "fluxkontext",

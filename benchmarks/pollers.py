@@ -250,7 +250,8 @@ async def make_trigger(
 def configure_triggerer_logging(level: str) -> subprocess.Popen[bytes] | None:
     """Logging as in the triggerer's runner process: structlog JSON lines (no masking processor,
     the supervisor masks) written unbuffered to a pipe drained by another process. ``off`` keeps
-    the same set-up at level CRITICAL, so nothing the pollers log is formatted or written."""
+    the same set-up at level CRITICAL, so nothing the pollers log is formatted or written.
+    """
     from airflow.sdk.log import configure_logging
 
     drain = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)  # noqa: S607
@@ -267,7 +268,8 @@ def configure_triggerer_logging(level: str) -> subprocess.Popen[bytes] | None:
 
 def barrier(spec: str) -> None:
     """``DIR:K``: say this process is ready (a file in DIR), then wait until K processes are, so
-    that several pollers processes start feeding together whenever each finished warming up."""
+    that several pollers processes start feeding together whenever each finished warming up.
+    """
     folder, count = spec.rsplit(":", 1)
     Path(folder, str(os.getpid())).touch()
     while len(list(Path(folder).iterdir())) < int(count):
@@ -276,7 +278,8 @@ def barrier(spec: str) -> None:
 
 async def trace_budget(trace: list[list[float]], start: float) -> None:
     """Every 0.25 s, the account budget's [seconds, rate per minute, requests granted, cuts] (the
-    trigger's; nothing where it has none)."""
+    trigger's; nothing where it has none).
+    """
     from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiters
 
     loop = asyncio.get_running_loop()

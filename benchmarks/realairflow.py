@@ -100,7 +100,8 @@ def _cpu(process: Any, *, children: bool) -> float:
 
 def component_cpu(procs: dict[str, Any]) -> dict[str, float]:
     """CPU seconds so far of each component's process tree (reaped children included); the
-    scheduler's LocalExecutor workers (and the task processes they reaped) count as ``workers``."""
+    scheduler's LocalExecutor workers (and the task processes they reaped) count as ``workers``.
+    """
     import psutil
 
     out = dict.fromkeys(COMPONENTS, 0.0)
@@ -221,7 +222,8 @@ def measure(cluster: Any, emu: Any, n: int, slots: int, hold: str, timeout: floa
 
 def run_cluster(slots: int, sizes: tuple[int, ...], holds: tuple[str, ...], repeats: int) -> list[AirflowRun]:
     """One cluster with ``slots`` worker slots (parallelism and max_active_tasks_per_dag); every
-    (size, hold) ``repeats`` times, one DAG run after another."""
+    (size, hold) ``repeats`` times, one DAG run after another.
+    """
     sys.path.insert(0, str(ROOT))
     from airflow_provider_kontext.testing.emulator import KontextEmulator
     from tests.e2e.cluster import Cluster, cluster_env

@@ -1,5 +1,6 @@
 """``benchmarks/RESULTS.md`` from the scenarios' results: every figure beside its baselines of the
-same run, the goals checked, and the method of each scenario."""
+same run, the goals checked, and the method of each scenario.
+"""
 
 from __future__ import annotations
 

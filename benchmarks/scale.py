@@ -1,5 +1,6 @@
 """Scenario 1: triggerer scale. The real trigger and the three baselines, each in its own process
-(:mod:`benchmarks.pollers`), against one emulator process, case by case, baselines beside it."""
+(:mod:`benchmarks.pollers`), against one emulator process, case by case, baselines beside it.
+"""
 
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ class PollRun:
 
 def cap_seconds(n: int, interval: float, prediction_seconds: float, pickup: float | None = None) -> float:
     """How long a run may take before unfinished pollers count as errors: creation spread, pickup,
-    the prediction, a few intervals, and slack for the slowest baselines."""
+    the prediction, a few intervals, and slack for the slowest baselines.
+    """
     pickup = interval if pickup is None else pickup
     return interval + pickup + START_SECONDS + prediction_seconds + 2 * interval + 8.0
 
@@ -138,7 +140,8 @@ def run_pollers(
 ) -> PollRun:
     """Run one poller process against a freshly reset emulator (``program``: the pollers' client,
     where ``client`` names a variant of it; ``cap``: seconds before unfinished pollers count as
-    errors)."""
+    errors).
+    """
     emulator.reset()
     if cap is None:
         cap = cap_seconds(n, interval, emulator.prediction_seconds, pickup)
@@ -181,7 +184,8 @@ def run_pollers(
 
 def run(cases: tuple[tuple[int, float], ...] = CASES, repeat_limit: int = 1) -> list[PollRun]:
     """Every case with every client; with ``repeat_limit`` > 1 the trigger and baseline (a) run that
-    many times at N >= 1000 (alternating) and the median run by CPU is kept."""
+    many times at N >= 1000 (alternating) and the median run by CPU is kept.
+    """
     runs: list[PollRun] = []
     with EmulatorProcess(prediction_seconds=PREDICTION_SECONDS, start_seconds=START_SECONDS) as emulator:
         for n, interval in cases:

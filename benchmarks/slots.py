@@ -66,7 +66,8 @@ def _migrated_home(root: Path) -> Path:
 
 def _segments(log: str) -> list[float]:
     """Task-runner segments from a ``dag.test`` log: each from "[DAG TEST] running task" to the
-    next deferral or "[DAG TEST] end task"."""
+    next deferral or "[DAG TEST] end task".
+    """
     segments: list[float] = []
     started: datetime | None = None
     for line in log.splitlines():

@@ -1,5 +1,7 @@
-"""Check the built wheel as a user gets it: run by .ci/run with the python of a fresh venv holding
-only the wheel (no extras, no dependency groups), from outside the source tree.
+"""Check the built wheel as a user gets it, from outside the source tree.
+
+Run by .ci/run with the python of a fresh venv holding only the wheel (no extras, no dependency
+groups).
 
 Checks: the metadata (license file, classifiers, URLs, only the user-facing extras published:
 ``emulator``, ``openlineage`` and ``ui``), that the package is the installed one, that importing the

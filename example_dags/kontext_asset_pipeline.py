@@ -1,5 +1,6 @@
-"""Nightly asset generation: re-style every product shot in a folder, keep the results, write a
-manifest and a contact sheet.
+"""Re-style every product shot in a folder each night, keep the results, write a manifest.
+
+Nightly asset generation, with a contact sheet beside the manifest.
 
 - ``list_inputs`` lists the images in ``params.input_dir``;
 - ``edit`` is one mapped ``FluxKontextEditOperator`` task per image (shown in the UI by the image's
@@ -38,7 +39,7 @@ EDITED_SHOTS = Asset("kontext://example/edited-product-shots")
 
 
 def run_folder(output_dir: str, run_id: str) -> str:
-    """The folder of one run's edits and manifest: ``<output_dir>/<run id as a safe name>``."""
+    """Return the folder of one run's edits and manifest: ``<output_dir>/<run id as a safe name>``."""
     return str(Path(output_dir) / safe_stem(run_id))
 
 
@@ -91,8 +92,11 @@ with DAG(
         ti: Any = None,
         outlet_events: Any = None,
     ) -> str:
-        """One row per edited image: its input, prompt and model, where the edit is kept and the
-        prediction that made it; then the asset event that tells consumers the batch is complete."""
+        """Write one row per edited image, then the asset event that says the batch is complete.
+
+        A row holds the image's input, prompt and model, where the edit is kept and the prediction
+        that made it.
+        """
         summaries = ti.xcom_pull(task_ids="edit", key="prediction")
         rows = list(summaries) if isinstance(summaries, list | tuple) else [summaries]
         paths = [path for row in rows for path in row["outputs"]]

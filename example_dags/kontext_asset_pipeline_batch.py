@@ -36,7 +36,7 @@ EDITED_SHOTS = Asset("kontext://example/edited-product-shots")
 
 
 def run_folder(output_dir: str, run_id: str) -> str:
-    """The folder of one run's edits and manifest: ``<output_dir>/<run id as a safe name>``."""
+    """Return the folder of one run's edits and manifest: ``<output_dir>/<run id as a safe name>``."""
     return str(Path(output_dir) / safe_stem(run_id))
 
 

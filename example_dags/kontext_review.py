@@ -32,7 +32,7 @@ APPROVE, REJECT = "Approve", "Reject"
 
 
 def plugin_link(route: str, **params: Any) -> str:
-    """A link to the provider's plugin page ``route`` on this deployment's API server."""
+    """Return a link to the provider's plugin page ``route`` on this deployment's API server."""
     from airflow.configuration import conf
 
     base = urlparse(conf.get("api", "base_url", fallback="/") or "/").path.rstrip("/")
@@ -40,7 +40,7 @@ def plugin_link(route: str, **params: Any) -> str:
 
 
 def approved(summaries: list[dict[str, Any]], decisions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The summaries of the edits whose review chose "Approve" (edits and reviews pair by map index)."""
+    """Return the summaries of the edits whose review chose "Approve" (paired by map index)."""
     if len(summaries) != len(decisions):
         raise ValueError(f"{len(summaries)} edits but {len(decisions)} reviews")
     return [
