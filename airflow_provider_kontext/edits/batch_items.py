@@ -28,7 +28,8 @@ MAX_LISTED = 20
 
 class BatchItem(NamedTuple):
     """One image of the batch: its position, the image as given, its prompt, where it came from and
-    its file name (for output names), and the request's fingerprint."""
+    its file name (for output names), and the request's fingerprint.
+    """
 
     position: int
     image: Any
@@ -125,7 +126,8 @@ def checked_items(
 
 def image_ref(sent: str, image: LocalImage | None) -> str:
     """What identifies the image a create sent, as the account's list will show it: a local image
-    sent inline by the digest of its bytes, anything else (a URL, an upload's URL) as sent."""
+    sent inline by the digest of its bytes, anything else (a URL, an upload's URL) as sent.
+    """
     if image is not None and sent.startswith("data:"):
         return "sha256:" + hashlib.sha256(image.data).hexdigest()
     return sent
@@ -133,7 +135,8 @@ def image_ref(sent: str, image: LocalImage | None) -> str:
 
 def listed_identity(model_input: dict[str, Any], max_bytes: int) -> str | None:
     """The identity key (:func:`~airflow_provider_kontext.edits.batch_ledger.identity_key`) of a
-    prediction in the account's list, from its input; ``None`` when it cannot be told."""
+    prediction in the account's list, from its input; ``None`` when it cannot be told.
+    """
     prompt, sent = model_input.get("prompt"), model_input.get("input_image")
     if not isinstance(prompt, str) or not isinstance(sent, str):
         return None

@@ -44,13 +44,15 @@ FINAL_FAILURES = frozenset({"failed", "canceled", "rejected", "unusable"})
 
 def identity_key(prompt: str, image_ref: str) -> str:
     """A short digest of what identifies an image's edit in the account's list: its prompt and its
-    input image (a URL, an upload's URL, or ``sha256:<digest>`` of inline bytes)."""
+    input image (a URL, an upload's URL, or ``sha256:<digest>`` of inline bytes).
+    """
     return hashlib.sha256(f"{prompt}\n{image_ref}".encode()).hexdigest()[:16]
 
 
 class XComStore:
     """The task state store's ``get``/``set``/``delete`` over this try's XComs (Airflow < 3.3): it
-    survives a deferral of the try, not a retry."""
+    survives a deferral of the try, not a retry.
+    """
 
     def __init__(self, ti: Any) -> None:
         self._ti = ti
@@ -100,7 +102,8 @@ class BatchLedger:
     def load(self) -> None:
         """Read the header and every chunk. When the record is of a batch of another size (the
         images listed differ from an earlier try's), its entries are kept aside, to be matched to
-        the images by fingerprint (:meth:`claim`)."""
+        the images by fingerprint (:meth:`claim`).
+        """
         header = self._store.get(BATCH_KEY)
         if not isinstance(header, dict) or not isinstance(header.get("n"), int):
             return
@@ -131,7 +134,8 @@ class BatchLedger:
 
     def claim(self, index: int, fingerprint: str) -> dict[str, Any] | None:
         """Give image ``index`` an earlier try's entry of the same request, recorded under another
-        position (the listed images changed between tries), if there is an unclaimed one."""
+        position (the listed images changed between tries), if there is an unclaimed one.
+        """
         for position, entry in enumerate(self._stray):
             if entry.get("fp") == fingerprint:
                 del self._stray[position]
@@ -185,7 +189,8 @@ class BatchLedger:
     def finish(self, series: dict[str, Any]) -> None:
         """Mark the record finished by this try's series (``reattach.Series`` as a dict), keeping it:
         until Airflow records the try's success, a retry completes from the recorded outcomes
-        instead of paying again; a try of a later series (a clear) starts afresh (:meth:`reset`)."""
+        instead of paying again; a try of a later series (a clear) starts afresh (:meth:`reset`).
+        """
         self.flush()
         self._store.set(
             BATCH_KEY, {"n": self.size, "window": self.window, "chunk": CHUNK, "finished": series}

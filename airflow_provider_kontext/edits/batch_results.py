@@ -25,7 +25,8 @@ MAX_LISTED_FAILURES = 20
 
 def image_summary(item: BatchItem, entry: dict[str, Any] | None, model: str) -> dict[str, Any]:
     """The ``predictions`` XCom's row for one image: what it was, its prediction, how it ended, and
-    its outputs (kept compact: thousands of rows travel in one XCom)."""
+    its outputs (kept compact: thousands of rows travel in one XCom).
+    """
     entry = entry or {}
     status = entry.get("s")
     summary: dict[str, Any] = {

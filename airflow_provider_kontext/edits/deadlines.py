@@ -26,7 +26,8 @@ _skew_reported: set[str] = set()
 def wait_timeout(timeout: timedelta | float | None, execution_timeout: timedelta | None) -> float:
     """Seconds an edit may take: ``timeout`` as given; else most of the task's ``execution_timeout``
     (all but a tenth, at most a minute, and at least half), so the task fails with the prediction's
-    own timeout (and cancels it) before Airflow kills it; else :data:`DEFAULT_TIMEOUT`."""
+    own timeout (and cancels it) before Airflow kills it; else :data:`DEFAULT_TIMEOUT`.
+    """
     if isinstance(timeout, timedelta):
         return timeout.total_seconds()
     if timeout is not None:
@@ -40,7 +41,8 @@ def wait_timeout(timeout: timedelta | float | None, execution_timeout: timedelta
 def create_deadline(started: float, timeout: float, execution_timeout: timedelta | None) -> float:
     """The Unix time until which a throttled create is sent again: the edit's ``timeout`` (see
     :func:`wait_timeout`) counted from ``started`` (the try's start), and never past most of the
-    task's ``execution_timeout``, so the task fails with the throttling, not killed by Airflow."""
+    task's ``execution_timeout``, so the task fails with the throttling, not killed by Airflow.
+    """
     deadline = started + timeout
     if execution_timeout is not None:
         deadline = min(deadline, started + wait_timeout(None, execution_timeout))

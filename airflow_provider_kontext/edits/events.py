@@ -96,7 +96,8 @@ class PredictionEvent(BaseModel):
 
     def summary(self, outputs: list[str], **context: Any) -> dict[str, Any]:
         """The ``prediction`` XCom of a finished edit: ids, times, where the outputs are and when the
-        server deletes its copies; ``context`` adds what the caller knows (input image, prompt)."""
+        server deletes its copies; ``context`` adds what the caller knows (input image, prompt).
+        """
         expires = None
         if self.completed_at:
             try:
@@ -132,7 +133,8 @@ def _text(value: Any) -> str | None:
 def seed_of(prediction: Prediction, seen: int | None = None) -> int | None:
     """The seed the model used for ``prediction``: its "Using seed: N" log line, else the one an
     earlier read's logs showed (``seen``), else the seed of its input (0 means random to the model,
-    so it tells nothing). The list endpoint's answers carry the input but no logs."""
+    so it tells nothing). The list endpoint's answers carry the input but no logs.
+    """
     match = SEED_LINE.search(prediction.logs or "")
     if match:
         return int(match.group(1))
@@ -141,7 +143,8 @@ def seed_of(prediction: Prediction, seen: int | None = None) -> int | None:
 
 def given_seed(value: Any) -> int | None:
     """A seed as given to the model (an int, or its text after templating); ``None`` for none, for
-    anything else, and for 0 (random to the model)."""
+    anything else, and for 0 (random to the model).
+    """
     if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
         return None
     return int(str(value)) or None

@@ -25,7 +25,8 @@ RUN_FACET_KEY = "fluxKontextPrediction"
 
 def dataset_identity(location: Any) -> tuple[str, str] | None:
     """``(namespace, name)`` of an image at ``location`` (a URL, path or ``ObjectStoragePath``), or
-    ``None`` when it has no location a dataset can name (``data:`` URIs, bytes, nothing)."""
+    ``None`` when it has no location a dataset can name (``data:`` URIs, bytes, nothing).
+    """
     if location is None or isinstance(location, bytes | bytearray | memoryview):
         return None
     text = str(location)
@@ -52,7 +53,8 @@ def dataset_identity(location: Any) -> tuple[str, str] | None:
 
 def public_location(location: Any) -> str | None:
     """``location`` as the dataset it names (``namespace`` + name: no userinfo, query or fragment),
-    or ``None``; safe to keep in trigger kwargs and logs, and read back by :func:`dataset_identity`."""
+    or ``None``; safe to keep in trigger kwargs and logs, and read back by :func:`dataset_identity`.
+    """
     identity = dataset_identity(location)
     if identity is None:
         return None

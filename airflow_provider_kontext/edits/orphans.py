@@ -25,8 +25,8 @@ import hashlib
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import urlsplit
 
+from airflow_provider_kontext.hooks.api import file_id_of
 from airflow_provider_kontext.models import Prediction, PredictionPage
 from airflow_provider_kontext.models.images import LocalImage, to_data_uri
 
@@ -47,7 +47,8 @@ FileDigest = Callable[[str], str | None]
 class Wanted(NamedTuple):
     """What the lost create asked for: the model (``owner/name`` or ``owner/name:version``), the
     input with ``input_image`` as it was sent (``None`` for an upload, whose URL differs per try),
-    and for an upload the sha256 of the image's bytes."""
+    and for an upload the sha256 of the image's bytes.
+    """
 
     model: str
     input: Mapping[str, Any]
@@ -145,20 +146,6 @@ def _same_model(item: Mapping[str, Any], model: str) -> bool:
     return not version or item.get("version") in (version, "hidden", None)
 
 
-def file_id_of(url: str, base_url: str) -> str | None:
-    """The Files API id in ``url`` when it names a file of the API at ``base_url``
-    (``<base>/v1/files/<id>``), else ``None``."""
-    base = urlsplit(base_url.rstrip("/"))
-    parts = urlsplit(url)
-    if (parts.scheme, parts.netloc) != (base.scheme, base.netloc):
-        return None
-    prefix = base.path.rstrip("/").removesuffix("/v1") + "/v1/files/"
-    if not parts.path.startswith(prefix):
-        return None
-    file_id = parts.path[len(prefix) :]
-    return file_id if file_id and "/" not in file_id else None
-
-
 def search_with_hook(hook: Any, wanted: Wanted, since: datetime, log: Any) -> Prediction | None:
     """:func:`find_orphan` through a :class:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook`,
     logging what it found or why it adopts nothing. A server without a list (404, 405, 501) means
@@ -251,7 +238,8 @@ def wanted_for(
     model: str, model_input: Mapping[str, Any], image: LocalImage | None, inline_max_bytes: int
 ) -> Wanted:
     """What a create of this edit sends, as the list will show it: a local image inline as the same
-    data: URI on every try; an uploaded one by the sha256 of its bytes (its URL changes per try)."""
+    data: URI on every try; an uploaded one by the sha256 of its bytes (its URL changes per try).
+    """
     wanted = dict(model_input)
     if image is None:
         return Wanted(model, wanted)

@@ -39,12 +39,14 @@ Downloader = Callable[[str, IO[bytes]], str]
 
 class UnusableOutputError(FluxKontextError):
     """A paid prediction's output cannot be used (not an image, malformed, not http(s), too large to
-    hand on); no retry of the task would change it."""
+    hand on); no retry of the task would change it.
+    """
 
 
 def usable_output(url: str) -> bool:
     """Whether an output URL the server returned may be handed on or downloaded: an http(s) URL
-    with a host, or a data: URI. ``file:``, ``javascript:``, ``ftp:`` and the like may not."""
+    with a host, or a data: URI. ``file:``, ``javascript:``, ``ftp:`` and the like may not.
+    """
     if url[:5].lower() == "data:":
         return True
     try:
@@ -103,7 +105,8 @@ def safe_stem(text: str | None) -> str:
 def output_stem(input_name: str | None, prediction_id: str | None) -> str:
     """The start of an edit's output file names: ``<input>-<prediction id>`` (``mug-abc123`` for
     ``mug.png``), so a file leads back to both its input and its prediction; either part may be
-    missing (an image given as bytes, a server that gave no id), never both (then ``edit-<ms>``)."""
+    missing (an image given as bytes, a server that gave no id), never both (then ``edit-<ms>``).
+    """
     stem = safe_stem(PurePosixPath(input_name).stem if input_name else None)
     parts = [part for part in (stem, safe_stem(prediction_id)) if part]
     return "-".join(parts) or f"edit-{int(time.time() * 1000)}"

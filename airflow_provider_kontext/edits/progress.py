@@ -144,7 +144,8 @@ class ProgressTracker:
 
     def _without_held_bars(self, lines: list[str], terminal: bool) -> list[str]:
         """``lines`` with each run of progress bar lines cut to its last one, and bar lines held back
-        unless it is time to report one; remembers the newest bar state."""
+        unless it is time to report one; remembers the newest bar state.
+        """
         now = time.time()
         show_bars = terminal or now - self._bar_logged_at >= PROGRESS_LOG_SECONDS
         kept: list[str] = []
@@ -234,7 +235,8 @@ class PredictionPoller:
 
     def _estimate_end(self, prediction: Prediction, progress_before: Progress | None) -> None:
         """Update the expected end from the progress bar (local clock only: no server timestamps,
-        so clock skew between the triggerer and the API cannot mislead it)."""
+        so clock skew between the triggerer and the API cannot mislead it).
+        """
         progress = self.tracker.progress
         remaining = progress.remaining_seconds if progress is not None else None
         if prediction.status is not PredictionStatus.PROCESSING or progress is None or remaining is None:
@@ -251,7 +253,8 @@ class PredictionPoller:
         """How long the hook keeps trying one poll: ``max_consecutive_errors`` retries, unreadable
         answers included, never waiting past the deadline, and an attempt still in flight a moment
         after it (at most one interval, 1-5 s) abandoned; where the account's request budget is
-        short, polls of predictions expected to end sooner go first."""
+        short, polls of predictions expected to end sooner go first.
+        """
         return RetryLimits(
             retries=self.max_consecutive_errors,
             tolerate=True,
@@ -281,7 +284,8 @@ class PredictionPoller:
         prediction and saw it unfinished a moment ago, so a poll at once would mostly tell only that
         it is still ``starting``; a moment later it is usually ``processing`` with a progress bar to
         time the next poll by, or already finished. Short, so that a prediction finishing quickly
-        (or a restarted trigger's) is still seen within an interval."""
+        (or a restarted trigger's) is still seen within an interval.
+        """
         if self.policy != "adaptive":
             return 0.0
         delay = min(self.poll_interval, ADAPTIVE_FIRST_DELAY)

@@ -43,7 +43,8 @@ STATE_KEY = "flux_kontext_prediction"
 
 def fingerprint(model: str, model_input: dict[str, Any], image: bytes | None = None) -> str:
     """A digest of everything that decides the edit: the model and its inputs, a local image by the
-    digest of its bytes (it is sent as a data: URI or an upload URL that differs on each try)."""
+    digest of its bytes (it is sent as a data: URI or an upload URL that differs on each try).
+    """
     identity = dict(model_input)
     if image is not None:
         identity["input_image"] = "sha256:" + hashlib.sha256(image).hexdigest()
@@ -53,7 +54,8 @@ def fingerprint(model: str, model_input: dict[str, Any], image: bytes | None = N
 
 class Series(NamedTuple):
     """Which series of tries of its task instance a try belongs to (see the module docstring): the
-    try number, ``max_tries`` and the DAG run's ``clear_number`` (``None`` where unknown)."""
+    try number, ``max_tries`` and the DAG run's ``clear_number`` (``None`` where unknown).
+    """
 
     try_number: int | None
     max_tries: int | None
@@ -71,14 +73,16 @@ class Series(NamedTuple):
 
     def first_try(self, retries: int) -> bool:
         """Whether this is the first try since the task instance was created or last cleared
-        (``True`` when unknown), as Airflow itself reckons it."""
+        (``True`` when unknown), as Airflow itself reckons it.
+        """
         if self.try_number is None or self.max_tries is None:
             return True
         return self.try_number <= self.max_tries - retries + 1
 
     def continues(self, finished: Mapping[str, Any]) -> bool:
         """Whether a try of this series finished the edit: same ``max_tries``, same ``clear_number``,
-        an earlier (or the same) try number. An entry without them is taken as this series'."""
+        an earlier (or the same) try number. An entry without them is taken as this series'.
+        """
         return (
             finished.get("max_tries") == self.max_tries
             and finished.get("clear_number") == self.clear_number
@@ -97,7 +101,8 @@ def _count(value: Any) -> int | None:
 class Started(NamedTuple):
     """The prediction an earlier try started: its id, the request's fingerprint, the deadline
     (Unix time on the worker's clock; ``None`` from an entry written before deadlines were kept), and
-    who finished it (``None`` while no try has)."""
+    who finished it (``None`` while no try has).
+    """
 
     prediction_id: str
     fingerprint: str | None
@@ -107,7 +112,8 @@ class Started(NamedTuple):
 
 class Creating(NamedTuple):
     """A create an earlier try began and never recorded: the request's fingerprint and when (Unix
-    time on the worker's clock, taken before the request was sent)."""
+    time on the worker's clock, taken before the request was sent).
+    """
 
     fingerprint: str
     since: float
@@ -209,7 +215,8 @@ class ReattachLedger:
 
     def begin_create(self, fingerprint: str, since: float) -> None:
         """Remember that a create is about to be sent (before the request), so a retry of a try that
-        dies before :meth:`record` knows to search for the prediction."""
+        dies before :meth:`record` knows to search for the prediction.
+        """
         if self._store is not None:
             self._store.set(STATE_KEY, {"creating": {"fingerprint": fingerprint, "since": since}})
 
@@ -222,7 +229,8 @@ class ReattachLedger:
 
     def drop(self) -> None:
         """Delete the entry: a create answered with a finished result and no id (a proxy's images
-        API answer) leaves a retry nothing to reattach to or search for."""
+        API answer) leaves a retry nothing to reattach to or search for.
+        """
         if self._store is not None:
             self._store.delete(STATE_KEY)
 
@@ -230,7 +238,8 @@ class ReattachLedger:
         """Mark the entry of ``prediction_id`` finished by this try (its series, see the module
         docstring), keeping it: until Airflow records the success, a retry completes from it; after a
         clear, a try sees another series and edits afresh. Nothing happens for another prediction's
-        entry, or without one."""
+        entry, or without one.
+        """
         started = self.started()
         if started is None or started.prediction_id != prediction_id or self._store is None:
             return
@@ -240,7 +249,8 @@ class ReattachLedger:
 
 def usable(prediction: Prediction, origin: str, log: Any) -> bool:
     """Whether a prediction found for this task (``origin`` says how, for the log) can be waited for
-    or completed from: running, or succeeded with its output."""
+    or completed from: running, or succeeded with its output.
+    """
     status = prediction.status.value
     if not prediction.is_terminal:
         log.info("Reattaching to prediction %s (%s) %s", prediction.id, status, origin)

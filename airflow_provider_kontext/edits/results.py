@@ -58,7 +58,8 @@ class PredictionResultMixin:
         the output file names: ``input_image`` (a path or URL, never a data: blob), ``input_name``
         (its file name), ``prompt`` and ``model``. Here, what the finished prediction's own ``event``
         says (a task that only waits for a prediction started elsewhere knows nothing else): where
-        its input image is (a URL without query or user info; nothing for an inline image)."""
+        its input image is (a URL without query or user info; nothing for an inline image).
+        """
         from airflow_provider_kontext.models.images import trace_image
 
         where, name = trace_image(event.input_location)
@@ -81,7 +82,8 @@ class PredictionResultMixin:
 
     def _raise_unless_succeeded(self, event: PredictionEvent) -> None:
         """Fail the task for any event but ``succeeded``: retryable unless a retry would pay for the
-        same outcome again."""
+        same outcome again.
+        """
         prediction_id = event.prediction_id
         if event.status == "timeout":
             if prediction_id:
@@ -148,7 +150,8 @@ class PredictionResultMixin:
     def _describe_outlets(self, context: Context, summary: dict[str, Any]) -> None:
         """Put the prediction id, the outputs and what made them (input image, prompt, model, as far
         as known) in the ``extra`` of each Asset among the task's outlets (declared with
-        ``outlets=[Asset(...)]``, which also works in ``.partial()``)."""
+        ``outlets=[Asset(...)]``, which also works in ``.partial()``).
+        """
         from airflow.sdk import Asset
 
         for outlet in self.outlets or []:
@@ -173,7 +176,8 @@ _TRACED = ("input_image", "prompt", "model")
 
 def _success_line(summary: dict[str, Any], *, saved: bool) -> str:
     """The one line that ends a successful edit's log: status, time, seed, outputs (last, each
-    followed by a space or the end of the line, so linkified URLs stay whole)."""
+    followed by a space or the end of the line, so linkified URLs stay whole).
+    """
     took = (
         f" in {summary['predict_time']:.1f}s" if isinstance(summary.get("predict_time"), float | int) else ""
     )

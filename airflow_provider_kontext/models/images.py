@@ -1,5 +1,6 @@
 """Small, dependency-free facts about image files: what a file is (by its first bytes, not by what a
-server or a file name claims), its extension, data: URIs, and reading a local image."""
+server or a file name claims), its extension, data: URIs, and reading a local image.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ GENERIC_CONTENT_TYPES = ("", "application/octet-stream", "binary/octet-stream")
 def is_image_content_type(declared: str | None) -> bool:
     """Whether a server's ``Content-Type`` (or a data: URI's media type) allows an image: any
     ``image/*``, or a generic or missing type. ``text/html`` and the like do not, whatever the bytes
-    look like (a proxy's error page must not be saved as an edit)."""
+    look like (a proxy's error page must not be saved as an edit).
+    """
     media_type = (declared or "").split(";", 1)[0].strip().lower()
     return media_type.startswith("image/") or media_type in GENERIC_CONTENT_TYPES
 
@@ -126,7 +128,8 @@ def read_local_image(image: Any) -> LocalImage:
 
 class ImageTrace(NamedTuple):
     """What a finished edit records about its input image: ``where`` (a path or URL, never the
-    bytes of a ``data:`` URI) and ``name`` (the file name, for output names and the UI)."""
+    bytes of a ``data:`` URI) and ``name`` (the file name, for output names and the UI).
+    """
 
     where: str | None
     name: str | None

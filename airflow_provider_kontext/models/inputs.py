@@ -134,7 +134,8 @@ class FluxKontextProInput(_KontextInput):
 
 class PassThroughInput(_KontextInput):
     """Inputs of a Kontext model this provider has no schema for: ``prompt`` is checked, the rest is
-    passed through as given, so a newer model version is never blocked by this package."""
+    passed through as given, so a newer model version is never blocked by this package.
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 

@@ -56,7 +56,8 @@ class PredictionMetrics(BaseModel):
     @classmethod
     def _finite_or_none(cls, value: Any) -> Any:
         """A metric that is not a finite number is dropped rather than failing the whole prediction
-        (and never becomes a NaN or infinity in an event, which a JSON column would refuse)."""
+        (and never becomes a NaN or infinity in an event, which a JSON column would refuse).
+        """
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None
         try:
@@ -158,7 +159,8 @@ class Prediction(BaseModel):
 
 def _from_unix_time(value: Any) -> datetime | None:
     """A server's Unix time as an aware datetime, or ``None`` when it is not a usable one (a value
-    out of the platform's range must be a validation problem, never an ``OverflowError``)."""
+    out of the platform's range must be a validation problem, never an ``OverflowError``).
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:
@@ -169,7 +171,8 @@ def _from_unix_time(value: Any) -> datetime | None:
 
 def _images_api_outputs(items: list[Any]) -> tuple[list[str], list[str]]:
     """The outputs (URLs, base64 images as ``data:`` URIs) and revised prompts of an images-API
-    answer's ``data`` list."""
+    answer's ``data`` list.
+    """
     outputs: list[str] = []
     prompts: list[str] = []
     for item in items:
@@ -189,7 +192,8 @@ def _images_api_outputs(items: list[Any]) -> tuple[list[str], list[str]]:
 
 def _base64_data_uri(payload: str) -> str:
     """A base64 image as a ``data:`` URI, its media type sniffed from the first bytes (png when
-    they say nothing: the bytes are checked again before anything is written)."""
+    they say nothing: the bytes are checked again before anything is written).
+    """
     compact = "".join(payload.split())
     try:
         head = base64.b64decode(compact[:32] + "=" * (-len(compact[:32]) % 4))

@@ -67,7 +67,8 @@ ReadableDags = Annotated[set[str], Depends(_readable)]
 
 def _map_index(map_index: Annotated[str, Query(max_length=12)] = "-1") -> int:
     """The map index asked for; -1 (not mapped) for anything but a whole number, such as the
-    ``{MAP_INDEX}`` the UI leaves in a view's link for a task that is not mapped."""
+    ``{MAP_INDEX}`` the UI leaves in a view's link for a task that is not mapped.
+    """
     text = map_index.strip()
     return int(text) if text.lstrip("-").isdigit() and int(text) >= -1 else -1
 
@@ -169,7 +170,8 @@ def create_app() -> FastAPI:
         size: Literal["thumb", "full"] = "thumb",
     ) -> Response:
         """An image an edit recorded: its thumbnail, or the file itself; a picture of the reason
-        when it cannot be shown. 404 for an edit or image the task did not record."""
+        when it cannot be shown. 404 for an edit or image the task did not record.
+        """
         found = [
             e for e in task_edits(session, TaskKey(dag_id, run_id, task_id, map_index)) if e.number == edit
         ]

@@ -1,6 +1,7 @@
 """The plugin's HTML: an edit's view, a run's gallery, the recent edits. Plain HTML and CSS, no
 script; every text from a record (a prompt is user text) goes through :func:`html.escape`, every
-link is built here from ids (URL-encoded), and only http(s) links leave the page."""
+link is built here from ids (URL-encoded), and only http(s) links leave the page.
+"""
 
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ class TaskKey:
 @dataclass
 class Edit:
     """One edit as the pages show it: the task instance, the number of the edit in it, and what its
-    task recorded (``summary``: the ``prediction`` dict, or what is known of an unfinished one)."""
+    task recorded (``summary``: the ``prediction`` dict, or what is known of an unfinished one).
+    """
 
     key: TaskKey
     number: int
