@@ -102,8 +102,10 @@ class FluxKontextTransportError(FluxKontextAPIError):
 
 
 class FluxKontextTLSError(FluxKontextTransportError):
-    """The TLS handshake failed the way it will fail again: the server's certificate is not trusted
-    or names another host, or the server does not speak TLS at all.
+    """The TLS handshake failed the way it will fail again.
+
+    The server's certificate is not trusted or names another host, or the server does not speak TLS
+    at all.
 
     Nothing was sent (the handshake comes first), and no retry can change the answer: the
     connection's host, its scheme or the trust store (``SSL_CERT_FILE``) must be fixed.
@@ -122,8 +124,9 @@ class FluxKontextPredictionMayExistError(FluxKontextAPIError):
 
 
 class FluxKontextDeadlineError(FluxKontextError):
-    """A request was still failing, or had no answer, when its caller's deadline came (a poll at the
-    end of the wait): the caller reports a timeout, not an error.
+    """A request was still failing, or had no answer, when its caller's deadline came.
+
+    A poll at the end of the wait, say: the caller reports a timeout, not an error.
     """
 
 

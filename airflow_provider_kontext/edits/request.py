@@ -34,8 +34,10 @@ _URL_PREFIXES = ("http://", "https://", "data:")
 
 
 class EditRequest(NamedTuple):
-    """A validated edit: the model input (``input_image`` a placeholder while ``image`` is still to
-    be sent), the local image if any, and the fingerprint that recognises an earlier try's prediction.
+    """A validated edit.
+
+    The model input (``input_image`` a placeholder while ``image`` is still to be sent), the local
+    image if any, and the fingerprint that recognises an earlier try's prediction.
     """
 
     model_input: dict[str, Any]
@@ -44,8 +46,10 @@ class EditRequest(NamedTuple):
 
 
 def is_literal(value: Any) -> bool:
-    """Whether ``value`` is a literal worth checking at parse time: a number, a bool, or a string
-    that is no Jinja template (anything else, an XCom reference say, is known only at run time).
+    """Tell whether ``value`` is a literal worth checking at parse time.
+
+    That is a number, a bool, or a string that is no Jinja template (anything else, an XCom
+    reference say, is known only at run time).
     """
     if isinstance(value, str):
         return not any(marker in value for marker in _JINJA_MARKERS)
@@ -88,7 +92,7 @@ def check_literal_inputs(
 def validated_request(
     model: str, arguments: dict[str, Any], input_image: Any, extra_input: Any, output_path: Any
 ) -> EditRequest:
-    """The rendered inputs validated against the model's schema, the local image read.
+    """Validate the rendered inputs against the model's schema and read the local image.
 
     :raises FluxKontextInputError: naming the field and what is allowed.
     """
