@@ -97,9 +97,9 @@ async def amask_secret(secret: str, name: str | None = None) -> None:
 async def _amask_secret_before_3_3(secret: str, name: str | None = None) -> None:
     """Mask a secret without blocking the event loop, as Airflow 3.3's ``amask_secret`` does.
 
-    For 3.1 and 3.2: add the secret to this process's masker, then report it to the supervisor (if any) with
-    ``await comms.asend(...)``, never the blocking ``send``. A failure to report is ignored as Airflow's own
-    function ignores it: the local masking has already happened.
+    For 3.1 and 3.2: add the secret to this process's masker, then report it to the supervisor (if
+    any) with ``await comms.asend(...)``, never the blocking ``send``. A failure to report is
+    ignored as Airflow's own function ignores it: the local masking has already happened.
     """
     from airflow.sdk._shared.secrets_masker import _secrets_masker
 

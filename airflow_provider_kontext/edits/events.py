@@ -135,9 +135,9 @@ def _text(value: Any) -> str | None:
 def seed_of(prediction: Prediction, seen: int | None = None) -> int | None:
     """Return the seed the model used for ``prediction``.
 
-    Its "Using seed: N" log line, else the one an earlier read's logs showed (``seen``), else the seed of its
-    input (0 means random to the model, so it tells nothing). The list endpoint's answers carry the input but
-    no logs.
+    Its "Using seed: N" log line, else the one an earlier read's logs showed (``seen``), else the
+    seed of its input (0 means random to the model, so it tells nothing). The list endpoint's
+    answers carry the input but no logs.
     """
     match = SEED_LINE.search(prediction.logs or "")
     if match:

@@ -47,8 +47,9 @@ FileDigest = Callable[[str], str | None]
 class Wanted(NamedTuple):
     """What the lost create asked for.
 
-    The model (``owner/name`` or ``owner/name:version``), the input with ``input_image`` as it was sent
-    (``None`` for an upload, whose URL differs per try), and for an upload the sha256 of the image's bytes.
+    The model (``owner/name`` or ``owner/name:version``), the input with ``input_image`` as it was
+    sent (``None`` for an upload, whose URL differs per try), and for an upload the sha256 of the
+    image's bytes.
     """
 
     model: str
@@ -151,9 +152,9 @@ def _same_model(item: Mapping[str, Any], model: str) -> bool:
 def search_with_hook(hook: Any, wanted: Wanted, since: datetime, log: Any) -> Prediction | None:
     """Run :func:`find_orphan` through a hook, logging what it found or why it adopts nothing.
 
-    The hook is a :class:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook`. A server without a list
-    (404, 405, 501) means nothing can be found; any other failure to read the list is raised, so the task
-    fails and a retry searches again rather than paying twice.
+    The hook is a :class:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook`. A server without
+    a list (404, 405, 501) means nothing can be found; any other failure to read the list is raised,
+    so the task fails and a retry searches again rather than paying twice.
 
     :raises FluxKontextError: the list could not be read.
     """

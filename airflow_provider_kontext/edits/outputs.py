@@ -108,8 +108,9 @@ def safe_stem(text: str | None) -> str:
 def output_stem(input_name: str | None, prediction_id: str | None) -> str:
     """Return the start of an edit's output file names: ``<input>-<prediction id>``.
 
-    ``mug-abc123`` for ``mug.png``, so a file leads back to both its input and its prediction; either part may
-    be missing (an image given as bytes, a server that gave no id), never both (then ``edit-<ms>``).
+    ``mug-abc123`` for ``mug.png``, so a file leads back to both its input and its prediction;
+    either part may be missing (an image given as bytes, a server that gave no id), never both (then
+    ``edit-<ms>``).
     """
     stem = safe_stem(PurePosixPath(input_name).stem if input_name else None)
     parts = [part for part in (stem, safe_stem(prediction_id)) if part]

@@ -258,9 +258,10 @@ class PredictionPoller:
     def retry_limits(self) -> RetryLimits:
         """Return how long the hook keeps trying one poll.
 
-        ``max_consecutive_errors`` retries, unreadable answers included, never waiting past the deadline, and
-        an attempt still in flight a moment after it (at most one interval, 1-5 s) abandoned; where the
-        account's request budget is short, polls of predictions expected to end sooner go first.
+        ``max_consecutive_errors`` retries, unreadable answers included, never waiting past the
+        deadline, and an attempt still in flight a moment after it (at most one interval, 1-5 s)
+        abandoned; where the account's request budget is short, polls of predictions expected to end
+        sooner go first.
         """
         return RetryLimits(
             retries=self.max_consecutive_errors,

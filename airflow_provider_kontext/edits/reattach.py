@@ -254,9 +254,9 @@ class ReattachLedger:
     def finish(self, prediction_id: str | None) -> None:
         """Mark the entry of ``prediction_id`` finished by this try's series, keeping it.
 
-        See the module docstring for series. Until Airflow records the success, a retry completes from it;
-        after a clear, a try sees another series and edits afresh. Nothing happens for another prediction's
-        entry, or without one.
+        See the module docstring for series. Until Airflow records the success, a retry completes
+        from it; after a clear, a try sees another series and edits afresh. Nothing happens for
+        another prediction's entry, or without one.
         """
         started = self.started()
         if started is None or started.prediction_id != prediction_id or self._store is None:

@@ -57,11 +57,11 @@ class PredictionResultMixin:
     def _edit_trace(self, event: PredictionEvent) -> dict[str, Any]:
         """Return what the task knows of the edit's inputs.
 
-        For the ``prediction`` XCom, the asset events and the output file names: ``input_image`` (a path or
-        URL, never a data: blob), ``input_name`` (its file name), ``prompt`` and ``model``. Here, what the
-        finished prediction's own ``event`` says (a task that only waits for a prediction started elsewhere
-        knows nothing else): where its input image is (a URL without query or user info; nothing for an inline
-        image).
+        For the ``prediction`` XCom, the asset events and the output file names: ``input_image`` (a
+        path or URL, never a data: blob), ``input_name`` (its file name), ``prompt`` and ``model``.
+        Here, what the finished prediction's own ``event`` says (a task that only waits for a
+        prediction started elsewhere knows nothing else): where its input image is (a URL without
+        query or user info; nothing for an inline image).
         """
         from airflow_provider_kontext.models.images import trace_image
 

@@ -36,8 +36,8 @@ GENERIC_CONTENT_TYPES = ("", "application/octet-stream", "binary/octet-stream")
 def is_image_content_type(declared: str | None) -> bool:
     """Tell whether a server's ``Content-Type`` (or a data: URI's media type) allows an image.
 
-    Any ``image/*``, or a generic or missing type, does. ``text/html`` and the like do not, whatever the bytes
-    look like (a proxy's error page must not be saved as an edit).
+    Any ``image/*``, or a generic or missing type, does. ``text/html`` and the like do not, whatever
+    the bytes look like (a proxy's error page must not be saved as an edit).
     """
     media_type = (declared or "").split(";", 1)[0].strip().lower()
     return media_type.startswith("image/") or media_type in GENERIC_CONTENT_TYPES
