@@ -6,6 +6,7 @@ token: messages are built from the status, the server's problem document and the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 
@@ -101,8 +102,10 @@ class FluxKontextTransportError(FluxKontextAPIError):
 
 
 class FluxKontextTLSError(FluxKontextTransportError):
-    """The TLS handshake failed the way it will fail again: the server's certificate is not trusted
-    or names another host, or the server does not speak TLS at all.
+    """The TLS handshake failed the way it will fail again.
+
+    The server's certificate is not trusted or names another host, or the server does not speak TLS
+    at all.
 
     Nothing was sent (the handshake comes first), and no retry can change the answer: the
     connection's host, its scheme or the trust store (``SSL_CERT_FILE``) must be fixed.
@@ -121,8 +124,10 @@ class FluxKontextPredictionMayExistError(FluxKontextAPIError):
 
 
 class FluxKontextDeadlineError(FluxKontextError):
-    """A request was still failing, or had no answer, when its caller's deadline came (a poll at the
-    end of the wait): the caller reports a timeout, not an error."""
+    """A request was still failing, or had no answer, when its caller's deadline came.
+
+    A poll at the end of the wait, say: the caller reports a timeout, not an error.
+    """
 
 
 class FluxKontextPredictionFailed(FluxKontextError):
@@ -180,6 +185,23 @@ if TYPE_CHECKING:
 
     class FluxKontextBatchFailedNoRetry(FluxKontextBatchFailed, AirflowFailException):
         """Fail a batch without retries (see ``_NO_RETRY_DOCS``)."""
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """Yield ``exc`` and everything it wraps (cause, context, ``reason``, args), each once.
+
+    Transports wrap the error that tells what happened (an SSL error in a connector error, say);
+    the hooks look for it in the whole chain.
+    """
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo.extend([item.__cause__, item.__context__, getattr(item, "reason", None), *item.args])
 
 
 def __getattr__(name: str) -> Any:

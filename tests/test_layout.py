@@ -39,8 +39,6 @@ PENDING_CYCLES = {
     "triggers.watcher -> triggers.watch -> triggers.watcher",
 }
 PENDING_LARGE = {
-    "hooks.connection",
-    "hooks.retry",
     "operators.batch",
     "operators.kontext",
     "testing.emulator",

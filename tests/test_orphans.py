@@ -182,6 +182,15 @@ def test_a_window_larger_than_the_page_limit_is_not_adopted_from():
         ("https://elsewhere.example/v1/files/abc", "https://api.replicate.com", None),
         ("https://api.replicate.com/v1/predictions/abc", "https://api.replicate.com", None),
         (FILES + "abc/download", "https://api.replicate.com", None),
+        (FILES + "abc/", "https://api.replicate.com", "abc"),
+        (FILES + "abc?x=1", "https://api.replicate.com", "abc"),
+        (FILES + "../predictions", "https://api.replicate.com", None),
+        (FILES + "a%2Fb", "https://api.replicate.com", None),
+        (FILES, "https://api.replicate.com", None),
+        ("https://proxy.example/v1/files/f1", "https://r8_tok@proxy.example", "f1"),
+        ("https://proxy.example:notaport/v1/files/f1", "https://proxy.example", None),
+        ("http://api.replicate.com/v1/files/abc", "https://api.replicate.com", None),
+        (None, "https://api.replicate.com", None),
     ],
 )
 def test_file_id_of(url, base, expected):

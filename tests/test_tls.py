@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_kontext.compat import AirflowFailException
+from airflow_provider_kontext.edits.request import fail_task_on_final_answers
 from airflow_provider_kontext.exceptions import (
     FluxKontextPredictionMayExistError,
     FluxKontextTLSError,
@@ -26,7 +27,7 @@ from airflow_provider_kontext.exceptions import (
 from airflow_provider_kontext.hooks.api import account_request
 from airflow_provider_kontext.hooks.connection import CONN_TYPE, DEFAULT_CONN_ID, ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-from airflow_provider_kontext.hooks.retry import Verdict, classify, fail_task_on_final_answers
+from airflow_provider_kontext.hooks.retry import Verdict, classify
 from airflow_provider_kontext.hooks.transports import transport_error
 
 TOKEN = "r8_tls_secret_token"

@@ -95,10 +95,12 @@ async def amask_secret(secret: str, name: str | None = None) -> None:
 
 
 async def _amask_secret_before_3_3(secret: str, name: str | None = None) -> None:
-    """What Airflow 3.3's ``amask_secret`` does, for 3.1 and 3.2: add the secret to this process's
-    masker, then report it to the supervisor (if any) with ``await comms.asend(...)``, never the
-    blocking ``send``. A failure to report is ignored as Airflow's own function ignores it: the local
-    masking has already happened."""
+    """Mask a secret without blocking the event loop, as Airflow 3.3's ``amask_secret`` does.
+
+    For 3.1 and 3.2: add the secret to this process's masker, then report it to the supervisor (if
+    any) with ``await comms.asend(...)``, never the blocking ``send``. A failure to report is
+    ignored as Airflow's own function ignores it: the local masking has already happened.
+    """
     from airflow.sdk._shared.secrets_masker import _secrets_masker
 
     _secrets_masker().add_mask(secret, name)
@@ -112,7 +114,7 @@ async def _amask_secret_before_3_3(secret: str, name: str | None = None) -> None
 
 
 def hook_field_behaviour(declarative: Mapping[str, Any]) -> dict[str, Any]:
-    """The declarative ``ui-field-behaviour`` in the shape of the hook's ``get_ui_field_behaviour()``.
+    """Return the declarative ``ui-field-behaviour`` in the shape of ``get_ui_field_behaviour()``.
 
     Airflow 3.1 reads the hook method, whose keys use underscores (``hidden_fields``) where the
     declarative form uses dashes; 3.1 rejects the whole behaviour if a key is spelled the other way.
@@ -121,7 +123,7 @@ def hook_field_behaviour(declarative: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def connection_form_widgets(fields: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The connection form's extra fields as wtforms fields, for Airflow 3.1's form.
+    """Return the connection form's extra fields as wtforms fields, for Airflow 3.1's form.
 
     Built from the declarative ``conn-fields`` (one place for each fact): ``integer`` fields become
     ``IntegerField``, other numbers ``StringField`` (Airflow's form has no float field; the hook

@@ -2,7 +2,8 @@
 
 The lifecycle of an edit, in the order a task meets it (each step one module):
 
-1. :mod:`.request`: check the model's inputs and read the input image before anything is billed;
+1. :mod:`.request`: check the model's inputs and read the input image before anything is billed
+   (and fail the task, without retries, when the server refuses the create for good);
    :mod:`.deadlines` gives the task's deadline on the worker's own clock.
 2. :mod:`.reattach`: look up a prediction an earlier try of this task already started, and mark
    "create under way" before a create; :mod:`.orphans` finds, in the account's list, a prediction

@@ -1,5 +1,4 @@
-"""The images of a batch of edits: listed, paired with their prompts, and checked before any money
-is spent.
+"""List the images of a batch of edits, pair them with their prompts, and check them before paying.
 
 ``input_images`` is a list of anything ``input_image`` takes (URLs, data: URIs, local paths,
 ``ObjectStoragePath`` objects, bytes), or one folder or object-storage prefix whose images are
@@ -27,8 +26,11 @@ MAX_LISTED = 20
 
 
 class BatchItem(NamedTuple):
-    """One image of the batch: its position, the image as given, its prompt, where it came from and
-    its file name (for output names), and the request's fingerprint."""
+    """One image of the batch.
+
+    Its position, the image as given, its prompt, where it came from and its file name (for output
+    names), and the request's fingerprint.
+    """
 
     position: int
     image: Any
@@ -39,7 +41,7 @@ class BatchItem(NamedTuple):
 
 
 def resolve_images(input_images: Any) -> list[Any]:
-    """The images to edit: the list as given, or the images listed in a folder or prefix.
+    """Return the images to edit: the list as given, or the images listed in a folder or prefix.
 
     :raises FluxKontextInputError: not a list, folder or prefix; an empty list or folder.
     """
@@ -58,7 +60,7 @@ def resolve_images(input_images: Any) -> list[Any]:
 
 
 def _listed(folder: Any) -> list[Any]:
-    """The images in a folder (local path, ``file://`` URL, object-storage URL or path), by name."""
+    """List the images in a folder (local path, ``file://`` URL, object-storage URL or path), by name."""
     from airflow.sdk import ObjectStoragePath
 
     if isinstance(folder, str) and folder[:5].lower() in ("http:", "https", "data:"):
@@ -124,16 +126,22 @@ def checked_items(
 
 
 def image_ref(sent: str, image: LocalImage | None) -> str:
-    """What identifies the image a create sent, as the account's list will show it: a local image
-    sent inline by the digest of its bytes, anything else (a URL, an upload's URL) as sent."""
+    """Return what identifies the image a create sent, as the account's list will show it.
+
+    A local image sent inline by the digest of its bytes, anything else (a URL, an upload's URL) as
+    sent.
+    """
     if image is not None and sent.startswith("data:"):
         return "sha256:" + hashlib.sha256(image.data).hexdigest()
     return sent
 
 
 def listed_identity(model_input: dict[str, Any], max_bytes: int) -> str | None:
-    """The identity key (:func:`~airflow_provider_kontext.edits.batch_ledger.identity_key`) of a
-    prediction in the account's list, from its input; ``None`` when it cannot be told."""
+    """Return the identity key of a prediction in the account's list, from its input.
+
+    The key is :func:`~airflow_provider_kontext.edits.batch_ledger.identity_key`'s; ``None`` when it
+    cannot be told.
+    """
     prompt, sent = model_input.get("prompt"), model_input.get("input_image")
     if not isinstance(prompt, str) or not isinstance(sent, str):
         return None

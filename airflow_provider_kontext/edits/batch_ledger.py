@@ -43,26 +43,34 @@ FINAL_FAILURES = frozenset({"failed", "canceled", "rejected", "unusable"})
 
 
 def identity_key(prompt: str, image_ref: str) -> str:
-    """A short digest of what identifies an image's edit in the account's list: its prompt and its
-    input image (a URL, an upload's URL, or ``sha256:<digest>`` of inline bytes)."""
+    """Return a short digest of what identifies an image's edit in the account's list.
+
+    That is its prompt and its input image (a URL, an upload's URL, or ``sha256:<digest>`` of inline
+    bytes).
+    """
     return hashlib.sha256(f"{prompt}\n{image_ref}".encode()).hexdigest()[:16]
 
 
 class XComStore:
-    """The task state store's ``get``/``set``/``delete`` over this try's XComs (Airflow < 3.3): it
-    survives a deferral of the try, not a retry."""
+    """The task state store's ``get``/``set``/``delete`` over this try's XComs (Airflow < 3.3).
+
+    It survives a deferral of the try, not a retry.
+    """
 
     def __init__(self, ti: Any) -> None:
         self._ti = ti
 
     def get(self, key: str, default: Any = None) -> Any:
+        """Return the value stored under ``key``, else ``default``."""
         value = self._ti.xcom_pull(task_ids=self._ti.task_id, key=key, map_indexes=self._ti.map_index)
         return default if value is None else value
 
     def set(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key``."""
         self._ti.xcom_push(key=key, value=value)
 
     def delete(self, key: str) -> None:
+        """Empty what is stored under ``key``."""
         self._ti.xcom_push(key=key, value={})
 
 
@@ -91,16 +99,19 @@ class BatchLedger:
 
     @classmethod
     def from_context(cls, context: Any, size: int) -> BatchLedger:
-        """The ledger of this task instance: the task state store where there is one, else XCom."""
+        """Return the ledger of this task instance: the task state store where there is one, else XCom."""
         store = context.get("task_state_store")
         if store is not None:
             return cls(store, size, durable=True)
         return cls(XComStore(context["ti"]), size, durable=False)
 
     def load(self) -> None:
-        """Read the header and every chunk. When the record is of a batch of another size (the
-        images listed differ from an earlier try's), its entries are kept aside, to be matched to
-        the images by fingerprint (:meth:`claim`)."""
+        """Read the header and every chunk.
+
+        When the record is of a batch of another size (the images listed differ from an earlier
+        try's), its entries are kept aside, to be matched to the images by fingerprint
+        (:meth:`claim`).
+        """
         header = self._store.get(BATCH_KEY)
         if not isinstance(header, dict) or not isinstance(header.get("n"), int):
             return
@@ -130,8 +141,10 @@ class BatchLedger:
         self.recorded_size = self.size
 
     def claim(self, index: int, fingerprint: str) -> dict[str, Any] | None:
-        """Give image ``index`` an earlier try's entry of the same request, recorded under another
-        position (the listed images changed between tries), if there is an unclaimed one."""
+        """Give image ``index`` an unclaimed earlier try's entry of the same request, if there is one.
+
+        Such an entry was recorded under another position (the listed images changed between tries).
+        """
         for position, entry in enumerate(self._stray):
             if entry.get("fp") == fingerprint:
                 del self._stray[position]
@@ -140,9 +153,11 @@ class BatchLedger:
         return None
 
     def entry(self, index: int) -> dict[str, Any] | None:
+        """Return image ``index``'s entry, ``None`` if it has none."""
         return self._entries[index]
 
     def entries(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """Iterate over ``(index, entry)`` of every image, in order."""
         return iter(enumerate(self._entries))
 
     def open_window(self, created_after: str) -> None:
@@ -183,9 +198,11 @@ class BatchLedger:
         self._dirty.clear()
 
     def finish(self, series: dict[str, Any]) -> None:
-        """Mark the record finished by this try's series (``reattach.Series`` as a dict), keeping it:
-        until Airflow records the try's success, a retry completes from the recorded outcomes
-        instead of paying again; a try of a later series (a clear) starts afresh (:meth:`reset`)."""
+        """Mark the record finished by this try's series (``reattach.Series`` as a dict), keeping it.
+
+        Until Airflow records the try's success, a retry completes from the recorded outcomes
+        instead of paying again; a try of a later series (a clear) starts afresh (:meth:`reset`).
+        """
         self.flush()
         self._store.set(
             BATCH_KEY, {"n": self.size, "window": self.window, "chunk": CHUNK, "finished": series}
@@ -203,7 +220,7 @@ class BatchLedger:
         self.rewrite()
 
     def largest_value_bytes(self) -> int:
-        """The size of the largest chunk as stored (JSON), for checks and benchmarks."""
+        """Return the size of the largest chunk as stored (JSON), for checks and benchmarks."""
         largest = 0
         for chunk in range(self._chunks()):
             start = chunk * CHUNK

@@ -1,5 +1,7 @@
-"""What a finished batch of edits leaves behind: one summary per image, the outputs in input order,
-the manifest beside the saved outputs, and the message that names what failed and why.
+"""Sum up a finished batch of edits.
+
+What it leaves behind: one summary per image, the outputs in input order, the manifest beside the
+saved outputs, and the message that names what failed and why.
 
 Used by :class:`~airflow_provider_kontext.operators.batch.FluxKontextBatchEditOperator`; the outputs
 themselves are checked and saved by :mod:`airflow_provider_kontext.edits.outputs` as for a single edit.
@@ -24,8 +26,11 @@ MAX_LISTED_FAILURES = 20
 
 
 def image_summary(item: BatchItem, entry: dict[str, Any] | None, model: str) -> dict[str, Any]:
-    """The ``predictions`` XCom's row for one image: what it was, its prediction, how it ended, and
-    its outputs (kept compact: thousands of rows travel in one XCom)."""
+    """Return the ``predictions`` XCom's row for one image.
+
+    What it was, its prediction, how it ended, and its outputs (kept compact: thousands of rows
+    travel in one XCom).
+    """
     entry = entry or {}
     status = entry.get("s")
     summary: dict[str, Any] = {

@@ -24,9 +24,12 @@ _skew_reported: set[str] = set()
 
 
 def wait_timeout(timeout: timedelta | float | None, execution_timeout: timedelta | None) -> float:
-    """Seconds an edit may take: ``timeout`` as given; else most of the task's ``execution_timeout``
-    (all but a tenth, at most a minute, and at least half), so the task fails with the prediction's
-    own timeout (and cancels it) before Airflow kills it; else :data:`DEFAULT_TIMEOUT`."""
+    """Return the seconds an edit may take.
+
+    ``timeout`` as given; else most of the task's ``execution_timeout`` (all but a tenth, at most a
+    minute, and at least half), so the task fails with the prediction's own timeout (and cancels
+    it) before Airflow kills it; else :data:`DEFAULT_TIMEOUT`.
+    """
     if isinstance(timeout, timedelta):
         return timeout.total_seconds()
     if timeout is not None:
@@ -38,9 +41,12 @@ def wait_timeout(timeout: timedelta | float | None, execution_timeout: timedelta
 
 
 def create_deadline(started: float, timeout: float, execution_timeout: timedelta | None) -> float:
-    """The Unix time until which a throttled create is sent again: the edit's ``timeout`` (see
-    :func:`wait_timeout`) counted from ``started`` (the try's start), and never past most of the
-    task's ``execution_timeout``, so the task fails with the throttling, not killed by Airflow."""
+    """Return the Unix time until which a throttled create is sent again.
+
+    That is the edit's ``timeout`` (see :func:`wait_timeout`) counted from ``started`` (the try's
+    start), and never past most of the task's ``execution_timeout``, so the task fails with the
+    throttling, not killed by Airflow.
+    """
     deadline = started + timeout
     if execution_timeout is not None:
         deadline = min(deadline, started + wait_timeout(None, execution_timeout))
@@ -55,7 +61,7 @@ def deadline_after_create(
     returned: float,
     warn: Callable[..., None],
 ) -> float:
-    """The Unix time (local clock) at which to stop waiting for a just-created prediction.
+    """Return the Unix time (local clock) at which to stop waiting for a just-created prediction.
 
     :param timeout: seconds the prediction may take.
     :param sent: local time the create request was sent. :param returned: local time it returned.

@@ -87,16 +87,19 @@ class PredictionEvent(BaseModel):
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any] | PredictionEvent) -> PredictionEvent:
-        """The event from a trigger's payload (or the event itself)."""
+        """Return the event from a trigger's payload (or the event itself)."""
         return payload if isinstance(payload, PredictionEvent) else cls.model_validate(dict(payload))
 
     def payload(self) -> dict[str, Any]:
-        """The event as the JSON-primitive dict a ``TriggerEvent`` carries."""
+        """Return the event as the JSON-primitive dict a ``TriggerEvent`` carries."""
         return self.model_dump(mode="json")
 
     def summary(self, outputs: list[str], **context: Any) -> dict[str, Any]:
-        """The ``prediction`` XCom of a finished edit: ids, times, where the outputs are and when the
-        server deletes its copies; ``context`` adds what the caller knows (input image, prompt)."""
+        """Return the ``prediction`` XCom of a finished edit.
+
+        Ids, times, where the outputs are and when the server deletes its copies; ``context`` adds
+        what the caller knows (input image, prompt).
+        """
         expires = None
         if self.completed_at:
             try:
@@ -130,9 +133,12 @@ def _text(value: Any) -> str | None:
 
 
 def seed_of(prediction: Prediction, seen: int | None = None) -> int | None:
-    """The seed the model used for ``prediction``: its "Using seed: N" log line, else the one an
-    earlier read's logs showed (``seen``), else the seed of its input (0 means random to the model,
-    so it tells nothing). The list endpoint's answers carry the input but no logs."""
+    """Return the seed the model used for ``prediction``.
+
+    Its "Using seed: N" log line, else the one an earlier read's logs showed (``seen``), else the
+    seed of its input (0 means random to the model, so it tells nothing). The list endpoint's
+    answers carry the input but no logs.
+    """
     match = SEED_LINE.search(prediction.logs or "")
     if match:
         return int(match.group(1))
@@ -140,8 +146,10 @@ def seed_of(prediction: Prediction, seen: int | None = None) -> int | None:
 
 
 def given_seed(value: Any) -> int | None:
-    """A seed as given to the model (an int, or its text after templating); ``None`` for none, for
-    anything else, and for 0 (random to the model)."""
+    """Return a seed as given to the model (an int, or its text after templating).
+
+    ``None`` for none, for anything else, and for 0 (random to the model).
+    """
     if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
         return None
     return int(str(value)) or None
@@ -150,8 +158,10 @@ def given_seed(value: Any) -> int | None:
 def prediction_event(
     prediction: Prediction, redact: Callable[[str], str] | None = None, *, seed: int | None = None
 ) -> PredictionEvent:
-    """The event for a prediction in a terminal status. The model's error and log tail, which a proxy
-    may echo a token into, pass through ``redact`` (the hook's): events are logged and stored.
+    """Return the event for a prediction in a terminal status.
+
+    The model's error and log tail, which a proxy may echo a token into, pass through ``redact``
+    (the hook's): events are logged and stored.
 
     Only an unsuccessful prediction's event carries a log tail (its last lines, each run of progress
     bar lines cut to its last): it says how far the model got. A success's logs were already
@@ -185,7 +195,7 @@ def prediction_event(
 
 
 def timeout_event(prediction_id: str | None, waited: float, last_status: str | None) -> PredictionEvent:
-    """The event when the deadline passed before the prediction finished."""
+    """Return the event when the deadline passed before the prediction finished."""
     return PredictionEvent(
         status="timeout",
         prediction_id=prediction_id,
@@ -195,5 +205,5 @@ def timeout_event(prediction_id: str | None, waited: float, last_status: str | N
 
 
 def error_event(prediction_id: str | None, message: str) -> PredictionEvent:
-    """The event when polling itself failed for good (bad token, unknown prediction, ...)."""
+    """Return the event when polling itself failed for good (bad token, unknown prediction, ...)."""
     return PredictionEvent(status="error", prediction_id=prediction_id, message=message[:MAX_EVENT_TEXT])

@@ -1,5 +1,6 @@
-"""OpenLineage for a finished edit: the input image and the outputs as datasets, the prediction as a
-run facet.
+"""Report a finished edit to OpenLineage.
+
+The input image and the outputs as datasets, the prediction as a run facet.
 
 Used by ``get_openlineage_facets_on_complete`` of the operator and the sensor, which the
 OpenLineage provider (``apache-airflow-providers-openlineage``, the ``openlineage`` extra) calls
@@ -24,8 +25,11 @@ RUN_FACET_KEY = "fluxKontextPrediction"
 
 
 def dataset_identity(location: Any) -> tuple[str, str] | None:
-    """``(namespace, name)`` of an image at ``location`` (a URL, path or ``ObjectStoragePath``), or
-    ``None`` when it has no location a dataset can name (``data:`` URIs, bytes, nothing)."""
+    """Return ``(namespace, name)`` of an image at ``location``, or ``None``.
+
+    ``location`` is a URL, path or ``ObjectStoragePath``; ``None`` when it has no location a dataset
+    can name (``data:`` URIs, bytes, nothing).
+    """
     if location is None or isinstance(location, bytes | bytearray | memoryview):
         return None
     text = str(location)
@@ -51,8 +55,11 @@ def dataset_identity(location: Any) -> tuple[str, str] | None:
 
 
 def public_location(location: Any) -> str | None:
-    """``location`` as the dataset it names (``namespace`` + name: no userinfo, query or fragment),
-    or ``None``; safe to keep in trigger kwargs and logs, and read back by :func:`dataset_identity`."""
+    """Return ``location`` as the dataset it names, or ``None``.
+
+    That is ``namespace`` + name: no userinfo, query or fragment; safe to keep in trigger kwargs and
+    logs, and read back by :func:`dataset_identity`.
+    """
     identity = dataset_identity(location)
     if identity is None:
         return None
@@ -62,7 +69,7 @@ def public_location(location: Any) -> str | None:
 
 @functools.cache
 def _facet_class() -> Any:
-    """The run facet's class, built on first use (it needs the OpenLineage client)."""
+    """Return the run facet's class, built on first use (it needs the OpenLineage client)."""
     from attrs import define
     from openlineage.client.facet_v2 import RunFacet
 
@@ -80,7 +87,7 @@ def _facet_class() -> Any:
 
 
 def run_facet(summary: Mapping[str, Any]) -> Any:
-    """The run facet for a finished edit's ``prediction`` summary (needs the OpenLineage client)."""
+    """Return the run facet for a finished edit's ``prediction`` summary (needs the OpenLineage client)."""
     return _facet_class()(
         model=summary.get("model"),
         predictionId=summary.get("id"),
@@ -91,8 +98,10 @@ def run_facet(summary: Mapping[str, Any]) -> Any:
 
 
 def edit_lineage(input_image: Any, summary: Mapping[str, Any] | None) -> Any:
-    """The ``OperatorLineage`` of a finished edit, or ``None`` when there is none to report (the
-    task did not complete an edit) or the OpenLineage provider is not installed.
+    """Return the ``OperatorLineage`` of a finished edit, or ``None``.
+
+    ``None`` when there is none to report (the task did not complete an edit) or the OpenLineage
+    provider is not installed.
 
     :param input_image: what the edit read (the operator's rendered ``input_image``, or the input
         image the sensor's prediction was started with).

@@ -25,8 +25,8 @@ import hashlib
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import urlsplit
 
+from airflow_provider_kontext.hooks.api import file_id_of
 from airflow_provider_kontext.models import Prediction, PredictionPage
 from airflow_provider_kontext.models.images import LocalImage, to_data_uri
 
@@ -45,9 +45,12 @@ FileDigest = Callable[[str], str | None]
 
 
 class Wanted(NamedTuple):
-    """What the lost create asked for: the model (``owner/name`` or ``owner/name:version``), the
-    input with ``input_image`` as it was sent (``None`` for an upload, whose URL differs per try),
-    and for an upload the sha256 of the image's bytes."""
+    """What the lost create asked for.
+
+    The model (``owner/name`` or ``owner/name:version``), the input with ``input_image`` as it was
+    sent (``None`` for an upload, whose URL differs per try), and for an upload the sha256 of the
+    image's bytes.
+    """
 
     model: str
     input: Mapping[str, Any]
@@ -74,8 +77,9 @@ def find_orphan(
     file_sha256: FileDigest | None = None,
     max_pages: int = MAX_PAGES,
 ) -> Found:
-    """Search the predictions created from ``since`` (less :data:`CLOCK_MARGIN`) until ``until`` for
-    the one ``wanted`` describes.
+    """Search the predictions created from ``since`` until ``until`` for the one ``wanted`` describes.
+
+    ``since`` is taken less :data:`CLOCK_MARGIN`.
 
     :raises FluxKontextError: the list could not be read (as the hook's failure policy decided).
     """
@@ -121,7 +125,7 @@ def find_orphan(
 
 
 def _compare(item: Mapping[str, Any], wanted: Wanted, file_sha256: FileDigest | None) -> bool | None:
-    """``True``: ``item`` is what ``wanted`` asked for; ``None``: all but the image; ``False``: no."""
+    """Tell whether ``item`` is what ``wanted`` asked for (``True``), all but the image (``None``), or not."""
     given = item.get("input")
     if not isinstance(given, Mapping) or not _same_model(item, wanted.model):
         return False
@@ -145,25 +149,12 @@ def _same_model(item: Mapping[str, Any], model: str) -> bool:
     return not version or item.get("version") in (version, "hidden", None)
 
 
-def file_id_of(url: str, base_url: str) -> str | None:
-    """The Files API id in ``url`` when it names a file of the API at ``base_url``
-    (``<base>/v1/files/<id>``), else ``None``."""
-    base = urlsplit(base_url.rstrip("/"))
-    parts = urlsplit(url)
-    if (parts.scheme, parts.netloc) != (base.scheme, base.netloc):
-        return None
-    prefix = base.path.rstrip("/").removesuffix("/v1") + "/v1/files/"
-    if not parts.path.startswith(prefix):
-        return None
-    file_id = parts.path[len(prefix) :]
-    return file_id if file_id and "/" not in file_id else None
-
-
 def search_with_hook(hook: Any, wanted: Wanted, since: datetime, log: Any) -> Prediction | None:
-    """:func:`find_orphan` through a :class:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook`,
-    logging what it found or why it adopts nothing. A server without a list (404, 405, 501) means
-    nothing can be found; any other failure to read the list is raised, so the task fails and a
-    retry searches again rather than paying twice.
+    """Run :func:`find_orphan` through a hook, logging what it found or why it adopts nothing.
+
+    The hook is a :class:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook`. A server without
+    a list (404, 405, 501) means nothing can be found; any other failure to read the list is raised,
+    so the task fails and a retry searches again rather than paying twice.
 
     :raises FluxKontextError: the list could not be read.
     """
@@ -218,8 +209,7 @@ def search_with_hook(hook: Any, wanted: Wanted, since: datetime, log: Any) -> Pr
 def search_since(
     ledger: ReattachLedger, context: Any, fingerprint: str, retries: int, log: Any
 ) -> datetime | None:
-    """Where the search for an earlier try's lost prediction starts, or ``None`` when there is none
-    to search for.
+    """Return where the search for an earlier try's lost prediction starts, ``None`` if there is none.
 
     With a task state store: when the entry says a create with the same inputs was under way, from
     the time it was sent. Without one (Airflow < 3.3): on a retry within the first series of tries
@@ -250,8 +240,11 @@ def search_since(
 def wanted_for(
     model: str, model_input: Mapping[str, Any], image: LocalImage | None, inline_max_bytes: int
 ) -> Wanted:
-    """What a create of this edit sends, as the list will show it: a local image inline as the same
-    data: URI on every try; an uploaded one by the sha256 of its bytes (its URL changes per try)."""
+    """Return what a create of this edit sends, as the list will show it.
+
+    A local image inline as the same data: URI on every try; an uploaded one by the sha256 of its
+    bytes (its URL changes per try).
+    """
     wanted = dict(model_input)
     if image is None:
         return Wanted(model, wanted)

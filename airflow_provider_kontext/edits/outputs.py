@@ -38,13 +38,18 @@ Downloader = Callable[[str, IO[bytes]], str]
 
 
 class UnusableOutputError(FluxKontextError):
-    """A paid prediction's output cannot be used (not an image, malformed, not http(s), too large to
-    hand on); no retry of the task would change it."""
+    """A paid prediction's output cannot be used; no retry of the task would change it.
+
+    Not an image, malformed, not http(s), or too large to hand on.
+    """
 
 
 def usable_output(url: str) -> bool:
-    """Whether an output URL the server returned may be handed on or downloaded: an http(s) URL
-    with a host, or a data: URI. ``file:``, ``javascript:``, ``ftp:`` and the like may not."""
+    """Tell whether an output URL the server returned may be handed on or downloaded.
+
+    An http(s) URL with a host, or a data: URI. ``file:``, ``javascript:``, ``ftp:`` and the like
+    may not.
+    """
     if url[:5].lower() == "data:":
         return True
     try:
@@ -101,9 +106,12 @@ def safe_stem(text: str | None) -> str:
 
 
 def output_stem(input_name: str | None, prediction_id: str | None) -> str:
-    """The start of an edit's output file names: ``<input>-<prediction id>`` (``mug-abc123`` for
-    ``mug.png``), so a file leads back to both its input and its prediction; either part may be
-    missing (an image given as bytes, a server that gave no id), never both (then ``edit-<ms>``)."""
+    """Return the start of an edit's output file names: ``<input>-<prediction id>``.
+
+    ``mug-abc123`` for ``mug.png``, so a file leads back to both its input and its prediction;
+    either part may be missing (an image given as bytes, a server that gave no id), never both (then
+    ``edit-<ms>``).
+    """
     stem = safe_stem(PurePosixPath(input_name).stem if input_name else None)
     parts = [part for part in (stem, safe_stem(prediction_id)) if part]
     return "-".join(parts) or f"edit-{int(time.time() * 1000)}"
@@ -118,9 +126,10 @@ def save_outputs(
     max_bytes: int,
     log: Callable[..., None],
 ) -> list[str]:
-    """Save each output (a URL, fetched with ``download``, or a ``data:`` URI) as
-    ``<folder>/<stem>.<ext>``, or ``<folder>/<stem>-<index>.<ext>`` when there are several; return
-    the paths.
+    """Save each output under ``folder`` and return the paths.
+
+    Each output (a URL, fetched with ``download``, or a ``data:`` URI) goes to
+    ``<folder>/<stem>.<ext>``, or ``<folder>/<stem>-<index>.<ext>`` when there are several.
 
     :raises UnusableOutputError: an output is malformed or not an image.
     :raises FluxKontextError: a download failed (retryable as the hook decided).

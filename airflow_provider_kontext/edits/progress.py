@@ -1,5 +1,6 @@
-"""What the deferrable trigger and the operator's in-worker polling share: when to poll, how a
-prediction's progress is reported, and which event ends the wait.
+"""Decide, for the trigger and the operator's in-worker polling alike, when to poll and what to report.
+
+That is when to poll, how a prediction's progress is reported, and which event ends the wait.
 
 Both paths end in the same :class:`~airflow_provider_kontext.edits.events.PredictionEvent`, so
 ``FluxKontextEditOperator`` handles them identically.
@@ -34,8 +35,7 @@ PROGRESS_LOG_SECONDS = 10.0
 
 #: The polling policies of :class:`PredictionPoller`.
 POLL_POLICIES = ("adaptive", "fixed")
-#: The default policy, chosen from ``benchmarks/RESULTS.md`` (fewer requests per edit *and* lower
-#: detection latency than any fixed interval).
+#: The default policy: fewer requests per edit *and* lower detection latency than a fixed interval.
 DEFAULT_POLL_POLICY = "adaptive"
 #: Adaptive polling's wait before the first poll (at most one interval), in seconds.
 ADAPTIVE_FIRST_DELAY = 1.0
@@ -63,7 +63,7 @@ class Progress(NamedTuple):
 
 
 def parse_progress(line: str) -> Progress | None:
-    """The progress of a tqdm bar line, or ``None`` if ``line`` is not one."""
+    """Return the progress of a tqdm bar line, or ``None`` if ``line`` is not one."""
     match = PROGRESS_BAR_LINE.match(line)
     if match is None:
         return None
@@ -90,14 +90,15 @@ _STATUS_WORDS = {
 
 
 class ProgressTracker:
-    """Remembers what was already reported of one prediction, so each poll reports only what is new:
-    a status change and log lines that appeared since the last poll.
+    """What was already reported of one prediction, so each poll reports only what is new.
+
+    That is a status change and log lines that appeared since the last poll.
 
     Progress bar lines (tqdm's: Replicate's logs hold one per step) supersede each other, so they are
     reported sparingly: of each run of them only the newest, and while the prediction runs at most one
     every :data:`PROGRESS_LOG_SECONDS` (the first after that long); the newest is always reported when
-    the prediction ends. At 1000 triggers, logging every step line took a quarter of the triggerer's
-    CPU (``benchmarks/RESULTS.md``). Every other model line is reported as it comes.
+    the prediction ends (logging every step line of many triggers would cost the triggerer much of
+    its CPU). Every other model line is reported as it comes.
     """
 
     def __init__(self, prediction_id: str | None) -> None:
@@ -112,7 +113,7 @@ class ProgressTracker:
         self._held_bar: str | None = None  # the newest bar line not reported yet
 
     def update(self, prediction: Prediction) -> list[str]:
-        """The lines to log for this poll (status change first, then new complete log lines)."""
+        """Return the lines to log for this poll (status change first, then new complete log lines)."""
         messages: list[str] = []
         status = prediction.status.value
         if status != self.status:
@@ -143,8 +144,10 @@ class ProgressTracker:
         return messages
 
     def _without_held_bars(self, lines: list[str], terminal: bool) -> list[str]:
-        """``lines`` with each run of progress bar lines cut to its last one, and bar lines held back
-        unless it is time to report one; remembers the newest bar state."""
+        """Return ``lines`` with each run of progress bar lines cut to its last one.
+
+        Bar lines are held back unless it is time to report one; the newest bar state is remembered.
+        """
         now = time.time()
         show_bars = terminal or now - self._bar_logged_at >= PROGRESS_LOG_SECONDS
         kept: list[str] = []
@@ -174,8 +177,10 @@ class ProgressTracker:
 
 
 class PredictionPoller:
-    """The decisions of a polling loop, without its I/O: the trigger (async) and the operator's
-    in-worker loop (sync) feed it each poll's result and do what it says.
+    """The decisions of a polling loop, without its I/O.
+
+    The trigger (async) and the operator's in-worker loop (sync) feed it each poll's result and do
+    what it says.
 
     :param prediction_id: the prediction being watched.
     :param poll_interval: seconds between polls.
@@ -233,8 +238,11 @@ class PredictionPoller:
         return None
 
     def _estimate_end(self, prediction: Prediction, progress_before: Progress | None) -> None:
-        """Update the expected end from the progress bar (local clock only: no server timestamps,
-        so clock skew between the triggerer and the API cannot mislead it)."""
+        """Update the expected end from the progress bar.
+
+        Local clock only: no server timestamps, so clock skew between the triggerer and the API
+        cannot mislead it.
+        """
         progress = self.tracker.progress
         remaining = progress.remaining_seconds if progress is not None else None
         if prediction.status is not PredictionStatus.PROCESSING or progress is None or remaining is None:
@@ -248,10 +256,13 @@ class PredictionPoller:
 
     @property
     def retry_limits(self) -> RetryLimits:
-        """How long the hook keeps trying one poll: ``max_consecutive_errors`` retries, unreadable
-        answers included, never waiting past the deadline, and an attempt still in flight a moment
-        after it (at most one interval, 1-5 s) abandoned; where the account's request budget is
-        short, polls of predictions expected to end sooner go first."""
+        """Return how long the hook keeps trying one poll.
+
+        ``max_consecutive_errors`` retries, unreadable answers included, never waiting past the
+        deadline, and an attempt still in flight a moment after it (at most one interval, 1-5 s)
+        abandoned; where the account's request budget is short, polls of predictions expected to end
+        sooner go first.
+        """
         return RetryLimits(
             retries=self.max_consecutive_errors,
             tolerate=True,
@@ -261,7 +272,9 @@ class PredictionPoller:
         )
 
     def on_error(self, exc: Exception) -> PredictionEvent:
-        """The final event for a poll that failed for good (the hook already spent :attr:`retry_limits`).
+        """Return the final event for a poll that failed for good.
+
+        The hook already spent :attr:`retry_limits`.
 
         The deadline reached (or passed while failing): ``timeout``. Anything else: ``error``, saying
         so where the retries ran out.
@@ -276,12 +289,15 @@ class PredictionPoller:
         return error_event(self.prediction_id, f"Polling prediction {self.prediction_id} failed{why}: {exc}")
 
     def first_delay(self) -> float:
-        """Seconds to wait before the first poll. ``fixed``: none. ``adaptive``: one interval, at most
-        :data:`ADAPTIVE_FIRST_DELAY` (and never past the deadline). The operator created the
+        """Return the seconds to wait before the first poll.
+
+        ``fixed``: none. ``adaptive``: one interval, at most :data:`ADAPTIVE_FIRST_DELAY` (and never
+        past the deadline). The operator created the
         prediction and saw it unfinished a moment ago, so a poll at once would mostly tell only that
         it is still ``starting``; a moment later it is usually ``processing`` with a progress bar to
         time the next poll by, or already finished. Short, so that a prediction finishing quickly
-        (or a restarted trigger's) is still seen within an interval."""
+        (or a restarted trigger's) is still seen within an interval.
+        """
         if self.policy != "adaptive":
             return 0.0
         delay = min(self.poll_interval, ADAPTIVE_FIRST_DELAY)

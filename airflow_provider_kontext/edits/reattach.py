@@ -1,5 +1,6 @@
-"""What a retry of an edit needs to find the prediction an earlier try started, instead of paying
-for a second one, kept in Airflow's task state store (which survives retries; XComs do not).
+"""Let a retry of an edit find the prediction an earlier try started, instead of paying twice.
+
+What it needs is kept in Airflow's task state store (which survives retries; XComs do not).
 
 One entry per task instance goes through these states:
 
@@ -42,8 +43,11 @@ STATE_KEY = "flux_kontext_prediction"
 
 
 def fingerprint(model: str, model_input: dict[str, Any], image: bytes | None = None) -> str:
-    """A digest of everything that decides the edit: the model and its inputs, a local image by the
-    digest of its bytes (it is sent as a data: URI or an upload URL that differs on each try)."""
+    """Return a digest of everything that decides the edit.
+
+    The model and its inputs, a local image by the digest of its bytes (it is sent as a data: URI
+    or an upload URL that differs on each try).
+    """
     identity = dict(model_input)
     if image is not None:
         identity["input_image"] = "sha256:" + hashlib.sha256(image).hexdigest()
@@ -52,8 +56,10 @@ def fingerprint(model: str, model_input: dict[str, Any], image: bytes | None = N
 
 
 class Series(NamedTuple):
-    """Which series of tries of its task instance a try belongs to (see the module docstring): the
-    try number, ``max_tries`` and the DAG run's ``clear_number`` (``None`` where unknown)."""
+    """Which series of tries of its task instance a try belongs to (see the module docstring).
+
+    The try number, ``max_tries`` and the DAG run's ``clear_number`` (``None`` where unknown).
+    """
 
     try_number: int | None
     max_tries: int | None
@@ -61,6 +67,7 @@ class Series(NamedTuple):
 
     @classmethod
     def of(cls, context: Any) -> Series:
+        """Return the series of the try that runs in ``context``."""
         ti = context.get("ti")
         dag_run = context.get("dag_run")
         return cls(
@@ -70,15 +77,20 @@ class Series(NamedTuple):
         )
 
     def first_try(self, retries: int) -> bool:
-        """Whether this is the first try since the task instance was created or last cleared
-        (``True`` when unknown), as Airflow itself reckons it."""
+        """Tell whether this is the first try since the task instance was created or last cleared.
+
+        ``True`` when unknown; reckoned as Airflow itself does.
+        """
         if self.try_number is None or self.max_tries is None:
             return True
         return self.try_number <= self.max_tries - retries + 1
 
     def continues(self, finished: Mapping[str, Any]) -> bool:
-        """Whether a try of this series finished the edit: same ``max_tries``, same ``clear_number``,
-        an earlier (or the same) try number. An entry without them is taken as this series'."""
+        """Tell whether a try of this series finished the edit.
+
+        Same ``max_tries``, same ``clear_number``, an earlier (or the same) try number. An entry
+        without them is taken as this series'.
+        """
         return (
             finished.get("max_tries") == self.max_tries
             and finished.get("clear_number") == self.clear_number
@@ -95,9 +107,11 @@ def _count(value: Any) -> int | None:
 
 
 class Started(NamedTuple):
-    """The prediction an earlier try started: its id, the request's fingerprint, the deadline
-    (Unix time on the worker's clock; ``None`` from an entry written before deadlines were kept), and
-    who finished it (``None`` while no try has)."""
+    """The prediction an earlier try started.
+
+    Its id, the request's fingerprint, the deadline (Unix time on the worker's clock; ``None`` from
+    an entry written before deadlines were kept), and who finished it (``None`` while no try has).
+    """
 
     prediction_id: str
     fingerprint: str | None
@@ -106,8 +120,11 @@ class Started(NamedTuple):
 
 
 class Creating(NamedTuple):
-    """A create an earlier try began and never recorded: the request's fingerprint and when (Unix
-    time on the worker's clock, taken before the request was sent)."""
+    """A create an earlier try began and never recorded.
+
+    The request's fingerprint and when (Unix time on the worker's clock, taken before the request
+    was sent).
+    """
 
     fingerprint: str
     since: float
@@ -126,10 +143,12 @@ class ReattachLedger:
 
     @classmethod
     def from_context(cls, context: Any, *, enabled: bool) -> ReattachLedger:
+        """Return the ledger of the try in ``context``; a disabled one when not ``enabled``."""
         return cls(context.get("task_state_store") if enabled else None, Series.of(context))
 
     @property
     def enabled(self) -> bool:
+        """Tell whether the ledger has a store to keep its entry in."""
         return self._store is not None
 
     def _entry(self) -> dict[str, Any] | None:
@@ -139,7 +158,7 @@ class ReattachLedger:
         return saved if isinstance(saved, dict) else None
 
     def started(self) -> Started | None:
-        """The entry of an earlier try, if there is a readable one with a prediction id."""
+        """Return the entry of an earlier try, if there is a readable one with a prediction id."""
         saved = self._entry()
         if saved is None or not isinstance(saved.get("id"), str):
             return None
@@ -153,7 +172,7 @@ class ReattachLedger:
         )
 
     def creating(self) -> Creating | None:
-        """The create an earlier try began without recording its id, if any."""
+        """Return the create an earlier try began without recording its id, if any."""
         saved = self._entry()
         marker = saved.get("creating") if saved is not None else None
         if not isinstance(marker, dict):
@@ -170,9 +189,10 @@ class ReattachLedger:
         timeout: float,
         log: Any,
     ) -> tuple[Prediction, float] | None:
-        """The earlier try's prediction and its deadline, if the inputs are the same, no clear came
-        after it finished, and it is still running or succeeded with its output; else ``None`` (a
-        new prediction is needed).
+        """Return the earlier try's prediction and its deadline, or ``None`` when a new one is needed.
+
+        They are returned if the inputs are the same, no clear came after it finished, and it is
+        still running or succeeded with its output.
 
         :param get_prediction: reads a prediction (the hook's); a 404 means it is gone.
         :param timeout: seconds from now, for an entry written before deadlines were kept.
@@ -208,8 +228,10 @@ class ReattachLedger:
         return (prediction, deadline) if usable(prediction, "from an earlier try", log) else None
 
     def begin_create(self, fingerprint: str, since: float) -> None:
-        """Remember that a create is about to be sent (before the request), so a retry of a try that
-        dies before :meth:`record` knows to search for the prediction."""
+        """Remember that a create is about to be sent, before the request.
+
+        A retry of a try that dies before :meth:`record` then knows to search for the prediction.
+        """
         if self._store is not None:
             self._store.set(STATE_KEY, {"creating": {"fingerprint": fingerprint, "since": since}})
 
@@ -221,16 +243,21 @@ class ReattachLedger:
             )
 
     def drop(self) -> None:
-        """Delete the entry: a create answered with a finished result and no id (a proxy's images
-        API answer) leaves a retry nothing to reattach to or search for."""
+        """Delete the entry.
+
+        A create answered with a finished result and no id (a proxy's images API answer) leaves a
+        retry nothing to reattach to or search for.
+        """
         if self._store is not None:
             self._store.delete(STATE_KEY)
 
     def finish(self, prediction_id: str | None) -> None:
-        """Mark the entry of ``prediction_id`` finished by this try (its series, see the module
-        docstring), keeping it: until Airflow records the success, a retry completes from it; after a
-        clear, a try sees another series and edits afresh. Nothing happens for another prediction's
-        entry, or without one."""
+        """Mark the entry of ``prediction_id`` finished by this try's series, keeping it.
+
+        See the module docstring for series. Until Airflow records the success, a retry completes
+        from it; after a clear, a try sees another series and edits afresh. Nothing happens for
+        another prediction's entry, or without one.
+        """
         started = self.started()
         if started is None or started.prediction_id != prediction_id or self._store is None:
             return
@@ -239,8 +266,10 @@ class ReattachLedger:
 
 
 def usable(prediction: Prediction, origin: str, log: Any) -> bool:
-    """Whether a prediction found for this task (``origin`` says how, for the log) can be waited for
-    or completed from: running, or succeeded with its output."""
+    """Tell whether a prediction found for this task can be waited for or completed from.
+
+    That is running, or succeeded with its output. ``origin`` says how it was found, for the log.
+    """
     status = prediction.status.value
     if not prediction.is_terminal:
         log.info("Reattaching to prediction %s (%s) %s", prediction.id, status, origin)

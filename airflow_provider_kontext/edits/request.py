@@ -1,18 +1,28 @@
-"""What an edit asks for, checked before any money is spent.
+"""Check what an edit asks for before any money is spent, and fail the task when it is refused.
 
 Literal model inputs are checked when the DAG file is parsed (a bad one is an import error that
 names the field); after templating, every input is validated against the model's schema, the local
 image read, and the request fingerprinted so a retry can recognise the prediction an earlier try
-started. None of it makes an HTTP call.
+started. None of it makes an HTTP call. :func:`fail_task_on_final_answers` turns the server's
+lasting refusal of a create or upload into a task failure without retries.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from airflow_provider_kontext.edits.outputs import output_folder
 from airflow_provider_kontext.edits.reattach import fingerprint
-from airflow_provider_kontext.exceptions import FluxKontextInputError
+from airflow_provider_kontext.exceptions import (
+    FluxKontextAPIError,
+    FluxKontextAuthError,
+    FluxKontextInputError,
+    FluxKontextNotFoundError,
+    FluxKontextTLSError,
+)
+from airflow_provider_kontext.hooks.retry import FINAL_CREATE_STATUSES
 from airflow_provider_kontext.models import check_literal_input, validate_input
 from airflow_provider_kontext.models.images import LocalImage, read_local_image
 
@@ -24,8 +34,11 @@ _URL_PREFIXES = ("http://", "https://", "data:")
 
 
 class EditRequest(NamedTuple):
-    """A validated edit: the model input (``input_image`` a placeholder while ``image`` is still to
-    be sent), the local image if any, and the fingerprint that recognises an earlier try's prediction."""
+    """A validated edit.
+
+    The model input (``input_image`` a placeholder while ``image`` is still to be sent), the local
+    image if any, and the fingerprint that recognises an earlier try's prediction.
+    """
 
     model_input: dict[str, Any]
     image: LocalImage | None
@@ -33,8 +46,11 @@ class EditRequest(NamedTuple):
 
 
 def is_literal(value: Any) -> bool:
-    """Whether ``value`` is a literal worth checking at parse time: a number, a bool, or a string
-    that is no Jinja template (anything else, an XCom reference say, is known only at run time)."""
+    """Tell whether ``value`` is a literal worth checking at parse time.
+
+    That is a number, a bool, or a string that is no Jinja template (anything else, an XCom
+    reference say, is known only at run time).
+    """
     if isinstance(value, str):
         return not any(marker in value for marker in _JINJA_MARKERS)
     return isinstance(value, int | float)
@@ -76,7 +92,7 @@ def check_literal_inputs(
 def validated_request(
     model: str, arguments: dict[str, Any], input_image: Any, extra_input: Any, output_path: Any
 ) -> EditRequest:
-    """The rendered inputs validated against the model's schema, the local image read.
+    """Validate the rendered inputs against the model's schema and read the local image.
 
     :raises FluxKontextInputError: naming the field and what is allowed.
     """
@@ -98,3 +114,34 @@ def validated_request(
         output_folder(output_path)  # an unusable output_path fails now, not after paying
     digest = fingerprint(model, model_input, image.data if image else None)
     return EditRequest(model_input, image, digest)
+
+
+@contextmanager
+def fail_task_on_final_answers(what: str) -> Iterator[None]:
+    """Fail the task without retries on an answer the same create or upload would get again.
+
+    Those are :data:`~airflow_provider_kontext.hooks.retry.FINAL_CREATE_STATUSES` (401, 403, 404,
+    422) and a TLS handshake that fails for good: retries would repeat the failure (and, on
+    401/403, knock on the account with a refused token), so the task fails once, saying why.
+
+    :param what: the request, for the message ("create", "upload").
+    :raises AirflowFailException: on such an answer; any other error passes unchanged.
+    """
+    from airflow_provider_kontext.compat import AirflowFailException
+
+    try:
+        yield
+    except FluxKontextAPIError as exc:
+        if exc.status not in FINAL_CREATE_STATUSES and not isinstance(exc, FluxKontextTLSError):
+            raise
+        if isinstance(exc, FluxKontextTLSError):
+            why = "the TLS handshake fails the same way each time; fix the connection, then clear the task"
+        elif isinstance(exc, FluxKontextAuthError):
+            why = "the token is refused; fix the connection, then clear the task"
+        elif isinstance(exc, FluxKontextNotFoundError):
+            why = "the model or version does not exist for this token"
+        else:
+            why = "the server rejects this input"
+        raise AirflowFailException(
+            f"{exc} Not retried: the {what} would get the same answer ({why})."
+        ) from None

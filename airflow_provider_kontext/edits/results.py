@@ -42,7 +42,8 @@ class PredictionResultMixin:
     if TYPE_CHECKING:
 
         @property
-        def hook(self) -> FluxKontextHook: ...
+        def hook(self) -> FluxKontextHook:
+            """Return the task's hook."""
 
     log: Any
     outlets: Any
@@ -54,18 +55,21 @@ class PredictionResultMixin:
     _summary: dict[str, Any] | None = None
 
     def _edit_trace(self, event: PredictionEvent) -> dict[str, Any]:
-        """What the task knows of the edit's inputs, for the ``prediction`` XCom, the asset events and
-        the output file names: ``input_image`` (a path or URL, never a data: blob), ``input_name``
-        (its file name), ``prompt`` and ``model``. Here, what the finished prediction's own ``event``
-        says (a task that only waits for a prediction started elsewhere knows nothing else): where
-        its input image is (a URL without query or user info; nothing for an inline image)."""
+        """Return what the task knows of the edit's inputs.
+
+        For the ``prediction`` XCom, the asset events and the output file names: ``input_image`` (a
+        path or URL, never a data: blob), ``input_name`` (its file name), ``prompt`` and ``model``.
+        Here, what the finished prediction's own ``event`` says (a task that only waits for a
+        prediction started elsewhere knows nothing else): where its input image is (a URL without
+        query or user info; nothing for an inline image).
+        """
         from airflow_provider_kontext.models.images import trace_image
 
         where, name = trace_image(event.input_location)
         return {"input_image": where, "input_name": name}
 
     def _complete(self, context: Context, event: PredictionEvent) -> list[str]:
-        """The task's result for a final event, or the exception that fails it."""
+        """Return the task's result for a final event, or raise the exception that fails it."""
         self._raise_unless_succeeded(event)
         trace = self._edit_trace(event)
         result = self._keep_outputs(event, trace.get("input_name"))
@@ -80,8 +84,10 @@ class PredictionResultMixin:
         return result
 
     def _raise_unless_succeeded(self, event: PredictionEvent) -> None:
-        """Fail the task for any event but ``succeeded``: retryable unless a retry would pay for the
-        same outcome again."""
+        """Fail the task for any event but ``succeeded``.
+
+        Retryable unless a retry would pay for the same outcome again.
+        """
         prediction_id = event.prediction_id
         if event.status == "timeout":
             if prediction_id:
@@ -146,9 +152,11 @@ class PredictionResultMixin:
             ) from None
 
     def _describe_outlets(self, context: Context, summary: dict[str, Any]) -> None:
-        """Put the prediction id, the outputs and what made them (input image, prompt, model, as far
-        as known) in the ``extra`` of each Asset among the task's outlets (declared with
-        ``outlets=[Asset(...)]``, which also works in ``.partial()``)."""
+        """Put the prediction id, the outputs and what made them in each outlet Asset's ``extra``.
+
+        What made them: input image, prompt, model, as far as known. The Assets are the task's
+        outlets (declared with ``outlets=[Asset(...)]``, which also works in ``.partial()``).
+        """
         from airflow.sdk import Asset
 
         for outlet in self.outlets or []:
@@ -172,8 +180,11 @@ _TRACED = ("input_image", "prompt", "model")
 
 
 def _success_line(summary: dict[str, Any], *, saved: bool) -> str:
-    """The one line that ends a successful edit's log: status, time, seed, outputs (last, each
-    followed by a space or the end of the line, so linkified URLs stay whole)."""
+    """Return the one line that ends a successful edit's log.
+
+    Status, time, seed, outputs (last, each followed by a space or the end of the line, so
+    linkified URLs stay whole).
+    """
     took = (
         f" in {summary['predict_time']:.1f}s" if isinstance(summary.get("predict_time"), float | int) else ""
     )

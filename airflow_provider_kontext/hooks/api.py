@@ -1,5 +1,6 @@
-"""What the sync and async paths of the hook share: request building and response parsing. Each
-fact lives here once; the hook only moves bytes (the connection's settings are in
+"""Build requests and parse responses for both the sync and the async paths of the hook.
+
+Each fact lives here once; the hook only moves bytes (the connection's settings are in
 :mod:`.connection`, the failure policy in :mod:`airflow_provider_kontext.hooks.retry`, the transports
 in :mod:`.transports`).
 """
@@ -61,6 +62,7 @@ class ApiRequest:
 
     @property
     def label(self) -> str:
+        """Return the request's method and path, for logs and errors."""
         return f"{self.method} {self.path}"
 
 
@@ -114,14 +116,17 @@ def _prediction_path(prediction_id: str) -> str:
 
 
 def get_prediction_request(prediction_id: str) -> ApiRequest:
+    """Build ``GET /v1/predictions/{id}``: a prediction's current state (polled, so quiet)."""
     return ApiRequest("GET", _prediction_path(prediction_id), quiet=True)
 
 
 def list_predictions_request(
     *, created_after: str | None = None, created_before: str | None = None, cursor: str | None = None
 ) -> ApiRequest:
-    """``GET /v1/predictions``, optionally from ``created_after`` and before ``created_before`` (ISO
-    8601), at ``cursor``."""
+    """Build ``GET /v1/predictions``: the account's predictions, optionally bounded and paged.
+
+    ``created_after`` and ``created_before`` are ISO 8601; ``cursor`` picks the page.
+    """
     bounds = (("created_after", created_after), ("created_before", created_before), ("cursor", cursor))
     params = {name: value for name, value in bounds if value}
     query = f"?{urlencode(params)}" if params else ""
@@ -129,30 +134,61 @@ def list_predictions_request(
 
 
 def cancel_prediction_request(prediction_id: str) -> ApiRequest:
+    """Build ``POST /v1/predictions/{id}/cancel``."""
     return ApiRequest("POST", _prediction_path(prediction_id) + "/cancel")
 
 
+#: What a Files API id may hold (the API's own are base32-ish; no ``/``, ``.`` or ``%``).
+_FILE_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def get_file_request(file_id: str) -> ApiRequest:
-    """``GET /v1/files/{id}``: a file's metadata (its checksums among them)."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", file_id or ""):
+    """Build ``GET /v1/files/{id}``: a file's metadata (its checksums among them)."""
+    if not _FILE_ID.fullmatch(file_id or ""):
         raise ValueError(f"not a file id: {file_id!r}")
     return ApiRequest("GET", f"/v1/files/{file_id}", quiet=True)
 
 
+def file_id_of(url: str | None, base_url: str) -> str | None:
+    """Return the Files API id ``url`` names when it is a file of the API at ``base_url``, else ``None``.
+
+    ``url`` must be ``<base URL>/v1/files/<id>``, with one trailing ``/`` allowed: the same scheme,
+    host and port (user info and query aside), under the base URL's path (its ``/v1``, if any,
+    dropped), and an id of letters, digits, ``_`` and ``-`` only (so ``../predictions`` or
+    ``<id>/download`` name no file). Anything unreadable is ``None``.
+    """
+    if not url:
+        return None
+    try:
+        base, parts = urlsplit(base_url.rstrip("/")), urlsplit(url)
+        if (parts.scheme, parts.hostname, parts.port) != (base.scheme, base.hostname, base.port):
+            return None
+    except ValueError:  # a port that is no number
+        return None
+    prefix = base.path.rstrip("/").removesuffix("/v1") + "/v1/files/"
+    if not parts.path.startswith(prefix):
+        return None
+    file_id = parts.path[len(prefix) :].removesuffix("/")
+    return file_id if _FILE_ID.fullmatch(file_id) else None
+
+
 def account_request() -> ApiRequest:
+    """Build ``GET /v1/account``: the account the token belongs to."""
     return ApiRequest("GET", "/v1/account")
 
 
 def upload_file_request(content: bytes, filename: str, content_type: str) -> ApiRequest:
-    """``POST /v1/files``. Retried like a read: a duplicate upload costs nothing."""
+    """Build ``POST /v1/files``, retried like a read: a duplicate upload costs nothing."""
     return ApiRequest(
         "POST", "/v1/files", files={"content": (filename, content, content_type)}, read_timeout=120.0
     )
 
 
 def download_request(settings: ClientSettings, url: str) -> ApiRequest:
-    """``GET`` of an output file. ``path`` is the URL without query (which may hold a signature);
-    ``headers`` carry the token only when the file is on the API's own origin.
+    """Build the ``GET`` of an output file.
+
+    ``path`` is the URL without query (which may hold a signature); ``headers`` carry the token only
+    when the file is on the API's own origin.
 
     :raises FluxKontextAPIError: the URL is not http(s) (``file:``, ``javascript:``, ...).
     """
@@ -261,7 +297,7 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 def parsed_as(model: type[_M], data: Any) -> _M:
-    """A response body as ``model``; an answer of the wrong shape is an API error, not a crash."""
+    """Parse a response body as ``model``; an answer of the wrong shape is an API error, not a crash."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -274,20 +310,22 @@ def parsed_as(model: type[_M], data: Any) -> _M:
 
 
 def parsed_prediction(data: Any) -> Prediction:
-    """A response body as a :class:`Prediction`."""
+    """Parse a response body as a :class:`Prediction`."""
     return parsed_as(Prediction, data)
 
 
 def parsed_page(data: Any) -> PredictionPage:
-    """A response body as a :class:`PredictionPage` (one page of the prediction list)."""
+    """Parse a response body as a :class:`PredictionPage` (one page of the prediction list)."""
     return parsed_as(PredictionPage, data)
 
 
 def parse_retry_after(headers: Mapping[str, str], body: str | None) -> float | None:
-    """Seconds a 429 asks to wait, from every form Replicate uses: the ``Retry-After`` header
-    (seconds or an HTTP date), a JSON ``retry_after`` field, "resets in ~30s" (or "~2m", "in ~1
-    minute"), "Expected available in 1 second". ``body``: the answer's text (or its detail).
-    ``None`` when none of them is there or readable."""
+    """Return the seconds a 429 asks to wait, from any form Replicate uses.
+
+    The forms: the ``Retry-After`` header (seconds or an HTTP date), a JSON ``retry_after`` field,
+    "resets in ~30s" (or "~2m", "in ~1 minute"), "Expected available in 1 second". ``body``: the
+    answer's text (or its detail). ``None`` when none of them is there or readable.
+    """
     value = headers.get("retry-after") or headers.get("Retry-After")
     if value:
         value = value.strip()

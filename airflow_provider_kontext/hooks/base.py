@@ -1,5 +1,6 @@
-"""The plumbing under :class:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook`: the
-connection's settings, and sending a request.
+"""Hold the plumbing under :class:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook`.
+
+That is the connection's settings, and sending a request.
 
 Settings are looked up once per hook (in an event loop, shared by its hooks for
 :data:`~airflow_provider_kontext.hooks.connection.SETTINGS_TTL_SECONDS`), every secret in them
@@ -71,7 +72,7 @@ class FluxKontextBaseHook(BaseHook):
     # --- settings ---------------------------------------------------------------------------------
 
     def _build_settings(self, conn: Any) -> ClientSettings:
-        """Settings from the connection, every secret in them registered with Airflow's masker."""
+        """Read the settings from the connection, every secret in them registered with the masker."""
         settings = ClientSettings.from_connection(conn, **self._overrides)
         from airflow_provider_kontext.compat import mask_secret
 
@@ -80,8 +81,10 @@ class FluxKontextBaseHook(BaseHook):
         return settings
 
     async def _abuild_settings(self, conn: Any) -> ClientSettings:
-        """:meth:`_build_settings` for the event loop: masks with ``amask_secret``, which does not
-        block on the supervisor's channel."""
+        """Run :meth:`_build_settings` for the event loop.
+
+        It masks with ``amask_secret``, which does not block on the supervisor's channel.
+        """
         settings = ClientSettings.from_connection(conn, **self._overrides)
         from airflow_provider_kontext.compat import amask_secret
 
@@ -97,8 +100,11 @@ class FluxKontextBaseHook(BaseHook):
         return self._settings
 
     async def aget_settings(self) -> ClientSettings:
-        """The connection's settings, looked up without blocking the event loop: once per hook, and
-        reused by the other hooks of the same event loop for :data:`SETTINGS_TTL_SECONDS`."""
+        """Return the connection's settings, looked up without blocking the event loop.
+
+        Looked up once per hook, and reused by the other hooks of the same event loop for
+        :data:`SETTINGS_TTL_SECONDS`.
+        """
         if self._settings is None:
             key = self._settings_key()
             settings = SettingsCache.get(key)
@@ -130,7 +136,7 @@ class FluxKontextBaseHook(BaseHook):
         return fresh if fresh != stale else None
 
     def get_conn(self) -> requests.Session:
-        """The ``requests.Session`` used by the sync methods."""
+        """Return the ``requests.Session`` used by the sync methods."""
         if self._session is None:
             import requests
 
@@ -161,12 +167,12 @@ class FluxKontextBaseHook(BaseHook):
     def _request(
         self, request: ApiRequest, retry_limits: RetryLimits | None = None, parse: _Parse = _raw
     ) -> Any:
-        """Send ``request`` through the attempt loop; return its decoded JSON body through ``parse``,
-        which runs inside each attempt, so an unreadable answer counts as that attempt's failure.
+        """Send ``request`` through the attempt loop; return its JSON body decoded by ``parse``.
+
+        ``parse`` runs inside each attempt, so an unreadable answer counts as that attempt's failure.
 
         :raises FluxKontextError: the final error once trying stops (see :class:`Attempts`).
         """
-
         attempts = self._attempts(self.settings, request, retry_limits)
 
         def send(settings: ClientSettings, attempt: int) -> Any:
@@ -180,7 +186,6 @@ class FluxKontextBaseHook(BaseHook):
         self, request: ApiRequest, retry_limits: RetryLimits | None = None, parse: _Parse = _raw
     ) -> Any:
         """Async twin of :meth:`_request`, over the event loop's shared client."""
-
         priority = retry_limits.priority if retry_limits is not None else None
         attempts = self._attempts(await self.aget_settings(), request, retry_limits)
 
@@ -201,7 +206,7 @@ class FluxKontextBaseHook(BaseHook):
         return await attempts.run_async(send, self._arefreshed_settings, self._asleep)
 
     def _async_client(self) -> AiohttpClient:
-        """This hook's share of the event loop's client, acquired on first use in this loop."""
+        """Return this hook's share of the event loop's client, acquired on first use in this loop."""
         loop = asyncio.get_running_loop()
         client = self._aclient
         if (
@@ -217,8 +222,10 @@ class FluxKontextBaseHook(BaseHook):
         return client
 
     def _log_attempt(self, request: ApiRequest, attempt: int, *, quiet: bool = False) -> None:
-        """Log an attempt: at info, except a quiet request's first and a throttled create's next
-        ones (its throttling is logged once by the attempt loop)."""
+        """Log an attempt at info, except a quiet request's first and a throttled create's next ones.
+
+        A create's throttling is logged once by the attempt loop.
+        """
         if not quiet and (attempt > 1 or not request.quiet):
             self.log.info("%s (attempt %d)", request.label, attempt)
         else:

@@ -18,10 +18,12 @@ import os
 import ssl
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+
+from airflow_provider_kontext.exceptions import exception_chain
 
 #: The connection type. No ``_``: Airflow writes connections as URIs whose scheme is the type,
 #: where ``_`` is not allowed (RFC 3986) and ``-`` is read back as ``_``.
@@ -77,7 +79,7 @@ class Setting:
         return int(number) if self.type is int else number
 
     def describe(self) -> str:
-        """The form's help text: what the extra does, its default and its least value."""
+        """Return the form's help text: what the extra does, its default and its least value."""
         return f"{self.help}. Empty: {self.default:g}; at least {self.minimum:g}."
 
 
@@ -282,8 +284,10 @@ class ClientSettings:
         return text
 
     def url(self, path: str) -> str:
-        """Return the absolute URL of an API path under the base URL (which may have a path prefix);
-        a query in ``path`` is added to the base URL's own."""
+        """Return the absolute URL of an API path under the base URL.
+
+        The base URL may have a path prefix; a query in ``path`` is added to the base URL's own.
+        """
         parts = urlsplit(self.base_url)
         path, _, query = path.partition("?")
         query = "&".join(part for part in (parts.query, query) if part)
@@ -348,46 +352,15 @@ def tls_hint(settings: ClientSettings, exc: BaseException) -> str | None:
 
 def _is_tls_failure(exc: BaseException) -> bool:
     """Tell whether ``exc`` or anything it wraps is an SSL error."""
-    return any(isinstance(item, ssl.SSLError) or "SSL" in type(item).__name__ for item in _wrapped(exc))
-
-
-#: OpenSSL's words for a first record that is no TLS: a server that answers the handshake in plain
-#: HTTP (the same words can also mean a record corrupted later, once the request may have gone).
-_NOT_TLS = ("WRONG_VERSION_NUMBER", "wrong version number", "RECORD_LAYER_FAILURE", "record layer failure")
-
-
-def is_lasting_tls_failure(exc: BaseException, *, connecting: bool) -> bool:
-    """Tell whether ``exc`` wraps a handshake failure that a retry would repeat: a certificate that
-    is not trusted, expired or names another host (checked only in the handshake, before anything
-    is sent), or, where the transport proves the failure came while ``connecting``, a server that
-    does not speak TLS. Other SSL errors (an EOF or a reset mid-handshake, a record broken
-    mid-answer) may pass and stay retryable."""
-    for item in _wrapped(exc):
-        if isinstance(item, ssl.SSLCertVerificationError):
-            return True
-        if connecting and isinstance(item, ssl.SSLError) and any(word in str(item) for word in _NOT_TLS):
-            return True
-    return False
-
-
-def _wrapped(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and everything it wraps (cause, context, ``reason``, args), each once."""
-    seen: set[int] = set()
-    todo: list[object] = [exc]
-    while todo:
-        item = todo.pop()
-        if not isinstance(item, BaseException) or id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        todo.extend([item.__cause__, item.__context__, getattr(item, "reason", None), *item.args])
+    chain = exception_chain(exc)
+    return any(isinstance(item, ssl.SSLError) or "SSL" in type(item).__name__ for item in chain)
 
 
 #: How long hooks in one event loop (the triggerer's) reuse a connection's settings. Every trigger
 #: builds its own hook, and each lookup goes through the secrets backends (in a triggerer, a round
-#: trip over the supervisor to the API server): at 1000 triggers that was ~0.5 ms of CPU per trigger
-#: here. A rotated token is picked up at once all the same: an auth error looks the connection up
-#: again and retries with the new settings (see :class:`~airflow_provider_kontext.hooks.retry.Attempts`).
+#: trip over the supervisor to the API server). A rotated token is picked up at once all the same:
+#: an auth error looks the connection up again and retries with the new settings (see
+#: :class:`~airflow_provider_kontext.hooks.retry.Attempts`).
 SETTINGS_TTL_SECONDS = 60.0
 
 SettingsKey = tuple[Any, ...]  # the connection id, then the overrides as sorted (name, value) pairs
@@ -402,6 +375,7 @@ class SettingsCache:
 
     @classmethod
     def get(cls, key: SettingsKey) -> ClientSettings | None:
+        """Return this loop's cached settings for ``key``, ``None`` when absent or expired."""
         entry = cls._entries.get(asyncio.get_running_loop(), {}).get(key)
         if entry is None or time.monotonic() >= entry[1]:
             return None
@@ -409,10 +383,12 @@ class SettingsCache:
 
     @classmethod
     def put(cls, key: SettingsKey, settings: ClientSettings) -> None:
+        """Cache ``settings`` for ``key`` in this loop."""
         loop = asyncio.get_running_loop()
         entries = cls._entries.setdefault(loop, {})
         entries[key] = (settings, time.monotonic() + SETTINGS_TTL_SECONDS)
 
     @classmethod
     def drop(cls, key: SettingsKey) -> None:
+        """Forget this loop's settings for ``key``."""
         cls._entries.get(asyncio.get_running_loop(), {}).pop(key, None)

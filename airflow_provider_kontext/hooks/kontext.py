@@ -19,6 +19,7 @@ from airflow_provider_kontext.hooks.api import (
     cancel_prediction_request,
     create_prediction_request,
     download_request,
+    file_id_of,
     get_file_request,
     get_prediction_request,
     list_predictions_request,
@@ -90,7 +91,7 @@ class FluxKontextHook(FluxKontextBaseHook):
 
     @classmethod
     def get_connection_form_widgets(cls) -> dict[str, Any]:
-        """The extra fields of the connection form on Airflow 3.1 (3.2+ read ``conn-fields``)."""
+        """Return the extra fields of the connection form on Airflow 3.1 (3.2+ read ``conn-fields``)."""
         from airflow_provider_kontext.compat import connection_form_widgets
         from airflow_provider_kontext.hooks.connection import conn_fields
 
@@ -133,7 +134,7 @@ class FluxKontextHook(FluxKontextBaseHook):
         return parsed_created(request, self._request(request, RetryLimits(deadline=deadline)))
 
     def get_prediction(self, prediction_id: str, *, retry_limits: RetryLimits | None = None) -> Prediction:
-        """The prediction's current state.
+        """Return the prediction's current state.
 
         :param retry_limits: how long to keep trying, where not the connection's settings (polls pass
             theirs: one retry layer, tolerant of unreadable answers, never past their deadline).
@@ -154,8 +155,9 @@ class FluxKontextHook(FluxKontextBaseHook):
         created_before: str | None = None,
         cursor: str | None = None,
     ) -> PredictionPage:
-        """One page of the account's predictions (``GET /v1/predictions``): newest first, up to 100,
-        without their logs. Retried as any read.
+        """Return one page of the account's predictions (``GET /v1/predictions``).
+
+        Newest first, up to 100, without their logs. Retried as any read.
 
         :param created_after: ISO 8601 date-time: only predictions created at or after it.
         :param created_before: ISO 8601 date-time: only predictions created before it.
@@ -169,26 +171,22 @@ class FluxKontextHook(FluxKontextBaseHook):
         return page
 
     def get_file(self, file_id: str) -> UploadedFile:
-        """A file's metadata (``GET /v1/files/{id}``): its name, size, checksums and URLs.
+        """Return a file's metadata (``GET /v1/files/{id}``): its name, size, checksums and URLs.
 
         :raises FluxKontextNotFoundError: no such file (or it expired).
         """
         return parsed_as(UploadedFile, self._request(get_file_request(file_id)))
 
     def get_account(self) -> Account:
-        """The account the token belongs to (``GET /v1/account``, free and side-effect free)."""
+        """Return the account the token belongs to (``GET /v1/account``, free and side-effect free)."""
         return parsed_as(Account, self._request(account_request()))
 
     def uploaded_file_id(self, url: str | None) -> str | None:
-        """The Files API id ``url`` names when it is one of this connection's files
-        (``<base URL>/v1/files/<id>``), else ``None``."""
-        import re
+        """Return the Files API id ``url`` names when it is one of this connection's files, else ``None``.
 
-        prefix = f"{self.settings.base_url}/v1/files/"
-        if not url or not url.startswith(prefix):
-            return None
-        match = re.fullmatch(r"([A-Za-z0-9_-]+)/?", url[len(prefix) :])
-        return match.group(1) if match else None
+        See :func:`~airflow_provider_kontext.hooks.api.file_id_of` for what counts as one.
+        """
+        return file_id_of(url, self.settings.base_url)
 
     def upload_file(
         self,
@@ -277,8 +275,9 @@ class FluxKontextHook(FluxKontextBaseHook):
         cursor: str | None = None,
         retry_limits: RetryLimits | None = None,
     ) -> PredictionPage:
-        """One page of the account's predictions (``GET /v1/predictions``): newest first, up to 100,
-        without their logs (the list leaves them out).
+        """Return one page of the account's predictions (``GET /v1/predictions``).
+
+        Newest first, up to 100, without their logs (the list leaves them out).
 
         :param created_after: ISO 8601 date-time: only predictions created at or after it.
         :param created_before: ISO 8601 date-time: only predictions created before it.

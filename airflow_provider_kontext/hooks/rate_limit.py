@@ -1,6 +1,7 @@
-"""One request budget per account per event loop: every async request of the hooks of one event
-loop (the triggerer runs all triggers in one) that talk to the same account draws from one token
-bucket, whose rate adapts to what the account answers.
+"""Pace the async requests of each account with one adaptive token bucket per event loop.
+
+Every async request of the hooks of one event loop (the triggerer runs all triggers in one) that
+talk to the same account draws from one token bucket, whose rate adapts to what the account answers.
 
 Replicate limits each account to 3000 requests per minute for everything but creates (every poll of
 every prediction counts), and tells nobody how much of it others spend: several triggerers, other
@@ -79,8 +80,10 @@ USED_SHARE = 0.5
 
 
 def account_key(settings: ClientSettings) -> str:
-    """The account a request counts against: the base URL and a digest of the token (never the
-    token itself)."""
+    """Return the account a request counts against: the base URL and a digest of the token.
+
+    Never the token itself.
+    """
     digest = hashlib.sha256(settings.token.encode()).hexdigest()[:16] if settings.token else "-"
     return f"{settings.base_url}#{digest}"
 
@@ -94,8 +97,9 @@ class _Ticket:
 
 
 class AccountRateLimiter:
-    """A token bucket shared by the requests of one account in one event loop, its rate adapted to
-    the account's ``429`` s (see the module's docstring).
+    """A token bucket shared by the requests of one account in one event loop.
+
+    Its rate adapts to the account's ``429`` s (see the module's docstring).
 
     :param per_minute: the ceiling: most requests per minute, and the rate it starts at.
     :param clock: monotonic seconds (tests pass their own).
@@ -176,8 +180,11 @@ class AccountRateLimiter:
             self._updated = now
 
     def _adjust(self, now: float) -> None:
-        """Additive increase: once per :data:`ADJUST_SECONDS`, where the step used the rate (a
-        request waited, or at least :data:`USED_SHARE` of it was granted) and no ``429`` came."""
+        """Raise the rate additively, once per :data:`ADJUST_SECONDS`, while it is used.
+
+        The step applies where the rate was used (a request waited, or at least :data:`USED_SHARE`
+        of it was granted) and no ``429`` came.
+        """
         elapsed = now - self._step_started
         if elapsed < ADJUST_SECONDS:
             return
@@ -204,14 +211,19 @@ class AccountRateLimiter:
         return self.tokens >= 1.0
 
     def spare(self, reserve: float = 0.5) -> bool:
-        """Whether a request could go now without delaying any other: nobody waits and more than
-        ``reserve`` of the bucket is full. Takes nothing (for optional reads)."""
+        """Tell whether a request could go now without delaying any other.
+
+        True when nobody waits and more than ``reserve`` of the bucket is full. Takes nothing (for
+        optional reads).
+        """
         now = self._clock()
         return not self._fifo and self._available(now) and self.tokens >= reserve * self.capacity
 
     def try_acquire(self) -> bool:
-        """Take a token if one is there and nobody waits; never waits (a refusal counts as a
-        request that wanted to go: the rate is in use)."""
+        """Take a token if one is there and nobody waits; never wait.
+
+        A refusal counts as a request that wanted to go: the rate is in use.
+        """
         now = self._clock()
         if self._fifo or not self._available(now):
             self._step_waited = True
@@ -239,10 +251,13 @@ class AccountRateLimiter:
         await ticket.future
 
     def pause(self, seconds: float | None) -> None:
-        """A request of this account was answered 429: hold every request until the reset it named
-        (``None``: :data:`DEFAULT_PAUSE_SECONDS`), then resume from an empty bucket (paced), at a
-        rate cut by :data:`DECREASE_FACTOR` (once per pause: the ``429`` s of requests that were in
-        flight when it began are the same signal)."""
+        """Pause the account after a 429 and cut its rate.
+
+        Holds every request until the reset the answer named (``None``:
+        :data:`DEFAULT_PAUSE_SECONDS`), then resumes from an empty bucket (paced), at a rate cut by
+        :data:`DECREASE_FACTOR` (once per pause: the ``429`` s of requests that were in flight when
+        it began are the same signal).
+        """
         now = self._clock()
         if self.adaptive and now >= self.paused_until:
             self._set_rate(max(self.floor, self.rate * DECREASE_FACTOR))
@@ -311,9 +326,11 @@ class AccountRateLimiters:
 
     @classmethod
     def get(cls, settings: ClientSettings) -> AccountRateLimiter | None:
-        """The budget ``settings``' account draws from in the running loop; ``None`` where its
-        connection sets ``max_requests_per_minute`` to 0. Hooks of one account that configure
-        different ceilings share the lowest."""
+        """Return the rate limiter ``settings``' account draws from in the running loop.
+
+        ``None`` where its connection sets ``max_requests_per_minute`` to 0. Hooks of one account
+        that configure different ceilings share the lowest.
+        """
         per_minute = settings.max_requests_per_minute
         if not per_minute > 0:
             return None

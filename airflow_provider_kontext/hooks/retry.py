@@ -1,19 +1,14 @@
-"""The failure policy: which failed request is sent again, after how long, and what is raised when
-trying stops.
+"""Decide which failed request is sent again, after how long, and what is raised when trying stops.
 
-Every request of the provider (sync, async, downloads, polls) runs through one :class:`Attempts`
-loop, driven by ``time.sleep`` (:meth:`Attempts.run_sync`) or ``asyncio.sleep``
-(:meth:`Attempts.run_async`). :func:`classify` decides for each failure: retry it, tolerate it (an
-unreadable answer to a read: only a caller that polls anyway, with ``RetryLimits(tolerate=True)``, sends
-it again), or fail. A create is never sent again where it may have reached the server; when
-trying stops, :func:`final_error` says so with
+Every request (sync, async, downloads, polls) runs through one :class:`Attempts` loop, driven by
+``time.sleep`` or ``asyncio.sleep``. :func:`classify` judges each failure: retry it, tolerate it
+(an unreadable answer to a read, sent again only by a caller that polls anyway), or fail. A create
+is never sent again where it may have reached the server; :func:`final_error` then says so with
 :class:`~airflow_provider_kontext.exceptions.FluxKontextPredictionMayExistError`.
 
-A throttled create (429) provably created nothing, and the account's create limit is shared by
-worker processes that cannot coordinate: it is sent again for as long as its caller's deadline
-allows (else :func:`create_throttle_bound`), each wait the reset the server names plus a random
-share of a window that widens with every 429 of that create (:func:`throttle_wait`), so creators
-throttled together come back spread out instead of all after the same reset.
+A throttled create (429) provably created nothing, and worker processes that cannot coordinate
+share the account's create limit: it is sent again until its caller's deadline (else
+:func:`create_throttle_bound`), after waits that spread throttled creators out (:func:`throttle_wait`).
 """
 
 from __future__ import annotations
@@ -23,8 +18,7 @@ import enum
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,7 +28,6 @@ from airflow_provider_kontext.exceptions import (
     FluxKontextAuthError,
     FluxKontextDeadlineError,
     FluxKontextError,
-    FluxKontextNotFoundError,
     FluxKontextPredictionMayExistError,
     FluxKontextRateLimitError,
     FluxKontextServerError,
@@ -48,13 +41,13 @@ if TYPE_CHECKING:
     from airflow_provider_kontext.hooks.connection import ClientSettings
 
 __all__ = [
+    "FINAL_CREATE_STATUSES",
     "Attempts",
     "RetryLimits",
     "Verdict",
     "backoff_seconds",
     "classify",
     "create_throttle_bound",
-    "fail_task_on_final_answers",
     "final_error",
     "parsed_created",
     "throttle_wait",
@@ -72,7 +65,7 @@ class Verdict(enum.Enum):
 
 
 def _unreadable(exc: BaseException) -> bool:
-    """An answer arrived but could not be read (not JSON, not the documented shape)."""
+    """Tell whether an answer arrived but could not be read (not JSON, not the documented shape)."""
     return (
         isinstance(exc, FluxKontextAPIError)
         and not isinstance(exc, FluxKontextTransportError)
@@ -108,9 +101,11 @@ def _may_have_created(exc: BaseException) -> bool:
 
 
 def final_error(request: ApiRequest, exc: BaseException, body: Any = None) -> BaseException:
-    """The exception to raise once trying stops: a create that may have reached the server says so,
-    so nobody retries it blindly and pays twice. ``body``: the decoded answer, if any, whose ``id``
-    is named in the message."""
+    """Return the exception to raise once trying stops.
+
+    A create that may have reached the server says so, so nobody retries it blindly and pays twice.
+    ``body``: the decoded answer, if any, whose ``id`` is named in the message.
+    """
     if request.idempotent or not _may_have_created(exc):
         return exc
     named = body.get("id") if isinstance(body, dict) else None
@@ -126,8 +121,11 @@ def final_error(request: ApiRequest, exc: BaseException, body: Any = None) -> Ba
 
 
 def backoff_seconds(settings: ClientSettings, attempt: int, exc: BaseException | None) -> float:
-    """Wait before retry number ``attempt`` (1-based): the server's ``retry_after`` when given
-    (capped at ``retry_after_max``), else capped exponential backoff with jitter."""
+    """Return the wait before retry number ``attempt`` (1-based).
+
+    The server's ``retry_after`` when given (capped at ``retry_after_max``), else capped exponential
+    backoff with jitter.
+    """
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         return float(min(retry_after + random.uniform(0, 0.1), settings.retry_after_max))
@@ -139,7 +137,7 @@ def backoff_seconds(settings: ClientSettings, attempt: int, exc: BaseException |
 #: names a shorter reset (or none): wide enough to part creators that were throttled together.
 THROTTLE_SPREAD_MIN = 1.0
 #: The widest window, as a multiple of the narrowest: wider, creates that have waited longest
-#: would sit out spare capacity while fresh ones take it (see ``benchmarks/RESULTS.md``).
+#: would sit out spare capacity while fresh ones take it.
 THROTTLE_SPREAD_GROWTH = 8
 
 
@@ -149,14 +147,13 @@ def throttle_wait(
     retry_after: float | None,
     uniform: Callable[[float, float], float] = random.uniform,
 ) -> float:
-    """Wait before sending a throttled create again, after its ``throttled``-th 429 (1-based).
+    """Return the wait before sending a throttled create again, after its ``throttled``-th 429 (from 1).
 
     The reset the server names (``backoff_base`` when it names none; at most ``retry_after_max``),
-    then a random share of a window that starts at that reset (at least
-    :data:`THROTTLE_SPREAD_MIN`) and doubles with every 429 of the same create, up to
-    :data:`THROTTLE_SPREAD_GROWTH` times its start and never beyond ``backoff_max``. Creators
-    throttled at the same instant come back spread over the window, and the more of them there
-    are, the fewer attempts each makes.
+    then a random share of a window that starts at that reset (at least :data:`THROTTLE_SPREAD_MIN`)
+    and doubles with every 429 of the same create, up to :data:`THROTTLE_SPREAD_GROWTH` times its
+    start and never beyond ``backoff_max``. Creators throttled at the same instant come back spread
+    over the window, and the more of them there are, the fewer attempts each makes.
     """
     named = settings.backoff_base if retry_after is None else retry_after
     reset = max(0.0, min(named, settings.retry_after_max))
@@ -166,8 +163,10 @@ def throttle_wait(
 
 
 def create_throttle_bound(settings: ClientSettings) -> float:
-    """Seconds a throttled create keeps trying when its caller gives no deadline: ``max_retries``
-    waits of the longest reset (``retry_after_max``), 300 s with the defaults."""
+    """Return how long a throttled create keeps trying when its caller gives no deadline.
+
+    That is ``max_retries`` waits of the longest reset (``retry_after_max``), 300 s by default.
+    """
     return settings.max_retries * settings.retry_after_max
 
 
@@ -194,22 +193,18 @@ class RetryLimits:
     priority: float | None = None
 
 
-_DEFAULT_LIMITS = RetryLimits()
-
-
 class Attempts:
     """One request's attempt loop: the state both drivers share, and the two drivers.
 
     ``send(settings, attempt_number)`` makes one attempt. An auth error looks the connection up
     again once (``refresh(stale)``: the new settings, or ``None`` if unchanged) and, with new
-    settings, sends at once again. A throttled create is sent again until the retry limits' deadline
-    (else for :func:`create_throttle_bound`) after :func:`throttle_wait`, however many times; its
-    first 429 is logged at info, the rest at debug, and one line says when it went through.
+    settings, sends at once again. A throttled create is sent again until its time is up (see the
+    module); its first 429 is logged at info, the rest at debug, and one line says when it went through.
 
     :param log: ``logging.Logger.log``-like, for the throttled create's lines.
-    :param clock: Unix time (tests pass their own). :param uniform: the jitter's random draw; the
-        ``random`` module's by default, which is reseeded in forked workers (a private generator
-        would repeat the parent's draws in every worker).
+    :param clock: Unix time (tests pass their own).
+    :param uniform: the jitter's random draw; the ``random`` module's by default, which is reseeded
+        in forked workers (a private generator would repeat the parent's draws in every worker).
     :raises FluxKontextError: :func:`final_error` of the last failure once trying stops.
     :raises FluxKontextDeadlineError: the retry limits' deadline came first.
     :raises FluxKontextRateLimitError: a create still throttled when its time was up (nothing created).
@@ -228,7 +223,7 @@ class Attempts:
     ) -> None:
         self.settings = settings
         self.request = request
-        self.limits = retry_limits or _DEFAULT_LIMITS
+        self.limits = retry_limits or RetryLimits()
         self.number = 1
         #: 429s this create has had (reads do not count them).
         self.throttled = 0
@@ -240,8 +235,10 @@ class Attempts:
         self._refreshed = False
 
     def after(self, exc: FluxKontextError) -> float | None:
-        """Seconds to wait before the next attempt, ``None`` to refresh the settings first; raises
-        the final error when trying stops."""
+        """Return the seconds to wait before the next attempt, ``None`` to refresh the settings first.
+
+        :raises FluxKontextError: the final error, when trying stops.
+        """
         if isinstance(exc, FluxKontextAuthError) and not self._refreshed:
             self._refreshed = True
             return None
@@ -249,15 +246,11 @@ class Attempts:
         retries = self.settings.max_retries if self.limits.retries is None else self.limits.retries
         if isinstance(exc, FluxKontextRateLimitError) and not self.request.idempotent and retries > 0:
             return self._throttled_create(exc)
-        if (
-            verdict is Verdict.FAIL
-            or (verdict is Verdict.TOLERATE and not self.limits.tolerate)
-            or self.number > retries
-        ):
+        gives_up = verdict is Verdict.FAIL or (verdict is Verdict.TOLERATE and not self.limits.tolerate)
+        if gives_up or self.number > retries:
             raise final_error(self.request, exc) from None
         delay = backoff_seconds(self.settings, self.number, exc)
-        deadline = self.limits.deadline
-        if deadline is not None and self._clock() + delay >= deadline:
+        if self.limits.deadline is not None and self._clock() + delay >= self.limits.deadline:
             raise FluxKontextDeadlineError(
                 f"{self.request.label} still failing at the deadline: {exc}"
             ) from None
@@ -267,7 +260,7 @@ class Attempts:
         return delay
 
     def _throttled_create(self, exc: FluxKontextRateLimitError) -> float:
-        """The wait after a create's 429: jittered, and the last one cut to end at the deadline."""
+        """Return the wait after a create's 429: jittered, the last one cut to end at the deadline."""
         self.throttled += 1
         now = self._clock()
         if self.limits.deadline is not None:
@@ -312,17 +305,14 @@ class Attempts:
 
     def _succeeded(self) -> None:
         if self.throttled and self._log is not None:
-            self._log(
-                logging.INFO,
-                "%s went through after %d throttled attempts (%.1f s)",
-                self.request.label,
-                self.throttled,
-                self._clock() - self._started,
-            )
+            took = (self.request.label, self.throttled, self._clock() - self._started)
+            self._log(logging.INFO, "%s went through after %d throttled attempts (%.1f s)", *took)
 
     def refreshed(self, fresh: ClientSettings | None, exc: FluxKontextError) -> float:
-        """Take the settings looked up again after ``exc`` (an auth error): no wait; re-raise ``exc``
-        when they did not change (the same token would fail the same way)."""
+        """Take the settings looked up again after ``exc`` (an auth error) and return no wait.
+
+        Re-raises ``exc`` when they did not change (the same token would fail the same way).
+        """
         if fresh is None:
             raise exc
         self.settings = fresh
@@ -370,7 +360,10 @@ class Attempts:
                 await sleep(delay)
 
     async def _within_deadline(self, attempt: Awaitable[_T]) -> _T:
-        # A create in flight is never abandoned: it may be creating the prediction.
+        """Await ``attempt``, abandoned ``grace`` after the deadline unless it is a create.
+
+        A create in flight is never abandoned: it may be creating the prediction.
+        """
         if self.limits.deadline is None or not self.request.idempotent:
             return await attempt
         remaining = self.limits.deadline + self.limits.grace - self._clock()
@@ -389,35 +382,12 @@ def _utc(when: float) -> str:
 FINAL_CREATE_STATUSES = frozenset({401, 403, 404, 422})
 
 
-@contextmanager
-def fail_task_on_final_answers(what: str) -> Iterator[None]:
-    """Turn an answer to a create or upload that the same request would get again (401, 403, 404,
-    422, or a TLS handshake that fails for good) into an ``AirflowFailException``: retries would
-    repeat the failure (and, on 401/403, knock on the account with a refused token), so the task
-    fails once, saying why."""
-    from airflow_provider_kontext.compat import AirflowFailException
-
-    try:
-        yield
-    except FluxKontextAPIError as exc:
-        if exc.status not in FINAL_CREATE_STATUSES and not isinstance(exc, FluxKontextTLSError):
-            raise
-        if isinstance(exc, FluxKontextTLSError):
-            why = "the TLS handshake fails the same way each time; fix the connection, then clear the task"
-        elif isinstance(exc, FluxKontextAuthError):
-            why = "the token is refused; fix the connection, then clear the task"
-        elif isinstance(exc, FluxKontextNotFoundError):
-            why = "the model or version does not exist for this token"
-        else:
-            why = "the server rejects this input"
-        raise AirflowFailException(
-            f"{exc} Not retried: the {what} would get the same answer ({why})."
-        ) from None
-
-
 def parsed_created(request: ApiRequest, body: Any) -> Prediction:
-    """The prediction a create answered with; an unreadable answer to a create is an uncertain
-    create (:class:`FluxKontextPredictionMayExistError`), never a reason to create again."""
+    """Return the prediction a create answered with.
+
+    An unreadable answer to a create is an uncertain create
+    (:class:`FluxKontextPredictionMayExistError`), never a reason to create again.
+    """
     try:
         return parsed_as(Prediction, body)
     except FluxKontextAPIError as exc:

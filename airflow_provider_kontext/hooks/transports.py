@@ -21,8 +21,9 @@ from airflow_provider_kontext.exceptions import (
     FluxKontextAPIError,
     FluxKontextTLSError,
     FluxKontextTransportError,
+    exception_chain,
 )
-from airflow_provider_kontext.hooks.connection import is_lasting_tls_failure, tls_hint
+from airflow_provider_kontext.hooks.connection import tls_hint
 
 if TYPE_CHECKING:
     import aiohttp
@@ -44,10 +45,31 @@ __all__ = [
 Answer = tuple[int, Mapping[str, str], bytes]
 
 
+#: OpenSSL's words for a first record that is no TLS: a server that answers the handshake in plain
+#: HTTP (the same words can also mean a record corrupted later, once the request may have gone).
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "wrong version number", "RECORD_LAYER_FAILURE", "record layer failure")
+
+
+def is_lasting_tls_failure(exc: BaseException, *, connecting: bool) -> bool:
+    """Tell whether ``exc`` wraps a handshake failure that a retry would repeat.
+
+    That is a certificate that is not trusted, expired or names another host (checked only in the
+    handshake, before anything is sent), or, where the transport proves the failure came while
+    ``connecting``, a server that does not speak TLS. Other SSL errors (an EOF or a reset
+    mid-handshake, a record broken mid-answer) may pass and stay retryable.
+    """
+    for item in exception_chain(exc):
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return True
+        if connecting and isinstance(item, ssl.SSLError) and any(word in str(item) for word in _NOT_TLS):
+            return True
+    return False
+
+
 def transport_error(
     settings: ClientSettings, request: ApiRequest, exc: BaseException, *, sent: bool
 ) -> FluxKontextTransportError:
-    """Our error for a request that got no usable answer; the message never holds a secret."""
+    """Return our error for a request that got no usable answer; the message never holds a secret."""
     reason = settings.redact(f"{type(exc).__name__}: {exc}")[:500]
     hint = tls_hint(settings, exc)
     if is_lasting_tls_failure(exc, connecting=not sent):
@@ -73,8 +95,11 @@ def transport_error(
 def requests_error(
     settings: ClientSettings, request: ApiRequest, exc: requests.exceptions.RequestException
 ) -> FluxKontextTransportError:
-    """Classify a requests failure: only a connect timeout or a refused/unresolvable connection
-    (urllib3's ``NewConnectionError``, TLS aside) proves nothing was sent."""
+    """Classify a requests failure by whether the request may have been sent.
+
+    Only a connect timeout or a refused/unresolvable connection (urllib3's ``NewConnectionError``,
+    TLS aside) proves nothing was sent.
+    """
     import requests
     from urllib3.exceptions import NewConnectionError
 
@@ -157,8 +182,10 @@ def stream_with_requests(
 
 
 def ssl_context() -> ssl.SSLContext:
-    """The trust store for TLS: ``SSL_CERT_FILE`` or ``SSL_CERT_DIR`` when set, else certifi's
-    bundle (as requests uses)."""
+    """Return the TLS trust store: ``SSL_CERT_FILE`` or ``SSL_CERT_DIR`` when set, else certifi's.
+
+    certifi's bundle is the one requests uses.
+    """
     if cafile := os.environ.get("SSL_CERT_FILE"):
         return ssl.create_default_context(cafile=cafile)
     if capath := os.environ.get("SSL_CERT_DIR"):
@@ -169,8 +196,11 @@ def ssl_context() -> ssl.SSLContext:
 
 
 def _aiohttp_not_sent(exc: BaseException) -> bool:
-    """Only connector failures (refused, DNS, TLS handshake, proxy, connect or pool timeout) prove
-    nothing was sent; a dropped keep-alive connection, a reset or a read timeout do not."""
+    """Tell whether an aiohttp failure proves the request was not sent.
+
+    Only connector failures (refused, DNS, TLS handshake, proxy, connect or pool timeout) prove
+    nothing was sent; a dropped keep-alive connection, a reset or a read timeout do not.
+    """
     import aiohttp
 
     return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
@@ -197,7 +227,7 @@ class AiohttpClient:
         self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
     def _proxy(self, url: str) -> str | None:
-        """The proxy for ``url`` from the environment (as requests would pick it), if any."""
+        """Return the proxy for ``url`` from the environment (as requests would pick it), if any."""
         if not self._proxies:
             return None
         scheme, _, rest = url.partition("://")
@@ -210,6 +240,7 @@ class AiohttpClient:
 
     @property
     def is_closed(self) -> bool:
+        """Tell whether the session is closed."""
         return self._session.closed
 
     def _timeout(self, read_timeout: float, connect_timeout: float) -> aiohttp.ClientTimeout:
@@ -256,12 +287,15 @@ class AiohttpClient:
             raise transport_error(settings, request, exc, sent=not _aiohttp_not_sent(exc)) from None
 
     async def aclose(self) -> None:
+        """Close the session and its connection pool."""
         await self._session.close()
 
 
 class SharedAsyncClient:
-    """One :class:`AiohttpClient` per event loop, shared by every hook (so every trigger) in that
-    loop, opened on first use and closed when its last user releases it."""
+    """One :class:`AiohttpClient` per event loop, shared by every hook (so every trigger) in it.
+
+    Opened on first use and closed when its last user releases it.
+    """
 
     _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[AiohttpClient, list[int]]] = (
         weakref.WeakKeyDictionary()
@@ -269,6 +303,7 @@ class SharedAsyncClient:
 
     @classmethod
     def acquire(cls) -> AiohttpClient:
+        """Return the running loop's client, opening it if needed, and count one more user."""
         loop = asyncio.get_running_loop()
         entry = cls._clients.get(loop)
         if entry is None or entry[0].is_closed:
@@ -279,6 +314,7 @@ class SharedAsyncClient:
 
     @classmethod
     async def release(cls, client: AiohttpClient) -> None:
+        """Count one user less of ``client``; close it when it was the last."""
         loop = asyncio.get_running_loop()
         entry = cls._clients.get(loop)
         if entry is None or entry[0] is not client:

@@ -1,5 +1,7 @@
-"""Pydantic models: the single source of the models' input schemas (:mod:`.inputs`) and of what
-the API answers (:mod:`.predictions`). Import them from here.
+"""Pydantic models: the single source of the models' input schemas and of what the API answers.
+
+The input schemas are in :mod:`.inputs`, the API's answers in :mod:`.predictions`. Import them from
+here.
 """
 
 from __future__ import annotations

@@ -38,8 +38,9 @@ def check_number(
 
 
 def default_deferrable() -> bool:
-    """Whether operators and sensors wait in the triggerer when ``deferrable`` is not given:
-    Airflow's ``[operators] default_deferrable`` setting, as in official providers (``False``
+    """Tell whether operators and sensors wait in the triggerer when ``deferrable`` is not given.
+
+    That is Airflow's ``[operators] default_deferrable`` setting, as in official providers (``False``
     unless the deployment sets it, since deferred tasks need a running triggerer).
 
     Read when a task is built, not when this module is imported. ``airflow.configuration.conf``

@@ -1,5 +1,8 @@
-"""Small, dependency-free facts about image files: what a file is (by its first bytes, not by what a
-server or a file name claims), its extension, data: URIs, and reading a local image."""
+"""Small, dependency-free facts about image files.
+
+What a file is (by its first bytes, not by what a server or a file name claims), its extension,
+data: URIs, and reading a local image.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "imag
 
 
 def sniff_image_type(data: bytes) -> str | None:
-    """The content type of a jpeg, png, gif or webp image from its magic bytes, else ``None``."""
+    """Return the content type of a jpeg, png, gif or webp image from its magic bytes, else ``None``."""
     if data.startswith(b"\xff\xd8\xff"):
         return "image/jpeg"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -31,19 +34,22 @@ GENERIC_CONTENT_TYPES = ("", "application/octet-stream", "binary/octet-stream")
 
 
 def is_image_content_type(declared: str | None) -> bool:
-    """Whether a server's ``Content-Type`` (or a data: URI's media type) allows an image: any
-    ``image/*``, or a generic or missing type. ``text/html`` and the like do not, whatever the bytes
-    look like (a proxy's error page must not be saved as an edit)."""
+    """Tell whether a server's ``Content-Type`` (or a data: URI's media type) allows an image.
+
+    Any ``image/*``, or a generic or missing type, does. ``text/html`` and the like do not, whatever
+    the bytes look like (a proxy's error page must not be saved as an edit).
+    """
     media_type = (declared or "").split(";", 1)[0].strip().lower()
     return media_type.startswith("image/") or media_type in GENERIC_CONTENT_TYPES
 
 
 def to_data_uri(data: bytes, content_type: str) -> str:
+    """Return ``data`` as a base64 ``data:`` URI of ``content_type``."""
     return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def decode_data_uri(uri: str, max_bytes: int) -> bytes:
-    """The bytes of a ``data:`` URI (base64 or percent-encoded).
+    """Return the bytes of a ``data:`` URI (base64 or percent-encoded).
 
     :raises ValueError: not a data: URI, malformed, or larger than ``max_bytes``.
     """
@@ -78,8 +84,10 @@ class LocalImage(NamedTuple):
 def read_source(
     content: bytes | IO[bytes] | str | Path | Any, filename: str | None = None
 ) -> tuple[bytes, str]:
-    """The bytes and a file name of ``content``: bytes, a binary file object, a local path, a
-    ``file://`` URL, or an ``ObjectStoragePath`` (anything with ``read_bytes`` and a URL).
+    """Return the bytes and a file name of ``content``.
+
+    ``content`` is bytes, a binary file object, a local path, a ``file://`` URL, or an
+    ``ObjectStoragePath`` (anything with ``read_bytes`` and a URL).
 
     :raises OSError: the storage could not be read. :raises ValueError: a NUL byte in a path.
     """
@@ -125,8 +133,11 @@ def read_local_image(image: Any) -> LocalImage:
 
 
 class ImageTrace(NamedTuple):
-    """What a finished edit records about its input image: ``where`` (a path or URL, never the
-    bytes of a ``data:`` URI) and ``name`` (the file name, for output names and the UI)."""
+    """What a finished edit records about its input image.
+
+    ``where`` (a path or URL, never the bytes of a ``data:`` URI) and ``name`` (the file name, for
+    output names and the UI).
+    """
 
     where: str | None
     name: str | None

@@ -133,8 +133,11 @@ class FluxKontextProInput(_KontextInput):
 
 
 class PassThroughInput(_KontextInput):
-    """Inputs of a Kontext model this provider has no schema for: ``prompt`` is checked, the rest is
-    passed through as given, so a newer model version is never blocked by this package."""
+    """Inputs of a Kontext model this provider has no schema for.
+
+    ``prompt`` is checked, the rest is passed through as given, so a newer model version is never
+    blocked by this package.
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -152,7 +155,7 @@ def model_name(model: str) -> str:
 
 
 def input_model_for(model: str) -> type[_KontextInput]:
-    """The input schema of ``model`` (``owner/name`` or ``owner/name:version``)."""
+    """Return the input schema of ``model`` (``owner/name`` or ``owner/name:version``)."""
     return INPUT_MODELS.get(model_name(model), PassThroughInput)
 
 
@@ -189,7 +192,7 @@ def check_model_reference(model: Any) -> str:
 
 
 def _json_problems(values: dict[str, Any]) -> list[tuple[str, str]]:
-    """The inputs that cannot be sent as JSON (bytes that are not text, arbitrary objects)."""
+    """Return the inputs that cannot be sent as JSON (bytes that are not text, arbitrary objects)."""
     problems = []
     for key, value in values.items():
         try:

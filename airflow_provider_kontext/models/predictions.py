@@ -1,5 +1,7 @@
-"""What the API answers (pydantic): the single source of the prediction's shape, the account and
-uploaded files. The hook parses every response with these, so a malformed answer is a clear error.
+"""Describe what the API answers (pydantic): predictions, the account and uploaded files.
+
+The single source of the prediction's shape. The hook parses every response with these, so a
+malformed answer is a clear error.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class PredictionStatus(str, enum.Enum):
 
     @property
     def is_terminal(self) -> bool:
+        """Tell whether the status is final (succeeded, failed, canceled or aborted)."""
         return self in TERMINAL_STATUSES
 
 
@@ -38,6 +41,8 @@ TERMINAL_STATUSES = frozenset(
 
 
 class PredictionUrls(BaseModel):
+    """A prediction's ``urls``: the API's links to read, cancel, stream and view it."""
+
     model_config = ConfigDict(extra="allow")
 
     get: str | None = None
@@ -47,6 +52,8 @@ class PredictionUrls(BaseModel):
 
 
 class PredictionMetrics(BaseModel):
+    """A prediction's ``metrics``: how long the model ran, and in all."""
+
     model_config = ConfigDict(extra="allow")
 
     predict_time: float | None = None
@@ -55,8 +62,10 @@ class PredictionMetrics(BaseModel):
     @field_validator("predict_time", "total_time", mode="before")
     @classmethod
     def _finite_or_none(cls, value: Any) -> Any:
-        """A metric that is not a finite number is dropped rather than failing the whole prediction
-        (and never becomes a NaN or infinity in an event, which a JSON column would refuse)."""
+        """Drop a metric that is not a finite number rather than fail the whole prediction.
+
+        It never becomes a NaN or infinity in an event, which a JSON column would refuse.
+        """
         if isinstance(value, bool) or not isinstance(value, int | float):
             return None
         try:
@@ -133,6 +142,7 @@ class Prediction(BaseModel):
 
     @property
     def is_terminal(self) -> bool:
+        """Tell whether the prediction has ended."""
         return self.status.is_terminal
 
     @property
@@ -146,10 +156,11 @@ class Prediction(BaseModel):
 
     @property
     def web_url(self) -> str | None:
+        """Return the prediction's page on the provider's website, if the API named one."""
         return self.urls.web
 
     def logs_tail(self, lines: int = 20, max_chars: int = 4000) -> str:
-        """The last ``lines`` lines of the logs, at most ``max_chars`` characters."""
+        """Return the last ``lines`` lines of the logs, at most ``max_chars`` characters."""
         if not self.logs:
             return ""
         tail = "\n".join(self.logs.rstrip("\n").splitlines()[-lines:])
@@ -157,8 +168,10 @@ class Prediction(BaseModel):
 
 
 def _from_unix_time(value: Any) -> datetime | None:
-    """A server's Unix time as an aware datetime, or ``None`` when it is not a usable one (a value
-    out of the platform's range must be a validation problem, never an ``OverflowError``)."""
+    """Return a server's Unix time as an aware datetime, or ``None`` when it is not a usable one.
+
+    A value out of the platform's range must be a validation problem, never an ``OverflowError``.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:
@@ -168,8 +181,10 @@ def _from_unix_time(value: Any) -> datetime | None:
 
 
 def _images_api_outputs(items: list[Any]) -> tuple[list[str], list[str]]:
-    """The outputs (URLs, base64 images as ``data:`` URIs) and revised prompts of an images-API
-    answer's ``data`` list."""
+    """Return the outputs and revised prompts of an images-API answer's ``data`` list.
+
+    Outputs are URLs, or base64 images as ``data:`` URIs.
+    """
     outputs: list[str] = []
     prompts: list[str] = []
     for item in items:
@@ -188,8 +203,10 @@ def _images_api_outputs(items: list[Any]) -> tuple[list[str], list[str]]:
 
 
 def _base64_data_uri(payload: str) -> str:
-    """A base64 image as a ``data:`` URI, its media type sniffed from the first bytes (png when
-    they say nothing: the bytes are checked again before anything is written)."""
+    """Return a base64 image as a ``data:`` URI, its media type sniffed from the first bytes.
+
+    png when they say nothing: the bytes are checked again before anything is written.
+    """
     compact = "".join(payload.split())
     try:
         head = base64.b64decode(compact[:32] + "=" * (-len(compact[:32]) % 4))
@@ -199,7 +216,7 @@ def _base64_data_uri(payload: str) -> str:
 
 
 def _shape_of(data: dict[str, Any]) -> str:
-    """An answer's shape by its keys (never its values), e.g. ``{created, data: [{b64_json}]}``."""
+    """Return an answer's shape by its keys (never its values), e.g. ``{created, data: [{b64_json}]}``."""
     items = data.get("data") or []
     item_keys = sorted({key for item in items if isinstance(item, dict) for key in item})
     inner = "{" + ", ".join(item_keys) + "}" if item_keys else ("strings" if items else "")
@@ -232,6 +249,8 @@ class Account(BaseModel):
 
 
 class FileUrls(BaseModel):
+    """An uploaded file's ``urls``: where to read it."""
+
     model_config = ConfigDict(extra="allow")
 
     get: str
@@ -275,7 +294,7 @@ class PredictionPage(BaseModel):
 
     @staticmethod
     def prediction(item: dict[str, Any]) -> Prediction:
-        """A validated :class:`Prediction` from one of :attr:`results`.
+        """Return a validated :class:`Prediction` from one of :attr:`results`.
 
         :raises pydantic.ValidationError: the item is not a prediction.
         """

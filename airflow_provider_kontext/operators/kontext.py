@@ -16,7 +16,12 @@ from airflow_provider_kontext.edits.events import PredictionEvent, given_seed, p
 from airflow_provider_kontext.edits.orphans import search_since, search_with_hook, wanted_for
 from airflow_provider_kontext.edits.progress import PredictionPoller
 from airflow_provider_kontext.edits.reattach import STATE_KEY, ReattachLedger, usable
-from airflow_provider_kontext.edits.request import EditRequest, check_literal_inputs, validated_request
+from airflow_provider_kontext.edits.request import (
+    EditRequest,
+    check_literal_inputs,
+    fail_task_on_final_answers,
+    validated_request,
+)
 from airflow_provider_kontext.edits.results import PredictionResultMixin
 from airflow_provider_kontext.exceptions import (
     FluxKontextAPIError,
@@ -26,7 +31,6 @@ from airflow_provider_kontext.exceptions import (
     FluxKontextPredictionMayExistError,
 )
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
-from airflow_provider_kontext.hooks.retry import fail_task_on_final_answers
 from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, FluxKontextPredictionLink
 from airflow_provider_kontext.models import (
     DEFAULT_MODEL,

@@ -56,7 +56,7 @@ READ_DAG = [Depends(requires_access_dag(method="GET", access_entity=DagAccessEnt
 
 
 def _readable(user: GetUserDep) -> set[str]:
-    """The ids of the DAGs the user may read, as Airflow's auth manager says."""
+    """Return the ids of the DAGs the user may read, as Airflow's auth manager says."""
     from airflow.api_fastapi.app import get_auth_manager
 
     return set(get_auth_manager().get_authorized_dag_ids(user=user, method="GET"))
@@ -66,8 +66,10 @@ ReadableDags = Annotated[set[str], Depends(_readable)]
 
 
 def _map_index(map_index: Annotated[str, Query(max_length=12)] = "-1") -> int:
-    """The map index asked for; -1 (not mapped) for anything but a whole number, such as the
-    ``{MAP_INDEX}`` the UI leaves in a view's link for a task that is not mapped."""
+    """Return the map index asked for; -1 (not mapped) for anything but a whole number.
+
+    Such as the ``{MAP_INDEX}`` the UI leaves in a view's link for a task that is not mapped.
+    """
     text = map_index.strip()
     return int(text) if text.lstrip("-").isdigit() and int(text) >= -1 else -1
 
@@ -95,7 +97,7 @@ def _paged(items: list[Edit], page: int) -> tuple[list[Edit], int, int]:
 
 
 def create_app() -> FastAPI:
-    """The app: an edit's view, a run's gallery, the recent edits, and the images they show."""
+    """Build the app: an edit's view, a run's gallery, the recent edits, and the images they show."""
     app = FastAPI(title="FLUX.1 Kontext edits", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/edit", response_class=HTMLResponse, dependencies=READ_DAG)
@@ -107,7 +109,7 @@ def create_app() -> FastAPI:
         task_id: str,
         map_index: Annotated[int, Depends(_map_index)],
     ) -> HTMLResponse:
-        """A task instance's edits, large, with their facts (the task instance's external view)."""
+        """Show a task instance's edits, large, with their facts (the task instance's external view)."""
         edits = task_edits(session, TaskKey(dag_id, run_id, task_id, map_index))
         suffix = f" [{map_index}]" if map_index >= 0 else ""
         return _html(pages.edit_page(_root(request), edits, f"{task_id}{suffix} of {dag_id} / {run_id}"))
@@ -152,7 +154,7 @@ def create_app() -> FastAPI:
         dag_ids: ReadableDags,
         page: Annotated[int, Query(ge=1, le=1000)] = 1,
     ) -> HTMLResponse:
-        """The newest edits of the DAGs the user may read (the navigation's view)."""
+        """Show the newest edits of the DAGs the user may read (the navigation's view)."""
         shown, current, count = _paged(recent_edits(session, dag_ids), page)
         return _html(pages.recent_page(_root(request), shown, current, count))
 
@@ -168,8 +170,11 @@ def create_app() -> FastAPI:
         n: Annotated[int, Query(ge=0, le=10_000)] = 0,
         size: Literal["thumb", "full"] = "thumb",
     ) -> Response:
-        """An image an edit recorded: its thumbnail, or the file itself; a picture of the reason
-        when it cannot be shown. 404 for an edit or image the task did not record."""
+        """Serve an image an edit recorded: its thumbnail, or the file itself.
+
+        A picture of the reason when it cannot be shown. 404 for an edit or image the task did not
+        record.
+        """
         found = [
             e for e in task_edits(session, TaskKey(dag_id, run_id, task_id, map_index)) if e.number == edit
         ]

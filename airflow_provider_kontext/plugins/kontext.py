@@ -50,9 +50,12 @@ EXTERNAL_VIEWS: list[dict[str, Any]] = [
 
 
 class _AppsOnFirstUse:
-    """``fastapi_apps``, built when first read: only the API server reads it, while every Airflow
-    process that loads plugins (scheduler, triggerer, workers) imports this module, and the app
-    imports the API server's security machinery."""
+    """Return ``fastapi_apps``, built when first read.
+
+    Only the API server reads it, while every Airflow process that loads plugins (scheduler,
+    triggerer, workers) imports this module, and the app imports the API server's security
+    machinery.
+    """
 
     def __init__(self) -> None:
         self._apps: list[dict[str, Any]] | None = None

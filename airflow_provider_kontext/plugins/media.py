@@ -1,5 +1,7 @@
-"""The images of an edit, for the plugin: where each is (only ever a location its task recorded),
-its bytes within bounds, and small thumbnails made with Pillow and cached.
+"""Serve the images of an edit to the plugin, within bounds.
+
+Where each is (only ever a location its task recorded), its bytes within bounds, and small
+thumbnails made with Pillow and cached.
 
 Sources: a saved output or an input image on any storage the API server can read
 (``ObjectStoragePath``: local paths, ``file://``, ``s3://``, ...), an http(s) URL (the input's, or
@@ -59,7 +61,7 @@ def describe(location: str | None, *, expired: bool = False) -> str | None:
 
 
 def read_bytes(location: str, *, expired: bool = False) -> Picture:
-    """The image at ``location`` (recorded by a task), as it is.
+    """Return the image at ``location`` (recorded by a task), as it is.
 
     :raises Unavailable: why it cannot be shown.
     """
@@ -113,7 +115,7 @@ def _read(location: str) -> bytes:
 
 
 def make_thumbnail(data: bytes, edge: int = THUMB_EDGE) -> Picture:
-    """A JPEG (or PNG, for images with transparency) no larger than ``edge`` on its longest side.
+    """Return a JPEG (or PNG, with transparency) no larger than ``edge`` on its longest side.
 
     :raises Unavailable: Pillow cannot read it, or it has more than :data:`MAX_PIXELS`.
     """
@@ -154,7 +156,7 @@ class ThumbnailCache:
         self._busy: dict[str, threading.Lock] = {}
 
     def get(self, location: str, *, expired: bool = False) -> Picture:
-        """The thumbnail of the image at ``location``.
+        """Return the thumbnail of the image at ``location``.
 
         :raises Unavailable: why there is none.
         """
@@ -201,7 +203,7 @@ class ThumbnailCache:
 
 
 def placeholder(reason: str) -> Picture:
-    """A small SVG saying why there is no image (served for ``<img>`` tags; text escaped)."""
+    """Return a small SVG saying why there is no image (served for ``<img>`` tags; text escaped)."""
     from html import escape
 
     svg = (

@@ -1,6 +1,9 @@
-"""The plugin's HTML: an edit's view, a run's gallery, the recent edits. Plain HTML and CSS, no
-script; every text from a record (a prompt is user text) goes through :func:`html.escape`, every
-link is built here from ids (URL-encoded), and only http(s) links leave the page."""
+"""Render the plugin's HTML: an edit's view, a run's gallery, the recent edits.
+
+Plain HTML and CSS, no script; every text from a record (a prompt is user text) goes through
+:func:`html.escape`, every link is built here from ids (URL-encoded), and only http(s) links leave
+the page.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-actio
 
 
 def page(title: str, body: str) -> str:
-    """A whole page."""
+    """Return a whole page."""
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
         f"<style>{STYLE}</style></head><body>{body}</body></html>"
@@ -38,7 +41,7 @@ def page(title: str, body: str) -> str:
 
 
 def link(root: str, route: str, **params: Any) -> str:
-    """A link inside the plugin: ``root`` (where the app is mounted) + ``route`` + query (escaped)."""
+    """Return a link inside the plugin: ``root`` (where the app is mounted) + ``route`` + query."""
     query = urlencode({k: v for k, v in params.items() if v is not None and v != ""})
     return escape(f"{root}/{route}" + (f"?{query}" if query else ""), quote=True)
 
@@ -76,7 +79,7 @@ def _figure(root: str, edit: Edit, side: str, n: int, location: Any, size: str) 
 
 
 def pair(root: str, edit: Edit, size: str = "thumb") -> str:
-    """The input and every output side by side (or what stands in for them)."""
+    """Render the input and every output side by side (or what stands in for them)."""
     figures = [_figure(root, edit, "input", 0, edit.summary.get("input_image"), size)]
     outputs = edit.outputs()
     figures += [_figure(root, edit, "output", n, out, size) for n, out in enumerate(outputs)]
@@ -98,7 +101,7 @@ def _external(url: Any, text: str) -> str:
 
 
 def details(edit: Edit) -> str:
-    """The facts of one edit as a table: prompt, model, seed, inputs, times, status, link."""
+    """Render the facts of one edit as a table: prompt, model, seed, inputs, times, status, link."""
     s = edit.summary
     rows: list[tuple[str, str]] = [("status", _status(edit))]
     if not edit.finished:
@@ -130,7 +133,7 @@ def details(edit: Edit) -> str:
 
 
 def edit_page(root: str, edits: list[Edit], title: str) -> str:
-    """A task instance's view: each of its edits large, with its facts."""
+    """Render a task instance's view: each of its edits large, with its facts."""
     if not edits:
         return page(
             title, f"<h1>{escape(title)}</h1><p class='muted'>This task recorded no FLUX.1 Kontext edit.</p>"
@@ -192,7 +195,7 @@ def gallery_page(
     current: int,
     pages: int,
 ) -> str:
-    """A run's gallery: filters, one page of cards, the pager."""
+    """Render a run's gallery: filters, one page of cards, the pager."""
     title = f"Edits of {dag_id} / {run_id}"
     form = (
         f"<form method='get' action='{escape(root, quote=True)}/gallery'>"
@@ -212,7 +215,7 @@ def gallery_page(
 
 
 def recent_page(root: str, shown: list[Edit], current: int, pages: int) -> str:
-    """The newest edits of every DAG the user may read, with links to their runs' galleries."""
+    """Render the newest edits of every DAG the user may read, with links to their runs' galleries."""
     cards = []
     for edit in shown:
         key = edit.key

@@ -38,8 +38,11 @@ class TaskKey:
 
 @dataclass
 class Edit:
-    """One edit as the pages show it: the task instance, the number of the edit in it, and what its
-    task recorded (``summary``: the ``prediction`` dict, or what is known of an unfinished one)."""
+    """One edit as the pages show it.
+
+    The task instance, the number of the edit in it, and what its task recorded (``summary``: the
+    ``prediction`` dict, or what is known of an unfinished one).
+    """
 
     key: TaskKey
     number: int
@@ -87,7 +90,7 @@ class Edit:
 
 
 def _summaries(values: dict[str, Any]) -> list[dict[str, Any]]:
-    """The finished edits of one task instance, from its XComs."""
+    """Return the finished edits of one task instance, from its XComs."""
     found: list[dict[str, Any]] = []
     if isinstance(values.get(SUMMARY_KEY), dict):
         found.append(values[SUMMARY_KEY])
@@ -107,7 +110,7 @@ def _xcom_value(row: Any) -> Any:
 
 
 def _unfinished(values: dict[str, Any], rendered: dict[str, Any] | None) -> dict[str, Any]:
-    """What is known of a started edit without a summary: its id and link, the rendered inputs."""
+    """Return what is known of a started edit without a summary: its id and link, the rendered inputs."""
     from airflow_provider_kontext.models.images import trace_image
 
     summary: dict[str, Any] = {"id": values.get(ID_KEY), "web_url": values.get(WEB_URL_KEY)}
@@ -124,8 +127,9 @@ def _unfinished(values: dict[str, Any], rendered: dict[str, Any] | None) -> dict
 def run_edits(
     session: Any, dag_id: str, run_id: str, task_id: str | None = None, map_index: int | None = None
 ) -> list[Edit]:
-    """Every edit of a run (of one task, or one task instance, when given), in task and map index
-    order.
+    """Return every edit of a run, in task and map index order.
+
+    Of one task, or one task instance, when given.
 
     Three queries whatever the number of edits: the run's edit XComs, its task instances, and the
     rendered inputs of the task instances that have no summary.
@@ -183,12 +187,15 @@ def run_edits(
 
 
 def task_edits(session: Any, key: TaskKey) -> list[Edit]:
-    """The edits of one task instance (a few rows whatever the size of the run)."""
+    """Return the edits of one task instance (a few rows whatever the size of the run)."""
     return run_edits(session, key.dag_id, key.run_id, key.task_id, key.map_index)
 
 
 def recent_edits(session: Any, dag_ids: set[str], limit: int = RECENT_LIMIT) -> list[Edit]:
-    """The newest finished edits of the DAGs in ``dag_ids`` (those the user may read), newest first."""
+    """Return the newest finished edits of the DAGs in ``dag_ids``, newest first.
+
+    ``dag_ids`` are those the user may read.
+    """
     from airflow.models.xcom import XComModel
     from sqlalchemy import select
 
