@@ -13,7 +13,8 @@ from airflow_provider_kontext.edits.events import error_event
 from airflow_provider_kontext.edits.progress import DEFAULT_POLL_POLICY, POLL_POLICIES, PredictionPoller
 from airflow_provider_kontext.exceptions import FluxKontextError
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
-from airflow_provider_kontext.triggers.watcher import PredictionWatcher
+from airflow_provider_kontext.triggers.source import PredictionSource
+from airflow_provider_kontext.triggers.watcher import open_source
 
 __all__ = [
     "SETTLE_SLACK_SECONDS",
@@ -187,27 +188,15 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             policy=self.poll_policy,
             redact=hook.redact,
         )
-        watch = None
+        source: PredictionSource | None = None
         try:
-            watch = await PredictionWatcher.open(
+            source = await open_source(
                 hook, self.prediction_id, self.created_at, poll_interval=self.poll_interval
             )
             delay = poller.first_delay()
             while True:
                 try:
-                    if watch is not None and watch.shared:
-                        prediction = await watch.poll(delay, poller.retry_limits)
-                    else:
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                        if watch is not None and watch.shared:  # others joined in the meantime
-                            prediction = await watch.poll(0.0, poller.retry_limits)
-                        else:
-                            prediction = await hook.aget_prediction(
-                                self.prediction_id, retry_limits=poller.retry_limits
-                            )
-                            if watch is not None:
-                                watch.saw(prediction, full=True)
+                    prediction = await source.next(delay, poller.retry_limits)
                     event = poller.on_prediction(prediction)
                 except FluxKontextError as exc:
                     event = poller.on_error(exc)
@@ -219,8 +208,8 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                     return
                 delay = poller.delay()
         finally:
-            if watch is not None:
-                await watch.close()
+            if source is not None:
+                await source.close()
             await hook.aclose()
 
     async def _settle(self) -> None:
