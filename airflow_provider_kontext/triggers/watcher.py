@@ -153,7 +153,7 @@ class PredictionWatcher:
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_sweep = -math.inf
-        #: The shortest poll interval of its waits (see :meth:`period`).
+        #: The shortest poll interval of its waits (see :meth:`idle_sweep_gap`).
         self.shortest_interval = math.inf
 
     def __repr__(self) -> str:
@@ -185,7 +185,7 @@ class PredictionWatcher:
         wait = SharedSource(watcher, prediction_id, parse_time(created_at), hook)
         watcher.waits.setdefault(prediction_id, []).append(wait)
         watcher.shortest_interval = min(watcher.shortest_interval, poll_interval)
-        watcher._decide(exact=False)
+        watcher._decide_sweeping(exact=False)
         if watcher.sweeping:
             watcher.wake()
         return wait
@@ -236,7 +236,7 @@ class PredictionWatcher:
             self.waits.pop(wait.prediction_id, None)
         self._due.discard(wait)
         if self.waits:
-            self._decide(exact=False)
+            self._decide_sweeping(exact=False)
             return
         watchers = self._watchers.get(asyncio.get_running_loop(), {})
         if watchers.get(self.key) is self:
@@ -252,11 +252,11 @@ class PredictionWatcher:
         """Return whether the list may be read (it has not failed in the last :data:`LIST_RETRY_SECONDS`)."""
         return self.list_failed_at is None or time.monotonic() - self.list_failed_at >= LIST_RETRY_SECONDS
 
-    def _rate(self) -> float:
+    def _request_rate(self) -> float:
         budget = AccountRateLimiters.get(self.settings)
         return budget.rate if budget is not None else UNBUDGETED_RATE
 
-    def _decide(self, *, exact: bool = True) -> None:
+    def _decide_sweeping(self, *, exact: bool = True) -> None:
         """Sweep while the waits a sweep answers for outnumber the pages it costs.
 
         :param exact: count only the waits a sweep can find; else all, cheaply, as waits come and go.
@@ -277,20 +277,20 @@ class PredictionWatcher:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def period(self) -> float:
+    def idle_sweep_gap(self) -> float:
         """Return the seconds between sweeps while no wait is due.
 
         Half the shortest poll interval of its waits, never sooner than :func:`sweep_gap`: waits
         answered by one sweep all become due one interval later, and sweeps on their own keep
         detection from falling into step with them.
         """
-        return max(sweep_gap(self.last_sweep_pages, self._rate()), self.shortest_interval / 2)
+        return max(sweep_gap(self.last_sweep_pages, self._request_rate()), self.shortest_interval / 2)
 
     async def _run(self) -> None:
         while self.waits:
             if not self._due:
                 if self.sweeping:
-                    timeout = max(0.0, self._last_sweep + self.period() - time.monotonic())
+                    timeout = max(0.0, self._last_sweep + self.idle_sweep_gap() - time.monotonic())
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._woken.wait(), timeout=timeout)
                 else:
@@ -298,7 +298,7 @@ class PredictionWatcher:
             self._woken.clear()
             if not self.sweeping and not self._due:
                 continue
-            gap = self._last_sweep + sweep_gap(self.last_sweep_pages, self._rate()) - time.monotonic()
+            gap = self._last_sweep + sweep_gap(self.last_sweep_pages, self._request_rate()) - time.monotonic()
             if gap > 0:
                 await asyncio.sleep(gap)
             self._last_sweep = time.monotonic()
@@ -308,7 +308,7 @@ class PredictionWatcher:
                 self.hook.log.warning("Reading the prediction list failed; polling one by one: %r", exc)
                 self.list_failed_at = time.monotonic()
                 self._send_due_to_own_reads()
-            self._decide()
+            self._decide_sweeping()
             if self._due:
                 self._woken.set()
 
