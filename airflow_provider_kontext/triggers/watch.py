@@ -38,14 +38,14 @@ LOGS_EVERY_SECONDS = PROGRESS_LOG_SECONDS
 
 
 class NeedsOwnRead:
-    """Mark the answer the watcher delivers when the list cannot answer for a wait."""
+    """An answer that tells a wait to read its prediction on its own (the list cannot answer)."""
 
 
 #: The one :class:`NeedsOwnRead`: the wait reads its prediction on its own.
 NEEDS_OWN_READ = NeedsOwnRead()
 
-#: What the watcher delivers to a pending look: the prediction, :data:`NEEDS_OWN_READ`, or an error.
-Answer: TypeAlias = "Prediction | NeedsOwnRead | BaseException"
+#: What the watcher delivers to a pending look: the prediction, or :data:`NEEDS_OWN_READ`.
+Answer: TypeAlias = "Prediction | NeedsOwnRead"
 
 
 class SweepService(Protocol):
@@ -148,7 +148,7 @@ class SharedSource:
     def deliver(self, answer: Answer) -> None:
         """Answer the pending look (a no-op where none is pending).
 
-        :param answer: the prediction, :data:`NEEDS_OWN_READ`, or an exception to raise.
+        :param answer: the prediction from a sweep, or :data:`NEEDS_OWN_READ`.
         """
         if self._answer is not None and not self._answer.done():
             self._answer.set_result(answer)
@@ -166,8 +166,6 @@ class SharedSource:
                 return await self._read_own(retry_limits)
             delay = 0.0
         answer = await self._await_answer(delay, retry_limits)
-        if isinstance(answer, BaseException):
-            raise answer
         if isinstance(answer, NeedsOwnRead):
             return await self._read_own(retry_limits)
         return answer
