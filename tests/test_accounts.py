@@ -22,8 +22,13 @@ from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter, AccountRateLimiters
 from airflow_provider_kontext.testing import KontextEmulator
 from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
-from airflow_provider_kontext.triggers.slices import PAGE_SIZE, iso, micros, plan
-from airflow_provider_kontext.triggers.watch import parse_time
+from airflow_provider_kontext.triggers.slices import (
+    PAGE_SIZE,
+    micros_to_iso,
+    parse_time,
+    plan_slices,
+    to_micros,
+)
 
 
 class Clock:
@@ -186,32 +191,32 @@ def test_another_client_leaves_the_triggerers_the_rest() -> None:
 def test_slices_are_cut_every_page_of_what_the_last_sweep_saw() -> None:
     sample = list(range(0, 1000, 2))  # 500 predictions, 2 µs apart
     known = {"a": 10, "b": 450, "c": 990}  # pages 1, 3 and 5 of them
-    slices = plan(known, 0, sample, margin=5)
-    assert [sorted(s.targets) for s in slices] == [["a"], ["b"], ["c"]]
+    slices = plan_slices(known, 0, sample, margin=5)
+    assert [sorted(s.expected) for s in slices] == [["a"], ["b"], ["c"]]
     assert [(s.after, s.before) for s in slices] == [(5, 206), (406, 606), (806, 996)]
-    assert all(not s.unknown and s.cap is None for s in slices)
+    assert all(not s.finds_unknown and s.max_pages is None for s in slices)
 
 
 def test_before_any_sweep_the_waits_own_times_cut_the_slices() -> None:
     known = {f"p{i}": 1000 + i for i in range(250)}
-    slices = plan(known, 0, [], margin=0)
-    assert [len(s.targets) for s in slices] == [PAGE_SIZE, PAGE_SIZE, 50]
+    slices = plan_slices(known, 0, [], margin=0)
+    assert [len(s.expected) for s in slices] == [PAGE_SIZE, PAGE_SIZE, 50]
     # Adjacent slices share their bound: together they cover the window exactly once.
     assert [s.before for s in slices[:-1]] == [s.after for s in slices[1:]]
 
 
 def test_waits_without_created_at_are_looked_for_in_the_newest_pages() -> None:
-    (only,) = plan({}, 150, [], margin=0)
-    assert (only.after, only.before, only.unknown, only.cap) == (None, None, True, 3)
-    slices = plan({"a": 100}, 1, [], margin=10)
+    (only,) = plan_slices({}, 150, [], margin=0)
+    assert (only.after, only.before, only.finds_unknown, only.max_pages) == (None, None, True, 3)
+    slices = plan_slices({"a": 100}, 1, [], margin=10)
     assert slices[-1].before is None  # open above: where new ones are
-    assert slices[-1].unknown
+    assert slices[-1].finds_unknown
 
 
 def test_times_round_trip_through_the_lists_bounds() -> None:
     moment = parse_time("2026-12-06T01:55:50.123456Z")
     assert moment is not None
-    assert iso(micros(moment)) == "2026-12-06T01:55:50.123456Z"
+    assert micros_to_iso(to_micros(moment)) == "2026-12-06T01:55:50.123456Z"
 
 
 # --- sweeps against the emulator -------------------------------------------------------------------

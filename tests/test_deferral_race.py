@@ -24,6 +24,7 @@ from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
 from airflow_provider_kontext.sensors.kontext import FluxKontextPredictionSensor
 from airflow_provider_kontext.triggers import kontext as trigger_module
+from airflow_provider_kontext.triggers import source as source_module
 from airflow_provider_kontext.triggers.kontext import (
     SETTLE_SLACK_SECONDS,
     FluxKontextPredictionTrigger,
@@ -48,7 +49,8 @@ def hook():
 
 @pytest.fixture
 def clock():
-    """The trigger module's ``time.time`` and ``asyncio.sleep``: sleeping advances the clock."""
+    """The trigger module's ``time.time`` and ``asyncio.sleep`` (its source's too): sleeping advances
+    the clock."""
     state = SimpleNamespace(now=DEFERRED_AT, sleeps=[])
 
     async def fake_sleep(seconds: float) -> None:
@@ -60,6 +62,7 @@ def clock():
     )
     with (
         mock.patch.object(trigger_module, "asyncio", fake_asyncio),
+        mock.patch.object(source_module, "asyncio", fake_asyncio),
         mock.patch.object(trigger_module, "time", SimpleNamespace(time=lambda: state.now)),
     ):
         yield state

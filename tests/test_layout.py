@@ -36,7 +36,6 @@ PENDING_CYCLES = {
     "operators.batch -> operators.batch_finish -> operators.batch",
     "operators.batch -> operators.batch_steps -> operators.batch",
     "operators.batch -> operators.batch_steps -> operators.kontext -> operators.batch",
-    "triggers.watcher -> triggers.watch -> triggers.watcher",
 }
 PENDING_LARGE = {
     "operators.batch",

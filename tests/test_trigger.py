@@ -31,6 +31,7 @@ from airflow_provider_kontext.hooks.retry import RetryLimits
 from airflow_provider_kontext.hooks.transports import SharedAsyncClient
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.triggers import kontext as trigger_module
+from airflow_provider_kontext.triggers import source as source_module
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
 
 CLASSPATH = "airflow_provider_kontext.triggers.kontext.FluxKontextPredictionTrigger"
@@ -65,7 +66,7 @@ def hook():
     instance.acancel_prediction = mock.AsyncMock()
     instance.acreate_prediction = mock.AsyncMock()
     instance.aclose = mock.AsyncMock()
-    # One wait alone: the shared watcher leaves it to poll on its own (tests/test_watcher.py: shared).
+    # One wait alone: the shared watcher leaves it to read on its own (tests/test_watcher.py).
     instance.aget_settings = mock.AsyncMock(return_value=ClientSettings(CONN_ID, "https://api.example"))
     instance.redact = lambda text: text.replace(SECRET_ECHO, "***")
     with mock.patch("airflow_provider_kontext.hooks.kontext.FluxKontextHook") as hook_cls:
@@ -76,14 +77,18 @@ def hook():
 
 @pytest.fixture
 def sleeps():
-    """Replaces the trigger module's ``asyncio.sleep``; records the requested delays."""
+    """Replaces ``asyncio.sleep`` of the trigger and of its source (the waits between polls); records
+    the requested delays."""
     delays: list[float] = []
 
     async def fake_sleep(seconds: float) -> None:
         delays.append(seconds)
 
     fake = SimpleNamespace(sleep=fake_sleep, wait_for=asyncio.wait_for, TimeoutError=asyncio.TimeoutError)
-    with mock.patch.object(trigger_module, "asyncio", fake):
+    with (
+        mock.patch.object(trigger_module, "asyncio", fake),
+        mock.patch.object(source_module, "asyncio", fake),
+    ):
         yield delays
 
 
@@ -501,6 +506,7 @@ async def test_aclose_when_the_triggerer_cancels_the_run(hook):
     sleep = mock.AsyncMock(side_effect=[None, None, asyncio.CancelledError()])
     with (
         mock.patch.object(trigger_module, "asyncio", SimpleNamespace(sleep=sleep)),
+        mock.patch.object(source_module, "asyncio", SimpleNamespace(sleep=sleep)),
         pytest.raises(asyncio.CancelledError),
     ):
         await collect(make_trigger())

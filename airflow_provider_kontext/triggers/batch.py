@@ -34,8 +34,10 @@ MAX_SINGLE_READS = 20
 
 
 async def sweep(hook: Any, wanted: Collection[str], created_after: str | None) -> dict[str, dict[str, Any]]:
-    """The account's list items (raw JSON objects, no logs) of the ``wanted`` predictions, paging
-    from the newest back to ``created_after``; stops as soon as all were seen.
+    """Return the account's list items of the ``wanted`` predictions, by prediction id.
+
+    The items are raw JSON objects without logs or input. It pages from the newest back to
+    ``created_after`` and stops as soon as all were seen.
 
     :raises FluxKontextError: a page could not be read (after the hook's retries).
     """
@@ -146,7 +148,7 @@ class BatchWatch:
             self._on_final(prediction_id, item)
 
     def report(self, *, final: bool = False) -> None:
-        """A progress line, at most every :data:`PROGRESS_SECONDS` (and once at the end)."""
+        """Log a progress line, at most every :data:`PROGRESS_SECONDS` (and once at the end)."""
         now = time.monotonic()
         if not final and now - self._logged < PROGRESS_SECONDS:
             return
@@ -163,7 +165,7 @@ class BatchWatch:
 
 
 class FluxKontextBatchTrigger(BaseTrigger):
-    """Fires one event when every prediction of a batch is terminal or the deadline passes.
+    """Fire one event when every prediction of a batch is terminal or the deadline passes.
 
     It only reads, so a restarted or duplicated trigger is harmless. Its kwargs hold the ids of the
     predictions still running when the task deferred, as one comma-separated string (about 27 bytes
@@ -207,6 +209,7 @@ class FluxKontextBatchTrigger(BaseTrigger):
         self.min_defer_seconds = None if min_defer_seconds is None else float(min_defer_seconds)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Return the classpath and kwargs the triggerer rebuilds it from (JSON primitives, no secret)."""
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
@@ -226,9 +229,14 @@ class FluxKontextBatchTrigger(BaseTrigger):
         return f"<FluxKontextBatchTrigger {count} predictions, until {self.end_time}>"
 
     def ids(self) -> list[str]:
+        """Return the ids of the predictions waited for."""
         return [pid for pid in self.prediction_ids.split(",") if pid]
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Sweep the list until the batch ends or the deadline passes; yield the one event.
+
+        A connection that cannot be used and a list that keeps failing end in an ``error`` event.
+        """
         from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
         watch = BatchWatch(

@@ -13,7 +13,8 @@ from airflow_provider_kontext.edits.events import error_event
 from airflow_provider_kontext.edits.progress import DEFAULT_POLL_POLICY, POLL_POLICIES, PredictionPoller
 from airflow_provider_kontext.exceptions import FluxKontextError
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
-from airflow_provider_kontext.triggers.watcher import PredictionWatcher
+from airflow_provider_kontext.triggers.source import PredictionSource
+from airflow_provider_kontext.triggers.watcher import open_source
 
 __all__ = [
     "SETTLE_SLACK_SECONDS",
@@ -28,15 +29,15 @@ SETTLE_SLACK_SECONDS = 10.0
 
 
 def default_min_defer_seconds() -> float:
-    """The least time a deferral lasts by default: Airflow's ``[workers] min_heartbeat_interval``
-    (how late the supervisor may notice the deferring try's exit; 5 when unreadable) plus
-    :data:`SETTLE_SLACK_SECONDS`.
+    """Return the least time a deferral lasts by default, in seconds.
 
-    A resume sooner than the scheduler has processed the deferring try's exit is failed by Airflow
-    3.1-3.3 ("finished with state success, but the task instance's state attribute is
-    queued/running") and waits out ``retry_delay``; see the README's race section. In ``airflow dags
-    test`` (the task runs in-process and the trigger in line, after the deferring run ended) there is
-    no such race, and the default is ``0``.
+    That is Airflow's ``[workers] min_heartbeat_interval`` (how late the supervisor may notice the
+    deferring try's exit; 5 when unreadable) plus :data:`SETTLE_SLACK_SECONDS`. A resume sooner than
+    the scheduler has processed the deferring try's exit is failed by Airflow 3.1-3.3 ("finished
+    with state success, but the task instance's state attribute is queued/running") and waits out
+    ``retry_delay``; see the README's race section. In ``airflow dags test`` (the task runs
+    in-process and the trigger in line, after the deferring run ended) there is no such race, and
+    the default is ``0``.
     """
     if _runs_in_process():
         return 0.0
@@ -50,9 +51,15 @@ def default_min_defer_seconds() -> float:
 
 
 async def settle_event(deferred_at: float | None, min_defer_seconds: float | None, log: Any) -> None:
-    """Hold a trigger's event until ``min_defer_seconds`` (``None``: :func:`default_min_defer_seconds`)
-    after ``deferred_at`` (Unix time; ``None``: no hold), if it came sooner; never longer than
-    ``min_defer_seconds`` (a clock that jumped back does not stall the event).
+    """Hold a trigger's event until ``min_defer_seconds`` after ``deferred_at``, if it came sooner.
+
+    The hold is never longer than ``min_defer_seconds`` (a clock that jumped back does not stall the
+    event).
+
+    :param deferred_at: Unix time at which the task deferred (``None``: no hold).
+    :param min_defer_seconds: the least time the deferral lasts (``None``:
+        :func:`default_min_defer_seconds`).
+    :param log: the trigger's logger (the hold is logged at info).
     """
     if deferred_at is None:
         return
@@ -70,7 +77,7 @@ async def settle_event(deferred_at: float | None, min_defer_seconds: float | Non
 
 
 def _runs_in_process() -> bool:
-    """Whether this task runs in-process under ``dag.test()`` (its supervisor comms are in-process)."""
+    """Return whether this task runs in-process under ``dag.test()`` (its supervisor comms are in-process)."""
     try:
         from airflow.sdk.execution_time import task_runner
         from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms
@@ -80,15 +87,16 @@ def _runs_in_process() -> bool:
 
 
 class FluxKontextPredictionTrigger(BaseTrigger):
-    """Polls one prediction until it reaches a terminal status or the deadline passes, then fires
-    exactly one event (a :class:`~airflow_provider_kontext.edits.events.PredictionEvent`).
+    """Wait for one prediction to end, then fire exactly one event.
 
-    It only reads: it never creates a prediction, so a restarted or duplicated trigger (triggerer
-    restart, HA triggerers) is harmless. Its kwargs are ids and numbers only, never a secret: the
-    token is looked up from the connection at run time. Status changes and new model log lines go to
-    the task's log. A poll that fails transiently (network, 429, 5xx, an unreadable answer) is
-    retried by the hook up to ``max_consecutive_errors`` times, never past ``end_time`` (then the
-    event is ``timeout``); auth and not-found errors end the wait with an ``error`` event.
+    The event is a :class:`~airflow_provider_kontext.edits.events.PredictionEvent`: the terminal
+    status, ``timeout`` once the deadline passes, or ``error``. It only reads: it never creates a
+    prediction, so a restarted or duplicated trigger (triggerer restart, HA triggerers) is harmless.
+    Its kwargs are ids and numbers only, never a secret: the token is looked up from the connection
+    at run time. Status changes and new model log lines go to the task's log. A poll that fails
+    transiently (network, 429, 5xx, an unreadable answer) is retried by the hook up to
+    ``max_consecutive_errors`` times, never past ``end_time`` (then the event is ``timeout``); auth
+    and not-found errors end the wait with an ``error`` event.
 
     :param prediction_id: the prediction to watch.
     :param flux_kontext_conn_id: the connection to poll with.
@@ -113,7 +121,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
     The triggers of one account in one triggerer share a
     :class:`~airflow_provider_kontext.triggers.watcher.PredictionWatcher` (one list request answers
     for up to 100 waits) and one request budget; ``list_min_waits: 0`` in the connection makes each
-    poll on its own.
+    read on its own (a :class:`~airflow_provider_kontext.triggers.source.SoloSource`).
     """
 
     def __init__(
@@ -150,6 +158,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         self.min_defer_seconds = None if min_defer_seconds is None else float(min_defer_seconds)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
+        """Return the classpath and kwargs the triggerer rebuilds it from (JSON primitives, no secret)."""
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
@@ -177,6 +186,11 @@ class FluxKontextPredictionTrigger(BaseTrigger):
         return FluxKontextHook(self.flux_kontext_conn_id, **self.hook_params)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Look at the prediction when its poller says, until the one event; yield it.
+
+        Each look is one call to its source (:func:`~.watcher.open_source`). A failed look ends in an
+        ``error`` or ``timeout`` event as the class docstring says, not in an exception.
+        """
         hook = self._hook()
         poller = PredictionPoller(
             self.prediction_id,
@@ -187,27 +201,15 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             policy=self.poll_policy,
             redact=hook.redact,
         )
-        watch = None
+        source: PredictionSource | None = None
         try:
-            watch = await PredictionWatcher.open(
+            source = await open_source(
                 hook, self.prediction_id, self.created_at, poll_interval=self.poll_interval
             )
             delay = poller.first_delay()
             while True:
                 try:
-                    if watch is not None and watch.shared:
-                        prediction = await watch.poll(delay, poller.retry_limits)
-                    else:
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                        if watch is not None and watch.shared:  # others joined in the meantime
-                            prediction = await watch.poll(0.0, poller.retry_limits)
-                        else:
-                            prediction = await hook.aget_prediction(
-                                self.prediction_id, retry_limits=poller.retry_limits
-                            )
-                            if watch is not None:
-                                watch.saw(prediction, full=True)
+                    prediction = await source.next(delay, poller.retry_limits)
                     event = poller.on_prediction(prediction)
                 except FluxKontextError as exc:
                     event = poller.on_error(exc)
@@ -219,8 +221,8 @@ class FluxKontextPredictionTrigger(BaseTrigger):
                     return
                 delay = poller.delay()
         finally:
-            if watch is not None:
-                await watch.close()
+            if source is not None:
+                await source.close()
             await hook.aclose()
 
     async def _settle(self) -> None:

@@ -1,61 +1,92 @@
-"""One trigger's wait on its account's shared
-:class:`~airflow_provider_kontext.triggers.watcher.PredictionWatcher`: it looks when its poller wants
-to, and is answered by the watcher's next sweep of the list or reads its prediction alone.
+"""Wait on a prediction through the account's shared watcher: the wait asks, the watcher answers.
 
-See :mod:`airflow_provider_kontext.triggers.watcher` for when the list is used and how sweeps are
-paced; a :class:`Watch` holds one wait's part: whether a sweep can answer for it (not missed twice,
-its ``created_at`` known), when it needs a full read of its own (its logs, every
-:data:`LOGS_EVERY_SECONDS` while processing), and the fallback to a read alone when no sweep came.
+A :class:`SharedSource` is one trigger's
+:class:`~airflow_provider_kontext.triggers.source.PredictionSource` where its account has a
+:class:`~airflow_provider_kontext.triggers.watcher.PredictionWatcher`. When the trigger wants to
+look, the wait becomes *due*: it asks the watcher whether a sweep of the list can answer for it
+(:meth:`SweepService.can_answer`, the one place that decides) and, if so, joins the watcher's queue
+(:meth:`SweepService.enqueue`) and waits for the watcher to :meth:`~SharedSource.deliver` its
+prediction. Otherwise, or when the watcher delivers :data:`NEEDS_OWN_READ`, it reads its prediction
+on its own (a :class:`~airflow_provider_kontext.triggers.source.SoloSource`).
+
+The wait holds its own part of the decision: whether a sweep can find it (not missed twice, its
+``created_at`` known), when it needs a full read (its logs, every :data:`LOGS_EVERY_SECONDS` while
+processing), and its fallback to a read of its own when no sweep came. :class:`SweepService` names
+all it asks of the watcher, so this module does not import the watcher's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from airflow_provider_kontext.edits.progress import PROGRESS_LOG_SECONDS
+from airflow_provider_kontext.triggers.slices import parse_time
+from airflow_provider_kontext.triggers.source import SoloSource
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
     from airflow_provider_kontext.hooks.retry import RetryLimits
     from airflow_provider_kontext.models import Prediction
-    from airflow_provider_kontext.triggers.watcher import PredictionWatcher
 
-__all__ = ["LOGS_EVERY_SECONDS", "READ_ALONE", "ReadAlone", "Watch", "parse_time"]
+__all__ = ["LOGS_EVERY_SECONDS", "NEEDS_OWN_READ", "NeedsOwnRead", "SharedSource", "SweepService"]
 
 #: While a prediction processes, a full read (with ``logs``) at most this often.
 LOGS_EVERY_SECONDS = PROGRESS_LOG_SECONDS
 
 
-class ReadAlone:
-    """What a watch is handed when the list cannot answer for it."""
+class NeedsOwnRead:
+    """An answer that tells a wait to read its prediction on its own (the list cannot answer)."""
 
 
-READ_ALONE = ReadAlone()
+#: The one :class:`NeedsOwnRead`: the wait reads its prediction on its own.
+NEEDS_OWN_READ = NeedsOwnRead()
+
+#: What the watcher delivers to a pending look: the prediction, or :data:`NEEDS_OWN_READ`.
+Answer: TypeAlias = "Prediction | NeedsOwnRead"
 
 
-def parse_time(value: Any) -> datetime | None:
-    """A server's ISO 8601 time as an aware datetime (UTC where it names no zone), else ``None``."""
-    if isinstance(value, datetime):
-        return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+class SweepService(Protocol):
+    """What a shared wait asks of its account's watcher."""
+
+    #: A due wait not answered this long reads alone, unless the watcher still sweeps.
+    fallback_seconds: float
+
+    def can_answer(self, wait: SharedSource) -> bool:
+        """Return whether a sweep can answer for ``wait`` now."""
+        ...
+
+    def still_sweeping(self) -> bool:
+        """Return whether the sweeps go on (the loop runs and the list is usable)."""
+        ...
+
+    def enqueue(self, wait: SharedSource) -> None:
+        """Queue the due ``wait`` for the next sweep and wake the sweeps."""
+        ...
+
+    def dequeue(self, wait: SharedSource) -> None:
+        """Take ``wait`` off the queue (answered, or its look ended)."""
+        ...
+
+    async def leave(self, wait: SharedSource) -> None:
+        """Forget ``wait`` for good (the last one out stops the watcher)."""
+        ...
 
 
-class Watch:
-    """One trigger's wait on the shared watcher: :meth:`poll` returns the prediction at about the
-    time the trigger wants to look, from a sweep or from its own read."""
+class SharedSource:
+    """Answer one trigger's looks from the watcher's sweeps, or from a read of its own.
+
+    :param watcher: the account's watcher in this event loop.
+    :param prediction_id: the prediction waited for.
+    :param created_at: its ``created_at`` if known (it bounds the sweeps' window); learnt otherwise.
+    :param hook: the trigger's hook, for the reads of its own.
+    """
 
     def __init__(
         self,
-        watcher: PredictionWatcher,
+        watcher: SweepService,
         prediction_id: str,
         created_at: datetime | None,
         hook: FluxKontextHook,
@@ -63,45 +94,42 @@ class Watch:
         self.watcher = watcher
         self.prediction_id = prediction_id
         self.created_at = created_at
-        self.hook = hook
+        self.solo = SoloSource(hook, prediction_id)
+        #: Whether the trigger wants to look now (set at the look's time, cleared at its next).
         self.due = False
+        #: Sweeps that did not find it although they read where it should be.
         self.misses = 0
         self.last_status: str | None = None
         self._processing_since: float | None = None  # time.monotonic()
         self._full_read_at: float | None = None
-        self._future: asyncio.Future[Prediction | ReadAlone | BaseException] | None = None
+        self._answer: asyncio.Future[Answer] | None = None
         self._timers: list[asyncio.TimerHandle] = []
+
+    def __repr__(self) -> str:
+        return f"SharedSource({self.prediction_id!r}, due={self.due}, misses={self.misses})"
 
     @property
     def waiting(self) -> bool:
-        return self._future is not None and not self._future.done()
+        """Return whether a look is pending (an answer would be taken)."""
+        return self._answer is not None and not self._answer.done()
 
     @property
     def sweepable(self) -> bool:
-        """Whether a sweep can answer for it: not missed twice, and not missed while its
-        ``created_at`` was unknown (then it reads once and learns it)."""
+        """Return whether a sweep can find it: missed at most once, and then with ``created_at`` known.
+
+        A wait missed while its ``created_at`` was unknown reads once on its own and learns it there.
+        """
         return self.misses < 2 and not (self.misses and self.created_at is None)
 
-    def _needs_full_read(self, now: float) -> bool:
+    def needs_full_read(self, now: float) -> bool:
+        """Return whether its next look must be a full read: processing, logs last read too long ago."""
         if self._processing_since is None:
             return False
         since = self._full_read_at if self._full_read_at is not None else self._processing_since
         return now - since >= LOGS_EVERY_SECONDS
 
-    @property
-    def shared(self) -> bool:
-        """Whether its next look should come from the watcher (sweeps are on and can answer for it);
-        else the trigger reads its prediction itself, as without a watcher."""
-        watcher = self.watcher
-        return (
-            watcher.sweeping
-            and self.sweepable
-            and watcher.list_usable()
-            and not self._needs_full_read(time.monotonic())
-        )
-
-    def saw(self, prediction: Prediction, *, full: bool) -> None:
-        """Note what a look at the prediction showed (``full``: a read of its own, with logs)."""
+    def note_seen(self, prediction: Prediction, *, full: bool) -> None:
+        """Record what a look showed (``full``: a read of its own, with logs and ``created_at``)."""
         status = prediction.status.value
         now = time.monotonic()
         if status == "processing" and self._processing_since is None:
@@ -112,79 +140,92 @@ class Watch:
                 self.created_at = parse_time(prediction.created_at)
         self.last_status = status
 
-    def hand(self, result: Prediction | ReadAlone | BaseException) -> None:
-        """Answer the pending :meth:`poll` (no-op where none is pending)."""
-        if self._future is not None and not self._future.done():
-            self._future.set_result(result)
+    def note_missed(self) -> None:
+        """Record that a sweep read where it should be and did not find it; it reads on its own now."""
+        self.misses += 1
+        self.deliver(NEEDS_OWN_READ)
 
-    def _became_due(self) -> None:
+    def deliver(self, answer: Answer) -> None:
+        """Answer the pending look (a no-op where none is pending).
+
+        :param answer: the prediction from a sweep, or :data:`NEEDS_OWN_READ`.
+        """
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(answer)
+
+    async def next(self, delay: float, retry_limits: RetryLimits) -> Prediction:
+        """Return the prediction ``delay`` seconds from now, sooner if a sweep sees it end.
+
+        :param retry_limits: the look's retry limits, for a read of its own (retries, deadline).
+        :raises FluxKontextError: a read of its own failed for good (as
+            :meth:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook.aget_prediction`).
+        """
+        if not self.watcher.can_answer(self):
+            await self.solo.wait(delay)
+            if not self.watcher.can_answer(self):  # unless others joined in the meantime
+                return await self._read_own(retry_limits)
+            delay = 0.0
+        answer = await self._await_answer(delay, retry_limits)
+        if isinstance(answer, NeedsOwnRead):
+            return await self._read_own(retry_limits)
+        return answer
+
+    async def _read_own(self, retry_limits: RetryLimits) -> Prediction:
+        prediction = await self.solo.read(retry_limits)
+        self.note_seen(prediction, full=True)
+        return prediction
+
+    async def _await_answer(self, delay: float, retry_limits: RetryLimits) -> Answer:
+        """Become due in ``delay`` seconds and return what the watcher delivers then (or before)."""
+        self._answer = asyncio.get_running_loop().create_future()
+        self.due = False
+        if retry_limits.deadline is not None:
+            # Waiting on sweeps never outlasts the deadline: a read of its own then ends it.
+            at_deadline = max(0.0, retry_limits.deadline - time.time())
+            self._schedule(at_deadline, self.deliver, NEEDS_OWN_READ)
+        if delay > 0:
+            self._schedule(delay, self._become_due)
+        else:
+            self._become_due()
+        try:
+            return await self._answer
+        finally:
+            self._cancel_timers()
+            self.watcher.dequeue(self)
+            self._answer = None
+
+    def _become_due(self) -> None:
+        """Ask the watcher for an answer now; read alone at once where no sweep can give it."""
         if not self.waiting:
             return
         self.due = True
-        watcher = self.watcher
-        if (
-            not watcher.sweeping
-            or not self.sweepable
-            or self._needs_full_read(time.monotonic())
-            or not watcher.list_usable()
-        ):
-            self.hand(READ_ALONE)
+        if not self.watcher.can_answer(self):
+            self.deliver(NEEDS_OWN_READ)
             return
-        watcher.due.add(self)
-        watcher.kick()
-        self._later(self.watcher.fallback_seconds, self._fallback)
+        self.watcher.enqueue(self)
+        self._schedule(self.watcher.fallback_seconds, self._check_unanswered)
 
-    def _fallback(self) -> None:
-        """Still unanswered long after it became due: read alone if the watcher stopped sweeping;
-        while it sweeps, the account's budget is what holds the sweep back, and reads of its own
-        would only queue behind it."""
-        if self.watcher.running and self.watcher.list_usable():
-            self._later(self.watcher.fallback_seconds, self._fallback)
+    def _check_unanswered(self) -> None:
+        """Read alone if the watcher stopped sweeping; while it sweeps, keep waiting for it.
+
+        While the watcher sweeps, the account's request budget is what holds the sweep back, and a
+        read of its own would only queue behind it.
+        """
+        if self.watcher.still_sweeping():
+            self._schedule(self.watcher.fallback_seconds, self._check_unanswered)
         else:
-            self.hand(READ_ALONE)
+            self.deliver(NEEDS_OWN_READ)
 
-    def _later(self, delay: float, callback: Any, *args: Any) -> None:
-        """Call ``callback(*args)`` in ``delay`` seconds, unless the poll ends first."""
+    def _schedule(self, delay: float, callback: Any, *args: Any) -> None:
+        """Call ``callback(*args)`` in ``delay`` seconds, unless the look ends first."""
         self._timers.append(asyncio.get_running_loop().call_later(delay, callback, *args))
 
-    async def poll(self, delay: float, retry_limits: RetryLimits) -> Prediction:
-        """The prediction, looked at ``delay`` seconds from now (earlier if a sweep sees it end).
-
-        :param retry_limits: the poll's retry limits, for a read alone (retries, deadline, priority).
-        :raises FluxKontextError: a read alone failed for good (as
-            :meth:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook.aget_prediction`).
-        """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Prediction | ReadAlone | BaseException] = loop.create_future()
-        self._future = future
-        self.due = False
-        if retry_limits.deadline is not None:
-            # Waiting on sweeps never outlasts the deadline: a read alone then ends it as before.
-            at_deadline = max(0.0, retry_limits.deadline - time.time())
-            self._later(at_deadline, self.hand, READ_ALONE)
-        if delay > 0:
-            self._later(delay, self._became_due)
-        else:
-            self._became_due()
-        try:
-            result = await future
-        finally:
-            for timer in self._timers:
-                timer.cancel()
-            self._timers.clear()
-            self.watcher.due.discard(self)
-            self._future = None
-        if isinstance(result, BaseException):
-            raise result
-        if isinstance(result, ReadAlone):
-            prediction = await self.hook.aget_prediction(self.prediction_id, retry_limits=retry_limits)
-            self.saw(prediction, full=True)
-            return prediction
-        return result
-
-    async def close(self) -> None:
-        """Leave the watcher (the last one out stops it)."""
+    def _cancel_timers(self) -> None:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+
+    async def close(self) -> None:
+        """Leave the watcher (the last one out stops it)."""
+        self._cancel_timers()
         await self.watcher.leave(self)

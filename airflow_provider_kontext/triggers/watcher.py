@@ -1,11 +1,15 @@
-"""Status for many predictions per request: the triggers of one account in one event loop share a
-:class:`PredictionWatcher` that reads the account's prediction list (``GET /v1/predictions``,
-newest first, 100 per page) and hands each trigger its prediction.
+"""Answer many waits of one account per request from its prediction list.
 
-Polling each prediction on its own cannot scale under Replicate's budget (3000 requests per minute
-per account: 1000 waits cannot all be looked at in less than 20 s). One list page answers for up to
-100 waits. Each trigger still decides *when* it wants to look (its
-:class:`~airflow_provider_kontext.edits.progress.PredictionPoller`); the watcher decides *how*:
+The triggers of one account in one event loop share a :class:`PredictionWatcher` that reads the
+account's prediction list (``GET /v1/predictions``, newest first, 100 per page) and delivers each
+wait its prediction. Polling each prediction on its own cannot scale under Replicate's budget (3000
+requests per minute per account: 1000 waits cannot all be looked at in less than 20 s); one list
+page answers for up to 100 waits. Each trigger still decides *when* it wants to look (its
+:class:`~airflow_provider_kontext.edits.progress.PredictionPoller`); the watcher decides *how*.
+:func:`open_source` gives a trigger its
+:class:`~airflow_provider_kontext.triggers.source.PredictionSource`: a
+:class:`~airflow_provider_kontext.triggers.watch.SharedSource` on the watcher, or a
+:class:`~airflow_provider_kontext.triggers.source.SoloSource` where the list is off.
 
 - **Sweep or single reads.** The list is used while the waits it can answer for outnumber the pages
   one sweep took last time (``list_min_waits`` at least): a sweep of P pages then costs fewer
@@ -14,18 +18,17 @@ per account: 1000 waits cannot all be looked at in less than 20 s). One list pag
 - **The window, in slices.** A sweep reads only from its waits' oldest to their newest
   ``created_at`` (server timestamps: they only bound the list, they never decide that time is up;
   deadlines run on the local clock), cut into ``created_after``/``created_before`` slices of about a
-  page, read side by side, oldest first (:mod:`.slices`); a slice that holds none of its waits (the
-  other triggerers' predictions, or waits that ended) is not read, and one that holds more than a
-  page stops paging once its waits are found. A wait whose ``created_at`` is unknown (a trigger
-  deferred without it) is looked for in the newest pages and learns it there, or reads its
-  prediction alone once.
+  page, read side by side, oldest first (:mod:`.slices`, :mod:`.sweep`); a slice that holds none of
+  its waits is not read, and one that holds more than a page stops paging once its waits are found.
+  A wait whose ``created_at`` is unknown (a trigger deferred without it) is looked for in the newest
+  pages and learns it there, or reads its prediction alone once.
 - **Pacing.** Sweeps come when a wait is due, and otherwise every half of the shortest poll
   interval (so a prediction that ends is seen within about half an interval, whenever it ends), at
   most every :func:`sweep_gap` seconds: never more than :data:`SWEEP_SHARE` of the account's
   request budget (whose rate adapts to the account's ``429`` s: several triggerers find their
   shares), so single reads keep the rest. A ``429`` pauses the account until the reset it names; the
   throttled slice is read again after it, and its due waits stay due for the next sweep. A sweep
-  hands a prediction to every wait that is due, whose prediction ended, or whose status changed.
+  delivers a prediction to every wait that is due, whose prediction ended, or whose status changed.
 - **Single reads where the list cannot answer:** a prediction missing from the window, an item that
   does not parse, a prediction that ended other than ``succeeded`` (its error and log tail come
   from a full read), and, because list items carry no ``logs``, one full read per
@@ -37,10 +40,10 @@ per account: 1000 waits cannot all be looked at in less than 20 s). One list pag
   still unanswered :data:`FALLBACK_SECONDS` after it became due reads its prediction alone if the
   watcher has stopped sweeping.
 
-Each wait's own part (whether a sweep can answer for it, its full reads, its fallback) is a
-:class:`~airflow_provider_kontext.triggers.watch.Watch`. Each trigger stays correct alone: the
-watcher only reads, holds nothing that a restart would lose (a new triggerer's triggers open a new
-watcher), and two triggerers watching one account each sweep for their own waits.
+The watcher owns its queue of due waits; a wait only asks (:class:`~.watch.SweepService`). Each
+trigger stays correct alone: the watcher only reads, holds nothing that a restart would lose (a new
+triggerer's triggers open a new watcher), and two triggerers watching one account each sweep for
+their own waits.
 """
 
 from __future__ import annotations
@@ -54,12 +57,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from airflow_provider_kontext.exceptions import FluxKontextError, FluxKontextRateLimitError
 from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiters, account_key
-from airflow_provider_kontext.hooks.retry import RetryLimits
 from airflow_provider_kontext.models import Prediction, PredictionPage
-from airflow_provider_kontext.triggers.slices import PAGE_SIZE, Slice, iso, micros, plan
-from airflow_provider_kontext.triggers.watch import READ_ALONE, Watch, parse_time
+from airflow_provider_kontext.triggers.slices import PAGE_SIZE, parse_time, plan_slices, to_micros
+from airflow_provider_kontext.triggers.source import PredictionSource, SoloSource
+from airflow_provider_kontext.triggers.sweep import SweepReading
+from airflow_provider_kontext.triggers.watch import NEEDS_OWN_READ, SharedSource
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.hooks.connection import ClientSettings
@@ -72,6 +75,7 @@ __all__ = [
     "MIN_SWEEP_GAP",
     "SWEEP_SHARE",
     "PredictionWatcher",
+    "open_source",
     "sweep_gap",
 ]
 
@@ -90,27 +94,47 @@ UNBUDGETED_RATE = 3000 / 60.0
 #: How far around the waits' oldest and newest ``created_at`` the window reaches (servers round
 #: timestamps), microseconds.
 WINDOW_MARGIN_MICROS = 2_000_000
-#: Slices of one sweep read at once, at most.
-MAX_CONCURRENT_SLICES = 8
-#: The list's retries of one page; then the waits read alone.
-_PAGE_LIMITS = RetryLimits(retries=2, tolerate=True, priority=0.0)
 
 _TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 
 def sweep_gap(pages: int, rate: float) -> float:
-    """Seconds between sweeps of ``pages`` pages under a budget of ``rate`` requests per second."""
+    """Return the seconds between sweeps of ``pages`` pages under a budget of ``rate`` requests per second."""
     return min(MAX_SWEEP_GAP, max(MIN_SWEEP_GAP, pages / (SWEEP_SHARE * rate)))
 
 
+async def open_source(
+    hook: FluxKontextHook, prediction_id: str, created_at: str | None = None, *, poll_interval: float = 2.0
+) -> PredictionSource:
+    """Return where a trigger gets ``prediction_id``'s state: its account's watcher, or its own reads.
+
+    A :class:`~.source.SoloSource` where the connection turns the list off (``list_min_waits`` 0) or
+    its settings cannot be read (its own reads then report why); else a
+    :class:`~.watch.SharedSource` on the account's watcher in the running loop.
+
+    :param created_at: the prediction's ``created_at`` (ISO 8601), if known.
+    :param poll_interval: the trigger's poll interval (sweeps come every half of the shortest).
+    """
+    watch = await PredictionWatcher.join(hook, prediction_id, created_at, poll_interval=poll_interval)
+    return SoloSource(hook, prediction_id) if watch is None else watch
+
+
 class PredictionWatcher:
-    """The sweeps of one account in one event loop, shared by its triggers' :class:`Watch` es."""
+    """Sweep one account's prediction list in one event loop for the waits of its triggers.
+
+    It implements :class:`~.watch.SweepService` for its :class:`~.watch.SharedSource` s, and is
+    made by their first :meth:`join` and stopped by their last :meth:`leave`.
+
+    :param key: the account's key (:func:`~airflow_provider_kontext.hooks.rate_limit.account_key`).
+    :param conn_id: the connection its own hook reads the list with.
+    :param settings: the connection's settings (``list_min_waits``, the account's request budget).
+    """
 
     _watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, PredictionWatcher]] = (
         weakref.WeakKeyDictionary()
     )
 
-    #: A due wait not answered this long reads its prediction alone (see :class:`Watch`).
+    #: A due wait not answered this long reads its prediction alone (see :class:`~.watch.SharedSource`).
     fallback_seconds = FALLBACK_SECONDS
 
     def __init__(self, key: str, conn_id: str, settings: ClientSettings) -> None:
@@ -118,36 +142,35 @@ class PredictionWatcher:
         self.conn_id = conn_id
         self.settings = settings
         self._hook: FluxKontextHook | None = None
-        self.watches: dict[str, list[Watch]] = {}
-        self.due: set[Watch] = set()
+        self.waits: dict[str, list[SharedSource]] = {}
+        self._due: set[SharedSource] = set()
         self.sweeping = False
         #: Pages the last sweep read (the cost of the next, until measured again).
-        self.pages = 1
+        self.last_sweep_pages = 1
         #: The ``created_at`` (microseconds) of what the last sweep read, sorted: where to cut.
-        self.sample: list[int] = []
-        self.sweeps = 0
+        self.last_seen: list[int] = []
         self.list_failed_at: float | None = None
-        self._kicked = asyncio.Event()
+        self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_sweep = -math.inf
-        #: The shortest poll interval of its waits (see :meth:`period`).
-        self.interval = math.inf
+        #: The shortest poll interval of its waits (see :meth:`idle_sweep_gap`).
+        self.shortest_interval = math.inf
 
     def __repr__(self) -> str:
-        return f"PredictionWatcher(waits={len(self.watches)}, sweeping={self.sweeping}, pages={self.pages})"
+        return (
+            f"PredictionWatcher(waits={len(self.waits)}, sweeping={self.sweeping}, "
+            f"pages={self.last_sweep_pages})"
+        )
 
     @classmethod
-    async def open(
-        cls,
-        hook: FluxKontextHook,
-        prediction_id: str,
-        created_at: str | None = None,
-        *,
-        poll_interval: float = 2.0,
-    ) -> Watch | None:
-        """A watch of ``prediction_id`` on its account's watcher in the running loop; ``None`` where
-        the connection turns the list off (``list_min_waits`` 0) or cannot be read (the caller's
-        own reads then report why)."""
+    async def join(
+        cls, hook: FluxKontextHook, prediction_id: str, created_at: str | None = None, *, poll_interval: float
+    ) -> SharedSource | None:
+        """Return a wait on ``prediction_id`` on its account's watcher in the running loop.
+
+        :returns: ``None`` where the connection turns the list off (``list_min_waits`` 0) or its
+            settings cannot be read.
+        """
         try:
             settings = await hook.aget_settings()
         except ValueError:
@@ -159,64 +182,61 @@ class PredictionWatcher:
         watcher = watchers.get(key)
         if watcher is None:
             watcher = watchers[key] = cls(key, hook.flux_kontext_conn_id, settings)
-        watch = Watch(watcher, prediction_id, parse_time(created_at), hook)
-        watcher.watches.setdefault(prediction_id, []).append(watch)
-        watcher.interval = min(watcher.interval, poll_interval)
-        watcher._decide(exact=False)
+        wait = SharedSource(watcher, prediction_id, parse_time(created_at), hook)
+        watcher.waits.setdefault(prediction_id, []).append(wait)
+        watcher.shortest_interval = min(watcher.shortest_interval, poll_interval)
+        watcher._decide_sweeping(exact=False)
         if watcher.sweeping:
-            watcher.kick()
-        return watch
+            watcher.wake()
+        return wait
 
     @property
     def hook(self) -> FluxKontextHook:
-        """The watcher's own hook for the list (made at the first sweep, closed with the watcher)."""
+        """Return the watcher's own hook for the list (made at the first sweep, closed with the watcher)."""
         if self._hook is None:
             from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
             self._hook = FluxKontextHook(self.conn_id)
         return self._hook
 
-    # --- bookkeeping ----------------------------------------------------------------------------
+    # --- what a wait asks (SweepService) -------------------------------------------------------
 
-    def _rate(self) -> float:
-        budget = AccountRateLimiters.get(self.settings)
-        return budget.rate if budget is not None else UNBUDGETED_RATE
+    def can_answer(self, wait: SharedSource) -> bool:
+        """Return whether a sweep can answer for ``wait`` now: the one place that decides it.
 
-    @property
-    def running(self) -> bool:
-        """Whether its sweep loop is alive."""
-        return self._task is not None and not self._task.done()
-
-    def list_usable(self) -> bool:
-        return self.list_failed_at is None or time.monotonic() - self.list_failed_at >= LIST_RETRY_SECONDS
-
-    def _decide(self, *, exact: bool = True) -> None:
-        """Sweep while the waits a sweep answers for outnumber the pages it costs (``exact``: count
-        only the waits a sweep can answer for; else all, cheaply, as waits come and go)."""
-        if exact:
-            sweepable = sum(1 for watches in self.watches.values() if any(w.sweepable for w in watches))
-        else:
-            sweepable = len(self.watches)
-        self.sweeping = (
-            self.list_usable()
-            and sweepable >= max(2, self.settings.list_min_waits)
-            and sweepable > max(self.pages, math.ceil(sweepable / PAGE_SIZE))
+        Sweeps must be on and the list usable, the wait findable in the list, and its next look must
+        not need a full read (its logs).
+        """
+        return (
+            self.sweeping
+            and wait.sweepable
+            and self.list_usable()
+            and not wait.needs_full_read(time.monotonic())
         )
 
-    def kick(self) -> None:
-        self._kicked.set()
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+    def still_sweeping(self) -> bool:
+        """Return whether the sweep loop is alive and the list usable."""
+        return self._task is not None and not self._task.done() and self.list_usable()
 
-    async def leave(self, watch: Watch) -> None:
-        watches = self.watches.get(watch.prediction_id, [])
-        if watch in watches:
-            watches.remove(watch)
-        if not watches:
-            self.watches.pop(watch.prediction_id, None)
-        self.due.discard(watch)
-        if self.watches:
-            self._decide(exact=False)
+    def enqueue(self, wait: SharedSource) -> None:
+        """Queue the due ``wait`` for the next sweep and wake the sweep loop."""
+        self._due.add(wait)
+        self.wake()
+
+    def dequeue(self, wait: SharedSource) -> None:
+        """Take ``wait`` off the queue of due waits (a no-op where it is not queued)."""
+        self._due.discard(wait)
+
+    async def leave(self, wait: SharedSource) -> None:
+        """Forget ``wait``; the last wait out stops the sweeps and closes the watcher's hook."""
+        waits = self.waits.get(wait.prediction_id, [])
+        if wait in waits:
+            waits.remove(wait)
+        if not waits:
+            self.waits.pop(wait.prediction_id, None)
+        self._due.discard(wait)
+        if self.waits:
+            self._decide_sweeping(exact=False)
             return
         watchers = self._watchers.get(asyncio.get_running_loop(), {})
         if watchers.get(self.key) is self:
@@ -226,157 +246,148 @@ class PredictionWatcher:
         if self._hook is not None:
             await self._hook.aclose()
 
-    # --- sweeps ---------------------------------------------------------------------------------
+    # --- when to sweep ---------------------------------------------------------------------------
 
-    def period(self) -> float:
-        """Seconds between sweeps while no wait is due: half the shortest poll interval of its
-        waits, never sooner than :func:`sweep_gap`. Waits answered by one sweep all become due one
-        interval later; sweeps on their own keep detection from falling into step with them."""
-        return max(sweep_gap(self.pages, self._rate()), self.interval / 2)
+    def list_usable(self) -> bool:
+        """Return whether the list may be read (it has not failed in the last :data:`LIST_RETRY_SECONDS`)."""
+        return self.list_failed_at is None or time.monotonic() - self.list_failed_at >= LIST_RETRY_SECONDS
+
+    def _request_rate(self) -> float:
+        budget = AccountRateLimiters.get(self.settings)
+        return budget.rate if budget is not None else UNBUDGETED_RATE
+
+    def _decide_sweeping(self, *, exact: bool = True) -> None:
+        """Sweep while the waits a sweep answers for outnumber the pages it costs.
+
+        :param exact: count only the waits a sweep can find; else all, cheaply, as waits come and go.
+        """
+        if exact:
+            findable = sum(1 for waits in self.waits.values() if any(w.sweepable for w in waits))
+        else:
+            findable = len(self.waits)
+        self.sweeping = (
+            self.list_usable()
+            and findable >= max(2, self.settings.list_min_waits)
+            and findable > max(self.last_sweep_pages, math.ceil(findable / PAGE_SIZE))
+        )
+
+    def wake(self) -> None:
+        """Wake the sweep loop (starting it where it is not running)."""
+        self._woken.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def idle_sweep_gap(self) -> float:
+        """Return the seconds between sweeps while no wait is due.
+
+        Half the shortest poll interval of its waits, never sooner than :func:`sweep_gap`: waits
+        answered by one sweep all become due one interval later, and sweeps on their own keep
+        detection from falling into step with them.
+        """
+        return max(sweep_gap(self.last_sweep_pages, self._request_rate()), self.shortest_interval / 2)
 
     async def _run(self) -> None:
-        while self.watches:
-            if not self.due:
+        while self.waits:
+            if not self._due:
                 if self.sweeping:
-                    timeout = max(0.0, self._last_sweep + self.period() - time.monotonic())
+                    timeout = max(0.0, self._last_sweep + self.idle_sweep_gap() - time.monotonic())
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._kicked.wait(), timeout=timeout)
+                        await asyncio.wait_for(self._woken.wait(), timeout=timeout)
                 else:
-                    await self._kicked.wait()
-            self._kicked.clear()
-            if not self.sweeping and not self.due:
+                    await self._woken.wait()
+            self._woken.clear()
+            if not self.sweeping and not self._due:
                 continue
-            wait = self._last_sweep + sweep_gap(self.pages, self._rate()) - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            gap = self._last_sweep + sweep_gap(self.last_sweep_pages, self._request_rate()) - time.monotonic()
+            if gap > 0:
+                await asyncio.sleep(gap)
             self._last_sweep = time.monotonic()
             try:
                 await self.sweep()
             except Exception as exc:  # a bug must not leave waits unanswered: they read alone
                 self.hook.log.warning("Reading the prediction list failed; polling one by one: %r", exc)
                 self.list_failed_at = time.monotonic()
-                self._release_due()
-            self._decide()
-            if self.due:
-                self._kicked.set()
+                self._send_due_to_own_reads()
+            self._decide_sweeping()
+            if self._due:
+                self._woken.set()
 
-    def _release_due(self) -> None:
-        for watch in list(self.due):
-            watch.hand(READ_ALONE)
-        self.due.clear()
+    # --- a sweep ---------------------------------------------------------------------------------
+
+    def _send_due_to_own_reads(self) -> None:
+        for wait in list(self._due):
+            wait.deliver(NEEDS_OWN_READ)
+        self._due.clear()
+
+    def _note_list_failed(self) -> None:
+        self.list_failed_at = time.monotonic()
 
     async def sweep(self) -> None:
-        """Read the list where the waiting watches are (see :mod:`.slices`: concurrent ranges of
-        about a page, oldest first, each paged only until its waits are found) and hand each its
-        prediction where it is due, ended, or changed; the due ones the list did not answer for
-        read alone. A throttled range leaves its due waits due (the next sweep answers them, after
-        the account's pause); a failing list is left alone for :data:`LIST_RETRY_SECONDS`."""
+        """Read the list where the pending waits are and deliver each its prediction.
+
+        The list is read in slices (:mod:`.slices`, :mod:`.sweep`); a wait gets its prediction where
+        it is due, its prediction ended, or its status changed. Due waits the list did not answer for
+        read alone. A throttled slice leaves its due waits due (the next sweep answers them, after
+        the account's pause); a failing list is left alone for :data:`LIST_RETRY_SECONDS`.
+        """
         targets = {
-            pid: ws
-            for pid, watches in self.watches.items()
-            if (ws := [w for w in watches if w.waiting and w.sweepable])
+            pid: pending
+            for pid, waits in self.waits.items()
+            if (pending := [w for w in waits if w.waiting and w.sweepable])
         }
         if not targets:
-            self._release_due()  # due, but none the list can answer for
+            self._send_due_to_own_reads()  # due, but none the list can answer for
             return
         known: dict[str, int] = {}
-        for pid, watches in targets.items():
-            created = next((w.created_at for w in watches if w.created_at is not None), None)
+        for pid, waits in targets.items():
+            created = next((w.created_at for w in waits if w.created_at is not None), None)
             if created is not None:
-                known[pid] = micros(created)
-        unknown = len(targets) - len(known)
-        ranges = plan(known, unknown, self.sample, WINDOW_MARGIN_MICROS)
+                known[pid] = to_micros(created)
         unknown_ids = set(targets) - set(known)
-        missing = set(targets)
-        seen: list[int] = []
-        limit = asyncio.Semaphore(MAX_CONCURRENT_SLICES)
-        read = await asyncio.gather(
-            *(self._read(one, targets, unknown_ids, missing, seen, limit) for one in ranges)
+        slices = plan_slices(known, len(unknown_ids), self.last_seen, WINDOW_MARGIN_MICROS)
+        reading = SweepReading(
+            self.hook,
+            set(targets),
+            unknown_ids,
+            on_item=lambda pid, item: self._answer_from_item(item, targets[pid]),
+            on_list_failed=self._note_list_failed,
         )
-        self.sweeps += 1
-        pages = sum(count for count, _complete in read)
-        if pages:
-            self.pages = pages
-            seen.sort()
-            self.sample = seen
+        complete = await reading.read(slices)
+        if reading.pages:
+            self.last_sweep_pages = reading.pages
+            self.last_seen = sorted(reading.seen)
         if not self.list_usable():
-            self._release_due()  # they read alone now; the list is tried again later
+            self._send_due_to_own_reads()  # they read alone now; the list is tried again later
             return
-        for one, (_count, complete) in zip(ranges, read, strict=True):
-            if not complete:
+        for piece, done in zip(slices, complete, strict=True):
+            if not done:
                 continue  # throttled or cut: its waits wait for the next sweep
-            lost = (one.targets | (unknown_ids if one.unknown else set())) & missing
+            lost = (piece.expected | (unknown_ids if piece.finds_unknown else set())) & reading.missing
             for pid in lost:
-                for watch in targets[pid]:
-                    if watch.waiting and watch.due:
-                        watch.misses += 1
-                        watch.hand(READ_ALONE)
-                        self.due.discard(watch)
+                for wait in targets[pid]:
+                    if wait.waiting and wait.due:
+                        wait.note_missed()
+                        self._due.discard(wait)
         # Waits that became due during the sweep stay due: the next sweep answers them.
 
-    async def _read(
-        self,
-        one: Slice,
-        targets: dict[str, list[Watch]],
-        unknown_ids: set[str],
-        missing: set[str],
-        seen: list[int],
-        limit: asyncio.Semaphore,
-    ) -> tuple[int, bool]:
-        """Page through one slice; (pages read, whether it was read to its end or found all its
-        waits)."""
-        after = None if one.after is None else iso(one.after)
-        before = None if one.before is None else iso(one.before)
-        cursor: str | None = None
-        pages = 0
-        async with limit:
-            while True:
-                try:
-                    page = await self.hook.alist_predictions(
-                        created_after=after, created_before=before, cursor=cursor, retry_limits=_PAGE_LIMITS
-                    )
-                except FluxKontextRateLimitError:
-                    return pages, False  # paused until the reset: the due waits wait for the next sweep
-                except FluxKontextError:
-                    self.list_failed_at = time.monotonic()
-                    return pages, False
-                pages += 1
-                for item in page.results:
-                    created = parse_time(item.get("created_at"))
-                    if created is not None:
-                        seen.append(micros(created))
-                    pid = item.get("id")
-                    watches = targets.get(pid) if isinstance(pid, str) else None
-                    if watches is None:
-                        continue
-                    missing.discard(pid)
-                    one.targets.discard(pid)
-                    self._deliver(item, watches)
-                cursor = page.next_cursor
-                if cursor is None:
-                    return pages, True
-                if not one.targets and not (one.unknown and unknown_ids & missing):
-                    return pages, True  # every wait of the slice is answered
-                if one.cap is not None and pages >= one.cap:
-                    return pages, True
-
-    def _deliver(self, item: dict[str, Any], watches: list[Watch]) -> None:
+    def _answer_from_item(self, item: dict[str, Any], waits: list[SharedSource]) -> None:
+        """Deliver a list item to the waits on its prediction that want it (due, ended or changed)."""
         status = item.get("status")
         prediction: Prediction | None = None
-        for watch in watches:
-            if watch.created_at is None:
-                watch.created_at = parse_time(item.get("created_at"))
-            if not watch.waiting or not (watch.due or status in _TERMINAL or status != watch.last_status):
+        for wait in waits:
+            if wait.created_at is None:
+                wait.created_at = parse_time(item.get("created_at"))
+            if not wait.waiting or not (wait.due or status in _TERMINAL or status != wait.last_status):
                 continue
             if status in _TERMINAL and status != "succeeded":
-                watch.hand(READ_ALONE)  # its error and log tail come from a full read
+                wait.deliver(NEEDS_OWN_READ)  # its error and log tail come from a full read
                 continue
             if prediction is None:
                 try:
                     prediction = PredictionPage.prediction(item)
                 except ValidationError:
-                    watch.hand(READ_ALONE)
+                    wait.deliver(NEEDS_OWN_READ)
                     continue
-            watch.saw(prediction, full=False)
-            watch.hand(prediction)
-            self.due.discard(watch)
+            wait.note_seen(prediction, full=False)
+            wait.deliver(prediction)
+            self._due.discard(wait)
