@@ -100,7 +100,9 @@ def test_thumbnails_are_small_cached_and_keep_transparency(tmp_path: Path) -> No
 
 
 def test_a_decompression_bomb_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(media, "MAX_PIXELS", 100)
+    from airflow_provider_kontext.edits import thumbnails
+
+    monkeypatch.setattr(thumbnails, "MAX_PIXELS", 100)
     with pytest.raises(media.Unavailable, match="too-large"):
         media.make_thumbnail(png((20, 20)))
 

@@ -56,6 +56,7 @@ class BatchFinisher:
         self._lock = threading.Lock()
         self._saved = 0
         self._names: dict[int, str | None] = {}
+        self._wheres: dict[int, str | None] = {}
 
     def settle(
         self,
@@ -69,6 +70,7 @@ class BatchFinisher:
         :raises FluxKontextError: the account's list could not be read (a retry reads it again).
         """
         self._names = {item.position: item.name for item in items}
+        self._wheres = {item.position: item.where for item in items}
         unread = [pid for pid in pending if finals.get(pid, {}).get("status") not in TERMINAL]
         if unread:
             finals.update(asyncio.run(self._read(unread)))
@@ -139,7 +141,7 @@ class BatchFinisher:
             entry.update(s="unusable", e="inline data: outputs need output_path in a batch")
         else:
             try:
-                outputs = op._keep_outputs(event, self._names[index])
+                outputs = op._keep_outputs(event, self._names[index], self._wheres[index])
             except FluxKontextPredictionFailedNoRetry as exc:
                 entry.update(s="unusable", e=op.hook.redact(str(exc)))
             except FluxKontextPredictionFailed as exc:

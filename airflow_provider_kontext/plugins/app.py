@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy.orm import Session
 
+from airflow_provider_kontext.edits.thumbnails import thumbnail_location
 from airflow_provider_kontext.plugins import pages
 from airflow_provider_kontext.plugins.media import (
     Picture,
@@ -188,7 +189,9 @@ def create_app() -> FastAPI:
         expired = side == "output" and record.urls_expired()
         try:
             if size == "thumb":
-                return _image(THUMBNAILS.get(location, expired=expired))
+                saved = record.outputs()[:1] if side == "input" else [location]
+                sidecar = thumbnail_location(saved[0], of_input=side == "input") if saved else None
+                return _image(THUMBNAILS.get(location, expired=expired, saved=sidecar))
             return _image(read_bytes(location, expired=expired))
         except Unavailable as exc:
             return _image(placeholder(str(exc)), reason=str(exc))

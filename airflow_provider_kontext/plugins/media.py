@@ -14,21 +14,19 @@ are fetched as a browser would fetch them.
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_provider_kontext.edits.thumbnails import THUMB_EDGE, NotAnImage, shrink_image
 from airflow_provider_kontext.models.images import sniff_image_type
 
 #: The largest image file read (bytes).
 MAX_SOURCE_BYTES = 40 * 1024 * 1024
-#: The most pixels Pillow decodes (a decompression bomb is refused, not decoded).
-MAX_PIXELS = 64_000_000
-#: Longest edge of a thumbnail (pixels).
-THUMB_EDGE = 320
+#: A thumbnail a task saved is served only up to this size (bytes); a larger file is not one.
+MAX_SAVED_THUMBNAIL_BYTES = 1024 * 1024
 #: The longest a fetch of one http(s) image may take (seconds): connect and each read.
 FETCH_TIMEOUT = (5.0, 10.0)
 #: Thumbnails (and reasons) kept in memory, newest used last.
@@ -117,29 +115,30 @@ def _read(location: str) -> bytes:
 def make_thumbnail(data: bytes, edge: int = THUMB_EDGE) -> Picture:
     """Return a JPEG (or PNG, with transparency) no larger than ``edge`` on its longest side.
 
-    :raises Unavailable: Pillow cannot read it, or it has more than :data:`MAX_PIXELS`.
+    :raises Unavailable: Pillow is missing or cannot read it, or it is too large to decode.
     """
     try:
-        from PIL import Image
+        thumbnail, content_type = shrink_image(data, edge)
     except ImportError:  # the API server lacks the ui extra: say so in place of the thumbnail
         raise Unavailable("needs-pillow") from None
+    except NotAnImage as exc:
+        raise Unavailable(str(exc)) from None
+    return Picture(thumbnail, content_type)
+
+
+def saved_thumbnail(location: str | None) -> Picture | None:
+    """Return the thumbnail a task wrote beside its outputs (:mod:`~.edits.thumbnails`), if any.
+
+    ``location`` comes from a recorded output location, never from a request. ``None`` when there is
+    none or it is not a small image: the caller then makes the thumbnail itself.
+    """
+    if not location:
+        return None
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise Unavailable("too-large")
-            image.draft("RGB", (edge, edge))  # JPEG decodes at a fraction of its size
-            image.thumbnail((edge, edge), reducing_gap=2.0)
-            keep_alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
-            out = io.BytesIO()
-            if keep_alpha:
-                image.convert("RGBA").save(out, format="PNG", optimize=False)
-                return Picture(out.getvalue(), "image/png")
-            image.convert("RGB").save(out, format="JPEG", quality=82)
-            return Picture(out.getvalue(), "image/jpeg")
+        picture = read_bytes(location)
     except Unavailable:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError):
-        raise Unavailable("not-an-image") from None
+        return None
+    return picture if len(picture.data) <= MAX_SAVED_THUMBNAIL_BYTES else None
 
 
 class ThumbnailCache:
@@ -155,8 +154,8 @@ class ThumbnailCache:
         self._lock = threading.Lock()
         self._busy: dict[str, threading.Lock] = {}
 
-    def get(self, location: str, *, expired: bool = False) -> Picture:
-        """Return the thumbnail of the image at ``location``.
+    def get(self, location: str, *, expired: bool = False, saved: str | None = None) -> Picture:
+        """Return the thumbnail of ``location``: the one saved at ``saved``, else one made now.
 
         :raises Unavailable: why there is none.
         """
@@ -169,7 +168,9 @@ class ThumbnailCache:
                 found = self._lookup(cache_key)
                 if found is None:
                     try:
-                        found = make_thumbnail(read_bytes(location, expired=expired).data)
+                        found = saved_thumbnail(saved) or make_thumbnail(
+                            read_bytes(location, expired=expired).data
+                        )
                     except Unavailable as exc:
                         found = str(exc)
                     self._store(cache_key, found)

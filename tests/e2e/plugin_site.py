@@ -100,10 +100,17 @@ def start_site(home: Path, emulator: KontextEmulator) -> Site:
     return Site(cluster, base, str(run_id), edits_dir)
 
 
-def add_synthetic_run(site: Site, run_id: str, count: int, image: Path, source: Path) -> None:
-    """A run of ``count`` mapped edits whose records copy the pipeline's first edit, each naming its
-    own copy of ``source`` as input and of ``image`` as output (what the gallery reads: XComs and
-    task instances), so no two thumbnails share a cache entry."""
+def add_synthetic_run(
+    site: Site, run_id: str, count: int, image: Path, source: Path, *, thumbnails: bool = False
+) -> None:
+    """Add a run of ``count`` mapped edits whose records copy the pipeline's first edit.
+
+    Each names its own copy of ``source`` as input and of ``image`` as output (what the gallery
+    reads: XComs and task instances), so no two thumbnails share a cache entry. ``thumbnails``:
+    also write the thumbnails a task writes when it saves its outputs (``edits/thumbnails.py``).
+    """
+    from airflow_provider_kontext.edits.thumbnails import write_thumbnails
+
     db = sqlite3.connect(site.cluster.home / "airflow.db", timeout=30)
     try:
         cols = [r[1] for r in db.execute("pragma table_info(dag_run)")]
@@ -129,7 +136,7 @@ def add_synthetic_run(site: Site, run_id: str, count: int, image: Path, source: 
             (site.run_id,),
         ).fetchone()
         summary: dict[str, Any] = json.loads(summary_text)
-        folder = site.edits_dir / "synthetic"
+        folder = site.edits_dir / run_id
         folder.mkdir(parents=True, exist_ok=True)
         now = time.strftime("%Y-%m-%d %H:%M:%S")
         for index in range(count):
@@ -137,6 +144,8 @@ def add_synthetic_run(site: Site, run_id: str, count: int, image: Path, source: 
             shutil.copyfile(image, out)
             given = folder / f"shot{index:04d}.png"
             shutil.copyfile(source, given)
+            if thumbnails:
+                write_thumbnails([out.as_uri()], str(given), print)
             ti = {
                 **template,
                 "run_id": run_id,
