@@ -98,13 +98,15 @@ with DAG(
             )
         return bodies
 
+    # The requests are written once every edit has ended (they read the edits' summaries).
+    bodies = review_requests()
+    edits >> bodies
     reviews = HITLOperator.partial(
         task_id="review",
         subject="Publish this edit?",
         options=[APPROVE, REJECT],
         response_timeout=timedelta(days=3),
-    ).expand(body=review_requests())
-    edits >> reviews
+    ).expand(body=bodies)
 
     @task
     def publish(

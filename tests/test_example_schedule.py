@@ -54,7 +54,9 @@ def test_the_review_example_parses_and_publishes_only_approved_edits() -> None:
     spec.loader.exec_module(module)
     dag = module.dag
     assert dag.schedule is None  # waits for people: never started by a schedule
-    assert sorted(t.task_id for t in dag.get_task("review").upstream_list) == ["edit", "review_requests"]
+    # The review texts read the edits' summaries: written only once every edit has ended.
+    assert [t.task_id for t in dag.get_task("review_requests").upstream_list] == ["edit"]
+    assert [t.task_id for t in dag.get_task("review").upstream_list] == ["review_requests"]
     summaries = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
     decisions = [
         {"chosen_options": ["Approve"]},

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ def add_synthetic_run(
                 "map_index": index,
                 "rendered_map_index": f"shot{index:04d}.png",
             }
-            ti["id"] = f"{template['id'][:-12]}{index:012x}"
+            ti["id"] = str(uuid.uuid4())  # unique across synthetic runs
             db.execute(
                 f"insert into task_instance ({','.join(ti)}) values ({','.join('?' * len(ti))})",
                 list(ti.values()),
