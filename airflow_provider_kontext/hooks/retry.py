@@ -422,3 +422,17 @@ def parsed_created(request: ApiRequest, body: Any) -> Prediction:
         return parsed_as(Prediction, body)
     except FluxKontextAPIError as exc:
         raise final_error(request, exc, body) from None
+
+
+def refused_create(error: FluxKontextAPIError) -> bool:
+    """Return whether a create's error is a client error the server answered, so it created nothing.
+
+    A 4xx answer other than an uncertain create means the server read the request and refused it:
+    there is no prediction for a retry to look for, and the task's "create under way" mark can go.
+    """
+    status = error.status
+    return (
+        not isinstance(error, FluxKontextPredictionMayExistError)
+        and status is not None
+        and 400 <= status < 500
+    )

@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -19,13 +18,13 @@ from airflow_provider_kontext.edits.batch_ledger import (
     SUCCEEDED,
     BatchLedger,
 )
-from airflow_provider_kontext.edits.deadlines import wait_timeout
 from airflow_provider_kontext.edits.request import check_literal_inputs
 from airflow_provider_kontext.edits.results import PredictionResultMixin
 from airflow_provider_kontext.exceptions import FluxKontextInputError
-from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
+from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 from airflow_provider_kontext.models import DEFAULT_MODEL
-from airflow_provider_kontext.models.arguments import check_number, default_deferrable
+from airflow_provider_kontext.models.arguments import check_number
+from airflow_provider_kontext.operators.arguments import MODEL_INPUTS, EditArguments
 from airflow_provider_kontext.operators.batch_finish import BatchFinisher
 from airflow_provider_kontext.operators.batch_steps import BatchCreator, adopt_orphans
 
@@ -33,50 +32,24 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_kontext.edits.batch_items import BatchItem
-    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
 __all__ = ["FluxKontextBatchEditOperator"]
 
-#: The model inputs the operator takes as arguments, besides ``prompt`` (any other: ``extra_input``).
-MODEL_ARGUMENTS = (
-    "aspect_ratio",
-    "num_inference_steps",
-    "guidance",
-    "seed",
-    "output_format",
-    "output_quality",
-    "disable_safety_checker",
-    "go_fast",
-)
-#: Longest ``timeout`` and ``poll_interval`` accepted (a week).
-MAX_WAIT = timedelta(days=7)
 #: How far before its first create a batch's window in the account's list opens: covers a worker
 #: clock behind the server's by up to this much.
 WINDOW_MARGIN = timedelta(minutes=5)
 
 
-class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
+class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOperator):
     """Edit many images with FLUX.1 Kontext in one task, paced to the account's create limit.
 
-    Every image is checked before the first create; a bad one fails the task at once (no retries)
-    naming each bad image and why. The creates are then sent a few at a time, never faster than
-    ``creates_per_minute``, and each image's state is recorded as it goes (Airflow >= 3.3's task
-    state store: "create under way" before the request, the prediction id within a second of
-    its return, the outcome at the end), so a retry or a killed worker never creates an image's
-    edit twice and never loses one: a create whose answer was lost is looked for in the account's
-    list before it is sent again. Then one wait for the whole batch: deferred to one trigger that
-    reads the account's list (100 predictions a request), or in the worker with the same loop.
-
-    XCom ``return_value``: one entry per input image, in order, each the list of that image's outputs
-    (URLs, or paths under ``output_path`` named ``<input>-<prediction id>.<ext>``; empty for an image
-    not edited). XCom ``predictions``: one row per image (index, input, prompt, model, prediction,
-    status, outputs, error). With ``output_path``, ``manifest.json`` (counts and the same rows) is
-    written beside the outputs. Each ``Asset`` outlet gets one event with the counts and the manifest.
-
-    When some images were not edited the task fails listing which and why, keeping what succeeded;
-    its retry creates only the images not yet edited (a ``failed`` or ``canceled`` prediction is
-    redone only with ``retry_failed_predictions``; when only such remain, the task fails without
-    retries). ``fail_on_partial=False`` lets the task succeed with the failures recorded.
+    Checks every image before the first create (bad ones fail the task without retries, each
+    named), sends the creates paced to ``creates_per_minute`` and records each image's state as it
+    goes (a retry or a killed worker never edits an image twice nor loses one), then waits once for
+    the whole batch, deferred or in the worker. Returns one list of outputs per input image, in
+    order (empty for an image not edited); pushes ``predictions`` (one row per image) and, with
+    ``output_path``, writes ``manifest.json`` beside the outputs. When some images were not edited
+    the task fails naming them, keeping what succeeded; its retry redoes only those.
 
     :param input_images: the images (templated): a list of anything the single operator's
         ``input_image`` takes (an upstream task's XCom list included), or a folder or object-storage
@@ -94,7 +67,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
 
     The model inputs, ``model``, ``flux_kontext_conn_id``, ``hook_params``, ``deferrable``,
     ``poll_interval``, ``min_defer_seconds``, ``output_path``, ``max_output_bytes``,
-    ``inline_image_max_bytes`` and ``outlets`` mean what they mean for
+    ``inline_image_max_bytes`` and ``outlets`` are as for
     :class:`~airflow_provider_kontext.operators.kontext.FluxKontextEditOperator`.
     """
 
@@ -102,7 +75,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         "input_images",
         "prompt",
         "model",
-        *MODEL_ARGUMENTS,
+        *MODEL_INPUTS,
         "extra_input",
         "output_path",
     )
@@ -141,33 +114,29 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not isinstance(flux_kontext_conn_id, str) or not flux_kontext_conn_id:
-            raise ValueError(f"flux_kontext_conn_id must be a non-empty string, got {flux_kontext_conn_id!r}")
+        self._take_edit_arguments(
+            aspect_ratio=aspect_ratio,
+            num_inference_steps=num_inference_steps,
+            guidance=guidance,
+            seed=seed,
+            output_format=output_format,
+            output_quality=output_quality,
+            disable_safety_checker=disable_safety_checker,
+            go_fast=go_fast,
+            extra_input=extra_input,
+            model=model,
+            flux_kontext_conn_id=flux_kontext_conn_id,
+            hook_params=hook_params,
+            deferrable=deferrable,
+            poll_interval=poll_interval,
+            min_defer_seconds=min_defer_seconds,
+            timeout=timeout,
+            output_path=output_path,
+            max_output_bytes=max_output_bytes,
+            inline_image_max_bytes=inline_image_max_bytes,
+        )
         self.input_images = input_images
         self.prompt = prompt
-        self.aspect_ratio = aspect_ratio
-        self.num_inference_steps = num_inference_steps
-        self.guidance = guidance
-        self.seed = seed
-        self.output_format = output_format
-        self.output_quality = output_quality
-        self.disable_safety_checker = disable_safety_checker
-        self.go_fast = go_fast
-        self.extra_input = extra_input
-        self.model = model
-        self.flux_kontext_conn_id = flux_kontext_conn_id
-        self.hook_params = checked_overrides(hook_params or {})
-        self.deferrable = default_deferrable() if deferrable is None else deferrable
-        self.poll_interval = check_number("poll_interval", poll_interval, maximum=MAX_WAIT.total_seconds())
-        self.min_defer_seconds = (
-            None
-            if min_defer_seconds is None
-            else check_number("min_defer_seconds", min_defer_seconds, 0, 600)
-        )
-        if timeout is not None:
-            seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-            check_number("timeout", seconds, maximum=MAX_WAIT.total_seconds())
-        self.timeout = timeout
         self.creates_per_minute = check_number("creates_per_minute", creates_per_minute)
         self.max_concurrent_creates = int(
             check_number("max_concurrent_creates", max_concurrent_creates, 1, 64, integer=True)
@@ -178,11 +147,6 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         self.fail_on_partial = bool(fail_on_partial)
         self.retry_failed_predictions = retry_failed_predictions
         self.reattach_on_retry = True
-        self.output_path = output_path
-        self.max_output_bytes = int(check_number("max_output_bytes", max_output_bytes, 1, integer=True))
-        self.inline_image_max_bytes = int(
-            check_number("inline_image_max_bytes", inline_image_max_bytes, 0, integer=True)
-        )
         self._finished = False
         #: Why creating stopped early (a refused token, an unknown model), if it did.
         self._abort: str | None = None
@@ -192,18 +156,6 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         check_literal_inputs(
             self.task_id, model, {**self._model_arguments(), **literal_prompt}, None, extra_input
         )
-
-    @cached_property
-    def hook(self) -> FluxKontextHook:
-        from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-
-        return FluxKontextHook(self.flux_kontext_conn_id, **self.hook_params)
-
-    def _model_arguments(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in MODEL_ARGUMENTS}
-
-    def _timeout_seconds(self) -> float:
-        return wait_timeout(self.timeout, self.execution_timeout)
 
     # --- the story: check, create, wait, finish -------------------------------------------------------
 
@@ -356,7 +308,6 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
 
     def _defer(self, pending: dict[str, float], window: str | None) -> None:
         from airflow_provider_kontext.triggers.batch import FluxKontextBatchTrigger
-        from airflow_provider_kontext.triggers.kontext import default_min_defer_seconds
 
         end_time = max(pending.values())
         self.log.info(
@@ -373,12 +324,10 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
                 poll_interval=self.poll_interval,
                 hook_params=self.hook_params,
                 deferred_at=time.time(),
-                min_defer_seconds=(
-                    default_min_defer_seconds() if self.min_defer_seconds is None else self.min_defer_seconds
-                ),
+                min_defer_seconds=self._resume_floor(),
             ),
             method_name="execute_complete",
-            timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 10 * self.poll_interval + 60),
+            timeout=self._defer_backstop(end_time),
         )
 
     async def _watch_in_worker(

@@ -8,7 +8,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow_provider_kontext.edits.batch_ledger import CREATED, SUCCEEDED, TERMINAL, BatchLedger
 from airflow_provider_kontext.edits.batch_results import (
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_kontext.edits.batch_items import BatchItem
-    from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator
+    from airflow_provider_kontext.edits.events import PredictionEvent
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
 #: Why a retryable partial failure fails without retries on Airflow < 3.3.
 NO_STORE = (
@@ -43,11 +44,31 @@ NO_STORE = (
 FLUSH_EVERY = 50
 
 
+class FinishingTask(Protocol):
+    """What finishing a batch needs of its operator: its settings, the hook, the single edit's ending."""
+
+    model: str
+    output_path: Any
+    outlets: list[Any]
+    fail_on_partial: bool
+    retry_failed_predictions: bool
+    max_concurrent_downloads: int
+
+    @property
+    def hook(self) -> FluxKontextHook: ...
+
+    def _timeout_seconds(self) -> float: ...
+
+    def _cancel(self, prediction_id: str, why: str) -> None: ...
+
+    def _keep_outputs(self, event: PredictionEvent, input_name: str | None = None) -> list[str]: ...
+
+
 class BatchFinisher:
     """Settles a batch: reads back what the wait did not bring, records every outcome, saves the
     outputs, then builds the task's result."""
 
-    def __init__(self, op: FluxKontextBatchEditOperator, ledger: BatchLedger, *, log: Any) -> None:
+    def __init__(self, op: FinishingTask, ledger: BatchLedger, *, log: Any) -> None:
         self.op = op
         self.ledger = ledger
         self.log = log

@@ -1,8 +1,8 @@
-"""The steps of a batch of edits: creating (paced, recorded), finding creates whose answer was lost,
-and settling the results (read back, saved, summarised).
+"""Create a batch's predictions: paced, each recorded before and after; find creates whose answer was lost.
 
-Split from :mod:`airflow_provider_kontext.operators.batch`, which tells the story; these do the work
-with the single edit's pieces (request checks, image sending, output saving, events).
+The batch operator (:mod:`airflow_provider_kontext.operators.batch`) tells the story; these steps do
+the creating with the single edit's pieces (request checks, image sending) and record each image's
+state in the :class:`~airflow_provider_kontext.edits.batch_ledger.BatchLedger`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow_provider_kontext.edits.batch_items import image_ref, listed_identity
 from airflow_provider_kontext.edits.batch_ledger import (
@@ -31,15 +31,31 @@ from airflow_provider_kontext.exceptions import (
     FluxKontextPredictionMayExistError,
     FluxKontextTLSError,
 )
+from airflow_provider_kontext.hooks.retry import refused_create
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.edits.batch_items import BatchItem
-    from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
 #: Created predictions not yet written with a "creating" mark are written at least this often.
 FLUSH_SECONDS = 1.0
 #: A batch's orphan search looks this far before the earliest lost create (worker clock).
 ORPHAN_MARGIN = timedelta(minutes=5)
+
+
+class CreatingTask(Protocol):
+    """What creating a batch needs of its operator: the model, its inputs, the pace, the hook."""
+
+    model: str
+    extra_input: dict[str, Any] | None
+    inline_image_max_bytes: int
+    creates_per_minute: float
+    max_concurrent_creates: int
+
+    @property
+    def hook(self) -> FluxKontextHook: ...
+
+    def _model_arguments(self) -> dict[str, Any]: ...
 
 
 class Pacer:
@@ -62,7 +78,7 @@ class Pacer:
 class BatchCreator:
     """Creates the batch's predictions a few at a time, paced, each recorded before and after."""
 
-    def __init__(self, op: FluxKontextBatchEditOperator, ledger: BatchLedger, *, timeout: float, log: Any):
+    def __init__(self, op: CreatingTask, ledger: BatchLedger, *, timeout: float, log: Any):
         self.op = op
         self.ledger = ledger
         self.timeout = timeout
@@ -139,7 +155,7 @@ class BatchCreator:
                 why = f"the server rejects the input: {self._redact(exc)}"
                 self.ledger.put(index, s="rejected", fp=fingerprint, e=why)
                 return
-            if _refused(exc):  # the server answered: nothing was created
+            if refused_create(exc):  # the server answered: nothing was created
                 self.ledger.drop(index)
             self._failed(index, exc, "create")
             return
@@ -196,16 +212,7 @@ class BatchCreator:
                 self.log.error("Batch: stopping the creates: %s", self.abort)
 
 
-def _refused(error: FluxKontextAPIError) -> bool:
-    """Whether a create's error is a client error the server answered (it created nothing)."""
-    from airflow_provider_kontext.operators.kontext import _refused as refused
-
-    return refused(error)
-
-
-def adopt_orphans(
-    op: FluxKontextBatchEditOperator, ledger: BatchLedger, lost: list[int], log: Any
-) -> list[int]:
+def adopt_orphans(op: CreatingTask, ledger: BatchLedger, lost: list[int], log: Any) -> list[int]:
     """Find the predictions of creates whose answer was lost (a killed worker, a dropped
     connection) in the account's list, by model, prompt and input image, and record them; return the
     images that have none (to be created now).
@@ -233,7 +240,7 @@ def adopt_orphans(
     return recreate
 
 
-async def _listed(op: FluxKontextBatchEditOperator, window: str) -> dict[str, list[str]]:
+async def _listed(op: CreatingTask, window: str) -> dict[str, list[str]]:
     """The account's predictions of ``op.model`` since ``window``, by identity key, oldest first."""
     model = op.model.split(":", 1)[0]
     found: dict[str, list[tuple[str, str]]] = {}
