@@ -160,6 +160,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
     # --- the story: check, create, wait, finish -------------------------------------------------------
 
     def execute(self, context: Context) -> list[list[str]]:
+        """Check the images, create what is not yet created, and wait for all (deferred or here)."""
         items = self._items(check=True)
         ledger = self._ledger(context, len(items))
         to_create = [] if self._finished_earlier(context, ledger) else self._plan(items, ledger)
@@ -198,7 +199,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
     # --- steps ------------------------------------------------------------------------------------
 
     def _items(self, *, check: bool) -> list[BatchItem]:
-        """The batch's images with their prompts; checked (each image read) before creating.
+        """Return the batch's images with their prompts; checked (each image read) before creating.
 
         :raises AirflowFailException: bad input (no retry mends it), naming every bad image.
         """
@@ -230,6 +231,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         ]
 
     def _ledger(self, context: Context, size: int) -> BatchLedger:
+        """Return the record of every image's state (the task state store), loaded."""
         ledger = BatchLedger.from_context(context, size)
         if not ledger.durable:
             self.log.warning(
@@ -239,9 +241,12 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         return ledger
 
     def _finished_earlier(self, context: Context, ledger: BatchLedger) -> bool:
-        """Whether a try of this series already finished the batch (Airflow failed that try after
-        it, or killed it): then this try completes from the recorded outcomes and creates nothing.
-        A record finished before a clear of the task is dropped: the batch is edited afresh."""
+        """Return whether a try of this series already finished the batch.
+
+        Airflow may fail or kill a try after it finished: this try then completes from the recorded
+        outcomes and creates nothing. A record finished before a clear of the task is dropped: the
+        batch is edited afresh.
+        """
         if ledger.finished is None or ledger.recorded_size != ledger.size:
             return False
         from airflow_provider_kontext.edits.reattach import Series
@@ -260,8 +265,10 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         return False
 
     def _plan(self, items: list[BatchItem], ledger: BatchLedger) -> list[int]:
-        """The images to create now: those without a prediction, or whose prediction a retry may
-        redo; creates whose answer was lost are first looked for in the account's list."""
+        """Return the images to create now: those without a prediction, or whose prediction a retry may redo.
+
+        Creates whose answer was lost are first looked for in the account's list.
+        """
         to_create: list[int] = []
         lost: list[int] = []
         for item in items:
@@ -298,7 +305,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         return sorted(to_create)
 
     def _pending(self, ledger: BatchLedger) -> dict[str, float]:
-        """The predictions still to wait for, with each one's deadline (Unix time)."""
+        """Return the predictions still to wait for, with each one's deadline (Unix time)."""
         timeout = self._timeout_seconds()
         return {
             str(entry["id"]): float(entry.get("t", time.time())) + timeout
@@ -307,6 +314,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         }
 
     def _defer(self, pending: dict[str, float], window: str | None) -> None:
+        """Hand the wait for all pending predictions to one trigger; resumed in ``execute_complete``."""
         from airflow_provider_kontext.triggers.batch import FluxKontextBatchTrigger
 
         end_time = max(pending.values())
@@ -333,6 +341,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
     async def _watch_in_worker(
         self, pending: dict[str, float], window: str | None, finals: dict[str, dict[str, Any]]
     ) -> tuple[str, str | None]:
+        """Wait in the worker with the trigger's loop; collect the final states in ``finals``."""
         from airflow_provider_kontext.triggers.batch import BatchWatch
 
         self.log.info("Waiting in the worker for %d predictions", len(pending))
@@ -359,6 +368,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         status: str,
         message: str | None,
     ) -> list[list[str]]:
+        """Record every outcome, save the outputs, return the task's result (or fail naming the images)."""
         finisher = BatchFinisher(self, ledger, log=self.log)
         finisher.settle(items, self._pending(ledger), finals, message)
         return finisher.conclude(context, items, abort=self._abort, create_errors=self._create_errors)

@@ -1,6 +1,8 @@
-"""The end of a batch of edits: every prediction's outcome read back and recorded, the outputs saved,
-and what the task leaves behind (return value, ``predictions`` XCom, manifest, asset events), or the
-failure that names the images not edited."""
+"""Finish a batch of edits: read back and record every outcome, save the outputs, build the result.
+
+What the task leaves behind is its return value, the ``predictions`` XCom, the manifest and the
+asset events; or the failure that names the images not edited.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ class FinishingTask(Protocol):
     max_concurrent_downloads: int
 
     @property
-    def hook(self) -> FluxKontextHook: ...
+    def hook(self) -> FluxKontextHook:
+        """Return the hook of the batch's connection."""
 
     def _timeout_seconds(self) -> float: ...
 
@@ -65,8 +68,10 @@ class FinishingTask(Protocol):
 
 
 class BatchFinisher:
-    """Settles a batch: reads back what the wait did not bring, records every outcome, saves the
-    outputs, then builds the task's result."""
+    """Settle a batch: read back what the wait did not bring, record every outcome, save the outputs.
+
+    Then :meth:`conclude` builds the task's result.
+    """
 
     def __init__(self, op: FinishingTask, ledger: BatchLedger, *, log: Any) -> None:
         self.op = op
@@ -126,7 +131,7 @@ class BatchFinisher:
             self.ledger.flush()
 
     async def _read(self, unread: list[str]) -> dict[str, dict[str, Any]]:
-        """The current state of predictions the wait did not report (the trigger sends counts)."""
+        """Return the current state of predictions the wait did not report (the trigger sends counts)."""
         from airflow_provider_kontext.triggers.batch import sweep
 
         hook = self.op.hook
@@ -181,8 +186,11 @@ class BatchFinisher:
     def conclude(
         self, context: Context, items: list[BatchItem], *, abort: str | None, create_errors: dict[int, str]
     ) -> list[list[str]]:
-        """The task's return value, after its XCom, manifest and asset events; or the failure naming
-        the images not edited."""
+        """Return the task's result after pushing its XCom, writing the manifest and the asset events.
+
+        :raises FluxKontextBatchFailed: some images were not edited (names them); a retry redoes them.
+        :raises FluxKontextBatchFailedNoRetry: the same, where a retry cannot help or would pay again.
+        """
         from airflow.sdk import Asset
 
         op = self.op
@@ -231,6 +239,7 @@ class BatchFinisher:
 
 
 def _error_text(item: dict[str, Any], redact: Any) -> str | None:
+    """Return a finished prediction's error, redacted, or ``None`` without one."""
     error = item.get("error")
     if error in (None, ""):
         return None

@@ -53,13 +53,14 @@ class CreatingTask(Protocol):
     max_concurrent_creates: int
 
     @property
-    def hook(self) -> FluxKontextHook: ...
+    def hook(self) -> FluxKontextHook:
+        """Return the hook of the batch's connection."""
 
     def _model_arguments(self) -> dict[str, Any]: ...
 
 
 class Pacer:
-    """Spaces calls evenly at ``per_minute`` across threads."""
+    """Space calls evenly at ``per_minute`` across threads."""
 
     def __init__(self, per_minute: float) -> None:
         self.interval = 60.0 / per_minute
@@ -67,6 +68,7 @@ class Pacer:
         self._lock = threading.Lock()
 
     def wait(self) -> None:
+        """Block until this caller's slot comes (slots are handed out in call order)."""
         with self._lock:
             now = time.monotonic()
             slot = max(self._next, now)
@@ -76,7 +78,7 @@ class Pacer:
 
 
 class BatchCreator:
-    """Creates the batch's predictions a few at a time, paced, each recorded before and after."""
+    """Create the batch's predictions a few at a time, paced, each recorded before and after."""
 
     def __init__(self, op: CreatingTask, ledger: BatchLedger, *, timeout: float, log: Any):
         self.op = op
@@ -91,6 +93,11 @@ class BatchCreator:
         self._lock = threading.Lock()
 
     def create(self, items: list[BatchItem], indices: list[int]) -> None:
+        """Create the predictions of the images at ``indices``, logging progress and flushing the ledger.
+
+        A failed create is recorded in :attr:`errors` (and :attr:`abort` when every other create
+        would get the same answer); nothing is raised.
+        """
         pacer = Pacer(self.op.creates_per_minute)
         started = time.monotonic()
         logged = flushed = started
@@ -176,7 +183,7 @@ class BatchCreator:
             self.created += 1
 
     def _prepared(self, item: BatchItem) -> tuple[Any, dict[str, Any], Any]:
-        """The request read again (the image's bytes), the image sent (inline or uploaded)."""
+        """Return the request read again (the image's bytes), with the image sent (inline or uploaded)."""
         from airflow_provider_kontext.edits.request import validated_request
         from airflow_provider_kontext.models.images import to_data_uri
 
@@ -197,7 +204,7 @@ class BatchCreator:
         return request, model_input, image
 
     def _redact(self, exc: BaseException) -> str:
-        """The error's text without the connection's secrets (it goes to the store, XCom, manifest)."""
+        """Return the error's text without the connection's secrets (for the store, XCom, manifest)."""
         return str(self.op.hook.redact(str(exc)))
 
     def _failed(self, index: int, exc: BaseException, what: str) -> None:
@@ -213,9 +220,11 @@ class BatchCreator:
 
 
 def adopt_orphans(op: CreatingTask, ledger: BatchLedger, lost: list[int], log: Any) -> list[int]:
-    """Find the predictions of creates whose answer was lost (a killed worker, a dropped
-    connection) in the account's list, by model, prompt and input image, and record them; return the
-    images that have none (to be created now).
+    """Record the predictions of creates whose answer was lost; return the images that have none.
+
+    A killed worker or a dropped connection can lose a create's answer: its prediction is looked
+    for in the account's list, by model, prompt and input image. The images without one are to be
+    created now.
 
     :raises FluxKontextError: the list could not be read (the task fails and its retry looks again).
     """
@@ -241,7 +250,7 @@ def adopt_orphans(op: CreatingTask, ledger: BatchLedger, lost: list[int], log: A
 
 
 async def _listed(op: CreatingTask, window: str) -> dict[str, list[str]]:
-    """The account's predictions of ``op.model`` since ``window``, by identity key, oldest first."""
+    """Return the account's predictions of ``op.model`` since ``window``, by identity key, oldest first."""
     model = op.model.split(":", 1)[0]
     found: dict[str, list[tuple[str, str]]] = {}
     hook = op.hook
