@@ -40,19 +40,6 @@ from airflow_provider_kontext.models import Prediction
 if TYPE_CHECKING:
     from airflow_provider_kontext.hooks.connection import ClientSettings
 
-__all__ = [
-    "FINAL_CREATE_STATUSES",
-    "Attempts",
-    "RetryLimits",
-    "Verdict",
-    "backoff_seconds",
-    "classify",
-    "create_throttle_bound",
-    "final_error",
-    "parsed_created",
-    "throttle_wait",
-]
-
 _T = TypeVar("_T")
 
 
@@ -392,3 +379,13 @@ def parsed_created(request: ApiRequest, body: Any) -> Prediction:
         return parsed_as(Prediction, body)
     except FluxKontextAPIError as exc:
         raise final_error(request, exc, body) from None
+
+
+def refused_create(error: FluxKontextAPIError) -> bool:
+    """Return whether a create's error is a 4xx answer, so the server created nothing.
+
+    An uncertain create is never one: there may be a prediction for a retry to look for.
+    """
+    status = error.status
+    maybe = isinstance(error, FluxKontextPredictionMayExistError)
+    return not maybe and status is not None and 400 <= status < 500

@@ -1,4 +1,4 @@
-"""Operator extra link to the prediction's page on Replicate (or the proxy's equivalent)."""
+"""Link a task to its prediction's page on Replicate (or the proxy's equivalent): an extra link."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ WEB_URL_XCOM_KEY = "prediction_web_url"
 
 
 class FluxKontextPredictionLink(BaseOperatorLink):
-    """ "Replicate prediction": the web page of the prediction the task started (empty before)."""
+    """Link to the web page of the prediction the task started ("Replicate prediction"; empty before)."""
 
     name = "Replicate prediction"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        """Return the prediction's web URL the task pushed, or ``""`` while there is none."""
         url = XCom.get_value(ti_key=ti_key, key=WEB_URL_XCOM_KEY)
         return url if isinstance(url, str) and url.startswith(("https://", "http://")) else ""
 

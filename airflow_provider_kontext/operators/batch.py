@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -19,13 +18,13 @@ from airflow_provider_kontext.edits.batch_ledger import (
     SUCCEEDED,
     BatchLedger,
 )
-from airflow_provider_kontext.edits.deadlines import wait_timeout
 from airflow_provider_kontext.edits.request import check_literal_inputs
 from airflow_provider_kontext.edits.results import PredictionResultMixin
 from airflow_provider_kontext.exceptions import FluxKontextInputError
-from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
+from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 from airflow_provider_kontext.models import DEFAULT_MODEL
-from airflow_provider_kontext.models.arguments import check_number, default_deferrable
+from airflow_provider_kontext.models.arguments import check_number
+from airflow_provider_kontext.operators.arguments import MODEL_INPUTS, EditArguments
 from airflow_provider_kontext.operators.batch_finish import BatchFinisher
 from airflow_provider_kontext.operators.batch_steps import BatchCreator, adopt_orphans
 
@@ -33,50 +32,24 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_kontext.edits.batch_items import BatchItem
-    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
 __all__ = ["FluxKontextBatchEditOperator"]
 
-#: The model inputs the operator takes as arguments, besides ``prompt`` (any other: ``extra_input``).
-MODEL_ARGUMENTS = (
-    "aspect_ratio",
-    "num_inference_steps",
-    "guidance",
-    "seed",
-    "output_format",
-    "output_quality",
-    "disable_safety_checker",
-    "go_fast",
-)
-#: Longest ``timeout`` and ``poll_interval`` accepted (a week).
-MAX_WAIT = timedelta(days=7)
 #: How far before its first create a batch's window in the account's list opens: covers a worker
 #: clock behind the server's by up to this much.
 WINDOW_MARGIN = timedelta(minutes=5)
 
 
-class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
+class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOperator):
     """Edit many images with FLUX.1 Kontext in one task, paced to the account's create limit.
 
-    Every image is checked before the first create; a bad one fails the task at once (no retries)
-    naming each bad image and why. The creates are then sent a few at a time, never faster than
-    ``creates_per_minute``, and each image's state is recorded as it goes (Airflow >= 3.3's task
-    state store: "create under way" before the request, the prediction id within a second of
-    its return, the outcome at the end), so a retry or a killed worker never creates an image's
-    edit twice and never loses one: a create whose answer was lost is looked for in the account's
-    list before it is sent again. Then one wait for the whole batch: deferred to one trigger that
-    reads the account's list (100 predictions a request), or in the worker with the same loop.
-
-    XCom ``return_value``: one entry per input image, in order, each the list of that image's outputs
-    (URLs, or paths under ``output_path`` named ``<input>-<prediction id>.<ext>``; empty for an image
-    not edited). XCom ``predictions``: one row per image (index, input, prompt, model, prediction,
-    status, outputs, error). With ``output_path``, ``manifest.json`` (counts and the same rows) is
-    written beside the outputs. Each ``Asset`` outlet gets one event with the counts and the manifest.
-
-    When some images were not edited the task fails listing which and why, keeping what succeeded;
-    its retry creates only the images not yet edited (a ``failed`` or ``canceled`` prediction is
-    redone only with ``retry_failed_predictions``; when only such remain, the task fails without
-    retries). ``fail_on_partial=False`` lets the task succeed with the failures recorded.
+    Checks every image before the first create (bad ones fail the task without retries, each
+    named), sends the creates paced to ``creates_per_minute`` and records each image's state as it
+    goes (a retry or a killed worker never edits an image twice nor loses one), then waits once for
+    the whole batch, deferred or in the worker. Returns one list of outputs per input image, in
+    order (empty for an image not edited); pushes ``predictions`` (one row per image) and, with
+    ``output_path``, writes ``manifest.json`` beside the outputs. When some images were not edited
+    the task fails naming them, keeping what succeeded; its retry redoes only those.
 
     :param input_images: the images (templated): a list of anything the single operator's
         ``input_image`` takes (an upstream task's XCom list included), or a folder or object-storage
@@ -94,7 +67,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
 
     The model inputs, ``model``, ``flux_kontext_conn_id``, ``hook_params``, ``deferrable``,
     ``poll_interval``, ``min_defer_seconds``, ``output_path``, ``max_output_bytes``,
-    ``inline_image_max_bytes`` and ``outlets`` mean what they mean for
+    ``inline_image_max_bytes`` and ``outlets`` are as for
     :class:`~airflow_provider_kontext.operators.kontext.FluxKontextEditOperator`.
     """
 
@@ -102,7 +75,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         "input_images",
         "prompt",
         "model",
-        *MODEL_ARGUMENTS,
+        *MODEL_INPUTS,
         "extra_input",
         "output_path",
     )
@@ -141,33 +114,29 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not isinstance(flux_kontext_conn_id, str) or not flux_kontext_conn_id:
-            raise ValueError(f"flux_kontext_conn_id must be a non-empty string, got {flux_kontext_conn_id!r}")
+        self._take_edit_arguments(
+            aspect_ratio=aspect_ratio,
+            num_inference_steps=num_inference_steps,
+            guidance=guidance,
+            seed=seed,
+            output_format=output_format,
+            output_quality=output_quality,
+            disable_safety_checker=disable_safety_checker,
+            go_fast=go_fast,
+            extra_input=extra_input,
+            model=model,
+            flux_kontext_conn_id=flux_kontext_conn_id,
+            hook_params=hook_params,
+            deferrable=deferrable,
+            poll_interval=poll_interval,
+            min_defer_seconds=min_defer_seconds,
+            timeout=timeout,
+            output_path=output_path,
+            max_output_bytes=max_output_bytes,
+            inline_image_max_bytes=inline_image_max_bytes,
+        )
         self.input_images = input_images
         self.prompt = prompt
-        self.aspect_ratio = aspect_ratio
-        self.num_inference_steps = num_inference_steps
-        self.guidance = guidance
-        self.seed = seed
-        self.output_format = output_format
-        self.output_quality = output_quality
-        self.disable_safety_checker = disable_safety_checker
-        self.go_fast = go_fast
-        self.extra_input = extra_input
-        self.model = model
-        self.flux_kontext_conn_id = flux_kontext_conn_id
-        self.hook_params = checked_overrides(hook_params or {})
-        self.deferrable = default_deferrable() if deferrable is None else deferrable
-        self.poll_interval = check_number("poll_interval", poll_interval, maximum=MAX_WAIT.total_seconds())
-        self.min_defer_seconds = (
-            None
-            if min_defer_seconds is None
-            else check_number("min_defer_seconds", min_defer_seconds, 0, 600)
-        )
-        if timeout is not None:
-            seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-            check_number("timeout", seconds, maximum=MAX_WAIT.total_seconds())
-        self.timeout = timeout
         self.creates_per_minute = check_number("creates_per_minute", creates_per_minute)
         self.max_concurrent_creates = int(
             check_number("max_concurrent_creates", max_concurrent_creates, 1, 64, integer=True)
@@ -178,11 +147,6 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         self.fail_on_partial = bool(fail_on_partial)
         self.retry_failed_predictions = retry_failed_predictions
         self.reattach_on_retry = True
-        self.output_path = output_path
-        self.max_output_bytes = int(check_number("max_output_bytes", max_output_bytes, 1, integer=True))
-        self.inline_image_max_bytes = int(
-            check_number("inline_image_max_bytes", inline_image_max_bytes, 0, integer=True)
-        )
         self._finished = False
         #: Why creating stopped early (a refused token, an unknown model), if it did.
         self._abort: str | None = None
@@ -193,21 +157,10 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
             self.task_id, model, {**self._model_arguments(), **literal_prompt}, None, extra_input
         )
 
-    @cached_property
-    def hook(self) -> FluxKontextHook:
-        from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-
-        return FluxKontextHook(self.flux_kontext_conn_id, **self.hook_params)
-
-    def _model_arguments(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in MODEL_ARGUMENTS}
-
-    def _timeout_seconds(self) -> float:
-        return wait_timeout(self.timeout, self.execution_timeout)
-
     # --- the story: check, create, wait, finish -------------------------------------------------------
 
     def execute(self, context: Context) -> list[list[str]]:
+        """Check the images, create what is not yet created, and wait for all (deferred or here)."""
         items = self._items(check=True)
         ledger = self._ledger(context, len(items))
         to_create = [] if self._finished_earlier(context, ledger) else self._plan(items, ledger)
@@ -246,7 +199,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
     # --- steps ------------------------------------------------------------------------------------
 
     def _items(self, *, check: bool) -> list[BatchItem]:
-        """The batch's images with their prompts; checked (each image read) before creating.
+        """Return the batch's images with their prompts; checked (each image read) before creating.
 
         :raises AirflowFailException: bad input (no retry mends it), naming every bad image.
         """
@@ -278,6 +231,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         ]
 
     def _ledger(self, context: Context, size: int) -> BatchLedger:
+        """Return the record of every image's state (the task state store), loaded."""
         ledger = BatchLedger.from_context(context, size)
         if not ledger.durable:
             self.log.warning(
@@ -287,9 +241,12 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         return ledger
 
     def _finished_earlier(self, context: Context, ledger: BatchLedger) -> bool:
-        """Whether a try of this series already finished the batch (Airflow failed that try after
-        it, or killed it): then this try completes from the recorded outcomes and creates nothing.
-        A record finished before a clear of the task is dropped: the batch is edited afresh."""
+        """Return whether a try of this series already finished the batch.
+
+        Airflow may fail or kill a try after it finished: this try then completes from the recorded
+        outcomes and creates nothing. A record finished before a clear of the task is dropped: the
+        batch is edited afresh.
+        """
         if ledger.finished is None or ledger.recorded_size != ledger.size:
             return False
         from airflow_provider_kontext.edits.reattach import Series
@@ -308,8 +265,10 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         return False
 
     def _plan(self, items: list[BatchItem], ledger: BatchLedger) -> list[int]:
-        """The images to create now: those without a prediction, or whose prediction a retry may
-        redo; creates whose answer was lost are first looked for in the account's list."""
+        """Return the images to create now: those without a prediction, or whose prediction a retry may redo.
+
+        Creates whose answer was lost are first looked for in the account's list.
+        """
         to_create: list[int] = []
         lost: list[int] = []
         for item in items:
@@ -346,7 +305,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         return sorted(to_create)
 
     def _pending(self, ledger: BatchLedger) -> dict[str, float]:
-        """The predictions still to wait for, with each one's deadline (Unix time)."""
+        """Return the predictions still to wait for, with each one's deadline (Unix time)."""
         timeout = self._timeout_seconds()
         return {
             str(entry["id"]): float(entry.get("t", time.time())) + timeout
@@ -355,8 +314,8 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         }
 
     def _defer(self, pending: dict[str, float], window: str | None) -> None:
+        """Hand the wait for all pending predictions to one trigger; resumed in ``execute_complete``."""
         from airflow_provider_kontext.triggers.batch import FluxKontextBatchTrigger
-        from airflow_provider_kontext.triggers.kontext import default_min_defer_seconds
 
         end_time = max(pending.values())
         self.log.info(
@@ -373,17 +332,16 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
                 poll_interval=self.poll_interval,
                 hook_params=self.hook_params,
                 deferred_at=time.time(),
-                min_defer_seconds=(
-                    default_min_defer_seconds() if self.min_defer_seconds is None else self.min_defer_seconds
-                ),
+                min_defer_seconds=self._resume_floor(),
             ),
             method_name="execute_complete",
-            timeout=timedelta(seconds=max(0.0, end_time - time.time()) + 10 * self.poll_interval + 60),
+            timeout=self._defer_backstop(end_time),
         )
 
     async def _watch_in_worker(
         self, pending: dict[str, float], window: str | None, finals: dict[str, dict[str, Any]]
     ) -> tuple[str, str | None]:
+        """Wait in the worker with the trigger's loop; collect the final states in ``finals``."""
         from airflow_provider_kontext.triggers.batch import BatchWatch
 
         self.log.info("Waiting in the worker for %d predictions", len(pending))
@@ -410,6 +368,7 @@ class FluxKontextBatchEditOperator(PredictionResultMixin, BaseOperator):
         status: str,
         message: str | None,
     ) -> list[list[str]]:
+        """Record every outcome, save the outputs, return the task's result (or fail naming the images)."""
         finisher = BatchFinisher(self, ledger, log=self.log)
         finisher.settle(items, self._pending(ledger), finals, message)
         return finisher.conclude(context, items, abort=self._abort, create_errors=self._create_errors)

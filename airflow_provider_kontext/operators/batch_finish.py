@@ -1,6 +1,8 @@
-"""The end of a batch of edits: every prediction's outcome read back and recorded, the outputs saved,
-and what the task leaves behind (return value, ``predictions`` XCom, manifest, asset events), or the
-failure that names the images not edited."""
+"""Finish a batch of edits: read back and record every outcome, save the outputs, build the result.
+
+What the task leaves behind is its return value, the ``predictions`` XCom, the manifest and the
+asset events; or the failure that names the images not edited.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow_provider_kontext.edits.batch_ledger import CREATED, SUCCEEDED, TERMINAL, BatchLedger
 from airflow_provider_kontext.edits.batch_results import (
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_kontext.edits.batch_items import BatchItem
-    from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator
+    from airflow_provider_kontext.edits.events import PredictionEvent
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
 #: Why a retryable partial failure fails without retries on Airflow < 3.3.
 NO_STORE = (
@@ -43,11 +46,36 @@ NO_STORE = (
 FLUSH_EVERY = 50
 
 
-class BatchFinisher:
-    """Settles a batch: reads back what the wait did not bring, records every outcome, saves the
-    outputs, then builds the task's result."""
+class FinishingTask(Protocol):
+    """What finishing a batch needs of its operator: its settings, the hook, the single edit's ending."""
 
-    def __init__(self, op: FluxKontextBatchEditOperator, ledger: BatchLedger, *, log: Any) -> None:
+    model: str
+    output_path: Any
+    outlets: list[Any]
+    fail_on_partial: bool
+    retry_failed_predictions: bool
+    max_concurrent_downloads: int
+
+    @property
+    def hook(self) -> FluxKontextHook:
+        """Return the hook of the batch's connection."""
+
+    def _timeout_seconds(self) -> float: ...
+
+    def _cancel(self, prediction_id: str, why: str) -> None: ...
+
+    def _keep_outputs(
+        self, event: PredictionEvent, input_name: str | None = None, input_image: Any = None
+    ) -> list[str]: ...
+
+
+class BatchFinisher:
+    """Settle a batch: read back what the wait did not bring, record every outcome, save the outputs.
+
+    Then :meth:`conclude` builds the task's result.
+    """
+
+    def __init__(self, op: FinishingTask, ledger: BatchLedger, *, log: Any) -> None:
         self.op = op
         self.ledger = ledger
         self.log = log
@@ -107,7 +135,7 @@ class BatchFinisher:
             self.ledger.flush()
 
     async def _read(self, unread: list[str]) -> dict[str, dict[str, Any]]:
-        """The current state of predictions the wait did not report (the trigger sends counts)."""
+        """Return the current state of predictions the wait did not report (the trigger sends counts)."""
         from airflow_provider_kontext.triggers.batch import sweep
 
         hook = self.op.hook
@@ -162,8 +190,11 @@ class BatchFinisher:
     def conclude(
         self, context: Context, items: list[BatchItem], *, abort: str | None, create_errors: dict[int, str]
     ) -> list[list[str]]:
-        """The task's return value, after its XCom, manifest and asset events; or the failure naming
-        the images not edited."""
+        """Return the task's result after pushing its XCom, writing the manifest and the asset events.
+
+        :raises FluxKontextBatchFailed: some images were not edited (names them); a retry redoes them.
+        :raises FluxKontextBatchFailedNoRetry: the same, where a retry cannot help or would pay again.
+        """
         from airflow.sdk import Asset
 
         op = self.op
@@ -212,6 +243,7 @@ class BatchFinisher:
 
 
 def _error_text(item: dict[str, Any], redact: Any) -> str | None:
+    """Return a finished prediction's error, redacted, or ``None`` without one."""
     error = item.get("error")
     if error in (None, ""):
         return None

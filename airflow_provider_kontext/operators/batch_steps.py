@@ -1,8 +1,8 @@
-"""The steps of a batch of edits: creating (paced, recorded), finding creates whose answer was lost,
-and settling the results (read back, saved, summarised).
+"""Create a batch's predictions: paced, each recorded before and after; find creates whose answer was lost.
 
-Split from :mod:`airflow_provider_kontext.operators.batch`, which tells the story; these do the work
-with the single edit's pieces (request checks, image sending, output saving, events).
+The batch operator (:mod:`airflow_provider_kontext.operators.batch`) tells the story; these steps do
+the creating with the single edit's pieces (request checks, image sending) and record each image's
+state in the :class:`~airflow_provider_kontext.edits.batch_ledger.BatchLedger`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from airflow_provider_kontext.edits.batch_items import image_ref, listed_identity
 from airflow_provider_kontext.edits.batch_ledger import (
@@ -31,10 +31,11 @@ from airflow_provider_kontext.exceptions import (
     FluxKontextPredictionMayExistError,
     FluxKontextTLSError,
 )
+from airflow_provider_kontext.hooks.retry import refused_create
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.edits.batch_items import BatchItem
-    from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
 #: Created predictions not yet written with a "creating" mark are written at least this often.
 FLUSH_SECONDS = 1.0
@@ -42,8 +43,24 @@ FLUSH_SECONDS = 1.0
 ORPHAN_MARGIN = timedelta(minutes=5)
 
 
+class CreatingTask(Protocol):
+    """What creating a batch needs of its operator: the model, its inputs, the pace, the hook."""
+
+    model: str
+    extra_input: dict[str, Any] | None
+    inline_image_max_bytes: int
+    creates_per_minute: float
+    max_concurrent_creates: int
+
+    @property
+    def hook(self) -> FluxKontextHook:
+        """Return the hook of the batch's connection."""
+
+    def _model_arguments(self) -> dict[str, Any]: ...
+
+
 class Pacer:
-    """Spaces calls evenly at ``per_minute`` across threads."""
+    """Space calls evenly at ``per_minute`` across threads."""
 
     def __init__(self, per_minute: float) -> None:
         self.interval = 60.0 / per_minute
@@ -51,6 +68,7 @@ class Pacer:
         self._lock = threading.Lock()
 
     def wait(self) -> None:
+        """Block until this caller's slot comes (slots are handed out in call order)."""
         with self._lock:
             now = time.monotonic()
             slot = max(self._next, now)
@@ -60,9 +78,9 @@ class Pacer:
 
 
 class BatchCreator:
-    """Creates the batch's predictions a few at a time, paced, each recorded before and after."""
+    """Create the batch's predictions a few at a time, paced, each recorded before and after."""
 
-    def __init__(self, op: FluxKontextBatchEditOperator, ledger: BatchLedger, *, timeout: float, log: Any):
+    def __init__(self, op: CreatingTask, ledger: BatchLedger, *, timeout: float, log: Any):
         self.op = op
         self.ledger = ledger
         self.timeout = timeout
@@ -75,6 +93,11 @@ class BatchCreator:
         self._lock = threading.Lock()
 
     def create(self, items: list[BatchItem], indices: list[int]) -> None:
+        """Create the predictions of the images at ``indices``, logging progress and flushing the ledger.
+
+        A failed create is recorded in :attr:`errors` (and :attr:`abort` when every other create
+        would get the same answer); nothing is raised.
+        """
         pacer = Pacer(self.op.creates_per_minute)
         started = time.monotonic()
         logged = flushed = started
@@ -139,7 +162,7 @@ class BatchCreator:
                 why = f"the server rejects the input: {self._redact(exc)}"
                 self.ledger.put(index, s="rejected", fp=fingerprint, e=why)
                 return
-            if _refused(exc):  # the server answered: nothing was created
+            if refused_create(exc):  # the server answered: nothing was created
                 self.ledger.drop(index)
             self._failed(index, exc, "create")
             return
@@ -160,7 +183,7 @@ class BatchCreator:
             self.created += 1
 
     def _prepared(self, item: BatchItem) -> tuple[Any, dict[str, Any], Any]:
-        """The request read again (the image's bytes), the image sent (inline or uploaded)."""
+        """Return the request read again (the image's bytes), with the image sent (inline or uploaded)."""
         from airflow_provider_kontext.edits.request import validated_request
         from airflow_provider_kontext.models.images import to_data_uri
 
@@ -181,7 +204,7 @@ class BatchCreator:
         return request, model_input, image
 
     def _redact(self, exc: BaseException) -> str:
-        """The error's text without the connection's secrets (it goes to the store, XCom, manifest)."""
+        """Return the error's text without the connection's secrets (for the store, XCom, manifest)."""
         return str(self.op.hook.redact(str(exc)))
 
     def _failed(self, index: int, exc: BaseException, what: str) -> None:
@@ -196,19 +219,12 @@ class BatchCreator:
                 self.log.error("Batch: stopping the creates: %s", self.abort)
 
 
-def _refused(error: FluxKontextAPIError) -> bool:
-    """Whether a create's error is a client error the server answered (it created nothing)."""
-    from airflow_provider_kontext.operators.kontext import _refused as refused
+def adopt_orphans(op: CreatingTask, ledger: BatchLedger, lost: list[int], log: Any) -> list[int]:
+    """Record the predictions of creates whose answer was lost; return the images that have none.
 
-    return refused(error)
-
-
-def adopt_orphans(
-    op: FluxKontextBatchEditOperator, ledger: BatchLedger, lost: list[int], log: Any
-) -> list[int]:
-    """Find the predictions of creates whose answer was lost (a killed worker, a dropped
-    connection) in the account's list, by model, prompt and input image, and record them; return the
-    images that have none (to be created now).
+    A killed worker or a dropped connection can lose a create's answer: its prediction is looked
+    for in the account's list, by model, prompt and input image. The images without one are to be
+    created now.
 
     :raises FluxKontextError: the list could not be read (the task fails and its retry looks again).
     """
@@ -233,8 +249,8 @@ def adopt_orphans(
     return recreate
 
 
-async def _listed(op: FluxKontextBatchEditOperator, window: str) -> dict[str, list[str]]:
-    """The account's predictions of ``op.model`` since ``window``, by identity key, oldest first."""
+async def _listed(op: CreatingTask, window: str) -> dict[str, list[str]]:
+    """Return the account's predictions of ``op.model`` since ``window``, by identity key, oldest first."""
     model = op.model.split(":", 1)[0]
     found: dict[str, list[tuple[str, str]]] = {}
     hook = op.hook

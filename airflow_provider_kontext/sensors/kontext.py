@@ -1,11 +1,10 @@
-"""``FluxKontextPredictionSensor``: waits for a prediction started elsewhere and hands on its result."""
+"""``FluxKontextPredictionSensor``: wait for a prediction started elsewhere and hand on its result."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
@@ -15,41 +14,28 @@ from airflow_provider_kontext.edits.events import PredictionEvent
 from airflow_provider_kontext.edits.progress import PredictionPoller
 from airflow_provider_kontext.edits.results import PredictionResultMixin
 from airflow_provider_kontext.exceptions import FluxKontextError
-from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID, checked_overrides
+from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
 from airflow_provider_kontext.links.kontext import WEB_URL_XCOM_KEY, FluxKontextPredictionLink
 from airflow_provider_kontext.models import Prediction
-from airflow_provider_kontext.models.arguments import check_number, default_deferrable
+from airflow_provider_kontext.models.arguments import check_number
+from airflow_provider_kontext.operators.arguments import ConnectionArguments
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-
 __all__ = ["FluxKontextPredictionSensor"]
 
 
-class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
+class FluxKontextPredictionSensor(ConnectionArguments, PredictionResultMixin, BaseSensorOperator):
     """Wait for a FLUX.1 Kontext prediction started elsewhere, then hand on its outputs.
 
-    For a prediction another task (or system) started, e.g. with the hook in a ``@task`` or a
-    ``FluxKontextEditOperator`` in another DAG: the id comes from a template such as
-    ``"{{ ti.xcom_pull(task_ids='start', key='prediction_id') }}"``. The sensor ends the way the
-    operator does (:mod:`airflow_provider_kontext.edits.results`): it returns the output URLs, or the
-    durable paths when ``output_path`` is set; pushes the ``prediction`` summary and
-    ``prediction_web_url`` (the extra link); fills the ``extra`` of ``Asset`` outlets; and a
-    ``failed`` or ``canceled`` prediction, or a paid one whose output cannot be used, fails the task
-    without retries.
-
-    By default (Airflow's ``[operators] default_deferrable``) it polls once in the worker, so a
-    prediction that is already finished completes at once, then waits in the triggerer
-    (:class:`~airflow_provider_kontext.triggers.kontext.FluxKontextPredictionTrigger`). With
-    ``deferrable=False`` it pokes with the hook every ``poke_interval`` (``mode="reschedule"`` frees
-    the worker slot between pokes).
-
-    As for any sensor, ``timeout`` bounds the whole wait: past it the task fails with
-    ``AirflowSensorTimeout`` without retries, and with ``soft_fail=True`` it is skipped instead, as
-    it is for a prediction that failed or was canceled. The timeout never cancels the prediction:
-    it belongs to whoever started it.
+    For a prediction another task or system started (its id from a template such as
+    ``"{{ ti.xcom_pull(task_ids='start', key='prediction_id') }}"``). Polls once, then waits in the
+    triggerer (``deferrable``) or pokes from the worker. Ends as the operator does
+    (:mod:`airflow_provider_kontext.edits.results`): returns the output URLs or saved paths, pushes
+    ``prediction`` and ``prediction_web_url``; a failed or canceled prediction, or an unusable paid
+    output, fails the task without retries. Past ``timeout`` the task fails with
+    ``AirflowSensorTimeout`` (skipped with ``soft_fail``); the prediction is never canceled for it.
 
     :param prediction_id: the prediction to wait for (templated).
     :param flux_kontext_conn_id: the connection (type ``fluxkontext``) of the account that owns it.
@@ -57,8 +43,7 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         ``max_retries``, ...), as for the operator; checked when the DAG is parsed.
     :param deferrable: wait in the triggerer; default: ``[operators] default_deferrable``.
     :param poke_interval: seconds (or timedelta) between polls; in the triggerer, as the operator's
-        ``poll_interval`` (the adaptive policy may poll sooner when the model's progress shows it
-        ending).
+        ``poll_interval``.
     :param timeout: the longest wait (seconds or timedelta; default ``[sensors] default_timeout``).
     :param cancel_on_kill: cancel the prediction when this task is killed. Off by default: the
         sensor watches a prediction someone else started and may not be the only one waiting for it.
@@ -88,13 +73,9 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(poke_interval=poke_interval, **kwargs)
-        if not isinstance(flux_kontext_conn_id, str) or not flux_kontext_conn_id:
-            raise ValueError(f"flux_kontext_conn_id must be a non-empty string, got {flux_kontext_conn_id!r}")
+        self._take_connection(flux_kontext_conn_id, hook_params, deferrable)
         check_number("poke_interval", self.poke_interval)
         self.prediction_id = prediction_id
-        self.flux_kontext_conn_id = flux_kontext_conn_id
-        self.hook_params = checked_overrides(hook_params or {})
-        self.deferrable = default_deferrable() if deferrable is None else deferrable
         self.cancel_on_kill = cancel_on_kill
         self.output_path = output_path
         self.max_output_bytes = int(check_number("max_output_bytes", max_output_bytes, 1, integer=True))
@@ -107,15 +88,10 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         #: The prediction's ``created_at`` from the first poll: where the shared watcher's window starts.
         self._created_at: str | None = None
 
-    @cached_property
-    def hook(self) -> FluxKontextHook:
-        from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-
-        return FluxKontextHook(self.flux_kontext_conn_id, **self.hook_params)
-
     # --- the story: first poll, defer or poke, complete --------------------------------------------
 
     def execute(self, context: Context) -> Any:
+        """Poll once, then defer (or poke from the worker when not ``deferrable``)."""
         self._checked_id()
         if not self.deferrable:
             return super().execute(context)
@@ -136,7 +112,7 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         )
 
     def poke(self, context: Context) -> PokeReturnValue:
-        """Poll once: not done yet, or done with the task's result (or the exception that fails it)."""
+        """Poll once: return not done yet, or done with the task's result (or raise what fails it)."""
         prediction_id = self._checked_id()
         if self._poller is None:
             self._poller = PredictionPoller(
@@ -160,7 +136,7 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         return PokeReturnValue(is_done=True, xcom_value=self._complete(context, event))
 
     def execute_complete(self, context: Context, event: Mapping[str, Any]) -> list[str]:
-        """Resume after the trigger fired: the task's result, or the failure (or timeout)."""
+        """Resume after the trigger fired: return the task's result, or raise its failure (or timeout)."""
         finished = PredictionEvent.from_payload(event)
         if finished.status == "timeout":
             self._finished = True
@@ -170,21 +146,28 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         return self._complete(context, finished)
 
     def on_kill(self) -> None:
-        """With ``cancel_on_kill``, cancel the prediction when the poking task is killed (the trigger
-        does the same for a killed deferred task)."""
+        """Cancel the prediction when the poking task is killed, with ``cancel_on_kill``.
+
+        The trigger does the same for a killed deferred task.
+        """
         if self.cancel_on_kill and isinstance(self.prediction_id, str) and not self._finished:
             self._cancel(self.prediction_id, "the sensor waiting for it was killed")
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
-        """The edit's lineage for the OpenLineage provider, as the operator reports it (the input
-        image as the prediction's input names it); ``None`` without the provider."""
+        """Return the edit's lineage for the OpenLineage provider (``None`` without it).
+
+        As the operator reports it, with the input image as the prediction's input names it.
+        """
         from airflow_provider_kontext.edits.lineage import edit_lineage
 
         return edit_lineage(self._input_location, self._summary)
 
     def _edit_trace(self, event: PredictionEvent) -> dict[str, Any]:
-        """What the prediction's own input says, with a Files-API input named by its file's record
-        (``mug.png``) rather than by its upload id; the id stays when the record cannot be read."""
+        """Return what the prediction's own input says of the edit.
+
+        A Files-API input is named by its file's record (``mug.png``) rather than by its upload id;
+        the id stays when the record cannot be read.
+        """
         trace = super()._edit_trace(event)
         file_id = self.hook.uploaded_file_id(event.input_location)
         if file_id is not None:
@@ -204,7 +187,7 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
     # --- steps ------------------------------------------------------------------------------------
 
     def _checked_id(self) -> str:
-        """The rendered prediction id; a missing one fails the task without retries."""
+        """Return the rendered prediction id; a missing one fails the task without retries."""
         value = self.prediction_id
         if not isinstance(value, str) or not value.strip() or value.strip() == "None":
             raise AirflowFailException(
@@ -215,8 +198,10 @@ class FluxKontextPredictionSensor(PredictionResultMixin, BaseSensorOperator):
         return self.prediction_id
 
     def _first_sight(self, context: Context, prediction: Prediction) -> None:
-        """On the first poll: push the web URL (the extra link) and note when the prediction was
-        created (for the trigger)."""
+        """Push the web URL (the extra link) on the first poll; note when the prediction was created.
+
+        The creation time bounds the window of the trigger's shared list.
+        """
         if self._poller is None or self._poller.tracker.status is None:
             context["ti"].xcom_push(key=WEB_URL_XCOM_KEY, value=prediction.web_url)
             self._created_at = prediction.created_at.isoformat() if prediction.created_at else None
