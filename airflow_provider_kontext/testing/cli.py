@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def emulator_from_args(args: argparse.Namespace) -> KontextEmulator:
-    """The (not yet started) emulator the command line asks for. :raises ValueError: bad options."""
+    """Return the (not yet started) emulator the command line asks for.
+
+    :raises ValueError: for bad options (a negative duration, a bad rate limit).
+    """
     base = REALISTIC_TIMING if args.realistic else Timing()
     return KontextEmulator(
         token=args.token,

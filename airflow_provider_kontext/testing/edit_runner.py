@@ -22,7 +22,7 @@ MAX_FETCH_BYTES = 100 * 1024 * 1024
 
 
 class EditRunner:
-    """Start and await the edits of predictions.
+    """The starter of predictions' edits, each run once in a worker thread.
 
     :param clock: the emulator's clock.
     :param output_scale: factor on the output size.

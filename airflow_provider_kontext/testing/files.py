@@ -28,7 +28,7 @@ MAX_UPLOAD_BYTES = 100 * 1024 * 1024
 
 @dataclass(frozen=True)
 class StoredFile:
-    """Hold a file uploaded with ``POST /v1/files``: its bytes, names and lifetime (wall clock)."""
+    """A file uploaded with ``POST /v1/files``: its bytes, names and lifetime (wall clock)."""
 
     id: str
     name: str
@@ -62,7 +62,7 @@ def _iso(moment: datetime) -> str:
 
 
 class FileStore:
-    """Keep uploaded files and answer the files endpoints; safe to call from any thread.
+    """The uploaded files and their endpoints; safe to call from any thread.
 
     :param clock: the emulator's clock (its wall time dates uploads and expiries).
     :param ttl_seconds: how long an upload lives.

@@ -28,7 +28,7 @@ from airflow_provider_kontext.testing.service import EmulatorService
 
 
 class Gateway:
-    """Wrap the API app with the prefix, faults, auth, rate limits and the request log.
+    """The API app wrapped in the path prefix, faults, auth, rate limits and the request log.
 
     :param api: the app with the routes (``app.build_api``).
     :param service: the emulator's state (config, faults, limiter, request log).
@@ -120,10 +120,14 @@ def _is_create(method: str, path: str) -> bool:
 
 
 class _CapturingSend:
-    """Pass ASGI messages on, or hold them until :meth:`flush`; report the status as it goes out.
+    """An ASGI ``send`` that passes messages on, or holds them until :meth:`flush`.
 
-    The status is reported before the client can see it, so the request log is complete when the
-    client has its answer.
+    The status is reported as it goes out, before the client can see it, so the request log is
+    complete when the client has its answer.
+
+    :param send: the server's ``send``.
+    :param hold: hold the messages until :meth:`flush` (for a drop or delay after processing).
+    :param on_start: called with the status when the response starts.
     """
 
     def __init__(self, send: Send, *, hold: bool, on_start: Callable[[int], None]) -> None:

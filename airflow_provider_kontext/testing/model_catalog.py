@@ -52,7 +52,7 @@ def resolve_model(model: str | None, version: Any) -> tuple[str, str]:
 
 
 class ModelCatalog:
-    """Answer the model and version endpoints for the models the emulator serves.
+    """The models the emulator serves and their model and version endpoints.
 
     :param run_count: how many predictions have been created (the model's ``run_count``).
     """

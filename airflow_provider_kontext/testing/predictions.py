@@ -52,7 +52,7 @@ _SWEEP_INTERVAL = 1.0
 
 
 class PredictionStore:
-    """Keep the predictions and answer their endpoints; the state is safe to read from any thread.
+    """The predictions and their endpoints; the state is safe to read from any thread.
 
     The endpoint methods run on the server's event loop.
 

@@ -16,7 +16,7 @@ PROBLEM_JSON = "application/problem+json"
 
 
 class ProblemError(Exception):
-    """Answer a request with an error: becomes an RFC 7807 ``application/problem+json`` response.
+    """An error answer: becomes an RFC 7807 ``application/problem+json`` response.
 
     :param status: the HTTP status code.
     :param title: the short title (Replicate's, like ``"Not found"``).

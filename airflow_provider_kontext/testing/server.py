@@ -35,9 +35,12 @@ _START_TIMEOUT = 15.0
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, stopped at once: a stop request wakes the main loop (instead of its
-    0.1 s tick) and shutdown closes idle connections without uvicorn's fixed grace sleep, so a
-    test's teardown costs milliseconds. In-flight requests get up to a second to finish."""
+    """uvicorn's server, stopped at once.
+
+    A stop request wakes the main loop (instead of its 0.1 s tick) and shutdown closes idle
+    connections without uvicorn's fixed grace sleep, so a test's teardown costs milliseconds.
+    In-flight requests get up to a second to finish.
+    """
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
@@ -157,7 +160,11 @@ class KontextEmulator:
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> KontextEmulator:
-        """Start serving in a background thread; returns once the port accepts connections."""
+        """Start serving in a background thread; return once the port accepts connections.
+
+        :raises RuntimeError: when it is already running or the server did not start.
+        :raises OSError: when the address cannot be bound (the port is taken).
+        """
         if self._thread is not None:
             raise RuntimeError("the emulator is already running")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -236,11 +243,15 @@ class KontextEmulator:
 
     @property
     def running(self) -> bool:
+        """Whether the server thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
     @property
     def port(self) -> int:
-        """The port it listens on. :raises RuntimeError: not started."""
+        """The port it listens on.
+
+        :raises RuntimeError: when the emulator has not been started.
+        """
         if self._port is None:
             raise RuntimeError("the emulator has not been started")
         return self._port
@@ -265,14 +276,17 @@ class KontextEmulator:
 
     @property
     def requests(self) -> list[RequestRecord]:
-        """``(method, path, status)`` of every request, path below the base URL, status ``None``
-        for a dropped connection. Control endpoints are not logged."""
+        """``(method, path, status)`` of every request, oldest first.
+
+        The path is below the base URL; the status is ``None`` for a dropped connection. Control
+        endpoints are not logged.
+        """
         return self._service.requests
 
     def prediction(self, prediction_id: str) -> Prediction:
-        """The prediction as ``GET /v1/predictions/{id}`` would return it now.
+        """Return the prediction as ``GET /v1/predictions/{id}`` would return it now.
 
-        :raises KeyError: no such prediction.
+        :raises KeyError: for an unknown prediction.
         """
         loop = self._loop
         try:
@@ -297,11 +311,11 @@ class KontextEmulator:
         return self._service.webhooks.secret
 
     def file_download_url(self, file_id: str) -> str:
-        """A signed URL that serves an uploaded file's bytes without a token, valid for an hour."""
+        """Return a signed URL that serves an uploaded file's bytes without a token for an hour."""
         return self._service.files.download_url(self.base_url, file_id)
 
     def state(self) -> dict[str, Any]:
-        """What ``GET {base}/_emulator/state`` returns."""
+        """Return what ``GET {base}/_emulator/state`` returns."""
         return self._service.state()
 
     def reset(self) -> None:

@@ -33,7 +33,7 @@ _RECENT_REQUESTS = 50
 
 
 class RequestRecord(NamedTuple):
-    """Log one request the emulator saw.
+    """One request the emulator saw, as logged.
 
     ``path`` is below the base URL; ``status`` is ``None`` when the connection was dropped without
     a response.
@@ -46,7 +46,7 @@ class RequestRecord(NamedTuple):
 
 @dataclass(frozen=True)
 class EmulatorConfig:
-    """Hold the emulator's options (see :class:`~airflow_provider_kontext.testing.KontextEmulator`)."""
+    """The emulator's options (see :class:`~airflow_provider_kontext.testing.KontextEmulator`)."""
 
     token: str | None = None
     path_prefix: str = ""
@@ -59,7 +59,7 @@ class EmulatorConfig:
 
 
 class EmulatorService:
-    """Hold the emulator's stores, request log, rate limiter and token check.
+    """The emulator's state: its per-resource stores, request log, rate limiter and token check.
 
     :param config: the emulator's options.
     :param faults: the armed faults.
