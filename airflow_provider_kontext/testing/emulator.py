@@ -22,7 +22,8 @@ Where each part lives, in ``airflow_provider_kontext/testing/``:
 - ``cli.py``: the command line (this module runs it).
 - ``app.py``: the routes, each mapped onto one store; ``gateway.py``: prefix, faults, token, rate
   limits and the request log in front of them; ``problems.py``: RFC 7807 error answers.
-- ``service.py``: the state, one store per resource, the token check and ``/_emulator/state``.
+- ``service.py``: the state, one store per resource, the token check and ``/_emulator/state``;
+  ``config.py``: the options.
 - ``predictions.py``: create, get, list (``listing.py``), cancel, stream (``stream.py``), output
   files and web pages; ``create_request.py``: what a create may carry; ``edit_runner.py``: the
   edit and its offline ``input_image``; ``lifecycle.py``: a prediction's life over time;

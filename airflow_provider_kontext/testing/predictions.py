@@ -39,10 +39,10 @@ from airflow_provider_kontext.testing.stream import POLL_STEP, stream_events
 from airflow_provider_kontext.testing.webhooks import DEFAULT_WEBHOOK_EVENTS
 
 if TYPE_CHECKING:
+    from airflow_provider_kontext.testing.config import EmulatorConfig
     from airflow_provider_kontext.testing.faults import Faults
     from airflow_provider_kontext.testing.files import FileStore
     from airflow_provider_kontext.testing.lifecycle import Clock
-    from airflow_provider_kontext.testing.service import EmulatorConfig
     from airflow_provider_kontext.testing.webhooks import WebhookSender
 
 _UPLOAD_PATH = re.compile(r"/v1/files/([A-Za-z0-9_-]+)")

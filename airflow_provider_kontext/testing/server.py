@@ -22,13 +22,14 @@ from starlette.types import ASGIApp
 
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.testing.app import build_api
+from airflow_provider_kontext.testing.config import EmulatorConfig
 from airflow_provider_kontext.testing.faults import Faults
 from airflow_provider_kontext.testing.gateway import Gateway
 from airflow_provider_kontext.testing.imaging import warm_up
 from airflow_provider_kontext.testing.lifecycle import Clock, PredictionRecord, Timing
 from airflow_provider_kontext.testing.problems import ProblemError
 from airflow_provider_kontext.testing.ratelimit import RateLimit
-from airflow_provider_kontext.testing.service import EmulatorConfig, EmulatorService, RequestRecord
+from airflow_provider_kontext.testing.service import EmulatorService, RequestRecord
 from airflow_provider_kontext.testing.webhooks import Delivery
 
 _START_TIMEOUT = 15.0

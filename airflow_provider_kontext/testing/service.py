@@ -15,21 +15,23 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from airflow_provider_kontext.testing.config import EmulatorConfig
 from airflow_provider_kontext.testing.faults import Faults
 from airflow_provider_kontext.testing.files import FileStore
-from airflow_provider_kontext.testing.lifecycle import Clock, Timing
+from airflow_provider_kontext.testing.lifecycle import Clock
 from airflow_provider_kontext.testing.model_catalog import ModelCatalog
 from airflow_provider_kontext.testing.predictions import PredictionStore
 from airflow_provider_kontext.testing.problems import ProblemError
-from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
+from airflow_provider_kontext.testing.ratelimit import RateLimiter
 from airflow_provider_kontext.testing.webhooks import WebhookSender, new_secret
 
 #: ``GET /v1/account`` (``github_url`` and ``avatar_url`` left out: not nullable in the description).
 ACCOUNT = {"type": "user", "username": "emulator", "name": "Kontext Emulator"}
 _RECENT_REQUESTS = 50
+
+__all__ = ["ACCOUNT", "EmulatorConfig", "EmulatorService", "RequestRecord"]
 
 
 class RequestRecord(NamedTuple):
@@ -42,20 +44,6 @@ class RequestRecord(NamedTuple):
     method: str
     path: str
     status: int | None
-
-
-@dataclass(frozen=True)
-class EmulatorConfig:
-    """The emulator's options (see :class:`~airflow_provider_kontext.testing.KontextEmulator`)."""
-
-    token: str | None = None
-    path_prefix: str = ""
-    timing: Timing = field(default_factory=Timing)
-    output_scale: float = 1.0
-    upload_ttl_seconds: float = 24 * 3600.0
-    rate_limit: RateLimit | None = None
-    timing_seed: int = 0
-    webhook_secret: str | None = None
 
 
 class EmulatorService:
