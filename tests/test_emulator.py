@@ -25,8 +25,9 @@ from PIL import Image
 
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.testing import KontextEmulator
+from airflow_provider_kontext.testing.create_request import parse_cancel_after
 from airflow_provider_kontext.testing.faults import CREATE, NSFW_ERROR, PREDICTION
-from airflow_provider_kontext.testing.service import RequestRecord, parse_cancel_after
+from airflow_provider_kontext.testing.service import RequestRecord
 
 pytest_plugins = ["airflow_provider_kontext.testing.pytest_plugin", "pytester"]
 

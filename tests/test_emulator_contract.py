@@ -22,7 +22,7 @@ from emulated import data_uri, options, png, started
 from openapi_contract import Contract
 
 from airflow_provider_kontext.testing import KontextEmulator
-from airflow_provider_kontext.testing.service import MODEL_VERSIONS
+from airflow_provider_kontext.testing.model_catalog import MODEL_VERSIONS
 
 DEV_MODEL = "black-forest-labs/flux-kontext-dev"
 DEV = f"/v1/models/{DEV_MODEL}/predictions"

@@ -207,7 +207,7 @@ def test_a_varied_prediction_still_shows_its_phases(emu: KontextEmulator, http: 
 
 
 def test_command_line_timing_options() -> None:
-    from airflow_provider_kontext.testing.emulator import _parser, emulator_from_args
+    from airflow_provider_kontext.testing.cli import _parser, emulator_from_args
 
     def timing(*argv: str) -> tuple[float, float, float]:
         config = emulator_from_args(_parser().parse_args(list(argv))).config.timing

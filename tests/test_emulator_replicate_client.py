@@ -21,7 +21,7 @@ from openapi_contract import Contract
 from PIL import Image
 
 from airflow_provider_kontext.testing import KontextEmulator
-from airflow_provider_kontext.testing.service import MODEL_VERSIONS
+from airflow_provider_kontext.testing.model_catalog import MODEL_VERSIONS
 
 replicate = pytest.importorskip("replicate")
 from replicate.exceptions import ReplicateError  # noqa: E402

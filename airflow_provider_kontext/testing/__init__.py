@@ -20,16 +20,16 @@ if _missing:
     )
 
 if TYPE_CHECKING:
-    from airflow_provider_kontext.testing.emulator import KontextEmulator
     from airflow_provider_kontext.testing.faults import Faults
     from airflow_provider_kontext.testing.ratelimit import RateLimit
+    from airflow_provider_kontext.testing.server import KontextEmulator
     from airflow_provider_kontext.testing.service import RequestRecord
     from airflow_provider_kontext.testing.webhooks import Delivery
 
 __all__ = ["Delivery", "Faults", "KontextEmulator", "RateLimit", "RequestRecord"]
 
 _LAZY = {
-    "KontextEmulator": "airflow_provider_kontext.testing.emulator",
+    "KontextEmulator": "airflow_provider_kontext.testing.server",
     "Faults": "airflow_provider_kontext.testing.faults",
     "RateLimit": "airflow_provider_kontext.testing.ratelimit",
     "RequestRecord": "airflow_provider_kontext.testing.service",

@@ -65,13 +65,13 @@ class RequestFault:
     fired: int = 0
 
     def matches(self, method: str, path: str) -> bool:
-        """Whether a request with ``method`` and ``path`` (below the base URL) is a target."""
+        """Return whether a request with ``method`` and ``path`` (below the base URL) is a target."""
         if self.method is not None and self.method.upper() != method.upper():
             return False
         return fnmatch.fnmatchcase(path, self.path)
 
     def throttle_detail(self) -> str:
-        """Replicate's 429 text for this fault's ``available_in``."""
+        """Return Replicate's 429 text for this fault's ``available_in``."""
         seconds = f"{self.available_in:g}"
         return THROTTLE_DETAIL.format(seconds=seconds, plural="" if seconds == "1" else "s")
 
@@ -130,7 +130,10 @@ def _budget(count: int | None, probability: float | None) -> int | None:
 
 
 class Faults:
-    """The faults armed on one emulator. Thread-safe: tests arm them while the server runs."""
+    """The faults armed on one emulator. Thread-safe: tests arm them while the server runs.
+
+    :param seed: seed of the RNG behind ``probability`` faults.
+    """
 
     def __init__(self, seed: int = 0) -> None:
         self._lock = threading.Lock()
@@ -149,9 +152,12 @@ class Faults:
         retry_after: float | None = None,
         available_in: float = 1.0,
     ) -> RequestFault:
-        """Answer 429 with Replicate's body ``{"detail": "Request was throttled. Expected available
-        in 1 second."}`` (``available_in`` seconds), and a ``Retry-After`` header only when
-        ``retry_after`` is given."""
+        """Answer matching requests 429, as Replicate throttles.
+
+        The body is Replicate's ``{"detail": "Request was throttled. Expected available in 1
+        second."}`` (``available_in`` seconds), with a ``Retry-After`` header only when
+        ``retry_after`` is given.
+        """
         return self._add(
             RequestFault(
                 "status",
@@ -177,8 +183,11 @@ class Faults:
         html: bool = False,
         retry_after: float | None = None,
     ) -> RequestFault:
-        """Answer ``status`` (500..599) with a problem document, or with a proxy's HTML error page
-        when ``html`` is true. The request is not processed: nothing is created."""
+        """Answer matching requests ``status`` (500..599) without processing them.
+
+        The answer is a problem document, or a proxy's HTML error page when ``html`` is true;
+        nothing is created.
+        """
         if not 500 <= status <= 599:
             raise ValueError(f"status must be a 5xx code, got {status}")
         return self._add(
@@ -204,8 +213,11 @@ class Faults:
         path: str = ANY,
         after_processing: bool = False,
     ) -> RequestFault:
-        """Reset the connection without any response. With ``after_processing`` the request is
-        handled first (a create really creates its prediction) and only the response is lost."""
+        """Reset the connection of matching requests without any response.
+
+        With ``after_processing`` the request is handled first (a create really creates its
+        prediction) and only the response is lost.
+        """
         return self._add(
             RequestFault(
                 "drop",
@@ -227,8 +239,11 @@ class Faults:
         path: str = ANY,
         after_processing: bool = False,
     ) -> RequestFault:
-        """Sleep ``seconds`` before handling the request, or after handling it and before sending
-        the response (``after_processing``: a client that times out has still created the work)."""
+        """Sleep ``seconds`` before handling matching requests.
+
+        With ``after_processing`` the sleep comes after handling and before sending the response:
+        a client that times out has still created the work.
+        """
         if seconds < 0:
             raise ValueError(f"seconds must not be negative, got {seconds}")
         return self._add(
@@ -246,8 +261,10 @@ class Faults:
     # --- prediction faults ------------------------------------------------------------------
 
     def fail_predictions(self, count: int = 1, *, nsfw: bool = False, error: str | None = None) -> None:
-        """Make the next ``count`` predictions end ``failed`` after running: with the NSFW message
-        when ``nsfw`` is true, else with ``error`` (or a generic message)."""
+        """Make the next ``count`` predictions end ``failed`` after running.
+
+        The error is the NSFW message when ``nsfw`` is true, else ``error`` (or a generic message).
+        """
         message = NSFW_ERROR if nsfw else (error or GENERIC_ERROR)
         self._add_outcome(Outcome.FAILED, count, message)
 
@@ -260,9 +277,11 @@ class Faults:
         self._add_outcome(Outcome.ABORTED, count, None)
 
     def images_api_shape(self, count: int | None = None, *, enabled: bool = True) -> None:
-        """Answer creates like the seed's proxy: ``{"created": <unix>, "data": [{"url": ...}]}``,
-        already complete (the edit is done before answering). ``count=None`` means every create
-        until cleared; ``enabled=False`` turns it off."""
+        """Answer creates like the seed's proxy: ``{"created": <unix>, "data": [{"url": ...}]}``.
+
+        The answer is already complete (the edit is done before answering). ``count=None`` means
+        every create until cleared; ``enabled=False`` turns it off.
+        """
         if count is not None and count < 1:
             raise ValueError(f"count must be at least 1, got {count}")
         with self._lock:
@@ -281,8 +300,9 @@ class Faults:
             self._armed = _Armed()
 
     def apply(self, spec: Mapping[str, Any]) -> None:
-        """Arm the fault ``spec`` describes: ``{"fault": <method name>, <keyword arguments>...}``,
-        the same names and arguments as the Python methods (``throttle``, ``server_error``,
+        """Arm the fault ``spec`` describes: ``{"fault": <method name>, <keyword arguments>...}``.
+
+        Names and arguments are those of the Python methods (``throttle``, ``server_error``,
         ``drop_connection``, ``slow``, ``fail_predictions``, ``cancel_predictions``,
         ``abort_predictions``, ``images_api_shape``, ``seed``, ``clear``).
 
@@ -298,7 +318,7 @@ class Faults:
             raise ValueError(f"bad arguments for fault {name!r}: {exc}") from None
 
     def describe(self) -> dict[str, Any]:
-        """The armed faults as JSON-ready data."""
+        """Return the armed faults as JSON-ready data."""
         with self._lock:
             return {
                 "requests": [asdict(fault) for fault in self._armed.requests],
@@ -355,7 +375,7 @@ class Faults:
             return PredictionFault(head.outcome, 1, head.error)
 
     def take_images_api_shape(self) -> bool:
-        """Whether the create being answered uses the images-API shape (consumes one use)."""
+        """Return whether the create being answered uses the images-API shape (consumes one use)."""
         with self._lock:
             remaining = self._armed.images_api_shape
             if remaining is None:

@@ -97,15 +97,16 @@ class EditedImage:
 
 
 def nearest_resolution(width: int, height: int) -> tuple[int, int]:
-    """The Kontext preset whose aspect ratio is nearest ``width / height`` (the model's own rule)."""
+    """Return the Kontext preset whose aspect ratio is nearest ``width / height`` (the model's own rule)."""
     ratio = width / height
     return min(KONTEXT_RESOLUTIONS, key=lambda size: abs(ratio - size[0] / size[1]))
 
 
 def output_size(aspect_ratio: str, input_size: tuple[int, int] | None, scale: float = 1.0) -> tuple[int, int]:
-    """The output size for ``aspect_ratio`` (``match_input_image`` uses ``input_size``), times ``scale``.
+    """Return the output size for ``aspect_ratio``, times ``scale``.
 
-    Without an input image ``match_input_image`` means 1:1, as on flux-kontext-pro.
+    ``match_input_image`` uses ``input_size``; without an input image it means 1:1, as on
+    flux-kontext-pro.
     """
     if aspect_ratio in ASPECT_RATIO_SIZES:
         width, height = ASPECT_RATIO_SIZES[aspect_ratio]
@@ -117,7 +118,7 @@ def output_size(aspect_ratio: str, input_size: tuple[int, int] | None, scale: fl
 
 
 def decode_data_uri(uri: str) -> bytes:
-    """The bytes of a ``data:`` URI (base64 or percent-encoded).
+    """Return the bytes of a ``data:`` URI (base64 or percent-encoded).
 
     :raises ImageError: not a well-formed data URI.
     """
@@ -176,7 +177,7 @@ def _describe_bytes(data: bytes) -> str:
 
 
 def tint_for(prompt: str, seed: int) -> tuple[int, int, int]:
-    """The tint colour of ``prompt`` and ``seed``: stable across runs and machines."""
+    """Return the tint colour of ``prompt`` and ``seed``: stable across runs and machines."""
     digest = hashlib.sha256(f"{prompt}\x00{seed}".encode()).digest()
     return digest[0], digest[1], digest[2]
 
@@ -210,8 +211,10 @@ def edit_image(
 
 
 def warm_up() -> None:
-    """Run one tiny edit so Pillow's plugins and the banner font are loaded before the first
-    prediction needs them (the first edit in a process is otherwise ~0.15 s slower)."""
+    """Run one tiny edit so Pillow's plugins and the banner font are loaded in advance.
+
+    The first prediction then does not pay for loading them.
+    """
     edit_image(None, prompt="warm up", seed=1, aspect_ratio="1:1", scale=0.05)
 
 

@@ -35,7 +35,7 @@ _PARTIAL_BLOCKS = " ▏▎▍▌▋▊▉"
 
 
 def new_id() -> str:
-    """A random, URL-safe prediction or file id in Replicate's style (26 lower-case base32 chars)."""
+    """Return a random, URL-safe prediction or file id in Replicate's style (26 lower-case base32 chars)."""
     return base64.b32encode(secrets.token_bytes(16)).decode("ascii").rstrip("=").lower()
 
 
@@ -55,16 +55,20 @@ class Clock:
         self._frozen: tuple[float, float] | None = None
 
     def monotonic(self) -> float:
+        """Return the emulator's monotonic time in seconds."""
         frozen = self._frozen
         return (frozen[0] if frozen else time.monotonic()) + self._mono_offset
 
     def wall(self) -> float:
-        """Seconds since the epoch (what ``created_at`` and other timestamps are made from)."""
+        """Return the seconds since the epoch (what ``created_at`` and other timestamps are made from)."""
         frozen = self._frozen
         return (frozen[1] if frozen else time.time()) + self._wall_offset
 
     def advance(self, seconds: float) -> None:
-        """Move the clock ``seconds`` forward. :raises ValueError: negative ``seconds``."""
+        """Move the clock ``seconds`` forward.
+
+        :raises ValueError: for negative ``seconds``.
+        """
         if seconds < 0:
             raise ValueError(f"the clock only moves forward, got {seconds}")
         self._mono_offset += seconds
@@ -97,7 +101,7 @@ class Timing:
     spread: float = 0.0
 
     def draw(self, rng: random.Random) -> Timing:
-        """The fixed timing of one prediction, drawn from ``rng`` (the same seed, the same times)."""
+        """Return the fixed timing of one prediction, drawn from ``rng`` (the same seed, the same times)."""
         if self.spread <= 0:
             return self
         low, high = 1.0 - self.spread, 1.0 + self.spread
@@ -135,6 +139,7 @@ class Snapshot:
 
     @property
     def is_terminal(self) -> bool:
+        """Whether the prediction has ended."""
         return self.status.is_terminal
 
 
@@ -167,9 +172,12 @@ class PredictionRecord:
     # --- the timeline -----------------------------------------------------------------------
 
     def known_ending(self) -> Ending | None:
-        """The earliest ending known now. A natural ending (success, or failure on a bad input)
-        is known only once the edit has been tried, which the server starts when processing starts
-        and waits for when the prediction is due to end."""
+        """Return the earliest ending known now, ``None`` if none is.
+
+        A natural ending (success, or failure on a bad input) is known only once the edit has been
+        tried, which the server starts when processing starts and waits for when the prediction is
+        due to end.
+        """
         start = self.timing.start_seconds
         end = start + self.timing.prediction_seconds
         candidates: list[Ending] = []
@@ -195,7 +203,7 @@ class PredictionRecord:
         return min(candidates, key=lambda ending: ending.at, default=None)
 
     def needs_edit(self, elapsed: float) -> bool:
-        """Whether the edit must be tried before this prediction can be shown at ``elapsed``."""
+        """Return whether the edit must be tried before this prediction can be shown at ``elapsed``."""
         if self.forced is not None or self.edit is not None or self.edit_error is not None:
             return False
         start = self.timing.start_seconds
@@ -203,13 +211,15 @@ class PredictionRecord:
         return elapsed >= start and (ending is None or ending.at > start)
 
     def is_terminal(self, elapsed: float) -> bool:
-        """Whether the prediction has ended ``elapsed`` seconds after creation, as far as known."""
+        """Return whether the prediction has ended ``elapsed`` seconds after creation, as far as known."""
         ending = self.known_ending()
         return ending is not None and ending.at <= elapsed
 
     def snapshot(self, elapsed: float) -> Snapshot:
-        """The prediction ``elapsed`` seconds after creation (``processing`` while an edit that is
-        due has not been tried yet)."""
+        """Return the prediction ``elapsed`` seconds after creation.
+
+        It shows ``processing`` while an edit that is due has not been tried yet.
+        """
         start = self.timing.start_seconds
         ending = self.known_ending()
         if ending is not None and ending.at <= elapsed:
@@ -224,12 +234,14 @@ class PredictionRecord:
         return Snapshot(PredictionStatus.PROCESSING, start, None, None, logs, False)
 
     def elapsed(self, now_mono: float) -> float:
+        """Return the seconds since creation at monotonic time ``now_mono``."""
         return now_mono - self.created_mono
 
     # --- presentation -----------------------------------------------------------------------
 
     @property
     def urls(self) -> dict[str, str]:
+        """The prediction's ``urls``: get, cancel, web page and stream."""
         base = f"{self.base_url}/v1/predictions/{self.id}"
         return {
             "get": base,
@@ -246,7 +258,7 @@ class PredictionRecord:
         return f"{self.base_url}/files/{self.id}/output.{self.edit.extension}"
 
     def to_prediction(self, elapsed: float) -> Prediction:
-        """The prediction object the API returns ``elapsed`` seconds after creation."""
+        """Return the prediction object the API returns ``elapsed`` seconds after creation."""
         snap = self.snapshot(elapsed)
         created = datetime.fromtimestamp(self.created_wall, timezone.utc)
 
@@ -281,15 +293,20 @@ class PredictionRecord:
         )
 
     def to_json(self, elapsed: float, *, logs: bool = True) -> dict[str, Any]:
-        """The JSON the API answers ``elapsed`` seconds after creation, shaped as Replicate's
-        OpenAPI description says: times that are not known yet are left out (they are not
-        nullable there), and so are URLs that do not exist. ``logs=False`` leaves the logs out,
-        as the list endpoint does."""
+        """Return the JSON the API answers ``elapsed`` seconds after creation.
+
+        It is shaped as Replicate's OpenAPI description says: times that are not known yet are
+        left out (they are not nullable there), and so are URLs that do not exist. ``logs=False``
+        leaves the logs out, as the list endpoint does.
+        """
         return _json_shape(self.to_prediction(elapsed).model_dump(mode="json"), logs=logs)
 
     def _logs(self, running: float, status: PredictionStatus) -> str:
-        """The logs after ``running`` seconds of processing: the seed, then one progress line per
-        finished step, all of them once the prediction has succeeded or failed after running."""
+        """Return the logs after ``running`` seconds of processing.
+
+        They are the seed, then one progress line per finished step, all of them once the
+        prediction has succeeded or failed after running.
+        """
         seconds_per_step = self.timing.prediction_seconds / self.steps
         if (
             seconds_per_step <= 0
@@ -320,9 +337,11 @@ def _json_shape(body: dict[str, Any], *, logs: bool) -> dict[str, Any]:
 
 
 def starting_json(body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` as Replicate answers a ``Prefer: wait`` create whose wait ran out before the end:
-    in the ``starting`` state, whatever the prediction is really doing (the official clients keep
-    waiting only on ``starting``)."""
+    """Return ``body`` as Replicate answers a ``Prefer: wait`` create whose wait ran out.
+
+    The answer is in the ``starting`` state, whatever the prediction is really doing (the official
+    clients keep waiting only on ``starting``).
+    """
     body = {**body, "status": "starting", "logs": "", "output": None, "error": None}
     body.pop("started_at", None)
     body.pop("completed_at", None)
@@ -331,7 +350,7 @@ def starting_json(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def progress_line(step: int, steps: int, seconds_per_step: float) -> str:
-    """One tqdm progress line, e.g. ``  4%|▎         | 1/28 [00:00<00:02, 11.20it/s]``."""
+    """Return one tqdm progress line, e.g. ``  4%|▎         | 1/28 [00:00<00:02, 11.20it/s]``."""
     fraction = step / steps
     filled = fraction * _BAR_WIDTH
     full = int(filled)

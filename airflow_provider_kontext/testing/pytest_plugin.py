@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``kontext_emulator`` marker."""
     config.addinivalue_line(
         "markers", "kontext_emulator(**options): constructor options for the kontext_emulator fixture"
     )
@@ -27,7 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def kontext_emulator_options() -> dict[str, Any]:
-    """Constructor options of ``kontext_emulator``; override this fixture to change the defaults."""
+    """Return the constructor options of ``kontext_emulator``; override it to change the defaults."""
     return {}
 
 
@@ -35,7 +36,10 @@ def kontext_emulator_options() -> dict[str, Any]:
 def kontext_emulator(
     request: pytest.FixtureRequest, kontext_emulator_options: dict[str, Any]
 ) -> Iterator[KontextEmulator]:
-    """A started emulator on 127.0.0.1, stopped after the test."""
+    """Yield a started emulator on 127.0.0.1 and stop it after the test.
+
+    Options come from ``kontext_emulator_options``, then from the test's ``kontext_emulator`` marker.
+    """
     from airflow_provider_kontext.testing.emulator import KontextEmulator
 
     options = dict(kontext_emulator_options)

@@ -56,8 +56,9 @@ class RateLimit:
     def per_minute(
         cls, creates: float, others: float, *, burst_seconds: float = DEFAULT_BURST_SECONDS
     ) -> RateLimit:
-        """``creates`` and ``others`` requests per minute, each allowed a burst of
-        ``burst_seconds`` of its rate.
+        """Return limits of ``creates`` and ``others`` requests per minute.
+
+        Each is allowed a burst of ``burst_seconds`` of its rate.
 
         :raises ValueError: a rate or ``burst_seconds`` that is not positive.
         """
@@ -71,20 +72,25 @@ class RateLimit:
 
     @classmethod
     def replicate(cls) -> RateLimit:
-        """Replicate's default account limits: 600 creates/min, 3000/min for everything else."""
+        """Return Replicate's default account limits: 600 creates/min, 3000/min for everything else."""
         return replace(cls.per_minute(600, 3000), name="replicate")
 
     @classmethod
     def low_credit(cls) -> RateLimit:
-        """An account low on credit: 1 request per second and at most 6 per minute, all requests."""
+        """Return the limits of an account low on credit.
+
+        1 request per second and at most 6 per minute, creates and others together.
+        """
         limits = (Limit(60, 1), Limit(6, 6))
         return cls(limits, limits, name="low-credit", shared=True)
 
     @classmethod
     def parse(cls, spec: str) -> RateLimit:
-        """``replicate``, ``low-credit``, or ``CREATES,OTHERS[,BURST_SECONDS]`` per minute.
+        """Return the limits a command-line spec names.
 
-        :raises ValueError: anything else.
+        The spec is ``replicate``, ``low-credit``, or ``CREATES,OTHERS[,BURST_SECONDS]`` per minute.
+
+        :raises ValueError: for anything else.
         """
         text = spec.strip().lower()
         if text == "replicate":
@@ -103,6 +109,8 @@ class RateLimit:
 
 
 class _Bucket:
+    """A token bucket: ``burst`` tokens at most, refilled at ``per_minute`` a minute."""
+
     def __init__(self, limit: Limit, now: float) -> None:
         self.rate = limit.per_minute / 60.0
         self.capacity = limit.burst
@@ -110,16 +118,21 @@ class _Bucket:
         self.updated = now
 
     def refill(self, now: float) -> None:
+        """Add the tokens earned since the last refill."""
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
         self.updated = max(self.updated, now)
 
     def wait(self) -> float:
-        """Seconds until this bucket has a whole token (after :meth:`refill`)."""
+        """Return the seconds until this bucket has a whole token (after :meth:`refill`)."""
         return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
 
 
 class RateLimiter:
-    """The buckets of one emulator; thread-safe. ``clock`` is monotonic seconds."""
+    """The buckets of one emulator; thread-safe.
+
+    :param limit: the account's limits.
+    :param clock: monotonic seconds (the emulator's clock).
+    """
 
     def __init__(self, limit: RateLimit, clock: Callable[[], float]) -> None:
         self.limit = limit
@@ -130,8 +143,10 @@ class RateLimiter:
         self._others = self._creates if limit.shared else [_Bucket(one, now) for one in limit.others]
 
     def acquire(self, *, create: bool) -> float | None:
-        """Take a token for one request; ``None`` when it may go ahead, else the seconds until
-        it could (the request is refused and takes nothing)."""
+        """Take a token for one request; return ``None`` when it may go ahead.
+
+        Otherwise return the seconds until it could; the refused request takes nothing.
+        """
         buckets: Sequence[_Bucket] = self._creates if create else self._others
         with self._lock:
             now = self._clock()
@@ -146,7 +161,7 @@ class RateLimiter:
 
     @staticmethod
     def detail(wait: float) -> str:
-        """The 429 body's ``detail`` for a request that could go ahead in ``wait`` seconds."""
+        """Return the 429 body's ``detail`` for a request that could go ahead in ``wait`` seconds."""
         return RESETS_DETAIL.format(seconds=max(1, math.ceil(wait)))
 
 

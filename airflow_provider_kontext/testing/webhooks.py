@@ -40,12 +40,12 @@ _TIMEOUT_SECONDS = 10.0
 
 
 def new_secret() -> str:
-    """A signing secret in Replicate's format, ``whsec_`` + base64 of 32 random bytes."""
+    """Return a new signing secret in Replicate's format, ``whsec_`` + base64 of 32 random bytes."""
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
 
 
 def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header value for one message (``v1,<base64>``)."""
+    """Return the ``webhook-signature`` header value for one message (``v1,<base64>``)."""
     key = base64.b64decode(secret.split("_", 1)[1])
     signed = f"{message_id}.{timestamp}.".encode() + body
     digest = hmac.new(key, signed, hashlib.sha256).digest()
@@ -53,15 +53,18 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
 
 
 def is_loopback(url: str) -> bool:
-    """Whether the emulator may deliver to ``url`` (http or https on a loopback host)."""
+    """Return whether the emulator may deliver to ``url`` (http or https on a loopback host)."""
     parts = urlsplit(url)
     return parts.scheme in ("http", "https") and (parts.hostname or "") in LOOPBACK_HOSTS
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """One webhook message: ``status`` is the receiver's HTTP status of the last attempt, ``None``
-    when no attempt got an answer; ``delivered`` is false for targets the emulator does not reach."""
+    """One webhook message, as sent (or not) to its target.
+
+    ``status`` is the receiver's HTTP status of the last attempt, ``None`` when no attempt got an
+    answer; ``delivered`` is false for targets the emulator does not reach.
+    """
 
     prediction_id: str
     event: str
@@ -75,7 +78,11 @@ class Delivery:
 
 
 class WebhookSender:
-    """Sends the webhooks of every prediction that asked for one, from the server's event loop."""
+    """The sender of the webhooks of every prediction that asked for one, on the server's loop.
+
+    :param secret: the ``whsec_...`` key messages are signed with.
+    :param wall: the wall clock (Unix seconds) that dates the messages.
+    """
 
     def __init__(self, secret: str, wall: Callable[[], float]) -> None:
         self.secret = secret
@@ -86,10 +93,12 @@ class WebhookSender:
 
     @property
     def deliveries(self) -> list[Delivery]:
+        """Every message sent (or not sent), in order (a copy)."""
         with self._lock:
             return list(self._deliveries)
 
     def clear(self) -> None:
+        """Forget the sent messages."""
         with self._lock:
             self._deliveries.clear()
 
@@ -103,10 +112,12 @@ class WebhookSender:
         closing: Callable[[], bool],
         step: float = 0.02,
     ) -> None:
-        """Watch one prediction (``current`` returns its JSON now) and send the events in ``events``
-        until it ends: ``start`` at once, ``logs`` when its logs grow, ``output`` when its output
-        changes, ``completed`` when it ends (one message per change, at most one every
-        :data:`THROTTLE_SECONDS` for logs and output)."""
+        """Watch one prediction and send the events in ``events`` until it ends.
+
+        ``current`` returns its JSON now. ``start`` goes at once, ``logs`` when its logs grow,
+        ``output`` when its output changes, ``completed`` when it ends: one message per change, at
+        most one every :data:`THROTTLE_SECONDS` for logs and output. ``closing`` stops the watch.
+        """
         task = asyncio.ensure_future(self._follow(prediction_id, url, events, current, closing, step))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
