@@ -225,11 +225,11 @@ def __getattr__(name: str) -> Any:
 
 
 # The names of releases before 0.2 (one class prefix since): importable, the same classes.
-KontextError = FluxKontextError
-KontextInputError = FluxKontextInputError
-KontextAPIError = FluxKontextAPIError
+FluxKontextError = FluxKontextError
+FluxKontextInputError = FluxKontextInputError
+FluxKontextAPIError = FluxKontextAPIError
 KontextAuthError = FluxKontextAuthError
-KontextNotFoundError = FluxKontextNotFoundError
+FluxKontextNotFoundError = FluxKontextNotFoundError
 KontextRateLimitError = FluxKontextRateLimitError
 KontextServerError = FluxKontextServerError
 KontextTransportError = FluxKontextTransportError

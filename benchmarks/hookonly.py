@@ -84,9 +84,9 @@ def plain(n: int, concurrency: int) -> dict[str, Any]:
 
 def run_plain(n: int, concurrency: int) -> dict[str, Any]:
     """:func:`plain` in its own process against a fresh emulator; its figures and the predictions made."""
-    from airflow_provider_kontext.testing.emulator import KontextEmulator
+    from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
-    with KontextEmulator(
+    with FluxKontextEmulator(
         prediction_seconds=PREDICTION_SECONDS,
         start_seconds=START_SECONDS,
         spread=SPREAD,

@@ -225,13 +225,13 @@ def run_cluster(slots: int, sizes: tuple[int, ...], holds: tuple[str, ...], repe
     (size, hold) ``repeats`` times, one DAG run after another.
     """
     sys.path.insert(0, str(ROOT))
-    from airflow_provider_kontext.testing.emulator import KontextEmulator
+    from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
     from tests.e2e.cluster import Cluster, cluster_env
 
     root = Path(tempfile.mkdtemp(prefix="kontext-bench-airflow-"))
     runs: list[AirflowRun] = []
     try:
-        with KontextEmulator(
+        with FluxKontextEmulator(
             prediction_seconds=PREDICTION_SECONDS,
             start_seconds=START_SECONDS,
             spread=SPREAD,

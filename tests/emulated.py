@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from airflow_provider_kontext.testing import KontextEmulator
+from airflow_provider_kontext.testing import FluxKontextEmulator
 
 #: Emulator timings that keep a test's predictions well under a second.
 FAST = {"prediction_seconds": 0.1, "start_seconds": 0.02, "output_scale": 0.05}
@@ -34,7 +34,7 @@ def options(**values: Any) -> pytest.MarkDecorator:
 
 
 @contextmanager
-def started(request: pytest.FixtureRequest, **defaults: Any) -> Iterator[KontextEmulator]:
+def started(request: pytest.FixtureRequest, **defaults: Any) -> Iterator[FluxKontextEmulator]:
     """An emulator with ``FAST``, then ``defaults``, then what :func:`options` asked for."""
-    with KontextEmulator(**{**FAST, **defaults, **getattr(request, "param", {})}) as emulator:
+    with FluxKontextEmulator(**{**FAST, **defaults, **getattr(request, "param", {})}) as emulator:
         yield emulator

@@ -20,7 +20,7 @@ from test_watcher import create, emu, trigger, wait_all  # noqa: F401 (emu: the 
 from airflow_provider_kontext.hooks import rate_limit as budget_module
 from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter, AccountRateLimiters
-from airflow_provider_kontext.testing import KontextEmulator
+from airflow_provider_kontext.testing import FluxKontextEmulator
 from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
 from airflow_provider_kontext.triggers.slices import (
     PAGE_SIZE,
@@ -239,7 +239,7 @@ def list_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 
 async def test_a_sweep_stops_paging_once_its_waits_are_found(
-    emu: KontextEmulator,  # noqa: F811
+    emu: FluxKontextEmulator,  # noqa: F811
     list_calls: list[dict[str, Any]],
 ) -> None:
     """Three waits on the newest of 350 predictions: every sweep reads one page, never the three
@@ -253,7 +253,7 @@ async def test_a_sweep_stops_paging_once_its_waits_are_found(
     assert all(call["created_before"] and call["created_after"] for call in list_calls)
 
 
-async def test_a_burst_on_predictions_already_done_is_answered_by_sweeps(emu: KontextEmulator) -> None:  # noqa: F811
+async def test_a_burst_on_predictions_already_done_is_answered_by_sweeps(emu: FluxKontextEmulator) -> None:  # noqa: F811
     """300 triggers opened at once on predictions that have ended: answered from the list, in
     slices of a page read side by side, none reading alone."""
     predictions = create(emu, 300)

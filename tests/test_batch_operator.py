@@ -25,7 +25,7 @@ from airflow_provider_kontext.exceptions import (
 )
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.operators.kontext import FluxKontextBatchEditOperator
-from airflow_provider_kontext.testing import KontextEmulator
+from airflow_provider_kontext.testing import FluxKontextEmulator
 from airflow_provider_kontext.triggers.batch import FluxKontextBatchTrigger
 
 TOKEN = "r8_BatchTestToken_5f1e0c77"
@@ -52,7 +52,7 @@ class FakeStore:
 
 
 @pytest.fixture
-def emu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[KontextEmulator]:
+def emu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[FluxKontextEmulator]:
     with started(request, token=TOKEN) as emulator:
         conn = {"conn_type": "fluxkontext", "host": emulator.base_url, "password": TOKEN}
         monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps(conn))
@@ -88,7 +88,7 @@ def pushed(context: dict[str, Any], key: str) -> Any:
 
 
 def test_folder_batch_returns_outputs_in_input_order_with_manifest_and_one_asset_event(
-    emu: KontextEmulator, shots: Path, tmp_path: Path
+    emu: FluxKontextEmulator, shots: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     asset = Asset("kontext://test/batch")
@@ -113,7 +113,7 @@ def test_folder_batch_returns_outputs_in_input_order_with_manifest_and_one_asset
     assert store.data[BATCH_KEY]["finished"] == {"try_number": None, "max_tries": None, "clear_number": None}
 
 
-def test_one_prompt_per_image_and_urls_without_output_path(emu: KontextEmulator, shots: Path) -> None:
+def test_one_prompt_per_image_and_urls_without_output_path(emu: FluxKontextEmulator, shots: Path) -> None:
     images = sorted(str(p) for p in shots.glob("*.png"))[:3]
     prompts = ["red", "green", "blue"]
     context = make_context(FakeStore())
@@ -132,14 +132,14 @@ def test_one_prompt_per_image_and_urls_without_output_path(emu: KontextEmulator,
     ],
 )
 def test_bad_arguments_fail_before_any_create(
-    emu: KontextEmulator, images: Any, prompt: Any, message: str
+    emu: FluxKontextEmulator, images: Any, prompt: Any, message: str
 ) -> None:
     with pytest.raises(AirflowFailException, match=message):
         make_op(input_images=images, prompt=prompt).execute(make_context(FakeStore()))
     assert emu.created_count == 0
 
 
-def test_every_bad_image_is_named_before_any_create(emu: KontextEmulator, shots: Path) -> None:
+def test_every_bad_image_is_named_before_any_create(emu: FluxKontextEmulator, shots: Path) -> None:
     (shots / "broken.png").write_bytes(b"not a png")
     images = [str(shots / "shot0.png"), str(shots / "broken.png"), str(shots / "missing.png")]
     with pytest.raises(AirflowFailException) as failure:
@@ -157,7 +157,7 @@ def test_literal_bad_model_input_fails_at_parse_time() -> None:
 
 
 def test_deferred_batch_waits_in_one_trigger_and_resumes_from_the_store(
-    emu: KontextEmulator, shots: Path, tmp_path: Path
+    emu: FluxKontextEmulator, shots: Path, tmp_path: Path
 ) -> None:
     store = FakeStore()
     op = make_op(input_images=str(shots), deferrable=True, output_path=str(tmp_path / "out"))
@@ -191,7 +191,7 @@ async def _events(trigger: FluxKontextBatchTrigger) -> list[Any]:
 
 
 def test_partial_failure_fails_listing_which_keeps_successes_and_retry_redoes_only_those(
-    emu: KontextEmulator, shots: Path, tmp_path: Path
+    emu: FluxKontextEmulator, shots: Path, tmp_path: Path
 ) -> None:
     emu.faults.fail_predictions(2, error="CUDA out of memory")
     store = FakeStore()
@@ -217,7 +217,7 @@ def test_partial_failure_fails_listing_which_keeps_successes_and_retry_redoes_on
     assert [row["status"] for row in pushed(context, "predictions")] == ["succeeded"] * 6
 
 
-def test_fail_on_partial_false_succeeds_with_failures_recorded(emu: KontextEmulator, shots: Path) -> None:
+def test_fail_on_partial_false_succeeds_with_failures_recorded(emu: FluxKontextEmulator, shots: Path) -> None:
     emu.faults.fail_predictions(1)
     context = make_context(FakeStore())
     result = make_op(input_images=str(shots), fail_on_partial=False).execute(context)
@@ -229,7 +229,7 @@ def test_fail_on_partial_false_succeeds_with_failures_recorded(emu: KontextEmula
 
 
 def test_lost_creates_are_found_in_the_list_and_never_created_twice(
-    emu: KontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
+    emu: FluxKontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Image 1's create reached the server but its answer was lost; image 3's never left: the retry
     adopts the first from the account's list and creates only the second."""
@@ -275,7 +275,9 @@ def test_lost_creates_are_found_in_the_list_and_never_created_twice(
     assert len({row["prediction"] for row in rows}) == 6
 
 
-def test_resume_after_a_killed_worker_waits_for_what_was_created(emu: KontextEmulator, shots: Path) -> None:
+def test_resume_after_a_killed_worker_waits_for_what_was_created(
+    emu: FluxKontextEmulator, shots: Path
+) -> None:
     """A worker killed after some creates: its record says which exist; the next try creates the rest."""
     store = FakeStore()
     first = make_op(input_images=str(shots), deferrable=True)
@@ -295,7 +297,7 @@ def test_resume_after_a_killed_worker_waits_for_what_was_created(emu: KontextEmu
 
 
 def test_refused_token_stops_the_creates_and_fails_without_retry(
-    emu: KontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
+    emu: FluxKontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     conn = {"conn_type": "fluxkontext", "host": emu.base_url, "password": "r8_wrong"}
     monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps(conn))
@@ -304,7 +306,7 @@ def test_refused_token_stops_the_creates_and_fails_without_retry(
     assert emu.created_count == 0
 
 
-def test_batch_key_names_the_store_entries(emu: KontextEmulator, shots: Path) -> None:
+def test_batch_key_names_the_store_entries(emu: FluxKontextEmulator, shots: Path) -> None:
     store = FakeStore()
     with pytest.raises(TaskDeferred):
         make_op(input_images=str(shots), deferrable=True).execute(make_context(store))
@@ -313,7 +315,7 @@ def test_batch_key_names_the_store_entries(emu: KontextEmulator, shots: Path) ->
 
 
 def test_images_added_to_the_folder_between_tries_are_matched_by_content(
-    emu: KontextEmulator, shots: Path
+    emu: FluxKontextEmulator, shots: Path
 ) -> None:
     store = FakeStore()
     with pytest.raises(TaskDeferred) as deferred:
@@ -335,7 +337,7 @@ def test_images_added_to_the_folder_between_tries_are_matched_by_content(
 
 @options(prediction_seconds=30.0)
 def test_predictions_past_the_timeout_are_canceled_and_the_retry_redoes_them(
-    emu: KontextEmulator, shots: Path
+    emu: FluxKontextEmulator, shots: Path
 ) -> None:
     images = sorted(str(p) for p in shots.glob("*.png"))[:2]
     with pytest.raises(FluxKontextBatchFailed) as failure:
@@ -347,7 +349,7 @@ def test_predictions_past_the_timeout_are_canceled_and_the_retry_redoes_them(
 
 
 def test_an_unforeseen_error_in_one_create_is_reported_and_leaves_a_retryable_failure(
-    emu: KontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
+    emu: FluxKontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import airflow_provider_kontext.edits.request as edit_request
 
@@ -383,7 +385,7 @@ class FakeTi:
 
 
 def test_without_a_task_state_store_the_record_rides_the_trys_xcoms_across_the_deferral(
-    emu: KontextEmulator, shots: Path
+    emu: FluxKontextEmulator, shots: Path
 ) -> None:
     """Airflow < 3.3: no store; the batch still resumes after its deferral with every result."""
     ti = FakeTi()
@@ -405,7 +407,7 @@ def series_context(store: Any, try_number: int, max_tries: int, clear_number: in
 
 
 def test_a_retry_after_the_batch_finished_completes_from_the_record_and_a_clear_edits_afresh(
-    emu: KontextEmulator, shots: Path
+    emu: FluxKontextEmulator, shots: Path
 ) -> None:
     """The record is marked finished, not deleted: Airflow may fail the try after the batch finished
     (its scheduler race, a kill), and the retry must not pay for every image again."""
@@ -420,7 +422,9 @@ def test_a_retry_after_the_batch_finished_completes_from_the_record_and_a_clear_
     assert cleared != first
 
 
-def test_fail_on_partial_false_a_clear_edits_every_image_afresh(emu: KontextEmulator, shots: Path) -> None:
+def test_fail_on_partial_false_a_clear_edits_every_image_afresh(
+    emu: FluxKontextEmulator, shots: Path
+) -> None:
     emu.faults.fail_predictions(1)
     store = FakeStore()
     first = make_op(input_images=str(shots), fail_on_partial=False).execute(series_context(store, 1, 1))
@@ -434,7 +438,7 @@ def test_fail_on_partial_false_a_clear_edits_every_image_afresh(emu: KontextEmul
 
 @options(prediction_seconds=30.0)
 def test_without_a_store_a_retryable_partial_failure_fails_without_retries(
-    emu: KontextEmulator, shots: Path
+    emu: FluxKontextEmulator, shots: Path
 ) -> None:
     """Airflow < 3.3: a retry starts with the try's XComs cleared and would pay again for every image."""
     images = sorted(str(p) for p in shots.glob("*.png"))[:2]
@@ -446,7 +450,7 @@ def test_without_a_store_a_retryable_partial_failure_fails_without_retries(
 
 
 def test_a_create_that_may_have_reached_the_server_keeps_its_mark_a_refused_one_drops_it(
-    emu: KontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
+    emu: FluxKontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A connection error (OSError) leaves "creating" so a retry searches the list; a 400 answer
     (nothing created) drops it. The refusal's text is redacted wherever it is kept."""

@@ -24,7 +24,7 @@ import requests
 from PIL import Image
 
 from airflow_provider_kontext.models import Prediction
-from airflow_provider_kontext.testing import KontextEmulator
+from airflow_provider_kontext.testing import FluxKontextEmulator
 from airflow_provider_kontext.testing.create_request import parse_cancel_after
 from airflow_provider_kontext.testing.faults import CREATE, NSFW_ERROR, PREDICTION
 from airflow_provider_kontext.testing.service import RequestRecord
@@ -91,7 +91,7 @@ def edit_input(**overrides: Any) -> dict[str, Any]:
 
 
 def create(
-    http: requests.Session, emu: KontextEmulator, headers: dict[str, str] | None = None, **inputs: Any
+    http: requests.Session, emu: FluxKontextEmulator, headers: dict[str, str] | None = None, **inputs: Any
 ) -> requests.Response:
     return http.post(f"{emu.base_url}{DEV}", json={"input": edit_input(**inputs)}, headers=headers or {})
 
@@ -109,7 +109,7 @@ def poll(http: requests.Session, url: str, timeout: float = 5.0) -> list[dict[st
     raise AssertionError(f"not terminal after {timeout}s: {seen[-1]['status']}")
 
 
-def finish(http: requests.Session, emu: KontextEmulator, **inputs: Any) -> dict[str, Any]:
+def finish(http: requests.Session, emu: FluxKontextEmulator, **inputs: Any) -> dict[str, Any]:
     response = create(http, emu, **inputs)
     assert response.status_code == 201, response.text
     return poll(http, response.json()["urls"]["get"])[-1]
@@ -148,7 +148,7 @@ def assert_problem(response: requests.Response, status: int) -> dict[str, Any]:
 # even when a loaded machine answers each poll in a few hundred ms (0.2 s did not).
 @emulator_options(prediction_seconds=1.5, start_seconds=0.1)
 def test_lifecycle_reaches_succeeded_with_growing_logs(
-    kontext_emulator: KontextEmulator, http: requests.Session
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
 ) -> None:
     emu = kontext_emulator
     response = create(http, emu)
@@ -192,7 +192,7 @@ def test_lifecycle_reaches_succeeded_with_growing_logs(
 
 
 def test_each_aspect_ratio_has_kontext_size(
-    kontext_emulator: KontextEmulator, http: requests.Session
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
 ) -> None:
     emu = kontext_emulator
     urls = {ratio: create(http, emu, aspect_ratio=ratio).json()["urls"]["get"] for ratio in SIZES}
@@ -205,7 +205,7 @@ def test_each_aspect_ratio_has_kontext_size(
 
 
 @emulator_options(output_scale=1.0)
-def test_full_scale_sizes(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_full_scale_sizes(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     for ratio in ("1:1", "16:9"):
         image, _ = output_image(http, finish(http, kontext_emulator, aspect_ratio=ratio))
         assert image.size == SIZES[ratio]
@@ -215,7 +215,7 @@ def test_full_scale_sizes(kontext_emulator: KontextEmulator, http: requests.Sess
     ("output_format", "pillow_format"), [("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")]
 )
 def test_output_formats(
-    kontext_emulator: KontextEmulator, http: requests.Session, output_format: str, pillow_format: str
+    kontext_emulator: FluxKontextEmulator, http: requests.Session, output_format: str, pillow_format: str
 ) -> None:
     prediction = finish(http, kontext_emulator, output_format=output_format, output_quality=50)
     assert prediction["output"].endswith(f"/output.{output_format}")
@@ -223,7 +223,7 @@ def test_output_formats(
     assert image.format == pillow_format
 
 
-def test_output_is_deterministic(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_output_is_deterministic(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     emu = kontext_emulator
     first = [create(http, emu).json()["urls"]["get"] for _ in range(2)]
     other_seed = create(http, emu, seed=7).json()["urls"]["get"]
@@ -234,13 +234,15 @@ def test_output_is_deterministic(kontext_emulator: KontextEmulator, http: reques
     assert a != d
 
 
-def test_edit_changes_the_image(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_edit_changes_the_image(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     image, _ = output_image(http, finish(http, kontext_emulator, output_format="png"))
     middle = image.convert("RGB").getpixel((image.width // 2, image.height // 3))
     assert middle != (200, 40, 40), "the prompt's tint should change the colour"
 
 
-def test_random_seed_when_unset_or_zero(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_random_seed_when_unset_or_zero(
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
+) -> None:
     for seed in (None, 0):
         inputs = edit_input(seed=seed) if seed is not None else {"prompt": "x", "input_image": IMAGE}
         response = http.post(f"{kontext_emulator.base_url}{DEV}", json={"input": inputs})
@@ -252,7 +254,7 @@ def test_random_seed_when_unset_or_zero(kontext_emulator: KontextEmulator, http:
 # --- input images -------------------------------------------------------------------------------
 
 
-def test_uploaded_file_as_input(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_uploaded_file_as_input(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     emu = kontext_emulator
     content = png_bytes((200, 200))
     response = http.post(f"{emu.base_url}/v1/files", files={"content": ("photo.png", content, "image/png")})
@@ -270,15 +272,17 @@ def test_uploaded_file_as_input(kontext_emulator: KontextEmulator, http: request
 
 
 def test_output_of_one_prediction_as_input_of_another(
-    kontext_emulator: KontextEmulator, http: requests.Session
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
 ) -> None:
     first = finish(http, kontext_emulator, aspect_ratio="16:9")
     second = finish(http, kontext_emulator, input_image=first["output"], prompt="now add a hat")
     assert second["status"] == "succeeded"
 
 
-def test_input_from_another_local_server(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
-    with KontextEmulator() as other:
+def test_input_from_another_local_server(
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
+) -> None:
+    with FluxKontextEmulator() as other:
         uploaded = http.post(
             f"{other.base_url}/v1/files", files={"content": ("a.png", png_bytes((100, 300)), "image/png")}
         ).json()
@@ -298,7 +302,7 @@ def test_input_from_another_local_server(kontext_emulator: KontextEmulator, http
     ],
 )
 def test_unusable_input_image_fails_the_prediction(
-    kontext_emulator: KontextEmulator, http: requests.Session, input_image: str, message: str
+    kontext_emulator: FluxKontextEmulator, http: requests.Session, input_image: str, message: str
 ) -> None:
     prediction = finish(http, kontext_emulator, input_image=input_image)
     assert prediction["status"] == "failed"
@@ -306,7 +310,7 @@ def test_unusable_input_image_fails_the_prediction(
     assert prediction["output"] is None
 
 
-def test_bmp_is_refused(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_bmp_is_refused(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (10, 10)).save(buffer, format="BMP")
     # labelled png, so only the bytes can give it away
@@ -315,7 +319,9 @@ def test_bmp_is_refused(kontext_emulator: KontextEmulator, http: requests.Sessio
     assert "a BMP image" in prediction["error"]
 
 
-def test_gif_and_transparent_webp_inputs(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_gif_and_transparent_webp_inputs(
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
+) -> None:
     for pillow_format, mode in (("GIF", "P"), ("WEBP", "RGBA")):
         buffer = io.BytesIO()
         Image.new(mode, (64, 48)).save(buffer, format=pillow_format)
@@ -339,7 +345,7 @@ def test_gif_and_transparent_webp_inputs(kontext_emulator: KontextEmulator, http
     ],
 )
 def test_invalid_input_is_422_naming_the_field(
-    kontext_emulator: KontextEmulator, http: requests.Session, inputs: dict[str, Any], field: str
+    kontext_emulator: FluxKontextEmulator, http: requests.Session, inputs: dict[str, Any], field: str
 ) -> None:
     response = http.post(f"{kontext_emulator.base_url}{DEV}", json={"input": inputs})
     body = assert_problem(response, 422)
@@ -348,7 +354,7 @@ def test_invalid_input_is_422_naming_the_field(
     assert kontext_emulator.created_count == 0
 
 
-def test_bad_bodies(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_bad_bodies(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     base = kontext_emulator.base_url
     assert_problem(http.post(f"{base}{DEV}", data=b"{not json"), 400)
     assert "input" in assert_problem(http.post(f"{base}{DEV}", json={}), 422)["detail"]
@@ -358,7 +364,7 @@ def test_bad_bodies(kontext_emulator: KontextEmulator, http: requests.Session) -
     assert_problem(http.post(f"{base}/v1/files", data={"filename": "x"}), 422)
 
 
-def test_create_by_version(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_create_by_version(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     base = kontext_emulator.base_url
     for version, expected_version in [
         ("black-forest-labs/flux-kontext-pro:abc123", "abc123"),
@@ -378,7 +384,7 @@ def test_create_by_version(kontext_emulator: KontextEmulator, http: requests.Ses
 
 
 def test_pro_model_without_image_generates_one(
-    kontext_emulator: KontextEmulator, http: requests.Session
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
 ) -> None:
     url = f"{kontext_emulator.base_url}/v1/models/black-forest-labs/flux-kontext-pro/predictions"
     response = http.post(url, json={"input": {"prompt": "a lighthouse", "aspect_ratio": "2:1"}})
@@ -387,7 +393,7 @@ def test_pro_model_without_image_generates_one(
     assert image.size == scaled((1456, 720))
 
 
-def test_account_and_list(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_account_and_list(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     base = kontext_emulator.base_url
     assert http.get(f"{base}/v1/account").json() == {
         "type": "user",
@@ -404,7 +410,7 @@ def test_account_and_list(kontext_emulator: KontextEmulator, http: requests.Sess
 
 
 @emulator_options(token="s3cret")
-def test_token_required(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_token_required(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     base = kontext_emulator.base_url
     body = assert_problem(http.get(f"{base}/v1/account"), 401)
     assert body["title"] == "Unauthenticated"
@@ -420,7 +426,7 @@ def test_token_required(kontext_emulator: KontextEmulator, http: requests.Sessio
 
 
 @emulator_options(path_prefix="/replicate/")
-def test_path_prefix(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_path_prefix(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     emu = kontext_emulator
     assert emu.base_url == f"http://127.0.0.1:{emu.port}/replicate"
     assert_problem(http.get(f"http://127.0.0.1:{emu.port}/v1/account"), 404)
@@ -435,7 +441,7 @@ def test_path_prefix(kontext_emulator: KontextEmulator, http: requests.Session) 
 
 
 def test_prefer_wait_returns_the_finished_prediction(
-    kontext_emulator: KontextEmulator, http: requests.Session
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
 ) -> None:
     started = time.monotonic()
     prediction = create(http, kontext_emulator, headers={"Prefer": "wait"}).json()
@@ -446,7 +452,7 @@ def test_prefer_wait_returns_the_finished_prediction(
 
 @emulator_options(prediction_seconds=5.0)
 def test_prefer_wait_n_gives_up_after_n_seconds(
-    kontext_emulator: KontextEmulator, http: requests.Session
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
 ) -> None:
     started = time.monotonic()
     prediction = create(http, kontext_emulator, headers={"Prefer": "wait=1"}).json()
@@ -458,7 +464,9 @@ def test_prefer_wait_n_gives_up_after_n_seconds(
 
 
 @emulator_options(start_seconds=30.0)
-def test_cancel_after_before_start_aborts(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_cancel_after_before_start_aborts(
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
+) -> None:
     response = create(http, kontext_emulator, headers={"Cancel-After": "5s"})
     created = response.json()
     assert created["deadline"] == iso_after(created["created_at"], 5)
@@ -472,7 +480,7 @@ def test_cancel_after_before_start_aborts(kontext_emulator: KontextEmulator, htt
 
 @emulator_options(start_seconds=0.02, prediction_seconds=60.0)
 def test_cancel_after_while_running_cancels(
-    kontext_emulator: KontextEmulator, http: requests.Session
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
 ) -> None:
     response = create(http, kontext_emulator, headers={"Cancel-After": "6"})
     kontext_emulator.clock.advance(6.5)
@@ -492,7 +500,7 @@ def test_cancel_after_parsing(value: str, seconds: float | None) -> None:
     assert parse_cancel_after(value) == seconds
 
 
-def test_cancel_after_formats(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_cancel_after_formats(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     """Every duration form Replicate documents, at or above its 5 s minimum (predictions here take
     0.1 s, so none comes near its deadline: no race with a busy machine)."""
     values = {"90s": 90, "5m": 300, "1h30m": 5400, "120": 120, "5000ms": 5, "1h30m45s": 5445}
@@ -506,7 +514,7 @@ def test_cancel_after_formats(kontext_emulator: KontextEmulator, http: requests.
 
 
 @emulator_options(prediction_seconds=2.0)
-def test_cancel_endpoint(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_cancel_endpoint(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     created = create(http, kontext_emulator).json()
     time.sleep(0.2)
     canceled = http.post(created["urls"]["cancel"])
@@ -518,14 +526,14 @@ def test_cancel_endpoint(kontext_emulator: KontextEmulator, http: requests.Sessi
 
 
 def test_cancel_after_success_changes_nothing(
-    kontext_emulator: KontextEmulator, http: requests.Session
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
 ) -> None:
     prediction = create(http, kontext_emulator, headers={"Prefer": "wait"}).json()
     assert http.post(prediction["urls"]["cancel"]).json()["status"] == "succeeded"
 
 
 def test_retention_removes_input_output_and_logs(
-    kontext_emulator: KontextEmulator, http: requests.Session
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
 ) -> None:
     prediction = create(http, kontext_emulator, headers={"Prefer": "wait"}).json()
     assert http.get(prediction["output"]).status_code == 200
@@ -545,7 +553,7 @@ def test_retention_removes_input_output_and_logs(
 
 
 def test_throttle_with_and_without_retry_after(
-    kontext_emulator: KontextEmulator, http: requests.Session
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
 ) -> None:
     emu = kontext_emulator
     emu.faults.throttle(1, method="POST", path=CREATE, retry_after=2)
@@ -565,7 +573,7 @@ def test_throttle_with_and_without_retry_after(
 
 def test_throttle_by_probability_is_seeded(http: requests.Session) -> None:
     def statuses(seed: int) -> list[int]:
-        with KontextEmulator(fault_seed=seed, **FAST) as emu:  # type: ignore[arg-type]
+        with FluxKontextEmulator(fault_seed=seed, **FAST) as emu:  # type: ignore[arg-type]
             emu.faults.throttle(probability=0.5, path="/v1/account")
             return [http.get(f"{emu.base_url}/v1/account").status_code for _ in range(40)]
 
@@ -575,7 +583,7 @@ def test_throttle_by_probability_is_seeded(http: requests.Session) -> None:
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])
-def test_server_errors(kontext_emulator: KontextEmulator, http: requests.Session, status: int) -> None:
+def test_server_errors(kontext_emulator: FluxKontextEmulator, http: requests.Session, status: int) -> None:
     emu = kontext_emulator
     emu.faults.server_error(2, status=status, method="GET", path=PREDICTION)
     url = create(http, emu).json()["urls"]["get"]
@@ -584,7 +592,9 @@ def test_server_errors(kontext_emulator: KontextEmulator, http: requests.Session
     assert http.get(url).status_code == 200
 
 
-def test_server_error_as_proxy_html_page(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_server_error_as_proxy_html_page(
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
+) -> None:
     kontext_emulator.faults.server_error(status=502, html=True)
     response = http.get(f"{kontext_emulator.base_url}/v1/account")
     assert response.status_code == 502
@@ -592,7 +602,9 @@ def test_server_error_as_proxy_html_page(kontext_emulator: KontextEmulator, http
     assert "<title>502 Bad Gateway</title>" in response.text
 
 
-def test_drop_connection_before_processing(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_drop_connection_before_processing(
+    kontext_emulator: FluxKontextEmulator, http: requests.Session
+) -> None:
     emu = kontext_emulator
     emu.faults.drop_connection(1, method="POST", path=CREATE)
     with pytest.raises(requests.ConnectionError):
@@ -602,7 +614,7 @@ def test_drop_connection_before_processing(kontext_emulator: KontextEmulator, ht
     assert emu.requests[0] == RequestRecord("POST", DEV, None)
 
 
-def test_drop_connection_after_processing(kontext_emulator: KontextEmulator) -> None:
+def test_drop_connection_after_processing(kontext_emulator: FluxKontextEmulator) -> None:
     emu = kontext_emulator
     emu.faults.drop_connection(1, method="POST", path=CREATE, after_processing=True)
     with httpx.Client(trust_env=False) as client, pytest.raises(httpx.TransportError):
@@ -612,7 +624,7 @@ def test_drop_connection_after_processing(kontext_emulator: KontextEmulator) -> 
     assert record.input["prompt"] == "make the background blue"
 
 
-def test_slow_responses(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_slow_responses(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     emu = kontext_emulator
     emu.faults.slow(0.3, path="/v1/account")
     started = time.monotonic()
@@ -636,7 +648,11 @@ def test_slow_responses(kontext_emulator: KontextEmulator, http: requests.Sessio
     ],
 )
 def test_fail_predictions(
-    kontext_emulator: KontextEmulator, http: requests.Session, arm: dict[str, Any], status: str, error: str
+    kontext_emulator: FluxKontextEmulator,
+    http: requests.Session,
+    arm: dict[str, Any],
+    status: str,
+    error: str,
 ) -> None:
     kontext_emulator.faults.fail_predictions(1, **arm)
     failed = finish(http, kontext_emulator)
@@ -646,7 +662,7 @@ def test_fail_predictions(
     assert finish(http, kontext_emulator)["status"] == "succeeded"
 
 
-def test_forced_cancel_and_abort(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_forced_cancel_and_abort(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     kontext_emulator.faults.cancel_predictions(1)
     kontext_emulator.faults.abort_predictions(1)
     canceled, aborted = finish(http, kontext_emulator), finish(http, kontext_emulator)
@@ -656,7 +672,7 @@ def test_forced_cancel_and_abort(kontext_emulator: KontextEmulator, http: reques
     assert "started_at" not in aborted  # not nullable in the OpenAPI description: left out
 
 
-def test_images_api_shape(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_images_api_shape(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     kontext_emulator.faults.images_api_shape(1)
     before = int(time.time())
     response = create(http, kontext_emulator)
@@ -672,7 +688,7 @@ def test_images_api_shape(kontext_emulator: KontextEmulator, http: requests.Sess
     assert create(http, kontext_emulator).json()["status"] == "starting"  # used up
 
 
-def test_http_control_endpoints(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
+def test_http_control_endpoints(kontext_emulator: FluxKontextEmulator, http: requests.Session) -> None:
     base = kontext_emulator.base_url
     armed = http.post(
         f"{base}/_emulator/faults",
@@ -712,7 +728,7 @@ def test_package_import_is_cheap() -> None:
     code = (
         "import sys, airflow_provider_kontext.testing as t; "
         "heavy = [m for m in ('fastapi', 'uvicorn', 'PIL', 'starlette') if m in sys.modules]; "
-        "assert not heavy, heavy; assert t.KontextEmulator.__name__ == 'KontextEmulator'"
+        "assert not heavy, heavy; assert t.FluxKontextEmulator.__name__ == 'FluxKontextEmulator'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

@@ -21,7 +21,7 @@ import requests
 from emulated import data_uri, options, png, started
 from openapi_contract import Contract
 
-from airflow_provider_kontext.testing import KontextEmulator
+from airflow_provider_kontext.testing import FluxKontextEmulator
 from airflow_provider_kontext.testing.model_catalog import MODEL_VERSIONS
 
 DEV_MODEL = "black-forest-labs/flux-kontext-dev"
@@ -34,13 +34,13 @@ INPUT = {"prompt": "make it red", "input_image": data_uri(png((64, 48))), "seed"
 
 
 @pytest.fixture
-def emu(request: pytest.FixtureRequest) -> Iterator[KontextEmulator]:
+def emu(request: pytest.FixtureRequest) -> Iterator[FluxKontextEmulator]:
     with started(request, token=TOKEN) as emulator:
         yield emulator
 
 
 @pytest.fixture
-def contract(emu: KontextEmulator) -> Contract:
+def contract(emu: FluxKontextEmulator) -> Contract:
     return Contract(emu.base_url)
 
 
@@ -54,7 +54,7 @@ def http(contract: Contract) -> Iterator[requests.Session]:
         yield session
 
 
-def create(http: requests.Session, emu: KontextEmulator, **kwargs: Any) -> requests.Response:
+def create(http: requests.Session, emu: FluxKontextEmulator, **kwargs: Any) -> requests.Response:
     body = {"input": INPUT, **kwargs.pop("body", {})}
     return http.post(f"{emu.base_url}{DEV}", json=body, **kwargs)
 
@@ -72,7 +72,7 @@ def wait_until_terminal(http: requests.Session, url: str, timeout: float = 30.0)
 # --- the validator itself -----------------------------------------------------------------------
 
 
-def test_the_contract_catches_departures(emu: KontextEmulator, contract: Contract) -> None:
+def test_the_contract_catches_departures(emu: FluxKontextEmulator, contract: Contract) -> None:
     """A body the description forbids fails the check (so the checks below can fail)."""
     good = requests.Session()
     good.trust_env = False
@@ -105,7 +105,7 @@ def _json_headers() -> dict[str, str]:
 
 
 def test_create_get_cancel_list_validate(
-    emu: KontextEmulator, http: requests.Session, contract: Contract
+    emu: FluxKontextEmulator, http: requests.Session, contract: Contract
 ) -> None:
     created = create(http, emu)
     assert created.status_code == 201
@@ -131,7 +131,7 @@ def test_create_get_cancel_list_validate(
 
 
 @options(prediction_seconds=5.0)
-def test_prefer_wait_that_runs_out_answers_starting(emu: KontextEmulator, http: requests.Session) -> None:
+def test_prefer_wait_that_runs_out_answers_starting(emu: FluxKontextEmulator, http: requests.Session) -> None:
     started = time.monotonic()
     body = create(http, emu, headers={"Prefer": "wait=1"}).json()
     assert time.monotonic() - started >= 0.9
@@ -140,13 +140,15 @@ def test_prefer_wait_that_runs_out_answers_starting(emu: KontextEmulator, http: 
     assert http.get(body["urls"]["get"]).json()["status"] == "processing"
 
 
-def test_prefer_wait_that_finishes_answers_the_result(emu: KontextEmulator, http: requests.Session) -> None:
+def test_prefer_wait_that_finishes_answers_the_result(
+    emu: FluxKontextEmulator, http: requests.Session
+) -> None:
     body = create(http, emu, headers={"Prefer": "wait"}).json()
     assert body["status"] == "succeeded"
     assert body["output"].startswith(f"{emu.base_url}/files/")
 
 
-def test_cancel_after_minimum_and_deadline(emu: KontextEmulator, http: requests.Session) -> None:
+def test_cancel_after_minimum_and_deadline(emu: FluxKontextEmulator, http: requests.Session) -> None:
     for too_short in ("4s", "4999ms", "1"):
         response = create(http, emu, headers={"Cancel-After": too_short})
         assert response.status_code == 400, too_short
@@ -160,7 +162,7 @@ def test_cancel_after_minimum_and_deadline(emu: KontextEmulator, http: requests.
 
 
 @options(start_seconds=30.0)
-def test_deadline_before_start_aborts(emu: KontextEmulator, http: requests.Session) -> None:
+def test_deadline_before_start_aborts(emu: FluxKontextEmulator, http: requests.Session) -> None:
     body = create(http, emu, headers={"Cancel-After": "5s"}).json()
     emu.clock.advance(5.1)
     final = http.get(body["urls"]["get"]).json()
@@ -168,7 +170,7 @@ def test_deadline_before_start_aborts(emu: KontextEmulator, http: requests.Sessi
     assert final["completed_at"] == body["deadline"]
 
 
-def test_retention_removes_input_output_and_logs(emu: KontextEmulator, http: requests.Session) -> None:
+def test_retention_removes_input_output_and_logs(emu: FluxKontextEmulator, http: requests.Session) -> None:
     body = create(http, emu, headers={"Prefer": "wait"}).json()
     emu.clock.advance(3601)
     removed = http.get(body["urls"]["get"]).json()
@@ -193,7 +195,7 @@ def test_retention_removes_input_output_and_logs(emu: KontextEmulator, http: req
     ],
 )
 def test_request_schema_is_enforced(
-    emu: KontextEmulator, http: requests.Session, body: dict[str, Any], field: str
+    emu: FluxKontextEmulator, http: requests.Session, body: dict[str, Any], field: str
 ) -> None:
     response = create(http, emu, body=body)
     assert response.status_code == 422, response.text
@@ -203,7 +205,7 @@ def test_request_schema_is_enforced(
     assert emu.created_count == 0
 
 
-def test_unknown_keys_on_the_version_create(emu: KontextEmulator, http: requests.Session) -> None:
+def test_unknown_keys_on_the_version_create(emu: FluxKontextEmulator, http: requests.Session) -> None:
     response = http.post(
         f"{emu.base_url}/v1/predictions", json={"version": DEV_MODEL, "input": INPUT, "x": 1}
     )
@@ -215,7 +217,7 @@ def test_unknown_keys_on_the_version_create(emu: KontextEmulator, http: requests
 
 
 def test_list_pages_newest_first_with_created_after_and_cursors(
-    emu: KontextEmulator, http: requests.Session
+    emu: FluxKontextEmulator, http: requests.Session
 ) -> None:
     ids = [create(http, emu).json()["id"] for _ in range(5)]
     cut = http.get(f"{emu.base_url}/v1/predictions/{ids[2]}").json()["created_at"]
@@ -251,7 +253,7 @@ def test_list_pages_newest_first_with_created_after_and_cursors(
     assert http.get(f"{emu.base_url}/v1/predictions", params={"cursor": "!!"}).status_code == 400
 
 
-def _iso_of(prediction_id: str, http: requests.Session, emu: KontextEmulator) -> str:
+def _iso_of(prediction_id: str, http: requests.Session, emu: FluxKontextEmulator) -> str:
     return str(http.get(f"{emu.base_url}/v1/predictions/{prediction_id}").json()["created_at"])
 
 
@@ -274,7 +276,7 @@ def parse_events(text: str) -> list[tuple[str, str]]:
     return events
 
 
-def test_stream_sends_logs_output_and_done(emu: KontextEmulator, http: requests.Session) -> None:
+def test_stream_sends_logs_output_and_done(emu: FluxKontextEmulator, http: requests.Session) -> None:
     body = create(http, emu).json()
     response = http.get(body["urls"]["stream"], headers={"Accept": "text/event-stream"}, timeout=30)
     assert response.status_code == 200
@@ -287,7 +289,7 @@ def test_stream_sends_logs_output_and_done(emu: KontextEmulator, http: requests.
     assert http.get(f"{emu.base_url}/v1/predictions/nope/stream").status_code == 404
 
 
-def test_stream_of_a_failed_prediction(emu: KontextEmulator, http: requests.Session) -> None:
+def test_stream_of_a_failed_prediction(emu: FluxKontextEmulator, http: requests.Session) -> None:
     emu.faults.fail_predictions(1, error="CUDA out of memory")
     body = create(http, emu).json()
     events = parse_events(http.get(body["urls"]["stream"], timeout=30).text)
@@ -298,7 +300,7 @@ def test_stream_of_a_failed_prediction(emu: KontextEmulator, http: requests.Sess
 
 
 def test_files_metadata_list_delete_and_download(
-    emu: KontextEmulator, http: requests.Session, contract: Contract
+    emu: FluxKontextEmulator, http: requests.Session, contract: Contract
 ) -> None:
     content = b"\x89PNG not really"
     uploaded = http.post(
@@ -340,7 +342,7 @@ def test_files_metadata_list_delete_and_download(
     assert {("POST", 201), ("GET", 200), ("DELETE", 204), ("GET", 404)} <= contract.operations()
 
 
-def test_file_metadata_must_be_an_object(emu: KontextEmulator, http: requests.Session) -> None:
+def test_file_metadata_must_be_an_object(emu: FluxKontextEmulator, http: requests.Session) -> None:
     response = http.post(
         f"{emu.base_url}/v1/files", files={"content": ("a", b"a")}, data={"metadata": "[1, 2]"}
     )
@@ -350,7 +352,7 @@ def test_file_metadata_must_be_an_object(emu: KontextEmulator, http: requests.Se
 # --- models -------------------------------------------------------------------------------------
 
 
-def test_models_and_versions(emu: KontextEmulator, http: requests.Session) -> None:
+def test_models_and_versions(emu: FluxKontextEmulator, http: requests.Session) -> None:
     model = http.get(f"{emu.base_url}/v1/models/{DEV_MODEL}").json()
     assert (model["owner"], model["name"]) == tuple(DEV_MODEL.split("/"))
     version = model["latest_version"]
@@ -418,7 +420,7 @@ def wait_for(condition: Any, timeout: float = 30.0) -> None:
 
 @options(prediction_seconds=1.2)
 def test_webhooks_are_sent_for_the_requested_events_and_signed(
-    emu: KontextEmulator, http: requests.Session, contract: Contract
+    emu: FluxKontextEmulator, http: requests.Session, contract: Contract
 ) -> None:
     secret = http.get(f"{emu.base_url}/v1/webhooks/default/secret").json()["key"]
     assert secret == emu.webhook_secret
@@ -457,7 +459,7 @@ def test_webhooks_are_sent_for_the_requested_events_and_signed(
 
 
 def test_webhook_default_events_are_output_and_completed(
-    emu: KontextEmulator, http: requests.Session
+    emu: FluxKontextEmulator, http: requests.Session
 ) -> None:
     with Receiver() as receiver:
         create(http, emu, body={"webhook": receiver.url})
@@ -468,7 +470,7 @@ def test_webhook_default_events_are_output_and_completed(
 
 
 def test_only_completed_for_a_failed_prediction_and_retries(
-    emu: KontextEmulator, http: requests.Session
+    emu: FluxKontextEmulator, http: requests.Session
 ) -> None:
     emu.faults.fail_predictions(1, nsfw=True)
     with Receiver(statuses=[503, 200]) as receiver:
@@ -486,7 +488,7 @@ def test_only_completed_for_a_failed_prediction_and_retries(
     assert json.loads(receiver.received[1][1])["status"] == "failed"
 
 
-def test_webhooks_to_other_hosts_are_not_sent(emu: KontextEmulator, http: requests.Session) -> None:
+def test_webhooks_to_other_hosts_are_not_sent(emu: FluxKontextEmulator, http: requests.Session) -> None:
     """The emulator is offline: a webhook that is not on a loopback address is recorded, not sent."""
     create(
         http,

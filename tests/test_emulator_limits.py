@@ -12,7 +12,7 @@ import requests
 from emulated import data_uri, options, png, started
 from openapi_contract import Contract
 
-from airflow_provider_kontext.testing import KontextEmulator
+from airflow_provider_kontext.testing import FluxKontextEmulator
 from airflow_provider_kontext.testing.emulator import main
 from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
 
@@ -26,7 +26,7 @@ BODY = {"input": {"prompt": "x", "input_image": data_uri(png((16, 16), (1, 2, 3)
 
 
 @pytest.fixture
-def emu(request: pytest.FixtureRequest) -> Iterator[KontextEmulator]:
+def emu(request: pytest.FixtureRequest) -> Iterator[FluxKontextEmulator]:
     with started(request) as emulator:
         if emulator.config.rate_limit is not None:
             emulator.clock.freeze()  # count tokens exactly: only advance() refills
@@ -34,7 +34,7 @@ def emu(request: pytest.FixtureRequest) -> Iterator[KontextEmulator]:
 
 
 @pytest.fixture
-def http(emu: KontextEmulator) -> Iterator[requests.Session]:
+def http(emu: FluxKontextEmulator) -> Iterator[requests.Session]:
     with requests.Session() as session:
         session.trust_env = False
         session.hooks["response"].append(Contract(emu.base_url).requests_hook())
@@ -60,14 +60,14 @@ def assert_throttled(response: requests.Response) -> float:
     return float(re.findall(r"~(\d+)s", body["detail"])[0])
 
 
-def test_unlimited_by_default(emu: KontextEmulator, http: requests.Session) -> None:
+def test_unlimited_by_default(emu: FluxKontextEmulator, http: requests.Session) -> None:
     assert set(statuses(http, f"{emu.base_url}/v1/account", 300)) == {200}
     assert set(statuses(http, f"{emu.base_url}{DEV}", 30, "POST")) == {201}
     assert emu.state()["config"]["rate_limit"] is None
 
 
 @options(rate_limit="replicate")
-def test_replicate_limits_others(emu: KontextEmulator, http: requests.Session) -> None:
+def test_replicate_limits_others(emu: FluxKontextEmulator, http: requests.Session) -> None:
     """3000/min with a burst of 100: the 101st request at once is throttled, then 50 a second."""
     seen = statuses(http, f"{emu.base_url}/v1/account", 101)
     assert seen[:100] == [200] * 100
@@ -80,7 +80,7 @@ def test_replicate_limits_others(emu: KontextEmulator, http: requests.Session) -
 
 
 @options(rate_limit="replicate")
-def test_replicate_limits_creates(emu: KontextEmulator, http: requests.Session) -> None:
+def test_replicate_limits_creates(emu: FluxKontextEmulator, http: requests.Session) -> None:
     """600/min with a burst of 20; a throttled create creates nothing."""
     assert statuses(http, f"{emu.base_url}{DEV}", 21, "POST") == [201] * 20 + [429]
     assert emu.created_count == 20
@@ -92,7 +92,7 @@ def test_replicate_limits_creates(emu: KontextEmulator, http: requests.Session) 
 
 
 @options(rate_limit="low-credit")
-def test_low_credit(emu: KontextEmulator, http: requests.Session) -> None:
+def test_low_credit(emu: FluxKontextEmulator, http: requests.Session) -> None:
     """1 request a second and 6 a minute, creates and the rest together."""
     url = f"{emu.base_url}/v1/account"
     assert statuses(http, url, 2) == [200, 429]
@@ -109,7 +109,7 @@ def test_low_credit(emu: KontextEmulator, http: requests.Session) -> None:
 
 
 @options(rate_limit="60,120,1")
-def test_explicit_numbers_and_what_is_not_counted(emu: KontextEmulator, http: requests.Session) -> None:
+def test_explicit_numbers_and_what_is_not_counted(emu: FluxKontextEmulator, http: requests.Session) -> None:
     """CREATES,OTHERS[,BURST_SECONDS] per minute; output files and control endpoints do not count."""
     assert statuses(http, f"{emu.base_url}{DEV}", 2, "POST") == [201, 429]
     assert statuses(http, f"{emu.base_url}/v1/account", 3) == [200, 200, 429]
@@ -136,7 +136,7 @@ def test_rate_limit_specs() -> None:
         with pytest.raises(ValueError):
             RateLimit.parse(bad)
     with pytest.raises(ValueError):
-        KontextEmulator(rate_limit="fast")
+        FluxKontextEmulator(rate_limit="fast")
     assert RateLimiter.detail(0.2) == "Request was throttled. Your rate limit resets in ~1s."
     assert RateLimiter.detail(29.5) == "Request was throttled. Your rate limit resets in ~30s."
 
@@ -170,14 +170,16 @@ def test_fixture_option(pytester: pytest.Pytester) -> None:
 # --- realistic timing ---------------------------------------------------------------------------
 
 
-def durations(emu: KontextEmulator, http: requests.Session, count: int) -> list[tuple[float, float]]:
+def durations(emu: FluxKontextEmulator, http: requests.Session, count: int) -> list[tuple[float, float]]:
     ids = [http.post(f"{emu.base_url}{DEV}", json=BODY).json()["id"] for _ in range(count)]
     records = emu.predictions
     return [(records[i].timing.start_seconds, records[i].timing.prediction_seconds) for i in ids]
 
 
 @options(start_seconds=0.6, prediction_seconds=4.0, spread=0.5, timing_seed=3)
-def test_durations_vary_per_prediction_around_the_mean(emu: KontextEmulator, http: requests.Session) -> None:
+def test_durations_vary_per_prediction_around_the_mean(
+    emu: FluxKontextEmulator, http: requests.Session
+) -> None:
     seen = durations(emu, http, 40)
     starts, runs = zip(*seen, strict=True)
     assert len(set(runs)) == 40
@@ -188,12 +190,12 @@ def test_durations_vary_per_prediction_around_the_mean(emu: KontextEmulator, htt
     assert durations(emu, http, 40) == seen
 
 
-def test_fixed_durations_by_default(emu: KontextEmulator, http: requests.Session) -> None:
+def test_fixed_durations_by_default(emu: FluxKontextEmulator, http: requests.Session) -> None:
     assert set(durations(emu, http, 5)) == {(0.02, 0.1)}
 
 
 @options(prediction_seconds=0.4, start_seconds=0.1, spread=0.5)
-def test_a_varied_prediction_still_shows_its_phases(emu: KontextEmulator, http: requests.Session) -> None:
+def test_a_varied_prediction_still_shows_its_phases(emu: FluxKontextEmulator, http: requests.Session) -> None:
     created = http.post(f"{emu.base_url}{DEV}", json=BODY).json()
     assert created["status"] == "starting"
     emu.clock.advance(5.0)

@@ -20,7 +20,7 @@ from emulated import data_uri, options, png, started
 from openapi_contract import Contract
 from PIL import Image
 
-from airflow_provider_kontext.testing import KontextEmulator
+from airflow_provider_kontext.testing import FluxKontextEmulator
 from airflow_provider_kontext.testing.model_catalog import MODEL_VERSIONS
 
 replicate = pytest.importorskip("replicate")
@@ -33,18 +33,18 @@ POLL = 0.05
 
 
 @pytest.fixture
-def emu(request: pytest.FixtureRequest) -> Iterator[KontextEmulator]:
+def emu(request: pytest.FixtureRequest) -> Iterator[FluxKontextEmulator]:
     with started(request, prediction_seconds=0.3, start_seconds=0.05, token=TOKEN) as emulator:
         yield emulator
 
 
 @pytest.fixture
-def contract(emu: KontextEmulator) -> Contract:
+def contract(emu: FluxKontextEmulator) -> Contract:
     return Contract(emu.base_url)
 
 
 @pytest.fixture
-def client(emu: KontextEmulator, contract: Contract) -> Iterator[Any]:
+def client(emu: FluxKontextEmulator, contract: Contract) -> Iterator[Any]:
     client = replicate.Client(
         api_token=TOKEN,
         base_url=emu.base_url,
@@ -57,7 +57,7 @@ def client(emu: KontextEmulator, contract: Contract) -> Iterator[Any]:
 
 
 @pytest.fixture
-async def aclient(emu: KontextEmulator, contract: Contract) -> AsyncIterator[Any]:
+async def aclient(emu: FluxKontextEmulator, contract: Contract) -> AsyncIterator[Any]:
     client = replicate.Client(
         api_token=TOKEN,
         base_url=emu.base_url,
@@ -87,7 +87,7 @@ def test_run_with_a_data_uri(client: Any, contract: Contract) -> None:
     assert ("POST", 201) in contract.operations()
 
 
-def test_run_with_a_file_object(client: Any, emu: KontextEmulator, tmp_path: Path) -> None:
+def test_run_with_a_file_object(client: Any, emu: FluxKontextEmulator, tmp_path: Path) -> None:
     path = tmp_path / "photo.png"
     path.write_bytes(png((64, 64)))
     with path.open("rb") as handle:
@@ -98,7 +98,7 @@ def test_run_with_a_file_object(client: Any, emu: KontextEmulator, tmp_path: Pat
 
 
 @options(prediction_seconds=2.5)
-def test_run_with_a_wait_shorter_than_the_prediction(client: Any, emu: KontextEmulator) -> None:
+def test_run_with_a_wait_shorter_than_the_prediction(client: Any, emu: FluxKontextEmulator) -> None:
     """``Prefer: wait=1`` runs out; the emulator answers ``starting`` like Replicate, so the
     client keeps waiting and returns the output (it returned ``None`` against 'processing')."""
     output = client.run(DEV_MODEL, input={"prompt": "x", "input_image": data_uri(png())}, wait=1)
@@ -107,7 +107,7 @@ def test_run_with_a_wait_shorter_than_the_prediction(client: Any, emu: KontextEm
     assert any(r.method == "GET" and r.path.startswith("/v1/predictions/") for r in emu.requests)
 
 
-def test_run_owner_name_version(client: Any, emu: KontextEmulator) -> None:
+def test_run_owner_name_version(client: Any, emu: FluxKontextEmulator) -> None:
     ref = f"{DEV_MODEL}:{MODEL_VERSIONS[DEV_MODEL]}"
     output = client.run(ref, input={"prompt": "x", "input_image": data_uri(png())})
     assert_image(output, (62, 42))
@@ -117,7 +117,7 @@ def test_run_owner_name_version(client: Any, emu: KontextEmulator) -> None:
     assert f"/v1/models/{DEV_MODEL}/versions/{MODEL_VERSIONS[DEV_MODEL]}" in paths
 
 
-def test_run_that_fails_raises_model_error(client: Any, emu: KontextEmulator) -> None:
+def test_run_that_fails_raises_model_error(client: Any, emu: FluxKontextEmulator) -> None:
     emu.faults.fail_predictions(1, nsfw=True)
     with pytest.raises(replicate.exceptions.ModelError, match="NSFW"):
         client.run(DEV_MODEL, input={"prompt": "x", "input_image": data_uri(png())})
@@ -205,7 +205,7 @@ def test_files_create_get_list_delete(client: Any, tmp_path: Path) -> None:
     assert raised.value.status == 404
 
 
-def test_webhook_secret(client: Any, emu: KontextEmulator) -> None:
+def test_webhook_secret(client: Any, emu: FluxKontextEmulator) -> None:
     assert client.webhooks.default.secret().key == emu.webhook_secret
 
 
@@ -218,7 +218,7 @@ async def test_async_run_data_uri_and_short_wait(aclient: Any) -> None:
     assert_image(output, (62, 42))
 
 
-async def test_async_run_with_a_file_object(aclient: Any, emu: KontextEmulator, tmp_path: Path) -> None:
+async def test_async_run_with_a_file_object(aclient: Any, emu: FluxKontextEmulator, tmp_path: Path) -> None:
     path = tmp_path / "photo.png"
     path.write_bytes(png((64, 64)))
     with path.open("rb") as handle:
@@ -245,7 +245,7 @@ async def test_async_predictions(aclient: Any) -> None:
     assert events[-2:] == ["output", "done"]
 
 
-async def test_async_models_files_and_secret(aclient: Any, emu: KontextEmulator, tmp_path: Path) -> None:
+async def test_async_models_files_and_secret(aclient: Any, emu: FluxKontextEmulator, tmp_path: Path) -> None:
     model = await aclient.models.async_get(DEV_MODEL)
     assert model.latest_version.id == MODEL_VERSIONS[DEV_MODEL]
     path = tmp_path / "a.png"

@@ -203,9 +203,9 @@ def test_file_id_of(url, base, expected):
 @pytest.fixture
 def emulated_hook(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-    from airflow_provider_kontext.testing.emulator import KontextEmulator
+    from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
-    with KontextEmulator(token="r8_OrphansTest_3f1c", prediction_seconds=30.0) as emulator:
+    with FluxKontextEmulator(token="r8_OrphansTest_3f1c", prediction_seconds=30.0) as emulator:
         conn = {"conn_type": "fluxkontext", "host": emulator.base_url, "password": "r8_OrphansTest_3f1c"}
         monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps(conn))
         yield FluxKontextHook()

@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from airflow_provider_kontext.testing import KontextEmulator
+from airflow_provider_kontext.testing import FluxKontextEmulator
 from airflow_provider_kontext.triggers import watcher as watcher_module
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
 
@@ -34,15 +34,15 @@ BODY = {"input": {"prompt": "x", "input_image": png_uri()}}
 
 
 @pytest.fixture
-def emu(monkeypatch: pytest.MonkeyPatch) -> Iterator[KontextEmulator]:
-    with KontextEmulator(prediction_seconds=0.6, start_seconds=0.1, output_scale=0.02) as emulator:
+def emu(monkeypatch: pytest.MonkeyPatch) -> Iterator[FluxKontextEmulator]:
+    with FluxKontextEmulator(prediction_seconds=0.6, start_seconds=0.1, output_scale=0.02) as emulator:
         conn = {"conn_type": "fluxkontext", "host": emulator.base_url}
         monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", json.dumps(conn))
         monkeypatch.delenv("REPLICATE_API_TOKEN", raising=False)
         yield emulator
 
 
-def create(emu: KontextEmulator, count: int) -> list[dict[str, Any]]:
+def create(emu: FluxKontextEmulator, count: int) -> list[dict[str, Any]]:
     with requests.Session() as http:
         http.trust_env = False
         answers = [http.post(emu.base_url + DEV, json=BODY, timeout=30) for _ in range(count)]
@@ -67,7 +67,7 @@ async def wait_all(triggers: list[FluxKontextPredictionTrigger]) -> list[dict[st
     return list(await asyncio.wait_for(asyncio.gather(*(first(t) for t in triggers)), timeout=120))
 
 
-def counts(emu: KontextEmulator) -> tuple[int, int]:
+def counts(emu: FluxKontextEmulator) -> tuple[int, int]:
     """(list requests, single reads) the emulator saw."""
     lists = sum(1 for r in emu.requests if r.method == "GET" and r.path.split("?")[0] == "/v1/predictions")
     singles = sum(1 for r in emu.requests if r.method == "GET" and r.path.startswith("/v1/predictions/"))
@@ -78,7 +78,7 @@ def no_watchers_left() -> bool:
     return all(not watchers for watchers in watcher_module.PredictionWatcher._watchers.values())
 
 
-async def test_many_waits_are_answered_from_the_list(emu: KontextEmulator) -> None:
+async def test_many_waits_are_answered_from_the_list(emu: FluxKontextEmulator) -> None:
     predictions = create(emu, 40)
     events = await wait_all([trigger(p, created_at=p["created_at"]) for p in predictions])
     assert [e["status"] for e in events] == ["succeeded"] * 40
@@ -90,7 +90,7 @@ async def test_many_waits_are_answered_from_the_list(emu: KontextEmulator) -> No
     assert no_watchers_left()
 
 
-async def test_one_wait_polls_alone(emu: KontextEmulator) -> None:
+async def test_one_wait_polls_alone(emu: FluxKontextEmulator) -> None:
     (prediction,) = create(emu, 1)
     (event,) = await wait_all([trigger(prediction)])
     assert event["status"] == "succeeded"
@@ -100,7 +100,7 @@ async def test_one_wait_polls_alone(emu: KontextEmulator) -> None:
     assert no_watchers_left()
 
 
-async def test_waits_without_created_at_are_found_in_the_newest_page(emu: KontextEmulator) -> None:
+async def test_waits_without_created_at_are_found_in_the_newest_page(emu: FluxKontextEmulator) -> None:
     """Triggers deferred without ``created_at`` (older operators) still share the list."""
     predictions = create(emu, 20)
     events = await wait_all([trigger(p) for p in predictions])
@@ -110,7 +110,7 @@ async def test_waits_without_created_at_are_found_in_the_newest_page(emu: Kontex
     assert lists + singles < 20
 
 
-async def test_a_prediction_missing_from_the_window_is_read_alone(emu: KontextEmulator) -> None:
+async def test_a_prediction_missing_from_the_window_is_read_alone(emu: FluxKontextEmulator) -> None:
     """One trigger claims a ``created_at`` later than the truth, so the window, which starts at the
     oldest claimed ``created_at`` (less a margin), does not reach its prediction: it reads alone and
     ends like the others."""
@@ -128,7 +128,7 @@ async def test_a_prediction_missing_from_the_window_is_read_alone(emu: KontextEm
     assert singles_of_missing
 
 
-async def test_paging_past_one_page(emu: KontextEmulator) -> None:
+async def test_paging_past_one_page(emu: FluxKontextEmulator) -> None:
     predictions = create(emu, 130)
     events = await wait_all([trigger(p, created_at=p["created_at"]) for p in predictions])
     assert [e["status"] for e in events] == ["succeeded"] * 130
@@ -138,7 +138,7 @@ async def test_paging_past_one_page(emu: KontextEmulator) -> None:
     assert singles < 30
 
 
-async def test_a_failed_prediction_is_read_in_full_for_its_error(emu: KontextEmulator) -> None:
+async def test_a_failed_prediction_is_read_in_full_for_its_error(emu: FluxKontextEmulator) -> None:
     """The list shows it ``failed`` but without logs: the event's error and log tail come from a
     read of its own."""
     emu.faults.fail_predictions(1, error="the model ran out of memory")
@@ -152,7 +152,7 @@ async def test_a_failed_prediction_is_read_in_full_for_its_error(emu: KontextEmu
     assert any(r.path == f"/v1/predictions/{predictions[0]['id']}" for r in emu.requests)
 
 
-async def test_a_restart_picks_the_waits_up_again(emu: KontextEmulator) -> None:
+async def test_a_restart_picks_the_waits_up_again(emu: FluxKontextEmulator) -> None:
     """The triggerer stops mid-wait (its triggers canceled); a new one runs them from their kwargs."""
     predictions = create(emu, 12)
     triggers = [trigger(p, created_at=p["created_at"]) for p in predictions]
@@ -170,7 +170,7 @@ async def test_a_restart_picks_the_waits_up_again(emu: KontextEmulator) -> None:
     assert [e["status"] for e in events] == ["succeeded"] * 12
 
 
-async def test_two_triggerers_watching_one_account(emu: KontextEmulator) -> None:
+async def test_two_triggerers_watching_one_account(emu: FluxKontextEmulator) -> None:
     """Two event loops (two triggerers) with waits of the same account each sweep for their own."""
     predictions = create(emu, 24)
     results: dict[int, list[dict[str, Any]]] = {}
@@ -190,7 +190,7 @@ async def test_two_triggerers_watching_one_account(emu: KontextEmulator) -> None
 # --- the hook's list method ------------------------------------------------------------------------
 
 
-async def test_alist_predictions_pages_newest_first_from_created_after(emu: KontextEmulator) -> None:
+async def test_alist_predictions_pages_newest_first_from_created_after(emu: FluxKontextEmulator) -> None:
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
     predictions = create(emu, 105)

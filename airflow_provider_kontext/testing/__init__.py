@@ -1,7 +1,7 @@
 """Test support: an offline emulator of Replicate's predictions API for FLUX.1 Kontext.
 
 Importing this package is cheap; the emulator (FastAPI, uvicorn, Pillow: the ``emulator`` extra)
-loads on first use of :class:`KontextEmulator`. For pytest, enable the fixture ``kontext_emulator``
+loads on first use of :class:`FluxKontextEmulator`. For pytest, enable the fixture ``kontext_emulator``
 with ``pytest_plugins = ["airflow_provider_kontext.testing.pytest_plugin"]``.
 """
 
@@ -22,14 +22,15 @@ if _missing:
 if TYPE_CHECKING:
     from airflow_provider_kontext.testing.faults import Faults
     from airflow_provider_kontext.testing.ratelimit import RateLimit
-    from airflow_provider_kontext.testing.server import KontextEmulator
+    from airflow_provider_kontext.testing.server import FluxKontextEmulator
     from airflow_provider_kontext.testing.service import RequestRecord
     from airflow_provider_kontext.testing.webhooks import Delivery
 
-__all__ = ["Delivery", "Faults", "KontextEmulator", "RateLimit", "RequestRecord"]
+__all__ = ["Delivery", "Faults", "FluxKontextEmulator", "RateLimit", "RequestRecord"]
 
 _LAZY = {
-    "KontextEmulator": "airflow_provider_kontext.testing.server",
+    "FluxKontextEmulator": "airflow_provider_kontext.testing.server",
+    "KontextEmulator": "airflow_provider_kontext.testing.server",  # the name before 0.2
     "Faults": "airflow_provider_kontext.testing.faults",
     "RateLimit": "airflow_provider_kontext.testing.ratelimit",
     "RequestRecord": "airflow_provider_kontext.testing.service",

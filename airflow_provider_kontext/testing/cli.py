@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from airflow_provider_kontext.testing.lifecycle import REALISTIC_TIMING, Timing
-from airflow_provider_kontext.testing.server import KontextEmulator
+from airflow_provider_kontext.testing.server import FluxKontextEmulator
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,13 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def emulator_from_args(args: argparse.Namespace) -> KontextEmulator:
+def emulator_from_args(args: argparse.Namespace) -> FluxKontextEmulator:
     """Return the (not yet started) emulator the command line asks for.
 
     :raises ValueError: for bad options (a negative duration, a bad rate limit).
     """
     base = REALISTIC_TIMING if args.realistic else Timing()
-    return KontextEmulator(
+    return FluxKontextEmulator(
         token=args.token,
         path_prefix=args.path_prefix,
         prediction_seconds=_given(args.prediction_seconds, base.prediction_seconds),

@@ -1,4 +1,4 @@
-"""The emulator's options, as :class:`~airflow_provider_kontext.testing.KontextEmulator` takes them.
+"""The emulator's options, as :class:`~airflow_provider_kontext.testing.FluxKontextEmulator` takes them.
 
 A frozen value every store reads; nothing in it changes while the emulator runs.
 """
@@ -13,7 +13,7 @@ from airflow_provider_kontext.testing.ratelimit import RateLimit
 
 @dataclass(frozen=True)
 class EmulatorConfig:
-    """The emulator's options (see :class:`~airflow_provider_kontext.testing.KontextEmulator`)."""
+    """The emulator's options (see :class:`~airflow_provider_kontext.testing.FluxKontextEmulator`)."""
 
     token: str | None = None
     path_prefix: str = ""

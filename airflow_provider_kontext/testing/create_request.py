@@ -12,7 +12,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from airflow_provider_kontext.exceptions import KontextInputError
+from airflow_provider_kontext.exceptions import FluxKontextInputError
 from airflow_provider_kontext.models import validate_input
 from airflow_provider_kontext.testing.problems import ProblemError, invalid_field
 from airflow_provider_kontext.testing.webhooks import WEBHOOK_EVENTS
@@ -125,7 +125,7 @@ def model_input(model: str, document: dict[str, Any]) -> dict[str, Any]:
         )
     try:
         return validate_input(model, raw_input)
-    except KontextInputError as exc:
+    except FluxKontextInputError as exc:
         raise ProblemError(
             422,
             "Input validation failed",

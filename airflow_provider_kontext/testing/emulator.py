@@ -1,8 +1,8 @@
 """An offline emulator of Replicate's predictions API for FLUX.1 Kontext, served over real HTTP.
 
-:class:`KontextEmulator` runs a FastAPI app under uvicorn in a background thread on 127.0.0.1::
+:class:`FluxKontextEmulator` runs a FastAPI app under uvicorn in a background thread on 127.0.0.1::
 
-    with KontextEmulator(prediction_seconds=0.2, output_scale=0.1) as emu:
+    with FluxKontextEmulator(prediction_seconds=0.2, output_scale=0.1) as emu:
         requests.post(f"{emu.base_url}/v1/models/black-forest-labs/flux-kontext-dev/predictions", ...)
         emu.faults.throttle(2, method="POST", path=faults.CREATE)
 
@@ -18,7 +18,7 @@ applies the rate limits when asked (``rate_limit=``) and logs ``(method, path, s
 
 Where each part lives, in ``airflow_provider_kontext/testing/``:
 
-- ``server.py``: :class:`KontextEmulator`, the server thread, start and stop, introspection.
+- ``server.py``: :class:`FluxKontextEmulator`, the server thread, start and stop, introspection.
 - ``cli.py``: the command line (this module runs it).
 - ``app.py``: the routes, each mapped onto one store; ``gateway.py``: prefix, faults, token, rate
   limits and the request log in front of them; ``problems.py``: RFC 7807 error answers.
@@ -40,9 +40,16 @@ import sys
 from airflow_provider_kontext.testing.app import build_api
 from airflow_provider_kontext.testing.cli import emulator_from_args, main
 from airflow_provider_kontext.testing.problems import problem_response
-from airflow_provider_kontext.testing.server import KontextEmulator
+from airflow_provider_kontext.testing.server import FluxKontextEmulator, KontextEmulator
 
-__all__ = ["KontextEmulator", "build_api", "emulator_from_args", "main", "problem_response"]
+__all__ = [
+    "FluxKontextEmulator",
+    "KontextEmulator",
+    "build_api",
+    "emulator_from_args",
+    "main",
+    "problem_response",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""pytest plugin with the ``kontext_emulator`` fixture: a started :class:`KontextEmulator` per test.
+"""pytest plugin with the ``kontext_emulator`` fixture: a started :class:`FluxKontextEmulator` per test.
 
 Enable it with ``pytest_plugins = ["airflow_provider_kontext.testing.pytest_plugin"]``. Options go
 to the emulator's constructor, from the ``kontext_emulator_options`` fixture (override it in a
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from airflow_provider_kontext.testing.emulator import KontextEmulator
+    from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,16 +35,16 @@ def kontext_emulator_options() -> dict[str, Any]:
 @pytest.fixture
 def kontext_emulator(
     request: pytest.FixtureRequest, kontext_emulator_options: dict[str, Any]
-) -> Iterator[KontextEmulator]:
+) -> Iterator[FluxKontextEmulator]:
     """Yield a started emulator on 127.0.0.1 and stop it after the test.
 
     Options come from ``kontext_emulator_options``, then from the test's ``kontext_emulator`` marker.
     """
-    from airflow_provider_kontext.testing.emulator import KontextEmulator
+    from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
     options = dict(kontext_emulator_options)
     marker = request.node.get_closest_marker("kontext_emulator")
     if marker is not None:
         options.update(marker.kwargs)
-    with KontextEmulator(**options) as emulator:
+    with FluxKontextEmulator(**options) as emulator:
         yield emulator

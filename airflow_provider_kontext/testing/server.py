@@ -1,8 +1,8 @@
-"""Serve the emulator over real HTTP: :class:`KontextEmulator` runs it on 127.0.0.1 in a thread.
+"""Serve the emulator over real HTTP: :class:`FluxKontextEmulator` runs it on 127.0.0.1 in a thread.
 
 The emulator is a FastAPI app (routes in ``app.py``) behind a gateway (``gateway.py``), served by
-uvicorn in a background thread with its own event loop. :meth:`KontextEmulator.start` returns once
-the port accepts connections and raises if the server could not start; :meth:`~KontextEmulator.stop`
+uvicorn in a background thread with its own event loop. :meth:`FluxKontextEmulator.start` returns once
+the port accepts connections and raises if the server could not start; :meth:`~FluxKontextEmulator.stop`
 ends waits and streams at once and gives in-flight requests a second. The properties and methods
 below ``introspection`` read the state from the test's thread.
 """
@@ -77,7 +77,7 @@ class _Server(uvicorn.Server):
             task.cancel()
 
 
-class KontextEmulator:
+class FluxKontextEmulator:
     """Replicate's predictions API for FLUX.1 Kontext on 127.0.0.1, with faults on demand.
 
     :param token: the API token clients must send as ``Authorization: Bearer <token>``;
@@ -160,7 +160,7 @@ class KontextEmulator:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> KontextEmulator:
+    def start(self) -> FluxKontextEmulator:
         """Start serving in a background thread; return once the port accepts connections.
 
         :raises RuntimeError: when it is already running or the server did not start.
@@ -234,7 +234,7 @@ class KontextEmulator:
         finally:
             sock.close()
 
-    def __enter__(self) -> KontextEmulator:
+    def __enter__(self) -> FluxKontextEmulator:
         return self.start()
 
     def __exit__(
@@ -322,3 +322,7 @@ class KontextEmulator:
     def reset(self) -> None:
         """Forget predictions, uploads and the request log; disarm every fault."""
         self._service.reset()
+
+
+#: The name of releases before 0.2 (one class prefix since).
+KontextEmulator = FluxKontextEmulator

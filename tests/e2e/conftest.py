@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "r8_E2E_SECRET_7f3a9c5d"
@@ -67,7 +67,7 @@ class Airflow:
         return result
 
     def dags_test(
-        self, dag_id: str, emulator: KontextEmulator, conf: dict[str, Any] | None = None, **extra: Any
+        self, dag_id: str, emulator: FluxKontextEmulator, conf: dict[str, Any] | None = None, **extra: Any
     ) -> AirflowRun:
         connection = {
             "conn_type": "fluxkontext",
@@ -87,8 +87,8 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Airflow:
 
 
 @pytest.fixture
-def emulator() -> Iterator[KontextEmulator]:
-    with KontextEmulator(
+def emulator() -> Iterator[FluxKontextEmulator]:
+    with FluxKontextEmulator(
         token=TOKEN, path_prefix=PREFIX, prediction_seconds=1.0, start_seconds=0.2, output_scale=0.25
     ) as emu:
         yield emu

@@ -18,7 +18,7 @@ from typing import Any
 
 import requests
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .cluster import Cluster, cluster_env
 
@@ -51,7 +51,7 @@ class Site:
         return client
 
 
-def start_site(home: Path, emulator: KontextEmulator) -> Site:
+def start_site(home: Path, emulator: FluxKontextEmulator) -> Site:
     """Run the pipeline once with ``airflow dags test``, then start the API server alone."""
     dags = home / "dags"
     shutil.copytree(ROOT / "example_dags", dags)

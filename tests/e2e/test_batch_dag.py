@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .conftest import TOKEN, Airflow
 
@@ -37,7 +37,7 @@ def _tries(airflow: Airflow, dag_id: str, task_id: str) -> list[tuple[str, int]]
 
 
 def test_batch_pipeline_edits_twenty_images_in_one_task_and_one_deferral(
-    airflow: Airflow, emulator: KontextEmulator, tmp_path: Path
+    airflow: Airflow, emulator: FluxKontextEmulator, tmp_path: Path
 ) -> None:
     shots = _shots(tmp_path / "shots", 20)
     out = tmp_path / "out"
@@ -99,7 +99,7 @@ with DAG(
 
 
 def test_retry_after_a_partial_failure_edits_only_the_failed_images(
-    airflow: Airflow, emulator: KontextEmulator, tmp_path: Path
+    airflow: Airflow, emulator: FluxKontextEmulator, tmp_path: Path
 ) -> None:
     shots = _shots(tmp_path / "shots", 6)
     out = tmp_path / "out"
@@ -118,7 +118,7 @@ def test_retry_after_a_partial_failure_edits_only_the_failed_images(
 
 
 def test_a_failed_prediction_fails_the_batch_once_keeping_the_others(
-    airflow: Airflow, emulator: KontextEmulator, tmp_path: Path
+    airflow: Airflow, emulator: FluxKontextEmulator, tmp_path: Path
 ) -> None:
     shots = _shots(tmp_path / "shots", 5)
     out = tmp_path / "out"

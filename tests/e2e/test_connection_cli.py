@@ -10,7 +10,7 @@ import subprocess
 import sys
 from urllib.parse import urlsplit
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .conftest import TOKEN, Airflow
 
@@ -25,14 +25,14 @@ def _test(airflow: Airflow, connection: dict[str, object]) -> str:
     return result.output
 
 
-def test_connections_test_prints_the_account(airflow: Airflow, emulator: KontextEmulator) -> None:
+def test_connections_test_prints_the_account(airflow: Airflow, emulator: FluxKontextEmulator) -> None:
     output = _test(airflow, {"conn_type": "fluxkontext", "host": emulator.base_url, "password": TOKEN})
     assert "Connection success!" in output
     assert f"Connected to {emulator.base_url} as emulator" in output
 
 
 def test_connections_test_hints_at_http_for_a_scheme_less_host(
-    airflow: Airflow, emulator: KontextEmulator
+    airflow: Airflow, emulator: FluxKontextEmulator
 ) -> None:
     host = emulator.base_url.removeprefix("http://")
     output = _test(
@@ -81,7 +81,9 @@ def _press_test_button(airflow: Airflow, conn_id: str, host: str, port: int) -> 
     return status, answer
 
 
-def test_test_button_on_airflow_3_3_needs_a_stored_port(airflow: Airflow, emulator: KontextEmulator) -> None:
+def test_test_button_on_airflow_3_3_needs_a_stored_port(
+    airflow: Airflow, emulator: FluxKontextEmulator
+) -> None:
     """What the README says of the Test button: "Bad Request" without a port, the account with one.
 
     Should the first assertion fail, Airflow has fixed its bug: drop the README's workaround."""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .cluster import Cluster, cluster_env
 
@@ -54,12 +54,14 @@ with DAG(dag_id={dag_id!r}, schedule=None, catchup=False, default_args={{"retrie
 
 
 @pytest.fixture
-def emulator_fast() -> Iterator[KontextEmulator]:
-    with KontextEmulator(token=TOKEN, prediction_seconds=0.3, start_seconds=0.1, output_scale=0.02) as emu:
+def emulator_fast() -> Iterator[FluxKontextEmulator]:
+    with FluxKontextEmulator(
+        token=TOKEN, prediction_seconds=0.3, start_seconds=0.1, output_scale=0.02
+    ) as emu:
         yield emu
 
 
-def start_cluster(tmp_path: Path, emu: KontextEmulator, holds: dict[str, str]) -> Cluster:
+def start_cluster(tmp_path: Path, emu: FluxKontextEmulator, holds: dict[str, str]) -> Cluster:
     home, dags = tmp_path / "home", tmp_path / "dags"
     dags.mkdir(parents=True)
     home.mkdir()
@@ -115,7 +117,7 @@ def run_edits(cluster: Cluster, dag_id: str, ended: tuple[str, ...]) -> dict[str
 
 
 @pytest.mark.timeout(1200)
-def test_no_resumed_try_is_lost(tmp_path: Path, emulator_fast: KontextEmulator) -> None:
+def test_no_resumed_try_is_lost(tmp_path: Path, emulator_fast: FluxKontextEmulator) -> None:
     cluster = start_cluster(tmp_path, emulator_fast, {"race_held": "None"})
     try:
         result = run_edits(cluster, "race_held", ("success", "failed", "up_for_retry"))
@@ -136,7 +138,7 @@ def test_no_resumed_try_is_lost(tmp_path: Path, emulator_fast: KontextEmulator) 
 @pytest.mark.load
 @pytest.mark.timeout(1200)
 def test_without_the_hold_the_race_fails_resumed_tries(
-    tmp_path: Path, emulator_fast: KontextEmulator
+    tmp_path: Path, emulator_fast: FluxKontextEmulator
 ) -> None:
     cluster = start_cluster(tmp_path, emulator_fast, {"race_at_once": "0"})
     try:

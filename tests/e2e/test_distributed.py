@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .cluster import Cluster, cluster_env, free_port
 from .conftest import ROOT
@@ -296,7 +296,7 @@ def distributed_run(
         DAG.format(resumes=str(resumes), dag_id=DAG_ID, image=_image_uri(), edits=EDITS)
     )
     pg = f"airflow@127.0.0.1:{services['postgres']}/airflow"
-    with KontextEmulator(
+    with FluxKontextEmulator(
         token=TOKEN, prediction_seconds=8.0, start_seconds=0.5, output_scale=0.1, fault_seed=15
     ) as api:
         api.faults.throttle(probability=THROTTLED_SHARE, available_in=0.2)

@@ -14,7 +14,7 @@ import requests
 from PIL import Image
 
 from airflow_provider_kontext.edits.outputs import safe_stem
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .conftest import TOKEN, Airflow
 
@@ -30,7 +30,7 @@ def _single_image_dir(tmp_path: Path) -> Path:
     return folder
 
 
-def test_minimal_dag_edits_one_image(airflow: Airflow, emulator: KontextEmulator) -> None:
+def test_minimal_dag_edits_one_image(airflow: Airflow, emulator: FluxKontextEmulator) -> None:
     run = airflow.dags_test("kontext_edit_minimal", emulator)
     assert run.ok, run.output[-4000:]
     assert emulator.created_count == 1
@@ -72,7 +72,7 @@ def _edit_instances(airflow: Airflow, run_id: str) -> list[tuple[int, str | None
 
 
 def test_pipeline_persists_every_edit_and_writes_a_manifest(
-    airflow: Airflow, emulator: KontextEmulator, tmp_path: Path
+    airflow: Airflow, emulator: FluxKontextEmulator, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     events_before = len(_asset_events(airflow))
@@ -131,7 +131,9 @@ def test_pipeline_persists_every_edit_and_writes_a_manifest(
     assert event[2] == {"manifest": str(manifest), "run_id": run_id, "edits": 3}
 
 
-def test_two_runs_keep_their_edits_apart(airflow: Airflow, emulator: KontextEmulator, tmp_path: Path) -> None:
+def test_two_runs_keep_their_edits_apart(
+    airflow: Airflow, emulator: FluxKontextEmulator, tmp_path: Path
+) -> None:
     conf = {"output_dir": str(tmp_path / "out"), "input_dir": str(_single_image_dir(tmp_path))}
     for _ in range(2):
         run = airflow.dags_test("kontext_asset_pipeline", emulator, conf)
@@ -145,7 +147,7 @@ def test_two_runs_keep_their_edits_apart(airflow: Airflow, emulator: KontextEmul
 
 
 def test_a_refused_token_fails_the_edit_once_although_retries_are_set(
-    airflow: Airflow, emulator: KontextEmulator, tmp_path: Path
+    airflow: Airflow, emulator: FluxKontextEmulator, tmp_path: Path
 ) -> None:
     """The pipeline's tasks have retries=2; a 401 on create would get the same answer every time."""
     connection = {"conn_type": "fluxkontext", "host": emulator.base_url, "password": "r8_wrong_token_e2e"}
@@ -184,7 +186,7 @@ def test_a_refused_token_fails_the_edit_once_although_retries_are_set(
     ],
 )
 def test_faults_that_end_in_success(
-    airflow: Airflow, emulator: KontextEmulator, tmp_path: Path, arm: object, expected_creates: int
+    airflow: Airflow, emulator: FluxKontextEmulator, tmp_path: Path, arm: object, expected_creates: int
 ) -> None:
     arm(emulator.faults)  # type: ignore[operator]
     conf = {"output_dir": str(tmp_path / "out"), "input_dir": str(_single_image_dir(tmp_path))}
@@ -197,7 +199,7 @@ def test_faults_that_end_in_success(
 
 
 def test_nsfw_failure_fails_the_task_with_the_models_message(
-    airflow: Airflow, emulator: KontextEmulator
+    airflow: Airflow, emulator: FluxKontextEmulator
 ) -> None:
     emulator.faults.fail_predictions(1, nsfw=True)
     run = airflow.dags_test("kontext_edit_minimal", emulator)
@@ -207,7 +209,7 @@ def test_nsfw_failure_fails_the_task_with_the_models_message(
 
 
 def test_lost_create_response_is_not_retried_into_a_second_prediction(
-    airflow: Airflow, emulator: KontextEmulator
+    airflow: Airflow, emulator: FluxKontextEmulator
 ) -> None:
     emulator.faults.drop_connection(1, method="POST", path="*/predictions", after_processing=True)
     run = airflow.dags_test("kontext_edit_minimal", emulator)

@@ -25,7 +25,7 @@ from urllib.parse import quote
 import pytest
 
 from airflow_provider_kontext.testing import faults
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .cluster import Cluster, cluster_env, status_reads
 from .conftest import ROOT, Airflow
@@ -251,7 +251,7 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     with ExitStack() as stack:
         emulators = {
             fault.task_id: stack.enter_context(
-                KontextEmulator(token=TOKEN, prediction_seconds=0.6, start_seconds=0.1, output_scale=0.1)
+                FluxKontextEmulator(token=TOKEN, prediction_seconds=0.6, start_seconds=0.1, output_scale=0.1)
             )
             for fault in FAULTS
         }
@@ -295,7 +295,7 @@ def fault_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
         yield {"output": result.output, "tis": tis, "emulators": emulators, "elapsed": elapsed}
 
 
-def _answers(emulator: KontextEmulator, endpoint: re.Pattern[str]) -> list[int | None]:
+def _answers(emulator: FluxKontextEmulator, endpoint: re.Pattern[str]) -> list[int | None]:
     method = "POST" if endpoint is CREATE else "GET"  # GET /v1/predictions is the list
     return [r.status for r in emulator.requests if r.method == method and endpoint.search(r.path)]
 
@@ -391,8 +391,8 @@ def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         # 20 s on both: the triggerer kill must find the edits still running. (A trigger firing within
         # seconds of its deferral would race the scheduler, apache/airflow#67287, #72716; the trigger
         # holds such an event for min_defer_seconds: tests/e2e/test_deferral_race.py.)
-        KontextEmulator(token=TOKEN, prediction_seconds=20.0, start_seconds=0.5, output_scale=0.1) as api,
-        KontextEmulator(
+        FluxKontextEmulator(token=TOKEN, prediction_seconds=20.0, start_seconds=0.5, output_scale=0.1) as api,
+        FluxKontextEmulator(
             token=None, path_prefix="/replicate", prediction_seconds=20.0, output_scale=0.1
         ) as proxy,
     ):

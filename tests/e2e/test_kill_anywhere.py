@@ -46,7 +46,7 @@ import psutil
 import pytest
 
 from airflow_provider_kontext.testing import faults
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .cluster import Cluster, cluster_env
 from .conftest import ROOT
@@ -336,7 +336,7 @@ def kill_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             edits=EDITS,
         )
     )
-    with KontextEmulator(token=TOKEN, prediction_seconds=3.0, start_seconds=0.3, output_scale=0.1) as api:
+    with FluxKontextEmulator(token=TOKEN, prediction_seconds=3.0, start_seconds=0.3, output_scale=0.1) as api:
         # Creates held before and after the prediction is made; output downloads held too.
         api.faults.slow(CREATE_HOLD, probability=1.0, method="POST", path=faults.CREATE)
         api.faults.slow(

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_kontext.testing import faults
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .conftest import ROOT, Airflow
 
@@ -63,7 +63,7 @@ def run_load(home: Path, edits: int, timeout: float) -> dict[str, Any]:
     png = (ROOT / "example_dags" / "images" / "mug.png").read_bytes()
     image = "data:image/png;base64," + base64.b64encode(png).decode()
     (airflow.dags / f"{DAG_ID}.py").write_text(LOAD_DAG.format(image=image, edits=edits, dag_id=DAG_ID))
-    with KontextEmulator(
+    with FluxKontextEmulator(
         token=TOKEN, prediction_seconds=0.05, start_seconds=0.0, output_scale=0.05, fault_seed=7
     ) as emu:
         emu.faults.throttle(probability=THROTTLED_SHARE, path=faults.ANY, available_in=0.01)

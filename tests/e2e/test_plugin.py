@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .plugin_site import PIPELINE, Site, start_site
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    with KontextEmulator(prediction_seconds=0.5, start_seconds=0.1, output_scale=0.25) as emulator:
+    with FluxKontextEmulator(prediction_seconds=0.5, start_seconds=0.1, output_scale=0.25) as emulator:
         started = start_site(tmp_path_factory.mktemp("plugin-site"), emulator)
         try:
             yield started

@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 
 import pytest
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .plugin_site import PIPELINE, ROOT, Site, add_synthetic_run, start_site
 
@@ -54,7 +54,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, browser: Any) -> Iterator[Site]:
-    with KontextEmulator(prediction_seconds=0.5, start_seconds=0.1, output_scale=0.25) as emulator:
+    with FluxKontextEmulator(prediction_seconds=0.5, start_seconds=0.1, output_scale=0.25) as emulator:
         started = start_site(tmp_path_factory.mktemp("plugin-browser"), emulator)
         try:
             yield started

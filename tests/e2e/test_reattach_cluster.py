@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .cluster import Cluster, cluster_env
 
@@ -64,7 +64,7 @@ def test_a_killed_finished_try_is_retried_for_free_and_a_clear_edits_afresh(tmp_
     dags.mkdir(parents=True)
     output = tmp_path / "outputs"
     (dags / "kontext_reattach.py").write_text(DAG.format(image=_image_uri(), output=str(output)))
-    with KontextEmulator(token=TOKEN, prediction_seconds=1.0, start_seconds=0.1, output_scale=0.1) as api:
+    with FluxKontextEmulator(token=TOKEN, prediction_seconds=1.0, start_seconds=0.1, output_scale=0.1) as api:
         connections = {
             "flux_kontext_default": {"conn_type": "fluxkontext", "host": api.base_url, "password": TOKEN}
         }

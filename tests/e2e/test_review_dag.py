@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .cluster import Cluster, cluster_env
 from .conftest import ROOT, TOKEN
@@ -37,7 +37,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Cluster, str]]:
     shutil.copy(ROOT / "example_dags" / "kontext_review.py", dags)
     shutil.copytree(ROOT / "example_dags" / "images", dags / "images")
     (home / "passwords.json").write_text(json.dumps({REVIEWER: PASSWORD}))
-    with KontextEmulator(
+    with FluxKontextEmulator(
         token=TOKEN, prediction_seconds=0.5, start_seconds=0.1, output_scale=0.25
     ) as emulator:
         connection = {"conn_type": "fluxkontext", "host": emulator.base_url, "password": TOKEN}

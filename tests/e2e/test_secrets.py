@@ -37,7 +37,7 @@ from urllib.parse import quote
 import pytest
 
 from airflow_provider_kontext.testing import faults
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .conftest import ROOT, Airflow
 
@@ -95,9 +95,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     (airflow.dags / f"{DAG_ID}.py").write_text(DAG.format(image=str(image), out=str(out), dag_id=DAG_ID))
     timing = {"prediction_seconds": 0.6, "start_seconds": 0.1, "output_scale": 0.1}
     with (
-        KontextEmulator(token=TOKEN, path_prefix="/replicate", **timing) as api,
-        KontextEmulator(token=None, path_prefix="/replicate", **timing) as proxy,
-        KontextEmulator(token=None, path_prefix="/replicate", **timing) as proxy_user,
+        FluxKontextEmulator(token=TOKEN, path_prefix="/replicate", **timing) as api,
+        FluxKontextEmulator(token=None, path_prefix="/replicate", **timing) as proxy,
+        FluxKontextEmulator(token=None, path_prefix="/replicate", **timing) as proxy_user,
     ):
         query = f"?key={quote(QUERY_TOKEN, safe='')}&region=eu"
         proxy_url = f"http://kontext:{URL_PASSWORD}@{proxy.base_url.removeprefix('http://')}{query}"

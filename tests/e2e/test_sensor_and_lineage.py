@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .conftest import TOKEN, Airflow
 
@@ -31,12 +31,12 @@ def _xcom(airflow: Airflow, task_id: str, key: str) -> Any:
     return json.loads(value if isinstance(value, str) else value.decode())
 
 
-def _conn_env(emulator: KontextEmulator) -> dict[str, str]:
+def _conn_env(emulator: FluxKontextEmulator) -> dict[str, str]:
     connection = {"conn_type": "fluxkontext", "host": emulator.base_url, "password": TOKEN}
     return {"AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT": json.dumps(connection)}
 
 
-def _run_sensor_dag(airflow: Airflow, emulator: KontextEmulator, out: Path, deferrable: str) -> str:
+def _run_sensor_dag(airflow: Airflow, emulator: FluxKontextEmulator, out: Path, deferrable: str) -> str:
     run = airflow.run_cli(
         ["dags", "test", "kontext_sensor", "--conf", json.dumps({"output_dir": str(out)})],
         env={**_conn_env(emulator), "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": deferrable},
@@ -47,7 +47,7 @@ def _run_sensor_dag(airflow: Airflow, emulator: KontextEmulator, out: Path, defe
 
 @pytest.mark.parametrize("deferrable", ["True", "False"])
 def test_sensor_waits_for_a_prediction_started_by_another_task(
-    airflow: Airflow, emulator: KontextEmulator, tmp_path: Path, deferrable: str
+    airflow: Airflow, emulator: FluxKontextEmulator, tmp_path: Path, deferrable: str
 ) -> None:
     out = tmp_path / "out"
     output = _run_sensor_dag(airflow, emulator, out, deferrable)
@@ -84,7 +84,7 @@ def _complete(events: list[dict[str, Any]], job_suffix: str) -> dict[str, Any]:
 
 
 def test_operator_and_sensor_emit_lineage_with_the_console_transport(
-    airflow: Airflow, emulator: KontextEmulator, tmp_path: Path
+    airflow: Airflow, emulator: FluxKontextEmulator, tmp_path: Path
 ) -> None:
     run = airflow.run_cli(["dags", "test", "kontext_edit_minimal"], env={**_conn_env(emulator), **CONSOLE})
     assert run.ok, run.output[-4000:]

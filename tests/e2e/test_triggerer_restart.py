@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_kontext.testing.emulator import KontextEmulator
+from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
 
 from .cluster import Cluster, cluster_env, status_reads
 from .conftest import ROOT, TOKEN
@@ -22,7 +22,7 @@ DAG_ID = "kontext_pipeline_manual"
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, emulator_slow: KontextEmulator) -> Iterator[Cluster]:
+def cluster(tmp_path: Path, emulator_slow: FluxKontextEmulator) -> Iterator[Cluster]:
     home = tmp_path / "home"
     dags = home / "dags"
     dags.mkdir(parents=True)
@@ -56,14 +56,16 @@ def cluster(tmp_path: Path, emulator_slow: KontextEmulator) -> Iterator[Cluster]
 
 
 @pytest.fixture
-def emulator_slow() -> Iterator[KontextEmulator]:
+def emulator_slow() -> Iterator[FluxKontextEmulator]:
     # 30 s: the kill must find the edits still running, on a busy machine too.
-    with KontextEmulator(token=TOKEN, prediction_seconds=30.0, start_seconds=0.5, output_scale=0.25) as emu:
+    with FluxKontextEmulator(
+        token=TOKEN, prediction_seconds=30.0, start_seconds=0.5, output_scale=0.25
+    ) as emu:
         yield emu
 
 
 def test_run_survives_a_triggerer_kill_with_one_prediction_per_task(
-    cluster: Cluster, emulator_slow: KontextEmulator, tmp_path: Path
+    cluster: Cluster, emulator_slow: FluxKontextEmulator, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     emu = emulator_slow
