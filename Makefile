@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow_home
 
-.PHONY: venv demo test lint check bench lock deps-check clean
+.PHONY: venv demo test lint docs check bench lock deps-check clean
 
 # Every version is held by ci/locks/dev.txt (`make lock` re-resolves it; `make deps-check` says what the
 # newest releases would break first).
@@ -23,12 +23,19 @@ demo: venv
 	$(BIN)/python scripts/demo.py
 
 lint: venv
-	$(BIN)/ruff check airflow_provider_kontext tests example_dags scripts ci
-	$(BIN)/ruff format --check airflow_provider_kontext tests example_dags scripts ci
+	$(BIN)/ruff check airflow_provider_kontext tests example_dags scripts ci docs/conf.py
+	$(BIN)/ruff format --check airflow_provider_kontext tests example_dags scripts ci docs/conf.py
 	$(BIN)/mypy
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The documentation site (docs/: Sphinx with MyST, the docs group) into docs/_build/html, strict:
+# every warning is an error, links to pages, heading anchors and repository files are checked (the
+# README's too). Offline: no external URL is fetched (no linkcheck).
+docs: venv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c $(LOCK) --group docs
+	$(BIN)/sphinx-build -E -W --keep-going -n -q -b html docs docs/_build/html
 
 check: lint test
 
@@ -46,4 +53,4 @@ deps-check: venv
 	UV=$(BIN)/uv ci/locks.sh check
 
 clean:
-	rm -rf $(VENV) .airflow_home .deps-check .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .airflow_home .deps-check .pytest_cache .mypy_cache .ruff_cache docs/_build

@@ -447,7 +447,7 @@ def section(result: dict[str, Any]) -> list[str]:
             f"edits after {low['wall_s']:.0f} s; the emulator answered "
             + ", ".join(f"{count}x {status}" for status, count in sorted(responses.items()))
             + ". The 429s are the creates' (each worker retries on its own: a process budget cannot "
-            "span workers; see the README on pools). Goal: 10 edits all succeed, none started twice: "
+            "span workers; see docs/rate-limits.md on pools). Goal: 10 edits all succeed, none started twice: "
             f"{_met(ok == low['edits'] and created == low['edits'])}.",
             "",
         ]

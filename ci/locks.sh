@@ -18,7 +18,7 @@ export UV_PYTHON_DOWNLOADS=never
 
 # name | Python | pins | what to resolve besides the provider's own dependencies
 ENTRIES=(
-    "dev|3.10|ci/pins/airflow-3.3.txt|--universal --all-extras --group pyproject.toml:test --group pyproject.toml:lint --group pyproject.toml:bench --group pyproject.toml:distributed --group pyproject.toml:browser"
+    "dev|3.10|ci/pins/airflow-3.3.txt|--universal --all-extras --group pyproject.toml:test --group pyproject.toml:lint --group pyproject.toml:bench --group pyproject.toml:distributed --group pyproject.toml:browser --group pyproject.toml:docs"
     "af31-py310|3.10|ci/pins/airflow-3.1.txt|--extra emulator --group pyproject.toml:test"
     "af32-py311|3.11|ci/pins/airflow-3.2.txt|--extra emulator --group pyproject.toml:test"
     "af330-py312|3.12|ci/pins/airflow-3.3.0.txt|--extra emulator --group pyproject.toml:test"
@@ -63,7 +63,7 @@ check() { # check [NAME...]: every entry, or the named ones
         "$UV" venv -q --python "$(python_for "$py")" "$dir"
         if [ "$name" = dev ]; then
             "$UV" pip install -q --python "$dir/bin/python" -r "$pins" -e '.[emulator,openlineage,ui]' \
-                --group test --group lint --group bench --group distributed --group browser
+                --group test --group lint --group bench --group distributed --group browser --group docs
         else
             "$UV" pip install -q --python "$dir/bin/python" -r "$pins" -e '.[emulator]' --group test
         fi

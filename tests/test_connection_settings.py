@@ -1,5 +1,5 @@
 """The connection's one table of settings and what is made from it: ClientSettings, the form, the
-README; the hook owning the connection metadata; the hints that name the form's fields."""
+docs' connection page; the hook owning the connection metadata; the hints that name the form's fields."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _num(value: float) -> str:
     return f"{value:g}"
 
 
-def _readme_row(setting: Setting) -> str:
+def _docs_row(setting: Setting) -> str:
     return (
         f"| `{setting.name}` | {_num(setting.default)} | {_num(setting.minimum)} "
         f"| {setting.label}: {setting.help} |"
@@ -81,12 +81,20 @@ def test_form_fields_are_the_tables() -> None:
         assert schema["type"][0] == ("integer" if setting.type is int else "number")
 
 
-def test_readme_table_is_the_tables() -> None:
-    """The README's extras table, row by row, is the table (edit both, or this fails)."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Connection") : readme.index("## Usage")]
+def test_docs_table_is_the_tables() -> None:
+    """The connection page's extras table, row by row, is the table (edit both, or this fails)."""
+    page = (ROOT / "docs" / "connection.md").read_text()
+    section = page[page.index("## Extras") :]
+    section = section[: section.index("\n## ")]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
-    assert rows == [_readme_row(setting) for setting in SETTINGS]
+    assert rows == [_docs_row(setting) for setting in SETTINGS]
+
+
+def test_readme_sends_readers_to_the_docs_table() -> None:
+    """The README keeps no copy of the extras (one table, one page) and links to the page's."""
+    readme = (ROOT / "README.md").read_text()
+    assert "](docs/connection.md#extras)" in readme
+    assert not any(f"| `{setting.name}` |" in readme for setting in SETTINGS)
 
 
 def test_every_setting_is_documented_on_the_hook() -> None:

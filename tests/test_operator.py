@@ -1127,7 +1127,7 @@ def test_mapped_over_input_images():
     assert mapped.partial_kwargs["output_path"] == "/tmp/out"
     assert mapped.expand_input.value == {"input_image": images}
     # Carried by the mapped task itself: Airflow renders the template from it, before unmapping.
-    # Airflow 3.1's .partial() takes only BaseOperator's defaults, not an operator's own (README).
+    # Airflow 3.1's .partial() takes only BaseOperator's defaults, not an operator's own (docs/operators.md).
     from airflow.sdk.bases import operator as sdk_operator
 
     takes_operator_defaults = hasattr(sdk_operator, "_get_operator_defaults")

@@ -4,8 +4,8 @@ One table (:data:`SETTINGS`) lists the extras a connection may carry (name, type
 minimum, label, help). From it are made :class:`ClientSettings` and its
 :meth:`~ClientSettings.from_connection`, the connection form (``conn-fields`` and the
 ``ui-field-behaviour`` of ``get_provider_info``, the hook's ``get_ui_field_behaviour``), and the
-README's table is checked against it by a test. The error hints that name a form field take the
-field's label from here too.
+table of docs/connection.md is checked against it by a test. The error hints that name a form
+field take the field's label from here too.
 
 Imported by ``get_provider_info`` (which Airflow loads in every process that lists providers), so
 it stays free of heavy imports: standard library only.
@@ -43,7 +43,7 @@ TOKEN_LABEL = "API Token"  # noqa: S105 (a label, not a token)
 
 @dataclass(frozen=True)
 class Setting:
-    """One connection extra: how it is read, checked and shown in the form and the README."""
+    """One connection extra: how it is read, checked and shown in the form and the docs."""
 
     name: str
     type: type[int] | type[float]

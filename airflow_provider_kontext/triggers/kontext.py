@@ -35,9 +35,8 @@ def default_min_defer_seconds() -> float:
     deferring try's exit; 5 when unreadable) plus :data:`SETTLE_SLACK_SECONDS`. A resume sooner than
     the scheduler has processed the deferring try's exit is failed by Airflow 3.1-3.3 ("finished
     with state success, but the task instance's state attribute is queued/running") and waits out
-    ``retry_delay``; see the README's race section. In ``airflow dags test`` (the task runs
-    in-process and the trigger in line, after the deferring run ended) there is no such race, and
-    the default is ``0``.
+    ``retry_delay``; see docs/deferral.md. In ``airflow dags test`` (the task runs in-process and the
+    trigger in line, after the deferring run ended) there is no such race, and the default is ``0``.
     """
     if _runs_in_process():
         return 0.0

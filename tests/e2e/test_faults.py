@@ -7,7 +7,7 @@ its own connection and its own emulator, so a fault hits only its task and the c
 ``test_real_cluster_*`` runs a real scheduler, dag-processor, api-server and triggerer (LocalExecutor,
 DEBUG logs): the triggerer is killed while edits are deferred and restarted, and a worker process
 dies (``os._exit``) right after its create; it also checks that, with real Airflow components, no
-secret shows anywhere. The README's fault table is what these tests assert.
+secret shows anywhere. docs/hardening.md's fault table is what these tests assert.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ success or a clear failure.
 
 Both run ``airflow dags test`` in one subprocess: tasks run one after another in that process, each
 deferring and its trigger running in line, which here is faster than a scheduler with a LocalExecutor
-(whose per-task process start-up dominates on 2 cores; see the README's hardening section). Half of
+(whose per-task process start-up dominates on 2 cores; see docs/hardening.md). Half of
 the edits defer to the trigger; the other half use ``wait_seconds`` and finish within the create.
 """
 
