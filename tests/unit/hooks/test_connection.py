@@ -34,7 +34,7 @@ from airflow_provider_kontext.hooks.connection import (
 )
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 PACKAGE = ROOT / "airflow_provider_kontext"
 
 

@@ -24,7 +24,6 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_hardening_server import ScriptedServer, raw, reset_connection, response, stall
 
 from airflow_provider_kontext.edits.events import MAX_EVENT_TEXT
 from airflow_provider_kontext.edits.progress import (
@@ -44,6 +43,8 @@ from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
+
+from .test_server import ScriptedServer, raw, reset_connection, response, stall
 
 PID = "hostile0prediction0id"
 CONN_ID = "kontext_hardening"

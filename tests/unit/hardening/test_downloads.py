@@ -19,7 +19,6 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_hardening_server import ScriptedServer, endless, reset_connection, response
 
 from airflow_provider_kontext.edits.events import prediction_event
 from airflow_provider_kontext.exceptions import (
@@ -30,6 +29,8 @@ from airflow_provider_kontext.exceptions import (
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
+
+from .test_server import ScriptedServer, endless, reset_connection, response
 
 CONN_ID = "kontext_downloads"
 PID = "dl0prediction0id"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "airflow_provider_kontext"
+PACKAGE = Path(__file__).resolve().parents[2] / "airflow_provider_kontext"
 NAME = "airflow_provider_kontext"
 
 #: The package root: the public surface only (folders are listed in LAYERS).

@@ -10,7 +10,15 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from test_operator import (
+
+from airflow_provider_kontext.edits.events import prediction_event
+from airflow_provider_kontext.edits.reattach import ReattachLedger, Series
+from airflow_provider_kontext.exceptions import FluxKontextAPIError, FluxKontextServerError
+from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+from airflow_provider_kontext.models import PredictionPage
+from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
+
+from ..operators.test_kontext import (
     IMAGE_URL,
     NEW_PID,
     OLD_PID,
@@ -25,13 +33,6 @@ from test_operator import (
     run_deferring,
     succeeded,
 )
-
-from airflow_provider_kontext.edits.events import prediction_event
-from airflow_provider_kontext.edits.reattach import ReattachLedger, Series
-from airflow_provider_kontext.exceptions import FluxKontextAPIError, FluxKontextServerError
-from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-from airflow_provider_kontext.models import PredictionPage
-from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
 
 RUN_START = datetime(2026, 12, 6, 1, 0, tzinfo=timezone.utc)
 

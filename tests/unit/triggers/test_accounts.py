@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 import pytest
-from test_watcher import create, emu, trigger, wait_all  # noqa: F401 (emu: the fixture)
 
 from airflow_provider_kontext.hooks import rate_limit as budget_module
 from airflow_provider_kontext.hooks.connection import ClientSettings
@@ -24,6 +23,8 @@ from airflow_provider_kontext.testing import KontextEmulator
 from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
 from airflow_provider_kontext.triggers.slices import PAGE_SIZE, iso, micros, plan
 from airflow_provider_kontext.triggers.watch import parse_time
+
+from .test_watcher import create, emu, trigger, wait_all  # noqa: F401 (emu: the fixture)
 
 
 class Clock:

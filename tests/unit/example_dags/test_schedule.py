@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from airflow.timetables.base import TimeRestriction
 
-PIPELINE = Path(__file__).resolve().parents[1] / "example_dags" / "kontext_asset_pipeline.py"
+PIPELINE = Path(__file__).resolve().parents[3] / "example_dags" / "kontext_asset_pipeline.py"
 
 
 def _dag() -> Any:

@@ -16,7 +16,6 @@ from urllib.parse import quote
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_hardening_server import ScriptedServer, response
 
 from airflow_provider_kontext.edits.events import prediction_event
 from airflow_provider_kontext.exceptions import FluxKontextError
@@ -30,6 +29,8 @@ from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.hooks.transports import requests_error, transport_error
 from airflow_provider_kontext.models import Prediction
 from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
+
+from .test_server import ScriptedServer, response
 
 TOKEN = "r8_HardeningCanary_5f0c2e9b7a"
 URL_PASSWORD = "pw_HardeningCanary_71d4"
