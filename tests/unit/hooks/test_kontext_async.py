@@ -1,10 +1,11 @@
 """``FluxKontextHook``'s async path, through its production client (one shared ``aiohttp`` session
 per event loop) against servers on 127.0.0.1 started by the tests themselves; nothing leaves the machine.
 
-:class:`FakeApi` scripts the answers of an aiohttp server; the tests' URLs (``API``, ``PROXY``) are
-mapped to it, and so is the connection's host. Failures a server cannot script (a refused connection,
-a connect timeout) are raised where aiohttp raises them, in its connector. ``_asleep`` is replaced by
-a recorder, so retries do not wait and their waits can be asserted.
+:class:`~scripted_api.FakeApi` scripts the answers of an aiohttp server in the test's loop; the
+tests' URLs (``API``, ``PROXY``) are mapped to it, and so is the connection's host. Failures a server
+cannot script (a refused connection, a connect timeout) are raised where aiohttp raises them, in its
+connector. ``_asleep`` is replaced by a recorder, so retries do not wait and their waits can be
+asserted. The retry behaviour both transports share is in ``test_transport_contract.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -38,7 +38,7 @@ from hook_api import (
     PROXY,
     TOKEN,
 )
-from multidict import CIMultiDict, CIMultiDictProxy
+from scripted_api import Fail, FakeApi, app_for, patch_connects
 
 from airflow_provider_kontext.exceptions import (
     FluxKontextAPIError,
@@ -47,7 +47,6 @@ from airflow_provider_kontext.exceptions import (
     FluxKontextError,
     FluxKontextNotFoundError,
     FluxKontextPredictionMayExistError,
-    FluxKontextRateLimitError,
     FluxKontextServerError,
     FluxKontextTransportError,
 )
@@ -79,123 +78,6 @@ def prediction_json(status: str = "starting", **fields: Any) -> dict[str, Any]:
 
 ACCOUNT_JSON = {"type": "user", "username": "alice", "name": "Alice Example"}
 FILE_JSON = {"id": "file-1", "size": 4, "urls": {"get": f"{API}/v1/files/file-1"}}
-
-
-@dataclass
-class Seen:
-    """A request as it reached the server (or, for a connect failure, as it was about to)."""
-
-    method: str
-    url: str  # in the tests' terms (API / PROXY), not the local server's
-    headers: CIMultiDictProxy[str]
-    content: bytes
-
-
-@dataclass(frozen=True)
-class Fail:
-    """A failure instead of an answer. Server side: ``drop`` (close the connection unanswered),
-    ``reset`` (abort it), ``hang`` (never answer), ``garbled`` (a broken HTTP answer, ``detail``
-    in a header). Client side, raised in aiohttp's connector: ``refuse``, ``connect-timeout``."""
-
-    kind: str
-    detail: str = ""
-
-
-CONNECTOR_FAILURES = ("refuse", "connect-timeout")
-
-
-class FakeApi:
-    """Scripted answers per (method, URL), in order; the last one repeats. Unknown calls fail the test.
-
-    An answer is a dict of ``status_code``, ``json``, ``text``, ``content``, ``headers``, or a
-    :class:`Fail`.
-    """
-
-    def __init__(self) -> None:
-        self.routes: dict[tuple[str, str], list[Any]] = {}
-        self.requests: list[Seen] = []
-        self.timeouts: list[aiohttp.ClientTimeout] = []
-        self.base = ""
-        self.release = asyncio.Event()
-
-    def on(self, method: str, url: str, *answers: Any) -> None:
-        self.routes[(method, url)] = list(answers)
-
-    def local(self, url: str) -> str:
-        """The local server's URL for one of the tests' URLs."""
-        if url.startswith(PROXY):
-            return self.base + "/replicate" + url[len(PROXY) :]
-        if url.startswith(API):
-            return self.base + url[len(API) :]
-        return url
-
-    def logical(self, path_qs: str) -> str:
-        if path_qs.startswith("/replicate/"):
-            return PROXY + path_qs[len("/replicate") :]
-        return API + path_qs
-
-    def next_answer(self, method: str, url: str) -> Any:
-        answers = self.routes.get((method, url))
-        if not answers:
-            raise AssertionError(f"unexpected request {method} {url}")
-        return answers.pop(0) if len(answers) > 1 else answers[0]
-
-    def peek(self, method: str, url: str) -> Any:
-        answers = self.routes.get((method, url))
-        return answers[0] if answers else None
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        url = self.logical(request.path_qs)
-        self.requests.append(Seen(request.method, url, request.headers, await request.read()))
-        answer = self.next_answer(request.method, url)
-        if isinstance(answer, Fail):
-            return await self._fail(request, answer)
-        kwargs = dict(answer)
-        headers = dict(kwargs.pop("headers", {}))
-        status = kwargs.pop("status_code", 200)
-        if "json" in kwargs:
-            body = json.dumps(kwargs["json"]).encode()
-            headers.setdefault("Content-Type", "application/json")
-        elif "text" in kwargs:
-            body = kwargs["text"].encode()
-            headers.setdefault("Content-Type", "text/plain; charset=utf-8")
-        else:
-            body = kwargs.get("content", b"")
-        return web.Response(status=status, body=body, headers=headers)
-
-    async def _fail(self, request: web.Request, failure: Fail) -> web.StreamResponse:
-        transport = request.transport
-        assert transport is not None
-        if failure.kind == "hang":
-            await self.release.wait()
-        elif failure.kind == "drop":
-            transport.close()
-        elif failure.kind == "reset":
-            transport.abort()
-        elif failure.kind == "garbled":
-            transport.write(f"HTTP/1.1 200 OK\r\nContent-Length: x {failure.detail}\r\n\r\n".encode())
-            transport.close()
-        else:
-            raise AssertionError(f"not a server-side failure: {failure}")
-        return web.Response()
-
-    def connector_failure(self, method: str, url: str, key: Any) -> BaseException | None:
-        """The connect failure scripted for this request, if that is its next answer."""
-        logical = self.logical(url[len(self.base) :])
-        answer = self.peek(method, logical)
-        if not isinstance(answer, Fail) or answer.kind not in CONNECTOR_FAILURES:
-            return None
-        self.next_answer(method, logical)
-        self.requests.append(Seen(method, logical, CIMultiDictProxy(CIMultiDict()), b""))
-        if answer.kind == "refuse":
-            return aiohttp.ClientConnectorError(
-                key, ConnectionRefusedError(111, answer.detail or "Connection refused")
-            )
-        return aiohttp.ConnectionTimeoutError(f"Connection timeout to host {url}")
-
-    @property
-    def last(self) -> Seen:
-        return self.requests[-1]
 
 
 # --- fixtures ----------------------------------------------------------------------------------------
@@ -242,23 +124,12 @@ async def api(
     monkeypatch: pytest.MonkeyPatch, routing: dict[str, Any], set_conn: Callable[..., None]
 ) -> AsyncIterator[FakeApi]:
     fake = FakeApi()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", fake.handle)
-    server = TestServer(app, host="127.0.0.1")
+    server = TestServer(app_for(fake), host="127.0.0.1")
     await server.start_server()
     fake.base = f"http://127.0.0.1:{server.port}"
     routing["local"] = fake.local
     set_conn(password=TOKEN)
-
-    create_connection = aiohttp.TCPConnector._create_connection
-
-    async def connect(self: aiohttp.TCPConnector, req: Any, traces: Any, timeout: Any) -> Any:
-        failure = fake.connector_failure(req.method, str(req.url), req.connection_key)
-        if failure is not None:
-            raise failure
-        return await create_connection(self, req, traces, timeout)
-
-    monkeypatch.setattr(aiohttp.TCPConnector, "_create_connection", connect)
+    patch_connects(monkeypatch, fake)
     make_timeout = AiohttpClient._timeout
 
     def timeout(self: AiohttpClient, read: float, connect_: float) -> aiohttp.ClientTimeout:
@@ -604,213 +475,6 @@ async def test_aclose_closes_the_client(api: FakeApi) -> None:
     assert hook._aclient is not None
     assert hook._aclient is not client
     await hook.aclose()
-
-
-# --- retries -------------------------------------------------------------------------------------------
-
-
-async def test_429_with_retry_after_is_honoured(
-    hook: FluxKontextHook, api: FakeApi, sleeps: list[float]
-) -> None:
-    api.on("GET", GET_URL, {"status_code": 429, "headers": {"Retry-After": "7"}}, {"json": prediction_json()})
-    await hook.aget_prediction(PRED_ID)
-    assert len(api.requests) == 2
-    (wait,) = sleeps
-    assert 7 <= wait <= 7.1
-
-
-async def test_429_retry_after_capped(
-    set_conn: Callable[..., None], api: FakeApi, sleeps: list[float]
-) -> None:
-    set_conn(password=TOKEN, extra={"retry_after_max": 4})
-    api.on(
-        "GET", GET_URL, {"status_code": 429, "headers": {"Retry-After": "3600"}}, {"json": prediction_json()}
-    )
-    async with FluxKontextHook() as hook:
-        await hook.aget_prediction(PRED_ID)
-    (wait,) = sleeps
-    assert 4 <= wait <= 4.1
-
-
-async def test_429_replicate_body_without_retry_after(
-    hook: FluxKontextHook, api: FakeApi, sleeps: list[float]
-) -> None:
-    api.on("GET", GET_URL, {"status_code": 429, "json": THROTTLED}, {"json": prediction_json()})
-    await hook.aget_prediction(PRED_ID)
-    (wait,) = sleeps
-    assert 1 <= wait <= 1.1
-
-
-@pytest.mark.parametrize("status", [500, 502, 503, 504])
-async def test_5xx_retried_for_get(
-    hook: FluxKontextHook, api: FakeApi, sleeps: list[float], status: int
-) -> None:
-    api.on(
-        "GET",
-        GET_URL,
-        {"status_code": status},
-        {"status_code": status},
-        {"json": prediction_json("succeeded")},
-    )
-    assert (await hook.aget_prediction(PRED_ID)).status is PredictionStatus.SUCCEEDED
-    assert len(api.requests) == 3
-    first, second = sleeps
-    assert 0.5 <= first <= 1.0
-    assert 1.0 <= second <= 2.0
-
-
-async def test_5xx_retried_for_cancel(hook: FluxKontextHook, api: FakeApi, sleeps: list[float]) -> None:
-    api.on("POST", CANCEL_URL, {"status_code": 503}, {"json": prediction_json("canceled")})
-    await hook.acancel_prediction(PRED_ID)
-    assert len(api.requests) == 2
-    assert len(sleeps) == 1
-
-
-@pytest.mark.parametrize(
-    "failure",
-    [
-        Fail("hang"),
-        Fail("connect-timeout"),
-        Fail("refuse"),
-        Fail("drop"),
-        Fail("reset"),
-        Fail("garbled"),
-    ],
-    ids=["read-timeout", "connect-timeout", "refused", "disconnected", "reset", "garbled"],
-)
-async def test_transport_errors_retried_for_get(api: FakeApi, sleeps: list[float], failure: Fail) -> None:
-    # aiohttp itself sends a GET once more when its connection closes unanswered: twice, then.
-    times = 2 if failure.kind in ("drop", "reset") else 1
-    api.on("GET", GET_URL, *[failure] * times, {"json": prediction_json()})
-    async with FluxKontextHook(timeout=0.2) as hook:
-        assert (await hook.aget_prediction(PRED_ID)).id == PRED_ID
-    assert len(api.requests) == times + 1
-    assert len(sleeps) == 1
-
-
-@pytest.mark.parametrize("status", [500, 502, 503])
-async def test_create_not_retried_after_5xx(
-    hook: FluxKontextHook, api: FakeApi, sleeps: list[float], status: int
-) -> None:
-    api.on("POST", CREATE_URL, {"status_code": status}, {"status_code": 201, "json": prediction_json()})
-    err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
-    assert len(api.requests) == 1
-    assert sleeps == []
-    assert err.status == status
-    assert "may have reached the server" in str(err)
-
-
-@pytest.mark.parametrize(
-    "failure",
-    [
-        Fail("hang"),
-        Fail("drop"),
-        Fail("reset"),
-        Fail("garbled"),
-    ],
-    ids=["read-timeout", "disconnected", "reset", "garbled"],
-)
-async def test_create_not_retried_when_the_request_may_have_been_sent(
-    api: FakeApi, sleeps: list[float], failure: Fail
-) -> None:
-    api.on("POST", CREATE_URL, failure, {"status_code": 201, "json": prediction_json()})
-    async with FluxKontextHook(timeout=0.2) as hook:
-        err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextPredictionMayExistError)
-    assert len(api.requests) == 1
-    assert sleeps == []
-    assert "no complete response" in str(err)
-
-
-async def test_create_retried_after_429(hook: FluxKontextHook, api: FakeApi, sleeps: list[float]) -> None:
-    api.on(
-        "POST",
-        CREATE_URL,
-        {"status_code": 429, "json": THROTTLED},
-        {"status_code": 201, "json": prediction_json()},
-    )
-    assert (await hook.acreate_prediction(DEV, INPUT)).id == PRED_ID
-    assert len(api.requests) == 2
-    (wait,) = sleeps
-    assert 1 <= wait <= 2  # the reset, then spread (tests/test_create_throttling.py)
-
-
-@pytest.mark.parametrize(
-    "failure",
-    [
-        Fail("refuse"),
-        Fail("connect-timeout"),
-    ],
-    ids=["refused", "connect-timeout"],
-)
-async def test_create_retried_when_the_request_never_left(
-    hook: FluxKontextHook, api: FakeApi, sleeps: list[float], failure: Fail
-) -> None:
-    api.on("POST", CREATE_URL, failure, {"status_code": 201, "json": prediction_json()})
-    assert (await hook.acreate_prediction(DEV, INPUT)).id == PRED_ID
-    assert len(api.requests) == 2
-    assert len(sleeps) == 1
-
-
-async def test_create_refused_until_retries_run_out(api: FakeApi, sleeps: list[float]) -> None:
-    api.on("POST", CREATE_URL, Fail("refuse"))
-    async with FluxKontextHook(max_retries=2) as hook:
-        err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextTransportError)
-    assert not isinstance(err, FluxKontextPredictionMayExistError)
-    assert err.request_sent is False
-    assert "could not connect" in str(err)
-    assert len(api.requests) == 3
-    assert len(sleeps) == 2
-
-
-async def test_create_429_until_its_bound(api: FakeApi, sleeps: list[float]) -> None:
-    """Without a deadline a throttled create keeps trying for max_retries x retry_after_max seconds
-    (here 0.5 s; the account's budget pauses 0.05 s per 429), not for max_retries attempts."""
-    api.on("POST", CREATE_URL, {"status_code": 429, "headers": {"Retry-After": "0.05"}})
-    async with FluxKontextHook(max_retries=1, retry_after_max=0.5) as hook:
-        err = await araised(hook.acreate_prediction(DEV, INPUT), FluxKontextRateLimitError)
-    assert err.retry_after == 0.05
-    assert "max_retries x retry_after_max = 0.5 s" in str(err)
-    assert len(api.requests) >= 3
-
-
-@pytest.mark.parametrize("max_retries", [0, 1, 4])
-async def test_retries_stop_after_max_retries(
-    set_conn: Callable[..., None], api: FakeApi, sleeps: list[float], max_retries: int
-) -> None:
-    set_conn(password=TOKEN, extra={"max_retries": max_retries})
-    api.on("GET", GET_URL, {"status_code": 502, "text": "bad gateway"})
-    async with FluxKontextHook() as hook:
-        err = await araised(hook.aget_prediction(PRED_ID), FluxKontextServerError)
-    assert err.detail == "bad gateway"
-    assert len(api.requests) == max_retries + 1
-    assert len(sleeps) == max_retries
-
-
-async def test_transport_errors_until_retries_run_out(api: FakeApi, sleeps: list[float]) -> None:
-    api.on("GET", GET_URL, Fail("hang"))
-    async with FluxKontextHook(max_retries=2, timeout=0.2) as hook:
-        err = await araised(hook.aget_prediction(PRED_ID), FluxKontextTransportError)
-    assert err.request_sent is True
-    assert "Timeout" in str(err)
-    assert len(api.requests) == 3
-
-
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
-async def test_client_errors_are_not_retried(
-    hook: FluxKontextHook, api: FakeApi, sleeps: list[float], status: int
-) -> None:
-    api.on("GET", GET_URL, {"status_code": status, "json": {"detail": "no"}})
-    await araised(hook.aget_prediction(PRED_ID), FluxKontextAPIError)
-    assert len(api.requests) == 1
-    assert sleeps == []
-
-
-async def test_retry_is_logged(hook: FluxKontextHook, api: FakeApi, logs: Callable[[], str]) -> None:
-    api.on("GET", GET_URL, {"status_code": 503, "text": "unavailable"}, {"json": prediction_json()})
-    await hook.aget_prediction(PRED_ID)
-    text = logs()
-    assert f"GET /v1/predictions/{PRED_ID} attempt 1 failed" in text
-    assert "HTTP 503" in text
 
 
 # --- error mapping -------------------------------------------------------------------------------------
