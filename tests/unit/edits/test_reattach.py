@@ -18,7 +18,7 @@ from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import PredictionPage
 from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
 
-from ..operators.test_kontext import (
+from ..operators.kontext.helpers import (
     IMAGE_URL,
     NEW_PID,
     OLD_PID,
