@@ -1,7 +1,10 @@
-"""A real Airflow API server with the provider's plugin, for the plugin's end-to-end tests: the
+"""Serve a real Airflow API server with the provider's plugin for the plugin's end-to-end tests.
+
+A real Airflow API server with the provider's plugin, for the plugin's end-to-end tests: the
 example pipeline run once against the emulator (three edits saved to files), two users (``alice``
 reads every DAG; ``bob`` only ``kontext_sensor``, decided by an auth manager that decides per DAG,
-``authz/kontext_test_auth.py``), and a run of many synthetic edits for the gallery's paging."""
+``authz/kontext_test_auth.py``), and a run of many synthetic edits for the gallery's paging.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ class Site:
         return str(answer.json()["access_token"])
 
     def session(self, user: str | None) -> requests.Session:
-        """A client with ``user``'s session cookie, as the UI's browser has it (none: anonymous)."""
+        """Return a client with ``user``'s session cookie, as the UI's browser has it (none: anonymous)."""
         client = requests.Session()
         if user:
             client.cookies.set("_token", self.token(user))
@@ -101,9 +104,12 @@ def start_site(home: Path, emulator: KontextEmulator) -> Site:
 
 
 def add_synthetic_run(site: Site, run_id: str, count: int, image: Path, source: Path) -> None:
-    """A run of ``count`` mapped edits whose records copy the pipeline's first edit, each naming its
+    """Add a run of ``count`` mapped edits copying the pipeline's first edit, each with its own images.
+
+    A run of ``count`` mapped edits whose records copy the pipeline's first edit, each naming its
     own copy of ``source`` as input and of ``image`` as output (what the gallery reads: XComs and
-    task instances), so no two thumbnails share a cache entry."""
+    task instances), so no two thumbnails share a cache entry.
+    """
     db = sqlite3.connect(site.cluster.home / "airflow.db", timeout=30)
     try:
         cols = [r[1] for r in db.execute("pragma table_info(dag_run)")]

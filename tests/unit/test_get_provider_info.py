@@ -68,10 +68,13 @@ def test_every_listed_module_imports_and_holds_its_classes() -> None:
 
 
 def test_the_ui_shows_the_form_with_labels_and_extra_fields() -> None:
-    """What the connection form's UI endpoint serves: on 3.1 it comes from the hook's methods, on
+    """Check what the connection form's UI endpoint serves, on every Airflow version.
+
+    What the connection form's UI endpoint serves: on 3.1 it comes from the hook's methods, on
     3.2+ from the declarative provider info; the same labels and fields either way. Asked in a fresh
     interpreter, like the API server: ``ProvidersManager`` is a process-wide singleton that other
-    tests have already initialised without the UI's form machinery."""
+    tests have already initialised without the UI's form machinery.
+    """
     script = (
         "import json\n"
         "from airflow.api_fastapi.core_api.services.ui.connections import HookMetaService\n"

@@ -1,6 +1,9 @@
-"""The compatibility module: each name resolves to what the installed Airflow uses, and masking from
+"""Test the compatibility module: names resolve per Airflow version, masking never blocks a loop.
+
+The compatibility module: each name resolves to what the installed Airflow uses, and masking from
 an event loop never takes the blocking path to the supervisor (on 3.1/3.2 that path either fails
-inside the loop or re-enters it)."""
+inside the loop or re-enters it).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
-"""OpenLineage for an edit: dataset names from image locations, the run facet, the operator's
-``get_openlineage_facets_on_complete``, and that nothing needs the OpenLineage provider."""
+"""Test OpenLineage for an edit: dataset names, the run facet, the operator's facets on complete.
+
+OpenLineage for an edit: dataset names from image locations, the run facet, the operator's
+``get_openlineage_facets_on_complete``, and that nothing needs the OpenLineage provider.
+"""
 
 from __future__ import annotations
 

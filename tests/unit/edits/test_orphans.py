@@ -1,5 +1,8 @@
-"""The search for a prediction an earlier try created but did not record (``orphans.py``): what
-matches (model, input, the image as the list shows it), what is ambiguous, and what it costs."""
+"""Test the search for a prediction an earlier try created but did not record (``orphans.py``).
+
+The search for a prediction an earlier try created but did not record (``orphans.py``): what
+matches (model, input, the image as the list shows it), what is ambiguous, and what it costs.
+"""
 
 from __future__ import annotations
 

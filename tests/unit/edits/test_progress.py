@@ -1,5 +1,8 @@
-"""``progress``: what a poll reports (``ProgressTracker``), the event dicts, and the polling decisions
-shared by the trigger and the operator's in-worker wait (``PredictionPoller``)."""
+"""Test ``progress``: what a poll reports, the event dicts, and the shared polling decisions.
+
+``progress``: what a poll reports (``ProgressTracker``), the event dicts, and the polling decisions
+shared by the trigger and the operator's in-worker wait (``PredictionPoller``).
+"""
 
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ def make_prediction(status: str, logs: str | None = None, **fields: Any) -> Pred
 
 @pytest.fixture
 def clock():
-    """A controllable ``time.time()`` for the progress module only."""
+    """Replace ``time.time()`` in the progress module only with a controllable clock."""
     now = SimpleNamespace(value=NOW)
     fake_time = SimpleNamespace(time=lambda: now.value)
     with mock.patch.object(progress, "time", fake_time):
@@ -323,8 +326,11 @@ class TestPredictionPollerDecisions:
         ids=["5xx", "transport", "429", "malformed"],
     )
     def test_transient_errors_end_the_wait_once_the_budget_is_spent(self, clock, exc):
-        """The hook retries a failing poll ``max_consecutive_errors`` times (the poller's budget); a
-        transient error that still reaches the poller has spent it."""
+        """Check that a transient error reaching the poller has spent the hook's retries.
+
+        The hook retries a failing poll ``max_consecutive_errors`` times (the poller's budget); a
+        transient error that still reaches the poller has spent it.
+        """
         poller = PredictionPoller(PID, poll_interval=1, end_time=None, max_consecutive_errors=3)
         assert poller.retry_limits == RetryLimits(retries=3, tolerate=True, deadline=None, grace=1.0)
         event = poller.on_error(exc)
@@ -378,7 +384,7 @@ class TestPredictionPollerDecisions:
 
 
 def bar(step: int, total: int = 28, rate: str = "2.00it/s") -> str:
-    """A tqdm line as Replicate's logs show it (the bar's drawing does not matter)."""
+    """Return a tqdm line as Replicate's logs show it (the bar's drawing does not matter)."""
     return f"{int(step / total * 100):3d}%|###       | {step}/{total} [00:05<00:09, {rate}]"
 
 

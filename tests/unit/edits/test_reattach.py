@@ -1,5 +1,8 @@
-"""The reattach entry's states (create under way, created, finished by try N, cleared), how a retry
-is told from a clear, and the operator adopting a prediction an earlier try did not record."""
+"""Test the reattach entry's states, retry versus clear, and adopting an unrecorded prediction.
+
+The reattach entry's states (create under way, created, finished by try N, cleared), how a retry
+is told from a clear, and the operator adopting a prediction an earlier try did not record.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ RUN_START = datetime(2026, 12, 6, 1, 0, tzinfo=timezone.utc)
 
 @pytest.fixture
 def hook() -> Iterator[Any]:
-    """A spec'd mock replacing the operator's ``hook`` (as in ``test_operator.py``)."""
+    """Replace the operator's ``hook`` with a spec'd mock (as the edit operator tests do)."""
     fake = mock.create_autospec(FluxKontextHook, instance=True)
     fake.create_prediction.return_value = make_prediction("starting")
     fake.redact.side_effect = lambda text: text

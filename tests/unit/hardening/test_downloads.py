@@ -1,7 +1,10 @@
-"""Downloads of outputs into ``output_path``, with the real hook against a scripted server on 127.0.0.1:
+"""Test downloads of outputs into ``output_path`` with the real hook against a scripted server.
+
+Downloads of outputs into ``output_path``, with the real hook against a scripted server on 127.0.0.1:
 a size cap (also against a body that never ends), a content-type check (the declared type and the
 bytes), no path traversal from names the server chooses, and never a partial file left behind as if
-it were complete (it is written under a temporary name and renamed once whole)."""
+it were complete (it is written under a temporary name and renamed once whole).
+"""
 
 from __future__ import annotations
 
@@ -250,8 +253,11 @@ def test_an_interrupted_write_removes_the_partial_file(
 
 
 def test_a_killed_worker_leaves_only_a_marked_partial_file(server: ScriptedServer, tmp_path: Path) -> None:
-    """A worker killed mid-write (no cleanup runs) leaves a hidden ``.partial`` file, never a file
-    under the final name that a reader could take for a complete image."""
+    """Check that a worker killed mid-write leaves a hidden ``.partial`` file, never the final name.
+
+    A worker killed mid-write (no cleanup runs) leaves a hidden ``.partial`` file, never a file
+    under the final name that a reader could take for a complete image.
+    """
     folder = tmp_path / "out"
     server.script(response(200, PNG + bytes(3 << 20), "image/png"))
     connection = json.dumps({"conn_type": "fluxkontext", "host": server.base_url})

@@ -1,4 +1,6 @@
-"""Hostile and malformed input, property-based: every operator argument and every model field, given
+"""Test hostile and malformed input, property-based: a valid request or an error naming the field.
+
+Hostile and malformed input, property-based: every operator argument and every model field, given
 out-of-range, wrong-type, huge, unicode, empty and injection-shaped values, produces either a valid
 request or a clear validation error naming the field; never an unhandled exception of another type,
 never an HTTP call.
@@ -150,7 +152,7 @@ def fresh_hook() -> mock.Mock:
 
 
 def assert_valid_request(op: FluxKontextEditOperator, hook: mock.Mock) -> None:
-    """The create the operator asked for would be a well-formed request to one of the API's paths."""
+    """Check that the create the operator asked for is a well-formed request to one of the API's paths."""
     calls = [c[0] for c in hook.method_calls]
     assert calls[0] == "create_prediction"
     assert set(calls) <= {"create_prediction", "get_prediction", "redact"}, calls
@@ -269,8 +271,11 @@ def test_extra_input_for_an_unknown_model(extra: dict[str, Any]) -> None:
     ],
 )
 def test_examples_found_and_fixed(argument: str, value: Any, outcome: str) -> None:
-    """Each of these once ended in an unhandled error, a message that did not name the argument,
-    an HTTP call with a retargeted URL, or a failure only after the edit had been paid for."""
+    """Check the inputs that once failed badly: each now fails early, naming its argument.
+
+    Each of these once ended in an unhandled error, a message that did not name the argument,
+    an HTTP call with a retargeted URL, or a failure only after the edit had been paid for.
+    """
     assert run(argument, value) == outcome
 
 

@@ -1,4 +1,6 @@
-"""Malformed and hostile server responses: truncated JSON, HTML error pages, wrong types, missing
+"""Test malformed and hostile server responses: each ends in a result or a clear error.
+
+Malformed and hostile server responses: truncated JSON, HTML error pages, wrong types, missing
 fields, unknown statuses, enormous logs, output URLs with odd schemes.
 
 Every answer must end in a result or a :class:`FluxKontextError` naming what was wrong: never another
@@ -112,7 +114,7 @@ PREDICTION_DOCS = st.fixed_dictionaries({}, optional=PREDICTION_FIELDS)
 
 @st.composite
 def bodies(draw: st.DrawFn) -> bytes:
-    """A body: a prediction-like document (maybe cut short), any JSON, an HTML page, or raw bytes."""
+    """Return a body: a prediction-like document (maybe cut short), any JSON, an HTML page, or raw bytes."""
     kind = draw(st.sampled_from(["doc", "truncated", "json", "html", "bytes"]))
     if kind in ("doc", "truncated"):
         text = json.dumps(draw(PREDICTION_DOCS))
@@ -141,8 +143,11 @@ CONTENT_TYPES = st.sampled_from(
 
 
 def judge(prediction: Prediction) -> dict[str, Any] | None:
-    """What the polling loops make of a parsed answer: None (poll again) or a final event, which
-    must be storable as strict JSON (the metadata DB's JSON columns refuse NaN and infinity)."""
+    """Return what the polling loops make of a parsed answer: None (poll again) or a final event.
+
+    What the polling loops make of a parsed answer: None (poll again) or a final event, which
+    must be storable as strict JSON (the metadata DB's JSON columns refuse NaN and infinity).
+    """
     event = PredictionPoller(PID, poll_interval=1.0, end_time=None).on_prediction(prediction)
     if event is None:
         return None
@@ -163,7 +168,7 @@ def make_op(**kwargs: Any) -> FluxKontextEditOperator:
 
 
 def complete(op: FluxKontextEditOperator, event: dict[str, Any]) -> list[str] | None:
-    """The operator's result for a final event, or ``None`` when it failed the task clearly."""
+    """Return the operator's result for a final event, or ``None`` when it failed the task clearly."""
     context: dict[str, Any] = {"ti": mock.MagicMock(name="ti")}
     try:
         return op.execute_complete(context, event)

@@ -1,7 +1,10 @@
-"""Secrets, in process: the API token, and a token carried in a proxy URL's userinfo or query, are
+"""Test secrets in process: registered with the masker, shown in no repr, message or log line.
+
+Secrets, in process: the API token, and a token carried in a proxy URL's userinfo or query, are
 registered with Airflow's secret masker and appear in no repr, no exception message and no log line
 this provider writes, whatever the server echoes back. (``tests/e2e/test_secrets.py`` checks the same
-through whole DAG runs: task and trigger logs, XCom, trigger rows, rendered fields.)"""
+through whole DAG runs: task and trigger logs, XCom, trigger rows, rendered fields.)
+"""
 
 from __future__ import annotations
 
@@ -47,8 +50,11 @@ TOKENS = st.one_of(
 
 
 def forms(secret: str, partial: bool) -> set[str]:
-    """A secret as it may appear in a message: as given, percent-encoded, and (``partial``) its
-    longer two thirds, as a message cut at a length limit would show them."""
+    """Return the forms a secret may take in a message.
+
+    A secret as it may appear in a message: as given, percent-encoded, and (``partial``) its
+    longer two thirds, as a message cut at a length limit would show them.
+    """
     found = {secret, quote(secret, safe="")}
     if partial:
         found |= {secret[: len(secret) * 2 // 3], secret[len(secret) // 3 :]}
@@ -89,9 +95,12 @@ def conn(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 
 @pytest.fixture
 def logs(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> Callable[[], str]:
-    """What this provider logs, at DEBUG. (urllib3's own DEBUG lines quote the request path with its
+    """Return what this provider logs, at DEBUG.
+
+    What this provider logs, at DEBUG. (urllib3's own DEBUG lines quote the request path with its
     query: in Airflow the secret masker hides those, once the hook has registered the secrets, which
-    ``test_the_real_masker_hides_them_once_the_hook_has_its_settings`` and the e2e test check.)"""
+    ``test_the_real_masker_hides_them_once_the_hook_has_its_settings`` and the e2e test check.)
+    """
     caplog.set_level(logging.DEBUG)
 
     def read() -> str:
@@ -239,7 +248,8 @@ def test_a_failing_run_through_a_proxy_url_shows_no_secret(
     """Sync and async: errors echoing everything, retries logged at DEBUG, the final exception.
 
     No token besides the URL's (with both, aiohttp refuses to send the request at all: see
-    ``test_a_proxy_url_with_userinfo_and_a_token``)."""
+    ``test_a_proxy_url_with_userinfo_and_a_token``).
+    """
     conn(host=proxy_url(server.base_url, user_only=user_only))
     echo = f"you sent {proxy_url(server.base_url, user_only=user_only)}"
     server.script(
@@ -266,8 +276,11 @@ def test_a_failing_run_through_a_proxy_url_shows_no_secret(
 def test_a_proxy_url_with_userinfo_and_a_token(
     server: ScriptedServer, conn: Callable[..., None], logs: Callable[[], str]
 ) -> None:
-    """Both credentials cannot ride in one Authorization header. Whatever each path does about it
-    (requests sends the URL's as Basic auth; aiohttp refuses to send), no secret is shown."""
+    """Check that a proxy URL's credentials beside the token show no secret, whatever each path does.
+
+    Both credentials cannot ride in one Authorization header. Whatever each path does about it
+    (requests sends the URL's as Basic auth; aiohttp refuses to send), no secret is shown.
+    """
     conn(host=proxy_url(server.base_url), password=TOKEN)
     server.script(response(200, json.dumps({"id": PID, "status": "processing"})))
     try:

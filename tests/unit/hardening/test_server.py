@@ -4,7 +4,7 @@ The emulator answers like Replicate (with faults Replicate can produce); the har
 answers no well-behaved server gives: any status line and headers, bodies cut short, endless bodies,
 resets mid-body, redirects to ``file:`` URLs. :class:`ScriptedServer` answers each request with the
 next scripted :data:`Answer` (the last one repeats), with ``Connection: close`` so every request opens
-a connection of its own. The other ``test_hardening_*`` modules import it from here.
+a connection of its own. The other hardening test modules import it from here.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def response(
     length: int | None = None,
     reason: str = "Scripted",
 ) -> Answer:
-    """A complete answer; ``length`` claims a ``Content-Length`` other than the body's (a cut body)."""
+    """Return a complete answer; ``length`` claims a ``Content-Length`` other than the body's (a cut body)."""
     data = body.encode("utf-8", errors="surrogatepass") if isinstance(body, str) else body
     lines = [f"HTTP/1.1 {status} {reason}", "Connection: close"]
     if content_type is not None:
@@ -75,7 +75,7 @@ def reset_connection(after: bytes = b"") -> Answer:
 
 
 def endless(content_type: str = "image/png", chunk: bytes = b"\x89PNG\r\n\x1a\n" + bytes(65528)) -> Answer:
-    """A 200 whose body never ends (no Content-Length, close-delimited): only a size cap stops it."""
+    """Return a 200 whose body never ends (no Content-Length, close-delimited): only a size cap stops it."""
 
     def send(sock: socket.socket) -> None:
         sock.sendall(f"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: {content_type}\r\n\r\n".encode())

@@ -1,5 +1,8 @@
-"""The URL a download shows in the task log and in errors: a working link (host and port kept),
-without the user info, query or fragment that may carry a secret."""
+"""Test the URL a download shows in the task log and in errors: a working link without secrets.
+
+The URL a download shows in the task log and in errors: a working link (host and port kept),
+without the user info, query or fragment that may carry a secret.
+"""
 
 from __future__ import annotations
 

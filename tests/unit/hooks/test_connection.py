@@ -1,5 +1,8 @@
-"""The connection's one table of settings and what is made from it: ClientSettings, the form, the
-README; the hook owning the connection metadata; the hints that name the form's fields."""
+"""Test the connection's one table of settings and what is made from it.
+
+The connection's one table of settings and what is made from it: ClientSettings, the form, the
+README; the hook owning the connection metadata; the hints that name the form's fields.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""A throttled create (429) waits its turn: sent again with jitter for as long as its caller's
+"""Test a throttled create (429): sent again with jitter within its deadline, never a "may exist".
+
+A throttled create (429) waits its turn: sent again with jitter for as long as its caller's
 deadline allows (else the connection's bound), then failing with a ``FluxKontextRateLimitError`` that
 says nothing was created; never a "may exist". Reads keep their fixed count of retries.
 
@@ -239,8 +241,11 @@ def test_each_wait_is_the_reset_plus_a_share_of_a_doubling_window(retry_after: f
 
 
 def test_creators_throttled_together_come_back_spread_out() -> None:
-    """64 creators answered the same "~1s" at the same instant: with the old policy all came back
-    within 0.1 s of each other; now they spread over the window, wider with each 429."""
+    """Check that creators throttled at the same instant spread over the window.
+
+    64 creators answered the same "~1s" at the same instant: with the old policy all came back
+    within 0.1 s of each other; now they spread over the window, wider with each 429.
+    """
     rng = random.Random(7)
     first = [throttle_wait(SETTINGS, 1, 1.0, rng.uniform) for _ in range(64)]
     assert min(first) >= 1.0
@@ -256,8 +261,11 @@ def test_creators_throttled_together_come_back_spread_out() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forked workers need os.fork")
 def test_forked_workers_draw_different_jitter() -> None:
-    """Airflow forks task processes from one parent: a generator seeded before the fork would give
-    every worker the same "random" waits, and they would come back together again."""
+    """Check that forked task processes draw different random waits.
+
+    Airflow forks task processes from one parent: a generator seeded before the fork would give
+    every worker the same "random" waits, and they would come back together again.
+    """
     random.seed(3)
     read, write = os.pipe()
     pid = os.fork()
@@ -276,7 +284,7 @@ def test_forked_workers_draw_different_jitter() -> None:
 
 @pytest.fixture
 def hook_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    """The hook's sleeps move a fake clock that the attempt loop reads."""
+    """Make the hook's sleeps move a fake clock that the attempt loop reads."""
     clock = Clock()
     conn = '{"conn_type": "fluxkontext", "password": "r8_x"}'
     monkeypatch.setenv("AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT", conn)

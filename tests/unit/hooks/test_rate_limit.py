@@ -1,4 +1,6 @@
-"""The request budget shared per account per event loop (``hooks/budget.py``): shared across hooks,
+"""Test the account's rate limiter shared per account per event loop (``hooks/rate_limit.py``).
+
+The request budget shared per account per event loop (``hooks/rate_limit.py``): shared across hooks,
 one per account, paused by a 429, polls ordered by their prediction's expected end, none starved.
 
 Times are asserted only from below (a grant cannot come before the pause ends) or as an order, so a
@@ -155,8 +157,11 @@ async def test_polls_of_predictions_expected_to_end_first_go_first() -> None:
 
 
 async def test_no_poll_starves() -> None:
-    """A poll whose prediction is expected to end far off still goes once it has waited
-    ``max_queue_seconds``, while polls expected to end sooner keep coming."""
+    """Check that a poll expected to end far off still goes after ``max_queue_seconds``.
+
+    A poll whose prediction is expected to end far off still goes once it has waited
+    ``max_queue_seconds``, while polls expected to end sooner keep coming.
+    """
     budget = AccountRateLimiter(1200, max_queue_seconds=0.3)  # 20 per second
     budget.pause(0.0)
     order: list[str] = []

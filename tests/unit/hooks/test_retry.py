@@ -1,5 +1,8 @@
-"""The failure policy (``airflow_provider_kontext.hooks.retry``): the verdict for every failure, the wait
-a 429 names in each of Replicate's forms, and the one attempt loop driven sync and async."""
+"""Test the failure policy (``hooks/retry.py``): verdicts, a 429's wait, the one attempt loop.
+
+The failure policy (``airflow_provider_kontext.hooks.retry``): the verdict for every failure, the wait
+a 429 names in each of Replicate's forms, and the one attempt loop driven sync and async.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""TLS handshakes that fail for good (an untrusted certificate, a server without TLS): tried once, on
+"""Test TLS handshakes that fail for good: tried once on both paths, never an uncertain create.
+
+TLS handshakes that fail for good (an untrusted certificate, a server without TLS): tried once, on
 the sync and the async path, never reported as a create that may have been billed, and a task's
-create or upload fails without retries. Real handshakes against servers on 127.0.0.1."""
+create or upload fails without retries. Real handshakes against servers on 127.0.0.1.
+"""
 
 from __future__ import annotations
 
@@ -48,8 +51,11 @@ class _Conn:
 
 
 class Server:
-    """A loopback server that counts the connections it accepts; with ``context`` it does TLS, and
-    either way it answers whatever arrives with a plain 400."""
+    """Serve on loopback, counting the connections accepted; answer anything with a plain 400.
+
+    A loopback server that counts the connections it accepts; with ``context`` it does TLS, and
+    either way it answers whatever arrives with a plain 400.
+    """
 
     def __init__(self, context: ssl.SSLContext | None = None) -> None:
         self.context = context
@@ -89,7 +95,7 @@ class Server:
 
 
 def _self_signed(directory: Path) -> ssl.SSLContext:
-    """A server context with a fresh self-signed certificate for 127.0.0.1 (trusted by nobody)."""
+    """Return a server context with a fresh self-signed certificate for 127.0.0.1 (trusted by nobody)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -202,7 +208,7 @@ def test_a_create_that_fails_the_handshake_was_not_sent(
 def test_a_server_without_tls_is_tried_once_where_the_connection_never_opened(
     plain_http: Server, set_conn: Callable[..., None]
 ) -> None:
-    """aiohttp says the handshake failed while connecting: nothing was sent, and no retry helps."""
+    """Aiohttp says the handshake failed while connecting: nothing was sent, and no retry helps."""
     set_conn(plain_http.address)  # no scheme: https is assumed
     with pytest.raises(FluxKontextTLSError) as err:
         _async_account(FluxKontextHook(max_retries=3))
@@ -213,8 +219,11 @@ def test_a_server_without_tls_is_tried_once_where_the_connection_never_opened(
 def test_a_server_without_tls_keeps_its_retries_where_the_phase_is_unknown(
     plain_http: Server, set_conn: Callable[..., None]
 ) -> None:
-    """requests cannot say whether the same words came from the handshake or from a record broken
-    mid-answer (after the request went): the error stays an ordinary, retried transport error."""
+    """Check that an SSL error requests cannot place stays an ordinary, retried transport error.
+
+    Requests cannot say whether the same words came from the handshake or from a record broken
+    mid-answer (after the request went): the error stays an ordinary, retried transport error.
+    """
     set_conn(plain_http.address)
     with pytest.raises(FluxKontextTransportError) as err:
         _sync_account(FluxKontextHook(max_retries=2))
@@ -224,7 +233,7 @@ def test_a_server_without_tls_keeps_its_retries_where_the_phase_is_unknown(
 
 
 def _requests_ssl_error(message: str, cls: type[ssl.SSLError] = ssl.SSLError) -> Exception:
-    """What requests raises for an SSL failure (a urllib3 error around the ``ssl`` one)."""
+    """Return what requests raises for an SSL failure (a urllib3 error around the ``ssl`` one)."""
     import requests
     import urllib3.exceptions
 
@@ -250,8 +259,11 @@ def test_only_a_certificate_refusal_or_a_failed_connect_is_lasting() -> None:
 def test_a_create_whose_answer_broke_mid_record_may_exist(
     set_conn: Callable[..., None], requests_mock: Any
 ) -> None:
-    """A record broken after the create went (OpenSSL's "record layer failure"): the prediction may
-    exist, so the create is neither retried nor reported as not sent."""
+    """Check that a TLS record broken after the create went is an uncertain create.
+
+    A record broken after the create went (OpenSSL's "record layer failure"): the prediction may
+    exist, so the create is neither retried nor reported as not sent.
+    """
     set_conn("https://api.example.com")
     url = f"https://api.example.com/v1/models/{MODEL}/predictions"
     requests_mock.post(url, exc=_requests_ssl_error("[SSL: RECORD_LAYER_FAILURE] record layer failure"))

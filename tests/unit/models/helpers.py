@@ -65,7 +65,7 @@ PRO_FIELDS = [
 
 
 def dev(**values: Any) -> dict[str, Any]:
-    """Valid dev inputs plus ``values``."""
+    """Return valid dev inputs plus ``values``."""
     return {"prompt": "make it a watercolour", "input_image": IMAGE, **values}
 
 

@@ -1,6 +1,9 @@
-"""``FluxKontextBatchEditOperator`` against the emulator (real HTTP on 127.0.0.1): results in input
+"""Test ``FluxKontextBatchEditOperator`` against the emulator (real HTTP on 127.0.0.1).
+
+``FluxKontextBatchEditOperator`` against the emulator (real HTTP on 127.0.0.1): results in input
 order, the ledger in the task state store, the batch trigger, partial failure and its retry, lost
-creates found again, pacing and size bounds."""
+creates found again, pacing and size bounds.
+"""
 
 from __future__ import annotations
 
@@ -231,8 +234,11 @@ def test_fail_on_partial_false_succeeds_with_failures_recorded(emu: KontextEmula
 def test_lost_creates_are_found_in_the_list_and_never_created_twice(
     emu: KontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Image 1's create reached the server but its answer was lost; image 3's never left: the retry
-    adopts the first from the account's list and creates only the second."""
+    """Check that a retry adopts a create whose answer was lost and creates only the one that never left.
+
+    Image 1's create reached the server but its answer was lost; image 3's never left: the retry
+    adopts the first from the account's list and creates only the second.
+    """
     real_create = FluxKontextHook.create_prediction
     lost_answers = {"shot1.png"}
     never_sent = {"shot3.png"}
@@ -407,8 +413,11 @@ def series_context(store: Any, try_number: int, max_tries: int, clear_number: in
 def test_a_retry_after_the_batch_finished_completes_from_the_record_and_a_clear_edits_afresh(
     emu: KontextEmulator, shots: Path
 ) -> None:
-    """The record is marked finished, not deleted: Airflow may fail the try after the batch finished
-    (its scheduler race, a kill), and the retry must not pay for every image again."""
+    """Check that a finished batch's record is marked finished, not deleted.
+
+    The record is marked finished, not deleted: Airflow may fail the try after the batch finished
+    (its scheduler race, a kill), and the retry must not pay for every image again.
+    """
     store = FakeStore()
     first = make_op(input_images=str(shots)).execute(series_context(store, 1, 2))
     assert emu.created_count == 6
@@ -448,8 +457,11 @@ def test_without_a_store_a_retryable_partial_failure_fails_without_retries(
 def test_a_create_that_may_have_reached_the_server_keeps_its_mark_a_refused_one_drops_it(
     emu: KontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A connection error (OSError) leaves "creating" so a retry searches the list; a 400 answer
-    (nothing created) drops it. The refusal's text is redacted wherever it is kept."""
+    """Check what a failed create leaves in the record: "creating" after an OSError, nothing after a 400.
+
+    A connection error (OSError) leaves "creating" so a retry searches the list; a 400 answer
+    (nothing created) drops it. The refusal's text is redacted wherever it is kept.
+    """
     real_create = FluxKontextHook.create_prediction
     calls: list[int] = []
 

@@ -1,9 +1,12 @@
-"""The deferral race: a deferred edit or sensor resumes no sooner than ``min_defer_seconds`` after it
+"""Test the deferral race: a deferred edit or sensor resumes no sooner than ``min_defer_seconds``.
+
+The deferral race: a deferred edit or sensor resumes no sooner than ``min_defer_seconds`` after it
 deferred, so that Airflow's scheduler has processed the deferring try's exit before the resumed try
 runs (else Airflow 3.1-3.3 fail it: "finished with state success, but the task instance's state
 attribute is queued/running"). The trigger holds a terminal event found sooner; the operator and
 sensor tell it when they deferred and how long to hold. The real race is reproduced in a cluster by
-``tests/e2e/test_deferral_race.py``. The hook is mocked and the trigger's clock and sleeps faked."""
+``tests/e2e/test_deferral_race.py``. The hook is mocked and the trigger's clock and sleeps faked.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ DEFERRED_AT = 1_750_000_000.0
 
 @pytest.fixture
 def hook():
-    """The hook the trigger builds (class patched where the trigger imports it from)."""
+    """Return the hook the trigger builds (class patched where the trigger imports it from)."""
     instance = mock.MagicMock(name="FluxKontextHook()")
     instance.aget_prediction = mock.AsyncMock()
     instance.aclose = mock.AsyncMock()
@@ -48,7 +51,7 @@ def hook():
 
 @pytest.fixture
 def clock():
-    """The trigger module's ``time.time`` and ``asyncio.sleep``: sleeping advances the clock."""
+    """Fake the trigger module's ``time.time`` and ``asyncio.sleep``: sleeping advances the clock."""
     state = SimpleNamespace(now=DEFERRED_AT, sleeps=[])
 
     async def fake_sleep(seconds: float) -> None:

@@ -1,5 +1,8 @@
-"""``hook_params`` from a DAG to the hook (operator, sensor, trigger), and ``deferrable``'s default
-from Airflow's ``[operators] default_deferrable``."""
+"""Test ``hook_params`` from a DAG to the hook, and ``deferrable``'s default from Airflow's config.
+
+``hook_params`` from a DAG to the hook (operator, sensor, trigger), and ``deferrable``'s default
+from Airflow's ``[operators] default_deferrable``.
+"""
 
 from __future__ import annotations
 

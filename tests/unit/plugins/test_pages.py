@@ -1,5 +1,8 @@
-"""The plugin's pages and images without a server: escaping, links built from ids only, the reasons
-an image is not shown, and bounded, cached thumbnails."""
+"""Test the plugin's pages and images without a server.
+
+The plugin's pages and images without a server: escaping, links built from ids only, the reasons
+an image is not shown, and bounded, cached thumbnails.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""``FluxKontextPredictionSensor`` with the hook replaced by a mock: the first poll, deferral with the
+"""Test ``FluxKontextPredictionSensor`` with the hook replaced by a mock.
+
+``FluxKontextPredictionSensor`` with the hook replaced by a mock: the first poll, deferral with the
 trigger, poking in the worker, completion shared with the operator, timeout and soft_fail as Airflow's
-sensors have them, on_kill, lineage. Nothing sleeps or touches the network."""
+sensors have them, on_kill, lineage. Nothing sleeps or touches the network.
+"""
 
 from __future__ import annotations
 

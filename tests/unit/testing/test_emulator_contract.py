@@ -1,4 +1,6 @@
-"""The emulator against Replicate's OpenAPI description: every endpoint it serves, every response
+"""Test the emulator against Replicate's OpenAPI description and the behaviour it states in words.
+
+The emulator against Replicate's OpenAPI description: every endpoint it serves, every response
 validated (tests/openapi_contract.py, openapi-core), plus the behaviour the description states in
 words: ``Prefer: wait`` that runs out answers ``starting``, the ``Cancel-After`` minimum and the
 ``deadline`` field, retention, the request schema, files, models, webhooks and the event stream.
@@ -46,7 +48,7 @@ def contract(emu: KontextEmulator) -> Contract:
 
 @pytest.fixture
 def http(contract: Contract) -> Iterator[requests.Session]:
-    """A session that sends the token and checks every response against the description."""
+    """Return a session that sends the token and checks every response against the description."""
     with requests.Session() as session:
         session.trust_env = False
         session.headers.update(AUTH)
@@ -399,7 +401,7 @@ class Receiver:
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
-    """Standard Webhooks verification, written from the spec (not the emulator's code)."""
+    """Verify a Standard Webhooks signature, written from the spec (not the emulator's code)."""
     key = base64.b64decode(secret.removeprefix("whsec_"))
     signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.{body.decode()}".encode()
     expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()

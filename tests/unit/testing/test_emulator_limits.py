@@ -1,6 +1,9 @@
-"""The emulator's opt-in rate limits (Replicate's, low credit, explicit numbers) and its realistic
+"""Test the emulator's opt-in rate limits and its realistic timing.
+
+The emulator's opt-in rate limits (Replicate's, low credit, explicit numbers) and its realistic
 timing (per-prediction durations, seeded). Rate windows are moved with the emulator's clock, not
-slept through, so these tests do not depend on how busy the machine is."""
+slept through, so these tests do not depend on how busy the machine is.
+"""
 
 from __future__ import annotations
 

@@ -70,8 +70,11 @@ async def aclient(emu: KontextEmulator, contract: Contract) -> AsyncIterator[Any
 
 
 def assert_image(output: Any, size: tuple[int, int]) -> None:
-    """The client wraps only https: and data: outputs in ``FileOutput``; the emulator's are
-    http://127.0.0.1 URLs, so ``run`` returns the URL itself."""
+    """Check that ``run`` returns the emulator's http://127.0.0.1 output URL itself.
+
+    The client wraps only https: and data: outputs in ``FileOutput``; the emulator's are
+    http://127.0.0.1 URLs, so ``run`` returns the URL itself.
+    """
     assert isinstance(output, str)
     with httpx.Client(trust_env=False) as http:
         image = Image.open(io.BytesIO(http.get(output).content))
@@ -99,8 +102,11 @@ def test_run_with_a_file_object(client: Any, emu: KontextEmulator, tmp_path: Pat
 
 @options(prediction_seconds=2.5)
 def test_run_with_a_wait_shorter_than_the_prediction(client: Any, emu: KontextEmulator) -> None:
-    """``Prefer: wait=1`` runs out; the emulator answers ``starting`` like Replicate, so the
-    client keeps waiting and returns the output (it returned ``None`` against 'processing')."""
+    """Check that the client keeps waiting after ``Prefer: wait=1`` runs out and returns the output.
+
+    ``Prefer: wait=1`` runs out; the emulator answers ``starting`` like Replicate, so the
+    client keeps waiting and returns the output (it returned ``None`` against 'processing').
+    """
     output = client.run(DEV_MODEL, input={"prompt": "x", "input_image": data_uri(png())}, wait=1)
     assert_image(output, (62, 42))
     assert emu.requests[0].path.endswith("/predictions")

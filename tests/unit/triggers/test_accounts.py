@@ -1,4 +1,6 @@
-"""Several triggerers on one account: the adaptive request budget (additive increase, multiplicative
+"""Test several triggerers on one account: the adaptive request budget, sweeps cut into slices.
+
+Several triggerers on one account: the adaptive request budget (additive increase, multiplicative
 decrease on a 429) on a controllable clock, against the emulator's Replicate limit; how sweeps are
 cut into slices (``triggers/slices.py``); a sweep that stops paging once its waits are found; and a
 burst of waits on predictions already done, answered by sweeps.
@@ -36,8 +38,11 @@ class Clock:
 
 
 def spend(budget: AccountRateLimiter, clock: Clock, seconds: float, tick: float = 0.01) -> int:
-    """Send as much as the budget allows for ``seconds`` (every refusal is a request that wanted to
-    go); the number sent."""
+    """Send as much as the budget allows for ``seconds``; return the number sent.
+
+    Send as much as the budget allows for ``seconds`` (every refusal is a request that wanted to
+    go); the number sent.
+    """
     sent = 0
     end = clock.now + seconds
     while clock.now < end:
@@ -122,9 +127,12 @@ async def test_a_lower_ceiling_of_the_account_caps_the_rate() -> None:
 
 
 def share(k: int, seconds: float, other_per_minute: float = 0.0) -> tuple[list[list[int]], int, int]:
-    """``k`` budgets at the connection's default ceiling, each wanting more than the account allows,
+    """Simulate ``k`` budgets against Replicate's limit on one clock; return their rates.
+
+    ``k`` budgets at the connection's default ceiling, each wanting more than the account allows,
     against Replicate's limit on one simulated clock; a 429 is known 30 ms after it was sent.
-    (requests sent per budget per second, all sent, all answered 429)."""
+    (requests sent per budget per second, all sent, all answered 429).
+    """
     clock = Clock()
     limiter = RateLimiter(RateLimit.replicate(), clock)
     budgets = [AccountRateLimiter(2400, clock=clock) for _ in range(k)]
@@ -161,8 +169,11 @@ def jain(values: list[float]) -> float:
 
 
 def test_triggerers_converge_on_the_accounts_limit_in_fair_shares() -> None:
-    """4 triggerers, each starting at 2400/min against an account of 3000/min: within 10 s their sum
-    stays near the limit, the shares are about equal, and few requests are refused."""
+    """Check that 4 triggerers over an account's limit converge near it, in about equal shares.
+
+    4 triggerers, each starting at 2400/min against an account of 3000/min: within 10 s their sum
+    stays near the limit, the shares are about equal, and few requests are refused.
+    """
     seconds, k = 60, 4
     per_second, sent, throttled = share(k, seconds)
     settled = [sum(budget[s] for budget in per_second) for s in range(10, seconds)]
@@ -220,7 +231,7 @@ def test_times_round_trip_through_the_lists_bounds() -> None:
 
 @pytest.fixture
 def list_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """The arguments of every list request the watchers make."""
+    """Return the arguments of every list request the watchers make."""
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
     calls: list[dict[str, Any]] = []
@@ -238,8 +249,11 @@ async def test_a_sweep_stops_paging_once_its_waits_are_found(
     emu: KontextEmulator,  # noqa: F811
     list_calls: list[dict[str, Any]],
 ) -> None:
-    """Three waits on the newest of 350 predictions: every sweep reads one page, never the three
-    older ones behind it."""
+    """Check that three waits on the newest of 350 predictions read one page per sweep.
+
+    Three waits on the newest of 350 predictions: every sweep reads one page, never the three
+    older ones behind it.
+    """
     predictions = create(emu, 350)
     newest = predictions[-3:]
     events = await wait_all([trigger(p, created_at=p["created_at"]) for p in newest])
@@ -250,8 +264,11 @@ async def test_a_sweep_stops_paging_once_its_waits_are_found(
 
 
 async def test_a_burst_on_predictions_already_done_is_answered_by_sweeps(emu: KontextEmulator) -> None:  # noqa: F811
-    """300 triggers opened at once on predictions that have ended: answered from the list, in
-    slices of a page read side by side, none reading alone."""
+    """Check that 300 triggers on ended predictions are answered from the list, in slices.
+
+    300 triggers opened at once on predictions that have ended: answered from the list, in
+    slices of a page read side by side, none reading alone.
+    """
     predictions = create(emu, 300)
     await asyncio.sleep(1.5)  # the last ends 0.7 s after its create
     done = len(emu.requests)

@@ -1,5 +1,8 @@
-"""The batch trigger's wait (``BatchWatch``) with a fake hook, the pacing of creates, and the size
-bounds that let a batch of 10,000 fit: trigger kwargs, state store values, the event."""
+"""Test the batch trigger's wait (``BatchWatch``), the pacing of creates, and the size bounds.
+
+The batch trigger's wait (``BatchWatch``) with a fake hook, the pacing of creates, and the size
+bounds that let a batch of 10,000 fit: trigger kwargs, state store values, the event.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from airflow_provider_kontext.triggers.batch import BatchWatch, FluxKontextBatch
 
 
 def rid(number: int) -> str:
-    """A Replicate-shaped id (26 base32 characters)."""
+    """Return a Replicate-shaped id (26 base32 characters)."""
     return f"{number:08d}qorzdhgbfurvjtvhg6d"[:26].ljust(26, "x")
 
 
@@ -218,8 +221,11 @@ def test_pacer_spaces_creates_at_the_rate(monkeypatch: pytest.MonkeyPatch) -> No
 def test_trigger_holds_an_early_event_until_min_defer_seconds_after_the_deferral(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Against Airflow's scheduler race: a batch that ends at once still resumes no sooner than
-    ``min_defer_seconds`` after it deferred; the hold never exceeds it (a clock that jumped)."""
+    """Check that a batch that ends at once still resumes no sooner than ``min_defer_seconds``.
+
+    Against Airflow's scheduler race: a batch that ends at once still resumes no sooner than
+    ``min_defer_seconds`` after it deferred; the hold never exceeds it (a clock that jumped).
+    """
     import time as time_module
 
     from airflow_provider_kontext.triggers import kontext as single

@@ -1,7 +1,10 @@
-"""``FluxKontextPredictionTrigger``: serialization, one event per terminal status, progress, errors,
+"""Test ``FluxKontextPredictionTrigger``: serialization, events, progress, errors, deadline, cleanup.
+
+``FluxKontextPredictionTrigger``: serialization, one event per terminal status, progress, errors,
 deadline, restart from kwargs, cleanup and on_kill. The hook is mocked, except where a poll's retries
 and deadline are tested: those run the real hook against a scripted aiohttp server on 127.0.0.1.
-Nothing waits or leaves the machine."""
+Nothing waits or leaves the machine.
+"""
 
 from __future__ import annotations
 
@@ -59,13 +62,13 @@ def make_trigger(**overrides: Any) -> FluxKontextPredictionTrigger:
 
 @pytest.fixture
 def hook():
-    """The hook instance the trigger builds (class patched where the trigger imports it from)."""
+    """Return the hook instance the trigger builds (class patched where the trigger imports it from)."""
     instance = mock.MagicMock(name="FluxKontextHook()")
     instance.aget_prediction = mock.AsyncMock()
     instance.acancel_prediction = mock.AsyncMock()
     instance.acreate_prediction = mock.AsyncMock()
     instance.aclose = mock.AsyncMock()
-    # One wait alone: the shared watcher leaves it to poll on its own (tests/test_watcher.py: shared).
+    # One wait alone: the shared watcher leaves it to poll on its own (test_watcher.py: shared).
     instance.aget_settings = mock.AsyncMock(return_value=ClientSettings(CONN_ID, "https://api.example"))
     instance.redact = lambda text: text.replace(SECRET_ECHO, "***")
     with mock.patch("airflow_provider_kontext.hooks.kontext.FluxKontextHook") as hook_cls:
@@ -76,7 +79,7 @@ def hook():
 
 @pytest.fixture
 def sleeps():
-    """Replaces the trigger module's ``asyncio.sleep``; records the requested delays."""
+    """Replace the trigger module's ``asyncio.sleep``; record the requested delays."""
     delays: list[float] = []
 
     async def fake_sleep(seconds: float) -> None:
@@ -257,8 +260,11 @@ async def test_progress_lines_logged_once(hook, sleeps):
 
 
 class ScriptedApi:
-    """``GET /v1/predictions/{PID}`` on 127.0.0.1 answering from a script (the last answer repeats):
-    a ``(status, json)`` pair, ``"garbled"`` (no usable HTTP answer) or ``"hang"``."""
+    """Serve ``GET /v1/predictions/{PID}`` on 127.0.0.1 from a script (the last answer repeats).
+
+    ``GET /v1/predictions/{PID}`` on 127.0.0.1 answering from a script (the last answer repeats):
+    a ``(status, json)`` pair, ``"garbled"`` (no usable HTTP answer) or ``"hang"``.
+    """
 
     def __init__(self) -> None:
         self.answers: list[Any] = []
@@ -284,7 +290,7 @@ class ScriptedApi:
 
 @pytest.fixture
 async def api(monkeypatch):
-    """The real hook (not the mock) polling a scripted API; its retry waits are recorded, not slept."""
+    """Return the real hook (not the mock) polling a scripted API; its retry waits are recorded, not slept."""
     scripted = ScriptedApi()
     app = web.Application()
     app.router.add_get(f"/v1/predictions/{PID}", scripted.handle)
@@ -432,8 +438,11 @@ async def test_deadline_passed_gives_timeout(hook, sleeps):
 
 
 async def test_a_poll_stuck_past_the_deadline_ends_in_timeout(api, sleeps):
-    """A slow or throttling API must not hold the trigger past end_time (Airflow's own defer timeout
-    would then fail the task without the cancel that the ``timeout`` event brings)."""
+    """Check that a slow or throttling API does not hold the trigger past ``end_time``.
+
+    A slow or throttling API must not hold the trigger past end_time (Airflow's own defer timeout
+    would then fail the task without the cancel that the ``timeout`` event brings).
+    """
     api.answers = ["hang"]
     # Without the cut-off the poll waits for the read timeout (30 s), far past the deadline.
     started = time.monotonic()

@@ -1,6 +1,9 @@
-"""The shared watcher (``triggers/watcher.py``): the real trigger against the emulator on 127.0.0.1,
+"""Test the shared watcher (``triggers/watcher.py``): the real trigger against the emulator.
+
+The shared watcher (``triggers/watcher.py``): the real trigger against the emulator on 127.0.0.1,
 many waits answered from the list, one wait polling alone, a prediction missing from the list's
-window, paging past 100, a triggerer restart, and two triggerers watching one account."""
+window, paging past 100, a triggerer restart, and two triggerers watching one account.
+"""
 
 from __future__ import annotations
 
@@ -111,9 +114,12 @@ async def test_waits_without_created_at_are_found_in_the_newest_page(emu: Kontex
 
 
 async def test_a_prediction_missing_from_the_window_is_read_alone(emu: KontextEmulator) -> None:
-    """One trigger claims a ``created_at`` later than the truth, so the window, which starts at the
+    """Check that a trigger whose window misses its prediction reads alone and ends like the others.
+
+    One trigger claims a ``created_at`` later than the truth, so the window, which starts at the
     oldest claimed ``created_at`` (less a margin), does not reach its prediction: it reads alone and
-    ends like the others."""
+    ends like the others.
+    """
     predictions = create(emu, 1)
     await asyncio.sleep(watcher_module.WINDOW_MARGIN_MICROS / 1e6 + 1)
     predictions += create(emu, 9)
@@ -139,8 +145,11 @@ async def test_paging_past_one_page(emu: KontextEmulator) -> None:
 
 
 async def test_a_failed_prediction_is_read_in_full_for_its_error(emu: KontextEmulator) -> None:
-    """The list shows it ``failed`` but without logs: the event's error and log tail come from a
-    read of its own."""
+    """Check that a failure listed without logs gets its error and log tail from a read of its own.
+
+    The list shows it ``failed`` but without logs: the event's error and log tail come from a
+    read of its own.
+    """
     emu.faults.fail_predictions(1, error="the model ran out of memory")
     predictions = create(emu, 6)
     events = await wait_all([trigger(p, created_at=p["created_at"]) for p in predictions])

@@ -110,7 +110,7 @@ def logs(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -
 
 @pytest.fixture
 def local_api_thread(set_conn: Callable[..., None]) -> Any:
-    """The account endpoint on 127.0.0.1, served from its own loop in a thread (for sync tests)."""
+    """Serve the account endpoint on 127.0.0.1 from its own loop in a thread (for sync tests)."""
     loop = asyncio.new_event_loop()
 
     async def account(request: web.Request) -> web.Response:

@@ -50,5 +50,5 @@ def assert_no_secret(*texts: Any) -> None:
 
 
 def read_timeout(api: FakeApi) -> float | None:
-    """The read timeout the client set for the last request."""
+    """Return the read timeout the client set for the last request."""
     return api.timeouts[-1].sock_read

@@ -80,7 +80,7 @@ async def test_releasing_a_foreign_client_closes_it() -> None:
 
 @pytest.fixture
 async def local_api(set_conn: Callable[..., None]) -> AsyncIterator[dict[str, Any]]:
-    """A tiny API on 127.0.0.1 (aiohttp server in the test's loop); the default connection points at it."""
+    """Serve a tiny API on 127.0.0.1 (aiohttp, the test's loop); point the default connection at it."""
     seen: list[web.Request] = []
     uploads: list[dict[str, Any]] = []
     release = asyncio.Event()

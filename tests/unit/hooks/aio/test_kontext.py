@@ -78,7 +78,7 @@ async def test_aget_settings_arguments_override_extras(set_conn: Callable[..., N
 
 @pytest.fixture
 def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The connection ids the hooks look up (the real lookup still runs)."""
+    """Return the connection ids the hooks look up (the real lookup still runs)."""
     seen: list[str] = []
     original = FluxKontextHook.aget_connection
 

@@ -37,7 +37,7 @@ def default_conn(monkeypatch: pytest.MonkeyPatch, set_conn: Callable[..., None])
 
 @pytest.fixture(autouse=True)
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The waits the retry policy asked for, instead of real sleeping."""
+    """Record the waits the retry policy asked for, instead of really sleeping."""
     waits: list[float] = []
     monkeypatch.setattr(FluxKontextHook, "_sleep", lambda self, seconds: waits.append(seconds))
     return waits

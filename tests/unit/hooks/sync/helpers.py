@@ -45,13 +45,13 @@ FILE_JSON = {
 
 
 def refused() -> requests.exceptions.ConnectionError:
-    """What requests raises when nothing listens on the port: the request never left."""
+    """Return what requests raises when nothing listens on the port: the request never left."""
     reason = NewConnectionError(None, "Failed to establish a new connection: [Errno 111] Connection refused")
     return requests.exceptions.ConnectionError(MaxRetryError(None, "/v1/x", reason=reason))  # type: ignore[arg-type]
 
 
 def reset() -> requests.exceptions.ConnectionError:
-    """What requests raises when the server drops the connection after the request was written."""
+    """Return what requests raises when the server drops the connection after the request was written."""
     return requests.exceptions.ConnectionError(
         "('Connection aborted.', RemoteDisconnected('Remote end closed connection without response'))"
     )

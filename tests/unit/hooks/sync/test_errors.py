@@ -338,8 +338,11 @@ def test_backoff_seconds_growth() -> None:
 def test_unreadable_answer_to_a_create_is_an_uncertain_create(
     hook: FluxKontextHook, requests_mock: Any, body: str, named: str | None
 ) -> None:
-    """A 2xx the hook cannot read may still have created (and billed) a prediction: never a plain
-    error that would let a retry create a second one."""
+    """Check that an unreadable 2xx answer to a create is an uncertain create.
+
+    A 2xx the hook cannot read may still have created (and billed) a prediction: never a plain
+    error that would let a retry create a second one.
+    """
     requests_mock.post(CREATE_URL, text=body, status_code=201)
     with pytest.raises(FluxKontextPredictionMayExistError) as info:
         hook.create_prediction(DEV, INPUT)

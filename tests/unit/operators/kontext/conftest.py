@@ -24,7 +24,7 @@ from .helpers import (
 
 @pytest.fixture
 def hook():
-    """A spec'd mock replacing the operator's ``hook`` cached_property for every instance."""
+    """Replace the operator's ``hook`` cached_property with a spec'd mock for every instance."""
     fake = mock.create_autospec(FluxKontextHook, instance=True)
     fake.create_prediction.return_value = make_prediction("starting")
     fake.redact.side_effect = lambda text: text.replace(SECRET_ECHO, "***")

@@ -192,7 +192,7 @@ def test_asset_outlet_carries_the_saved_paths(hook, tmp_path):
 
 
 def writes(*payloads: bytes):
-    """A ``hook.download`` side effect writing each payload into the file object it is given."""
+    """Return a ``hook.download`` side effect writing each payload into the file object it is given."""
     queue = list(payloads)
 
     def download(url: str, dest: Any, *, max_bytes: int) -> str:

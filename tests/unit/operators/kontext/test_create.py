@@ -317,7 +317,7 @@ def test_cancel_after(hook, kwargs, expected):
     [({"timeout": 300}, 300.0), ({"execution_timeout": timedelta(minutes=10)}, 540.0), ({}, 1800.0)],
 )
 def test_a_throttled_create_may_wait_until_the_edits_deadline(hook, kwargs, seconds):
-    """The create's deadline (tests/test_create_throttling.py): the edit's timeout from the try's start."""
+    """The create's deadline (test_create_throttling.py): the edit's timeout from the try's start."""
     before = time.time()
     run_deferring(make_op(**kwargs), make_context())
     deadline = hook.create_prediction.call_args.kwargs["deadline"]

@@ -269,8 +269,7 @@ def test_deferring_says_what_is_awaited_how_and_until_when(hook):
 
 
 def test_urls_in_log_lines_are_never_followed_by_punctuation(hook):
-    """Airflow's log view links ``https?://\\S+``: a URL followed by ``;`` or ``,`` links to a 404."""
-
+    r"""Airflow's log view links ``https?://\\S+``: a URL followed by ``;`` or ``,`` links to a 404."""
     from airflow_provider_kontext.edits.results import _success_line
 
     op = make_op(poll_interval=1.5, timeout=600)

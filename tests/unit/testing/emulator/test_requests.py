@@ -201,8 +201,11 @@ def test_cancel_after_parsing(value: str, seconds: float | None) -> None:
 
 
 def test_cancel_after_formats(kontext_emulator: KontextEmulator, http: requests.Session) -> None:
-    """Every duration form Replicate documents, at or above its 5 s minimum (predictions here take
-    0.1 s, so none comes near its deadline: no race with a busy machine)."""
+    """Check every duration form Replicate documents, at or above its 5 s minimum.
+
+    Every duration form Replicate documents, at or above its 5 s minimum (predictions here take
+    0.1 s, so none comes near its deadline: no race with a busy machine).
+    """
     values = {"90s": 90, "5m": 300, "1h30m": 5400, "120": 120, "5000ms": 5, "1h30m45s": 5445}
     for value, seconds in values.items():
         created = create(http, kontext_emulator, headers={"Cancel-After": value}).json()
