@@ -1,5 +1,8 @@
-"""What the emulator test modules share: fast emulator timings, small PNGs, and the ``emu`` fixture's
-options, set per test with :func:`options`."""
+"""Share what the emulator test modules need: fast timings, small PNGs, the ``emu`` fixture's options.
+
+What the emulator test modules share: fast emulator timings, small PNGs, and the ``emu`` fixture's
+options, set per test with :func:`options`.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +38,6 @@ def options(**values: Any) -> pytest.MarkDecorator:
 
 @contextmanager
 def started(request: pytest.FixtureRequest, **defaults: Any) -> Iterator[FluxKontextEmulator]:
-    """An emulator with ``FAST``, then ``defaults``, then what :func:`options` asked for."""
+    """Return an emulator with ``FAST``, then ``defaults``, then what :func:`options` asked for."""
     with FluxKontextEmulator(**{**FAST, **defaults, **getattr(request, "param", {})}) as emulator:
         yield emulator

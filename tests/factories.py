@@ -1,5 +1,8 @@
-"""Predictions as Replicate's API answers them, for the tests of the operator, the sensor and the
-trigger."""
+"""Build predictions as Replicate's API answers them, for the operator, sensor and trigger tests.
+
+Predictions as Replicate's API answers them, for the tests of the operator, the sensor and the
+trigger.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ DEV_MODEL = "black-forest-labs/flux-kontext-dev"
 
 
 def api_prediction(prediction_id: str | None, status: str, **fields: Any) -> Prediction:
-    """A prediction of the dev model in ``status``, created now, with Replicate's ``urls``;
-    ``fields`` override or add to that."""
+    """Return a prediction of the dev model in ``status``, created now, with Replicate's ``urls``.
+
+    A prediction of the dev model in ``status``, created now, with Replicate's ``urls``;
+    ``fields`` override or add to that.
+    """
     data: dict[str, Any] = {
         "id": prediction_id,
         "model": DEV_MODEL,

@@ -31,7 +31,7 @@ SPEC_PATH = Path(__file__).parent / "data" / "replicate-openapi.yaml"
 
 @cache
 def spec_dict() -> dict[str, Any]:
-    """The description, with its server made a template that matches any emulator's base URL."""
+    """Return the description, with its server made a template that matches any emulator's base URL."""
     document: dict[str, Any] = yaml.safe_load(SPEC_PATH.read_text(encoding="utf-8"))
     document["servers"] = [
         {"url": "{base}/v1", "variables": {"base": {"default": "http://127.0.0.1"}}},
@@ -135,7 +135,7 @@ class Contract:
     # --- client hooks -------------------------------------------------------------------------
 
     def requests_hook(self) -> Callable[..., None]:
-        """A ``requests`` response hook that checks every response."""
+        """Return a ``requests`` response hook that checks every response."""
 
         def hook(response: requests.Response, *args: Any, **kwargs: Any) -> None:
             request = response.request
@@ -153,7 +153,7 @@ class Contract:
         return hook
 
     def httpx_hook(self) -> Callable[[httpx.Response], None]:
-        """An httpx (sync) response event hook that checks every response."""
+        """Return an httpx (sync) response event hook that checks every response."""
 
         def hook(response: httpx.Response) -> None:
             if response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -164,7 +164,7 @@ class Contract:
         return hook
 
     def async_httpx_hook(self) -> Callable[[httpx.Response], Any]:
-        """An httpx (async) response event hook that checks every response."""
+        """Return an httpx (async) response event hook that checks every response."""
 
         async def hook(response: httpx.Response) -> None:
             if response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -187,7 +187,7 @@ class Contract:
         )
 
     def operations(self) -> set[tuple[str, int]]:
-        """(method, status) pairs seen, for coverage assertions."""
+        """Return the (method, status) pairs seen, for coverage assertions."""
         return {(method, status) for method, _, status in self.checked}
 
 

@@ -1,5 +1,8 @@
-"""The Airflow components as separate processes (LocalExecutor on sqlite), shared by the end-to-end
-tests that need a real scheduler and triggerer rather than ``airflow dags test``."""
+"""Run Airflow's components as separate processes (LocalExecutor on sqlite) for the end-to-end tests.
+
+The Airflow components as separate processes (LocalExecutor on sqlite), shared by the end-to-end
+tests that need a real scheduler and triggerer rather than ``airflow dags test``.
+"""
 
 from __future__ import annotations
 
@@ -29,10 +32,13 @@ def status_reads(requests: list[Any]) -> int:
 def cluster_env(
     home: Path, dags: Path, connections: dict[str, dict[str, Any]], **config: str
 ) -> dict[str, str]:
-    """The environment of a cluster's processes: this one's, with ``AIRFLOW_HOME`` at ``home``, a
+    """Return the environment of a cluster's processes.
+
+    The environment of a cluster's processes: this one's, with ``AIRFLOW_HOME`` at ``home``, a
     LocalExecutor on sqlite with fast heartbeats, an api-server on a free loopback port, a
     connection per ``connections`` entry (``AIRFLOW_CONN_<NAME>``), and ``config`` on top
-    (``AIRFLOW__...`` settings or any other variable)."""
+    (``AIRFLOW__...`` settings or any other variable).
+    """
     port = free_port()
     env = {
         **os.environ,
@@ -86,8 +92,11 @@ class Cluster:
         return proc.stdout
 
     def start(self, name: str, *command: str, env: dict[str, str] | None = None) -> None:
-        """Start ``airflow <command>`` (default ``airflow <name>``) as the process called ``name``,
-        with ``env`` on top of the cluster's (several workers or triggerers need their own)."""
+        """Start ``airflow <command>`` as the process called ``name``.
+
+        Start ``airflow <command>`` (default ``airflow <name>``) as the process called ``name``,
+        with ``env`` on top of the cluster's (several workers or triggerers need their own).
+        """
         log = (self.logs / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "airflow", *(command or (name,))],

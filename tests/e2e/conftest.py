@@ -1,5 +1,8 @@
-"""End-to-end fixtures: a real Airflow (sqlite metadata DB, ``airflow dags test``) in subprocesses
-against the emulator serving real HTTP on 127.0.0.1. No HTTP mocks anywhere below this folder."""
+"""Provide the end-to-end fixtures: a real Airflow in subprocesses against the emulator on 127.0.0.1.
+
+End-to-end fixtures: a real Airflow (sqlite metadata DB, ``airflow dags test``) in subprocesses
+against the emulator serving real HTTP on 127.0.0.1. No HTTP mocks anywhere below this folder.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
-"""A real Airflow API server with the provider's plugin, for the plugin's end-to-end tests: the
+"""Serve a real Airflow API server with the provider's plugin for the plugin's end-to-end tests.
+
+A real Airflow API server with the provider's plugin, for the plugin's end-to-end tests: the
 example pipeline run once against the emulator (three edits saved to files), two users (``alice``
 reads every DAG; ``bob`` only ``kontext_sensor``, decided by an auth manager that decides per DAG,
-``authz/kontext_test_auth.py``), and a run of many synthetic edits for the gallery's paging."""
+``authz/kontext_test_auth.py``), and a run of many synthetic edits for the gallery's paging.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ class Site:
         return str(answer.json()["access_token"])
 
     def session(self, user: str | None) -> requests.Session:
-        """A client with ``user``'s session cookie, as the UI's browser has it (none: anonymous)."""
+        """Return a client with ``user``'s session cookie, as the UI's browser has it (none: anonymous)."""
         client = requests.Session()
         if user:
             client.cookies.set("_token", self.token(user))

@@ -1,6 +1,9 @@
-"""The batch form of the asset pipeline, run for real by ``airflow dags test`` against the emulator:
+"""Test the batch form of the asset pipeline, run for real by ``airflow dags test`` against the emulator.
+
+The batch form of the asset pipeline, run for real by ``airflow dags test`` against the emulator:
 twenty images in one task and one deferral, and a retry after a partial failure that edits only the
-images that failed."""
+images that failed.
+"""
 
 from __future__ import annotations
 

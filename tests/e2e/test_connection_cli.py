@@ -1,7 +1,10 @@
-"""``airflow connections test`` in a real Airflow against the emulator: the account on success (with
-``-v``, as docs/connection.md says), the "did you mean http://" hint for a scheme-less host, no
-RFC 3986 warning about the connection type, and no token in the output; and the UI's Test button on 3.3,
-by the request its UI sends, with and without a stored port."""
+"""Test ``airflow connections test`` in a real Airflow against the emulator.
+
+``airflow connections test`` in a real Airflow against the emulator: the account on success (with
+``-v``, as docs/connection.md says), the "did you mean http://" hint for a scheme-less host, no RFC 3986
+warning about the connection type, and no token in the output; and the UI's Test button on 3.3,
+by the request its UI sends, with and without a stored port.
+"""
 
 from __future__ import annotations
 
@@ -86,7 +89,8 @@ def test_test_button_on_airflow_3_3_needs_a_stored_port(
 ) -> None:
     """Check docs/connection.md on the Test button: "Bad Request" without a port, the account with one.
 
-    Should the first assertion fail, Airflow has fixed its bug: drop the docs' workaround."""
+    Should the first assertion fail, Airflow has fixed its bug: drop the docs' workaround.
+    """
     status, answer = _press_test_button(airflow, "kontext_no_port", emulator.base_url, 0)
     assert status == 400, answer
     port = urlsplit(emulator.base_url).port or 0

@@ -1,4 +1,6 @@
-"""The deferral race in a real cluster (scheduler, dag-processor, triggerer, api-server; LocalExecutor
+"""Test the deferral race in a real cluster: every deferred edit resumes after its try's exit is seen.
+
+The deferral race in a real cluster (scheduler, dag-processor, triggerer, api-server; LocalExecutor
 on sqlite): many mapped deferrable edits whose predictions end within a second, so every trigger
 could fire while its deferring try's exit is still unreported.
 

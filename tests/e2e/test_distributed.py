@@ -1,4 +1,6 @@
-"""A distributed deployment on one machine: CeleryExecutor with a Redis broker, PostgreSQL as the
+"""Test a distributed deployment on one machine: Celery, Redis, PostgreSQL, two workers, two triggerers.
+
+A distributed deployment on one machine: CeleryExecutor with a Redis broker, PostgreSQL as the
 metadata DB and result backend, two Celery workers and two triggerers running mapped edits against
 the emulator, with 429s on a share of all requests. Once several edits are deferred, the triggerer
 holding the most triggers is SIGKILLed and started again; while edits resume, the worker running
@@ -168,7 +170,7 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 @pytest.fixture(scope="module")
 def services() -> Iterator[dict[str, int]]:
-    """A Redis and a PostgreSQL (database ``airflow``, user ``airflow``, trust auth) on loopback."""
+    """Start a Redis and a PostgreSQL (database ``airflow``, user ``airflow``, trust auth) on loopback."""
     redis_server, pg_bin = _require_services()
     scratch = Path(tempfile.mkdtemp(prefix="kontext-distributed-"))
     scratch.chmod(0o755)

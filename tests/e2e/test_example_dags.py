@@ -46,7 +46,7 @@ def test_minimal_dag_edits_one_image(airflow: Airflow, emulator: FluxKontextEmul
 
 
 def _asset_events(airflow: Airflow) -> list[tuple[str | None, int | None, dict[str, Any]]]:
-    """The example asset's events: (source task, source map index, extra)."""
+    """Return the example asset's events: (source task, source map index, extra)."""
     with sqlite3.connect(airflow.home / "airflow.db") as con:
         return [
             (task_id, map_index, json.loads(extra))
@@ -59,7 +59,7 @@ def _asset_events(airflow: Airflow) -> list[tuple[str | None, int | None, dict[s
 
 
 def _edit_instances(airflow: Airflow, run_id: str) -> list[tuple[int, str | None, str, int]]:
-    """The mapped edits of a run: (map index, name shown in the UI, state, try number)."""
+    """Return the mapped edits of a run: (map index, name shown in the UI, state, try number)."""
     with sqlite3.connect(airflow.home / "airflow.db") as con:
         return list(
             con.execute(

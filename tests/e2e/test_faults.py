@@ -1,4 +1,6 @@
-"""Faults, against the emulator's fault injection, in real Airflow runs: each run must end correctly
+"""Test faults from the emulator's fault injection in real Airflow runs: one prediction per task.
+
+Faults, against the emulator's fault injection, in real Airflow runs: each run must end correctly
 with exactly one prediction created per task (or, where a create may have reached the server, with a
 clear failure for a human and still no second prediction).
 
@@ -492,7 +494,9 @@ SCHEDULER_ECHO = re.compile(
 
 
 def test_real_cluster_shows_no_secret_anywhere(cluster_run: dict[str, Any]) -> None:
-    """With real components at DEBUG, no secret shows in any task or trigger log file, in the
+    """Check that no secret shows in any log, output, database row or file of a run at DEBUG.
+
+    With real components at DEBUG, no secret shows in any task or trigger log file, in the
     triggerer's, dag-processor's or api-server's output, in the metadata DB or in any other file; and
     a careless log of the hook's settings is masked in the task log, proving every secret (the URL's
     parts too) reached Airflow's masker.
@@ -500,7 +504,8 @@ def test_real_cluster_shows_no_secret_anywhere(cluster_run: dict[str, Any]) -> N
     Upstream, and asserted precisely: Airflow 3.3.2's LocalExecutor also echoes every task log line
     to the scheduler's stdout (``subprocess_logs_to_stdout=True`` in ``executors/local_executor.py``)
     without the masker, so whatever a task logs (the probe's careless line, urllib3's DEBUG request
-    line) shows there in clear: even a connection password Airflow registered itself."""
+    line) shows there in clear: even a connection password Airflow registered itself.
+    """
     home = cluster_run["home"]
     checked = []
     echoed = []

@@ -1,4 +1,6 @@
-"""Kill anywhere: SIGKILL the task's process at random instants over the whole life of an edit, in a
+"""Test SIGKILLs of the task's process at random instants over the whole life of an edit.
+
+Kill anywhere: SIGKILL the task's process at random instants over the whole life of an edit, in a
 real Airflow (LocalExecutor, separate scheduler, dag-processor, api-server and triggerer) against
 the emulator on 127.0.0.1, and check that every edit still ends succeeded, with exactly one
 prediction and its own outputs.
@@ -227,7 +229,7 @@ class Killer:
             raise
 
     def _task_processes(self) -> dict[int, str]:
-        """This cluster's task processes (descendants of its scheduler) by pid: their TI id."""
+        """Return this cluster's task processes (descendants of its scheduler) by pid: their TI id."""
         try:
             scheduler = psutil.Process(self.cluster.procs["scheduler"].pid)
             found = {}
@@ -256,9 +258,12 @@ class Killer:
         return entries
 
     def _plan(self, pid: int, ti_id: str, phase: str) -> None:
-        """Maybe plan this process's kill within ``phase``: with :data:`HAZARD` for the phases that
+        """Maybe plan this process's kill within ``phase``.
+
+        Maybe plan this process's kill within ``phase``: with :data:`HAZARD` for the phases that
         had the fewest kills planned so far, less for the others (down to a fifth), so the early
-        phases every process passes do not take all the kills."""
+        phases every process passes do not take all the kills.
+        """
         if pid in self.plans or not self.armed:
             return
         fewest = min(self.planned[name] for name in PHASES)
@@ -418,7 +423,7 @@ def kill_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _report(data: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The report's text, and the figures the test asserts on."""
+    """Return the report's text, and the figures the test asserts on."""
     killer: Killer = data["killer"]
     edits = {(run, int(map_index)): (state, tries) for run, map_index, state, tries in data["tis"]}
     per_prompt = collections.Counter(data["prompts"].values())
@@ -477,9 +482,12 @@ HOLDING = ("created", "recorded", "deferring", "resumed", "reattached", "adopted
 
 
 def _repeat_causes(killer: Killer, key: tuple[str, int]) -> list[str]:
-    """Each create of one edit after its first answered one, named by how the last earlier process
+    """Return each create of one edit after its first answered one, named by how the process before ended.
+
+    Each create of one edit after its first answered one, named by how the last earlier process
     that held the prediction ended: its last phase, then ``killed`` or ``ended`` (by Airflow, or
-    normally: a deferral)."""
+    normally: a deferral).
+    """
     killed = {kill.pid for kill in killer.kills if (kill.run, kill.map_index) == key}
     processes = sorted(
         (markers[0]["t"], pid, [m["phase"] for m in markers])
@@ -496,8 +504,11 @@ def _repeat_causes(killer: Killer, key: tuple[str, int]) -> list[str]:
 
 
 def _story(killer: Killer, key: tuple[str, int]) -> list[str]:
-    """What each task process of one edit did, in order: its try, the phases it entered, and
-    ``KILLED`` if the killer ended it (a process killed before its first marker shows as startup)."""
+    """Return what each task process of one edit did, in order.
+
+    What each task process of one edit did, in order: its try, the phases it entered, and
+    ``KILLED`` if the killer ended it (a process killed before its first marker shows as startup).
+    """
     killed = {kill.pid for kill in killer.kills if (kill.run, kill.map_index) == key}
     processes = []
     for pid, markers in killer.markers.items():

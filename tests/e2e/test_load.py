@@ -1,4 +1,6 @@
-"""Load: many mapped edits through one DAG run while the emulator answers 429 to a share of all
+"""Test load: many mapped edits through one DAG run while the emulator answers 429 to a share of requests.
+
+Load: many mapped edits through one DAG run while the emulator answers 429 to a share of all
 requests (creates and polls). Nothing may be lost, nothing duplicated, and every task must end in
 success or a clear failure.
 

@@ -1,5 +1,8 @@
-"""The plugin on a real API server (requests, no browser): what each user may see, and that no
-request parameter reaches the file system. The browser test is ``test_plugin_browser.py``."""
+"""Test the plugin on a real API server (requests, no browser): who may see what, and no path traversal.
+
+The plugin on a real API server (requests, no browser): what each user may see, and that no
+request parameter reaches the file system. The browser test is ``test_plugin_browser.py``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The plugin in a real browser: headless Chromium (Debian's ``chromium`` and ``chromium-driver``)
+"""Test the plugin in a real browser: headless Chromium driven by Selenium against a real API server.
+
+The plugin in a real browser: headless Chromium (Debian's ``chromium`` and ``chromium-driver``)
 driven by Selenium against a real API server. Logs in, opens a run's gallery and an edit's view
 (alone and inside Airflow's UI), checks that every image loaded (``naturalWidth > 0``) and is a real
 image, not a placeholder; the other user is refused. Screenshots go to ``test-artifacts/browser/``.

@@ -1,6 +1,9 @@
-"""Retry versus clear in a real Airflow (scheduler, dag-processor, api-server, LocalExecutor): a try
+"""Test retry versus clear in a real Airflow: a retry pays nothing, a clear edits again.
+
+Retry versus clear in a real Airflow (scheduler, dag-processor, api-server, LocalExecutor): a try
 whose worker dies after the provider finished the edit, before Airflow recorded its success, is
-retried into the same prediction and pays nothing; a clear of the succeeded task edits afresh."""
+retried into the same prediction and pays nothing; a clear of the succeeded task edits afresh.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Secrets through a whole DAG run: ``airflow dags test`` at DEBUG log level against the emulator, with
+"""Test that no secret leaks through a whole DAG run at DEBUG log level against the emulator.
+
+Secrets through a whole DAG run: ``airflow dags test`` at DEBUG log level against the emulator, with
 recognisable tokens (one as the connection's password, one wrong one, one as a proxy URL's userinfo
 password, one as a proxy URL's lone userinfo user, one in a proxy URL's query) and an emulator that
 echoes them back in error answers. None may appear in the task and trigger logs (in ``dags test`` the
@@ -219,7 +221,7 @@ def test_no_secret_in_xcom_rendered_fields_trigger_kwargs_or_next_kwargs(run: di
 
 
 def _trigger_kwargs(home: Path, stored: str) -> dict[str, Any]:
-    """The trigger row's kwargs: plain JSON, or Fernet-encrypted with the home's key."""
+    """Return the trigger row's kwargs: plain JSON, or Fernet-encrypted with the home's key."""
     if stored.startswith("{"):
         data = json.loads(stored)
     else:

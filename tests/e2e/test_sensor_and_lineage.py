@@ -1,5 +1,8 @@
-"""The sensor's example DAG and the OpenLineage events of an edit, run for real by ``airflow dags test``
-against the emulator (OpenLineage's console transport writes the events into the task log)."""
+"""Test the sensor's example DAG and an edit's OpenLineage events, run for real by ``airflow dags test``.
+
+The sensor's example DAG and the OpenLineage events of an edit, run for real by ``airflow dags test``
+against the emulator (OpenLineage's console transport writes the events into the task log).
+"""
 
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ def test_sensor_waits_for_a_prediction_started_by_another_task(
 
 
 def _lineage_events(output: str) -> list[dict[str, Any]]:
-    """The OpenLineage events the console transport logged (one JSON document per event)."""
+    """Return the OpenLineage events the console transport logged (one JSON document per event)."""
     events = []
     decoder = json.JSONDecoder()
     for match in re.finditer(r'\{"eventTime"|\{\s*"eventTime"', output):

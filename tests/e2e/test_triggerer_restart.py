@@ -1,6 +1,9 @@
-"""A real scheduler, dag-processor, api-server and triggerer (LocalExecutor, sqlite) run the asset
+"""Test a triggerer killed and started again while the asset pipeline's edits are deferred.
+
+A real scheduler, dag-processor, api-server and triggerer (LocalExecutor, sqlite) run the asset
 pipeline; the triggerer is killed while the edits are deferred and started again. The run must
-succeed with exactly one prediction per mapped task."""
+succeed with exactly one prediction per mapped task.
+"""
 
 from __future__ import annotations
 

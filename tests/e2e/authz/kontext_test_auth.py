@@ -1,4 +1,6 @@
-"""An auth manager for the plugin's browser test: Airflow's simple auth manager, except that the
+"""Provide an auth manager for the plugin's browser test: Airflow's simple one, with a limited user.
+
+An auth manager for the plugin's browser test: Airflow's simple auth manager, except that the
 user ``bob`` may read only the DAGs named in ``KONTEXT_TEST_BOB_DAGS`` (comma-separated).
 
 The simple auth manager gives every role read access to every DAG; the plugin must follow what an

@@ -1,0 +1,288 @@
+"""Test several triggerers on one account: the adaptive request budget, sweeps cut into slices.
+
+Several triggerers on one account: the adaptive request budget (additive increase, multiplicative
+decrease on a 429) on a controllable clock, against the emulator's Replicate limit; how sweeps are
+cut into slices (``triggers/slices.py``); a sweep that stops paging once its waits are found; and a
+burst of waits on predictions already done, answered by sweeps.
+
+The budget tests run on a simulated clock (no sleeping, no timing); the emulator tests assert what
+was requested, never how long it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import math
+from typing import Any
+
+import pytest
+
+from airflow_provider_kontext.hooks import rate_limit as budget_module
+from airflow_provider_kontext.hooks.connection import ClientSettings
+from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter, AccountRateLimiters
+from airflow_provider_kontext.testing import FluxKontextEmulator
+from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
+from airflow_provider_kontext.triggers.slices import (
+    PAGE_SIZE,
+    micros_to_iso,
+    parse_time,
+    plan_slices,
+    to_micros,
+)
+
+from .test_watcher import create, emu, trigger, wait_all  # noqa: F401 (emu: the fixture)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def spend(budget: AccountRateLimiter, clock: Clock, seconds: float, tick: float = 0.01) -> int:
+    """Send as much as the budget allows for ``seconds``; return the number sent.
+
+    Send as much as the budget allows for ``seconds`` (every refusal is a request that wanted to
+    go); the number sent.
+    """
+    sent = 0
+    end = clock.now + seconds
+    while clock.now < end:
+        while budget.try_acquire():
+            sent += 1
+        clock.now = round(clock.now + tick, 6)
+    return sent
+
+
+# --- the adaptive budget ------------------------------------------------------------------------
+
+
+def test_a_429_cuts_the_rate_once_per_pause() -> None:
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    assert budget.rate == 40.0  # starts at the ceiling
+    budget.pause(1.0)
+    assert budget.rate == 40.0 * budget_module.DECREASE_FACTOR
+    for _ in range(5):  # the 429s of requests that were in flight: the same signal
+        budget.pause(1.0)
+    assert budget.rate == 40.0 * budget_module.DECREASE_FACTOR
+    assert budget.decreases == 1
+    clock.now += 1.5
+    budget.pause(1.0)  # a new 429 after the pause: cut again
+    assert budget.decreases == 2
+    assert math.isclose(budget.rate, 40.0 * budget_module.DECREASE_FACTOR**2)
+
+
+def test_the_rate_never_falls_below_its_floor() -> None:
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    for _ in range(100):
+        budget.pause(0.0)
+        clock.now += 0.1
+    assert budget.rate == budget.floor == 40.0 * budget_module.FLOOR_SHARE
+
+
+def test_a_used_rate_grows_back_to_the_ceiling_and_no_further() -> None:
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    budget.pause(0.0)
+    cut = budget.rate
+    spend(budget, clock, 2.0)
+    early = budget.rate
+    assert cut < early < 40.0
+    spend(budget, clock, 2.0)
+    # The longer no 429 came, the faster it grows.
+    assert budget.rate - early > early - cut
+    spend(budget, clock, 60.0)
+    assert budget.rate == 40.0
+
+
+def test_an_unused_rate_does_not_grow() -> None:
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    budget.pause(0.0)
+    cut = budget.rate
+    for _ in range(100):  # one request a second: far below the rate
+        clock.now += 1.0
+        assert budget.try_acquire()
+    assert budget.rate == cut
+
+
+def test_a_fixed_budget_only_pauses() -> None:
+    clock = Clock()
+    budget = AccountRateLimiter(600, clock=clock, adaptive=False)
+    budget.pause(1.0)
+    assert budget.rate == 10.0
+    assert budget.decreases == 0
+
+
+async def test_a_lower_ceiling_of_the_account_caps_the_rate() -> None:
+    settings = ClientSettings("c", "https://api.replicate.com", token="r8_accounts_test_0123456789")
+    budget = AccountRateLimiters.get(settings)
+    assert budget is not None
+    assert budget.rate == settings.max_requests_per_minute / 60
+    lower = ClientSettings(
+        "d", "https://api.replicate.com", token="r8_accounts_test_0123456789", max_requests_per_minute=600
+    )
+    assert AccountRateLimiters.get(lower) is budget
+    assert budget.rate == budget.ceiling == 10.0
+
+
+def share(k: int, seconds: float, other_per_minute: float = 0.0) -> tuple[list[list[int]], int, int]:
+    """Simulate ``k`` budgets against Replicate's limit on one clock; return their rates.
+
+    ``k`` budgets at the connection's default ceiling, each wanting more than the account allows,
+    against Replicate's limit on one simulated clock; a 429 is known 30 ms after it was sent.
+    (requests sent per budget per second, all sent, all answered 429).
+    """
+    clock = Clock()
+    limiter = RateLimiter(RateLimit.replicate(), clock)
+    budgets = [AccountRateLimiter(2400, clock=clock) for _ in range(k)]
+    in_flight: collections.deque[tuple[float, int, float | None]] = collections.deque()
+    per_second = [[0] for _ in range(k)]
+    sent = throttled = 0
+    other_due = 0.0
+    start = clock.now
+    while clock.now < start + seconds:
+        while in_flight and in_flight[0][0] <= clock.now:
+            _, index, wait = in_flight.popleft()
+            if wait is not None:
+                budgets[index].pause(max(1.0, math.ceil(wait)))
+        for index, budget in enumerate(budgets):
+            while budget.try_acquire():
+                wait = limiter.acquire(create=False)
+                sent += 1
+                throttled += wait is not None
+                per_second[index][-1] += 1
+                in_flight.append((clock.now + 0.03, index, wait))
+        other_due += other_per_minute / 60 * 0.001
+        while other_due >= 1:
+            other_due -= 1
+            limiter.acquire(create=False)
+        clock.now = round(clock.now + 0.001, 6)
+        if round((clock.now - start) % 1.0, 6) == 0:
+            for counts in per_second:
+                counts.append(0)
+    return [counts[:-1] for counts in per_second], sent, throttled
+
+
+def jain(values: list[float]) -> float:
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+def test_triggerers_converge_on_the_accounts_limit_in_fair_shares() -> None:
+    """Check that 4 triggerers over an account's limit converge near it, in about equal shares.
+
+    4 triggerers, each starting at 2400/min against an account of 3000/min: within 10 s their sum
+    stays near the limit, the shares are about equal, and few requests are refused.
+    """
+    seconds, k = 60, 4
+    per_second, sent, throttled = share(k, seconds)
+    settled = [sum(budget[s] for budget in per_second) for s in range(10, seconds)]
+    assert 0.7 * 50 <= sum(settled) / len(settled) <= 50 * 1.05  # the account's 50/s, well used
+    totals = [float(sum(budget[10:])) for budget in per_second]
+    assert jain(totals) > 0.85
+    assert throttled / sent < 0.03
+
+
+def test_another_client_leaves_the_triggerers_the_rest() -> None:
+    per_second, sent, throttled = share(2, 60, other_per_minute=1000)
+    assert throttled / sent < 0.03
+    settled = [sum(budget[s] for budget in per_second) for s in range(10, 60)]
+    left = (3000 - 1000) / 60
+    assert 0.7 * left <= sum(settled) / len(settled) <= left * 1.05
+    assert jain([float(sum(budget[10:])) for budget in per_second]) > 0.9
+
+
+# --- slices ---------------------------------------------------------------------------------------
+
+
+def test_slices_are_cut_every_page_of_what_the_last_sweep_saw() -> None:
+    sample = list(range(0, 1000, 2))  # 500 predictions, 2 µs apart
+    known = {"a": 10, "b": 450, "c": 990}  # pages 1, 3 and 5 of them
+    slices = plan_slices(known, 0, sample, margin=5)
+    assert [sorted(s.expected) for s in slices] == [["a"], ["b"], ["c"]]
+    assert [(s.after, s.before) for s in slices] == [(5, 206), (406, 606), (806, 996)]
+    assert all(not s.finds_unknown and s.max_pages is None for s in slices)
+
+
+def test_before_any_sweep_the_waits_own_times_cut_the_slices() -> None:
+    known = {f"p{i}": 1000 + i for i in range(250)}
+    slices = plan_slices(known, 0, [], margin=0)
+    assert [len(s.expected) for s in slices] == [PAGE_SIZE, PAGE_SIZE, 50]
+    # Adjacent slices share their bound: together they cover the window exactly once.
+    assert [s.before for s in slices[:-1]] == [s.after for s in slices[1:]]
+
+
+def test_waits_without_created_at_are_looked_for_in_the_newest_pages() -> None:
+    (only,) = plan_slices({}, 150, [], margin=0)
+    assert (only.after, only.before, only.finds_unknown, only.max_pages) == (None, None, True, 3)
+    slices = plan_slices({"a": 100}, 1, [], margin=10)
+    assert slices[-1].before is None  # open above: where new ones are
+    assert slices[-1].finds_unknown
+
+
+def test_times_round_trip_through_the_lists_bounds() -> None:
+    moment = parse_time("2026-12-06T01:55:50.123456Z")
+    assert moment is not None
+    assert micros_to_iso(to_micros(moment)) == "2026-12-06T01:55:50.123456Z"
+
+
+# --- sweeps against the emulator -------------------------------------------------------------------
+
+
+@pytest.fixture
+def list_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Return the arguments of every list request the watchers make."""
+    from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+    calls: list[dict[str, Any]] = []
+    original = FluxKontextHook.alist_predictions
+
+    async def recorded(self: FluxKontextHook, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return await original(self, **kwargs)
+
+    monkeypatch.setattr(FluxKontextHook, "alist_predictions", recorded)
+    return calls
+
+
+async def test_a_sweep_stops_paging_once_its_waits_are_found(
+    emu: FluxKontextEmulator,  # noqa: F811
+    list_calls: list[dict[str, Any]],
+) -> None:
+    """Check that three waits on the newest of 350 predictions read one page per sweep.
+
+    Three waits on the newest of 350 predictions: every sweep reads one page, never the three
+    older ones behind it.
+    """
+    predictions = create(emu, 350)
+    newest = predictions[-3:]
+    events = await wait_all([trigger(p, created_at=p["created_at"]) for p in newest])
+    assert [e["status"] for e in events] == ["succeeded"] * 3
+    assert list_calls
+    assert not any(call["cursor"] for call in list_calls)
+    assert all(call["created_before"] and call["created_after"] for call in list_calls)
+
+
+async def test_a_burst_on_predictions_already_done_is_answered_by_sweeps(emu: FluxKontextEmulator) -> None:  # noqa: F811
+    """Check that 300 triggers on ended predictions are answered from the list, in slices.
+
+    300 triggers opened at once on predictions that have ended: answered from the list, in
+    slices of a page read side by side, none reading alone.
+    """
+    predictions = create(emu, 300)
+    await asyncio.sleep(1.5)  # the last ends 0.7 s after its create
+    done = len(emu.requests)
+    events = await wait_all([trigger(p, created_at=p["created_at"]) for p in predictions])
+    assert [e["status"] for e in events] == ["succeeded"] * 300
+    later = emu.requests[done:]
+    singles = [r for r in later if r.method == "GET" and r.path.startswith("/v1/predictions/")]
+    lists = [r for r in later if r.method == "GET" and r.path.split("?")[0] == "/v1/predictions"]
+    assert len(singles) <= 1  # at most the first trigger, before a second one joined
+    # Three slices of a page a sweep; a sweep or two as the others join (before any sweep, a slice
+    # is cut at every 100th wait and may page through the others' predictions).
+    assert len(lists) <= 12
