@@ -225,11 +225,11 @@ def __getattr__(name: str) -> Any:
 
 
 # The names of releases before 0.2 (one class prefix since): importable, the same classes.
-FluxKontextError = FluxKontextError
-FluxKontextInputError = FluxKontextInputError
-FluxKontextAPIError = FluxKontextAPIError
+KontextError = FluxKontextError
+KontextInputError = FluxKontextInputError
+KontextAPIError = FluxKontextAPIError
 KontextAuthError = FluxKontextAuthError
-FluxKontextNotFoundError = FluxKontextNotFoundError
+KontextNotFoundError = FluxKontextNotFoundError
 KontextRateLimitError = FluxKontextRateLimitError
 KontextServerError = FluxKontextServerError
 KontextTransportError = FluxKontextTransportError

@@ -47,11 +47,7 @@ if TYPE_CHECKING:
 
     from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator
 
-__all__ = [
-    "FluxKontextBatchEditOperator",
-    "FluxKontextEditOperator",
-    "FluxKontextPredictionFailedNoRetry",
-]
+__all__ = ["FluxKontextBatchEditOperator", "FluxKontextEditOperator", "FluxKontextPredictionFailedNoRetry"]
 
 #: The model inputs the operator takes as arguments (any other goes in ``extra_input``).
 MODEL_ARGUMENTS = ("prompt", *MODEL_INPUTS)
@@ -66,6 +62,8 @@ def __getattr__(name: str) -> Any:
         from airflow_provider_kontext.operators.batch import FluxKontextBatchEditOperator
 
         return FluxKontextBatchEditOperator
+    if name == "KontextPredictionFailedNoRetry":  # its name before 0.2
+        return FluxKontextPredictionFailedNoRetry
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
