@@ -1,6 +1,8 @@
-"""Constants shared by the sync and async hook tests: the fake API's addresses, a token, an input."""
+"""Share the hook tests' constants and answers: the fake API's addresses, a token, an input."""
 
 from __future__ import annotations
+
+from typing import Any
 
 TOKEN = "r8_TOPSECRET_abc123"
 ENV_TOKEN = "r8_ENVTOKEN_xyz789"
@@ -15,3 +17,20 @@ ACCOUNT_URL = f"{API}/v1/account"
 FILES_URL = f"{API}/v1/files"
 INPUT = {"prompt": "make it a watercolour", "input_image": "https://example.com/cat.png"}
 PROBLEM = "application/problem+json"
+THROTTLED = {"detail": "Request was throttled. Expected available in 1 second."}
+
+
+def prediction_json(status: str = "starting", **fields: Any) -> dict[str, Any]:
+    """Return a prediction as the API answers it, ``fields`` on top."""
+    return {
+        "id": PRED_ID,
+        "model": DEV,
+        "version": "hidden",
+        "input": INPUT,
+        "status": status,
+        "output": None,
+        "logs": "",
+        "error": None,
+        "urls": {"get": GET_URL, "cancel": CANCEL_URL, "web": f"https://replicate.com/p/{PRED_ID}"},
+        **fields,
+    }

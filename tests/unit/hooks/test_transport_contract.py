@@ -20,7 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hook_api import CANCEL_URL, CREATE_URL, DEV, GET_URL, INPUT, PRED_ID, PROBLEM, TOKEN
+from hook_api import (
+    CANCEL_URL,
+    CREATE_URL,
+    DEV,
+    GET_URL,
+    INPUT,
+    PRED_ID,
+    PROBLEM,
+    THROTTLED,
+    TOKEN,
+    prediction_json,
+)
 from scripted_api import Fail, FakeApi, patch_connects, serve_in_thread
 
 from airflow_provider_kontext.exceptions import (
@@ -33,22 +44,6 @@ from airflow_provider_kontext.exceptions import (
 )
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import Prediction, PredictionStatus
-
-THROTTLED = {"detail": "Request was throttled. Expected available in 1 second."}
-
-
-def prediction_json(status: str = "starting") -> dict[str, Any]:
-    return {
-        "id": PRED_ID,
-        "model": DEV,
-        "version": "hidden",
-        "input": INPUT,
-        "status": status,
-        "output": None,
-        "logs": "",
-        "error": None,
-        "urls": {"get": GET_URL, "cancel": CANCEL_URL, "web": f"https://replicate.com/p/{PRED_ID}"},
-    }
 
 
 @dataclass(frozen=True)

@@ -5,30 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hook_api import API, CANCEL_URL, DEV, GET_URL, INPUT, PRED_ID, TOKEN
+from hook_api import API, TOKEN
 from scripted_api import FakeApi
 
 from airflow_provider_kontext.exceptions import FluxKontextError
 
 VERSION = "b" * 64
-
-
-THROTTLED = {"detail": "Request was throttled. Expected available in 1 second."}
-
-
-def prediction_json(status: str = "starting", **fields: Any) -> dict[str, Any]:
-    return {
-        "id": PRED_ID,
-        "model": DEV,
-        "version": "hidden",
-        "input": INPUT,
-        "status": status,
-        "output": None,
-        "logs": "",
-        "error": None,
-        "urls": {"get": GET_URL, "cancel": CANCEL_URL, "web": f"https://replicate.com/p/{PRED_ID}"},
-        **fields,
-    }
 
 
 ACCOUNT_JSON = {"type": "user", "username": "alice", "name": "Alice Example"}

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from hook_api import CREATE_URL, DEV, INPUT, TOKEN
+from hook_api import CREATE_URL, DEV, INPUT, TOKEN, prediction_json
 from scripted_api import FakeApi
 
 from airflow_provider_kontext.exceptions import FluxKontextPredictionMayExistError, FluxKontextTransportError
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.hooks.transports import AiohttpClient, SharedAsyncClient
 
-from .helpers import ACCOUNT_JSON, FILE_JSON, araised, assert_no_secret, prediction_json
+from .helpers import ACCOUNT_JSON, FILE_JSON, araised, assert_no_secret
 
 # --- the real shared client -----------------------------------------------------------------------
 

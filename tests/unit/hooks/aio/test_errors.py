@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hook_api import ACCOUNT_URL, CREATE_URL, DEV, GET_URL, INPUT, PRED_ID, PROBLEM, TOKEN
+from hook_api import ACCOUNT_URL, CREATE_URL, DEV, GET_URL, INPUT, PRED_ID, PROBLEM, TOKEN, prediction_json
 from scripted_api import Fail, FakeApi
 
 from airflow_provider_kontext.exceptions import (
@@ -22,7 +22,7 @@ from airflow_provider_kontext.exceptions import (
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.hooks.retry import RetryLimits
 
-from .helpers import araised, assert_no_secret, prediction_json
+from .helpers import araised, assert_no_secret
 
 # --- error mapping --------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from hook_api import (
     PRED_ID,
     PROXY,
     TOKEN,
+    prediction_json,
 )
 from scripted_api import FakeApi
 
@@ -35,15 +36,7 @@ from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import PredictionStatus
 
-from .helpers import (
-    ACCOUNT_JSON,
-    FILE_JSON,
-    VERSION,
-    araised,
-    assert_no_secret,
-    prediction_json,
-    read_timeout,
-)
+from .helpers import ACCOUNT_JSON, FILE_JSON, VERSION, araised, assert_no_secret, read_timeout
 
 # --- settings -------------------------------------------------------------------------------------
 

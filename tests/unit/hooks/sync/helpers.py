@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 import requests
-from hook_api import API, CANCEL_URL, DEV, GET_URL, INPUT, PRED_ID, TOKEN
+from hook_api import API, TOKEN
+from hook_api import prediction_json as api_prediction_json
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from airflow_provider_kontext.exceptions import FluxKontextError
@@ -16,19 +17,7 @@ VERSION = "a" * 64
 
 
 def prediction_json(status: str = "starting", **fields: Any) -> dict[str, Any]:
-    return {
-        "id": PRED_ID,
-        "model": DEV,
-        "version": "hidden",
-        "input": INPUT,
-        "status": status,
-        "output": None,
-        "logs": "",
-        "error": None,
-        "created_at": "2025-06-01T10:00:00Z",
-        "urls": {"get": GET_URL, "cancel": CANCEL_URL, "web": f"https://replicate.com/p/{PRED_ID}"},
-        **fields,
-    }
+    return api_prediction_json(status, **{"created_at": "2025-06-01T10:00:00Z", **fields})
 
 
 ACCOUNT_JSON = {"type": "user", "username": "alice", "name": "Alice Example", "github_url": None}
