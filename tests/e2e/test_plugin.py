@@ -130,8 +130,10 @@ def test_the_token_never_reaches_the_page(site: Site) -> None:
 
 
 def test_outputs_saved_by_the_run_are_what_is_shown(site: Site) -> None:
-    saved = sorted(Path(site.edits_dir).rglob("*.png"))
+    found = sorted(Path(site.edits_dir).rglob("*.png"))
+    saved = [path for path in found if ".thumbnails" not in path.parts]
     assert len(saved) == 3
+    assert len(found) == 6  # and the thumbnail of each, beside it
     page = site.session("alice").get(
         f"{site.base}/kontext/edit",
         params={"dag_id": PIPELINE, "run_id": site.run_id, "task_id": "edit", "map_index": "0"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 DAG_ID = "kontext_review"
 REVIEWER, PASSWORD = "reviewer", "reviewer-e2e-pw"
 ANSWERS = {0: "Approve", 1: "Reject", 2: "Approve"}
+#: How long the reviewer takes to answer once the requests are there (past the race window).
+SETTLE_SECONDS = 20
 
 
 @pytest.fixture
@@ -110,6 +113,13 @@ def test_only_the_edits_a_reviewer_approved_are_published(
             return False
 
     c.wait_for("three review requests", waiting_for_review, 600)
+
+    # A person answers after seconds, not milliseconds. An answer within Airflow's deferral race window
+    # (the scheduler may not yet have seen the deferring try exit: up to [workers]
+    # min_heartbeat_interval + a few seconds; docs/deferral.md) can get the resumed try failed, as it
+    # did here once on a busy machine. The provider's own trigger holds its event past that window; the
+    # standard provider's HITL trigger does not, so the reviewer waits it out.
+    time.sleep(SETTLE_SECONDS)
     request = api.get(f"{ti_path}/review/0/hitlDetails", timeout=60).json()
     assert request["options"] == ["Approve", "Reject"]
     assert f"/kontext/edit?dag_id={DAG_ID}" in request["body"]  # the link to the edit's before/after
