@@ -2,19 +2,21 @@
 
 Literal model inputs are checked when the DAG file is parsed (a bad one is an import error that
 names the field); after templating, every input is validated against the model's schema, the local
-image read, and the request fingerprinted so a retry can recognise the prediction an earlier try
-started. None of it makes an HTTP call. :func:`fail_task_on_final_answers` turns the server's
+image read, a seed drawn where the model would draw one unseen (:func:`drawn_seed`), and the
+request fingerprinted so a retry can recognise the prediction an earlier try started. None of it
+makes an HTTP call. :func:`fail_task_on_final_answers` turns the server's
 lasting refusal of a create or upload into a task failure without retries.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from airflow_provider_kontext.edits.outputs import output_folder
-from airflow_provider_kontext.edits.reattach import fingerprint
+from airflow_provider_kontext.edits.reattach import Series, fingerprint
 from airflow_provider_kontext.exceptions import (
     FluxKontextAPIError,
     FluxKontextAuthError,
@@ -25,12 +27,15 @@ from airflow_provider_kontext.exceptions import (
 from airflow_provider_kontext.hooks.retry import FINAL_CREATE_STATUSES
 from airflow_provider_kontext.models import check_literal_input, validate_input
 from airflow_provider_kontext.models.images import LocalImage, read_local_image
+from airflow_provider_kontext.models.inputs import input_model_for
 
 #: Stands in for a local image in the input until it is sent (inline or uploaded).
 _PENDING_IMAGE = "data:image/png;base64,"
 #: Markers of a Jinja template: a string holding one is checked after rendering, not when parsed.
 _JINJA_MARKERS = ("{{", "{%", "{#")
 _URL_PREFIXES = ("http://", "https://", "data:")
+#: Seeds the provider draws lie in 1 .. 2**31 - 1: never 0 (random to the model), in any model's range.
+_SEED_SPAN = 2**31 - 1
 
 
 class EditRequest(NamedTuple):
@@ -89,11 +94,46 @@ def check_literal_inputs(
         raise FluxKontextInputError(f"Task {task_id!r}: {exc}{where}", errors=exc.errors) from None
 
 
+def seed_key(context: Any) -> str:
+    """Return what names a task instance's series of tries: the source of the seeds it draws.
+
+    The DAG, run, task and map index, with ``max_tries`` and the run's ``clear_number``: a retry
+    keeps them all (it draws the seed its earlier try sent, so it recognises that try's prediction),
+    a clear changes one (a fresh edit, with a fresh seed).
+    """
+    ti = context.get("ti")
+    series = Series.of(context)
+    parts = [getattr(ti, name, None) for name in ("dag_id", "run_id", "task_id", "map_index")]
+    return repr([*parts, series.max_tries, series.clear_number])
+
+
+def drawn_seed(model: str, model_input: dict[str, Any], image: bytes | None, key: str) -> int | None:
+    """Return the seed to send where the model would otherwise draw one at random, else ``None``.
+
+    The model reports a seed it draws only in its logs, which an edit whose end was read from the
+    account's list never sees; a seed sent is in the prediction's input, so every answer shows it
+    and the edit can be made again. It is derived from ``key`` (:func:`seed_key`) and everything
+    else the edit asks for, so it is as random as the model's own, stable across retries and new on
+    a clear. ``None`` when a seed other than 0 is given or the model takes no ``seed`` input.
+    """
+    if model_input.get("seed") not in (None, 0) or "seed" not in input_model_for(model).model_fields:
+        return None
+    unseeded = {name: value for name, value in model_input.items() if name != "seed"}
+    digest = hashlib.sha256(f"{key}:{fingerprint(model, unseeded, image)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % _SEED_SPAN + 1
+
+
 def validated_request(
-    model: str, arguments: dict[str, Any], input_image: Any, extra_input: Any, output_path: Any
+    model: str,
+    arguments: dict[str, Any],
+    input_image: Any,
+    extra_input: Any,
+    output_path: Any,
+    seed_from: str | None = None,
 ) -> EditRequest:
     """Validate the rendered inputs against the model's schema and read the local image.
 
+    :param seed_from: with it, a seed is drawn where none is given (:func:`drawn_seed`).
     :raises FluxKontextInputError: naming the field and what is allowed.
     """
     values = {name: value for name, value in arguments.items() if value is not None}
@@ -112,8 +152,10 @@ def validated_request(
     model_input = validate_input(model, values)
     if output_path is not None:
         output_folder(output_path)  # an unusable output_path fails now, not after paying
-    digest = fingerprint(model, model_input, image.data if image else None)
-    return EditRequest(model_input, image, digest)
+    data = image.data if image else None
+    if seed_from is not None and (seed := drawn_seed(model, model_input, data, seed_from)) is not None:
+        model_input["seed"] = seed
+    return EditRequest(model_input, image, fingerprint(model, model_input, data))
 
 
 @contextmanager

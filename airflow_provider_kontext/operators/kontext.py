@@ -23,6 +23,7 @@ from airflow_provider_kontext.edits.request import (
     EditRequest,
     check_literal_inputs,
     fail_task_on_final_answers,
+    seed_key,
     validated_request,
 )
 from airflow_provider_kontext.edits.results import PredictionResultMixin
@@ -213,7 +214,7 @@ class FluxKontextEditOperator(EditArguments, PredictionResultMixin, BaseOperator
 
     def execute(self, context: Context) -> list[str]:
         """Check the inputs, find or start the prediction, and wait for it (deferred or here)."""
-        request = self._checked_request()
+        request = self._checked_request(seed_key(context))
         ledger = retry_ledger(context, enabled=self.reattach_on_retry, log=self.log)
         found = self._earlier_prediction(context, ledger, request) if self.reattach_on_retry else None
         prediction, deadline = found or self._start(request, ledger)
@@ -264,15 +265,14 @@ class FluxKontextEditOperator(EditArguments, PredictionResultMixin, BaseOperator
 
     # --- steps ------------------------------------------------------------------------------------
 
-    def _checked_request(self) -> EditRequest:
+    def _checked_request(self, seed_from: str) -> EditRequest:
         """Return the rendered inputs validated, the local image read, without any HTTP call.
 
         :raises AirflowFailException: a bad input, naming the field (no retry would mend it).
         """
+        given = (self.model, self._model_arguments(), self.input_image, self.extra_input, self.output_path)
         try:
-            return validated_request(
-                self.model, self._model_arguments(), self.input_image, self.extra_input, self.output_path
-            )
+            return validated_request(*given, seed_from=seed_from)
         except FluxKontextInputError as exc:
             raise AirflowFailException(str(exc)) from exc
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_kontext.compat import AirflowFailException, AirflowSensorTimeout, AirflowSkipException
-from airflow_provider_kontext.edits.events import PredictionEvent
+from airflow_provider_kontext.edits.events import PredictionEvent, seed_of
 from airflow_provider_kontext.edits.progress import PredictionPoller
 from airflow_provider_kontext.edits.results import PredictionResultMixin
 from airflow_provider_kontext.exceptions import FluxKontextError
@@ -143,6 +143,8 @@ class FluxKontextPredictionSensor(ConnectionArguments, PredictionResultMixin, Ba
             raise AirflowSensorTimeout(
                 f"{finished.message}; the prediction is left running (the sensor did not start it)"
             )
+        if finished.seed is None and finished.status == "succeeded" and finished.prediction_id:
+            finished = finished.model_copy(update={"seed": self._logged_seed(finished.prediction_id)})
         return self._complete(context, finished)
 
     def on_kill(self) -> None:
@@ -196,6 +198,17 @@ class FluxKontextPredictionSensor(ConnectionArguments, PredictionResultMixin, Ba
             )
         self.prediction_id = value.strip()
         return self.prediction_id
+
+    def _logged_seed(self, prediction_id: str) -> int | None:
+        """Return the seed the model logged, from one read of the prediction (``None`` if it fails).
+
+        A seed the model drew is only in its logs, which an end seen in the account's list lacks.
+        """
+        try:
+            return seed_of(self.hook.get_prediction(prediction_id))
+        except FluxKontextError as exc:
+            self.log.info("Could not read the seed of prediction %s: %s", prediction_id, exc)
+            return None
 
     def _first_sight(self, context: Context, prediction: Prediction) -> None:
         """Push the web URL (the extra link) on the first poll; note when the prediction was created.

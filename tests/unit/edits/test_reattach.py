@@ -16,6 +16,7 @@ import pytest
 
 from airflow_provider_kontext.edits.events import prediction_event
 from airflow_provider_kontext.edits.reattach import ReattachLedger, Series
+from airflow_provider_kontext.edits.request import drawn_seed, seed_key
 from airflow_provider_kontext.exceptions import FluxKontextAPIError, FluxKontextServerError
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.models import PredictionPage
@@ -38,6 +39,13 @@ from ..operators.kontext.helpers import (
 )
 
 RUN_START = datetime(2026, 12, 6, 1, 0, tzinfo=timezone.utc)
+#: The seed every try of these tests' task instance (retries=2, never cleared) sends.
+SEED = drawn_seed(
+    "black-forest-labs/flux-kontext-dev",
+    {"prompt": PROMPT, "input_image": IMAGE_URL},
+    None,
+    seed_key(make_context(max_tries=2)),
+)
 
 
 @pytest.fixture
@@ -186,7 +194,7 @@ def listed(pid: str, **input: Any) -> dict[str, Any]:
         "model": "black-forest-labs/flux-kontext-dev",
         "version": "hidden",
         "status": "processing",
-        "input": {"prompt": PROMPT, "input_image": IMAGE_URL, **input},
+        "input": {"prompt": PROMPT, "input_image": IMAGE_URL, "seed": SEED, **input},
         "created_at": RUN_START.isoformat(),
         "urls": {"get": f"https://api.replicate.com/v1/predictions/{pid}"},
     }
@@ -197,7 +205,7 @@ def died_after_create(hook: Any) -> FakeStore:
     store = FakeStore()
     hook.create_prediction.side_effect = SystemExit(1)
     with pytest.raises(SystemExit):
-        make_op(retries=2).execute(make_context(store))
+        make_op(retries=2).execute(make_context(store, max_tries=2))
     assert set(store.data[STATE_KEY]) == {"creating"}
     hook.reset_mock(side_effect=True)
     hook.create_prediction.return_value = make_prediction("starting", NEW_PID)

@@ -60,6 +60,7 @@ def hook():
     fake = mock.create_autospec(FluxKontextHook, instance=True)
     fake.redact.side_effect = lambda text: text
     fake.uploaded_file_id.return_value = None  # inputs are plain URLs unless a test says otherwise
+    fake.get_prediction.return_value = succeeded(logs="Using seed: 1234\n")
     with mock.patch.object(FluxKontextPredictionSensor, "hook", fake):
         yield fake
 
@@ -184,6 +185,23 @@ def test_complete_returns_what_the_operator_returns(hook, tmp_path):
     assert summary["input_image"] == "https://images.example.com/shots/mug.png"  # no signature
     assert summary["input_name"] == "mug.png"
     assert context["ti"].xcom_push.call_count == 1
+
+
+def test_a_seed_the_event_lacks_is_read_once_and_a_failed_read_leaves_none(hook):
+    context = make_context()
+    make_sensor(deferrable=True).execute_complete(context, prediction_event(succeeded()).payload())
+    assert pushed(context)["prediction"]["seed"] == 1234
+    hook.get_prediction.assert_called_once_with(PID)
+    hook.get_prediction.reset_mock()
+    logged = prediction_event(succeeded(logs="Using seed: 77\n")).payload()
+    context = make_context()
+    make_sensor(deferrable=True).execute_complete(context, logged)
+    assert pushed(context)["prediction"]["seed"] == 77
+    hook.get_prediction.assert_not_called()  # the event had it
+    hook.get_prediction.side_effect = FluxKontextServerError(status=500)
+    context = make_context()
+    make_sensor(deferrable=True).execute_complete(context, prediction_event(succeeded()).payload())
+    assert pushed(context)["prediction"]["seed"] is None
 
 
 @pytest.mark.parametrize("status", ["failed", "canceled"])

@@ -88,7 +88,10 @@ def make_context(
     store: Any = "new", outlet_events: Any = None, *, try_number: int = 1, max_tries: int = 0
 ) -> dict[str, Any]:
     """Return a fake context; ``store=None`` leaves the task state store out (Airflow < 3.3)."""
-    ti = mock.MagicMock(name="ti", try_number=try_number, max_tries=max_tries)
+    ti = mock.MagicMock(
+        name="ti", try_number=try_number, max_tries=max_tries, dag_id="dag", run_id="run", task_id="edit"
+    )
+    ti.map_index = -1
     dag_run = mock.MagicMock(name="dag_run", clear_number=0, start_date=None)
     context: dict[str, Any] = {"ti": ti, "dag_run": dag_run}
     if store is not None:

@@ -216,9 +216,37 @@ def test_every_model_argument_is_sent(hook):
     assert hook.create_prediction.call_args.args[0] == "black-forest-labs/flux-kontext-dev"
 
 
-def test_unset_arguments_are_not_sent(hook):
+def test_unset_arguments_are_not_sent_but_a_seed_is(hook):
     run_deferring(make_op(), make_context())
-    assert sent_input(hook) == {"prompt": PROMPT, "input_image": IMAGE_URL}
+    sent = sent_input(hook)
+    assert sent == {"prompt": PROMPT, "input_image": IMAGE_URL, "seed": sent["seed"]}
+    assert 1 <= sent["seed"] < 2**31
+
+
+def drawn(hook, op, context):
+    hook.create_prediction.reset_mock()
+    run_deferring(op, context)
+    return sent_input(hook).get("seed")
+
+
+def test_drawn_seed_stays_for_retries_and_changes_on_a_clear(hook):
+    first = drawn(hook, make_op(), make_context(try_number=1, max_tries=2))
+    assert drawn(hook, make_op(), make_context(try_number=2, max_tries=2)) == first  # a retry
+    assert drawn(hook, make_op(), make_context(try_number=4, max_tries=5)) != first  # cleared
+    cleared_run = make_context(try_number=2, max_tries=2)
+    cleared_run["dag_run"].clear_number = 1
+    assert drawn(hook, make_op(), cleared_run) != first
+    assert drawn(hook, make_op(prompt="Make it blue"), make_context(max_tries=2)) != first
+
+
+def test_given_seed_is_sent_and_zero_means_drawn(hook):
+    assert drawn(hook, make_op(seed=42), make_context()) == 42
+    assert drawn(hook, make_op(seed="7"), make_context()) == 7
+    assert drawn(hook, make_op(seed=0), make_context()) == drawn(hook, make_op(), make_context())
+
+
+def test_no_seed_drawn_for_a_model_without_a_known_seed_input(hook):
+    assert drawn(hook, make_op(model="someone/another-model"), make_context()) is None
 
 
 def test_extra_input_for_another_model(hook):
