@@ -80,6 +80,19 @@ def check_outputs(urls: list[str], *, inline_limit: int | None) -> None:
             )
 
 
+def storage_path(location: Any) -> ObjectStoragePath:
+    """Return a recorded location as an ``ObjectStoragePath``: a URL as is, a path as a file URL.
+
+    A relative path is taken from the working directory. No I/O.
+
+    :raises ValueError: a location no path can be made of.
+    """
+    from airflow.sdk import ObjectStoragePath
+
+    text = str(location)
+    return ObjectStoragePath(text if "://" in text else Path(text).absolute().as_uri())
+
+
 def output_folder(output_path: Any) -> ObjectStoragePath:
     """``output_path`` as an ``ObjectStoragePath`` (no I/O).
 
@@ -93,7 +106,7 @@ def output_folder(output_path: Any) -> ObjectStoragePath:
     try:
         if "\x00" in text:
             raise ValueError("contains a NUL byte")
-        folder = ObjectStoragePath(text if "://" in text else Path(text).absolute().as_uri())
+        folder = storage_path(text)
         folder.fs  # noqa: B018 (resolves the file system for the URL's scheme, or raises)
     except (ValueError, TypeError, ImportError, OSError) as exc:
         raise FluxKontextInputError(f"output_path: cannot write to {text[:200]!r}: {exc}") from None

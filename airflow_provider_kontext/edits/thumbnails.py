@@ -104,13 +104,9 @@ def _readable_location(image: Any) -> bool:
 
 
 def _write(source: Any, target: str) -> None:
-    from airflow.sdk import ObjectStoragePath
+    from airflow_provider_kontext.edits.outputs import storage_path as storage
 
-    def storage(location: Any) -> Any:
-        text = str(location)
-        return ObjectStoragePath(text if "://" in text else PurePosixPath(text).as_uri())
-
-    with storage(source).open("rb") as handle:
+    with storage(source).open("rb") as handle:  # type: ignore[no-untyped-call]
         data = handle.read(MAX_INPUT_BYTES + 1)
     if len(data) > MAX_INPUT_BYTES:
         raise NotAnImage("too-large")
@@ -118,6 +114,6 @@ def _write(source: Any, target: str) -> None:
     path = storage(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = storage(f"{target}.partial")
-    with partial.open("wb") as out:
+    with partial.open("wb") as out:  # type: ignore[no-untyped-call]
         out.write(thumbnail)
     partial.rename(path)

@@ -95,12 +95,12 @@ def _fetch(url: str) -> bytes:
 def _read(location: str) -> bytes:
     from pathlib import PurePosixPath
 
-    from airflow.sdk import ObjectStoragePath
+    from airflow_provider_kontext.edits.outputs import storage_path
 
     if "\x00" in location or not ("://" in location or PurePosixPath(location).is_absolute()):
         raise Unavailable("missing")  # tasks record absolute paths and URLs only
     try:
-        path = ObjectStoragePath(location if "://" in location else PurePosixPath(location).as_uri())
+        path = storage_path(location)
         with path.open("rb") as handle:  # type: ignore[no-untyped-call]
             data = handle.read(MAX_SOURCE_BYTES + 1)
     except FileNotFoundError:
