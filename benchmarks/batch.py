@@ -5,7 +5,9 @@
    emulator at Replicate's limits (600 creates/min, 3000 other requests/min) with flux-kontext-dev's
    timing. Measured: wall time from the DAG run's start to its end against the bound (N/10 s of
    creates + one model run), predictions created, Airflow CPU per edit; beside it, the same batch run
-   by the operator in one plain process (no Airflow), whose CPU per edit is the reference.
+   by the operator in one plain process (no Airflow), whose CPU per edit is the reference; and, in
+   the same cluster and benchmark run, the same N edits as mapped single edits (16 slots, retries 2):
+   their wall time and Airflow CPU per edit (``--no-mapped`` leaves them out).
 2. A big batch (default 10,000) in one plain process, creates unlimited: peak RSS of the worker and of
    the trigger's wait, and the sizes of what Airflow stores (state store values, trigger kwargs,
    event, XComs).
@@ -55,6 +57,24 @@ with DAG(dag_id="{DAG_ID}", schedule=None, start_date=pendulum.datetime(2026, 11
         deferrable=True,
     )
 '''
+
+MAPPED_DAG_ID = "kontext_bench_mapped"
+#: The same edits as mapped single edits (one task instance each), run beside the batch in one cluster.
+MAPPED_DAG = """
+import pendulum
+from airflow.sdk import DAG
+
+from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
+
+with DAG(dag_id={dag_id!r}, schedule=None, start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+         default_args={{"retries": 2}}):
+    FluxKontextEditOperator.partial(
+        task_id="edit", prompt="Make it look like a watercolour", poll_interval=2.0, deferrable=True,
+        map_index_template="{{{{ task.input_label }}}}",
+    ).expand(input_image={images!r})
+"""
+#: Worker slots of the cluster (``parallelism`` and ``max_active_tasks_per_dag``): the mapped edits'.
+SLOTS = 16
 
 #: The batch in one plain process: the operator's execute with a dict for a state store.
 PLAIN = """
@@ -145,7 +165,35 @@ def _plain(folder: Path, base_url: str, per_minute: float) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def cluster_case(n: int, work: Path) -> dict[str, Any]:
+def _mapped_run(cluster: Any, emu: Any, pids: list[int], n: int) -> dict[str, Any]:
+    """Run the same edits as N mapped single edits in the same cluster; return their figures."""
+    cpu_before = _tree_cpu(pids)
+    cluster.cli("dags", "trigger", MAPPED_DAG_ID)
+    cluster.wait_for("the mapped run", lambda: bool(cluster.query(FINISHED, MAPPED_DAG_ID)), n * 3 + 600)
+    cpu = _tree_cpu(pids) - cpu_before
+    ((state, seconds),) = cluster.query(RUN_TIME, MAPPED_DAG_ID)
+    states = dict(
+        cluster.query(
+            "select state, count(*) from task_instance where dag_id = ? group by state", MAPPED_DAG_ID
+        )
+    )
+    ((retried,),) = cluster.query(
+        "select count(*) from task_instance where dag_id = ? and try_number > 1", MAPPED_DAG_ID
+    )
+    bound = n / 10 + START_SECONDS + PREDICTION_SECONDS
+    return {
+        "state": state,
+        "task_states": states,
+        "tries_over_1": retried,
+        "wall_s": round(seconds, 1),
+        "wall_over_bound": round(seconds / bound, 2),
+        "created": int(emu.state()["created_count"]),
+        "airflow_cpu_s": round(cpu, 1),
+        "airflow_cpu_ms_per_edit": round(cpu / n * 1000, 1),
+    }
+
+
+def cluster_case(n: int, work: Path, *, mapped: bool = True) -> dict[str, Any]:
     folder = _images(work / "shots", n)
     rate = "--rate-limit", "replicate"
     with EmulatorProcess(
@@ -157,13 +205,26 @@ def cluster_case(n: int, work: Path) -> dict[str, Any]:
         dags = home / "dags"
         dags.mkdir(parents=True)
         (dags / f"{DAG_ID}.py").write_text(textwrap.dedent(DAG))
+        if mapped:
+            images = sorted(str(path) for path in folder.iterdir())
+            (dags / f"{MAPPED_DAG_ID}.py").write_text(MAPPED_DAG.format(dag_id=MAPPED_DAG_ID, images=images))
         connection = {"conn_type": "fluxkontext", "host": emu.base_url}
-        cluster = Cluster(home, cluster_env(home, dags, {"flux_kontext_default": connection}))
+        slots = {
+            "AIRFLOW__CORE__PARALLELISM": str(SLOTS),
+            "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(SLOTS),
+        }
+        cluster = Cluster(home, cluster_env(home, dags, {"flux_kontext_default": connection}, **slots))
         cluster.cli("db", "migrate")
+        beside: dict[str, Any] = {}
         try:
             for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
                 cluster.start(name)
-            cluster.wait_for("the DAG", lambda: DAG_ID in cluster.cli("dags", "list", "-o", "plain"), 300)
+            wanted = [DAG_ID, *([MAPPED_DAG_ID] if mapped else [])]
+            cluster.wait_for(
+                "the DAGs",
+                lambda: all(dag in cluster.cli("dags", "list", "-o", "plain") for dag in wanted),
+                300,
+            )
             time.sleep(10)  # let start-up settle before the CPU baseline
             pids = [proc.pid for proc in cluster.procs.values()]
             cpu_before = _tree_cpu(pids)
@@ -177,6 +238,9 @@ def cluster_case(n: int, work: Path) -> dict[str, Any]:
             ((state, seconds),) = cluster.query(RUN_TIME, DAG_ID)
             ((tries,),) = cluster.query("select try_number from task_instance where dag_id = ?", DAG_ID)
             created = int(emu.state()["created_count"])
+            if mapped:
+                emu.reset()
+                beside = _mapped_run(cluster, emu, pids, n)
         finally:
             cluster.stop_all()
         emu.reset()
@@ -197,6 +261,8 @@ def cluster_case(n: int, work: Path) -> dict[str, Any]:
         "plain_created": plain_created,
         "plain_cpu_ms_per_edit": round(plain["cpu_s"] / n * 1000, 1),
         "cpu_ratio": round(cpu_airflow / max(plain["cpu_s"], 1e-9), 1),
+        "mapped": beside
+        and {**beside, "cpu_ratio": round(beside["airflow_cpu_s"] / max(plain["cpu_s"], 1e-9), 1)},
     }
 
 
@@ -242,11 +308,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--big", type=int, default=10_000)
     parser.add_argument("--skip-cluster", action="store_true")
+    parser.add_argument(
+        "--no-mapped", action="store_true", help="leave out the mapped edits beside the batch"
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="kontext-bench-batch-") as tmp:
         if not args.skip_cluster:
-            results["cluster"] = cluster_case(args.n, Path(tmp) / "cluster")
+            results["cluster"] = cluster_case(args.n, Path(tmp) / "cluster", mapped=not args.no_mapped)
             print(json.dumps(results["cluster"]), flush=True)
         if args.big:
             results["big"] = big_case(args.big, Path(tmp) / "big")

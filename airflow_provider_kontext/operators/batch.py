@@ -172,10 +172,15 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         self._abort = creator.abort
         self._create_errors = creator.errors
         pending = self._pending(ledger)
-        if pending and self.deferrable:
-            self._defer(pending, ledger.window)
         finals: dict[str, dict[str, Any]] = {}
         status, message = ("done", None)
+        if pending and self.deferrable and (hold := self._resume_floor()) > 0:
+            # A deferral lasts at least the hold: the batch's last edits often end sooner, here.
+            until = min(max(pending.values()), time.time() + hold)
+            status, message = asyncio.run(self._watch_in_worker(pending, ledger.window, finals, until))
+            pending = {pid: end for pid, end in pending.items() if pid not in finals}
+        if pending and self.deferrable:
+            self._defer(pending, ledger.window)
         if pending:
             status, message = asyncio.run(self._watch_in_worker(pending, ledger.window, finals))
         return self._finish(context, items, ledger, finals, status, message)
@@ -339,16 +344,28 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         )
 
     async def _watch_in_worker(
-        self, pending: dict[str, float], window: str | None, finals: dict[str, dict[str, Any]]
+        self,
+        pending: dict[str, float],
+        window: str | None,
+        finals: dict[str, dict[str, Any]],
+        until: float | None = None,
     ) -> tuple[str, str | None]:
-        """Wait in the worker with the trigger's loop; collect the final states in ``finals``."""
+        """Wait in the worker with the trigger's loop; collect the final states in ``finals``.
+
+        :param until: stop then (Unix time) rather than at the predictions' deadline.
+        """
         from airflow_provider_kontext.triggers.batch import BatchWatch
 
-        self.log.info("Waiting in the worker for %d predictions", len(pending))
+        end_time = max(pending.values()) if until is None else until
+        self.log.info(
+            "Waiting in the worker for %d predictions%s",
+            len(pending),
+            "" if until is None else f" for up to {max(0.0, until - time.time()):.0f}s before deferring",
+        )
         watch = BatchWatch(
             list(pending),
             window,
-            max(pending.values()),
+            end_time,
             poll_interval=self.poll_interval,
             log=self.log.info,
             on_final=lambda pid, item: finals.__setitem__(pid, item),

@@ -189,6 +189,26 @@ def test_deferred_batch_waits_in_one_trigger_and_resumes_from_the_store(
     assert emu.created_count == 6
 
 
+def test_a_batch_whose_edits_end_within_the_hold_finishes_without_deferring(
+    emu: FluxKontextEmulator, shots: Path
+) -> None:
+    context = make_context(FakeStore())
+    result = make_op(input_images=str(shots), deferrable=True, min_defer_seconds=60).execute(context)
+    assert len(result) == 6
+    assert all(len(outputs) == 1 for outputs in result)
+    assert emu.created_count == 6
+
+
+@options(prediction_seconds=30.0)
+def test_after_the_hold_only_what_still_runs_is_deferred(emu: FluxKontextEmulator, shots: Path) -> None:
+    op = make_op(input_images=str(shots), deferrable=True, min_defer_seconds=0.3)
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(make_context(FakeStore()))
+    _, kwargs = deferred.value.trigger.serialize()
+    assert set(kwargs["prediction_ids"].split(",")) == set(emu.predictions)
+    assert kwargs["min_defer_seconds"] == 0.3
+
+
 async def _events(trigger: FluxKontextBatchTrigger) -> list[Any]:
     return [event async for event in trigger.run()]
 
