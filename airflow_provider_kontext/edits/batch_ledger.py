@@ -90,6 +90,10 @@ class BatchLedger:
         self._entries: list[dict[str, Any] | None] = [None] * size
         self._dirty: set[int] = set()
         self._lock = threading.Lock()  # creates and downloads record from several threads
+        #: Held while chunks are written; changes made meanwhile go out together in the next write.
+        self._write_lock = threading.Lock()
+        self._changes = 0  # changes made (``put``), counted
+        self._written = 0  # changes the store holds
         self.window: str | None = None
         #: The size of the batch the stored record is of (``None``: no record).
         self.recorded_size: int | None = None
@@ -136,7 +140,8 @@ class BatchLedger:
         """Store the whole record under this batch's size and positions (after :meth:`claim`)."""
         with self._lock:
             self._dirty.update(range(self._chunks()))
-            self._write_dirty()
+            self._changes += 1
+        self.flush()
         self._store.set(BATCH_KEY, {"n": self.size, "window": self.window, "chunk": CHUNK})
         self.recorded_size = self.size
 
@@ -168,34 +173,60 @@ class BatchLedger:
             self.recorded_size = self.size
 
     def put(self, index: int, *, flush: bool = True, **entry: Any) -> None:
-        """Replace an image's entry; written at once unless ``flush=False`` (then :meth:`flush`)."""
+        """Replace an image's entry; stored before this returns unless ``flush=False`` (then :meth:`flush`).
+
+        Threads that record at the same time share one write (group commit): each waits for a write
+        that began after its change, and the store sees one write per chunk for all of them.
+        """
         if isinstance(entry.get("e"), str):
             entry["e"] = entry["e"][:MAX_ERROR]
         with self._lock:
             self._entries[index] = {key: value for key, value in entry.items() if value is not None} or None
             self._dirty.add(index // CHUNK)
+            self._changes += 1
+            change = self._changes
         if flush:
-            self.flush()
+            self._write_through(change)
 
     def drop(self, index: int) -> None:
         """Forget an image's entry (its create provably made nothing)."""
         self.put(index)
 
     def flush(self) -> None:
-        """Write every chunk changed since the last flush."""
+        """Write every chunk changed since the last write."""
         with self._lock:
-            self._write_dirty()
+            change = self._changes
+        self._write_through(change)
 
-    def _write_dirty(self) -> None:
-        for chunk in sorted(self._dirty):
-            start = chunk * CHUNK
-            value = {
-                str(index): entry
-                for index, entry in enumerate(self._entries[start : start + CHUNK], start)
-                if entry is not None
-            }
-            self._store.set(f"{BATCH_KEY}/{chunk}", value)
-        self._dirty.clear()
+    def _write_through(self, change: int) -> None:
+        """Return once the store holds change number ``change``, writing the changed chunks if needed.
+
+        :raises Exception: what the store raised; the chunks stay marked changed for the next write.
+        """
+        with self._write_lock:
+            if self._written >= change:
+                return  # a write that began after the change has stored it
+            with self._lock:
+                upto = self._changes
+                chunks = sorted(self._dirty)
+                values = [self._chunk_value(chunk) for chunk in chunks]
+                self._dirty.clear()
+            try:
+                for chunk, value in zip(chunks, values, strict=True):
+                    self._store.set(f"{BATCH_KEY}/{chunk}", value)
+            except BaseException:
+                with self._lock:
+                    self._dirty.update(chunks)
+                raise
+            self._written = upto
+
+    def _chunk_value(self, chunk: int) -> dict[str, Any]:
+        start = chunk * CHUNK
+        return {
+            str(index): entry
+            for index, entry in enumerate(self._entries[start : start + CHUNK], start)
+            if entry is not None
+        }
 
     def finish(self, series: dict[str, Any]) -> None:
         """Mark the record finished by this try's series (``reattach.Series`` as a dict), keeping it.
@@ -221,14 +252,7 @@ class BatchLedger:
 
     def largest_value_bytes(self) -> int:
         """Return the size of the largest chunk as stored (JSON), for checks and benchmarks."""
-        largest = 0
-        for chunk in range(self._chunks()):
-            start = chunk * CHUNK
-            value = {
-                str(i): e for i, e in enumerate(self._entries[start : start + CHUNK], start) if e is not None
-            }
-            largest = max(largest, len(json.dumps(value)))
-        return largest
+        return max((len(json.dumps(self._chunk_value(chunk))) for chunk in range(self._chunks())), default=0)
 
     def _chunks(self) -> int:
         return (self.size + CHUNK - 1) // CHUNK

@@ -1,0 +1,76 @@
+"""The batch ledger's writes: concurrent records share one write, and a failed write is not lost."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from airflow_provider_kontext.edits.batch_ledger import BATCH_KEY, BatchLedger
+
+
+class SlowStore:
+    """A task state store whose first write blocks until released; it counts the writes."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.writes: list[dict[str, Any]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail_next = False
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def set(self, key: str, value: Any, **_: Any) -> None:
+        if not self.writes:
+            self.entered.set()
+            assert self.release.wait(30)
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError("the api-server is away")
+        self.writes.append(dict(value))
+        self.data[key] = value
+
+
+def test_records_made_during_a_write_go_out_together_in_the_next() -> None:
+    store = SlowStore()
+    ledger = BatchLedger(store, 10, durable=True)
+    first = threading.Thread(target=ledger.put, args=(0,), kwargs={"s": "creating"})
+    first.start()
+    assert store.entered.wait(30)  # the first record's write is under way
+    others = [threading.Thread(target=ledger.put, args=(i,), kwargs={"s": "creating"}) for i in (1, 2, 3)]
+    for thread in others:
+        thread.start()
+    store.release.set()
+    for thread in [first, *others]:
+        thread.join(30)
+    assert len(store.writes) == 2  # one for the first, one for the three that came meanwhile
+    assert set(store.data[f"{BATCH_KEY}/0"]) == {"0", "1", "2", "3"}
+
+
+def test_a_put_returns_only_once_its_record_is_stored() -> None:
+    store = SlowStore()
+    store.release.set()
+    ledger = BatchLedger(store, 3, durable=True)
+    ledger.put(2, s="creating")
+    assert store.data[f"{BATCH_KEY}/0"] == {"2": {"s": "creating"}}
+    ledger.put(1, flush=False, s="created", id="p1")
+    assert "1" not in store.data[f"{BATCH_KEY}/0"]  # held for the next write
+    ledger.flush()
+    assert store.data[f"{BATCH_KEY}/0"]["1"] == {"s": "created", "id": "p1"}
+    writes = len(store.writes)
+    ledger.flush()
+    assert len(store.writes) == writes  # nothing changed: nothing written
+
+
+def test_a_failed_write_leaves_the_records_for_the_next() -> None:
+    store = SlowStore()
+    store.release.set()
+    ledger = BatchLedger(store, 3, durable=True)
+    store.fail_next = True
+    with pytest.raises(OSError, match="away"):
+        ledger.put(0, s="creating")
+    ledger.flush()
+    assert store.data[f"{BATCH_KEY}/0"] == {"0": {"s": "creating"}}
