@@ -172,11 +172,13 @@ class BatchLedger:
             self._store.set(BATCH_KEY, {"n": self.size, "window": self.window, "chunk": CHUNK})
             self.recorded_size = self.size
 
-    def put(self, index: int, *, flush: bool = True, **entry: Any) -> None:
+    def put(self, index: int, *, flush: bool = True, **entry: Any) -> int:
         """Replace an image's entry; stored before this returns unless ``flush=False`` (then :meth:`flush`).
 
         Threads that record at the same time share one write (group commit): each waits for a write
         that began after its change, and the store sees one write per chunk for all of them.
+
+        :return: the change's number, for :meth:`flush`.
         """
         if isinstance(entry.get("e"), str):
             entry["e"] = entry["e"][:MAX_ERROR]
@@ -187,15 +189,20 @@ class BatchLedger:
             change = self._changes
         if flush:
             self._write_through(change)
+        return change
 
     def drop(self, index: int) -> None:
         """Forget an image's entry (its create provably made nothing)."""
         self.put(index)
 
-    def flush(self) -> None:
-        """Write every chunk changed since the last write."""
-        with self._lock:
-            change = self._changes
+    def flush(self, change: int | None = None) -> None:
+        """Write every chunk changed since the last write; with ``change``, only if the store lacks it.
+
+        :param change: a number :meth:`put` returned: return at once when a write since has stored it.
+        """
+        if change is None:
+            with self._lock:
+                change = self._changes
         self._write_through(change)
 
     def _write_through(self, change: int) -> None:

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 #: Created predictions not yet written with a "creating" mark are written at least this often.
 FLUSH_SECONDS = 1.0
+#: How long before its paced turn a create's "creating" mark is written (with those queued behind).
+MARK_LEAD_SECONDS = 0.1
 #: A batch's orphan search looks this far before the earliest lost create (worker clock).
 ORPHAN_MARGIN = timedelta(minutes=5)
 
@@ -67,14 +69,22 @@ class Pacer:
         self._next = 0.0
         self._lock = threading.Lock()
 
-    def wait(self) -> None:
-        """Block until this caller's slot comes (slots are handed out in call order)."""
+    def reserve(self) -> float:
+        """Return this caller's slot (``time.monotonic()`` time; handed out in call order)."""
         with self._lock:
-            now = time.monotonic()
-            slot = max(self._next, now)
+            slot = max(self._next, time.monotonic())
             self._next = slot + self.interval
-        if slot > now:
-            time.sleep(slot - now)
+        return slot
+
+    def wait(self) -> None:
+        """Block until this caller's slot comes."""
+        sleep_until(self.reserve())
+
+
+def sleep_until(moment: float) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``moment`` (at once if it has)."""
+    if (left := moment - time.monotonic()) > 0:
+        time.sleep(left)
 
 
 class BatchCreator:
@@ -145,8 +155,13 @@ class BatchCreator:
             return
         key = identity_key(item.prompt, image_ref(model_input["input_image"], sent_image))
         fingerprint = request.fingerprint[:16]
-        self.ledger.put(index, s=CREATING, fp=fingerprint, k=key, c=time.time())
-        pacer.wait()
+        slot = pacer.reserve()
+        mark = self.ledger.put(index, flush=False, s=CREATING, fp=fingerprint, k=key, c=time.time())
+        # Stored before the create goes out, in one write with the marks of the creates queued
+        # behind it (their threads have reserved later slots): a write for several creates.
+        sleep_until(slot - MARK_LEAD_SECONDS)
+        self.ledger.flush(mark)
+        sleep_until(slot)
         if self.abort:
             self.ledger.drop(index)
             return

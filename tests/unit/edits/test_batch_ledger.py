@@ -74,3 +74,20 @@ def test_a_failed_write_leaves_the_records_for_the_next() -> None:
         ledger.put(0, s="creating")
     ledger.flush()
     assert store.data[f"{BATCH_KEY}/0"] == {"0": {"s": "creating"}}
+
+
+def test_flushing_a_change_a_later_write_stored_writes_nothing() -> None:
+    store = SlowStore()
+    store.release.set()
+    ledger = BatchLedger(store, 3, durable=True)
+    mine = ledger.put(0, flush=False, s="creating")
+    theirs = ledger.put(1, flush=False, s="creating")
+    ledger.flush(theirs)  # stores both
+    writes = len(store.writes)
+    ledger.flush(mine)
+    assert len(store.writes) == writes
+    later = ledger.put(2, flush=False, s="creating")
+    ledger.flush(mine)  # already stored: the later change waits for its own flush
+    assert "2" not in store.data[f"{BATCH_KEY}/0"]
+    ledger.flush(later)
+    assert set(store.data[f"{BATCH_KEY}/0"]) == {"0", "1", "2"}

@@ -209,6 +209,35 @@ def test_after_the_hold_only_what_still_runs_is_deferred(emu: FluxKontextEmulato
     assert kwargs["min_defer_seconds"] == 0.3
 
 
+class MarkCountingStore(FakeStore):
+    """Counts the writes that store a new "creating" mark (each must precede its create)."""
+
+    def __init__(self, emu: FluxKontextEmulator) -> None:
+        super().__init__()
+        self.emu = emu
+        self.mark_writes = 0
+        self.unmarked_creates = 0
+
+    def set(self, key: str, value: Any, *, retention: Any = None) -> None:
+        before = self.data.get(key) or {}
+        marked = {i for i, entry in value.items() if isinstance(entry, dict) and entry.get("s") == CREATING}
+        was = {i for i, entry in before.items() if isinstance(entry, dict) and entry.get("s") == CREATING}
+        if key.startswith(f"{BATCH_KEY}/") and marked - was:
+            self.mark_writes += 1
+        super().set(key, value, retention=retention)
+
+
+def test_creates_queued_together_share_the_write_of_their_marks(
+    emu: FluxKontextEmulator, shots: Path
+) -> None:
+    store = MarkCountingStore(emu)
+    op = make_op(input_images=str(shots), creates_per_minute=60, max_concurrent_creates=6)
+    result = op.execute(make_context(store))
+    assert all(len(outputs) == 1 for outputs in result)
+    assert emu.created_count == 6
+    assert store.mark_writes <= 3  # one write per create before: 6
+
+
 async def _events(trigger: FluxKontextBatchTrigger) -> list[Any]:
     return [event async for event in trigger.run()]
 
