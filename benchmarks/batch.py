@@ -31,6 +31,7 @@ from typing import Any
 import psutil
 
 from benchmarks.common import PYTHON, EmulatorProcess, child_env, connection_json
+from benchmarks.realairflow import component_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
@@ -86,10 +87,12 @@ from unittest import mock
 from airflow_provider_kontext.operators.kontext import FluxKontextBatchEditOperator
 
 class Store:
-    def __init__(self): self.data, self.largest = {}, 0
+    def __init__(self): self.data, self.largest, self.writes, self.written = {}, 0, 0, 0
     def get(self, key, default=None): return self.data.get(key, default)
     def set(self, key, value, *, retention=None):
-        self.largest = max(self.largest, len(json.dumps(value))); self.data[key] = value
+        size = len(json.dumps(value))
+        self.largest, self.writes, self.written = max(self.largest, size), self.writes + 1, self.written + size
+        self.data[key] = value
     def delete(self, key): self.data.pop(key, None)
 
 folder, per_minute = sys.argv[1], float(sys.argv[2])
@@ -105,6 +108,7 @@ print(json.dumps({
     "edited": sum(1 for outputs in result if outputs),
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     "largest_store_value_bytes": store.largest,
+    "store_writes": store.writes, "store_bytes_written": store.written,
     "return_value_bytes": len(json.dumps(result)),
     "predictions_xcom_bytes": len(json.dumps(pushed["predictions"])),
 }))
@@ -235,6 +239,7 @@ def cluster_case(n: int, work: Path, *, mapped: bool = True) -> dict[str, Any]:
             time.sleep(IDLE_SECONDS)  # what the idle cluster spends (heartbeats, parsing) per second
             idle_rate = (_tree_cpu(pids) - idle_before) / IDLE_SECONDS
             cpu_before = _tree_cpu(pids)
+            parts_before = component_cpu(cluster.procs)
             cluster.cli("dags", "trigger", DAG_ID, "--conf", json.dumps({"input_dir": str(folder)}))
             cluster.wait_for(
                 "the run",
@@ -242,6 +247,7 @@ def cluster_case(n: int, work: Path, *, mapped: bool = True) -> dict[str, Any]:
                 n / 10 * 3 + 600,
             )
             cpu_airflow = _tree_cpu(pids) - cpu_before
+            parts = {k: round(v - parts_before[k], 1) for k, v in component_cpu(cluster.procs).items()}
             ((state, seconds),) = cluster.query(RUN_TIME, DAG_ID)
             ((tries,),) = cluster.query("select try_number from task_instance where dag_id = ?", DAG_ID)
             created = int(emu.state()["created_count"])
@@ -264,6 +270,7 @@ def cluster_case(n: int, work: Path, *, mapped: bool = True) -> dict[str, Any]:
         "created": created,
         "airflow_cpu_s": round(cpu_airflow, 1),
         "airflow_cpu_ms_per_edit": round(cpu_airflow / n * 1000, 1),
+        "airflow_cpu_s_by_process": parts,
         "idle_cpu_per_s": round(idle_rate, 3),
         "airflow_cpu_ms_per_edit_less_idle": round((cpu_airflow - idle_rate * seconds) / n * 1000, 1),
         "plain": plain,
