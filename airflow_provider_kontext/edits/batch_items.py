@@ -96,8 +96,11 @@ def checked_items(
     arguments: dict[str, Any],
     extra_input: Any,
     output_path: Any,
+    seed_from: str | None = None,
 ) -> list[BatchItem]:
     """Every image checked and fingerprinted (each read once, then dropped).
+
+    With ``seed_from``, an image whose edit gives no seed gets one drawn (``edits.request.drawn_seed``).
 
     :raises FluxKontextInputError: listing the bad images by index and name and why (all of them, up to
         :data:`MAX_LISTED`), so one fix mends the batch.
@@ -108,7 +111,7 @@ def checked_items(
         where, name = trace_image(image)
         try:
             request = validated_request(
-                model, {**arguments, "prompt": prompt}, image, extra_input, output_path
+                model, {**arguments, "prompt": prompt}, image, extra_input, output_path, seed_from
             )
         except FluxKontextInputError as exc:
             problems.append(f"image {index} ({name or where or type(image).__name__}): {exc}")

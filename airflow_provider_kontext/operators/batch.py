@@ -18,7 +18,7 @@ from airflow_provider_kontext.edits.batch_ledger import (
     SUCCEEDED,
     BatchLedger,
 )
-from airflow_provider_kontext.edits.request import check_literal_inputs
+from airflow_provider_kontext.edits.request import check_literal_inputs, seed_key
 from airflow_provider_kontext.edits.results import PredictionResultMixin
 from airflow_provider_kontext.exceptions import FluxKontextInputError
 from airflow_provider_kontext.hooks.connection import DEFAULT_CONN_ID
@@ -161,11 +161,13 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
 
     def execute(self, context: Context) -> list[list[str]]:
         """Check the images, create what is not yet created, and wait for all (deferred or here)."""
-        items = self._items(check=True)
+        items = self._items(check=True, seed_from=seed_key(context))
         ledger = self._ledger(context, len(items))
         to_create = [] if self._finished_earlier(context, ledger) else self._plan(items, ledger)
         window = (datetime.now(timezone.utc) - WINDOW_MARGIN).isoformat()
-        creator = BatchCreator(self, ledger, timeout=self._timeout_seconds(), log=self.log)
+        creator = BatchCreator(
+            self, ledger, timeout=self._timeout_seconds(), log=self.log, seed_from=seed_key(context)
+        )
         if to_create:
             ledger.open_window(window)
             creator.create(items, to_create)
@@ -203,7 +205,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
 
     # --- steps ------------------------------------------------------------------------------------
 
-    def _items(self, *, check: bool) -> list[BatchItem]:
+    def _items(self, *, check: bool, seed_from: str | None = None) -> list[BatchItem]:
         """Return the batch's images with their prompts; checked (each image read) before creating.
 
         :raises AirflowFailException: bad input (no retry mends it), naming every bad image.
@@ -227,6 +229,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
                     arguments=self._model_arguments(),
                     extra_input=self.extra_input,
                     output_path=self.output_path,
+                    seed_from=seed_from,
                 )
         except FluxKontextInputError as exc:
             raise AirflowFailException(str(exc)) from exc

@@ -90,8 +90,11 @@ def sleep_until(moment: float) -> None:
 class BatchCreator:
     """Create the batch's predictions a few at a time, paced, each recorded before and after."""
 
-    def __init__(self, op: CreatingTask, ledger: BatchLedger, *, timeout: float, log: Any):
+    def __init__(
+        self, op: CreatingTask, ledger: BatchLedger, *, timeout: float, log: Any, seed_from: str | None = None
+    ):
         self.op = op
+        self.seed_from = seed_from
         self.ledger = ledger
         self.timeout = timeout
         self.log = log
@@ -203,9 +206,8 @@ class BatchCreator:
         from airflow_provider_kontext.models.images import to_data_uri
 
         op = self.op
-        request = validated_request(
-            op.model, {**op._model_arguments(), "prompt": item.prompt}, item.image, op.extra_input, None
-        )
+        arguments = {**op._model_arguments(), "prompt": item.prompt}
+        request = validated_request(op.model, arguments, item.image, op.extra_input, None, self.seed_from)
         model_input = dict(request.model_input)
         image = request.image
         if image is not None:

@@ -82,7 +82,9 @@ def make_op(**kwargs: Any) -> FluxKontextBatchEditOperator:
 
 
 def make_context(store: Any) -> dict[str, Any]:
-    return {"ti": mock.MagicMock(name="ti"), "task_state_store": store, "outlet_events": mock.MagicMock()}
+    """Return a try's context: every try of the task instance has the same identity and series."""
+    ti = mock.MagicMock(name="ti", dag_id="dag", run_id="run", task_id="edit_all", map_index=-1, max_tries=2)
+    return {"ti": ti, "task_state_store": store, "outlet_events": mock.MagicMock()}
 
 
 def pushed(context: dict[str, Any], key: str) -> Any:
@@ -113,7 +115,10 @@ def test_folder_batch_returns_outputs_in_input_order_with_manifest_and_one_asset
     assert manifest["images"] == rows
     extra = context["outlet_events"][asset].extra
     assert extra == {"images": 6, "counts": {"succeeded": 6}, "manifest": f"file://{out}/manifest.json"}
-    assert store.data[BATCH_KEY]["finished"] == {"try_number": None, "max_tries": None, "clear_number": None}
+    assert store.data[BATCH_KEY]["finished"] == {"try_number": None, "max_tries": 2, "clear_number": None}
+    sent = [emu.predictions[row["prediction"]].input.get("seed") for row in rows]
+    assert all(isinstance(seed, int) for seed in sent)  # drawn: none was given
+    assert len(set(sent)) == 6  # one per image
 
 
 def test_one_prompt_per_image_and_urls_without_output_path(emu: FluxKontextEmulator, shots: Path) -> None:
