@@ -47,8 +47,10 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
     named), sends the creates paced to ``creates_per_minute`` and records each image's state as it
     goes (a retry or a killed worker never edits an image twice nor loses one), then waits once for
     the whole batch, deferred or in the worker. Returns one list of outputs per input image, in
-    order (empty for an image not edited); pushes ``predictions`` (one row per image) and, with
-    ``output_path``, writes ``manifest.json`` beside the outputs. When some images were not edited
+    order (empty for an image not edited); pushes ``predictions`` (one row per image, split over
+    ``predictions_1``, ... for a large batch) and ``batch`` (counts, the fields every row shares,
+    where the rows and the manifest are), and with ``output_path`` writes ``manifest.json`` beside
+    the outputs. When some images were not edited
     the task fails naming them, keeping what succeeded; its retry redoes only those.
 
     :param input_images: the images (templated): a list of anything the single operator's
