@@ -300,7 +300,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
             ledger.rewrite()
         ledger.flush()
         if lost:
-            to_create += adopt_orphans(self, ledger, lost, self.log)
+            to_create += adopt_orphans(self, ledger, items, lost, self.log)
         done = len(items) - len(to_create)
         if done:
             self.log.info("Batch: %d of %d images already started by an earlier try", done, len(items))
