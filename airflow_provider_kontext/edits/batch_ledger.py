@@ -32,6 +32,8 @@ MAX_ERROR = 200
 CREATING = "creating"
 CREATED = "created"
 SUCCEEDED = "succeeded"
+#: A prediction canceled because the task was killed: nothing billed is kept, so a retry redoes it.
+KILLED = "killed"
 #: Terminal statuses of a prediction.
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 #: Progress lines of a batch are logged at most this often (seconds).

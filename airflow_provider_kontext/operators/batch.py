@@ -66,6 +66,9 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
     :param fail_on_partial: fail the task when some images were not edited (default); ``False``
         succeeds with the failures in ``predictions`` and the manifest.
     :param retry_failed_predictions: let a retry redo images whose prediction failed or was canceled.
+    :param cancel_on_kill: when the task is killed, stop creating and cancel the predictions not yet
+        finished (deferred: the trigger does, Airflow >= 3.3); those that succeeded are kept, and a
+        retry edits the canceled ones again.
 
     The model inputs, ``model``, ``flux_kontext_conn_id``, ``hook_params``, ``deferrable``,
     ``poll_interval``, ``min_defer_seconds``, ``output_path``, ``max_output_bytes``,
@@ -110,6 +113,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         max_concurrent_downloads: int = 8,
         fail_on_partial: bool = True,
         retry_failed_predictions: bool = False,
+        cancel_on_kill: bool = True,
         output_path: Any = None,
         max_output_bytes: int = 50 * 1024 * 1024,
         inline_image_max_bytes: int = 256 * 1024,
@@ -154,6 +158,11 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         self._abort: str | None = None
         #: Why an image's create failed, by index (this try's, for the failure message).
         self._create_errors: dict[int, str] = {}
+        self.cancel_on_kill = cancel_on_kill
+        #: What ``on_kill`` needs: this try's record, its creator, the predictions seen to end.
+        self._record: BatchLedger | None = None
+        self._creator: BatchCreator | None = None
+        self._finals: dict[str, dict[str, Any]] = {}
         literal_prompt = {"prompt": prompt} if isinstance(prompt, str) else {}
         check_literal_inputs(
             self.task_id, model, {**self._model_arguments(), **literal_prompt}, None, extra_input
@@ -168,15 +177,15 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         to_create = [] if self._finished_earlier(context, ledger) else self._plan(items, ledger)
         window = (datetime.now(timezone.utc) - WINDOW_MARGIN).isoformat()
         creator = BatchCreator(self, ledger, timeout=self._timeout_seconds(), log=self.log)
+        self._record, self._creator, finals = ledger, creator, self._finals
         if to_create:
             ledger.open_window(window)
             creator.create(items, to_create)
         self._abort = creator.abort
         self._create_errors = creator.errors
-        pending = self._pending(ledger)
+        pending = {} if creator.killed else self._pending(ledger)
         if pending and self.deferrable:
             self._defer(pending, ledger.window)
-        finals: dict[str, dict[str, Any]] = {}
         status, message = ("done", None)
         if pending:
             status, message = asyncio.run(self._watch_in_worker(pending, ledger.window, finals))
@@ -197,6 +206,16 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         message = event.get("message")
         self.log.info("Batch wait ended (%s): %s", status, dict(event.get("counts") or {}))
         return self._finish(context, items, ledger, {}, status, message if isinstance(message, str) else None)
+
+    def on_kill(self) -> None:
+        """Stop creating and cancel what the batch still waits for in the worker, keeping what succeeded."""
+        if not self.cancel_on_kill or self._finished or self._record is None:
+            return
+        from airflow_provider_kontext.operators.batch_kill import cancel_unfinished
+
+        if self._creator is not None:
+            self._creator.killed = True
+        cancel_unfinished(self.hook, self._record, self._finals, self.log)
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -335,6 +354,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
                 hook_params=self.hook_params,
                 deferred_at=time.time(),
                 min_defer_seconds=self._resume_floor(),
+                cancel_on_kill=self.cancel_on_kill,
             ),
             method_name="execute_complete",
             timeout=self._defer_backstop(end_time),
@@ -373,4 +393,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         """Record every outcome, save the outputs, return the task's result (or fail naming the images)."""
         finisher = BatchFinisher(self, ledger, log=self.log)
         finisher.settle(items, self._pending(ledger), finals, message)
-        return finisher.conclude(context, items, abort=self._abort, create_errors=self._create_errors)
+        try:
+            return finisher.conclude(context, items, abort=self._abort, create_errors=self._create_errors)
+        finally:
+            self._finished = True

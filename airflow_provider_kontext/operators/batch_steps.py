@@ -87,6 +87,8 @@ class BatchCreator:
         #: Why an image's create failed, by index.
         self.errors: dict[int, str] = {}
         self.created = 0
+        #: Set when the task is killed: no create starts, and one that returns is canceled.
+        self.killed = False
         self._lock = threading.Lock()
 
     def create(self, items: list[BatchItem], indices: list[int]) -> None:
@@ -130,7 +132,7 @@ class BatchCreator:
 
     def _one(self, item: BatchItem, pacer: Pacer) -> None:
         index = item.position
-        if self.abort:
+        if self.abort or self.killed:
             return
         try:
             request, model_input, _ = self._prepared(item)
@@ -143,7 +145,7 @@ class BatchCreator:
         fingerprint = request.fingerprint[:16]
         self.ledger.put(index, s=CREATING, fp=fingerprint, c=time.time())
         pacer.wait()
-        if self.abort:
+        if self.abort or self.killed:
             self.ledger.drop(index)
             return
         try:
@@ -177,6 +179,10 @@ class BatchCreator:
         self.ledger.put(index, flush=False, s=CREATED, fp=fingerprint, id=prediction.id, t=time.time())
         with self._lock:
             self.created += 1
+        if self.killed:  # created while the kill canceled the others: canceled too
+            from airflow_provider_kontext.operators.batch_kill import cancel_one
+
+            cancel_one(self.op.hook, self.ledger, index, prediction.id, self.log)
 
     def _prepared(self, item: BatchItem) -> tuple[Any, dict[str, Any], Any]:
         """Return the request read again (the image's bytes), with the image sent (inline or uploaded)."""

@@ -7,17 +7,27 @@ Against the emulator (real HTTP on 127.0.0.1): a lost create is adopted by the s
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import threading
+import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
-from emulated import png
+from emulated import options, png
 
-from airflow_provider_kontext.edits.batch_ledger import CREATING, BatchLedger
-from airflow_provider_kontext.exceptions import FluxKontextBatchFailed, FluxKontextPredictionMayExistError
+from airflow_provider_kontext.compat import TaskDeferred
+from airflow_provider_kontext.edits.batch_ledger import CREATED, CREATING, BatchLedger
+from airflow_provider_kontext.exceptions import (
+    FluxKontextBatchFailed,
+    FluxKontextBatchFailedNoRetry,
+    FluxKontextPredictionMayExistError,
+)
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 from airflow_provider_kontext.testing import FluxKontextEmulator
+from airflow_provider_kontext.triggers.batch import FluxKontextBatchTrigger
 from tests.unit.operators.test_batch import FakeStore, emu, make_context, make_op, pushed, shots
 
 __all__ = ["emu", "shots"]  # the fixtures, shared with test_batch
@@ -114,3 +124,134 @@ def _entries(store: FakeStore) -> list[tuple[int, dict[str, Any] | None]]:
     ledger.load()
     assert [(entry or {}).get("s") for _, entry in ledger.entries()].count(CREATING) == 2
     return list(ledger.entries())
+
+
+# --- on_kill ------------------------------------------------------------------------------------
+
+
+def test_a_kill_cancels_only_what_is_unfinished_and_records_it_for_the_retry() -> None:
+    """Check what ``on_kill``'s cancel pass touches, with a hook that answers as Replicate would.
+
+    Image 0 succeeded (outputs saved): untouched. 1 is running: canceled, recorded ``killed``.
+    2 succeeded just before its cancel arrived: kept. 3 was seen to succeed by the wait: untouched.
+    4's cancel fails: left for a retry to wait for. 5's create is under way (no id): nothing to cancel.
+    """
+    from airflow_provider_kontext.edits.batch_ledger import KILLED, SUCCEEDED
+    from airflow_provider_kontext.exceptions import FluxKontextServerError
+    from airflow_provider_kontext.operators.batch_kill import cancel_unfinished
+
+    store = FakeStore()
+    ledger = BatchLedger(store, 6, durable=True)
+    ledger.open_window("2026-12-06T08:00:00+00:00")
+    ledger.put(0, s=SUCCEEDED, fp="f0", id="p0", o=["/out/0.png"])
+    for n in range(1, 5):
+        ledger.put(n, s=CREATED, fp=f"f{n}", id=f"p{n}", t=1.0)
+    ledger.put(5, s=CREATING, fp="f5", c=1.0)
+    answers = {"p1": "canceled", "p2": "succeeded"}
+    asked: list[str] = []
+
+    def cancel(prediction_id: str) -> Any:
+        asked.append(prediction_id)
+        if prediction_id == "p4":
+            raise FluxKontextServerError("502 from the API", status=502)
+        return mock.Mock(status=mock.Mock(value=answers[prediction_id]))
+
+    hook = mock.Mock(cancel_prediction=cancel)
+    cancel_unfinished(hook, ledger, {"p3": {"status": "succeeded"}}, mock.Mock()).join(10)
+
+    assert sorted(asked) == ["p1", "p2", "p4"]
+    reread = BatchLedger(store, 6, durable=True)
+    reread.load()
+    states = [(reread.entry(n) or {}).get("s") for n in range(6)]
+    assert states == [SUCCEEDED, KILLED, CREATED, CREATED, CREATED, CREATING]
+    assert (reread.entry(1) or {})["id"] == "p1"  # which prediction the kill canceled stays known
+
+
+@options(prediction_seconds=30.0)
+def test_killing_the_waiting_batch_cancels_its_predictions_and_a_retry_edits_them_again(
+    emu: FluxKontextEmulator, shots: Path
+) -> None:
+    store = FakeStore()
+    op = make_op(input_images=str(shots))
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            op.execute(make_context(store))
+        except BaseException as exc:  # the test reads it below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    _until(lambda: emu.created_count == 6 and op._creator is not None and op._creator.created == 6)
+    op.on_kill()
+    worker.join(60)
+    assert not worker.is_alive()
+    assert {emu.prediction(pid).status.value for pid in emu.predictions} == {"canceled"}
+    error = outcome["error"]
+    assert isinstance(error, FluxKontextBatchFailed)  # retryable: the kill canceled them, not the model
+    assert not isinstance(error, FluxKontextBatchFailedNoRetry)
+    assert "6 of 6 images were not edited" in str(error)
+    assert "killed" in str(error)
+
+    with pytest.raises(TaskDeferred):  # the retry creates all six again, then waits for them
+        make_op(input_images=str(shots), deferrable=True).execute(make_context(store))
+    assert emu.created_count == 12
+
+
+def test_killing_the_batch_while_it_creates_stops_the_creates(emu: FluxKontextEmulator, shots: Path) -> None:
+    store = FakeStore()
+    op = make_op(input_images=str(shots), creates_per_minute=120, max_concurrent_creates=1)
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            op.execute(make_context(store))
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    _until(lambda: emu.created_count >= 2)
+    op.on_kill()
+    worker.join(60)
+    assert not worker.is_alive()
+    assert emu.created_count < 6  # the creates stopped
+    assert isinstance(outcome["error"], FluxKontextBatchFailed)
+    assert not isinstance(outcome["error"], FluxKontextBatchFailedNoRetry)
+
+
+def test_a_finished_batch_or_cancel_on_kill_false_cancels_nothing(
+    emu: FluxKontextEmulator, shots: Path
+) -> None:
+    op = make_op(input_images=str(shots))
+    op.execute(make_context(FakeStore()))
+    with mock.patch.object(FluxKontextHook, "cancel_prediction") as cancel:
+        op.on_kill()
+        unkilled = make_op(input_images=str(shots), cancel_on_kill=False)
+        unkilled._record = op._record
+        unkilled.on_kill()
+    cancel.assert_not_called()
+
+
+@options(prediction_seconds=30.0)
+def test_the_deferred_batchs_trigger_cancels_what_is_pending_on_kill(
+    emu: FluxKontextEmulator, shots: Path
+) -> None:
+    with pytest.raises(TaskDeferred) as deferred:
+        make_op(input_images=str(shots), deferrable=True).execute(make_context(FakeStore()))
+    trigger = deferred.value.trigger
+    _, kwargs = trigger.serialize()
+    assert kwargs["cancel_on_kill"] is True
+    rebuilt = FluxKontextBatchTrigger(**kwargs)
+    asyncio.run(FluxKontextBatchTrigger(**{**kwargs, "cancel_on_kill": False}).on_kill())
+    assert {emu.prediction(pid).status.value for pid in emu.predictions} <= {"starting", "processing"}
+    asyncio.run(rebuilt.on_kill())
+    assert {emu.prediction(pid).status.value for pid in emu.predictions} == {"canceled"}
+
+
+def _until(condition: Any, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
