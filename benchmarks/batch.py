@@ -11,7 +11,7 @@
    their wall time and Airflow CPU per edit (``--no-mapped`` leaves them out).
 2. A big batch (default 10,000) in one plain process, creates unlimited: peak RSS of the worker and of
    the trigger's wait, and the sizes of what Airflow stores (state store values, trigger kwargs,
-   event, XComs).
+   event, the return value and every other XCom pushed, by key).
 
 Run: ``.venv/bin/python -m benchmarks.batch [--n 1000] [--big 10000]`` (prints a JSON summary).
 """
@@ -110,7 +110,8 @@ print(json.dumps({
     "largest_store_value_bytes": store.largest,
     "store_writes": store.writes, "store_bytes_written": store.written,
     "return_value_bytes": len(json.dumps(result)),
-    "predictions_xcom_bytes": len(json.dumps(pushed["predictions"])),
+    "xcom_bytes": {key: len(json.dumps(value)) for key, value in pushed.items()},
+    "largest_xcom_bytes": max([len(json.dumps(result))] + [len(json.dumps(v)) for v in pushed.values()]),
 }))
 """
 

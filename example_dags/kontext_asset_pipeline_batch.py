@@ -8,8 +8,9 @@ thousands of images:
   deferral, and saves each output into the run's folder, ``params.output_dir/<run id>/``, as
   ``<image>-<prediction id>.png``, with ``manifest.json`` beside them. Its ``EDITED_SHOTS`` event
   (one per run, naming the manifest and the counts) tells consumers the batch is there.
-- ``contact_sheet`` turns the task's ``predictions`` XCom (one row per image) into
-  ``contact_sheet.html`` next to the images.
+- ``contact_sheet`` turns the task's ``predictions`` rows (one per image; a large batch splits
+  them over ``predictions_1``, ... and keeps the model and the shared prompt once in ``batch``)
+  into ``contact_sheet.html`` next to the images.
 
 A retry of ``edit_all`` edits only the images not yet edited; ``fail_on_partial=False`` would let it
 succeed with the images that worked (the others listed in the manifest).
@@ -71,7 +72,11 @@ with DAG(
         outputs: list[list[str]], params: dict[str, Any], run_id: Any = None, ti: Any = None
     ) -> str:
         """One figure per edited image, from the batch's ``predictions`` rows."""
-        rows = ti.xcom_pull(task_ids="edit_all", key="predictions")
+        from airflow_provider_kontext.edits.batch_results import joined_rows
+
+        header = ti.xcom_pull(task_ids="edit_all", key="batch")
+        parts = {key: ti.xcom_pull(task_ids="edit_all", key=key) for key in header["parts"]}
+        rows = joined_rows(header, parts)
         folder = Path(run_folder(params["output_dir"], run_id))
         cells = "".join(
             f'<figure><img src="{html.escape(Path(path.removeprefix("file://")).name)}" width="256">'

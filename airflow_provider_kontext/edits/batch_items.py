@@ -10,14 +10,12 @@ so a batch of thousands holds one image in memory at a time.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from airflow_provider_kontext.edits.batch_ledger import identity_key
 from airflow_provider_kontext.edits.request import validated_request
 from airflow_provider_kontext.exceptions import FluxKontextInputError
-from airflow_provider_kontext.models.images import EXTENSIONS, LocalImage, decode_data_uri, trace_image
+from airflow_provider_kontext.models.images import EXTENSIONS, trace_image
 
 #: File name endings listed as images in a folder or prefix.
 IMAGE_SUFFIXES = frozenset({f".{ext}" for ext in EXTENSIONS.values()} | {".jpeg"})
@@ -126,31 +124,3 @@ def checked_items(
             f"{len(problems)} of {len(images)} images are not usable:\n{listed}{more}"
         )
     return items
-
-
-def image_ref(sent: str, image: LocalImage | None) -> str:
-    """Return what identifies the image a create sent, as the account's list will show it.
-
-    A local image sent inline by the digest of its bytes, anything else (a URL, an upload's URL) as
-    sent.
-    """
-    if image is not None and sent.startswith("data:"):
-        return "sha256:" + hashlib.sha256(image.data).hexdigest()
-    return sent
-
-
-def listed_identity(model_input: dict[str, Any], max_bytes: int) -> str | None:
-    """Return the identity key of a prediction in the account's list, from its input.
-
-    The key is :func:`~airflow_provider_kontext.edits.batch_ledger.identity_key`'s; ``None`` when it
-    cannot be told.
-    """
-    prompt, sent = model_input.get("prompt"), model_input.get("input_image")
-    if not isinstance(prompt, str) or not isinstance(sent, str):
-        return None
-    if sent.startswith("data:"):
-        try:
-            sent = "sha256:" + hashlib.sha256(decode_data_uri(sent, max_bytes)).hexdigest()
-        except ValueError:
-            return None
-    return identity_key(prompt, sent)

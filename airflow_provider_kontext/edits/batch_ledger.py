@@ -15,7 +15,6 @@ the deferral of one try, not a retry.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -33,6 +32,8 @@ MAX_ERROR = 200
 CREATING = "creating"
 CREATED = "created"
 SUCCEEDED = "succeeded"
+#: A prediction canceled because the task was killed: nothing billed is kept, so a retry redoes it.
+KILLED = "killed"
 #: Terminal statuses of a prediction.
 TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 #: Progress lines of a batch are logged at most this often (seconds).
@@ -40,15 +41,6 @@ PROGRESS_SECONDS = 10.0
 #: Outcomes that a retry of the task does not redo unless ``retry_failed_predictions``; a retry
 #: redoes any other (``aborted``, ``timeout``, ``lost``: nothing billed, or nothing usable kept).
 FINAL_FAILURES = frozenset({"failed", "canceled", "rejected", "unusable"})
-
-
-def identity_key(prompt: str, image_ref: str) -> str:
-    """Return a short digest of what identifies an image's edit in the account's list.
-
-    That is its prompt and its input image (a URL, an upload's URL, or ``sha256:<digest>`` of inline
-    bytes).
-    """
-    return hashlib.sha256(f"{prompt}\n{image_ref}".encode()).hexdigest()[:16]
 
 
 class XComStore:
@@ -77,9 +69,9 @@ class XComStore:
 class BatchLedger:
     """The batch's entries by image index, read from and written to a store chunk by chunk.
 
-    An entry is a dict: ``s`` (state), ``fp`` (fingerprint of the request, short), ``k`` (identity
-    key, for the orphan search), ``id`` (prediction), ``t`` (Unix time the create returned, on the
-    worker's clock), ``o`` (outputs), ``e`` (why it failed).
+    An entry is a dict: ``s`` (state), ``fp`` (fingerprint of the request, short), ``c`` (Unix time
+    its create was sent, on the worker's clock: where the search for a lost one starts), ``id``
+    (prediction), ``t`` (Unix time the create returned), ``o`` (outputs), ``e`` (why it failed).
     """
 
     def __init__(self, store: Any, size: int, *, durable: bool) -> None:

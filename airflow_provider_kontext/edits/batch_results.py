@@ -3,6 +3,16 @@
 What it leaves behind: one summary per image, the outputs in input order, the manifest beside the
 saved outputs, and the message that names what failed and why.
 
+The summaries go to XCom compact and in bounded parts, so a batch of any size leaves no XCom row
+near Airflow's comfort (a row is one database value, read whole by every consumer): each row drops
+what is the same for every image (the model; the prompt when one prompt serves all), which the
+``batch`` XCom holds once with the counts, the manifest's location and the keys of the parts; the
+rows fill ``predictions``, then ``predictions_1``, ``predictions_2``, ... each at most
+:data:`PART_BYTES` of JSON. A small batch has one part, ``predictions``, as it always had. The
+parts are the rows in input order, split, never cut short: every image's summary stays in XCom
+whether or not there is a manifest (without ``output_path`` XCom is the only record), and
+:func:`joined_rows` puts them back together with the shared fields.
+
 Used by :class:`~airflow_provider_kontext.operators.batch.FluxKontextBatchEditOperator`; the outputs
 themselves are checked and saved by :mod:`airflow_provider_kontext.edits.outputs` as for a single edit.
 """
@@ -23,6 +33,15 @@ if TYPE_CHECKING:
 MANIFEST_NAME = "manifest.json"
 #: How many failed images a failure message lists.
 MAX_LISTED_FAILURES = 20
+#: XCom key of the first part of the per-image rows; the next parts are ``predictions_1``, ...
+ROWS_KEY = "predictions"
+#: XCom key of what the rows share: ``images``, ``counts``, ``model``, ``prompt`` (one for all, else
+#: ``None``), ``manifest`` and ``parts`` (the XCom keys holding the rows, in order).
+HEADER_KEY = "batch"
+#: Most bytes of JSON one part of the rows holds (XCom rows stay well under 1 MB).
+PART_BYTES = 512 * 1024
+#: Fields of a row that the header holds once when they are the same for every image.
+SHARED = ("model", "prompt")
 
 
 def image_summary(item: BatchItem, entry: dict[str, Any] | None, model: str) -> dict[str, Any]:
@@ -46,6 +65,68 @@ def image_summary(item: BatchItem, entry: dict[str, Any] | None, model: str) -> 
     if entry.get("e"):
         summary["error"] = entry["e"]
     return summary
+
+
+def part_key(number: int) -> str:
+    """Return the XCom key of part ``number`` of the rows (``predictions``, ``predictions_1``, ...)."""
+    return ROWS_KEY if number == 0 else f"{ROWS_KEY}_{number}"
+
+
+def xcom_values(
+    summaries: Sequence[dict[str, Any]],
+    counts: dict[str, int],
+    manifest: str | None,
+    part_bytes: int = PART_BYTES,
+) -> dict[str, Any]:
+    """Return the XComs that record the batch, by key: the header and the rows in bounded parts.
+
+    Each row drops the shared fields (:data:`SHARED`) that are equal for every image; the header
+    holds them. A part closes before the row that would take it past ``part_bytes`` of JSON (a part
+    holds at least one row).
+    """
+    shared = {
+        name: summaries[0].get(name)
+        for name in SHARED
+        if summaries and all(row.get(name) == summaries[0].get(name) for row in summaries)
+    }
+    parts: list[list[dict[str, Any]]] = [[]]
+    size = 2  # the brackets
+    for summary in summaries:
+        row = {key: value for key, value in summary.items() if key not in shared}
+        length = len(json.dumps(row, default=str)) + 2  # with its ", "
+        if parts[-1] and size + length > part_bytes:
+            parts.append([])
+            size = 2
+        parts[-1].append(row)
+        size += length
+    header = {
+        "images": len(summaries),
+        "counts": counts,
+        "model": shared.get("model"),
+        "prompt": shared.get("prompt"),
+        "manifest": manifest,
+        "parts": [part_key(number) for number in range(len(parts))],
+    }
+    return {HEADER_KEY: header, **{part_key(n): part for n, part in enumerate(parts)}}
+
+
+def joined_rows(header: Any, parts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return every image's row, in order, from the XComs :func:`xcom_values` made.
+
+    ``parts`` maps XCom keys to values (``predictions``, ``predictions_1``, ...); each row gets the
+    header's shared fields back. Without a header (a batch recorded before the rows were split) the
+    ``predictions`` list is taken as it is.
+    """
+    if not isinstance(header, dict) or not isinstance(header.get("parts"), list):
+        first = parts.get(ROWS_KEY)
+        return [row for row in first if isinstance(row, dict)] if isinstance(first, list) else []
+    shared = {name: header[name] for name in SHARED if header.get(name) is not None}
+    rows: list[dict[str, Any]] = []
+    for key in header["parts"]:
+        part = parts.get(key)
+        if isinstance(part, list):
+            rows.extend({**shared, **row} for row in part if isinstance(row, dict))
+    return rows
 
 
 def counts_of(summaries: Sequence[dict[str, Any]]) -> dict[str, int]:

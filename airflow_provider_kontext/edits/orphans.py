@@ -149,18 +149,29 @@ def _same_model(item: Mapping[str, Any], model: str) -> bool:
     return not version or item.get("version") in (version, "hidden", None)
 
 
-def search_with_hook(hook: Any, wanted: Wanted, since: datetime, log: Any) -> Prediction | None:
+def search_with_hook(
+    hook: Any,
+    wanted: Wanted,
+    since: datetime,
+    log: Any,
+    *,
+    until: datetime | None = None,
+    max_pages: int = MAX_PAGES,
+    list_page: ListPage | None = None,
+) -> Prediction | None:
     """Run :func:`find_orphan` through a hook, logging what it found or why it adopts nothing.
 
     The hook is a :class:`~airflow_provider_kontext.hooks.kontext.FluxKontextHook`. A server without
     a list (404, 405, 501) means nothing can be found; any other failure to read the list is raised,
-    so the task fails and a retry searches again rather than paying twice.
+    so the task fails and a retry searches again rather than paying twice. ``until`` and
+    ``max_pages`` are :func:`find_orphan`'s; ``list_page`` reads the pages instead of the hook's
+    list (a batch searching for several lost creates reads the list once).
 
     :raises FluxKontextError: the list could not be read.
     """
     from airflow_provider_kontext.exceptions import FluxKontextAPIError, FluxKontextNotFoundError
 
-    def list_page(after: str | None, before: str | None, cursor: str | None) -> PredictionPage:
+    def hook_page(after: str | None, before: str | None, cursor: str | None) -> PredictionPage:
         page: PredictionPage = hook.list_predictions(
             created_after=after, created_before=before, cursor=cursor
         )
@@ -179,7 +190,14 @@ def search_with_hook(hook: Any, wanted: Wanted, since: datetime, log: Any) -> Pr
         # than take an unread file for another image and pay twice.
 
     try:
-        found = find_orphan(list_page, wanted, since=since, file_sha256=file_sha256)
+        found = find_orphan(
+            list_page or hook_page,
+            wanted,
+            since=since,
+            until=until,
+            file_sha256=file_sha256,
+            max_pages=max_pages,
+        )
     except FluxKontextAPIError as exc:
         if exc.status in (404, 405, 501):
             log.warning("No prediction of an earlier try adopted: the server has no list (%s)", exc)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
@@ -27,6 +26,7 @@ from airflow_provider_kontext.models.arguments import check_number
 from airflow_provider_kontext.operators.arguments import MODEL_INPUTS, EditArguments
 from airflow_provider_kontext.operators.batch_finish import BatchFinisher
 from airflow_provider_kontext.operators.batch_steps import BatchCreator, adopt_orphans
+from airflow_provider_kontext.operators.batch_wait import wait_for_batch
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -47,8 +47,10 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
     named), sends the creates paced to ``creates_per_minute`` and records each image's state as it
     goes (a retry or a killed worker never edits an image twice nor loses one), then waits once for
     the whole batch, deferred or in the worker. Returns one list of outputs per input image, in
-    order (empty for an image not edited); pushes ``predictions`` (one row per image) and, with
-    ``output_path``, writes ``manifest.json`` beside the outputs. When some images were not edited
+    order (empty for an image not edited); pushes ``predictions`` (one row per image, split over
+    ``predictions_1``, ... for a large batch) and ``batch`` (counts, the fields every row shares,
+    where the rows and the manifest are), and with ``output_path`` writes ``manifest.json`` beside
+    the outputs. When some images were not edited
     the task fails naming them, keeping what succeeded; its retry redoes only those.
 
     :param input_images: the images (templated): a list of anything the single operator's
@@ -64,6 +66,9 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
     :param fail_on_partial: fail the task when some images were not edited (default); ``False``
         succeeds with the failures in ``predictions`` and the manifest.
     :param retry_failed_predictions: let a retry redo images whose prediction failed or was canceled.
+    :param cancel_on_kill: when the task is killed, stop creating and cancel the predictions not yet
+        finished (deferred: the trigger does, Airflow >= 3.3); those that succeeded are kept, and a
+        retry edits the canceled ones again.
 
     The model inputs, ``model``, ``flux_kontext_conn_id``, ``hook_params``, ``deferrable``,
     ``poll_interval``, ``min_defer_seconds``, ``output_path``, ``max_output_bytes``,
@@ -108,6 +113,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         max_concurrent_downloads: int = 8,
         fail_on_partial: bool = True,
         retry_failed_predictions: bool = False,
+        cancel_on_kill: bool = True,
         output_path: Any = None,
         max_output_bytes: int = 50 * 1024 * 1024,
         inline_image_max_bytes: int = 256 * 1024,
@@ -152,6 +158,11 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         self._abort: str | None = None
         #: Why an image's create failed, by index (this try's, for the failure message).
         self._create_errors: dict[int, str] = {}
+        self.cancel_on_kill = cancel_on_kill
+        #: What ``on_kill`` needs: this try's record, its creator, the predictions seen to end.
+        self._record: BatchLedger | None = None
+        self._creator: BatchCreator | None = None
+        self._finals: dict[str, dict[str, Any]] = {}
         literal_prompt = {"prompt": prompt} if isinstance(prompt, str) else {}
         check_literal_inputs(
             self.task_id, model, {**self._model_arguments(), **literal_prompt}, None, extra_input
@@ -161,30 +172,22 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
 
     def execute(self, context: Context) -> list[list[str]]:
         """Check the images, create what is not yet created, and wait for all (deferred or here)."""
-        items = self._items(check=True, seed_from=seed_key(context))
+        seed_from = seed_key(context)
+        items = self._items(check=True, seed_from=seed_from)
         ledger = self._ledger(context, len(items))
-        to_create = [] if self._finished_earlier(context, ledger) else self._plan(items, ledger)
+        to_create = [] if self._finished_earlier(context, ledger) else self._plan(items, ledger, seed_from)
         window = (datetime.now(timezone.utc) - WINDOW_MARGIN).isoformat()
         creator = BatchCreator(
-            self, ledger, timeout=self._timeout_seconds(), log=self.log, seed_from=seed_key(context)
+            self, ledger, timeout=self._timeout_seconds(), log=self.log, seed_from=seed_from
         )
+        self._record, self._creator, finals = ledger, creator, self._finals
         if to_create:
             ledger.open_window(window)
             creator.create(items, to_create)
         self._abort = creator.abort
         self._create_errors = creator.errors
-        pending = self._pending(ledger)
-        finals: dict[str, dict[str, Any]] = {}
-        status, message = ("done", None)
-        if pending and self.deferrable and (hold := self._resume_floor()) > 0:
-            # A deferral lasts at least the hold: the batch's last edits often end sooner, here.
-            until = min(max(pending.values()), time.time() + hold)
-            status, message = asyncio.run(self._watch_in_worker(pending, ledger.window, finals, until))
-            pending = {pid: end for pid, end in pending.items() if pid not in finals}
-        if pending and self.deferrable:
-            self._defer(pending, ledger.window)
-        if pending:
-            status, message = asyncio.run(self._watch_in_worker(pending, ledger.window, finals))
+        pending = {} if creator.killed else self._pending(ledger)
+        status, message = wait_for_batch(self, pending, ledger.window, finals)
         return self._finish(context, items, ledger, finals, status, message)
 
     def execute_complete(self, context: Context, event: Mapping[str, Any]) -> list[list[str]]:
@@ -202,6 +205,16 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         message = event.get("message")
         self.log.info("Batch wait ended (%s): %s", status, dict(event.get("counts") or {}))
         return self._finish(context, items, ledger, {}, status, message if isinstance(message, str) else None)
+
+    def on_kill(self) -> None:
+        """Stop creating and cancel what the batch still waits for in the worker, keeping what succeeded."""
+        if not self.cancel_on_kill or self._finished or self._record is None:
+            return
+        from airflow_provider_kontext.operators.batch_kill import cancel_unfinished
+
+        if self._creator is not None:
+            self._creator.killed = True
+        cancel_unfinished(self.hook, self._record, self._finals, self.log)
 
     # --- steps ------------------------------------------------------------------------------------
 
@@ -272,7 +285,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         ledger.reset()
         return False
 
-    def _plan(self, items: list[BatchItem], ledger: BatchLedger) -> list[int]:
+    def _plan(self, items: list[BatchItem], ledger: BatchLedger, seed_from: str) -> list[int]:
         """Return the images to create now: those without a prediction, or whose prediction a retry may redo.
 
         Creates whose answer was lost are first looked for in the account's list.
@@ -306,7 +319,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
             ledger.rewrite()
         ledger.flush()
         if lost:
-            to_create += adopt_orphans(self, ledger, lost, self.log)
+            to_create += adopt_orphans(self, ledger, items, lost, self.log, seed_from)
         done = len(items) - len(to_create)
         if done:
             self.log.info("Batch: %d of %d images already started by an earlier try", done, len(items))
@@ -321,64 +334,6 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
             if entry and entry.get("s") == CREATED and entry.get("id")
         }
 
-    def _defer(self, pending: dict[str, float], window: str | None) -> None:
-        """Hand the wait for all pending predictions to one trigger; resumed in ``execute_complete``."""
-        from airflow_provider_kontext.triggers.batch import FluxKontextBatchTrigger
-
-        end_time = max(pending.values())
-        self.log.info(
-            "Waiting in the triggerer for %d predictions until %s",
-            len(pending),
-            datetime.fromtimestamp(end_time, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        )
-        self.defer(
-            trigger=FluxKontextBatchTrigger(
-                prediction_ids=",".join(pending),
-                created_after=window,
-                end_time=end_time,
-                flux_kontext_conn_id=self.flux_kontext_conn_id,
-                poll_interval=self.poll_interval,
-                hook_params=self.hook_params,
-                deferred_at=time.time(),
-                min_defer_seconds=self._resume_floor(),
-            ),
-            method_name="execute_complete",
-            timeout=self._defer_backstop(end_time),
-        )
-
-    async def _watch_in_worker(
-        self,
-        pending: dict[str, float],
-        window: str | None,
-        finals: dict[str, dict[str, Any]],
-        until: float | None = None,
-    ) -> tuple[str, str | None]:
-        """Wait in the worker with the trigger's loop; collect the final states in ``finals``.
-
-        :param until: stop then (Unix time) rather than at the predictions' deadline.
-        """
-        from airflow_provider_kontext.triggers.batch import BatchWatch
-
-        end_time = max(pending.values()) if until is None else until
-        self.log.info(
-            "Waiting in the worker for %d predictions%s",
-            len(pending),
-            "" if until is None else f" for up to {max(0.0, until - time.time()):.0f}s before deferring",
-        )
-        watch = BatchWatch(
-            list(pending),
-            window,
-            end_time,
-            poll_interval=self.poll_interval,
-            log=self.log.info,
-            on_final=lambda pid, item: finals.__setitem__(pid, item),
-        )
-        hook = self.hook
-        try:
-            return await watch.run(hook)
-        finally:
-            await hook.aclose()
-
     def _finish(
         self,
         context: Context,
@@ -391,4 +346,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         """Record every outcome, save the outputs, return the task's result (or fail naming the images)."""
         finisher = BatchFinisher(self, ledger, log=self.log)
         finisher.settle(items, self._pending(ledger), finals, message)
-        return finisher.conclude(context, items, abort=self._abort, create_errors=self._create_errors)
+        try:
+            return finisher.conclude(context, items, abort=self._abort, create_errors=self._create_errors)
+        finally:
+            self._finished = True

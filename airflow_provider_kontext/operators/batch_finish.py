@@ -1,7 +1,8 @@
 """Finish a batch of edits: read back and record every outcome, save the outputs, build the result.
 
-What the task leaves behind is its return value, the ``predictions`` XCom, the manifest and the
-asset events; or the failure that names the images not edited.
+What the task leaves behind is its return value, the ``batch`` and ``predictions`` XComs (see
+:mod:`~airflow_provider_kontext.edits.batch_results`), the manifest and the asset events; or the
+failure that names the images not edited.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from airflow_provider_kontext.edits.batch_results import (
     image_summary,
     retryable,
     write_manifest,
+    xcom_values,
 )
 from airflow_provider_kontext.edits.reattach import Series
 from airflow_provider_kontext.exceptions import (
@@ -213,7 +215,8 @@ class BatchFinisher:
             folder = output_folder(op.output_path)
             folder.mkdir(parents=True, exist_ok=True)
             manifest = write_manifest(folder, summaries, counts)
-        context["ti"].xcom_push(key="predictions", value=summaries)
+        for key, value in xcom_values(summaries, counts, manifest).items():
+            context["ti"].xcom_push(key=key, value=value)
         extra: dict[str, Any] = {"images": len(items), "counts": counts, "manifest": manifest}
         for outlet in op.outlets or []:
             if isinstance(outlet, Asset):

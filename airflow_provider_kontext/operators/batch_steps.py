@@ -7,21 +7,15 @@ state in the :class:`~airflow_provider_kontext.edits.batch_ledger.BatchLedger`.
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
-from airflow_provider_kontext.edits.batch_items import image_ref, listed_identity
-from airflow_provider_kontext.edits.batch_ledger import (
-    CREATED,
-    CREATING,
-    PROGRESS_SECONDS,
-    BatchLedger,
-    identity_key,
-)
+from airflow_provider_kontext.edits.batch_ledger import CREATED, CREATING, PROGRESS_SECONDS, BatchLedger
 from airflow_provider_kontext.exceptions import (
     FluxKontextAPIError,
     FluxKontextAuthError,
@@ -32,17 +26,20 @@ from airflow_provider_kontext.exceptions import (
     FluxKontextTLSError,
 )
 from airflow_provider_kontext.hooks.retry import refused_create
+from airflow_provider_kontext.models.images import decode_data_uri
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.edits.batch_items import BatchItem
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+    from airflow_provider_kontext.models import PredictionPage
 
 #: Created predictions not yet written with a "creating" mark are written at least this often.
 FLUSH_SECONDS = 1.0
 #: How long before its paced turn a create's "creating" mark is written (with those queued behind).
 MARK_LEAD_SECONDS = 0.1
-#: A batch's orphan search looks this far before the earliest lost create (worker clock).
-ORPHAN_MARGIN = timedelta(minutes=5)
+#: A batch's orphan search looks this far after the latest lost create's mark (the worker's clock
+#: behind the server's, the create's own time with its retries).
+ORPHAN_SPAN = timedelta(minutes=5)
 
 
 class CreatingTask(Protocol):
@@ -103,6 +100,8 @@ class BatchCreator:
         #: Why an image's create failed, by index.
         self.errors: dict[int, str] = {}
         self.created = 0
+        #: Set when the task is killed: no create starts, and one that returns is canceled.
+        self.killed = False
         self._lock = threading.Lock()
 
     def create(self, items: list[BatchItem], indices: list[int]) -> None:
@@ -146,26 +145,25 @@ class BatchCreator:
 
     def _one(self, item: BatchItem, pacer: Pacer) -> None:
         index = item.position
-        if self.abort:
+        if self.abort or self.killed:
             return
         try:
-            request, model_input, sent_image = self._prepared(item)
+            request, model_input, _ = self._prepared(item)
         except FluxKontextInputError as exc:
             self.ledger.put(index, s="rejected", fp=item.fingerprint[:16], e=self._redact(exc))
             return
         except (FluxKontextError, OSError) as exc:
             self._failed(index, exc, "upload")
             return
-        key = identity_key(item.prompt, image_ref(model_input["input_image"], sent_image))
         fingerprint = request.fingerprint[:16]
         slot = pacer.reserve()
-        mark = self.ledger.put(index, flush=False, s=CREATING, fp=fingerprint, k=key, c=time.time())
+        mark = self.ledger.put(index, flush=False, s=CREATING, fp=fingerprint, c=time.time())
         # Stored before the create goes out, in one write with the marks of the creates queued
         # behind it (their threads have reserved later slots): a write for several creates.
         sleep_until(slot - MARK_LEAD_SECONDS)
         self.ledger.flush(mark)
         sleep_until(slot)
-        if self.abort:
+        if self.abort or self.killed:
             self.ledger.drop(index)
             return
         try:
@@ -196,9 +194,13 @@ class BatchCreator:
             return
         # Written with the next "creating" mark or the creator's periodic flush: until then the
         # stored "creating" entry stands for it, and a retry finds the prediction in the list.
-        self.ledger.put(index, flush=False, s=CREATED, fp=fingerprint, k=key, id=prediction.id, t=time.time())
+        self.ledger.put(index, flush=False, s=CREATED, fp=fingerprint, id=prediction.id, t=time.time())
         with self._lock:
             self.created += 1
+        if self.killed:  # created while the kill canceled the others: canceled too
+            from airflow_provider_kontext.operators.batch_kill import cancel_one
+
+            cancel_one(self.op.hook, self.ledger, index, prediction.id, self.log)
 
     def _prepared(self, item: BatchItem) -> tuple[Any, dict[str, Any], Any]:
         """Return the request read again (the image's bytes), with the image sent (inline or uploaded)."""
@@ -236,54 +238,102 @@ class BatchCreator:
                 self.log.error("Batch: stopping the creates: %s", self.abort)
 
 
-def adopt_orphans(op: CreatingTask, ledger: BatchLedger, lost: list[int], log: Any) -> list[int]:
+def adopt_orphans(
+    op: CreatingTask,
+    ledger: BatchLedger,
+    items: list[BatchItem],
+    lost: list[int],
+    log: Any,
+    seed_from: str | None = None,
+) -> list[int]:
     """Record the predictions of creates whose answer was lost; return the images that have none.
 
-    A killed worker or a dropped connection can lose a create's answer: its prediction is looked
-    for in the account's list, by model, prompt and input image. The images without one are to be
-    created now.
+    A killed worker or a dropped connection can lose a create's answer. Each lost create is looked
+    for as the single edit's retry looks for its own
+    (:func:`~airflow_provider_kontext.edits.orphans.search_with_hook`: the one prediction of the
+    same model, version and input created since its "create under way" mark; none or several mean a
+    new create), among the predictions no other image of the batch has recorded. The window is read
+    once for all lost creates. The images without one are to be created now. ``seed_from`` is the
+    creates' (the seed each drew is part of the input looked for).
 
     :raises FluxKontextError: the list could not be read (the task fails and its retry looks again).
     """
-    earliest = min(float(ledger.entry(index).get("c", time.time())) for index in lost)  # type: ignore[union-attr]
-    window = ledger.window or (datetime.fromtimestamp(earliest, timezone.utc) - ORPHAN_MARGIN).isoformat()
-    found = asyncio.run(_listed(op, window))
+    from airflow_provider_kontext.edits.orphans import MAX_PAGES, search_with_hook, wanted_for
+    from airflow_provider_kontext.edits.request import validated_request
+
+    marks = [float((ledger.entry(index) or {}).get("c", time.time())) for index in lost]
+    since = datetime.fromtimestamp(min(marks), timezone.utc)
+    until = datetime.fromtimestamp(max(marks), timezone.utc) + ORPHAN_SPAN
     claimed = {str(entry["id"]) for _, entry in ledger.entries() if entry and entry.get("id")}
+    pages = ListedPages(op.hook, claimed, max(op.inline_image_max_bytes, 1) * 2)
+    # The batch's own creates may fill the window: the search may read as many pages as they take.
+    max_pages = MAX_PAGES + (ledger.size + 99) // 100
     recreate = []
     for index in lost:
         entry = dict(ledger.entry(index) or {})
-        match = next((pid for pid in found.get(str(entry.get("k")), []) if pid not in claimed), None)
-        if match is None:
-            log.info("Image %d: its lost create made no prediction; creating it", index)
+        item = items[index]
+        arguments = {**op._model_arguments(), "prompt": item.prompt}
+        request = validated_request(op.model, arguments, item.image, op.extra_input, None, seed_from)
+        wanted = wanted_for(op.model, request.model_input, request.image, op.inline_image_max_bytes)
+        wanted = wanted._replace(input=compact_input(wanted.input, pages.max_bytes))
+        log.info("Image %d: looking for the prediction of its lost create", index)
+        found = search_with_hook(
+            op.hook, wanted, since, log, until=until, max_pages=max_pages, list_page=pages
+        )
+        if found is None or not found.id:
             recreate.append(index)
             continue
-        claimed.add(match)
-        log.info("Image %d: found prediction %s of its lost create in the account's list", index, match)
-        ledger.put(
-            index, flush=False, s=CREATED, fp=entry.get("fp"), k=entry.get("k"), id=match, t=entry.get("c")
-        )
+        claimed.add(found.id)
+        ledger.put(index, flush=False, s=CREATED, fp=entry.get("fp"), id=found.id, t=entry.get("c"))
     ledger.flush()
     return recreate
 
 
-async def _listed(op: CreatingTask, window: str) -> dict[str, list[str]]:
-    """Return the account's predictions of ``op.model`` since ``window``, by identity key, oldest first."""
-    model = op.model.split(":", 1)[0]
-    found: dict[str, list[tuple[str, str]]] = {}
-    hook = op.hook
-    try:
-        cursor = None
-        while True:
-            page = await hook.alist_predictions(created_after=window, cursor=cursor)
-            for item in page.results:
-                if not isinstance(item, dict) or item.get("model") != model or not item.get("id"):
-                    continue
-                key = listed_identity(item.get("input") or {}, max(op.inline_image_max_bytes, 1) * 2)
-                if key is not None:
-                    found.setdefault(key, []).append((str(item.get("created_at")), str(item["id"])))
-            cursor = page.next_cursor
-            if cursor is None:
-                break
-    finally:
-        await hook.aclose()
-    return {key: [pid for _, pid in sorted(pairs)] for key, pairs in found.items()}
+class ListedPages:
+    """The account's list read once for several searches, inline images as digests, claimed ones left out.
+
+    A :data:`~airflow_provider_kontext.edits.orphans.ListPage`: each page is fetched once (the
+    searches of a batch's lost creates share their window); an inline image (``data:`` URI) is kept
+    as ``sha256:<digest>`` of its bytes (:func:`compact_input`), so thousands of listed predictions
+    hold no image; predictions recorded for other images are not shown to the search.
+    """
+
+    def __init__(self, hook: FluxKontextHook, claimed: set[str], max_bytes: int) -> None:
+        self.hook = hook
+        self.claimed = claimed
+        self.max_bytes = max_bytes
+        self._pages: dict[tuple[str | None, str | None, str | None], PredictionPage] = {}
+
+    def __call__(self, after: str | None, before: str | None, cursor: str | None) -> PredictionPage:
+        """Return the page of the window from ``after`` to ``before`` at ``cursor`` (read once)."""
+        key = (after, before, cursor)
+        if key not in self._pages:
+            page = self.hook.list_predictions(created_after=after, created_before=before, cursor=cursor)
+            results = [
+                {**item, "input": compact_input(item["input"], self.max_bytes)}
+                if isinstance(item, dict) and isinstance(item.get("input"), dict)
+                else item
+                for item in page.results
+            ]
+            self._pages[key] = page.model_copy(update={"results": results})
+        page = self._pages[key]
+        shown = [
+            item for item in page.results if not (isinstance(item, dict) and item.get("id") in self.claimed)
+        ]
+        return page.model_copy(update={"results": shown})
+
+
+def compact_input(model_input: Mapping[str, Any], max_bytes: int) -> dict[str, Any]:
+    """Return the input with an inline image (``data:`` URI) as ``sha256:<digest>`` of its bytes.
+
+    A URI that cannot be read (cut short by the server, too large) becomes ``data:unreadable``,
+    which matches no image.
+    """
+    compact = dict(model_input)
+    sent = compact.get("input_image")
+    if isinstance(sent, str) and sent.startswith("data:"):
+        try:
+            compact["input_image"] = "sha256:" + hashlib.sha256(decode_data_uri(sent, max_bytes)).hexdigest()
+        except ValueError:
+            compact["input_image"] = "data:unreadable"
+    return compact

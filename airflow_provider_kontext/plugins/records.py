@@ -1,7 +1,8 @@
 """The edits a DAG run recorded, read from Airflow's metadata DB for the plugin's pages.
 
 An edit is what a task left in XCom: the ``prediction`` summary of the operator or the sensor, each
-item of a ``predictions`` list (a task that makes several edits), or, for a task that started a
+row of a batch's ``predictions`` (with its ``predictions_1``, ... parts and the fields its ``batch``
+XCom holds for every row), or, for a task that started a
 prediction but never finished it (failed, still waiting), its ``prediction_id`` and
 ``prediction_web_url`` with the inputs Airflow rendered for it. Nothing here reads a request
 parameter as a path: pages and images are found by (DAG, run, task, map index, edit number) and
@@ -14,12 +15,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from airflow_provider_kontext.edits.batch_results import HEADER_KEY, ROWS_KEY, joined_rows
+
 #: The XCom keys an edit may leave (see the module docstring).
 SUMMARY_KEY = "prediction"
-BATCH_KEY = "predictions"
+BATCH_KEY = ROWS_KEY
 ID_KEY = "prediction_id"
 WEB_URL_KEY = "prediction_web_url"
-KEYS = (SUMMARY_KEY, BATCH_KEY, ID_KEY, WEB_URL_KEY)
+KEYS = (SUMMARY_KEY, BATCH_KEY, HEADER_KEY, ID_KEY, WEB_URL_KEY)
 #: The rendered fields a started edit's inputs are read from while it has no summary.
 RENDERED_INPUTS = ("prompt", "input_image", "model", "seed")
 #: Most edits the recent list reads (newest first).
@@ -94,10 +97,15 @@ def _summaries(values: dict[str, Any]) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     if isinstance(values.get(SUMMARY_KEY), dict):
         found.append(values[SUMMARY_KEY])
-    batch = values.get(BATCH_KEY)
-    if isinstance(batch, list):
-        found.extend(item for item in batch if isinstance(item, dict))
+    found.extend(joined_rows(values.get(HEADER_KEY), values))
     return found
+
+
+def _edit_keys(column: Any, keys: tuple[str, ...]) -> Any:
+    """Return the query condition for XCom ``keys`` and the later parts of a batch's rows."""
+    from sqlalchemy import or_
+
+    return or_(column.in_(keys), column.like(f"{BATCH_KEY}\\_%", escape="\\"))
 
 
 def _xcom_value(row: Any) -> Any:
@@ -140,7 +148,7 @@ def run_edits(
     from sqlalchemy import select
 
     query = select(XComModel).where(
-        XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key.in_(KEYS)
+        XComModel.dag_id == dag_id, XComModel.run_id == run_id, _edit_keys(XComModel.key, KEYS)
     )
     if task_id is not None:
         query = query.where(XComModel.task_id == task_id)
@@ -203,13 +211,22 @@ def recent_edits(session: Any, dag_ids: set[str], limit: int = RECENT_LIMIT) -> 
         return []
     query = (
         select(XComModel)
-        .where(XComModel.key.in_((SUMMARY_KEY, BATCH_KEY)), XComModel.dag_id.in_(sorted(dag_ids)))
+        .where(
+            _edit_keys(XComModel.key, (SUMMARY_KEY, BATCH_KEY, HEADER_KEY)),
+            XComModel.dag_id.in_(sorted(dag_ids)),
+        )
         .order_by(XComModel.timestamp.desc())
         .limit(limit)
     )
-    edits: list[Edit] = []
+    # A batch's rows are several XComs (its header, its parts): gathered per task instance.
+    values: dict[TaskKey, dict[str, Any]] = {}
+    when: dict[TaskKey, datetime] = {}
     for row in session.scalars(query):
         key = TaskKey(row.dag_id, row.run_id, row.task_id, row.map_index)
-        for n, summary in enumerate(_summaries({row.key: _xcom_value(row)})):
-            edits.append(Edit(key, n, summary, when=row.timestamp))
+        values.setdefault(key, {})[row.key] = _xcom_value(row)
+        when.setdefault(key, row.timestamp)
+    edits: list[Edit] = []
+    for key, found in values.items():
+        for n, summary in enumerate(_summaries(found)):
+            edits.append(Edit(key, n, summary, when=when[key]))
     return edits[:limit]

@@ -31,6 +31,8 @@ __all__ = ["BatchWatch", "FluxKontextBatchTrigger", "sweep"]
 MAX_CONSECUTIVE_ERRORS = 10
 #: Predictions the list has not shown for two sweeps are read one by one, this many a sweep.
 MAX_SINGLE_READS = 20
+#: Cancels in flight at once when the deferred task is killed.
+CANCEL_CONCURRENCY = 8
 
 
 async def sweep(hook: Any, wanted: Collection[str], created_after: str | None) -> dict[str, dict[str, Any]]:
@@ -181,6 +183,8 @@ class FluxKontextBatchTrigger(BaseTrigger):
     :param min_defer_seconds: an event found sooner than this many seconds after ``deferred_at`` is
         held until then, so the task does not resume before Airflow has recorded the deferral
         (``None``: ``default_min_defer_seconds``; ``0``: no hold).
+    :param cancel_on_kill: cancel the predictions not yet finished when a user kills the deferred
+        task (Airflow >= 3.3); those that succeeded are kept.
     """
 
     def __init__(
@@ -193,8 +197,11 @@ class FluxKontextBatchTrigger(BaseTrigger):
         hook_params: Mapping[str, Any] | None = None,
         deferred_at: float | None = None,
         min_defer_seconds: float | None = None,
+        cancel_on_kill: bool = True,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
+        self.cancel_on_kill = bool(cancel_on_kill)
+        self._watch: BatchWatch | None = None
         self.prediction_ids = str(prediction_ids)
         self.created_after = None if created_after is None else str(created_after)
         self.end_time = None if end_time is None else float(end_time)
@@ -221,6 +228,7 @@ class FluxKontextBatchTrigger(BaseTrigger):
                 "hook_params": self.hook_params,
                 "deferred_at": self.deferred_at,
                 "min_defer_seconds": self.min_defer_seconds,
+                "cancel_on_kill": self.cancel_on_kill,
             },
         )
 
@@ -239,7 +247,7 @@ class FluxKontextBatchTrigger(BaseTrigger):
         """
         from airflow_provider_kontext.hooks.kontext import FluxKontextHook
 
-        watch = BatchWatch(
+        watch = self._watch = BatchWatch(
             self.ids(), self.created_after, self.end_time, poll_interval=self.poll_interval, log=self.log.info
         )
         try:
@@ -264,3 +272,34 @@ class FluxKontextBatchTrigger(BaseTrigger):
                 "message": message,
             }
         )
+
+    async def on_kill(self) -> None:
+        """Cancel the predictions not yet seen to end when a user kills the deferred task.
+
+        Not called on triggerer restarts nor on the deferral's timeout. A prediction that succeeded
+        meanwhile stays succeeded (a cancel does not undo it); failures to cancel are logged.
+        """
+        if not self.cancel_on_kill:
+            return
+        from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+
+        pending = sorted(self._watch.pending if self._watch is not None else self.ids())
+        if not pending:
+            return
+        hook = FluxKontextHook(self.flux_kontext_conn_id, **self.hook_params)
+        gate = asyncio.Semaphore(CANCEL_CONCURRENCY)
+        outcomes: Counter[str] = Counter()
+
+        async def cancel(prediction_id: str) -> None:
+            async with gate:
+                try:
+                    outcomes[(await hook.acancel_prediction(prediction_id)).status.value] += 1
+                except FluxKontextError as exc:
+                    outcomes["not canceled"] += 1
+                    self.log.warning("Could not cancel prediction %s on kill: %s", prediction_id, exc)
+
+        try:
+            await asyncio.gather(*(cancel(pid) for pid in pending))
+        finally:
+            await hook.aclose()
+        self.log.info("Batch killed: %d predictions asked to cancel: %s", len(pending), dict(outcomes))

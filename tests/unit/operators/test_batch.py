@@ -20,6 +20,7 @@ from emulated import options, png, started
 
 from airflow_provider_kontext.compat import AirflowFailException, TaskDeferred
 from airflow_provider_kontext.edits.batch_ledger import BATCH_KEY, CREATED, CREATING, BatchLedger
+from airflow_provider_kontext.edits.batch_results import joined_rows
 from airflow_provider_kontext.exceptions import (
     FluxKontextAPIError,
     FluxKontextBatchFailed,
@@ -112,7 +113,17 @@ def test_folder_batch_returns_outputs_in_input_order_with_manifest_and_one_asset
         assert emu.predictions[row["prediction"]].prompt == PROMPT
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"succeeded": 6}
-    assert manifest["images"] == rows
+    header = pushed(context, "batch")
+    assert header == {
+        "images": 6,
+        "counts": {"succeeded": 6},
+        "model": "black-forest-labs/flux-kontext-dev",
+        "prompt": PROMPT,
+        "manifest": f"file://{out}/manifest.json",
+        "parts": ["predictions"],
+    }
+    assert manifest["images"] == joined_rows(header, {"predictions": rows})  # the rows, each whole
+    assert all("prompt" not in row and "model" not in row for row in rows)  # shared: in the header
     extra = context["outlet_events"][asset].extra
     assert extra == {"images": 6, "counts": {"succeeded": 6}, "manifest": f"file://{out}/manifest.json"}
     assert store.data[BATCH_KEY]["finished"] == {"try_number": None, "max_tries": 2, "clear_number": None}

@@ -131,3 +131,28 @@ def test_the_plugin_is_registered_with_its_views() -> None:
         return
     assert kontext.FluxKontextEditsPlugin.external_views == kontext.EXTERNAL_VIEWS
     assert kontext.FluxKontextEditsPlugin.fastapi_apps[0]["url_prefix"] == kontext.URL_PREFIX
+
+
+def test_a_batchs_rows_are_read_from_every_part_with_the_shared_fields() -> None:
+    from airflow_provider_kontext.edits.batch_results import counts_of, xcom_values
+    from airflow_provider_kontext.plugins.records import _summaries
+
+    rows = [
+        {
+            "index": n,
+            "input_name": f"shot{n}.png",
+            "prompt": "blue",
+            "model": "o/m",
+            "status": "succeeded",
+            "prediction": f"p{n}",
+            "outputs": [f"/out/shot{n}.png"],
+        }
+        for n in range(30)
+    ]
+    values = xcom_values(rows, counts_of(rows), None, part_bytes=1_000)
+    assert len(values["batch"]["parts"]) > 2
+    found = _summaries(values)
+    assert found == rows
+    edits = [Edit(TaskKey("d", "r", "edit_all"), n, summary) for n, summary in enumerate(found)]
+    assert "blue" in pages.edit_page("/k", edits[:1], "t")
+    assert _summaries({"predictions": rows[:2]}) == rows[:2]  # recorded before the rows were split

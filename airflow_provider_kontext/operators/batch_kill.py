@@ -1,0 +1,96 @@
+"""Cancel what a killed batch of edits still waits for, keeping every result already paid for.
+
+As the single edit cancels its prediction when its task is killed (``cancel_on_kill``), a killed
+batch stops creating and cancels each prediction it created that is not known to be over. What
+already succeeded is never touched (its outputs are paid for: a retry saves them), nor is a
+prediction whose cancel answers that it succeeded meanwhile. A prediction the kill canceled is
+recorded ``killed``: a retry edits that image again, as the single edit's retry does.
+
+Airflow calls ``on_kill`` from the task's signal handler, on the thread it interrupted, which may
+hold the ledger's lock or the channel to the task state store: the work runs on a thread of its
+own, waited for a bounded time, so the handler never waits on the thread it interrupted. While the
+task is deferred the trigger cancels instead (:meth:`FluxKontextBatchTrigger.on_kill`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from airflow_provider_kontext.edits.batch_ledger import CREATED, KILLED, TERMINAL, BatchLedger
+from airflow_provider_kontext.exceptions import FluxKontextError
+
+#: Longest ``on_kill`` waits for the cancels (the rest go on in the background while the process lives).
+KILL_SECONDS = 20.0
+#: Cancels in flight at once.
+CANCEL_WORKERS = 8
+#: Statuses a cancel may answer in which nothing usable remains: the image is edited again.
+NOTHING_KEPT = frozenset({"canceled", "aborted"})
+#: Why a killed image was not edited (its ledger entry, the failure message, ``predictions``).
+KILLED_WHY = "canceled because the task was killed"
+
+
+def cancel_one(hook: Any, ledger: BatchLedger, index: int, prediction_id: str, log: Any) -> bool:
+    """Cancel one prediction; record its image ``killed`` (not flushed) when nothing usable remains.
+
+    Return whether it was recorded. A cancel that fails is logged and leaves the entry as it was (a
+    retry waits for that prediction).
+    """
+    try:
+        status = hook.cancel_prediction(prediction_id).status.value
+    except FluxKontextError as exc:
+        log.warning("Could not cancel prediction %s: %s", prediction_id, exc)
+        return False
+    if status not in NOTHING_KEPT:
+        log.info("Prediction %s is %s: kept", prediction_id, status)
+        return False
+    entry = dict(ledger.entry(index) or {})
+    if entry.get("id") != prediction_id:
+        return False
+    entry.update(s=KILLED, e=KILLED_WHY)
+    ledger.put(index, flush=False, **entry)
+    return True
+
+
+def cancel_unfinished(
+    hook: Any,
+    ledger: BatchLedger,
+    finals: Mapping[str, Mapping[str, Any]],
+    log: Any,
+    *,
+    seconds: float = KILL_SECONDS,
+) -> threading.Thread:
+    """Cancel every prediction the batch created that is not known to be over, on a thread of its own.
+
+    ``finals`` holds what the wait already saw end (by prediction id); entries recorded
+    ``succeeded`` are not ``created``, so never canceled. Waits at most ``seconds`` for the thread
+    and returns it; nothing is raised.
+    """
+
+    def work() -> None:
+        targets = [
+            (index, str(entry["id"]))
+            for index, entry in ledger.entries()
+            if entry
+            and entry.get("s") == CREATED
+            and entry.get("id")
+            and (finals.get(str(entry["id"])) or {}).get("status") not in TERMINAL
+        ]
+        if not targets:
+            return
+        log.info("Task killed: canceling the %d predictions of the batch not yet finished", len(targets))
+        with ThreadPoolExecutor(min(CANCEL_WORKERS, len(targets)), thread_name_prefix="kontext-kill") as pool:
+            killed = sum(pool.map(lambda t: cancel_one(hook, ledger, t[0], t[1], log), targets))
+        ledger.flush()
+        log.info("Task killed: %d of %d predictions canceled; the rest kept", killed, len(targets))
+
+    thread = threading.Thread(target=work, name="kontext-kill", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        log.warning(
+            "Task killed: still canceling after %.0fs; the rest go on while the process lives", seconds
+        )
+    return thread
