@@ -21,6 +21,8 @@ from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
 CEILING_PER_MINUTE = 2400.0
 LIMIT_PER_MINUTE = 3000.0
 TICK = 0.001
+#: The start the figures look at on their own: about how long the real benchmark's runs last.
+START_SECONDS = 10
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Simulation:
     sent: list[int] = field(default_factory=list)
     throttled: list[int] = field(default_factory=list)
     other_sent: int = 0
+    throttled_rates: list[float] = field(default_factory=list)  # per second, all budgets: 429s/s
 
     @property
     def throttled_pct(self) -> float:
@@ -46,6 +49,16 @@ class Simulation:
         part, at most their ceilings.
         """
         return min(self.k * CEILING_PER_MINUTE, LIMIT_PER_MINUTE - self.other_per_minute) / 60.0
+
+    def throttled_start_pct(self, seconds: int = START_SECONDS) -> float:
+        """The share of the budgets' requests answered ``429`` in the first ``seconds``."""
+        sent = sum(sum(rates[:seconds]) for rates in self.rates)
+        return sum(self.throttled_rates[:seconds]) / sent * 100 if sent else math.nan
+
+    def peak_over_target(self, seconds: int = START_SECONDS) -> float:
+        """The budgets' highest summed rate in the first ``seconds``, as a share of :attr:`target`."""
+        sums = [sum(second) for second in zip(*self.rates, strict=True)][:seconds]
+        return max(sums) / self.target if sums else math.nan
 
     def converged_after(self, tolerance: float = 0.15, window: int = 3) -> float:
         """Seconds until the budgets' summed rate, averaged over ``window`` seconds, first comes
@@ -76,6 +89,8 @@ class Simulation:
             "sent": self.sent,
             "throttled": self.throttled,
             "throttled_pct": round(self.throttled_pct, 2),
+            "throttled_start_pct": round(self.throttled_start_pct(), 2),
+            "peak_over_target": round(self.peak_over_target(), 3),
             "converged_after_s": self.converged_after(),
             "used": round(self.used(), 3),
             "fairness": round(self.fairness(), 4),
@@ -103,6 +118,7 @@ def simulate(
     result = Simulation(k, seconds, other_per_minute, [[] for _ in range(k)], [0] * k, [0] * k)
     in_flight: collections.deque[tuple[float, int, float | None]] = collections.deque()
     granted_in_second = [0] * k
+    throttled_in_second = 0
     other_due = 0.0
     second = 1.0
     while now < seconds:
@@ -119,6 +135,7 @@ def simulate(
                 granted_in_second[index] += 1
                 if wait is not None:
                     result.throttled[index] += 1
+                    throttled_in_second += 1
                 in_flight.append((now + rtt, index, wait))
         if other_per_minute:
             other_due += other_per_minute / 60.0 * TICK
@@ -131,6 +148,8 @@ def simulate(
             for index in range(k):
                 result.rates[index].append(float(granted_in_second[index]))
                 granted_in_second[index] = 0
+            result.throttled_rates.append(float(throttled_in_second))
+            throttled_in_second = 0
             second += 1.0
     return result
 

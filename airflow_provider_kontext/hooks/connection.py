@@ -14,6 +14,7 @@ it stays free of heavy imports: standard library only.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import ssl
 import time
@@ -263,6 +264,10 @@ class ClientSettings:
         The userinfo's password (or its user name when it stands alone as a token) and query values,
         both as written and percent-decoded, since messages may quote either form.
         """
+        return list(self._secrets)
+
+    @functools.cached_property
+    def _secrets(self) -> tuple[str, ...]:  # worked out once: every event and log line is redacted
         found: list[str] = []
         parts = urlsplit(self.base_url)
         if parts.password:
@@ -275,11 +280,11 @@ class ClientSettings:
         # Short URL parts ("user", "1") are not worth hiding everywhere; the token always is.
         # Longest first, so a secret that contains another is replaced whole.
         secrets = {value for value in found if len(value) >= 6} | ({self.token} if self.token else set())
-        return sorted(secrets, key=len, reverse=True)
+        return tuple(sorted(secrets, key=len, reverse=True))
 
     def redact(self, text: str) -> str:
         """``text`` with every value of :meth:`secrets` replaced by ``***``."""
-        for secret in self.secrets():
+        for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
 
