@@ -6,10 +6,12 @@ talk to the same account draws from one token bucket, whose rate adapts to what 
 Replicate limits each account to 3000 requests per minute for everything but creates (every poll of
 every prediction counts), and tells nobody how much of it others spend: several triggerers, other
 deployments and scripts may share one token. Each budget finds its share as congestion control does
-(additive increase, multiplicative decrease): it starts at the connection's
-``max_requests_per_minute`` (a ceiling, never exceeded; ``0``: no budget), cuts its rate by
-:data:`DECREASE_FACTOR` on a ``429``, and while no ``429`` comes and its requests use the rate, adds
-:data:`INCREASE_SHARE` of the ceiling per second, faster the longer no ``429`` came. Budgets of one
+(additive increase, multiplicative decrease). The connection's ``max_requests_per_minute`` is a
+ceiling, never exceeded (``0``: no budget); a new budget starts at :data:`START_SHARE` of it and,
+until its first ``429``, multiplies its rate by :data:`SLOW_START_GROWTH` per second its requests
+use the rate (slow start, as TCP's). A ``429`` cuts the rate by :data:`DECREASE_FACTOR`; afterwards,
+while no ``429`` comes and the rate is used, it adds :data:`INCREASE_SHARE` of the ceiling per
+second, faster the longer no ``429`` came. Budgets of one
 account that all do this converge on the account's limit, in equal shares, with no configuration.
 The account is the base URL and the token; the token is only ever held here as a short SHA-256
 digest, so no key, repr or log line can show it.
@@ -48,6 +50,8 @@ __all__ = [
     "DEFAULT_PAUSE_SECONDS",
     "INCREASE_SHARE",
     "MAX_QUEUE_SECONDS",
+    "SLOW_START_GROWTH",
+    "START_SHARE",
     "AccountRateLimiter",
     "AccountRateLimiters",
     "account_key",
@@ -106,7 +110,8 @@ class AccountRateLimiter:
 
     Its rate adapts to the account's ``429`` s (see the module's docstring).
 
-    :param per_minute: the ceiling: most requests per minute, and the rate it starts at.
+    :param per_minute: the ceiling: most requests per minute (an adaptive budget starts at
+        :data:`START_SHARE` of it, a fixed one at it).
     :param clock: monotonic seconds (tests pass their own).
     :param max_queue_seconds: see :data:`MAX_QUEUE_SECONDS`.
     :param adaptive: ``False``: a fixed rate of ``per_minute``, ``429`` s only pause it.

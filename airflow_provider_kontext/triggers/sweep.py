@@ -59,12 +59,13 @@ class SweepShare:
     Single reads (a wait's logs or error, a wait the list cannot find) and other hooks of the account
     draw from the budget the sweeps draw from. Between two sweeps, the budget's grants that were not
     the sweeps' pages are what the others took; the sweeps' :attr:`share` of the rate is what they
-    left, between :data:`MIN_SWEEP_SHARE` and :data:`MAX_SWEEP_SHARE` (the least where nothing is
-    measured yet or the account has no budget).
+    left, between :data:`MIN_SWEEP_SHARE` and :data:`MAX_SWEEP_SHARE` (the most before anything is
+    measured: the first sweeps come before any single read; the least where the account has no
+    budget).
     """
 
     def __init__(self) -> None:
-        self.share = MIN_SWEEP_SHARE
+        self.share = MAX_SWEEP_SHARE
         self._mark: tuple[float, int] | None = None  # (when, the budget's grants less the sweeps' pages)
 
     def update(self, now: float, granted: int | None, pages: int, rate: float) -> float:

@@ -276,7 +276,7 @@ def test_another_client_leaves_the_triggerers_the_rest() -> None:
 def test_sweeps_take_what_the_other_requests_leave() -> None:
     """Check that the sweeps' share is the budget's rate less what single reads took since the last sweep."""
     share = SweepShare()
-    assert share.update(0.0, granted=0, pages=0, rate=40.0) == MIN_SWEEP_SHARE  # nothing measured yet
+    assert share.update(0.0, granted=0, pages=0, rate=40.0) == MAX_SWEEP_SHARE  # nothing measured yet
     # 2 s later: 60 grants, 50 of them the sweeps' pages: the others took 5/s of 40/s.
     assert share.update(2.0, granted=60, pages=50, rate=40.0) == pytest.approx(1 - 5 / 40)
     # Then nothing but pages: the most sweeps may take.
