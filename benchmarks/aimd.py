@@ -236,7 +236,7 @@ def simulate_sweeps(
                 if gap > interval / 2:
                     budget.hold_back(gap)
                 if now >= last_start[index] + max(gap, interval / 2):
-                    shares[index].update(now, budget.granted, read[index], budget.rate)
+                    shares[index].measure(now, budget, read[index])
                     last_start[index] = now
                     pending[index] = pages
             while pending[index] and budget.try_acquire():

@@ -256,9 +256,7 @@ class PredictionWatcher:
         return gap
 
     def _measure_share(self) -> None:
-        budget = AccountRateLimiters.get(self.settings)
-        granted, rate = (None, UNBUDGETED_RATE) if budget is None else (budget.granted, budget.rate)
-        self.share.update(time.monotonic(), granted, self.pages_read, rate)
+        self.share.measure(time.monotonic(), AccountRateLimiters.get(self.settings), self.pages_read)
 
     def _decide_sweeping(self, *, exact: bool = True) -> None:
         """Sweep while the waits a sweep answers for outnumber the pages it costs.

@@ -285,6 +285,14 @@ def test_sweeps_take_what_the_other_requests_leave() -> None:
     assert share.update(5.0, granted=140, pages=100, rate=40.0) == MIN_SWEEP_SHARE
 
 
+def test_at_the_budgets_ceiling_sweeps_take_their_least_share() -> None:
+    """Check that where the connection's ceiling, not the account, holds the budget, sweeps keep half."""
+    share = SweepShare()
+    share.update(0.0, granted=0, pages=0, rate=40.0, ceiling=40.0)
+    assert share.update(1.0, granted=40, pages=40, rate=40.0, ceiling=40.0) == MIN_SWEEP_SHARE
+    assert share.update(2.0, granted=60, pages=60, rate=20.0, ceiling=40.0) == MAX_SWEEP_SHARE  # cut: below
+
+
 def test_without_a_budget_sweeps_take_their_least_share() -> None:
     share = SweepShare()
     share.update(0.0, granted=0, pages=0, rate=40.0)
