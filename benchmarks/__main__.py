@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             "shared": [r.to_json() for r in accounts_result["shared"]],
             "burst": accounts_result["burst"],
             "simulations": [s.to_json() for s in accounts_result["simulations"]],
+            "sweeps": [s.to_json() for s in accounts_result["sweeps"]],
             "unlimited": [r.to_json() for r in accounts_result["unlimited"]],
             "load": accounts_result["load"],
         }

@@ -5,21 +5,17 @@ a burst of waits opened at once on predictions already done; the adaptive budget
 a simulated clock (:mod:`benchmarks.aimd`); and the 5000-wait case without limits beside the bare
 aiohttp loop.
 
-``python -m benchmarks.accounts other BASE_URL PER_MINUTE`` and ``python -m benchmarks.accounts
-burst BASE_URL N`` are child processes (one JSON line each).
+The other client and the burst are child programs (:mod:`benchmarks.account_clients`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import math
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,15 +23,15 @@ from subprocess import PIPE
 from typing import Any
 
 from benchmarks import aimd
-from benchmarks.common import MODEL, PROMPT, PYTHON, TINY_PNG, EmulatorProcess, child_env, percentile
+from benchmarks.account_clients import INTERVAL, PREDICTION_SECONDS, SPREAD, START_SECONDS
+from benchmarks.common import PYTHON, EmulatorProcess, child_env, percentile
 from benchmarks.scale import PollRun, run_pollers
 
 #: Replicate's limit on everything but creates; creates left almost unlimited (see section 5).
 RATE_LIMIT = "100000,3000"
-N, INTERVAL = 2000, 1.0
+N = 2000
 #: (triggerer processes, the other client's requests per minute).
 CASES: tuple[tuple[int, float], ...] = ((1, 0.0), (2, 0.0), (4, 0.0), (2, 1000.0), (4, 1000.0))
-START_SECONDS, PREDICTION_SECONDS, SPREAD = 0.6, 4.0, 0.5
 CAP_SECONDS = 45.0
 #: How long a triggerer process may take to start (import Airflow, warm up) on a loaded machine.
 STARTUP_SECONDS = 240.0
@@ -124,7 +120,7 @@ def run_shared(emu: EmulatorProcess, k: int, other_per_minute: float) -> SharedR
     other = None
     if other_per_minute:
         other = subprocess.Popen(
-            [PYTHON, "-m", "benchmarks.accounts", "other", emu.base_url, f"{other_per_minute:g}"],
+            [PYTHON, "-m", "benchmarks.account_clients", "other", emu.base_url, f"{other_per_minute:g}"],
             env=child_env(),
             stdout=subprocess.PIPE,
             text=True,
@@ -181,6 +177,7 @@ def run() -> dict[str, Any]:
         burst = _child(emu.base_url, ["burst", emu.base_url, str(BURST)])
         print(f"  burst: {burst}", flush=True)
     sims = aimd.run()
+    sweeps = aimd.run_sweeps()
     n, interval, seconds, start = UNLIMITED
     unlimited: list[PollRun] = []
     with EmulatorProcess(prediction_seconds=seconds, start_seconds=start) as emu:
@@ -190,12 +187,19 @@ def run() -> dict[str, Any]:
             print(f"  unlimited {client}: p99 {result.p99_ms:.0f} ms, {result.cpu_ms_per_edit:.2f} ms/edit")
             unlimited.append(result)
     load["end"] = f"{os.getloadavg()[0]:.1f}"
-    return {"shared": shared, "burst": burst, "simulations": sims, "unlimited": unlimited, "load": load}
+    return {
+        "shared": shared,
+        "burst": burst,
+        "simulations": sims,
+        "sweeps": sweeps,
+        "unlimited": unlimited,
+        "load": load,
+    }
 
 
 def _child(base: str, args: list[str], timeout: float = 180) -> dict[str, Any]:
     out = subprocess.run(
-        [PYTHON, "-m", "benchmarks.accounts", *args],
+        [PYTHON, "-m", "benchmarks.account_clients", *args],
         env=child_env(),
         capture_output=True,
         text=True,
@@ -204,110 +208,6 @@ def _child(base: str, args: list[str], timeout: float = 180) -> dict[str, Any]:
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1]) if lines else {"error": f"exit {out.returncode}: {out.stderr[-1500:]}"}
-
-
-# --- children -----------------------------------------------------------------------------------------
-
-
-async def _other(base: str, per_minute: float) -> dict[str, Any]:
-    """Another program on the account: GET /v1/account at a fixed pace until SIGTERM, whatever it
-    is answered.
-    """
-    import aiohttp
-
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    sent = throttled = 0
-    gap = 60.0 / per_minute
-    async with aiohttp.ClientSession() as session:
-
-        async def one() -> None:
-            nonlocal throttled
-            async with session.get(f"{base}/v1/account") as response:
-                await response.read()
-                throttled += response.status == 429
-
-        tasks = set()
-        next_at = time.monotonic()
-        while not stop.is_set():
-            task = asyncio.create_task(one())
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            sent += 1
-            next_at += gap
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=max(0.0, next_at - time.monotonic()))
-        await asyncio.gather(*tasks, return_exceptions=True)
-    return {"sent": sent, "throttled": throttled, "per_minute": per_minute}
-
-
-async def _burst(base: str, n: int) -> dict[str, Any]:
-    """``n`` predictions that have all ended, then ``n`` triggers opened at once (as the operator
-    defers: with ``created_at``; connection defaults): seconds from the opening to each event.
-    """
-    import aiohttp
-
-    os.environ["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps({"conn_type": "fluxkontext", "host": base})
-    from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
-
-    body = {
-        "input": {"prompt": PROMPT, "input_image": TINY_PNG, "aspect_ratio": "1:1", "output_format": "png"}
-    }
-    async with aiohttp.ClientSession() as session:
-
-        async def create() -> dict[str, Any]:
-            async with session.post(f"{base}/v1/models/{MODEL}/predictions", json=body) as response:
-                result: dict[str, Any] = await response.json()
-                return result
-
-        created = await asyncio.gather(*(create() for _ in range(n)))
-        await asyncio.sleep((START_SECONDS + PREDICTION_SECONDS) * (1 + SPREAD) + 0.5)
-        for prediction in created:  # read each once (the emulator edits on the first read), paced
-            while True:
-                async with session.get(f"{base}/v1/predictions/{prediction['id']}") as response:
-                    await response.read()
-                if response.status != 429:
-                    break
-                await asyncio.sleep(0.5)
-            await asyncio.sleep(0.025)
-        await asyncio.sleep(3.0)  # the account's burst allowance fills up again
-        async with session.get(f"{base}/_emulator/state") as response:
-            before = await response.json()
-    opened = time.monotonic()
-
-    async def wait(prediction: dict[str, Any]) -> tuple[float, str]:
-        trigger = FluxKontextPredictionTrigger(
-            prediction_id=prediction["id"],
-            poll_interval=INTERVAL,
-            end_time=time.time() + 120,
-            created_at=prediction["created_at"],
-        )
-        async for event in trigger.run():
-            return time.monotonic() - opened, str(event.payload.get("status"))
-        return math.nan, "no event"
-
-    events = await asyncio.gather(*(wait(p) for p in created))
-    async with aiohttp.ClientSession() as session, session.get(f"{base}/_emulator/state") as response:
-        state = await response.json()
-    seconds = [s for s, _ in events]
-    return {
-        "n": n,
-        "succeeded": sum(1 for _, status in events if status == "succeeded"),
-        "max_s": round(max(seconds), 3),
-        "p50_s": round(percentile(seconds, 50), 3),
-        "requests": state["request_count"] - before["request_count"],
-        "throttled": state.get("responses", {}).get("429", 0) - before.get("responses", {}).get("429", 0),
-    }
-
-
-def main() -> None:
-    what, base, number = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    result = asyncio.run(_other(base, number) if what == "other" else _burst(base, int(number)))
-    sys.stdout.write(json.dumps(result) + "\n")
-
-
-if __name__ == "__main__":
-    main()
 
 
 # --- the report's section ---------------------------------------------------------------------------
@@ -407,25 +307,50 @@ def section(result: dict[str, Any]) -> list[str]:
     out += [
         "### How the budgets converge (simulated clock)",
         "",
-        "`benchmarks/aimd.py`: k budgets at the default ceiling (2400/min), each always wanting more, "
-        "against the emulator's Replicate limiter on one simulated clock for 120 s; a request learns "
-        "its answer 30 ms after it is sent. *converged after*: when the budgets' summed rate, over "
-        "3 s, first comes within 15 % of what the account leaves them (its 50/s less the other "
-        "client's part, at most their ceilings); *used*: their summed rate after 10 s as a share of "
-        "that; *fairness*: Jain's index of what each sent after 10 s; *mean rates*: requests/s each, "
-        "after 10 s. The sums swing below the limit after each 429 (a halved rate, a paused second): "
-        "that is the price of never being told the limit.",
+        "`benchmarks/aimd.py`: k budgets with the default ceiling (2400/min; each starts at a quarter "
+        "of it and doubles its rate each second it is used until its first 429: slow start), each "
+        "always wanting more, against the emulator's Replicate limiter on one simulated clock for "
+        "120 s; a request learns its answer 30 ms after it is sent. *converged after*: when the "
+        "budgets' summed rate, over 3 s, first comes within 15 % of what the account leaves them (its "
+        "50/s less the other client's part, at most their ceilings); *used*: their summed rate after "
+        "10 s as a share of that; *fairness*: Jain's index of what each sent after 10 s; *429 in the "
+        f"first {aimd.START_SECONDS} s* and *peak*: the start alone (about as long as a run above), the "
+        "peak being the highest summed rate of a second over what the account leaves them (the "
+        "account's 2 s burst lets it pass 100 %); *mean rates*: requests/s each, after 10 s. The sums "
+        "swing below the limit after each 429 (a halved rate, a paused second): that is the price of "
+        "never being told the limit.",
         "",
-        "| k | other client | converged after s | used | fairness | answered 429 | mean rates /s |",
-        "|---|---|---|---|---|---|---|",
+        "| k | other client | converged after s | used | fairness | answered 429 | 429 in the first "
+        f"{aimd.START_SECONDS} s | peak | mean rates /s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for sim in sims:
         data = sim.to_json()
         out.append(
             f"| {sim.k} | {f'{sim.other_per_minute:,.0f}/min' if sim.other_per_minute else '-'} | "
             f"{data['converged_after_s']:g} | {data['used']:.0%} | {data['fairness']:.3f} | "
-            f"{sim.throttled_pct:.1f} % | "
-            f"{', '.join(f'{x:g}' for x in data['mean_rates'])} |"
+            f"{sim.throttled_pct:.1f} % | {data['throttled_start_pct']:.1f} % | "
+            f"{data['peak_over_target']:.0%} | {', '.join(f'{x:g}' for x in data['mean_rates'])} |"
+        )
+    sweeps: list[aimd.SweepRun] = result.get("sweeps", [])
+    out += [
+        "",
+        "Sweeps paced as the watcher paces them, on the same clock: k watchers each sweep 20 pages "
+        "(2000 interleaved predictions) for 15 s at a 1 s interval: a sweep once its gap (its share of "
+        "the budget's rate, at least half an interval) has passed, the budget told while the rate "
+        "holds the sweeps back, a throttled page read again after the pause. *gap between sweeps*: "
+        "seconds between a watcher's finished sweeps after the first 2 s (how late it can see a "
+        "prediction end).",
+        "",
+        "| k | other client | requests | answered 429 | gap between sweeps p50 / max s |",
+        "|---|---|---|---|---|",
+    ]
+    for swept in sweeps:
+        data = swept.to_json()
+        other = f"{swept.other_per_minute:,.0f}/min" if swept.other_per_minute else "-"
+        out.append(
+            f"| {swept.k} | {other} | {swept.sent} | {swept.throttled_pct:.1f} % | "
+            f"{data['gap_p50_s']:g} / {data['gap_max_s']:g} |"
         )
     out.append("")
     unlimited: list[PollRun] = result["unlimited"]

@@ -21,6 +21,8 @@ from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
 CEILING_PER_MINUTE = 2400.0
 LIMIT_PER_MINUTE = 3000.0
 TICK = 0.001
+#: The start the figures look at on their own: about how long the real benchmark's runs last.
+START_SECONDS = 10
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Simulation:
     sent: list[int] = field(default_factory=list)
     throttled: list[int] = field(default_factory=list)
     other_sent: int = 0
+    throttled_rates: list[float] = field(default_factory=list)  # per second, all budgets: 429s/s
 
     @property
     def throttled_pct(self) -> float:
@@ -46,6 +49,16 @@ class Simulation:
         part, at most their ceilings.
         """
         return min(self.k * CEILING_PER_MINUTE, LIMIT_PER_MINUTE - self.other_per_minute) / 60.0
+
+    def throttled_start_pct(self, seconds: int = START_SECONDS) -> float:
+        """The share of the budgets' requests answered ``429`` in the first ``seconds``."""
+        sent = sum(sum(rates[:seconds]) for rates in self.rates)
+        return sum(self.throttled_rates[:seconds]) / sent * 100 if sent else math.nan
+
+    def peak_over_target(self, seconds: int = START_SECONDS) -> float:
+        """The budgets' highest summed rate in the first ``seconds``, as a share of :attr:`target`."""
+        sums = [sum(second) for second in zip(*self.rates, strict=True)][:seconds]
+        return max(sums) / self.target if sums else math.nan
 
     def converged_after(self, tolerance: float = 0.15, window: int = 3) -> float:
         """Seconds until the budgets' summed rate, averaged over ``window`` seconds, first comes
@@ -76,6 +89,8 @@ class Simulation:
             "sent": self.sent,
             "throttled": self.throttled,
             "throttled_pct": round(self.throttled_pct, 2),
+            "throttled_start_pct": round(self.throttled_start_pct(), 2),
+            "peak_over_target": round(self.peak_over_target(), 3),
             "converged_after_s": self.converged_after(),
             "used": round(self.used(), 3),
             "fairness": round(self.fairness(), 4),
@@ -103,6 +118,7 @@ def simulate(
     result = Simulation(k, seconds, other_per_minute, [[] for _ in range(k)], [0] * k, [0] * k)
     in_flight: collections.deque[tuple[float, int, float | None]] = collections.deque()
     granted_in_second = [0] * k
+    throttled_in_second = 0
     other_due = 0.0
     second = 1.0
     while now < seconds:
@@ -119,6 +135,7 @@ def simulate(
                 granted_in_second[index] += 1
                 if wait is not None:
                     result.throttled[index] += 1
+                    throttled_in_second += 1
                 in_flight.append((now + rtt, index, wait))
         if other_per_minute:
             other_due += other_per_minute / 60.0 * TICK
@@ -131,7 +148,110 @@ def simulate(
             for index in range(k):
                 result.rates[index].append(float(granted_in_second[index]))
                 granted_in_second[index] = 0
+            result.throttled_rates.append(float(throttled_in_second))
+            throttled_in_second = 0
             second += 1.0
+    return result
+
+
+@dataclass
+class SweepRun:
+    """What k simulated watchers, each sweeping ``pages`` pages, showed (see :func:`simulate_sweeps`)."""
+
+    k: int
+    other_per_minute: float
+    sent: int = 0
+    throttled: int = 0
+    gaps: list[float] = field(default_factory=list)  # seconds between a watcher's finished sweeps
+
+    @property
+    def throttled_pct(self) -> float:
+        return self.throttled / self.sent * 100 if self.sent else math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        gaps = sorted(self.gaps)
+        return {
+            "k": self.k,
+            "other_per_minute": self.other_per_minute,
+            "sent": self.sent,
+            "throttled": self.throttled,
+            "throttled_pct": round(self.throttled_pct, 2),
+            "gap_p50_s": round(gaps[len(gaps) // 2], 2) if gaps else math.nan,
+            "gap_max_s": round(gaps[-1], 2) if gaps else math.nan,
+        }
+
+
+def simulate_sweeps(
+    k: int,
+    seconds: float = 15.0,
+    *,
+    pages: int = 20,
+    interval: float = 1.0,
+    other_per_minute: float = 0.0,
+    rtt: float = 0.03,
+    settle: float = 2.0,
+) -> SweepRun:
+    """Run ``k`` watchers' sweeps of ``pages`` pages each, paced as the watcher paces them.
+
+    Each watcher sweeps when :func:`~airflow_provider_kontext.triggers.sweep.sweep_gap` (its
+    :class:`~airflow_provider_kontext.triggers.sweep.SweepShare` of its budget's rate) and half the
+    ``interval`` have passed since its last sweep began, tells its budget when the rate holds it back,
+    and reads a throttled page again after the pause. The gaps between a watcher's finished sweeps
+    after ``settle`` seconds bound how late it sees a prediction end.
+    """
+    from airflow_provider_kontext.triggers.sweep import SweepShare, sweep_gap
+
+    now = 0.0
+
+    def clock() -> float:
+        return now
+
+    limiter = RateLimiter(RateLimit.replicate(), clock)
+    budgets = [AccountRateLimiter(CEILING_PER_MINUTE, clock=clock) for _ in range(k)]
+    shares = [SweepShare() for _ in range(k)]
+    result = SweepRun(k, other_per_minute)
+    last_start = [-math.inf] * k
+    last_done = [math.nan] * k
+    pending = [0] * k
+    flying = [0] * k
+    read = [0] * k
+    in_flight: collections.deque[tuple[float, int, float | None]] = collections.deque()
+    other_due = 0.0
+    while now < seconds:
+        while in_flight and in_flight[0][0] <= now:
+            _, index, wait = in_flight.popleft()
+            flying[index] -= 1
+            if wait is None:
+                read[index] += 1
+            else:
+                budgets[index].pause(max(1.0, math.ceil(wait)))
+                pending[index] += 1
+            if not pending[index] and not flying[index]:
+                if now >= settle and not math.isnan(last_done[index]):
+                    result.gaps.append(now - last_done[index])
+                last_done[index] = now
+        for index, budget in enumerate(budgets):
+            if not pending[index] and not flying[index]:
+                gap = sweep_gap(pages, budget.rate, shares[index].share)
+                if gap > interval / 2:
+                    budget.hold_back(gap)
+                if now >= last_start[index] + max(gap, interval / 2):
+                    shares[index].measure(now, budget, read[index])
+                    last_start[index] = now
+                    pending[index] = pages
+            while pending[index] and budget.try_acquire():
+                wait = limiter.acquire(create=False)
+                result.sent += 1
+                result.throttled += wait is not None
+                pending[index] -= 1
+                flying[index] += 1
+                in_flight.append((now + rtt, index, wait))
+        if other_per_minute:
+            other_due += other_per_minute / 60.0 * TICK
+            while other_due >= 1.0:
+                other_due -= 1.0
+                limiter.acquire(create=False)
+        now = round(now + TICK, 6)
     return result
 
 
@@ -143,8 +263,14 @@ def run(seconds: float = 120.0) -> list[Simulation]:
     return [simulate(k, seconds, other_per_minute=other) for k, other in CASES]
 
 
+def run_sweeps() -> list[SweepRun]:
+    return [simulate_sweeps(k, other_per_minute=other) for k, other in CASES]
+
+
 if __name__ == "__main__":
     import json
 
     for sim in run():
         print(json.dumps(sim.to_json()))
+    for sweeps in run_sweeps():
+        print(json.dumps(sweeps.to_json()))

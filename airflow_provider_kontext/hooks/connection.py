@@ -14,6 +14,7 @@ it stays free of heavy imports: standard library only.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import ssl
 import time
@@ -121,7 +122,8 @@ SETTINGS: tuple[Setting, ...] = (
         2400.0,
         0,
         "Most requests per minute of the account per triggerer (0: no budget)",
-        "a ceiling: each triggerer's budget adapts below it to the account's 429s, so several "
+        "a ceiling: each triggerer's budget starts at a quarter of it, doubles each second it is "
+        "used until the first 429, then adapts below it to the account's 429s, so several "
         "triggerers and other programs on one token share Replicate's 3000/min without tuning",
     ),
     Setting(
@@ -263,6 +265,10 @@ class ClientSettings:
         The userinfo's password (or its user name when it stands alone as a token) and query values,
         both as written and percent-decoded, since messages may quote either form.
         """
+        return list(self._secrets)
+
+    @functools.cached_property
+    def _secrets(self) -> tuple[str, ...]:  # worked out once: every event and log line is redacted
         found: list[str] = []
         parts = urlsplit(self.base_url)
         if parts.password:
@@ -275,11 +281,11 @@ class ClientSettings:
         # Short URL parts ("user", "1") are not worth hiding everywhere; the token always is.
         # Longest first, so a secret that contains another is replaced whole.
         secrets = {value for value in found if len(value) >= 6} | ({self.token} if self.token else set())
-        return sorted(secrets, key=len, reverse=True)
+        return tuple(sorted(secrets, key=len, reverse=True))
 
     def redact(self, text: str) -> str:
         """``text`` with every value of :meth:`secrets` replaced by ``***``."""
-        for secret in self.secrets():
+        for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
 

@@ -6,10 +6,12 @@ talk to the same account draws from one token bucket, whose rate adapts to what 
 Replicate limits each account to 3000 requests per minute for everything but creates (every poll of
 every prediction counts), and tells nobody how much of it others spend: several triggerers, other
 deployments and scripts may share one token. Each budget finds its share as congestion control does
-(additive increase, multiplicative decrease): it starts at the connection's
-``max_requests_per_minute`` (a ceiling, never exceeded; ``0``: no budget), cuts its rate by
-:data:`DECREASE_FACTOR` on a ``429``, and while no ``429`` comes and its requests use the rate, adds
-:data:`INCREASE_SHARE` of the ceiling per second, faster the longer no ``429`` came. Budgets of one
+(additive increase, multiplicative decrease). The connection's ``max_requests_per_minute`` is a
+ceiling, never exceeded (``0``: no budget); a new budget starts at :data:`START_SHARE` of it and,
+until its first ``429``, multiplies its rate by :data:`SLOW_START_GROWTH` per second its requests
+use the rate (slow start, as TCP's). A ``429`` cuts the rate by :data:`DECREASE_FACTOR`; afterwards,
+while no ``429`` comes and the rate is used, it adds :data:`INCREASE_SHARE` of the ceiling per
+second, faster the longer no ``429`` came. Budgets of one
 account that all do this converge on the account's limit, in equal shares, with no configuration.
 The account is the base URL and the token; the token is only ever held here as a short SHA-256
 digest, so no key, repr or log line can show it.
@@ -48,6 +50,8 @@ __all__ = [
     "DEFAULT_PAUSE_SECONDS",
     "INCREASE_SHARE",
     "MAX_QUEUE_SECONDS",
+    "SLOW_START_GROWTH",
+    "START_SHARE",
     "AccountRateLimiter",
     "AccountRateLimiters",
     "account_key",
@@ -69,6 +73,11 @@ INCREASE_SHARE = 0.0075
 #: share, or an account others stopped using, gets its rate back within seconds, while budgets near
 #: the account's limit probe it gently).
 INCREASE_ACCELERATION_SECONDS = 4.0
+#: A new budget starts at this share of its ceiling (slow start, as TCP's: several triggerers that
+#: start together, or join an account others already use, do not all send at their ceilings at once)...
+START_SHARE = 0.25
+#: ...and, until its first ``429``, multiplies its rate by this per second while the rate is used.
+SLOW_START_GROWTH = 2.0
 #: The rate never falls below this share of the ceiling...
 FLOOR_SHARE = 0.02
 #: ...nor below this many requests per second.
@@ -101,7 +110,8 @@ class AccountRateLimiter:
 
     Its rate adapts to the account's ``429`` s (see the module's docstring).
 
-    :param per_minute: the ceiling: most requests per minute, and the rate it starts at.
+    :param per_minute: the ceiling: most requests per minute (an adaptive budget starts at
+        :data:`START_SHARE` of it, a fixed one at it).
     :param clock: monotonic seconds (tests pass their own).
     :param max_queue_seconds: see :data:`MAX_QUEUE_SECONDS`.
     :param adaptive: ``False``: a fixed rate of ``per_minute``, ``429`` s only pause it.
@@ -123,8 +133,10 @@ class AccountRateLimiter:
         self.max_queue_seconds = max_queue_seconds
         self._clock = clock
         self.per_minute = per_minute
-        #: Requests per second now (the ceiling until a ``429`` says otherwise).
-        self.rate = per_minute / 60.0
+        #: Whether the budget is still in its slow start (no ``429`` yet: it grows multiplicatively).
+        self.slow_start = adaptive
+        #: Requests per second now.
+        self.rate = per_minute / 60.0 * (START_SHARE if adaptive else 1.0)
         self.capacity = max(1.0, self.rate * burst_seconds)
         self.tokens = self.capacity
         self._updated = clock()
@@ -138,6 +150,7 @@ class AccountRateLimiter:
         self._step_granted = 0
         self._step_waited = False
         self._last_decrease = self._updated
+        self._held_back_until = -float("inf")
         #: Requests granted, 429s that paused the account, and cuts of the rate (logs, benchmarks).
         self.granted = 0
         self.pauses = 0
@@ -182,21 +195,41 @@ class AccountRateLimiter:
     def _adjust(self, now: float) -> None:
         """Raise the rate additively, once per :data:`ADJUST_SECONDS`, while it is used.
 
-        The step applies where the rate was used (a request waited, or at least :data:`USED_SHARE`
-        of it was granted) and no ``429`` came.
+        The step applies where the rate was used (a request waited, a caller held back
+        (:meth:`hold_back`), or at least :data:`USED_SHARE` of it was granted) and no ``429`` came.
         """
         elapsed = now - self._step_started
         if elapsed < ADJUST_SECONDS:
             return
-        used = self._step_waited or self._step_granted >= USED_SHARE * self.rate * elapsed
+        used = (
+            self._step_waited
+            or self._step_granted >= USED_SHARE * self.rate * elapsed
+            or self._held_back_until >= self._step_started
+        )
         if self.adaptive and used and now >= self.paused_until and self.rate < self.ceiling:
-            since = max(0.0, now - self._last_decrease)
-            step = INCREASE_SHARE * self.ceiling * (1.0 + since / INCREASE_ACCELERATION_SECONDS)
+            seconds = min(elapsed, 2 * ADJUST_SECONDS)
+            if self.slow_start:
+                rate = self.rate * SLOW_START_GROWTH**seconds
+            else:
+                since = max(0.0, now - self._last_decrease)
+                step = INCREASE_SHARE * self.ceiling * (1.0 + since / INCREASE_ACCELERATION_SECONDS)
+                rate = self.rate + step * seconds
             self._refill(now)
-            self._set_rate(min(self.ceiling, self.rate + step * min(elapsed, 2 * ADJUST_SECONDS)))
+            self._set_rate(min(self.ceiling, rate))
         self._step_started = now
         self._step_granted = 0
         self._step_waited = bool(self._fifo)
+
+    def hold_back(self, seconds: float) -> None:
+        """Record that a caller holds its requests back for ``seconds`` because of the rate.
+
+        A caller that paces itself by :attr:`rate` (the list watcher's sweeps) never waits in the
+        queue; while it holds back, the rate counts as used, so it may grow.
+        """
+        now = self._clock()
+        self._held_back_until = max(self._held_back_until, now + seconds)
+        if now >= self.paused_until:
+            self._adjust(now)  # nobody may request meanwhile: the rate is brought up to date here
 
     def _take(self) -> None:
         self.tokens -= 1.0
@@ -260,6 +293,7 @@ class AccountRateLimiter:
         """
         now = self._clock()
         if self.adaptive and now >= self.paused_until:
+            self.slow_start = False
             self._set_rate(max(self.floor, self.rate * DECREASE_FACTOR))
             self.decreases += 1
             self._last_decrease = now

@@ -48,7 +48,8 @@ def parse_time(value: Any) -> datetime | None:
 
 def to_micros(moment: datetime) -> int:
     """Return ``moment`` (aware) in microseconds since the Unix epoch."""
-    return (moment - _EPOCH) // timedelta(microseconds=1)
+    delta = moment - _EPOCH  # in whole parts: exact, and several times faster than dividing timedeltas
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def micros_to_iso(value: int) -> str:

@@ -9,6 +9,7 @@ unread to its end; the watcher decides what its waits do next.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,13 +19,88 @@ from airflow_provider_kontext.triggers.slices import Slice, micros_to_iso, parse
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+    from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter
 
-__all__ = ["MAX_CONCURRENT_SLICES", "SweepReading"]
+__all__ = [
+    "MAX_CONCURRENT_SLICES",
+    "MAX_SWEEP_GAP",
+    "MAX_SWEEP_SHARE",
+    "MIN_SWEEP_GAP",
+    "MIN_SWEEP_SHARE",
+    "RECHECK_SECONDS",
+    "SweepReading",
+    "SweepShare",
+    "sweep_gap",
+]
 
 #: Slices of one sweep read at once, at most.
 MAX_CONCURRENT_SLICES = 8
 #: The list's retries of one page; then the waits read alone.
 PAGE_LIMITS = RetryLimits(retries=2, tolerate=True, priority=0.0)
+#: Sweeps come at most this often (seconds).
+MIN_SWEEP_GAP = 0.25
+#: ...and at least this often while a wait is due: the bound on how long a due wait goes unanswered.
+MAX_SWEEP_GAP = 10.0
+#: A watcher waiting for its next sweep measures the gap again this often (seconds): the budget's
+#: rate may have grown meanwhile.
+RECHECK_SECONDS = 0.5
+#: Sweeps take at least this share of the account's request budget (single reads keep the rest)...
+MIN_SWEEP_SHARE = 0.5
+#: ...and at most this share, however little the other requests take.
+MAX_SWEEP_SHARE = 0.9
+
+
+def sweep_gap(pages: int, rate: float, share: float = MIN_SWEEP_SHARE) -> float:
+    """Return the seconds between sweeps of ``pages`` pages taking ``share`` of ``rate`` requests/s."""
+    return min(MAX_SWEEP_GAP, max(MIN_SWEEP_GAP, pages / (share * rate)))
+
+
+class SweepShare:
+    """Measure what the account's other requests take of its budget; sweeps may take the rest.
+
+    Single reads (a wait's logs or error, a wait the list cannot find) and other hooks of the account
+    draw from the budget the sweeps draw from. Between two sweeps, the budget's grants that were not
+    the sweeps' pages are what the others took; the sweeps' :attr:`share` of the rate is what they
+    left, between :data:`MIN_SWEEP_SHARE` and :data:`MAX_SWEEP_SHARE` (the most before anything is
+    measured: the first sweeps come before any single read). At the budget's ceiling (the
+    connection's limit, not the account's, holds it), and where the account has no budget, sweeps
+    keep to the least share: as many sweeps as the waits need, no more requests than before.
+    """
+
+    def __init__(self) -> None:
+        self.share = MAX_SWEEP_SHARE
+        #: What the others left at the last measure.
+        self.measured = MAX_SWEEP_SHARE
+        self._mark: tuple[float, int] | None = None  # (when, the budget's grants less the sweeps' pages)
+
+    def update(
+        self, now: float, granted: int | None, pages: int, rate: float, ceiling: float = math.inf
+    ) -> float:
+        """Record, at a sweep's start, the budget's grants and the sweeps' pages so far; return the share.
+
+        :param now: monotonic seconds.
+        :param granted: the requests the budget granted so far (``None``: the account has no budget).
+        :param pages: the pages the sweeps read so far.
+        :param rate: the budget's rate, requests per second.
+        :param ceiling: the budget's ceiling, requests per second.
+        """
+        if granted is None or not rate > 0:
+            self._mark = None
+            self.share = MIN_SWEEP_SHARE
+            return self.share
+        others = granted - pages
+        if self._mark is not None and now > self._mark[0]:
+            others_rate = (others - self._mark[1]) / (now - self._mark[0])
+            self.measured = min(MAX_SWEEP_SHARE, max(MIN_SWEEP_SHARE, 1.0 - others_rate / rate))
+        self._mark = (now, others)
+        self.share = MIN_SWEEP_SHARE if rate >= ceiling else self.measured
+        return self.share
+
+    def measure(self, now: float, budget: AccountRateLimiter | None, pages: int) -> float:
+        """Call :meth:`update` with the account's budget (``None``: the account has none)."""
+        if budget is None:
+            return self.update(now, None, pages, 0.0)
+        return self.update(now, budget.granted, pages, budget.rate, budget.ceiling)
 
 
 class SweepReading:

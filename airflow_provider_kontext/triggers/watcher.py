@@ -23,12 +23,11 @@ page answers for up to 100 waits. Each trigger still decides *when* it wants to 
   A wait whose ``created_at`` is unknown (a trigger deferred without it) is looked for in the newest
   pages and learns it there, or reads its prediction alone once.
 - **Pacing.** Sweeps come when a wait is due, and otherwise every half of the shortest poll
-  interval (so a prediction that ends is seen within about half an interval, whenever it ends), at
-  most every :func:`sweep_gap` seconds: never more than :data:`SWEEP_SHARE` of the account's
-  request budget (whose rate adapts to the account's ``429`` s: several triggerers find their
-  shares), so single reads keep the rest. A ``429`` pauses the account until the reset it names; the
-  throttled slice is read again after it, and its due waits stay due for the next sweep. A sweep
-  delivers a prediction to every wait that is due, whose prediction ended, or whose status changed.
+  interval (a prediction that ends is seen within about half an interval), at most every
+  :func:`~.sweep.sweep_gap` seconds: never more of the account's adaptive request budget than
+  single reads leave (:class:`~.sweep.SweepShare`). A ``429`` pauses the account until the reset
+  it names; the throttled slice's due waits stay due for the next sweep. A sweep delivers a
+  prediction to every wait that is due, whose prediction ended, or whose status changed.
 - **Single reads where the list cannot answer:** a prediction missing from the window, an item that
   does not parse, a prediction that ended other than ``succeeded`` (its error and log tail come
   from a full read), and, because list items carry no ``logs``, one full read per
@@ -61,7 +60,13 @@ from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiters, accou
 from airflow_provider_kontext.models import Prediction, PredictionPage
 from airflow_provider_kontext.triggers.slices import PAGE_SIZE, parse_time, plan_slices, to_micros
 from airflow_provider_kontext.triggers.source import PredictionSource, SoloSource
-from airflow_provider_kontext.triggers.sweep import SweepReading
+from airflow_provider_kontext.triggers.sweep import (
+    MAX_SWEEP_GAP,
+    RECHECK_SECONDS,
+    SweepReading,
+    SweepShare,
+    sweep_gap,
+)
 from airflow_provider_kontext.triggers.watch import NEEDS_OWN_READ, SharedSource
 
 if TYPE_CHECKING:
@@ -72,19 +77,10 @@ __all__ = [
     "FALLBACK_SECONDS",
     "LIST_RETRY_SECONDS",
     "MAX_SWEEP_GAP",
-    "MIN_SWEEP_GAP",
-    "SWEEP_SHARE",
     "PredictionWatcher",
     "open_source",
-    "sweep_gap",
 ]
 
-#: Sweeps come at most this often (seconds).
-MIN_SWEEP_GAP = 0.25
-#: ...and at least this often while a wait is due: the bound on how long a due wait goes unanswered.
-MAX_SWEEP_GAP = 10.0
-#: The share of the account's request budget sweeps may take; single reads keep the rest.
-SWEEP_SHARE = 0.5
 #: A due wait not answered this long reads its prediction alone.
 FALLBACK_SECONDS = MAX_SWEEP_GAP + 5.0
 #: After the list failed, waits read alone for this long before the list is tried again.
@@ -96,11 +92,6 @@ UNBUDGETED_RATE = 3000 / 60.0
 WINDOW_MARGIN_MICROS = 2_000_000
 
 _TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
-
-
-def sweep_gap(pages: int, rate: float) -> float:
-    """Return the seconds between sweeps of ``pages`` pages under a budget of ``rate`` requests per second."""
-    return min(MAX_SWEEP_GAP, max(MIN_SWEEP_GAP, pages / (SWEEP_SHARE * rate)))
 
 
 async def open_source(
@@ -147,6 +138,9 @@ class PredictionWatcher:
         self.sweeping = False
         #: Pages the last sweep read (the cost of the next, until measured again).
         self.last_sweep_pages = 1
+        #: Pages all its sweeps read, and the share of the budget they may take.
+        self.pages_read = 0
+        self.share = SweepShare()
         #: The ``created_at`` (microseconds) of what the last sweep read, sorted: where to cut.
         self.last_seen: list[int] = []
         self.list_failed_at: float | None = None
@@ -252,9 +246,17 @@ class PredictionWatcher:
         """Return whether the list may be read (it has not failed in the last :data:`LIST_RETRY_SECONDS`)."""
         return self.list_failed_at is None or time.monotonic() - self.list_failed_at >= LIST_RETRY_SECONDS
 
-    def _request_rate(self) -> float:
+    def _sweep_gap(self) -> float:
+        """Return the least seconds between sweeps; where the budget's rate holds them back, tell it."""
         budget = AccountRateLimiters.get(self.settings)
-        return budget.rate if budget is not None else UNBUDGETED_RATE
+        rate = budget.rate if budget is not None else UNBUDGETED_RATE
+        gap = sweep_gap(self.last_sweep_pages, rate, self.share.share)
+        if budget is not None and gap > self.shortest_interval / 2:
+            budget.hold_back(gap)  # the rate is in use: it may grow
+        return gap
+
+    def _measure_share(self) -> None:
+        self.share.measure(time.monotonic(), AccountRateLimiters.get(self.settings), self.pages_read)
 
     def _decide_sweeping(self, *, exact: bool = True) -> None:
         """Sweep while the waits a sweep answers for outnumber the pages it costs.
@@ -280,11 +282,11 @@ class PredictionWatcher:
     def idle_sweep_gap(self) -> float:
         """Return the seconds between sweeps while no wait is due.
 
-        Half the shortest poll interval of its waits, never sooner than :func:`sweep_gap`: waits
+        Half the shortest poll interval of its waits, never sooner than :func:`~.sweep.sweep_gap`: waits
         answered by one sweep all become due one interval later, and sweeps on their own keep
         detection from falling into step with them.
         """
-        return max(sweep_gap(self.last_sweep_pages, self._request_rate()), self.shortest_interval / 2)
+        return max(self._sweep_gap(), self.shortest_interval / 2)
 
     async def _run(self) -> None:
         while self.waits:
@@ -292,16 +294,21 @@ class PredictionWatcher:
                 if self.sweeping:
                     timeout = max(0.0, self._last_sweep + self.idle_sweep_gap() - time.monotonic())
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._woken.wait(), timeout=timeout)
+                        await asyncio.wait_for(self._woken.wait(), timeout=min(timeout, RECHECK_SECONDS))
+                    if not self._woken.is_set() and timeout > RECHECK_SECONDS:
+                        continue  # measured again: the budget's rate may have grown meanwhile
                 else:
                     await self._woken.wait()
             self._woken.clear()
             if not self.sweeping and not self._due:
                 continue
-            gap = self._last_sweep + sweep_gap(self.last_sweep_pages, self._request_rate()) - time.monotonic()
-            if gap > 0:
-                await asyncio.sleep(gap)
+            gap = self._last_sweep + self._sweep_gap() - time.monotonic()
+            if gap > 0:  # measured again after a while: the budget's rate may have grown meanwhile
+                await asyncio.sleep(min(gap, RECHECK_SECONDS))
+                self._woken.set()
+                continue
             self._last_sweep = time.monotonic()
+            self._measure_share()
             try:
                 await self.sweep()
             except Exception as exc:  # a bug must not leave waits unanswered: they read alone
@@ -318,9 +325,6 @@ class PredictionWatcher:
         for wait in list(self._due):
             wait.deliver(NEEDS_OWN_READ)
         self._due.clear()
-
-    def _note_list_failed(self) -> None:
-        self.list_failed_at = time.monotonic()
 
     async def sweep(self) -> None:
         """Read the list where the pending waits are and deliver each its prediction.
@@ -350,9 +354,10 @@ class PredictionWatcher:
             set(targets),
             unknown_ids,
             on_item=lambda pid, item: self._answer_from_item(item, targets[pid]),
-            on_list_failed=self._note_list_failed,
+            on_list_failed=lambda: setattr(self, "list_failed_at", time.monotonic()),
         )
         complete = await reading.read(slices)
+        self.pages_read += reading.pages
         if reading.pages:
             self.last_sweep_pages = reading.pages
             self.last_seen = sorted(reading.seen)

@@ -162,7 +162,7 @@ async def test_no_poll_starves() -> None:
     A poll whose prediction is expected to end far off still goes once it has waited
     ``max_queue_seconds``, while polls expected to end sooner keep coming.
     """
-    budget = AccountRateLimiter(1200, max_queue_seconds=0.3)  # 20 per second
+    budget = AccountRateLimiter(1200, max_queue_seconds=0.3, adaptive=False)  # 20 per second
     budget.pause(0.0)
     order: list[str] = []
     flooding = True

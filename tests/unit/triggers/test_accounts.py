@@ -18,9 +18,12 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_kontext.exceptions import FluxKontextAPIError
 from airflow_provider_kontext.hooks import rate_limit as budget_module
+from airflow_provider_kontext.hooks.api import parsed_page
 from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter, AccountRateLimiters
+from airflow_provider_kontext.models import PredictionPage
 from airflow_provider_kontext.testing import FluxKontextEmulator
 from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
 from airflow_provider_kontext.triggers.slices import (
@@ -29,6 +32,14 @@ from airflow_provider_kontext.triggers.slices import (
     parse_time,
     plan_slices,
     to_micros,
+)
+from airflow_provider_kontext.triggers.sweep import (
+    MAX_SWEEP_GAP,
+    MAX_SWEEP_SHARE,
+    MIN_SWEEP_GAP,
+    MIN_SWEEP_SHARE,
+    SweepShare,
+    sweep_gap,
 )
 
 from .test_watcher import create, emu, trigger, wait_all  # noqa: F401 (emu: the fixture)
@@ -60,20 +71,73 @@ def spend(budget: AccountRateLimiter, clock: Clock, seconds: float, tick: float 
 # --- the adaptive budget ------------------------------------------------------------------------
 
 
+START = 40.0 * budget_module.START_SHARE  # a new budget's rate at the default ceiling, requests/s
+
+
+def test_a_new_budget_starts_below_its_ceiling_and_doubles_while_used() -> None:
+    """Check the slow start: a quarter of the ceiling, doubling each second it is used, up to the ceiling."""
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    assert budget.slow_start
+    assert budget.rate == START < budget.ceiling
+    spend(budget, clock, 1.05)  # the rate is adjusted every half second
+    assert 1.8 * START <= budget.rate <= 2.2 * START
+    spend(budget, clock, 1.0)
+    assert 3.6 * START <= budget.rate <= budget.ceiling
+    spend(budget, clock, 10.0)
+    assert budget.rate == budget.ceiling  # and no further
+    assert budget.slow_start  # no 429 came
+
+
+def test_a_caller_holding_back_for_the_rate_counts_as_using_it() -> None:
+    """Check that a sweep waiting out the gap the rate sets lets the rate grow, with no request meanwhile."""
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    for _ in range(2):  # the watcher measures its gap again every half second
+        budget.hold_back(4.0)
+        clock.now += 0.5
+    budget.hold_back(4.0)
+    assert 1.8 * START <= budget.rate <= 2.2 * START
+    assert budget.granted == 0
+
+
+def test_an_unused_new_budget_keeps_its_start_rate() -> None:
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    for _ in range(20):  # one request a second: far below the rate
+        clock.now += 1.0
+        assert budget.try_acquire()
+    assert budget.rate == START
+
+
+def test_the_first_429_ends_the_slow_start() -> None:
+    """Check that after the first 429 the rate is cut and then grows additively, never doubling again."""
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    spend(budget, clock, 1.05)
+    grown = budget.rate
+    budget.pause(0.0)
+    assert not budget.slow_start
+    assert budget.rate == grown * budget_module.DECREASE_FACTOR
+    cut = budget.rate
+    spend(budget, clock, 1.05)
+    assert cut < budget.rate < 1.5 * cut
+
+
 def test_a_429_cuts_the_rate_once_per_pause() -> None:
     clock = Clock()
     budget = AccountRateLimiter(2400, clock=clock)
-    assert budget.rate == 40.0  # starts at the ceiling
+    assert budget.rate == START
     budget.pause(1.0)
-    assert budget.rate == 40.0 * budget_module.DECREASE_FACTOR
+    assert budget.rate == START * budget_module.DECREASE_FACTOR
     for _ in range(5):  # the 429s of requests that were in flight: the same signal
         budget.pause(1.0)
-    assert budget.rate == 40.0 * budget_module.DECREASE_FACTOR
+    assert budget.rate == START * budget_module.DECREASE_FACTOR
     assert budget.decreases == 1
     clock.now += 1.5
     budget.pause(1.0)  # a new 429 after the pause: cut again
     assert budget.decreases == 2
-    assert math.isclose(budget.rate, 40.0 * budget_module.DECREASE_FACTOR**2)
+    assert math.isclose(budget.rate, START * budget_module.DECREASE_FACTOR**2)
 
 
 def test_the_rate_never_falls_below_its_floor() -> None:
@@ -83,6 +147,14 @@ def test_the_rate_never_falls_below_its_floor() -> None:
         budget.pause(0.0)
         clock.now += 0.1
     assert budget.rate == budget.floor == 40.0 * budget_module.FLOOR_SHARE
+
+
+def test_the_ceiling_caps_a_slow_start() -> None:
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    budget.set_ceiling(1200)
+    spend(budget, clock, 10.0)
+    assert budget.rate == budget.ceiling == 20.0
 
 
 def test_a_used_rate_grows_back_to_the_ceiling_and_no_further() -> None:
@@ -114,6 +186,7 @@ def test_an_unused_rate_does_not_grow() -> None:
 def test_a_fixed_budget_only_pauses() -> None:
     clock = Clock()
     budget = AccountRateLimiter(600, clock=clock, adaptive=False)
+    assert budget.rate == 10.0  # a fixed budget starts at its ceiling
     budget.pause(1.0)
     assert budget.rate == 10.0
     assert budget.decreases == 0
@@ -123,7 +196,7 @@ async def test_a_lower_ceiling_of_the_account_caps_the_rate() -> None:
     settings = ClientSettings("c", "https://api.replicate.com", token="r8_accounts_test_0123456789")
     budget = AccountRateLimiters.get(settings)
     assert budget is not None
-    assert budget.rate == settings.max_requests_per_minute / 60
+    assert budget.rate == settings.max_requests_per_minute / 60 * budget_module.START_SHARE
     lower = ClientSettings(
         "d", "https://api.replicate.com", token="r8_accounts_test_0123456789", max_requests_per_minute=600
     )
@@ -195,6 +268,55 @@ def test_another_client_leaves_the_triggerers_the_rest() -> None:
     left = (3000 - 1000) / 60
     assert 0.7 * left <= sum(settled) / len(settled) <= left * 1.05
     assert jain([float(sum(budget[10:])) for budget in per_second]) > 0.9
+
+
+# --- the sweeps' share of the budget -----------------------------------------------------------------
+
+
+def test_sweeps_take_what_the_other_requests_leave() -> None:
+    """Check that the sweeps' share is the budget's rate less what single reads took since the last sweep."""
+    share = SweepShare()
+    assert share.update(0.0, granted=0, pages=0, rate=40.0) == MAX_SWEEP_SHARE  # nothing measured yet
+    # 2 s later: 60 grants, 50 of them the sweeps' pages: the others took 5/s of 40/s.
+    assert share.update(2.0, granted=60, pages=50, rate=40.0) == pytest.approx(1 - 5 / 40)
+    # Then nothing but pages: the most sweeps may take.
+    assert share.update(4.0, granted=100, pages=90, rate=40.0) == MAX_SWEEP_SHARE
+    # Then single reads took 30/s: the sweeps keep their least share.
+    assert share.update(5.0, granted=140, pages=100, rate=40.0) == MIN_SWEEP_SHARE
+
+
+def test_at_the_budgets_ceiling_sweeps_take_their_least_share() -> None:
+    """Check that where the connection's ceiling, not the account, holds the budget, sweeps keep half."""
+    share = SweepShare()
+    share.update(0.0, granted=0, pages=0, rate=40.0, ceiling=40.0)
+    assert share.update(1.0, granted=40, pages=40, rate=40.0, ceiling=40.0) == MIN_SWEEP_SHARE
+    assert share.update(2.0, granted=60, pages=60, rate=20.0, ceiling=40.0) == MAX_SWEEP_SHARE  # cut: below
+
+
+def test_without_a_budget_sweeps_take_their_least_share() -> None:
+    share = SweepShare()
+    share.update(0.0, granted=0, pages=0, rate=40.0)
+    share.update(1.0, granted=40, pages=40, rate=40.0)
+    assert share.share == MAX_SWEEP_SHARE
+    assert share.update(2.0, granted=None, pages=80, rate=50.0) == MIN_SWEEP_SHARE
+
+
+def test_the_gap_between_sweeps_follows_the_share() -> None:
+    assert sweep_gap(20, 40.0, MIN_SWEEP_SHARE) == pytest.approx(1.0)
+    assert sweep_gap(20, 40.0, MAX_SWEEP_SHARE) == pytest.approx(20 / 36)
+    assert sweep_gap(1, 40.0) == MIN_SWEEP_GAP
+    assert sweep_gap(10_000, 1.0) == MAX_SWEEP_GAP
+
+
+def test_a_well_formed_page_is_taken_as_it_is_and_a_malformed_one_refused() -> None:
+    body = {"results": [{"id": "a", "status": "starting"}], "next": "https://h/v1/predictions?cursor=c2"}
+    page = parsed_page({**body, "previous": None, "more": 1})
+    assert page == PredictionPage.model_validate({**body, "more": 1})
+    assert (page.results, page.next_cursor, page.model_extra) == (body["results"], "c2", {"more": 1})
+    assert parsed_page({}).results == []
+    for bad in ({"results": [1]}, {"results": {}}, {"results": [], "next": 3}, []):
+        with pytest.raises(FluxKontextAPIError, match="not a valid PredictionPage"):
+            parsed_page(bad)
 
 
 # --- slices ---------------------------------------------------------------------------------------
