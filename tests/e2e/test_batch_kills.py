@@ -357,9 +357,9 @@ def test_batch_survives_worker_kills_in_create_and_resume_and_a_triggerer_kill(t
         attempt: "\n".join(p.read_text(errors="replace") for p in home.glob(f"logs/**/attempt={attempt}.log"))
         for attempt in (1, 2, 3)
     }
-    lost = re.findall(r"found prediction (\w+) of its lost create", logs[2])
+    lost = re.findall(r"Adopting prediction (\w+), created by an earlier try", logs[2])
     evidence["try2_adopted"] = len(lost)
-    evidence["try2_lost_recreated"] = logs[2].count("its lost create made no prediction")
+    evidence["try2_lost_recreated"] = logs[2].count("No prediction of an earlier try adopted")
     recorded = evidence["resume_kill"].pop("ledger")
     evidence["resume_kill"]["ledger"] = _counts(recorded)
     evidence["create_kill"]["ledger"] = _counts(evidence["create_kill"]["ledger"])
