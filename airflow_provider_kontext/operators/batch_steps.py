@@ -30,6 +30,7 @@ from airflow_provider_kontext.models.images import decode_data_uri
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.edits.batch_items import BatchItem
+    from airflow_provider_kontext.edits.request import EditRequest
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
     from airflow_provider_kontext.models import PredictionPage
 
@@ -148,7 +149,7 @@ class BatchCreator:
         if self.abort or self.killed:
             return
         try:
-            request, model_input, _ = self._prepared(item)
+            request, model_input = self._prepared(item)
         except FluxKontextInputError as exc:
             self.ledger.put(index, s="rejected", fp=item.fingerprint[:16], e=self._redact(exc))
             return
@@ -202,14 +203,12 @@ class BatchCreator:
 
             cancel_one(self.op.hook, self.ledger, index, prediction.id, self.log)
 
-    def _prepared(self, item: BatchItem) -> tuple[Any, dict[str, Any], Any]:
+    def _prepared(self, item: BatchItem) -> tuple[EditRequest, dict[str, Any]]:
         """Return the request read again (the image's bytes), with the image sent (inline or uploaded)."""
-        from airflow_provider_kontext.edits.request import validated_request
         from airflow_provider_kontext.models.images import to_data_uri
 
         op = self.op
-        arguments = {**op._model_arguments(), "prompt": item.prompt}
-        request = validated_request(op.model, arguments, item.image, op.extra_input, None, self.seed_from)
+        request = item_request(op, item, self.seed_from)
         model_input = dict(request.model_input)
         image = request.image
         if image is not None:
@@ -220,7 +219,7 @@ class BatchCreator:
                     image.data, filename=image.name, content_type=image.content_type
                 )
                 model_input["input_image"] = uploaded.urls.get
-        return request, model_input, image
+        return request, model_input
 
     def _redact(self, exc: BaseException) -> str:
         """Return the error's text without the connection's secrets (for the store, XCom, manifest)."""
@@ -236,6 +235,17 @@ class BatchCreator:
             if final and self.abort is None:
                 self.abort = f"the {what} was refused ({text}); the others would get the same answer"
                 self.log.error("Batch: stopping the creates: %s", self.abort)
+
+
+def item_request(op: CreatingTask, item: BatchItem, seed_from: str | None) -> EditRequest:
+    """Return an image's request as its create sends it: validated, its image read, its seed drawn.
+
+    :raises FluxKontextInputError: the image or an input is not usable.
+    """
+    from airflow_provider_kontext.edits.request import validated_request
+
+    arguments = {**op._model_arguments(), "prompt": item.prompt}
+    return validated_request(op.model, arguments, item.image, op.extra_input, None, seed_from)
 
 
 def adopt_orphans(
@@ -259,7 +269,6 @@ def adopt_orphans(
     :raises FluxKontextError: the list could not be read (the task fails and its retry looks again).
     """
     from airflow_provider_kontext.edits.orphans import MAX_PAGES, search_with_hook, wanted_for
-    from airflow_provider_kontext.edits.request import validated_request
 
     marks = [float((ledger.entry(index) or {}).get("c", time.time())) for index in lost]
     since = datetime.fromtimestamp(min(marks), timezone.utc)
@@ -271,9 +280,7 @@ def adopt_orphans(
     recreate = []
     for index in lost:
         entry = dict(ledger.entry(index) or {})
-        item = items[index]
-        arguments = {**op._model_arguments(), "prompt": item.prompt}
-        request = validated_request(op.model, arguments, item.image, op.extra_input, None, seed_from)
+        request = item_request(op, items[index], seed_from)
         wanted = wanted_for(op.model, request.model_input, request.image, op.inline_image_max_bytes)
         wanted = wanted._replace(input=compact_input(wanted.input, pages.max_bytes))
         log.info("Image %d: looking for the prediction of its lost create", index)
