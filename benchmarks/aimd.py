@@ -98,6 +98,18 @@ class Simulation:
         }
 
 
+def _other_client(limiter: RateLimiter, due: float, per_minute: float) -> tuple[float, int]:
+    """Send the other client's requests of one tick; return what it still owes and how many it sent."""
+    sent = 0
+    if per_minute:
+        due += per_minute / 60.0 * TICK
+        while due >= 1.0:
+            due -= 1.0
+            limiter.acquire(create=False)
+            sent += 1
+    return due, sent
+
+
 def simulate(
     k: int,
     seconds: float = 60.0,
@@ -137,12 +149,8 @@ def simulate(
                     result.throttled[index] += 1
                     throttled_in_second += 1
                 in_flight.append((now + rtt, index, wait))
-        if other_per_minute:
-            other_due += other_per_minute / 60.0 * TICK
-            while other_due >= 1.0:
-                other_due -= 1.0
-                limiter.acquire(create=False)
-                result.other_sent += 1
+        other_due, sent = _other_client(limiter, other_due, other_per_minute)
+        result.other_sent += sent
         now = round(now + TICK, 6)
         if now >= second:
             for index in range(k):
@@ -246,11 +254,7 @@ def simulate_sweeps(
                 pending[index] -= 1
                 flying[index] += 1
                 in_flight.append((now + rtt, index, wait))
-        if other_per_minute:
-            other_due += other_per_minute / 60.0 * TICK
-            while other_due >= 1.0:
-                other_due -= 1.0
-                limiter.acquire(create=False)
+        other_due, _ = _other_client(limiter, other_due, other_per_minute)
         now = round(now + TICK, 6)
     return result
 

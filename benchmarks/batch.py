@@ -91,7 +91,8 @@ class Store:
     def get(self, key, default=None): return self.data.get(key, default)
     def set(self, key, value, *, retention=None):
         size = len(json.dumps(value))
-        self.largest, self.writes, self.written = max(self.largest, size), self.writes + 1, self.written + size
+        self.largest, self.writes = max(self.largest, size), self.writes + 1
+        self.written += size
         self.data[key] = value
     def delete(self, key): self.data.pop(key, None)
 
@@ -132,6 +133,11 @@ rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"kwargs_bytes": len(json.dumps(kwargs)), "event_bytes": len(json.dumps(event.payload)),
                   "event": event.payload, "peak_rss_mb": rss}))
 """
+
+
+def bound_seconds(n: int) -> float:
+    """Return the account's bound for ``n`` edits: N/10 s of creates at 600/min plus one model run."""
+    return n / 10 + START_SECONDS + PREDICTION_SECONDS
 
 
 def _images(folder: Path, count: int) -> Path:
@@ -188,7 +194,7 @@ def _mapped_run(cluster: Any, emu: Any, pids: list[int], n: int, idle_rate: floa
     ((retried,),) = cluster.query(
         "select count(*) from task_instance where dag_id = ? and try_number > 1", MAPPED_DAG_ID
     )
-    bound = n / 10 + START_SECONDS + PREDICTION_SECONDS
+    bound = bound_seconds(n)
     return {
         "state": state,
         "task_states": states,
@@ -260,7 +266,7 @@ def cluster_case(n: int, work: Path, *, mapped: bool = True) -> dict[str, Any]:
         emu.reset()
         plain = _plain(folder, emu.base_url, 600)
         plain_created = int(emu.state()["created_count"])
-    bound = n / 10 + START_SECONDS + PREDICTION_SECONDS
+    bound = bound_seconds(n)
     return {
         "n": n,
         "state": state,
