@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -43,6 +44,10 @@ def test_records_made_during_a_write_go_out_together_in_the_next() -> None:
     others = [threading.Thread(target=ledger.put, args=(i,), kwargs={"s": "creating"}) for i in (1, 2, 3)]
     for thread in others:
         thread.start()
+    # Their records are made (and they wait for a write) before the first write ends.
+    deadline = time.monotonic() + 30
+    while ledger._changes < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
     store.release.set()
     for thread in [first, *others]:
         thread.join(30)

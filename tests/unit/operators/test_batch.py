@@ -247,7 +247,8 @@ def test_creates_queued_together_share_the_write_of_their_marks(
     emu: FluxKontextEmulator, shots: Path
 ) -> None:
     store = MarkCountingStore(emu)
-    op = make_op(input_images=str(shots), creates_per_minute=60, max_concurrent_creates=6)
+    # Creates 2 s apart: all six marks are made long before the second create's turn.
+    op = make_op(input_images=str(shots), creates_per_minute=30, max_concurrent_creates=6)
     result = op.execute(make_context(store))
     assert all(len(outputs) == 1 for outputs in result)
     assert emu.created_count == 6
