@@ -99,10 +99,16 @@ class ProgressTracker:
     every :data:`PROGRESS_LOG_SECONDS` (the first after that long); the newest is always reported when
     the prediction ends (logging every step line of many triggers would cost the triggerer much of
     its CPU). Every other model line is reported as it comes.
+
+    :param prediction_id: the prediction reported on.
+    :param announce_end: whether the end itself is a line ("Prediction ... succeeded"). A trigger
+        leaves it out: the triggerer logs the event it fires, with its status, into the same task
+        log, and one log record per trigger is a large part of a triggerer's CPU at many waits.
     """
 
-    def __init__(self, prediction_id: str | None) -> None:
+    def __init__(self, prediction_id: str | None, *, announce_end: bool = True) -> None:
         self.prediction_id = prediction_id
+        self.announce_end = announce_end
         self.status: str | None = None
         #: The newest progress bar state seen in the logs, if the model shows one.
         self.progress: Progress | None = None
@@ -117,7 +123,8 @@ class ProgressTracker:
         messages: list[str] = []
         status = prediction.status.value
         if status != self.status:
-            messages.append(f"Prediction {self.prediction_id} {_STATUS_WORDS.get(status, f'is {status}')}")
+            if self.announce_end or not prediction.is_terminal:
+                messages.append(f"Prediction {self.prediction_id} {_STATUS_WORDS.get(status, f'is {status}')}")
             self.status = status
         logs = prediction.logs
         if logs is None:  # not in this answer (the list endpoint leaves logs out): nothing new
@@ -190,6 +197,7 @@ class PredictionPoller:
         ends it earlier. The hook spends them (:attr:`retry_limits`): the poll's one retry layer.
     :param log: where progress lines go (``logger.info``).
     :param policy: ``"adaptive"`` (default) or ``"fixed"``; see :meth:`delay`.
+    :param announce_end: whether the end is a log line of its own (see :class:`ProgressTracker`).
     """
 
     def __init__(
@@ -202,6 +210,7 @@ class PredictionPoller:
         log: Any = None,
         policy: str = DEFAULT_POLL_POLICY,
         redact: Callable[[str], str] | None = None,
+        announce_end: bool = True,
     ) -> None:
         if policy not in POLL_POLICIES:
             raise ValueError(f"poll policy must be one of {', '.join(POLL_POLICIES)}, got {policy!r}")
@@ -210,7 +219,7 @@ class PredictionPoller:
         self.end_time = end_time
         self.max_consecutive_errors = max_consecutive_errors
         self.policy = policy
-        self.tracker = ProgressTracker(prediction_id)
+        self.tracker = ProgressTracker(prediction_id, announce_end=announce_end)
         self._log = log
         self._redact = redact
         self._started = time.time()

@@ -199,6 +199,7 @@ class FluxKontextPredictionTrigger(BaseTrigger):
             log=self.log.info,
             policy=self.poll_policy,
             redact=hook.redact,
+            announce_end=False,  # the triggerer logs the event, its status with it
         )
         source: PredictionSource | None = None
         try:

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 from airflow_provider_kontext.edits.progress import PROGRESS_LOG_SECONDS
 from airflow_provider_kontext.triggers.slices import parse_time
@@ -103,7 +104,10 @@ class SharedSource:
         self._processing_since: float | None = None  # time.monotonic()
         self._full_read_at: float | None = None
         self._answer: asyncio.Future[Answer] | None = None
-        self._timers: list[asyncio.TimerHandle] = []
+        # One timer per look at a time (a look's due time, then its fallback checks), each cut
+        # to the look's deadline: thousands of waits keep the loop's timer heap small.
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline_at: float | None = None  # the look's deadline on the loop's clock
 
     def __repr__(self) -> str:
         return f"SharedSource({self.prediction_id!r}, due={self.due}, misses={self.misses})"
@@ -177,20 +181,20 @@ class SharedSource:
 
     async def _await_answer(self, delay: float, retry_limits: RetryLimits) -> Answer:
         """Become due in ``delay`` seconds and return what the watcher delivers then (or before)."""
-        self._answer = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._answer = loop.create_future()
         self.due = False
-        if retry_limits.deadline is not None:
-            # Waiting on sweeps never outlasts the deadline: a read of its own then ends it.
-            at_deadline = max(0.0, retry_limits.deadline - time.time())
-            self._schedule(at_deadline, self.deliver, NEEDS_OWN_READ)
+        # Waiting on sweeps never outlasts the deadline: a read of its own then ends it.
+        deadline = retry_limits.deadline
+        self._deadline_at = None if deadline is None else loop.time() + max(0.0, deadline - time.time())
         if delay > 0:
-            self._schedule(delay, self._become_due)
+            self._arm(delay, self._become_due)
         else:
             self._become_due()
         try:
             return await self._answer
         finally:
-            self._cancel_timers()
+            self._disarm()
             self.watcher.dequeue(self)
             self._answer = None
 
@@ -198,34 +202,45 @@ class SharedSource:
         """Ask the watcher for an answer now; read alone at once where no sweep can give it."""
         if not self.waiting:
             return
+        if self._past_deadline():
+            self.deliver(NEEDS_OWN_READ)
+            return
         self.due = True
         if not self.watcher.can_answer(self):
             self.deliver(NEEDS_OWN_READ)
             return
         self.watcher.enqueue(self)
-        self._schedule(self.watcher.fallback_seconds, self._check_unanswered)
+        self._arm(self.watcher.fallback_seconds, self._check_unanswered)
 
     def _check_unanswered(self) -> None:
-        """Read alone if the watcher stopped sweeping; while it sweeps, keep waiting for it.
+        """Read alone if the watcher stopped sweeping or the deadline came; else keep waiting for it.
 
         While the watcher sweeps, the account's request budget is what holds the sweep back, and a
         read of its own would only queue behind it.
         """
-        if self.watcher.still_sweeping():
-            self._schedule(self.watcher.fallback_seconds, self._check_unanswered)
+        if self.watcher.still_sweeping() and not self._past_deadline():
+            self._arm(self.watcher.fallback_seconds, self._check_unanswered)
         else:
             self.deliver(NEEDS_OWN_READ)
 
-    def _schedule(self, delay: float, callback: Any, *args: Any) -> None:
-        """Call ``callback(*args)`` in ``delay`` seconds, unless the look ends first."""
-        self._timers.append(asyncio.get_running_loop().call_later(delay, callback, *args))
+    def _past_deadline(self) -> bool:
+        return self._deadline_at is not None and asyncio.get_running_loop().time() >= self._deadline_at
 
-    def _cancel_timers(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        """Call ``callback`` in ``delay`` seconds (at the look's deadline if that comes first)."""
+        self._disarm()
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        if self._deadline_at is not None and self._deadline_at < when:
+            when = self._deadline_at
+        self._timer = loop.call_at(when, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def close(self) -> None:
         """Leave the watcher (the last one out stops it)."""
-        self._cancel_timers()
+        self._disarm()
         await self.watcher.leave(self)

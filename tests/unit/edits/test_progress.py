@@ -112,6 +112,15 @@ class TestProgressTracker:
             "model: b",
         ]
 
+    def test_the_end_is_left_out_where_it_is_not_announced(self):
+        tracker = ProgressTracker(PID, announce_end=False)
+        assert tracker.update(make_prediction("processing", "a\nb")) == [
+            f"Prediction {PID} is processing",
+            "model: a",
+        ]
+        assert tracker.update(make_prediction("failed", "a\nb")) == ["model: b"]
+        assert tracker.status == "failed"  # still tracked: a timeout message names it
+
     def test_caps_lines_per_poll_keeping_the_newest(self):
         count = MAX_LOG_LINES_PER_POLL + 25
         logs = "".join(f"line {i}\n" for i in range(count))
