@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--airflow-holds",
         default="default",
-        help="realairflow: min_defer_seconds values, e.g. default,0",
+        help="realairflow: min_defer_seconds values or Airflow-only controls, e.g. default,0,airflow-run",
     )
     parser.add_argument("--airflow-repeats", type=int, default=1, help="realairflow: runs of each size")
     args = parser.parse_args(argv)

@@ -10,7 +10,12 @@ failed by the deferral race (Airflow's "state mismatch" log), predictions per ed
 each edit's time from its first start to its success, and the CPU of each component's process tree
 per edit. ``hold`` is the operator's ``min_defer_seconds`` (``default``: its default; ``0``: resume as
 soon as the prediction ends, as the provider did before; ``wait``: the default with ``wait_seconds=60``,
-so an edit finished within the create does not defer at all).
+so an edit finished within the create does not defer at all), or a control: the same mapped task run
+by a tiny Airflow-only operator, to show what Airflow itself costs per task beside the provider
+(``airflow-defer``: defers to Airflow's ``TimeDeltaTrigger`` for the model's run time, two task
+starts, may meet the deferral race; ``airflow-defer-held``: the same for the default hold's 15 s,
+no race; ``airflow-run``: does nothing, one task start; ``airflow-start-from-trigger``: starts in
+the triggerer, one task start). :mod:`benchmarks.realairflow_dags` writes the DAG files.
 
 The size is chosen on the command line (``python -m benchmarks --only realairflow --airflow-sizes
 300 --airflow-slots 16 --airflow-repeats 5``); ``make bench`` runs N = 100 at 16 and 32 slots.
@@ -30,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, TINY_PNG, percentile
+from benchmarks.common import ROOT, percentile
 from benchmarks.hookonly import (
     CREATES_PER_SECOND,
     PREDICTION_SECONDS,
@@ -40,18 +45,8 @@ from benchmarks.hookonly import (
     predictions_of,
     run_plain,
 )
+from benchmarks.realairflow_dags import CONTROLS, DAG_ID, dag_text
 
-DAG_ID = "kontext_bench_airflow_{n}_{hold}"
-DAG = """
-from airflow.sdk import DAG
-from airflow_provider_kontext.operators.kontext import FluxKontextEditOperator
-
-with DAG(dag_id={dag_id!r}, schedule=None, catchup=False, default_args={{"retries": 2}}):
-    FluxKontextEditOperator.partial(
-        task_id="edit", input_image={image!r}, deferrable=True, min_defer_seconds={hold},
-        wait_seconds={wait},
-    ).expand(prompt=[f"bench edit {{i}}" for i in range({n})])
-"""
 PROXIES = ("http_proxy", "https_proxy", "all_proxy")
 COMPONENTS = ("workers", "scheduler", "api-server", "triggerer", "dag-processor")
 
@@ -243,15 +238,7 @@ def run_cluster(slots: int, sizes: tuple[int, ...], holds: tuple[str, ...], repe
             dags.mkdir()
             for n in sizes:
                 for hold in holds:
-                    dag_id = DAG_ID.format(n=n, hold=hold)
-                    text = DAG.format(
-                        dag_id=dag_id,
-                        image=TINY_PNG,
-                        n=n,
-                        hold="None" if hold in ("default", "wait") else hold,
-                        wait=60 if hold == "wait" else None,
-                    )
-                    (dags / f"{dag_id}.py").write_text(text)
+                    (dags / f"{DAG_ID.format(n=n, hold=hold)}.py").write_text(dag_text(n, hold))
             env = cluster_env(
                 home,
                 dags,
@@ -312,11 +299,17 @@ def _num(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _per_edit(row: dict[str, Any]) -> str:
+    """Return the predictions per edit, ``-`` for a control (it makes none)."""
+    return "-" if row["hold"] in CONTROLS else f"{row['predictions'] / row['n']:.2f}"
+
+
 def _line(r: AirflowRun) -> str:
     return (
         f"N={r.n} slots={r.slots} hold={r.hold}: wall {_num(r.wall_s)} s ({_num(r.ratio, 1)}x bound "
         f"{r.bound_s:.0f} s), first pass {_num(r.first_pass_s)} s, tries>1 {r.tries_over_1}, race "
-        f"{r.race_failures}, not started {r.start_failures}, predictions {r.predictions}, "
+        f"{r.race_failures}, not started {r.start_failures}, predictions "
+        f"{'-' if r.hold in CONTROLS else r.predictions}, "
         f"failed creates {r.failed_creates}, "
         f"{r.states}, load {r.load_before}{'; ' + r.error if r.error else ''}"
     )
@@ -333,7 +326,13 @@ def section(result: dict[str, Any]) -> list[str]:
         "(0.6 s starting + 4 s processing, spread 0.5). Slots = `[core] parallelism` = "
         "`max_active_tasks_per_dag`. Bound = N/10 s + 4.6 s. Hold = the operator's `min_defer_seconds` "
         "(`default`: `[workers] min_heartbeat_interval` + 10 s; `0`: resume at once; `wait`: the default "
-        "with `wait_seconds=60`, an edit done within the create does not defer). Race = tries failed "
+        "with `wait_seconds=60`, an edit done within the create does not defer). Controls, the same mapped "
+        "task run by a tiny operator in the DAG file with no provider code (what Airflow itself costs "
+        "per task): `airflow-defer` defers to Airflow's `TimeDeltaTrigger` for 4.6 s and resumes (two "
+        "task starts, no hold: may meet the deferral race), `airflow-defer-held` the same for 15 s (as "
+        "long as the default hold, no race), `airflow-run` does nothing (one task start), "
+        "`airflow-start-from-trigger` is deferred by the scheduler straight to the triggerer for 4.6 s "
+        "(one task start, the resume); they make no predictions (`-`). Race = tries failed "
         'with "finished with state success, but the task instance\'s state attribute is ...". Not started '
         "= tries failed so with state failed: the worker's calls to an overloaded api-server timed out "
         "before the task ran. Edit = from an edit's first start to its success. CPU in ms per edit of "
@@ -352,7 +351,7 @@ def section(result: dict[str, Any]) -> list[str]:
             f"| {row['n']} | {row['slots']} | {row['hold']} | {_num(row['wall_s'])} | "
             f"{_num(row['ratio'], 1)} | {_num(row['first_pass_s'])} | {row['tries_over_1']} | "
             f"{row['race_failures']} | {row.get('start_failures', '-')} | "
-            f"{row['predictions'] / row['n']:.2f} | {row['failed_creates']} | "
+            f"{_per_edit(row)} | {row['failed_creates']} | "
             f"{_num(row['edit_p50_s'], 1)}/{_num(row['edit_p95_s'], 1)} | "
             f"{', '.join(_num(cpu.get(name), 0) for name in COMPONENTS)} | {row['load_before']} |"
         )
