@@ -124,7 +124,8 @@ class ProgressTracker:
         status = prediction.status.value
         if status != self.status:
             if self.announce_end or not prediction.is_terminal:
-                messages.append(f"Prediction {self.prediction_id} {_STATUS_WORDS.get(status, f'is {status}')}")
+                words = _STATUS_WORDS.get(status, f"is {status}")
+                messages.append(f"Prediction {self.prediction_id} {words}")
             self.status = status
         logs = prediction.logs
         if logs is None:  # not in this answer (the list endpoint leaves logs out): nothing new
