@@ -140,6 +140,11 @@ class ReattachLedger:
     def __init__(self, store: Any, series: Series | None = None) -> None:
         self._store = store
         self.series = series or Series(None, None, None)
+        # The entry as this try last read or wrote it: read once per task start. Only this try
+        # writes it meanwhile (one try of a task instance runs at a time), and every store call is
+        # a request to Airflow's API server.
+        self._cached: dict[str, Any] | None = None
+        self._loaded = False
 
     @classmethod
     def from_context(cls, context: Any, *, enabled: bool) -> ReattachLedger:
@@ -154,8 +159,19 @@ class ReattachLedger:
     def _entry(self) -> dict[str, Any] | None:
         if self._store is None:
             return None
-        saved = self._store.get(STATE_KEY)
-        return saved if isinstance(saved, dict) else None
+        if not self._loaded:
+            saved = self._store.get(STATE_KEY)
+            self._cached = saved if isinstance(saved, dict) else None
+            self._loaded = True
+        return self._cached
+
+    def _write(self, entry: dict[str, Any] | None) -> None:
+        """Store ``entry`` (``None``: delete it), and remember it as read."""
+        if entry is None:
+            self._store.delete(STATE_KEY)
+        else:
+            self._store.set(STATE_KEY, entry)
+        self._cached, self._loaded = entry, True
 
     def started(self) -> Started | None:
         """Return the entry of an earlier try, if there is a readable one with a prediction id."""
@@ -233,14 +249,12 @@ class ReattachLedger:
         A retry of a try that dies before :meth:`record` then knows to search for the prediction.
         """
         if self._store is not None:
-            self._store.set(STATE_KEY, {"creating": {"fingerprint": fingerprint, "since": since}})
+            self._write({"creating": {"fingerprint": fingerprint, "since": since}})
 
     def record(self, prediction_id: str, fingerprint: str, deadline: float) -> None:
         """Remember a prediction right after it was created (before anything else can fail)."""
         if self._store is not None:
-            self._store.set(
-                STATE_KEY, {"id": prediction_id, "fingerprint": fingerprint, "deadline": deadline}
-            )
+            self._write({"id": prediction_id, "fingerprint": fingerprint, "deadline": deadline})
 
     def drop(self) -> None:
         """Delete the entry.
@@ -249,7 +263,7 @@ class ReattachLedger:
         retry nothing to reattach to or search for.
         """
         if self._store is not None:
-            self._store.delete(STATE_KEY)
+            self._write(None)
 
     def finish(self, prediction_id: str | None) -> None:
         """Mark the entry of ``prediction_id`` finished by this try's series, keeping it.
@@ -261,8 +275,7 @@ class ReattachLedger:
         started = self.started()
         if started is None or started.prediction_id != prediction_id or self._store is None:
             return
-        entry = dict(self._entry() or {}, finished=self.series._asdict())
-        self._store.set(STATE_KEY, entry)
+        self._write(dict(self._entry() or {}, finished=self.series._asdict()))
 
 
 def usable(prediction: Prediction, origin: str, log: Any) -> bool:

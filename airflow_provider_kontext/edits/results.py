@@ -54,6 +54,9 @@ class PredictionResultMixin:
     reattach_on_retry: bool
     _finished: bool
     _summary: dict[str, Any] | None = None
+    #: The prediction's web page, once this task start knows it: the extra link reads it here
+    #: rather than from XCom (:class:`~airflow_provider_kontext.links.kontext.FluxKontextPredictionLink`).
+    prediction_web_url: str | None = None
     #: Saved outputs get thumbnails for the UI (:mod:`.thumbnails`); ``False`` saves the worker
     #: the decoding (about 0.1 s of CPU per image), and the plugin makes them when first shown.
     save_thumbnails: bool = True
@@ -74,6 +77,7 @@ class PredictionResultMixin:
 
     def _complete(self, context: Context, event: PredictionEvent) -> list[str]:
         """Return the task's result for a final event, or raise the exception that fails it."""
+        self.prediction_web_url = event.web_url or self.prediction_web_url
         self._raise_unless_succeeded(event)
         trace = self._edit_trace(event)
         result = self._keep_outputs(event, trace.get("input_name"), trace.get("input_image"))

@@ -21,8 +21,15 @@ class FluxKontextPredictionLink(BaseOperatorLink):
     name = "Replicate prediction"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        """Return the prediction's web URL the task pushed, or ``""`` while there is none."""
-        url = XCom.get_value(ti_key=ti_key, key=WEB_URL_XCOM_KEY)
+        """Return the prediction's web URL the task pushed, or ``""`` while there is none.
+
+        Airflow asks at the end of each task start, in the worker, with the task that just ran: what
+        that start learnt is on it (``prediction_web_url``), which saves a request to the API
+        server; otherwise it is read from the XCom an earlier start pushed.
+        """
+        url = getattr(operator, "prediction_web_url", None)
+        if not isinstance(url, str):
+            url = XCom.get_value(ti_key=ti_key, key=WEB_URL_XCOM_KEY)
         return url if isinstance(url, str) and url.startswith(("https://", "http://")) else ""
 
 

@@ -355,6 +355,7 @@ class FluxKontextEditOperator(EditArguments, PredictionResultMixin, BaseOperator
         ti = context["ti"]
         ti.xcom_push(key="prediction_id", value=prediction.id)
         ti.xcom_push(key=WEB_URL_XCOM_KEY, value=prediction.web_url)
+        self.prediction_web_url = prediction.web_url
 
     def _poll_in_worker(self, prediction: Prediction, end_time: float) -> PredictionEvent:
         """Poll the prediction from the worker until it ends or ``end_time`` passes; return its event."""

@@ -217,6 +217,7 @@ class FluxKontextPredictionSensor(ConnectionArguments, PredictionResultMixin, Ba
         """
         if self._poller is None or self._poller.tracker.status is None:
             context["ti"].xcom_push(key=WEB_URL_XCOM_KEY, value=prediction.web_url)
+            self.prediction_web_url = prediction.web_url
             self._created_at = prediction.created_at.isoformat() if prediction.created_at else None
 
     def _trigger(self, end_time: float) -> Any:

@@ -104,6 +104,20 @@ def test_state_store_written_before_deferral(hook):
     assert ("set", STATE_KEY) in store.calls
 
 
+def test_a_whole_edit_reads_the_store_once_per_task_start(hook):
+    """Every store call is a request to Airflow's API server: one read per start, and the writes."""
+    from airflow_provider_kontext.edits.events import prediction_event
+
+    store = FakeStore()
+    run_deferring(make_op(), make_context(store))
+    assert store.calls == [("get", STATE_KEY), ("set", STATE_KEY), ("set", STATE_KEY)]  # mark, id
+    store.calls.clear()
+    make_op().execute_complete(make_context(store), prediction_event(succeeded()))
+    assert store.calls == [("get", STATE_KEY), ("set", STATE_KEY)]  # marked finished
+    assert store.data[STATE_KEY]["id"] == PID
+    assert store.data[STATE_KEY]["finished"]["try_number"] == 1
+
+
 def test_create_failure_that_may_have_created_leaves_the_create_marker(hook):
     """A 5xx does not prove nothing was created: the retry must know to search for it."""
     hook.create_prediction.side_effect = FluxKontextServerError(status=503)

@@ -306,6 +306,32 @@ def test_extra_link_reads_the_web_url(stored, expected):
     get.assert_called_once_with(ti_key=ti_key, key="prediction_web_url")
 
 
+@pytest.mark.parametrize(
+    ("known", "expected"),
+    [
+        (f"https://replicate.com/p/{PID}", f"https://replicate.com/p/{PID}"),
+        ("javascript:alert(1)", ""),
+    ],
+)
+def test_extra_link_takes_the_web_url_this_start_learnt_without_reading_xcom(hook, known, expected):
+    op = make_op()
+    hook.create_prediction.return_value = make_prediction("starting", urls={"web": known})
+    run_deferring(op, make_context())
+    [link] = op.operator_extra_links
+    with mock.patch("airflow_provider_kontext.links.kontext.XCom.get_value") as get:
+        assert link.get_link(op, ti_key=mock.Mock(name="ti_key")) == expected
+    get.assert_not_called()
+
+
+def test_extra_link_after_a_resume_takes_the_events_web_url(hook):
+    op = make_op()
+    op.execute_complete(make_context(), prediction_event(succeeded()))
+    [link] = op.operator_extra_links
+    with mock.patch("airflow_provider_kontext.links.kontext.XCom.get_value") as get:
+        assert link.get_link(op, ti_key=mock.Mock(name="ti_key")) == f"https://replicate.com/p/{PID}"
+    get.assert_not_called()
+
+
 def test_in_worker_polling_redacts_a_secret_echoed_into_a_failed_prediction(hook, no_sleep):
     hook.get_prediction.return_value = make_prediction(
         "failed", error=f"upstream rejected Bearer {SECRET_ECHO}", logs=f"{SECRET_ECHO}\n"
