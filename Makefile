@@ -14,7 +14,7 @@ UV_VERSION := 0.13.9
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv==$(UV_VERSION)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -c $(LOCK) -e '.[emulator]' --group test --group lint
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c $(LOCK) -e '.[emulator]' --group test --group lint
 	touch $@
 
 venv: $(BIN)/.installed

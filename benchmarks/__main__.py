@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         help="realairflow: min_defer_seconds values or Airflow-only controls, e.g. default,0,airflow-run",
     )
     parser.add_argument("--airflow-repeats", type=int, default=1, help="realairflow: runs of each size")
+    parser.add_argument(
+        "--airflow-bytecode",
+        default="yes",
+        help="realairflow: yes (packages compiled to .pyc, as pip leaves them), no (from source), or yes,no",
+    )
     args = parser.parse_args(argv)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = set(chosen) - set(SCENARIOS)
@@ -94,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             slots=_ints(args.airflow_slots),
             holds=tuple(hold.strip() for hold in args.airflow_holds.split(",") if hold.strip()),
             repeats=args.airflow_repeats,
+            bytecode=tuple(
+                flag.strip() == "yes" for flag in args.airflow_bytecode.split(",") if flag.strip()
+            ),
         )
         results["realairflow"] = airflow_result
 

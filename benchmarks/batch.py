@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import PYTHON, EmulatorProcess, child_env, connection_json
+from benchmarks.common import PYTHON, EmulatorProcess, child_env, compile_bytecode, connection_json
 from benchmarks.realairflow import component_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,6 +229,7 @@ def cluster_case(n: int, work: Path, *, mapped: bool = True) -> dict[str, Any]:
             "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": str(SLOTS),
         }
         cluster = Cluster(home, cluster_env(home, dags, {"flux_kontext_default": connection}, **slots))
+        compile_bytecode()  # as a pip install leaves the packages (see benchmarks.common)
         cluster.cli("db", "migrate")
         beside: dict[str, Any] = {}
         try:

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, percentile
+from benchmarks.common import ROOT, compile_bytecode, percentile
 from benchmarks.hookonly import (
     CREATES_PER_SECOND,
     PREDICTION_SECONDS,
@@ -70,6 +70,8 @@ class AirflowRun:
     edit_p95_s: float | None
     cpu_ms_per_edit: dict[str, float] = field(default_factory=dict)
     load_before: float = 0.0
+    #: Whether the task processes loaded compiled bytecode (``.pyc``), as a pip install has.
+    bytecode: bool = True
     error: str | None = None
 
     @property
@@ -215,14 +217,19 @@ def measure(cluster: Any, emu: Any, n: int, slots: int, hold: str, timeout: floa
     )
 
 
-def run_cluster(slots: int, sizes: tuple[int, ...], holds: tuple[str, ...], repeats: int) -> list[AirflowRun]:
+def run_cluster(
+    slots: int, sizes: tuple[int, ...], holds: tuple[str, ...], repeats: int, bytecode: bool = True
+) -> list[AirflowRun]:
     """One cluster with ``slots`` worker slots (parallelism and max_active_tasks_per_dag); every
-    (size, hold) ``repeats`` times, one DAG run after another.
+    (size, hold) ``repeats`` times, one DAG run after another. ``bytecode``: the packages compiled
+    first, as a pip install leaves them; else every process compiles what it imports from source.
     """
     sys.path.insert(0, str(ROOT))
     from airflow_provider_kontext.testing.emulator import FluxKontextEmulator
     from tests.e2e.cluster import Cluster, cluster_env
 
+    if bytecode:
+        print(f"  bytecode compiled in {compile_bytecode():.1f} s", flush=True)
     root = Path(tempfile.mkdtemp(prefix="kontext-bench-airflow-"))
     runs: list[AirflowRun] = []
     try:
@@ -246,6 +253,12 @@ def run_cluster(slots: int, sizes: tuple[int, ...], holds: tuple[str, ...], repe
                 AIRFLOW__CORE__PARALLELISM=str(slots),
                 AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG=str(slots),
                 AIRFLOW__CORE__MAX_MAP_LENGTH=str(max(1024, *sizes)),
+                # Without bytecode: look for .pyc files where there are none; write none.
+                **(
+                    {}
+                    if bytecode
+                    else {"PYTHONPYCACHEPREFIX": str(root / "no-pyc"), "PYTHONDONTWRITEBYTECODE": "1"}
+                ),
             )
             env = {key: value for key, value in env.items() if key.lower() not in PROXIES}
             env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
@@ -269,6 +282,7 @@ def run_cluster(slots: int, sizes: tuple[int, ...], holds: tuple[str, ...], repe
                         for hold in holds:
                             timeout = n / CREATES_PER_SECOND + 900
                             one = measure(cluster, emu, n, slots, hold, timeout)
+                            one.bytecode = bytecode
                             print(f"  {_line(one)}", flush=True)
                             runs.append(one)
             finally:
@@ -283,9 +297,15 @@ def run(
     slots: tuple[int, ...] = (16, 32),
     holds: tuple[str, ...] = ("default",),
     repeats: int = 1,
+    bytecode: tuple[bool, ...] = (True,),
 ) -> dict[str, Any]:
-    """Every cluster (one per slot count) and the plain process at each size."""
-    runs = [one for count in slots for one in run_cluster(count, sizes, holds, repeats)]
+    """Every cluster (one per slot count and bytecode choice) and the plain process at each size."""
+    runs = [
+        one
+        for compiled in bytecode
+        for count in slots
+        for one in run_cluster(count, sizes, holds, repeats, compiled)
+    ]
     plains = []
     for n in sizes:
         for count in slots:
@@ -304,9 +324,14 @@ def _per_edit(row: dict[str, Any]) -> str:
     return "-" if row["hold"] in CONTROLS else f"{row['predictions'] / row['n']:.2f}"
 
 
+def _hold(hold: str, bytecode: bool) -> str:
+    return hold if bytecode else f"{hold} (no .pyc)"
+
+
 def _line(r: AirflowRun) -> str:
     return (
-        f"N={r.n} slots={r.slots} hold={r.hold}: wall {_num(r.wall_s)} s ({_num(r.ratio, 1)}x bound "
+        f"N={r.n} slots={r.slots} hold={_hold(r.hold, r.bytecode)}: wall {_num(r.wall_s)} s "
+        f"({_num(r.ratio, 1)}x bound "
         f"{r.bound_s:.0f} s), first pass {_num(r.first_pass_s)} s, tries>1 {r.tries_over_1}, race "
         f"{r.race_failures}, not started {r.start_failures}, predictions "
         f"{'-' if r.hold in CONTROLS else r.predictions}, "
@@ -348,7 +373,8 @@ def section(result: dict[str, Any]) -> list[str]:
     for row in result["runs"]:
         cpu = row["cpu_ms_per_edit"]
         out.append(
-            f"| {row['n']} | {row['slots']} | {row['hold']} | {_num(row['wall_s'])} | "
+            f"| {row['n']} | {row['slots']} | {_hold(row['hold'], row.get('bytecode', True))} | "
+            f"{_num(row['wall_s'])} | "
             f"{_num(row['ratio'], 1)} | {_num(row['first_pass_s'])} | {row['tries_over_1']} | "
             f"{row['race_failures']} | {row.get('start_failures', '-')} | "
             f"{_per_edit(row)} | {row['failed_creates']} | "
