@@ -104,26 +104,22 @@ async def test_a_wait_reads_alone_once_the_sweeps_stop() -> None:
     assert _live_timers(wait) == 0
 
 
-async def test_a_sweeping_wait_reads_alone_at_its_deadline() -> None:
+@pytest.mark.parametrize(
+    ("delay", "becomes_due"),
+    [
+        (0, True),  # due at once, the sweeps never answer: the deadline, not the 30 s fallback, ends it
+        (60, False),  # the deadline comes before the delay: it never becomes due
+    ],
+)
+async def test_a_wait_reads_alone_at_its_deadline(delay: float, becomes_due: bool) -> None:
     watcher, hook = FakeWatcher(fallback_seconds=30), FakeHook(DONE)
     wait = _wait(watcher, hook)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    result = await asyncio.wait_for(wait.next(0, RetryLimits(deadline=time.time() + 0.2)), 5)
+    started = asyncio.get_running_loop().time()
+    result = await asyncio.wait_for(wait.next(delay, RetryLimits(deadline=time.time() + 0.2)), 5)
     assert result is DONE
     assert len(hook.reads) == 1
-    assert 0.15 <= hook.reads[0] - started < 5  # at the deadline, not at the 30 s fallback
-
-
-async def test_a_deadline_before_the_delay_ends_the_wait_at_the_deadline() -> None:
-    watcher, hook = FakeWatcher(fallback_seconds=30), FakeHook(DONE)
-    wait = _wait(watcher, hook)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    result = await asyncio.wait_for(wait.next(60, RetryLimits(deadline=time.time() + 0.2)), 5)
-    assert result is DONE
-    assert not watcher.queued  # never became due: the deadline came first
     assert 0.15 <= hook.reads[0] - started < 5
+    assert bool(watcher.queued) is becomes_due
 
 
 async def test_a_deadline_already_past_reads_at_once() -> None:
