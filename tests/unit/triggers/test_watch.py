@@ -77,12 +77,13 @@ async def test_a_wait_becomes_due_after_its_delay_and_takes_the_sweeps_answer() 
     wait = _wait(watcher, hook)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    look = asyncio.create_task(wait.next(0.1, RetryLimits()))
+    # A delay of 1 s, looked at after 0.02 s: a busy machine would have to stall the loop ~1 s.
+    look = asyncio.create_task(wait.next(1.0, RetryLimits()))
     await asyncio.sleep(0.02)
     assert not wait.due  # not yet
     assert not watcher.queued
-    await asyncio.wait_for(watcher.enqueued.wait(), 5)
-    assert watcher.queued[0][1] - started >= 0.1
+    await asyncio.wait_for(watcher.enqueued.wait(), 10)
+    assert watcher.queued[0][1] - started >= 1.0
     assert wait.due
     wait.deliver(DONE)
     assert await look is DONE
