@@ -11,7 +11,10 @@ ceiling, never exceeded (``0``: no budget); a new budget starts at :data:`START_
 until its first ``429``, multiplies its rate by :data:`SLOW_START_GROWTH` per second its requests
 use the rate (slow start, as TCP's). A ``429`` cuts the rate by :data:`DECREASE_FACTOR`; afterwards,
 while no ``429`` comes and the rate is used, it adds :data:`INCREASE_SHARE` of the ceiling per
-second, faster the longer no ``429`` came. Budgets of one
+second, faster the longer no ``429`` came. Where its callers know what share of the account is
+theirs (the list watcher counts its own among the account's unfinished predictions:
+:meth:`AccountRateLimiter.expect_share`), the slow start ends at that share of Replicate's limit, so
+that triggerers that start together do not all double their way into the account's limit. Budgets of one
 account that all do this converge on the account's limit, in equal shares, with no configuration.
 The account is the base URL and the token; the token is only ever held here as a short SHA-256
 digest, so no key, repr or log line can show it.
@@ -37,6 +40,7 @@ import contextlib
 import hashlib
 import heapq
 import itertools
+import math
 import time
 import weakref
 from collections.abc import Callable
@@ -50,6 +54,7 @@ __all__ = [
     "DEFAULT_PAUSE_SECONDS",
     "INCREASE_SHARE",
     "MAX_QUEUE_SECONDS",
+    "REPLICATE_PER_MINUTE",
     "SLOW_START_GROWTH",
     "START_SHARE",
     "AccountRateLimiter",
@@ -78,6 +83,12 @@ INCREASE_ACCELERATION_SECONDS = 4.0
 START_SHARE = 0.25
 #: ...and, until its first ``429``, multiplies its rate by this per second while the rate is used.
 SLOW_START_GROWTH = 2.0
+#: A slow start held this long (seconds) at the share its callers expect
+#: (:meth:`AccountRateLimiter.expect_share`) ends there.
+SHARE_HOLD_SECONDS = 2.0
+#: Replicate's documented limit on each account's requests other than creates, per minute: the whole
+#: that a share (:meth:`AccountRateLimiter.expect_share`) is a part of.
+REPLICATE_PER_MINUTE = 3000.0
 #: The rate never falls below this share of the ceiling...
 FLOOR_SHARE = 0.02
 #: ...nor below this many requests per second.
@@ -149,7 +160,11 @@ class AccountRateLimiter:
         self._step_started = self._updated
         self._step_granted = 0
         self._step_waited = False
+        #: When the rate was last set back (a ``429``, or the slow start ended at the expected share).
         self._last_decrease = self._updated
+        #: The share of the account's requests its callers expect to be theirs (:meth:`expect_share`).
+        self.expected_share = 1.0
+        self._capped_since = math.inf
         self._held_back_until = -float("inf")
         #: Requests granted, 429s that paused the account, and cuts of the rate (logs, benchmarks).
         self.granted = 0
@@ -209,7 +224,14 @@ class AccountRateLimiter:
         if self.adaptive and used and now >= self.paused_until and self.rate < self.ceiling:
             seconds = min(elapsed, 2 * ADJUST_SECONDS)
             if self.slow_start:
-                rate = self.rate * SLOW_START_GROWTH**seconds
+                rate = min(self.rate * SLOW_START_GROWTH**seconds, self._slow_start_cap)
+                if rate < self._slow_start_cap or self.rate < rate:
+                    self._capped_since = math.inf
+                elif self._capped_since == math.inf:
+                    self._capped_since = now
+                elif now - self._capped_since >= SHARE_HOLD_SECONDS:
+                    self.slow_start = False  # held at its share long enough: probe above it gently
+                    self._last_decrease = now
             else:
                 since = max(0.0, now - self._last_decrease)
                 step = INCREASE_SHARE * self.ceiling * (1.0 + since / INCREASE_ACCELERATION_SECONDS)
@@ -219,6 +241,30 @@ class AccountRateLimiter:
         self._step_started = now
         self._step_granted = 0
         self._step_waited = bool(self._fifo)
+
+    @property
+    def _slow_start_cap(self) -> float:
+        """The most a slow start grows to: its expected share of Replicate's limit.
+
+        Never above the ceiling, never below where it started.
+        """
+        share_of_account = REPLICATE_PER_MINUTE / 60.0 * self.expected_share
+        return max(self.ceiling * START_SHARE, min(self.ceiling, share_of_account))
+
+    def expect_share(self, share: float) -> None:
+        """Tell the budget what share of the account's requests its callers expect to be theirs.
+
+        The list watcher reads how many of the account's unfinished predictions are its own: where
+        the others' are many, other triggerers or programs are likely polling them. A slow start
+        grows no further than ``share`` of :data:`REPLICATE_PER_MINUTE` (and the ceiling; a rate
+        that grew past it is brought back to it, never below the start); held there for
+        :data:`SHARE_HOLD_SECONDS`, the slow start ends and the rate grows additively. A guess, which
+        the account's answers correct; after the slow start, it changes nothing.
+        """
+        self.expected_share = min(1.0, max(0.0, share))
+        if self.adaptive and self.slow_start and self.rate > self._slow_start_cap:
+            self._refill(self._clock())
+            self._set_rate(self._slow_start_cap)
 
     def hold_back(self, seconds: float) -> None:
         """Record that a caller holds its requests back for ``seconds`` because of the rate.

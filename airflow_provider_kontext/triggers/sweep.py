@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Any
 
 from airflow_provider_kontext.exceptions import FluxKontextError, FluxKontextRateLimitError
 from airflow_provider_kontext.hooks.retry import RetryLimits
+from airflow_provider_kontext.models import TERMINAL_STATUSES
 from airflow_provider_kontext.triggers.slices import Slice, micros_to_iso, parse_time, to_micros
 
 if TYPE_CHECKING:
@@ -113,8 +114,17 @@ class SweepReading:
     :param on_item: called with ``(prediction_id, item)`` for each wanted item, at once.
     :param on_list_failed: called when a page fails for good (not for a ``429``).
 
+    :param own: every prediction the watcher holds a wait on, wanted now or not (counted in
+        :attr:`running_own`).
+    :param count_until: count in :attr:`running` only predictions created no later than this
+        (microseconds; ``None``: none). Newer ones may be the watcher's own whose waits have not
+        joined yet.
+    :param on_page: called after each page read, with the reading.
+
     After :meth:`read`, :attr:`missing` holds the wanted ids not found, :attr:`pages` the pages
-    read, and :attr:`seen` the ``created_at`` (microseconds, unsorted) of every item read.
+    read, and :attr:`seen` the ``created_at`` (microseconds, unsorted) of every item read;
+    :attr:`running` counts the unfinished predictions read that were created by ``count_until``,
+    :attr:`running_own` those of them in ``own`` (as soon as each page is read).
     """
 
     def __init__(
@@ -124,6 +134,9 @@ class SweepReading:
         unknown_ids: set[str],
         on_item: Callable[[str, dict[str, Any]], None],
         on_list_failed: Callable[[], None],
+        own: Container[str] = frozenset(),
+        count_until: int | None = None,
+        on_page: Callable[[SweepReading], None] | None = None,
     ) -> None:
         self.hook = hook
         self.wanted = wanted
@@ -131,8 +144,13 @@ class SweepReading:
         self.missing = set(wanted)
         self.seen: list[int] = []
         self.pages = 0
+        self.running = 0
+        self.running_own = 0
+        self._own = own
+        self._count_until = count_until
         self._on_item = on_item
         self._on_list_failed = on_list_failed
+        self._on_page = on_page
 
     async def read(self, slices: list[Slice]) -> list[bool]:
         """Read every slice, at most :data:`MAX_CONCURRENT_SLICES` at once.
@@ -163,6 +181,8 @@ class SweepReading:
                 self.pages += 1
                 for item in page.results:
                     self._take(piece, item)
+                if self._on_page is not None:
+                    self._on_page(self)
                 cursor = page.next_cursor
                 if cursor is None:
                     return True
@@ -173,9 +193,18 @@ class SweepReading:
 
     def _take(self, piece: Slice, item: dict[str, Any]) -> None:
         created = parse_time(item.get("created_at"))
-        if created is not None:
-            self.seen.append(to_micros(created))
+        micros = None if created is None else to_micros(created)
+        if micros is not None:
+            self.seen.append(micros)
         prediction_id = item.get("id")
+        if (
+            self._count_until is not None
+            and micros is not None
+            and micros <= self._count_until
+            and item.get("status") not in TERMINAL_STATUSES
+        ):
+            self.running += 1
+            self.running_own += prediction_id in self._own
         if not isinstance(prediction_id, str) or prediction_id not in self.wanted:
             return
         self.missing.discard(prediction_id)

@@ -28,6 +28,11 @@ page answers for up to 100 waits. Each trigger still decides *when* it wants to 
   single reads leave (:class:`~.sweep.SweepShare`). A ``429`` pauses the account until the reset
   it names; the throttled slice's due waits stay due for the next sweep. A sweep delivers a
   prediction to every wait that is due, whose prediction ended, or whose status changed.
+- **Its share of the account.** While the budget is in its slow start, sweeps count how many of the
+  account's unfinished predictions (no newer than its own newest) are its own, and, once no wait has
+  joined for :data:`SHARE_SETTLE_SECONDS`, tell the budget
+  (:meth:`~airflow_provider_kontext.hooks.rate_limit.AccountRateLimiter.expect_share`): several
+  triggerers that start together each stop near their part instead of doubling into the limit.
 - **Single reads where the list cannot answer:** a prediction missing from the window, an item that
   does not parse, a prediction that ended other than ``succeeded`` (its error and log tail come
   from a full read), and, because list items carry no ``logs``, one full read per
@@ -56,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiters, account_key
+from airflow_provider_kontext.hooks.rate_limit import REPLICATE_PER_MINUTE, AccountRateLimiters, account_key
 from airflow_provider_kontext.models import Prediction, PredictionPage
 from airflow_provider_kontext.triggers.slices import PAGE_SIZE, parse_time, plan_slices, to_micros
 from airflow_provider_kontext.triggers.source import PredictionSource, SoloSource
@@ -77,6 +82,7 @@ __all__ = [
     "FALLBACK_SECONDS",
     "LIST_RETRY_SECONDS",
     "MAX_SWEEP_GAP",
+    "SHARE_SETTLE_SECONDS",
     "PredictionWatcher",
     "open_source",
 ]
@@ -86,7 +92,12 @@ FALLBACK_SECONDS = MAX_SWEEP_GAP + 5.0
 #: After the list failed, waits read alone for this long before the list is tried again.
 LIST_RETRY_SECONDS = 60.0
 #: The rate assumed where the connection sets no budget: Replicate's, requests per second.
-UNBUDGETED_RATE = 3000 / 60.0
+UNBUDGETED_RATE = REPLICATE_PER_MINUTE / 60.0
+#: Unfinished predictions a sweep must have read before it tells the budget what share is its own.
+MIN_SHARE_SAMPLE = 20
+#: ...and only once no wait has joined for this long (seconds): before, others' predictions may be
+#: its own whose waits are still on their way.
+SHARE_SETTLE_SECONDS = 1.0
 #: How far around the waits' oldest and newest ``created_at`` the window reaches (servers round
 #: timestamps), microseconds.
 WINDOW_MARGIN_MICROS = 2_000_000
@@ -149,6 +160,8 @@ class PredictionWatcher:
         self._last_sweep = -math.inf
         #: The shortest poll interval of its waits (see :meth:`idle_sweep_gap`).
         self.shortest_interval = math.inf
+        #: When the last wait joined (monotonic seconds).
+        self._joined_at = -math.inf
 
     def __repr__(self) -> str:
         return (
@@ -178,6 +191,7 @@ class PredictionWatcher:
             watcher = watchers[key] = cls(key, hook.flux_kontext_conn_id, settings)
         wait = SharedSource(watcher, prediction_id, parse_time(created_at), hook)
         watcher.waits.setdefault(prediction_id, []).append(wait)
+        watcher._joined_at = time.monotonic()
         watcher.shortest_interval = min(watcher.shortest_interval, poll_interval)
         watcher._decide_sweeping(exact=False)
         if watcher.sweeping:
@@ -254,6 +268,19 @@ class PredictionWatcher:
         if budget is not None and gap > self.shortest_interval / 2:
             budget.hold_back(gap)  # the rate is in use: it may grow
         return gap
+
+    def _expect_share(self, reading: SweepReading) -> None:
+        """Tell the account's budget what share of its unfinished predictions this watcher waits on.
+
+        Others' unfinished predictions are likely polled by other triggerers or programs on the
+        account: a budget still in its slow start stops growing at about its part
+        (:meth:`~airflow_provider_kontext.hooks.rate_limit.AccountRateLimiter.expect_share`).
+        """
+        if reading.running < MIN_SHARE_SAMPLE or time.monotonic() - self._joined_at < SHARE_SETTLE_SECONDS:
+            return
+        budget = AccountRateLimiters.get(self.settings)
+        if budget is not None and budget.slow_start:
+            budget.expect_share(reading.running_own / reading.running)
 
     def _measure_share(self) -> None:
         self.share.measure(time.monotonic(), AccountRateLimiters.get(self.settings), self.pages_read)
@@ -349,12 +376,17 @@ class PredictionWatcher:
                 known[pid] = to_micros(created)
         unknown_ids = set(targets) - set(known)
         slices = plan_slices(known, len(unknown_ids), self.last_seen, WINDOW_MARGIN_MICROS)
+        budget = AccountRateLimiters.get(self.settings)
+        counting = budget is not None and budget.slow_start  # the share only matters to a slow start
         reading = SweepReading(
             self.hook,
             set(targets),
             unknown_ids,
             on_item=lambda pid, item: self._answer_from_item(item, targets[pid]),
             on_list_failed=lambda: setattr(self, "list_failed_at", time.monotonic()),
+            own=self.waits.keys(),
+            count_until=max(known.values(), default=None) if counting else None,
+            on_page=self._expect_share,
         )
         complete = await reading.read(slices)
         self.pages_read += reading.pages

@@ -26,6 +26,7 @@ from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter, Accoun
 from airflow_provider_kontext.models import PredictionPage
 from airflow_provider_kontext.testing import FluxKontextEmulator
 from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
+from airflow_provider_kontext.triggers import watcher as watcher_module
 from airflow_provider_kontext.triggers.slices import (
     PAGE_SIZE,
     micros_to_iso,
@@ -192,6 +193,50 @@ def test_a_fixed_budget_only_pauses() -> None:
     assert budget.decreases == 0
 
 
+ACCOUNT = budget_module.REPLICATE_PER_MINUTE / 60  # Replicate's limit, requests/s
+
+
+def test_a_slow_start_stops_at_the_share_its_callers_expect_then_grows_additively() -> None:
+    """Check that a slow start told its share (a third) stops there, and after the hold grows gently."""
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    budget.expect_share(1 / 3)
+    spend(budget, clock, 1.55)
+    assert budget.rate == pytest.approx(ACCOUNT / 3)  # grew, then held at a third of the account
+    assert budget.slow_start
+    spend(budget, clock, budget_module.SHARE_HOLD_SECONDS + 0.6)
+    assert not budget.slow_start  # held long enough: the slow start is over...
+    held = budget.rate
+    spend(budget, clock, 1.05)
+    assert held < budget.rate < 1.2 * held  # ...and the rate probes above the share additively
+
+
+def test_a_rate_grown_past_the_expected_share_is_brought_back_never_below_the_start() -> None:
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    spend(budget, clock, 2.05)
+    assert budget.rate > 3 * START
+    budget.expect_share(0.4)
+    assert budget.rate == pytest.approx(0.4 * ACCOUNT)
+    assert budget.slow_start
+    budget.expect_share(0.05)
+    assert budget.rate == START  # a smaller share never takes it below where it started
+    budget.expect_share(1.0)
+    spend(budget, clock, 2.05)
+    assert budget.rate == budget.ceiling  # a larger share lets the slow start go on, up to the ceiling
+
+
+def test_the_expected_share_changes_nothing_after_the_slow_start() -> None:
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    spend(budget, clock, 2.05)
+    budget.pause(0.0)
+    cut = budget.rate
+    budget.expect_share(0.05)
+    assert budget.rate == cut
+    assert budget.decreases == 1
+
+
 async def test_a_lower_ceiling_of_the_account_caps_the_rate() -> None:
     settings = ClientSettings("c", "https://api.replicate.com", token="r8_accounts_test_0123456789")
     budget = AccountRateLimiters.get(settings)
@@ -204,16 +249,22 @@ async def test_a_lower_ceiling_of_the_account_caps_the_rate() -> None:
     assert budget.rate == budget.ceiling == 10.0
 
 
-def share(k: int, seconds: float, other_per_minute: float = 0.0) -> tuple[list[list[int]], int, int]:
+def share(
+    k: int, seconds: float, other_per_minute: float = 0.0, expected: float | None = None
+) -> tuple[list[list[int]], int, int]:
     """Simulate ``k`` budgets against Replicate's limit on one clock; return their rates.
 
     ``k`` budgets at the connection's default ceiling, each wanting more than the account allows,
     against Replicate's limit on one simulated clock; a 429 is known 30 ms after it was sent.
+    ``expected``: the share each is told is its own (as a list watcher tells it), from the start.
     (requests sent per budget per second, all sent, all answered 429).
     """
     clock = Clock()
     limiter = RateLimiter(RateLimit.replicate(), clock)
     budgets = [AccountRateLimiter(2400, clock=clock) for _ in range(k)]
+    for budget in budgets:
+        if expected is not None:
+            budget.expect_share(expected)
     in_flight: collections.deque[tuple[float, int, float | None]] = collections.deque()
     per_second = [[0] for _ in range(k)]
     sent = throttled = 0
@@ -258,6 +309,23 @@ def test_triggerers_converge_on_the_accounts_limit_in_fair_shares() -> None:
     assert 0.7 * 50 <= sum(settled) / len(settled) <= 50 * 1.05  # the account's 50/s, well used
     totals = [float(sum(budget[10:])) for budget in per_second]
     assert jain(totals) > 0.85
+    assert throttled / sent < 0.03
+
+
+def test_triggerers_told_their_share_start_without_429s() -> None:
+    """Check that 4 triggerers each told a quarter is theirs start together with no 429.
+
+    Told nothing, their slow starts double into the account's limit together and many requests
+    are refused; told their share, they stop below it, then probe above it additively, still
+    converging on the account's limit.
+    """
+    _, sent, throttled = share(4, 10, expected=0.25)
+    _, sent_untold, throttled_untold = share(4, 10)
+    assert throttled_untold / sent_untold > 0.02
+    assert throttled == 0
+    per_second, sent, throttled = share(4, 60, expected=0.25)
+    settled = [sum(budget[s] for budget in per_second) for s in range(30, 60)]
+    assert 0.7 * 50 <= sum(settled) / len(settled) <= 50 * 1.05
     assert throttled / sent < 0.03
 
 
@@ -388,6 +456,49 @@ async def test_a_sweep_stops_paging_once_its_waits_are_found(
     assert list_calls
     assert not any(call["cursor"] for call in list_calls)
     assert all(call["created_before"] and call["created_after"] for call in list_calls)
+
+
+@pytest.fixture
+def told_shares(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Return every share the watchers tell their budgets is their own."""
+    told: list[float] = []
+    original = AccountRateLimiter.expect_share
+
+    def recorded(self: AccountRateLimiter, share: float) -> None:
+        told.append(share)
+        original(self, share)
+
+    monkeypatch.setattr(AccountRateLimiter, "expect_share", recorded)
+    return told
+
+
+async def test_a_watcher_tells_its_budget_what_share_of_the_running_predictions_is_its_own(
+    emu: FluxKontextEmulator,  # noqa: F811
+    told_shares: list[float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Check that waits on every fourth of 80 running predictions tell the budget about a quarter."""
+    monkeypatch.setattr(watcher_module, "SHARE_SETTLE_SECONDS", 0.0)
+    predictions = create(emu, 80)
+    ours = predictions[::4]
+    events = await wait_all([trigger(p, created_at=p["created_at"]) for p in ours])
+    assert [e["status"] for e in events] == ["succeeded"] * 20
+    assert told_shares
+    # Counted up to the newest of its own: at most 20 of about 77 running predictions are its own.
+    assert all(0.2 <= told <= 0.45 for told in told_shares), told_shares
+
+
+async def test_a_watcher_whose_waits_are_still_joining_tells_its_budget_nothing(
+    emu: FluxKontextEmulator,  # noqa: F811
+    told_shares: list[float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Check that no share is told while waits keep joining (others' may be its own, on their way)."""
+    monkeypatch.setattr(watcher_module, "SHARE_SETTLE_SECONDS", 3600.0)
+    predictions = create(emu, 80)
+    events = await wait_all([trigger(p, created_at=p["created_at"]) for p in predictions[::4]])
+    assert [e["status"] for e in events] == ["succeeded"] * 20
+    assert told_shares == []
 
 
 async def test_a_burst_on_predictions_already_done_is_answered_by_sweeps(emu: FluxKontextEmulator) -> None:  # noqa: F811
