@@ -280,7 +280,7 @@ async def trace_budget(trace: list[list[float]], start: float) -> None:
     """Every 0.25 s, the account budget's [seconds, rate per minute, requests granted, cuts] (the
     trigger's; nothing where it has none).
     """
-    from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiters
+    from airflow_provider_kontext.hooks.accounts import AccountRateLimiters
 
     loop = asyncio.get_running_loop()
     while True:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from airflow.sdk import BaseHook
 
 from airflow_provider_kontext.exceptions import FluxKontextRateLimitError
+from airflow_provider_kontext.hooks.accounts import AccountRateLimiters
 from airflow_provider_kontext.hooks.api import ApiRequest, parse_response
 from airflow_provider_kontext.hooks.connection import (
     DEFAULT_CONN_ID,
@@ -29,7 +30,6 @@ from airflow_provider_kontext.hooks.connection import (
     SettingsKey,
     checked_overrides,
 )
-from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiters
 from airflow_provider_kontext.hooks.retry import Attempts, RetryLimits
 from airflow_provider_kontext.hooks.transports import AiohttpClient, SharedAsyncClient, send_with_requests
 

@@ -122,10 +122,9 @@ SETTINGS: tuple[Setting, ...] = (
         2400.0,
         0,
         "Most requests per minute of the account per triggerer (0: no budget)",
-        "a ceiling: each triggerer's budget starts at a quarter of it, doubles each second it is "
-        "used until the first 429 or its share of the account's running predictions, then adapts "
-        "below it to the account's 429s, so several triggerers and other programs on one token "
-        "share Replicate's 3000/min without tuning",
+        "a ceiling: each triggerer's budget starts at a quarter of it, doubles each second it is used "
+        "until the first 429 or its share of Replicate's 3000/min (held 5 s), then adapts to the "
+        "account's 429s, so several triggerers and other programs on one token share it untuned",
     ),
     Setting(
         "list_min_waits",

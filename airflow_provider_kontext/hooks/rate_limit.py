@@ -11,13 +11,13 @@ ceiling, never exceeded (``0``: no budget); a new budget starts at :data:`START_
 until its first ``429``, multiplies its rate by :data:`SLOW_START_GROWTH` per second its requests
 use the rate (slow start, as TCP's). A ``429`` cuts the rate by :data:`DECREASE_FACTOR`; afterwards,
 while no ``429`` comes and the rate is used, it adds :data:`INCREASE_SHARE` of the ceiling per
-second, faster the longer no ``429`` came. Where its callers know what share of the account is
-theirs (the list watcher counts its own among the account's unfinished predictions:
-:meth:`AccountRateLimiter.expect_share`), the slow start ends at that share of Replicate's limit, so
-that triggerers that start together do not all double their way into the account's limit. Budgets of one
-account that all do this converge on the account's limit, in equal shares, with no configuration.
-The account is the base URL and the token; the token is only ever held here as a short SHA-256
-digest, so no key, repr or log line can show it.
+second, faster the longer no ``429`` came. Where its callers tell it what share of the account is
+theirs (:meth:`AccountRateLimiter.expect_share`), a slow start holds at that share of Replicate's
+limit, then grows additively: triggerers that start together do not all double their way into the
+account's limit. Budgets of one account that all do this converge on the account's limit, in equal
+shares, with no configuration.
+Which budget a request draws from (its account, in its event loop) is
+:mod:`airflow_provider_kontext.hooks.accounts`'s.
 
 - A ``429`` for one request pauses every request of the account until the reset the server names;
   after it the bucket starts empty, so requests resume paced, never all at once. The ``429`` s of
@@ -37,17 +37,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import heapq
 import itertools
 import math
 import time
-import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from airflow_provider_kontext.hooks.connection import ClientSettings
 
 __all__ = [
     "DECREASE_FACTOR",
@@ -55,11 +49,10 @@ __all__ = [
     "INCREASE_SHARE",
     "MAX_QUEUE_SECONDS",
     "REPLICATE_PER_MINUTE",
+    "SHARE_HOLD_SECONDS",
     "SLOW_START_GROWTH",
     "START_SHARE",
     "AccountRateLimiter",
-    "AccountRateLimiters",
-    "account_key",
 ]
 
 #: A request that has waited this long for the budget goes before any other, whatever its priority:
@@ -85,7 +78,7 @@ START_SHARE = 0.25
 SLOW_START_GROWTH = 2.0
 #: A slow start held this long (seconds) at the share its callers expect
 #: (:meth:`AccountRateLimiter.expect_share`) ends there.
-SHARE_HOLD_SECONDS = 2.0
+SHARE_HOLD_SECONDS = 5.0
 #: Replicate's documented limit on each account's requests other than creates, per minute: the whole
 #: that a share (:meth:`AccountRateLimiter.expect_share`) is a part of.
 REPLICATE_PER_MINUTE = 3000.0
@@ -97,15 +90,6 @@ MIN_RATE = 0.1
 ADJUST_SECONDS = 0.5
 #: A step in which the budget granted at least this share of its rate counts as using it.
 USED_SHARE = 0.5
-
-
-def account_key(settings: ClientSettings) -> str:
-    """Return the account a request counts against: the base URL and a digest of the token.
-
-    Never the token itself.
-    """
-    digest = hashlib.sha256(settings.token.encode()).hexdigest()[:16] if settings.token else "-"
-    return f"{settings.base_url}#{digest}"
 
 
 class _Ticket:
@@ -160,10 +144,11 @@ class AccountRateLimiter:
         self._step_started = self._updated
         self._step_granted = 0
         self._step_waited = False
-        #: When the rate was last set back (a ``429``, or the slow start ended at the expected share).
-        self._last_decrease = self._updated
+        #: Since when the rate grows additively (the last ``429``, or the end of a held slow start).
+        self._additive_since = self._updated
         #: The share of the account's requests its callers expect to be theirs (:meth:`expect_share`).
-        self.expected_share = 1.0
+        self.expected_share: float | None = None
+        #: When a slow start first reached its share.
         self._capped_since = math.inf
         self._held_back_until = -float("inf")
         #: Requests granted, 429s that paused the account, and cuts of the rate (logs, benchmarks).
@@ -208,10 +193,11 @@ class AccountRateLimiter:
             self._updated = now
 
     def _adjust(self, now: float) -> None:
-        """Raise the rate additively, once per :data:`ADJUST_SECONDS`, while it is used.
+        """Raise the rate, once per :data:`ADJUST_SECONDS`, while it is used and no ``429`` came.
 
-        The step applies where the rate was used (a request waited, a caller held back
-        (:meth:`hold_back`), or at least :data:`USED_SHARE` of it was granted) and no ``429`` came.
+        Used: a request waited, a caller held back (:meth:`hold_back`), or at least
+        :data:`USED_SHARE` of the rate was granted. A slow start multiplies it, up to its share
+        (:meth:`expect_share`); after the slow start it grows additively.
         """
         elapsed = now - self._step_started
         if elapsed < ADJUST_SECONDS:
@@ -225,15 +211,13 @@ class AccountRateLimiter:
             seconds = min(elapsed, 2 * ADJUST_SECONDS)
             if self.slow_start:
                 rate = min(self.rate * SLOW_START_GROWTH**seconds, self._slow_start_cap)
-                if rate < self._slow_start_cap or self.rate < rate:
-                    self._capped_since = math.inf
-                elif self._capped_since == math.inf:
-                    self._capped_since = now
-                elif now - self._capped_since >= SHARE_HOLD_SECONDS:
-                    self.slow_start = False  # held at its share long enough: probe above it gently
-                    self._last_decrease = now
+                if rate >= self._slow_start_cap:
+                    self._capped_since = min(self._capped_since, now)
+                    if now - self._capped_since >= SHARE_HOLD_SECONDS:
+                        self.slow_start = False  # held at its share long enough: probe above it gently
+                        self._additive_since = now
             else:
-                since = max(0.0, now - self._last_decrease)
+                since = max(0.0, now - self._additive_since)
                 step = INCREASE_SHARE * self.ceiling * (1.0 + since / INCREASE_ACCELERATION_SECONDS)
                 rate = self.rate + step * seconds
             self._refill(now)
@@ -244,12 +228,13 @@ class AccountRateLimiter:
 
     @property
     def _slow_start_cap(self) -> float:
-        """The most a slow start grows to: its expected share of Replicate's limit.
+        """The most a slow start grows to: its expected share of Replicate's limit, never below its start.
 
-        Never above the ceiling, never below where it started.
+        The ceiling where no share was told.
         """
-        share_of_account = REPLICATE_PER_MINUTE / 60.0 * self.expected_share
-        return max(self.ceiling * START_SHARE, min(self.ceiling, share_of_account))
+        if self.expected_share is None:
+            return self.ceiling
+        return max(self.ceiling * START_SHARE, REPLICATE_PER_MINUTE / 60.0 * self.expected_share)
 
     def expect_share(self, share: float) -> None:
         """Tell the budget what share of the account's requests its callers expect to be theirs.
@@ -258,13 +243,16 @@ class AccountRateLimiter:
         the others' are many, other triggerers or programs are likely polling them. A slow start
         grows no further than ``share`` of :data:`REPLICATE_PER_MINUTE` (and the ceiling; a rate
         that grew past it is brought back to it, never below the start); held there for
-        :data:`SHARE_HOLD_SECONDS`, the slow start ends and the rate grows additively. A guess, which
-        the account's answers correct; after the slow start, it changes nothing.
+        :data:`SHARE_HOLD_SECONDS` from when it first reached a share, the slow start ends and the
+        rate grows additively. A guess, which the account's answers correct; after the slow start,
+        it changes nothing.
         """
         self.expected_share = min(1.0, max(0.0, share))
         if self.adaptive and self.slow_start and self.rate > self._slow_start_cap:
-            self._refill(self._clock())
+            now = self._clock()
+            self._refill(now)
             self._set_rate(self._slow_start_cap)
+            self._capped_since = min(self._capped_since, now)
 
     def hold_back(self, seconds: float) -> None:
         """Record that a caller holds its requests back for ``seconds`` because of the rate.
@@ -342,7 +330,7 @@ class AccountRateLimiter:
             self.slow_start = False
             self._set_rate(max(self.floor, self.rate * DECREASE_FACTOR))
             self.decreases += 1
-            self._last_decrease = now
+            self._additive_since = now
             self._step_started, self._step_granted, self._step_waited = now, 0, False
         until = now + (DEFAULT_PAUSE_SECONDS if seconds is None else max(0.0, seconds))
         if until > self.paused_until:
@@ -395,30 +383,3 @@ class AccountRateLimiter:
             wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wake.wait(), timeout=delay)
-
-
-class AccountRateLimiters:
-    """The :class:`AccountRateLimiter` of each account, per event loop (created on first use)."""
-
-    _budgets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AccountRateLimiter]] = (
-        weakref.WeakKeyDictionary()
-    )
-
-    @classmethod
-    def get(cls, settings: ClientSettings) -> AccountRateLimiter | None:
-        """Return the rate limiter ``settings``' account draws from in the running loop.
-
-        ``None`` where its connection sets ``max_requests_per_minute`` to 0. Hooks of one account
-        that configure different ceilings share the lowest.
-        """
-        per_minute = settings.max_requests_per_minute
-        if not per_minute > 0:
-            return None
-        budgets = cls._budgets.setdefault(asyncio.get_running_loop(), {})
-        key = account_key(settings)
-        budget = budgets.get(key)
-        if budget is None:
-            budget = budgets[key] = AccountRateLimiter(per_minute)
-        elif per_minute < budget.per_minute:
-            budget.set_ceiling(per_minute)
-        return budget

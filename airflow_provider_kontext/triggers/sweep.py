@@ -113,18 +113,17 @@ class SweepReading:
         :attr:`~.slices.Slice.finds_unknown`).
     :param on_item: called with ``(prediction_id, item)`` for each wanted item, at once.
     :param on_list_failed: called when a page fails for good (not for a ``429``).
-
     :param own: every prediction the watcher holds a wait on, wanted now or not (counted in
         :attr:`running_own`).
     :param count_until: count in :attr:`running` only predictions created no later than this
-        (microseconds; ``None``: none). Newer ones may be the watcher's own whose waits have not
-        joined yet.
-    :param on_page: called after each page read, with the reading.
+        (microseconds; ``None``: count none). Newer ones may be the watcher's own whose waits have
+        not joined yet.
+    :param on_page: called with the reading after each page (its counts so far).
 
     After :meth:`read`, :attr:`missing` holds the wanted ids not found, :attr:`pages` the pages
     read, and :attr:`seen` the ``created_at`` (microseconds, unsorted) of every item read;
-    :attr:`running` counts the unfinished predictions read that were created by ``count_until``,
-    :attr:`running_own` those of them in ``own`` (as soon as each page is read).
+    :attr:`running` counts the unfinished predictions read (of the pages read, which stop once
+    their waits are found) created by ``count_until``, :attr:`running_own` those of them in ``own``.
     """
 
     def __init__(
@@ -196,16 +195,18 @@ class SweepReading:
         micros = None if created is None else to_micros(created)
         if micros is not None:
             self.seen.append(micros)
-        prediction_id = item.get("id")
+        raw_id, status = item.get("id"), item.get("status")
+        prediction_id = raw_id if isinstance(raw_id, str) else None
         if (
             self._count_until is not None
             and micros is not None
             and micros <= self._count_until
-            and item.get("status") not in TERMINAL_STATUSES
+            and isinstance(status, str)
+            and status not in TERMINAL_STATUSES
         ):
             self.running += 1
-            self.running_own += prediction_id in self._own
-        if not isinstance(prediction_id, str) or prediction_id not in self.wanted:
+            self.running_own += int(prediction_id is not None and prediction_id in self._own)
+        if prediction_id is None or prediction_id not in self.wanted:
             return
         self.missing.discard(prediction_id)
         piece.expected.discard(prediction_id)

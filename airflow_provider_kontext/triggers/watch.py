@@ -21,9 +21,12 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+
+from pydantic import ValidationError
 
 from airflow_provider_kontext.edits.progress import PROGRESS_LOG_SECONDS
+from airflow_provider_kontext.models import TERMINAL_STATUSES, PredictionPage
 from airflow_provider_kontext.triggers.slices import parse_time
 from airflow_provider_kontext.triggers.source import SoloSource
 
@@ -32,7 +35,14 @@ if TYPE_CHECKING:
     from airflow_provider_kontext.hooks.retry import RetryLimits
     from airflow_provider_kontext.models import Prediction
 
-__all__ = ["LOGS_EVERY_SECONDS", "NEEDS_OWN_READ", "NeedsOwnRead", "SharedSource", "SweepService"]
+__all__ = [
+    "LOGS_EVERY_SECONDS",
+    "NEEDS_OWN_READ",
+    "NeedsOwnRead",
+    "SharedSource",
+    "SweepService",
+    "answer_from_item",
+]
 
 #: While a prediction processes, a full read (with ``logs``) at most this often.
 LOGS_EVERY_SECONDS = PROGRESS_LOG_SECONDS
@@ -244,3 +254,34 @@ class SharedSource:
         """Leave the watcher (the last one out stops it)."""
         self._disarm()
         await self.watcher.leave(self)
+
+
+def answer_from_item(item: dict[str, Any], waits: list[SharedSource]) -> list[SharedSource]:
+    """Deliver a list item to the waits on its prediction that want it (due, ended or changed).
+
+    A prediction that ended other than ``succeeded``, or an item that does not parse, is
+    :data:`NEEDS_OWN_READ` (its error and log tail come from a full read).
+
+    :returns: the waits it delivered the prediction to.
+    """
+    status = item.get("status")
+    prediction: Prediction | None = None
+    answered: list[SharedSource] = []
+    for wait in waits:
+        if wait.created_at is None:
+            wait.created_at = parse_time(item.get("created_at"))
+        if not wait.waiting or not (wait.due or status in TERMINAL_STATUSES or status != wait.last_status):
+            continue
+        if status in TERMINAL_STATUSES and status != "succeeded":
+            wait.deliver(NEEDS_OWN_READ)
+            continue
+        if prediction is None:
+            try:
+                prediction = PredictionPage.prediction(item)
+            except ValidationError:
+                wait.deliver(NEEDS_OWN_READ)
+                continue
+        wait.note_seen(prediction, full=False)
+        wait.deliver(prediction)
+        answered.append(wait)
+    return answered

@@ -28,11 +28,9 @@ page answers for up to 100 waits. Each trigger still decides *when* it wants to 
   single reads leave (:class:`~.sweep.SweepShare`). A ``429`` pauses the account until the reset
   it names; the throttled slice's due waits stay due for the next sweep. A sweep delivers a
   prediction to every wait that is due, whose prediction ended, or whose status changed.
-- **Its share of the account.** While the budget is in its slow start, sweeps count how many of the
-  account's unfinished predictions (no newer than its own newest) are its own, and, once no wait has
-  joined for :data:`SHARE_SETTLE_SECONDS`, tell the budget
-  (:meth:`~airflow_provider_kontext.hooks.rate_limit.AccountRateLimiter.expect_share`): several
-  triggerers that start together each stop near their part instead of doubling into the limit.
+- **Its share of the account.** During the budget's slow start, a sweep tells it what share of the
+  unfinished predictions it read (up to its newest wait's) are its own, once no wait joined for
+  :data:`SHARE_SETTLE_SECONDS`: triggerers starting together each stop near their part.
 - **Single reads where the list cannot answer:** a prediction missing from the window, an item that
   does not parse, a prediction that ended other than ``succeeded`` (its error and log tail come
   from a full read), and, because list items carry no ``logs``, one full read per
@@ -57,12 +55,10 @@ import contextlib
 import math
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
-from airflow_provider_kontext.hooks.rate_limit import REPLICATE_PER_MINUTE, AccountRateLimiters, account_key
-from airflow_provider_kontext.models import Prediction, PredictionPage
+from airflow_provider_kontext.hooks.accounts import AccountRateLimiters, account_key
+from airflow_provider_kontext.hooks.rate_limit import REPLICATE_PER_MINUTE
 from airflow_provider_kontext.triggers.slices import PAGE_SIZE, parse_time, plan_slices, to_micros
 from airflow_provider_kontext.triggers.source import PredictionSource, SoloSource
 from airflow_provider_kontext.triggers.sweep import (
@@ -72,7 +68,7 @@ from airflow_provider_kontext.triggers.sweep import (
     SweepShare,
     sweep_gap,
 )
-from airflow_provider_kontext.triggers.watch import NEEDS_OWN_READ, SharedSource
+from airflow_provider_kontext.triggers.watch import NEEDS_OWN_READ, SharedSource, answer_from_item
 
 if TYPE_CHECKING:
     from airflow_provider_kontext.hooks.connection import ClientSettings
@@ -93,16 +89,13 @@ FALLBACK_SECONDS = MAX_SWEEP_GAP + 5.0
 LIST_RETRY_SECONDS = 60.0
 #: The rate assumed where the connection sets no budget: Replicate's, requests per second.
 UNBUDGETED_RATE = REPLICATE_PER_MINUTE / 60.0
-#: Unfinished predictions a sweep must have read before it tells the budget what share is its own.
-MIN_SHARE_SAMPLE = 20
-#: ...and only once no wait has joined for this long (seconds): before, others' predictions may be
-#: its own whose waits are still on their way.
+#: A sweep tells the budget its share (after each page) from this many unfinished predictions read...
+MIN_SHARE_SAMPLE = PAGE_SIZE
+#: ...once no wait joined for this long (seconds; before, others' may be its own, on their way).
 SHARE_SETTLE_SECONDS = 1.0
 #: How far around the waits' oldest and newest ``created_at`` the window reaches (servers round
 #: timestamps), microseconds.
 WINDOW_MARGIN_MICROS = 2_000_000
-
-_TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 
 async def open_source(
@@ -127,7 +120,7 @@ class PredictionWatcher:
     It implements :class:`~.watch.SweepService` for its :class:`~.watch.SharedSource` s, and is
     made by their first :meth:`join` and stopped by their last :meth:`leave`.
 
-    :param key: the account's key (:func:`~airflow_provider_kontext.hooks.rate_limit.account_key`).
+    :param key: the account's key (:func:`~airflow_provider_kontext.hooks.accounts.account_key`).
     :param conn_id: the connection its own hook reads the list with.
     :param settings: the connection's settings (``list_min_waits``, the account's request budget).
     """
@@ -270,10 +263,9 @@ class PredictionWatcher:
         return gap
 
     def _expect_share(self, reading: SweepReading) -> None:
-        """Tell the account's budget what share of its unfinished predictions this watcher waits on.
+        """Tell the budget what share of the unfinished predictions read this watcher waits on.
 
-        Others' unfinished predictions are likely polled by other triggerers or programs on the
-        account: a budget still in its slow start stops growing at about its part
+        Others' are likely polled by other triggerers or programs on the account
         (:meth:`~airflow_provider_kontext.hooks.rate_limit.AccountRateLimiter.expect_share`).
         """
         if reading.running < MIN_SHARE_SAMPLE or time.monotonic() - self._joined_at < SHARE_SETTLE_SECONDS:
@@ -382,7 +374,7 @@ class PredictionWatcher:
             self.hook,
             set(targets),
             unknown_ids,
-            on_item=lambda pid, item: self._answer_from_item(item, targets[pid]),
+            on_item=lambda pid, item: self._due.difference_update(answer_from_item(item, targets[pid])),
             on_list_failed=lambda: setattr(self, "list_failed_at", time.monotonic()),
             own=self.waits.keys(),
             count_until=max(known.values(), default=None) if counting else None,
@@ -406,25 +398,3 @@ class PredictionWatcher:
                         wait.note_missed()
                         self._due.discard(wait)
         # Waits that became due during the sweep stay due: the next sweep answers them.
-
-    def _answer_from_item(self, item: dict[str, Any], waits: list[SharedSource]) -> None:
-        """Deliver a list item to the waits on its prediction that want it (due, ended or changed)."""
-        status = item.get("status")
-        prediction: Prediction | None = None
-        for wait in waits:
-            if wait.created_at is None:
-                wait.created_at = parse_time(item.get("created_at"))
-            if not wait.waiting or not (wait.due or status in _TERMINAL or status != wait.last_status):
-                continue
-            if status in _TERMINAL and status != "succeeded":
-                wait.deliver(NEEDS_OWN_READ)  # its error and log tail come from a full read
-                continue
-            if prediction is None:
-                try:
-                    prediction = PredictionPage.prediction(item)
-                except ValidationError:
-                    wait.deliver(NEEDS_OWN_READ)
-                    continue
-            wait.note_seen(prediction, full=False)
-            wait.deliver(prediction)
-            self._due.discard(wait)

@@ -19,9 +19,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from airflow_provider_kontext.hooks.accounts import AccountRateLimiters, account_key
 from airflow_provider_kontext.hooks.connection import ClientSettings
 from airflow_provider_kontext.hooks.kontext import FluxKontextHook
-from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter, AccountRateLimiters, account_key
+from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter
 
 TOKEN = "r8_budget_test_token_0123456789"
 

@@ -20,15 +20,17 @@ import pytest
 
 from airflow_provider_kontext.exceptions import FluxKontextAPIError
 from airflow_provider_kontext.hooks import rate_limit as budget_module
+from airflow_provider_kontext.hooks.accounts import AccountRateLimiters
 from airflow_provider_kontext.hooks.api import parsed_page
 from airflow_provider_kontext.hooks.connection import ClientSettings
-from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter, AccountRateLimiters
+from airflow_provider_kontext.hooks.rate_limit import AccountRateLimiter
 from airflow_provider_kontext.models import PredictionPage
 from airflow_provider_kontext.testing import FluxKontextEmulator
 from airflow_provider_kontext.testing.ratelimit import RateLimit, RateLimiter
 from airflow_provider_kontext.triggers import watcher as watcher_module
 from airflow_provider_kontext.triggers.slices import (
     PAGE_SIZE,
+    Slice,
     micros_to_iso,
     parse_time,
     plan_slices,
@@ -39,6 +41,7 @@ from airflow_provider_kontext.triggers.sweep import (
     MAX_SWEEP_SHARE,
     MIN_SWEEP_GAP,
     MIN_SWEEP_SHARE,
+    SweepReading,
     SweepShare,
     sweep_gap,
 )
@@ -235,6 +238,41 @@ def test_the_expected_share_changes_nothing_after_the_slow_start() -> None:
     budget.expect_share(0.05)
     assert budget.rate == cut
     assert budget.decreases == 1
+
+
+def test_a_share_that_jitters_still_ends_the_slow_start_after_the_hold() -> None:
+    """Check that the hold counts from the first time the share was reached, not from each new share."""
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    for step in range(40):  # 20 s of a share that moves a little at every sweep
+        budget.expect_share(0.25 if step % 2 else 0.26)
+        spend(budget, clock, 0.5)
+    assert not budget.slow_start
+    assert budget.rate > 0.26 * ACCOUNT  # probing above its share
+
+
+def test_a_share_cut_during_the_hold_cuts_the_rate_and_the_hold_ends_as_it_would_have() -> None:
+    clock = Clock()
+    budget = AccountRateLimiter(2400, clock=clock)
+    budget.expect_share(0.5)
+    spend(budget, clock, 1.55)  # 10/s grown to half of the account (25/s): the hold begins
+    assert budget.rate == pytest.approx(0.5 * ACCOUNT)
+    spend(budget, clock, budget_module.SHARE_HOLD_SECONDS - 1.1)
+    budget.expect_share(0.25)
+    assert budget.rate == pytest.approx(0.25 * ACCOUNT)  # brought down at once
+    assert budget.slow_start
+    spend(budget, clock, 1.1)
+    assert not budget.slow_start
+    assert budget.rate < 0.3 * ACCOUNT  # probing from the new share, not the old one
+
+
+def test_a_budget_told_no_share_doubles_up_to_its_ceiling() -> None:
+    """Check that without a share a slow start is not capped, even above Replicate's limit."""
+    clock = Clock()
+    budget = AccountRateLimiter(6000, clock=clock)
+    spend(budget, clock, 3.05)
+    assert budget.rate == budget.ceiling == 100.0
+    assert budget.slow_start
 
 
 async def test_a_lower_ceiling_of_the_account_caps_the_rate() -> None:
@@ -458,6 +496,42 @@ async def test_a_sweep_stops_paging_once_its_waits_are_found(
     assert all(call["created_before"] and call["created_after"] for call in list_calls)
 
 
+class OnePage:
+    """A hook whose list answers one page of ``items``."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    async def alist_predictions(self, **_: Any) -> PredictionPage:
+        return PredictionPage(results=self.items)
+
+
+async def test_a_sweep_counts_the_unfinished_predictions_up_to_its_newest_and_its_own_among_them() -> None:
+    """Check what a sweep counts towards its share: unfinished, created by its newest wait, its own."""
+    at = [micros_to_iso(to_micros(parse_time("2026-12-06T10:00:00Z")) + n * 1_000_000) for n in range(6)]  # type: ignore[arg-type]
+    items: list[dict[str, Any]] = [
+        {"id": "own-1", "status": "processing", "created_at": at[0]},
+        {"id": "other-1", "status": "starting", "created_at": at[1]},
+        {"id": "other-2", "status": "succeeded", "created_at": at[1]},  # ended: not counted
+        {"id": "other-3", "status": "processing"},  # no created_at: not counted
+        {"id": ["odd"], "status": {"odd": 1}, "created_at": at[2]},  # malformed: not counted, no error
+        {"id": "own-2", "status": "processing", "created_at": at[3]},
+        {"id": "other-4", "status": "processing", "created_at": at[5]},  # newer than its newest
+    ]
+    reading = SweepReading(
+        OnePage(items),  # type: ignore[arg-type]
+        {"own-2"},
+        set(),
+        on_item=lambda _pid, _item: None,
+        on_list_failed=lambda: None,
+        own={"own-1", "own-2"},
+        count_until=to_micros(parse_time(at[3])),  # type: ignore[arg-type]
+    )
+    assert await reading.read([Slice(None, None, expected={"own-2"})]) == [True]
+    assert (reading.running, reading.running_own) == (3, 2)
+    assert reading.missing == set()
+
+
 @pytest.fixture
 def told_shares(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Return every share the watchers tell their budgets is their own."""
@@ -472,33 +546,32 @@ def told_shares(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return told
 
 
+@pytest.mark.parametrize(
+    ("settle_seconds", "tells"), [(0.0, True), (3600.0, False)], ids=["settled", "joining"]
+)
 async def test_a_watcher_tells_its_budget_what_share_of_the_running_predictions_is_its_own(
     emu: FluxKontextEmulator,  # noqa: F811
     told_shares: list[float],
     monkeypatch: pytest.MonkeyPatch,
+    settle_seconds: float,
+    tells: bool,
 ) -> None:
-    """Check that waits on every fourth of 80 running predictions tell the budget about a quarter."""
-    monkeypatch.setattr(watcher_module, "SHARE_SETTLE_SECONDS", 0.0)
-    predictions = create(emu, 80)
-    ours = predictions[::4]
-    events = await wait_all([trigger(p, created_at=p["created_at"]) for p in ours])
-    assert [e["status"] for e in events] == ["succeeded"] * 20
-    assert told_shares
-    # Counted up to the newest of its own: at most 20 of about 77 running predictions are its own.
-    assert all(0.2 <= told <= 0.45 for told in told_shares), told_shares
+    """Check that waits on every fourth of 80 running predictions tell the budget about a quarter.
 
-
-async def test_a_watcher_whose_waits_are_still_joining_tells_its_budget_nothing(
-    emu: FluxKontextEmulator,  # noqa: F811
-    told_shares: list[float],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Check that no share is told while waits keep joining (others' may be its own, on their way)."""
-    monkeypatch.setattr(watcher_module, "SHARE_SETTLE_SECONDS", 3600.0)
+    Only once no wait has joined for the settle time: while waits keep joining, others'
+    predictions may be its own on their way, and it tells nothing.
+    """
+    monkeypatch.setattr(watcher_module, "SHARE_SETTLE_SECONDS", settle_seconds)
+    monkeypatch.setattr(watcher_module, "MIN_SHARE_SAMPLE", 20)  # told from a page of 80, not 100
     predictions = create(emu, 80)
     events = await wait_all([trigger(p, created_at=p["created_at"]) for p in predictions[::4]])
     assert [e["status"] for e in events] == ["succeeded"] * 20
-    assert told_shares == []
+    if not tells:
+        assert told_shares == []
+        return
+    assert told_shares
+    # Counted up to the newest of its own: at most 20 of about 77 running predictions are its own.
+    assert all(0.2 <= told <= 0.45 for told in told_shares), told_shares
 
 
 async def test_a_burst_on_predictions_already_done_is_answered_by_sweeps(emu: FluxKontextEmulator) -> None:  # noqa: F811
