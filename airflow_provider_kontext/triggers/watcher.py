@@ -52,13 +52,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 import weakref
 from typing import TYPE_CHECKING
 
 from airflow_provider_kontext.hooks.accounts import AccountRateLimiters, account_key
-from airflow_provider_kontext.hooks.rate_limit import REPLICATE_PER_MINUTE
+from airflow_provider_kontext.hooks.rate_limit import REPLICATE_PER_MINUTE, AccountRateLimiter
 from airflow_provider_kontext.triggers.slices import PAGE_SIZE, parse_time, plan_slices, to_micros
 from airflow_provider_kontext.triggers.source import PredictionSource, SoloSource
 from airflow_provider_kontext.triggers.sweep import (
@@ -262,16 +263,13 @@ class PredictionWatcher:
             budget.hold_back(gap)  # the rate is in use: it may grow
         return gap
 
-    def _expect_share(self, reading: SweepReading) -> None:
-        """Tell the budget what share of the unfinished predictions read this watcher waits on.
+    def _expect_share(self, budget: AccountRateLimiter, reading: SweepReading) -> None:
+        """Tell ``budget`` what share of the unfinished predictions read this watcher waits on.
 
         Others' are likely polled by other triggerers or programs on the account
         (:meth:`~airflow_provider_kontext.hooks.rate_limit.AccountRateLimiter.expect_share`).
         """
-        if reading.running < MIN_SHARE_SAMPLE or time.monotonic() - self._joined_at < SHARE_SETTLE_SECONDS:
-            return
-        budget = AccountRateLimiters.get(self.settings)
-        if budget is not None and budget.slow_start:
+        if reading.running >= MIN_SHARE_SAMPLE and time.monotonic() - self._joined_at >= SHARE_SETTLE_SECONDS:
             budget.expect_share(reading.running_own / reading.running)
 
     def _measure_share(self) -> None:
@@ -369,7 +367,7 @@ class PredictionWatcher:
         unknown_ids = set(targets) - set(known)
         slices = plan_slices(known, len(unknown_ids), self.last_seen, WINDOW_MARGIN_MICROS)
         budget = AccountRateLimiters.get(self.settings)
-        counting = budget is not None and budget.slow_start  # the share only matters to a slow start
+        telling = budget if budget is not None and budget.slow_start else None  # only a slow start uses it
         reading = SweepReading(
             self.hook,
             set(targets),
@@ -377,8 +375,8 @@ class PredictionWatcher:
             on_item=lambda pid, item: self._due.difference_update(answer_from_item(item, targets[pid])),
             on_list_failed=lambda: setattr(self, "list_failed_at", time.monotonic()),
             own=self.waits.keys(),
-            count_until=max(known.values(), default=None) if counting else None,
-            on_page=self._expect_share,
+            count_until=None if telling is None else max(known.values(), default=None),
+            on_page=None if telling is None else functools.partial(self._expect_share, telling),
         )
         complete = await reading.read(slices)
         self.pages_read += reading.pages
