@@ -94,8 +94,17 @@ class SweepShare:
             others_rate = (others - self._mark[1]) / (now - self._mark[0])
             self.measured = min(MAX_SWEEP_SHARE, max(MIN_SWEEP_SHARE, 1.0 - others_rate / rate))
         self._mark = (now, others)
-        self.share = MIN_SWEEP_SHARE if rate >= ceiling else self.measured
+        self.share = self.at(rate, ceiling)
         return self.share
+
+    def at(self, rate: float, ceiling: float = math.inf) -> float:
+        """Return the share for the budget's ``rate`` and ``ceiling`` as they are now.
+
+        The last measure, or the least share at the ceiling. Taken again when the gap to the next
+        sweep is reckoned: a rate cut during a sweep (a ``429``, or the slow start brought back to
+        its share of the account) must not be paired with a share picked at the ceiling before it.
+        """
+        return MIN_SWEEP_SHARE if rate >= ceiling else self.measured
 
     def measure(self, now: float, budget: AccountRateLimiter | None, pages: int) -> float:
         """Call :meth:`update` with the account's budget (``None``: the account has none)."""

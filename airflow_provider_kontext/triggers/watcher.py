@@ -258,7 +258,8 @@ class PredictionWatcher:
         """Return the least seconds between sweeps; where the budget's rate holds them back, tell it."""
         budget = AccountRateLimiters.get(self.settings)
         rate = budget.rate if budget is not None else UNBUDGETED_RATE
-        gap = sweep_gap(self.last_sweep_pages, rate, self.share.share)
+        share = self.share.at(rate, budget.ceiling) if budget is not None else self.share.share
+        gap = sweep_gap(self.last_sweep_pages, rate, share)
         if budget is not None and gap > self.shortest_interval / 2:
             budget.hold_back(gap)  # the rate is in use: it may grow
         return gap

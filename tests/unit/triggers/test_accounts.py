@@ -399,6 +399,34 @@ def test_at_the_budgets_ceiling_sweeps_take_their_least_share() -> None:
     assert share.update(2.0, granted=60, pages=60, rate=20.0, ceiling=40.0) == MAX_SWEEP_SHARE  # cut: below
 
 
+def test_a_share_picked_at_the_ceiling_is_not_kept_once_the_rate_is_cut() -> None:
+    """Check that the share follows the rate the gap is reckoned with, not the one a sweep began at.
+
+    A slow start at its ceiling when a sweep begins, brought back to its share of the account
+    during it: paired with the least share picked at the ceiling, the cut rate made a 20-page
+    sweep wait 3 s for the next, 1.5 s of it idle.
+    """
+    share = SweepShare()
+    share.update(0.0, granted=0, pages=0, rate=10.0, ceiling=40.0)
+    assert share.update(1.0, granted=20, pages=20, rate=40.0, ceiling=40.0) == MIN_SWEEP_SHARE
+    assert share.at(12.5, ceiling=40.0) == MAX_SWEEP_SHARE  # what the others left: nothing taken
+    assert sweep_gap(20, 12.5, share.at(12.5, 40.0)) == pytest.approx(20 / (0.9 * 12.5))
+    assert share.at(40.0, ceiling=40.0) == MIN_SWEEP_SHARE
+
+
+async def test_the_watchers_gap_after_a_rate_cut_uses_the_share_for_the_cut_rate() -> None:
+    settings = ClientSettings("c", "https://api.replicate.com", token="r8_accounts_gap_test_0123456789")
+    watcher = watcher_module.PredictionWatcher("account", "c", settings)
+    budget = AccountRateLimiters.get(settings)
+    assert budget is not None
+    budget._set_rate(budget.ceiling)
+    watcher._measure_share()  # a sweep begins with the slow start at its ceiling
+    assert watcher.share.share == MIN_SWEEP_SHARE
+    watcher.last_sweep_pages = 20
+    budget._set_rate(12.5)  # brought back to its share of the account during that sweep
+    assert watcher._sweep_gap() == pytest.approx(20 / (MAX_SWEEP_SHARE * 12.5))
+
+
 def test_without_a_budget_sweeps_take_their_least_share() -> None:
     share = SweepShare()
     share.update(0.0, granted=0, pages=0, rate=40.0)
