@@ -112,7 +112,9 @@ class BatchFinisher:
         to_save: list[tuple[int, dict[str, Any]]] = []
         now = time.time()
         for prediction_id, deadline in pending.items():
-            index = index_of[prediction_id]
+            index = index_of.get(prediction_id)
+            if index is None:  # recorded since ``pending`` was read (a kill canceled it): that stands
+                continue
             entry = dict(self.ledger.entry(index) or {})
             item = finals.get(prediction_id) or {}
             outcome = item.get("status")

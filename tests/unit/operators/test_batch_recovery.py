@@ -199,6 +199,36 @@ def test_killing_the_waiting_batch_cancels_its_predictions_and_a_retry_edits_the
     assert emu.created_count == 12
 
 
+def test_a_kill_recorded_while_the_batch_finishes_stands(
+    emu: FluxKontextEmulator, shots: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Check that the finish skips predictions the kill recorded after it listed what to settle.
+
+    ``on_kill`` runs on a thread of its own and may record its cancels while the worker's wait is
+    settling the same predictions: the finish failed with a ``KeyError`` on the first of them.
+    """
+    from airflow_provider_kontext.operators import batch_finish
+    from airflow_provider_kontext.operators.batch_kill import KILLED_WHY
+
+    real_settle = batch_finish.BatchFinisher.settle
+
+    def settle_after_a_kill(self: Any, items: Any, pending: Any, finals: Any, message: Any) -> None:
+        for index, entry in list(self.ledger.entries()):  # what cancel_one records, meanwhile
+            if entry and entry.get("s") == CREATED:
+                self.ledger.put(index, flush=False, **{**entry, "s": "killed", "e": KILLED_WHY})
+        real_settle(self, items, pending, finals, message)
+
+    monkeypatch.setattr(batch_finish.BatchFinisher, "settle", settle_after_a_kill)
+    store = FakeStore()
+    with pytest.raises(FluxKontextBatchFailed) as info:
+        make_op(input_images=str(shots)).execute(make_context(store))
+    assert not isinstance(info.value, FluxKontextBatchFailedNoRetry)
+    assert "6 of 6 images were not edited" in str(info.value)
+    reread = BatchLedger(store, 6, durable=True)
+    reread.load()
+    assert {str((entry or {}).get("s")) for _, entry in reread.entries()} == {"killed"}
+
+
 def test_killing_the_batch_while_it_creates_stops_the_creates(emu: FluxKontextEmulator, shots: Path) -> None:
     store = FakeStore()
     op = make_op(input_images=str(shots), creates_per_minute=120, max_concurrent_creates=1)
