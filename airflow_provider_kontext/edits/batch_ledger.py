@@ -172,16 +172,44 @@ class BatchLedger:
 
         :return: the change's number, for :meth:`flush`.
         """
-        if isinstance(entry.get("e"), str):
-            entry["e"] = entry["e"][:MAX_ERROR]
         with self._lock:
-            self._entries[index] = {key: value for key, value in entry.items() if value is not None} or None
-            self._dirty.add(index // CHUNK)
-            self._changes += 1
-            change = self._changes
+            change = self._set(index, entry)
         if flush:
             self._write_through(change)
         return change
+
+    def update(
+        self, index: int, prediction_id: str, states: frozenset[str], *, flush: bool = True, **changes: Any
+    ) -> bool:
+        """Merge ``changes`` into an image's entry if it still records ``prediction_id`` in one of ``states``.
+
+        A compare-and-set: ``on_kill``'s thread and the batch's finish record outcomes of the same
+        predictions, and whichever comes second must not overwrite the other's record with an entry
+        it read before. A change to ``None`` removes that field. Stored before this returns unless
+        ``flush=False`` (then :meth:`flush`).
+
+        :return: whether the entry was changed (``False``: it records another state or prediction).
+        """
+        with self._lock:
+            current = self._entries[index]
+            if not current or current.get("id") != prediction_id or current.get("s") not in states:
+                return False
+            change = self._set(index, {**current, **changes})
+        if flush:
+            self._write_through(change)
+        return True
+
+    def _set(self, index: int, entry: dict[str, Any]) -> int:
+        """Replace an entry in memory and mark its chunk changed (the caller holds the lock).
+
+        :return: the change's number.
+        """
+        if isinstance(entry.get("e"), str):
+            entry["e"] = entry["e"][:MAX_ERROR]
+        self._entries[index] = {key: value for key, value in entry.items() if value is not None} or None
+        self._dirty.add(index // CHUNK)
+        self._changes += 1
+        return self._changes
 
     def drop(self, index: int) -> None:
         """Forget an image's entry (its create provably made nothing)."""

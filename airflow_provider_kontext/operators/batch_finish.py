@@ -46,6 +46,9 @@ NO_STORE = (
 )
 #: Finished images recorded per write of the ledger while outputs are saved.
 FLUSH_EVERY = 50
+#: The finish records an outcome only over an entry still waiting on its prediction: a kill's
+#: record made meanwhile (on its own thread) stands.
+STILL_CREATED = frozenset({CREATED})
 
 
 class FinishingTask(Protocol):
@@ -109,24 +112,23 @@ class BatchFinisher:
             for index, entry in self.ledger.entries()
             if entry and entry.get("s") == CREATED and entry.get("id")
         }
-        to_save: list[tuple[int, dict[str, Any]]] = []
+        to_save: list[tuple[int, str, dict[str, Any]]] = []
         now = time.time()
         for prediction_id, deadline in pending.items():
             index = index_of.get(prediction_id)
             if index is None:  # recorded since ``pending`` was read (a kill canceled it): that stands
                 continue
-            entry = dict(self.ledger.entry(index) or {})
             item = finals.get(prediction_id) or {}
             outcome = item.get("status")
             if outcome == "succeeded":
-                to_save.append((index, item))
+                to_save.append((index, prediction_id, item))
             elif outcome in TERMINAL or outcome == "lost":
-                entry.update(s=outcome, e=_error_text(item, self.op.hook.redact))
-                self.ledger.put(index, flush=False, **entry)
+                error = _error_text(item, self.op.hook.redact)
+                self.ledger.update(index, prediction_id, STILL_CREATED, flush=False, s=outcome, e=error)
             elif now >= deadline:
                 self.op._cancel(prediction_id, "it did not finish within the timeout")
-                entry.update(s="timeout", e=f"did not finish within {self.op._timeout_seconds():.0f}s")
-                self.ledger.put(index, flush=False, **entry)
+                why = f"did not finish within {self.op._timeout_seconds():.0f}s"
+                self.ledger.update(index, prediction_id, STILL_CREATED, flush=False, s="timeout", e=why)
             else:
                 self.unsettled[index] = (
                     message or f"prediction {prediction_id} is still {outcome or 'unknown'}"
@@ -135,7 +137,7 @@ class BatchFinisher:
         if to_save:
             workers = min(self.op.max_concurrent_downloads, len(to_save))
             with ThreadPoolExecutor(workers, thread_name_prefix="kontext-save") as pool:
-                list(pool.map(lambda pair: self._save(*pair), to_save))
+                list(pool.map(lambda args: self._save(*args), to_save))
             self.ledger.flush()
 
     async def _read(self, unread: list[str]) -> dict[str, dict[str, Any]]:
@@ -160,31 +162,31 @@ class BatchFinisher:
         finally:
             await hook.aclose()
 
-    def _save(self, index: int, item: dict[str, Any]) -> None:
+    def _save(self, index: int, prediction_id: str, item: dict[str, Any]) -> None:
         """Hand on one succeeded prediction's outputs (saved under ``output_path``) and record it."""
         from airflow_provider_kontext.edits.events import prediction_event
         from airflow_provider_kontext.exceptions import FluxKontextPredictionFailedNoRetry
         from airflow_provider_kontext.models import Prediction
 
         op = self.op
-        entry = dict(self.ledger.entry(index) or {})
         event = prediction_event(Prediction.model_validate(item), op.hook.redact)
+        outcome: dict[str, Any]
         if not op.output_path and any(url.startswith("data:") for url in event.output):
-            entry.update(s="unusable", e="inline data: outputs need output_path in a batch")
+            outcome = {"s": "unusable", "e": "inline data: outputs need output_path in a batch"}
         else:
             try:
                 outputs = op._keep_outputs(event, self._names[index], self._wheres[index])
             except FluxKontextPredictionFailedNoRetry as exc:
-                entry.update(s="unusable", e=op.hook.redact(str(exc)))
+                outcome = {"s": "unusable", "e": op.hook.redact(str(exc))}
             except FluxKontextPredictionFailed as exc:
-                entry.update(s="lost", e=op.hook.redact(str(exc)))
+                outcome = {"s": "lost", "e": op.hook.redact(str(exc))}
             except (FluxKontextError, OSError) as exc:
                 with self._lock:
                     self.unsettled[index] = op.hook.redact(f"saving its outputs failed: {exc}")
                 return
             else:
-                entry.update(s=SUCCEEDED, o=outputs)
-        self.ledger.put(index, flush=False, **entry)
+                outcome = {"s": SUCCEEDED, "o": outputs}
+        self.ledger.update(index, prediction_id, STILL_CREATED, flush=False, **outcome)
         with self._lock:
             self._saved += 1
             flush = self._saved % FLUSH_EVERY == 0

@@ -28,6 +28,10 @@ KILL_SECONDS = 20.0
 CANCEL_WORKERS = 8
 #: Statuses a cancel may answer in which nothing usable remains: the image is edited again.
 NOTHING_KEPT = frozenset({"canceled", "aborted"})
+#: The entries a cancel that kept nothing records ``killed``: still waiting, or already recorded
+#: ``canceled``/``aborted`` by the batch's finish, which read the prediction after this cancel (a
+#: retry must edit the image again, not take the cancel for a final failure).
+KILLABLE = frozenset({CREATED, "canceled", "aborted"})
 #: Why a killed image was not edited (its ledger entry, the failure message, ``predictions``).
 KILLED_WHY = "canceled because the task was killed"
 
@@ -46,12 +50,7 @@ def cancel_one(hook: Any, ledger: BatchLedger, index: int, prediction_id: str, l
     if status not in NOTHING_KEPT:
         log.info("Prediction %s is %s: kept", prediction_id, status)
         return False
-    entry = dict(ledger.entry(index) or {})
-    if entry.get("id") != prediction_id:
-        return False
-    entry.update(s=KILLED, e=KILLED_WHY)
-    ledger.put(index, flush=False, **entry)
-    return True
+    return ledger.update(index, prediction_id, KILLABLE, flush=False, s=KILLED, e=KILLED_WHY)
 
 
 def cancel_unfinished(

@@ -96,3 +96,20 @@ def test_flushing_a_change_a_later_write_stored_writes_nothing() -> None:
     assert "2" not in store.data[f"{BATCH_KEY}/0"]
     ledger.flush(later)
     assert set(store.data[f"{BATCH_KEY}/0"]) == {"0", "1", "2"}
+
+
+def test_an_update_changes_only_an_entry_still_as_expected() -> None:
+    store = SlowStore()
+    store.release.set()
+    ledger = BatchLedger(store, 3, durable=True)
+    ledger.put(0, s="created", id="p0", e="an older error")
+    ledger.put(1, s="killed", id="p1")
+
+    assert ledger.update(0, "p0", frozenset({"created"}), s="failed", e=None)
+    assert ledger.entry(0) == {"s": "failed", "id": "p0"}  # merged; a change to None removes the field
+    assert store.data[f"{BATCH_KEY}/0"]["0"] == {"s": "failed", "id": "p0"}  # stored before it returned
+    assert not ledger.update(1, "p1", frozenset({"created"}), s="failed")  # another state
+    assert not ledger.update(0, "p9", frozenset({"failed"}), s="succeeded")  # another prediction
+    assert not ledger.update(2, "p2", frozenset({"created"}), s="failed")  # no entry
+    assert ledger.entry(1) == {"s": "killed", "id": "p1"}
+    assert ledger.entry(2) is None

@@ -19,7 +19,7 @@ import pytest
 from emulated import options, png
 
 from airflow_provider_kontext.compat import TaskDeferred
-from airflow_provider_kontext.edits.batch_ledger import CREATED, CREATING, BatchLedger
+from airflow_provider_kontext.edits.batch_ledger import CREATED, CREATING, KILLED, BatchLedger
 from airflow_provider_kontext.exceptions import (
     FluxKontextBatchFailed,
     FluxKontextBatchFailedNoRetry,
@@ -215,7 +215,7 @@ def test_a_kill_recorded_while_the_batch_finishes_stands(
     def settle_after_a_kill(self: Any, items: Any, pending: Any, finals: Any, message: Any) -> None:
         for index, entry in list(self.ledger.entries()):  # what cancel_one records, meanwhile
             if entry and entry.get("s") == CREATED:
-                self.ledger.put(index, flush=False, **{**entry, "s": "killed", "e": KILLED_WHY})
+                self.ledger.put(index, flush=False, **{**entry, "s": KILLED, "e": KILLED_WHY})
         real_settle(self, items, pending, finals, message)
 
     monkeypatch.setattr(batch_finish.BatchFinisher, "settle", settle_after_a_kill)
@@ -226,7 +226,43 @@ def test_a_kill_recorded_while_the_batch_finishes_stands(
     assert "6 of 6 images were not edited" in str(info.value)
     reread = BatchLedger(store, 6, durable=True)
     reread.load()
-    assert {str((entry or {}).get("s")) for _, entry in reread.entries()} == {"killed"}
+    assert {str((entry or {}).get("s")) for _, entry in reread.entries()} == {KILLED}
+
+
+def test_a_kill_and_the_finish_recording_the_same_prediction_leave_it_killed() -> None:
+    """Check that the kill's record stands whichever of the two records an image first.
+
+    The finish read an image's entry, worked out the outcome, then wrote the entry back: a cancel
+    that ``on_kill``'s thread recorded in between was overwritten with ``canceled``, a final failure
+    a retry does not redo. The other order (the finish first) must end ``killed`` too.
+    """
+    from types import SimpleNamespace
+
+    from airflow_provider_kontext.edits.batch_items import BatchItem
+    from airflow_provider_kontext.operators.batch_finish import BatchFinisher
+    from airflow_provider_kontext.operators.batch_kill import cancel_one
+
+    canceled = SimpleNamespace(status=SimpleNamespace(value="canceled"))
+    kill_hook = SimpleNamespace(cancel_prediction=lambda prediction_id: canceled)
+    log = mock.Mock()
+    ledger = BatchLedger(FakeStore(), 2, durable=True)
+    for n in (0, 1):
+        ledger.put(n, s=CREATED, fp=f"f{n}", id=f"p{n}", t=1.0)
+
+    def redact(text: str) -> str:  # the kill's thread cancels image 0 while the finish records it
+        if ledger.entry(0) and ledger.entry(0).get("s") == CREATED:  # type: ignore[union-attr]
+            assert cancel_one(kill_hook, ledger, 0, "p0", log)
+        return text
+
+    op = SimpleNamespace(hook=SimpleNamespace(redact=redact), _timeout_seconds=lambda: 60.0)
+    items = [BatchItem(n, f"{n}.png", "p", None, f"{n}.png", f"f{n}") for n in (0, 1)]
+    ended = {f"p{n}": {"id": f"p{n}", "status": "canceled", "error": "Prediction canceled."} for n in (0, 1)}
+    BatchFinisher(op, ledger, log=log).settle(items, dict.fromkeys(ended, time.time() + 600), ended, None)
+
+    assert ledger.entry(0)["s"] == KILLED  # type: ignore[index]
+    assert ledger.entry(1)["s"] == "canceled"  # type: ignore[index]
+    assert cancel_one(kill_hook, ledger, 1, "p1", log)  # the kill after the finish recorded it
+    assert ledger.entry(1)["s"] == KILLED  # type: ignore[index]
 
 
 def test_killing_the_batch_while_it_creates_stops_the_creates(emu: FluxKontextEmulator, shots: Path) -> None:
