@@ -13,6 +13,9 @@ CLIENT is one of:
 - ``hook``: a fixed-interval loop over ``FluxKontextHook.aget_prediction`` (no trigger, no logging):
   splits the trigger's cost into the hook's and the rest.
 - ``aiohttp``: baseline (a), a minimal fixed-interval loop over one shared ``aiohttp.ClientSession``.
+- ``aiohttp-trigger``: baseline (a) written by hand as an Airflow trigger and run as ``trigger`` is
+  (the triggerer's harness and logging, the Task SDK imported): a control that tells the trigger's
+  own CPU from what any trigger costs in the triggerer's process.
 - ``httpx``: baseline (b), the same loop over one shared ``httpx.AsyncClient`` with httpx's own pool.
 - ``replicate``: baseline (c), the ``replicate`` client's ``Prediction.async_wait`` per prediction.
 
@@ -188,6 +191,69 @@ async def make_hook(base: str, interval: float, tally: Tally) -> tuple[Poller, C
     return poll, keeper.aclose
 
 
+async def enter_triggerer_harness(index: int, portal: bool) -> None:
+    """Do for the current task what ``TriggerRunner.run_trigger`` does before a trigger's ``run()``:
+    a greenback portal, and the trigger's ids bound to the log context.
+    """
+    import greenback
+    from structlog.contextvars import bind_contextvars
+
+    if portal:
+        await greenback.ensure_portal()
+    bind_contextvars(
+        trigger_id=index,
+        ti_id=f"0193e8a0-0000-7000-8000-{index:012d}",
+        dag_id="bench",
+        task_id="edit",
+        run_id="bench_run",
+        try_number=1,
+        map_index=index,
+    )
+
+
+async def make_aiohttp_trigger(
+    base: str, interval: float, tally: Tally, portal: bool
+) -> tuple[Poller, Callable[[], Awaitable[None]]]:
+    """Baseline (a) written as an Airflow trigger by hand, run in the triggerer's harness as ``trigger``
+    is: the same loop over one shared session, in a process that has imported and set up what the
+    triggerer's has (the Task SDK, its logging), so the two differ only in the trigger's own work.
+    """
+    import aiohttp
+    from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    class BarePollTrigger(BaseTrigger):  # type: ignore[misc]
+        def __init__(self, prediction_id: str, poll_interval: float) -> None:
+            super().__init__()
+            self.prediction_id = prediction_id
+            self.poll_interval = poll_interval
+
+        def serialize(self) -> tuple[str, dict[str, Any]]:
+            return "bench.BarePollTrigger", {"prediction_id": self.prediction_id, "poll_interval": interval}
+
+        async def run(self) -> Any:
+            url = f"{base}/v1/predictions/{self.prediction_id}"
+            while True:
+                async with session.get(url) as response:
+                    data = await response.json()
+                tally.polls += 1
+                if data["status"] in TERMINAL:
+                    yield TriggerEvent(data)  # type: ignore[no-untyped-call]
+                    return
+                await asyncio.sleep(self.poll_interval)
+
+    async def poll(index: int, prediction_id: str) -> None:
+        _, kwargs = BarePollTrigger(prediction_id, interval).serialize()
+        trigger = BarePollTrigger(**json.loads(json.dumps(kwargs)))
+        trigger.trigger_id = index
+        await enter_triggerer_harness(index, portal)
+        async for event in trigger.run():
+            tally.done(str(event.payload["status"]), event.payload["completed_at"])
+
+    return poll, session.close
+
+
 async def make_trigger(
     base: str,
     interval: float,
@@ -196,9 +262,6 @@ async def make_trigger(
     portal: bool,
     created_at: dict[str, str] | None = None,
 ) -> tuple[Poller, Callable[[], Awaitable[None]]]:
-    import greenback
-    from structlog.contextvars import bind_contextvars
-
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
     from airflow_provider_kontext.triggers.kontext import FluxKontextPredictionTrigger
 
@@ -215,28 +278,18 @@ async def make_trigger(
         return {} if known is None else {"created_at": known}
 
     async def poll(index: int, prediction_id: str) -> None:
-        # What the operator defers with, serialized and rebuilt as the triggerer does.
-        deferred = FluxKontextPredictionTrigger(
+        # What the operator defers with, serialized and rebuilt as the triggerer does (the operator's
+        # own instance stays on the worker: only the kwargs reach the triggerer).
+        _, kwargs = FluxKontextPredictionTrigger(
             prediction_id=prediction_id,
             poll_interval=interval,
             end_time=time.time() + 600,
             **trigger_kwargs,
             **known_created_at(prediction_id),
-        )
-        _, kwargs = deferred.serialize()
+        ).serialize()
         trigger = trigger_class(**json.loads(json.dumps(kwargs)))
         trigger.trigger_id = index
-        if portal:
-            await greenback.ensure_portal()
-        bind_contextvars(
-            trigger_id=index,
-            ti_id=f"0193e8a0-0000-7000-8000-{index:012d}",
-            dag_id="bench",
-            task_id="edit",
-            run_id="bench_run",
-            try_number=1,
-            map_index=index,
-        )
+        await enter_triggerer_harness(index, portal)
         async for event in trigger.run():
             payload = event.payload
             tally.done(str(payload.get("status")), payload.get("completed_at"))
@@ -302,6 +355,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     makers: dict[str, Callable[[], Awaitable[tuple[Poller, Callable[[], Awaitable[None]]]]]] = {
         "aiohttp": lambda: make_aiohttp(args.base, args.interval, tally),
         "aiohttp-reset": lambda: make_aiohttp_reset(args.base, args.interval, tally),
+        "aiohttp-trigger": lambda: make_aiohttp_trigger(args.base, args.interval, tally, not args.no_portal),
         "httpx": lambda: make_httpx(args.base, args.interval, tally),
         "replicate": lambda: make_replicate(args.base, args.interval, tally),
         "hook": lambda: make_hook(args.base, args.interval, tally),
@@ -415,7 +469,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pollers")
     parser.add_argument(
-        "client", choices=["trigger", "hook", "aiohttp", "aiohttp-reset", "httpx", "replicate"]
+        "client",
+        choices=["trigger", "hook", "aiohttp", "aiohttp-reset", "aiohttp-trigger", "httpx", "replicate"],
     )
     parser.add_argument("n", type=int)
     parser.add_argument("interval", type=float)
@@ -438,7 +493,8 @@ def main() -> None:
     if args.conn_extra:
         conn["extra"] = json.loads(args.conn_extra)
     os.environ["AIRFLOW_CONN_FLUX_KONTEXT_DEFAULT"] = json.dumps(conn)
-    drain = configure_triggerer_logging(args.log_level) if args.client in ("trigger", "hook") else None
+    in_triggerer = ("trigger", "hook", "aiohttp-trigger")
+    drain = configure_triggerer_logging(args.log_level) if args.client in in_triggerer else None
     result = asyncio.run(run(args))
     if args.profile and PROFILES:
         Path(args.profile).write_text(PROFILES[0])

@@ -29,6 +29,7 @@ LABELS = {
     "trigger-quiet": "FluxKontextPredictionTrigger, logging off (attribution only)",
     "hook": "FluxKontextHook.aget_prediction loop (no trigger, no logging)",
     "aiohttp": "(a) aiohttp ClientSession loop: the limit",
+    "aiohttp-trigger": "(a) written as a trigger by hand, in the triggerer's harness (control)",
     "httpx": "(b) httpx.AsyncClient loop, httpx's own pool",
     "replicate": "(c) replicate 1.0 Prediction.async_wait",
 }
