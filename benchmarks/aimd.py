@@ -240,7 +240,8 @@ def simulate_sweeps(
                 last_done[index] = now
         for index, budget in enumerate(budgets):
             if not pending[index] and not flying[index]:
-                gap = sweep_gap(pages, budget.rate, shares[index].at(budget.rate, budget.ceiling))
+                share = shares[index].at(budget.rate, budget.ceiling, pages, interval)
+                gap = sweep_gap(pages, budget.rate, share)
                 if gap > interval / 2:
                     budget.hold_back(gap)
                 if now >= last_start[index] + max(gap, interval / 2):

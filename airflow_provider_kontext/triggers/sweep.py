@@ -64,8 +64,9 @@ class SweepShare:
     the sweeps' pages are what the others took; the sweeps' :attr:`share` of the rate is what they
     left, between :data:`MIN_SWEEP_SHARE` and :data:`MAX_SWEEP_SHARE` (the most before anything is
     measured: the first sweeps come before any single read). At the budget's ceiling (the
-    connection's limit, not the account's, holds it), and where the account has no budget, sweeps
-    keep to the least share: as many sweeps as the waits need, no more requests than before.
+    connection's limit, not the account's, holds it), sweeps take what one sweep per poll interval
+    needs, within what the others left and never below the least share: as many sweeps as the waits
+    need, no more. Where the account has no budget, they keep to the least share.
     """
 
     def __init__(self) -> None:
@@ -97,14 +98,19 @@ class SweepShare:
         self.share = self.at(rate, ceiling)
         return self.share
 
-    def at(self, rate: float, ceiling: float = math.inf) -> float:
+    def at(self, rate: float, ceiling: float = math.inf, pages: int = 0, interval: float = math.inf) -> float:
         """Return the share for the budget's ``rate`` and ``ceiling`` as they are now.
 
-        The last measure, or the least share at the ceiling. Taken again when the gap to the next
-        sweep is reckoned: a rate cut during a sweep (a ``429``, or the slow start brought back to
-        its share of the account) must not be paired with a share picked at the ceiling before it.
+        The last measure; at the ceiling, the share that reads ``pages`` once per ``interval``
+        (seconds) within it, and at least the least share (a connection whose ceiling is set low
+        still sweeps once per interval where its budget allows). Taken again when the gap to the
+        next sweep is reckoned: a rate cut during a sweep (a ``429``, or the slow start brought back
+        to its share of the account) must not be paired with a share picked at the ceiling before it.
         """
-        return MIN_SWEEP_SHARE if rate >= ceiling else self.measured
+        if rate < ceiling:
+            return self.measured
+        wanted = pages / (interval * rate) if rate > 0 else 0.0
+        return max(MIN_SWEEP_SHARE, min(wanted, self.measured))
 
     def measure(self, now: float, budget: AccountRateLimiter | None, pages: int) -> float:
         """Call :meth:`update` with the account's budget (``None``: the account has none)."""

@@ -257,10 +257,11 @@ class PredictionWatcher:
     def _sweep_gap(self) -> float:
         """Return the least seconds between sweeps; where the budget's rate holds them back, tell it."""
         budget = AccountRateLimiters.get(self.settings)
-        rate = budget.rate if budget is not None else UNBUDGETED_RATE
-        share = self.share.at(rate, budget.ceiling) if budget is not None else self.share.share
-        gap = sweep_gap(self.last_sweep_pages, rate, share)
-        if budget is not None and gap > self.shortest_interval / 2:
+        if budget is None:
+            return sweep_gap(self.last_sweep_pages, UNBUDGETED_RATE, self.share.share)
+        pages, interval = self.last_sweep_pages, self.shortest_interval
+        gap = sweep_gap(pages, budget.rate, self.share.at(budget.rate, budget.ceiling, pages, interval))
+        if gap > interval / 2:
             budget.hold_back(gap)  # the rate is in use: it may grow
         return gap
 

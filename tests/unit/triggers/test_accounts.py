@@ -427,6 +427,37 @@ async def test_the_watchers_gap_after_a_rate_cut_uses_the_share_for_the_cut_rate
     assert watcher._sweep_gap() == pytest.approx(20 / (MAX_SWEEP_SHARE * 12.5))
 
 
+def test_at_a_low_ceiling_sweeps_take_what_one_sweep_per_interval_needs() -> None:
+    """Check that a budget held by a low ceiling still sweeps once per interval where it allows.
+
+    Half of a 500/min ceiling read 20 pages once every 4.8 s: a connection set to its triggerer's
+    part of a shared account saw its waits 5.5 s late at p99, later than with the default ceiling.
+    """
+    share = SweepShare()
+    low = 500 / 60
+    assert share.at(low, low, pages=20, interval=1.0) == MAX_SWEEP_SHARE  # needs 2.4: the most
+    assert share.at(40.0, 40.0, pages=20, interval=1.0) == MIN_SWEEP_SHARE  # needs 0.5
+    assert share.at(40.0, 40.0, pages=28, interval=1.0) == pytest.approx(0.7)
+    assert share.at(40.0, 40.0, pages=50, interval=5.0) == MIN_SWEEP_SHARE  # 5000 waits at 5 s
+    share.update(0.0, granted=0, pages=0, rate=low, ceiling=low)
+    share.update(10.0, granted=80, pages=50, rate=low, ceiling=low)  # single reads took 3/s
+    assert share.at(low, low, pages=20, interval=1.0) == pytest.approx(1 - 3 / low)  # what they left
+
+
+async def test_a_watcher_under_a_low_ceiling_sweeps_once_per_interval_where_the_budget_allows() -> None:
+    settings = ClientSettings(
+        "c", "https://api.replicate.com", token="r8_accounts_low_test_0123456789", max_requests_per_minute=500
+    )
+    watcher = watcher_module.PredictionWatcher("account", "c", settings)
+    watcher.shortest_interval = 1.0
+    budget = AccountRateLimiters.get(settings)
+    assert budget is not None
+    budget._set_rate(budget.ceiling)
+    watcher._measure_share()
+    watcher.last_sweep_pages = 20
+    assert watcher._sweep_gap() == pytest.approx(20 / (MAX_SWEEP_SHARE * 500 / 60))  # was 20 / (0.5 x 8.3)
+
+
 def test_without_a_budget_sweeps_take_their_least_share() -> None:
     share = SweepShare()
     share.update(0.0, granted=0, pages=0, rate=40.0)
