@@ -71,7 +71,9 @@ class BatchLedger:
 
     An entry is a dict: ``s`` (state), ``fp`` (fingerprint of the request, short), ``c`` (Unix time
     its create was sent, on the worker's clock: where the search for a lost one starts), ``id``
-    (prediction), ``t`` (Unix time the create returned), ``o`` (outputs), ``e`` (why it failed).
+    (prediction), ``t`` (Unix time the create returned), ``r`` (the try that created it), ``k``
+    (``1``: a kill is canceling its prediction, stored before the cancel went out), ``o``
+    (outputs), ``e`` (why it failed).
     """
 
     def __init__(self, store: Any, size: int, *, durable: bool) -> None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+    from airflow_provider_kontext.models import Prediction
 
 
 class PredictionResultMixin:
@@ -178,14 +179,16 @@ class PredictionResultMixin:
                 extra.update({key: summary[key] for key in _TRACED if summary.get(key) is not None})
                 context["outlet_events"][outlet].extra = extra
 
-    def _cancel(self, prediction_id: str, why: str) -> None:
+    def _cancel(self, prediction_id: str, why: str) -> Prediction | None:
+        """Cancel a prediction; return what the cancel answered (``None``: it failed, logged)."""
         try:
             prediction = self.hook.cancel_prediction(prediction_id)
-            self.log.info(
-                "Canceled prediction %s because %s (now %s)", prediction_id, why, prediction.status.value
-            )
         except FluxKontextError as exc:
             self.log.warning("Could not cancel prediction %s: %s", prediction_id, exc)
+            return None
+        status = prediction.status.value
+        self.log.info("Canceled prediction %s because %s (now %s)", prediction_id, why, status)
+        return prediction
 
 
 #: The inputs a finished edit records next to its outputs (see ``PredictionResultMixin._edit_trace``).

@@ -25,7 +25,7 @@ from airflow_provider_kontext.models import DEFAULT_MODEL
 from airflow_provider_kontext.models.arguments import check_number
 from airflow_provider_kontext.operators.arguments import MODEL_INPUTS, EditArguments
 from airflow_provider_kontext.operators.batch_finish import BatchFinisher
-from airflow_provider_kontext.operators.batch_steps import BatchCreator, adopt_orphans
+from airflow_provider_kontext.operators.batch_steps import BatchCreator, adopt_orphans, redo_canceled
 from airflow_provider_kontext.operators.batch_wait import wait_for_batch
 
 if TYPE_CHECKING:
@@ -178,7 +178,12 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         to_create = [] if self._finished_earlier(context, ledger) else self._plan(items, ledger, seed_from)
         window = (datetime.now(timezone.utc) - WINDOW_MARGIN).isoformat()
         creator = BatchCreator(
-            self, ledger, timeout=self._timeout_seconds(), log=self.log, seed_from=seed_from
+            self,
+            ledger,
+            timeout=self._timeout_seconds(),
+            log=self.log,
+            seed_from=seed_from,
+            try_number=_try_number(context),
         )
         self._record, self._creator, finals = ledger, creator, self._finals
         if to_create:
@@ -318,6 +323,7 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
             )
             ledger.rewrite()
         ledger.flush()
+        to_create += redo_canceled(self, ledger, self.log)
         if lost:
             to_create += adopt_orphans(self, ledger, items, lost, self.log, seed_from)
         done = len(items) - len(to_create)
@@ -344,9 +350,15 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         message: str | None,
     ) -> list[list[str]]:
         """Record every outcome, save the outputs, return the task's result (or fail naming the images)."""
-        finisher = BatchFinisher(self, ledger, log=self.log)
+        finisher = BatchFinisher(self, ledger, log=self.log, try_number=_try_number(context))
         finisher.settle(items, self._pending(ledger), finals, message)
         try:
             return finisher.conclude(context, items, abort=self._abort, create_errors=self._create_errors)
         finally:
             self._finished = True
+
+
+def _try_number(context: Context) -> int:
+    """Return this try's number (``0`` where the task instance gives none)."""
+    number = getattr(context["ti"], "try_number", None)
+    return number if isinstance(number, int) else 0

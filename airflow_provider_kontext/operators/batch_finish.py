@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
-from airflow_provider_kontext.edits.batch_ledger import CREATED, SUCCEEDED, TERMINAL, BatchLedger
+from airflow_provider_kontext.edits.batch_ledger import CREATED, KILLED, SUCCEEDED, TERMINAL, BatchLedger
 from airflow_provider_kontext.edits.batch_results import (
     counts_of,
     failure_message,
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from airflow_provider_kontext.edits.batch_items import BatchItem
     from airflow_provider_kontext.edits.events import PredictionEvent
     from airflow_provider_kontext.hooks.kontext import FluxKontextHook
+    from airflow_provider_kontext.models import Prediction
 
 #: Why a retryable partial failure fails without retries on Airflow < 3.3.
 NO_STORE = (
@@ -67,7 +68,7 @@ class FinishingTask(Protocol):
 
     def _timeout_seconds(self) -> float: ...
 
-    def _cancel(self, prediction_id: str, why: str) -> None: ...
+    def _cancel(self, prediction_id: str, why: str) -> Prediction | None: ...
 
     def _keep_outputs(
         self, event: PredictionEvent, input_name: str | None = None, input_image: Any = None
@@ -80,8 +81,11 @@ class BatchFinisher:
     Then :meth:`conclude` builds the task's result.
     """
 
-    def __init__(self, op: FinishingTask, ledger: BatchLedger, *, log: Any) -> None:
+    def __init__(self, op: FinishingTask, ledger: BatchLedger, *, log: Any, try_number: int = 0) -> None:
         self.op = op
+        #: This try's number: a prediction an earlier try created and nobody recorded ending is
+        #: taken for a kill's where it was canceled.
+        self.try_number = try_number
         self.ledger = ledger
         self.log = log
         #: Why an image is still without an outcome (still running, its outputs not saved), by index.
@@ -123,12 +127,17 @@ class BatchFinisher:
             if outcome == "succeeded":
                 to_save.append((index, prediction_id, item))
             elif outcome in TERMINAL or outcome == "lost":
-                error = _error_text(item, self.op.hook.redact)
-                self.ledger.update(index, prediction_id, STILL_CREATED, flush=False, s=outcome, e=error)
+                ending = self._ending(index, item)
+                self.ledger.update(index, prediction_id, STILL_CREATED, flush=False, **ending)
             elif now >= deadline:
-                self.op._cancel(prediction_id, "it did not finish within the timeout")
-                why = f"did not finish within {self.op._timeout_seconds():.0f}s"
-                self.ledger.update(index, prediction_id, STILL_CREATED, flush=False, s="timeout", e=why)
+                answer = self.op._cancel(prediction_id, "it did not finish within the timeout")
+                if answer is None:  # not canceled: a retry waits for it, as for one still running
+                    self.unsettled[index] = f"prediction {prediction_id} is past its timeout and not canceled"
+                elif answer.status.value == "succeeded":  # it ended first: its outputs are paid for
+                    to_save.append((index, prediction_id, answer.model_dump(mode="json", exclude={"logs"})))
+                else:
+                    why = f"did not finish within {self.op._timeout_seconds():.0f}s"
+                    self.ledger.update(index, prediction_id, STILL_CREATED, flush=False, s="timeout", e=why)
             else:
                 self.unsettled[index] = (
                     message or f"prediction {prediction_id} is still {outcome or 'unknown'}"
@@ -139,6 +148,27 @@ class BatchFinisher:
             with ThreadPoolExecutor(workers, thread_name_prefix="kontext-save") as pool:
                 list(pool.map(lambda args: self._save(*args), to_save))
             self.ledger.flush()
+
+    def _ending(self, index: int, item: dict[str, Any]) -> dict[str, Any]:
+        """Return the entry's state and error for a prediction that ended other than ``succeeded``.
+
+        Canceled by this batch's kill (marked before the cancel went out), or canceled after the try
+        that created it ended (a kill of the deferred task cancels in the triggerer, which cannot
+        record it): ``killed``, which a retry edits again. Otherwise how it ended.
+        """
+        from airflow_provider_kontext.operators.batch_kill import (
+            CANCELED_AFTER_ITS_TRY,
+            KILLED_WHY,
+            NOTHING_KEPT,
+        )
+
+        outcome = item.get("status")
+        entry = self.ledger.entry(index) or {}
+        if outcome in NOTHING_KEPT and entry.get("k"):
+            return {"s": KILLED, "e": KILLED_WHY}
+        if outcome == "canceled" and int(entry.get("r") or 0) < self.try_number:
+            return {"s": KILLED, "e": CANCELED_AFTER_ITS_TRY}
+        return {"s": outcome, "e": _error_text(item, self.op.hook.redact)}
 
     async def _read(self, unread: list[str]) -> dict[str, dict[str, Any]]:
         """Return the current state of predictions the wait did not report (the trigger sends counts)."""

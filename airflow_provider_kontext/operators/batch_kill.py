@@ -34,6 +34,25 @@ NOTHING_KEPT = frozenset({"canceled", "aborted"})
 KILLABLE = frozenset({CREATED, "canceled", "aborted"})
 #: Why a killed image was not edited (its ledger entry, the failure message, ``predictions``).
 KILLED_WHY = "canceled because the task was killed"
+#: Why an image whose prediction was canceled after the try that created it ended was not edited:
+#: the kill of a deferred task cancels in the triggerer, which cannot record it.
+CANCELED_AFTER_ITS_TRY = "canceled after the try that created it ended (a kill of the deferred task)"
+
+
+def mark_killed(ledger: BatchLedger, targets: list[tuple[int, str]], log: Any) -> None:
+    """Record, before any cancel goes out, that the kill cancels these ``(index, prediction id)``.
+
+    Stored at once: a cancel whose answer is lost, or a process that dies before its records are
+    written, still leaves the mark, and whichever finish reads the prediction canceled (this try's
+    or a retry's) records the image ``killed``. A store that fails is logged; the marks stand in
+    this process.
+    """
+    for index, prediction_id in targets:
+        ledger.update(index, prediction_id, frozenset({CREATED}), flush=False, k=1)
+    try:
+        ledger.flush()
+    except Exception as exc:  # the kill goes on: its cancels matter more
+        log.warning("Task killed: could not store which predictions it cancels: %s", exc)
 
 
 def cancel_one(hook: Any, ledger: BatchLedger, index: int, prediction_id: str, log: Any) -> bool:
@@ -80,6 +99,7 @@ def cancel_unfinished(
         if not targets:
             return
         log.info("Task killed: canceling the %d predictions of the batch not yet finished", len(targets))
+        mark_killed(ledger, targets, log)
         with ThreadPoolExecutor(min(CANCEL_WORKERS, len(targets)), thread_name_prefix="kontext-kill") as pool:
             killed = sum(pool.map(lambda t: cancel_one(hook, ledger, t[0], t[1], log), targets))
         ledger.flush()

@@ -89,9 +89,18 @@ class BatchCreator:
     """Create the batch's predictions a few at a time, paced, each recorded before and after."""
 
     def __init__(
-        self, op: CreatingTask, ledger: BatchLedger, *, timeout: float, log: Any, seed_from: str | None = None
+        self,
+        op: CreatingTask,
+        ledger: BatchLedger,
+        *,
+        timeout: float,
+        log: Any,
+        seed_from: str | None = None,
+        try_number: int = 0,
     ):
         self.op = op
+        #: This try's number, recorded with each prediction it creates.
+        self.try_number = try_number
         self.seed_from = seed_from
         self.ledger = ledger
         self.timeout = timeout
@@ -195,12 +204,15 @@ class BatchCreator:
             return
         # Written with the next "creating" mark or the creator's periodic flush: until then the
         # stored "creating" entry stands for it, and a retry finds the prediction in the list.
-        self.ledger.put(index, flush=False, s=CREATED, fp=fingerprint, id=prediction.id, t=time.time())
+        self.ledger.put(
+            index, flush=False, s=CREATED, fp=fingerprint, id=prediction.id, t=time.time(), r=self.try_number
+        )
         with self._lock:
             self.created += 1
         if self.killed:  # created while the kill canceled the others: canceled too
-            from airflow_provider_kontext.operators.batch_kill import cancel_one
+            from airflow_provider_kontext.operators.batch_kill import cancel_one, mark_killed
 
+            mark_killed(self.ledger, [(index, prediction.id)], self.log)
             cancel_one(self.op.hook, self.ledger, index, prediction.id, self.log)
 
     def _prepared(self, item: BatchItem) -> tuple[EditRequest, dict[str, Any]]:
@@ -246,6 +258,51 @@ def item_request(op: CreatingTask, item: BatchItem, seed_from: str | None) -> Ed
 
     arguments = {**op._model_arguments(), "prompt": item.prompt}
     return validated_request(op.model, arguments, item.image, op.extra_input, None, seed_from)
+
+
+def redo_canceled(op: CreatingTask, ledger: BatchLedger, log: Any) -> list[int]:
+    """Return the images whose prediction an earlier try created and something canceled since.
+
+    A kill of the deferred task cancels its predictions in the triggerer, which cannot record it:
+    a retry edits those images again, as the single edit's retry does, and records them ``killed``
+    until then. Read in one sweep of the account's list; where it cannot be read, the wait settles
+    them (:meth:`~.batch_finish.BatchFinisher.settle` takes such a cancel for a kill too).
+    """
+    import asyncio
+
+    from airflow_provider_kontext.edits.batch_ledger import KILLED
+    from airflow_provider_kontext.operators.batch_kill import CANCELED_AFTER_ITS_TRY, NOTHING_KEPT
+    from airflow_provider_kontext.triggers.batch import sweep
+
+    created = {
+        str(entry["id"]): index
+        for index, entry in ledger.entries()
+        if entry and entry.get("s") == CREATED and entry.get("id")
+    }
+    if not created:
+        return []
+
+    async def read() -> dict[str, dict[str, Any]]:
+        try:
+            return await sweep(op.hook, set(created), ledger.window)
+        finally:
+            await op.hook.aclose()
+
+    try:
+        found = asyncio.run(read())
+    except FluxKontextError as exc:
+        log.warning("Could not read the earlier tries' predictions before creating (the wait will): %s", exc)
+        return []
+    redo = sorted(created[pid] for pid, item in found.items() if item.get("status") in NOTHING_KEPT)
+    for pid, index in created.items():
+        if index in redo:
+            ledger.update(index, pid, frozenset({CREATED}), flush=False, s=KILLED, e=CANCELED_AFTER_ITS_TRY)
+    if redo:
+        ledger.flush()
+        log.info(
+            "Batch: %d images whose predictions were canceled after an earlier try: edited again", len(redo)
+        )
+    return redo
 
 
 def adopt_orphans(

@@ -265,6 +265,142 @@ def test_a_kill_and_the_finish_recording_the_same_prediction_leave_it_killed() -
     assert ledger.entry(1)["s"] == KILLED  # type: ignore[index]
 
 
+def _created_ledger(store: Any, try_number: int) -> BatchLedger:
+    ledger = BatchLedger(store, 2, durable=True)
+    ledger.open_window("2026-12-06T00:00:00+00:00")  # the record's header: a later load finds it
+    for n in (0, 1):
+        ledger.put(n, s=CREATED, fp=f"f{n}", id=f"p{n}", t=1.0, r=try_number)
+    return ledger
+
+
+def _settle_canceled(ledger: BatchLedger, try_number: int) -> None:
+    from types import SimpleNamespace
+
+    from airflow_provider_kontext.edits.batch_items import BatchItem
+    from airflow_provider_kontext.operators.batch_finish import BatchFinisher
+
+    op = SimpleNamespace(hook=SimpleNamespace(redact=str), _timeout_seconds=lambda: 60.0)
+    items = [BatchItem(n, f"{n}.png", "p", None, f"{n}.png", f"f{n}") for n in (0, 1)]
+    ended = {f"p{n}": {"id": f"p{n}", "status": "canceled", "error": None} for n in (0, 1)}
+    finisher = BatchFinisher(op, ledger, log=mock.Mock(), try_number=try_number)
+    finisher.settle(items, dict.fromkeys(ended, time.time() + 600), ended, None)
+
+
+def test_a_kill_stores_its_mark_before_it_cancels_so_a_lost_answer_still_ends_killed() -> None:
+    """Check that the kill's mark is stored before each cancel goes out, and read as a kill later.
+
+    A cancel the server applied but whose answer was lost recorded nothing, and neither did a
+    process that died before the kill's one write: the finish then read the prediction ``canceled``,
+    a final failure no retry redoes.
+    """
+    from types import SimpleNamespace
+
+    from airflow_provider_kontext.exceptions import FluxKontextServerError
+    from airflow_provider_kontext.operators.batch_kill import cancel_unfinished
+
+    store = FakeStore()
+    ledger = _created_ledger(store, try_number=1)
+    stored_marks: list[Any] = []
+
+    def cancel_applied_then_answer_lost(prediction_id: str) -> Any:
+        reread = BatchLedger(store, 2, durable=True)
+        reread.load()
+        stored_marks.append((reread.entry(int(prediction_id[1:])) or {}).get("k"))
+        raise FluxKontextServerError(status=502, title="Bad Gateway", method="POST", path="/cancel")
+
+    hook = SimpleNamespace(cancel_prediction=cancel_applied_then_answer_lost)
+    cancel_unfinished(hook, ledger, {}, mock.Mock(), seconds=30).join(30)
+    assert stored_marks == [1, 1]
+    assert {str((entry or {}).get("s")) for _, entry in ledger.entries()} == {CREATED}  # nothing recorded
+
+    later = BatchLedger(store, 2, durable=True)  # the same try's finish, or one in another process
+    later.load()
+    _settle_canceled(later, try_number=1)
+    assert [(entry or {}).get("s") for _, entry in later.entries()] == [KILLED, KILLED]
+
+
+def test_a_prediction_an_earlier_try_created_and_found_canceled_is_taken_for_a_kill() -> None:
+    """Check that the finish records a cancel nobody recorded of an earlier try's prediction ``killed``.
+
+    A kill of the deferred task cancels in the triggerer, which cannot write the record.
+    """
+    earlier = _created_ledger(FakeStore(), try_number=1)
+    _settle_canceled(earlier, try_number=2)
+    assert [(entry or {}).get("s") for _, entry in earlier.entries()] == [KILLED, KILLED]
+    this_try = _created_ledger(FakeStore(), try_number=2)  # canceled by someone else: as it ended
+    _settle_canceled(this_try, try_number=2)
+    assert [(entry or {}).get("s") for _, entry in this_try.entries()] == ["canceled", "canceled"]
+
+
+@options(prediction_seconds=30.0)
+def test_a_retry_after_the_deferred_batch_was_killed_edits_the_canceled_images_again(
+    emu: FluxKontextEmulator, shots: Path
+) -> None:
+    store = FakeStore()
+    with pytest.raises(TaskDeferred) as deferred:
+        make_op(input_images=str(shots), deferrable=True).execute(make_context(store))
+    _, kwargs = deferred.value.trigger.serialize()
+    asyncio.run(FluxKontextBatchTrigger(**kwargs).on_kill())  # the triggerer cancels all six
+    assert emu.created_count == 6
+
+    assert {emu.prediction(pid).status.value for pid in emu.predictions} == {"canceled"}
+    earlier = set(emu.predictions)
+
+    with pytest.raises(TaskDeferred):  # the retry creates each canceled image again, then waits
+        make_op(input_images=str(shots), deferrable=True).execute(make_context(store))
+
+    assert emu.created_count == 12
+    reread = BatchLedger(store, 6, durable=True)
+    reread.load()
+    assert {str((entry or {}).get("s")) for _, entry in reread.entries()} == {CREATED}
+    assert not {str((entry or {}).get("id")) for _, entry in reread.entries()} & earlier
+
+
+def test_a_prediction_that_succeeded_just_before_its_timeout_cancel_is_kept() -> None:
+    """Check that the finish keeps what a timeout's cancel finds made, and waits on what it could not cancel.
+
+    Both were recorded ``timeout``, and a retry paid for them again.
+    """
+    from types import SimpleNamespace
+
+    from airflow_provider_kontext.edits.batch_items import BatchItem
+    from airflow_provider_kontext.models import Prediction
+    from airflow_provider_kontext.operators.batch_finish import BatchFinisher
+
+    ledger = _created_ledger(FakeStore(), try_number=1)
+    succeeded = Prediction.model_validate(
+        {"id": "p0", "status": "succeeded", "output": ["https://example.com/p0.png"]}
+    )
+    op = SimpleNamespace(
+        hook=SimpleNamespace(redact=str),
+        _timeout_seconds=lambda: 60.0,
+        _cancel=lambda prediction_id, why: succeeded if prediction_id == "p0" else None,
+        _keep_outputs=lambda event, name, where: [f"/out/{event.prediction_id}.png"],
+        output_path="/out",
+        max_concurrent_downloads=2,
+    )
+    items = [BatchItem(n, f"{n}.png", "p", None, f"{n}.png", f"f{n}") for n in (0, 1)]
+    finisher = BatchFinisher(op, ledger, log=mock.Mock(), try_number=1)
+    running = {pid: {"id": pid, "status": "processing"} for pid in ("p0", "p1")}
+
+    async def read(unread: list[str]) -> dict[str, dict[str, Any]]:
+        return {pid: running[pid] for pid in unread}
+
+    finisher._read = read  # type: ignore[method-assign]
+    finisher.settle(items, {"p0": 0.0, "p1": 0.0}, {}, None)  # both past their deadline
+
+    assert ledger.entry(0) == {
+        "s": "succeeded",
+        "fp": "f0",
+        "id": "p0",
+        "t": 1.0,
+        "r": 1,
+        "o": ["/out/p0.png"],
+    }
+    assert (ledger.entry(1) or {}).get("s") == CREATED  # not canceled: a retry waits for it
+    assert "not canceled" in finisher.unsettled[1]
+
+
 def test_killing_the_batch_while_it_creates_stops_the_creates(emu: FluxKontextEmulator, shots: Path) -> None:
     store = FakeStore()
     op = make_op(input_images=str(shots), creates_per_minute=120, max_concurrent_creates=1)
