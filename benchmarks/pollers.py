@@ -230,7 +230,10 @@ async def make_aiohttp_trigger(
             self.poll_interval = poll_interval
 
         def serialize(self) -> tuple[str, dict[str, Any]]:
-            return "bench.BarePollTrigger", {"prediction_id": self.prediction_id, "poll_interval": interval}
+            return "bench.BarePollTrigger", {
+                "prediction_id": self.prediction_id,
+                "poll_interval": self.poll_interval,
+            }
 
         async def run(self) -> Any:
             url = f"{base}/v1/predictions/{self.prediction_id}"
@@ -246,6 +249,7 @@ async def make_aiohttp_trigger(
     async def poll(index: int, prediction_id: str) -> None:
         _, kwargs = BarePollTrigger(prediction_id, interval).serialize()
         trigger = BarePollTrigger(**json.loads(json.dumps(kwargs)))
+        del kwargs  # the triggerer keeps the trigger, not what it was built from
         trigger.trigger_id = index
         await enter_triggerer_harness(index, portal)
         async for event in trigger.run():
@@ -288,6 +292,7 @@ async def make_trigger(
             **known_created_at(prediction_id),
         ).serialize()
         trigger = trigger_class(**json.loads(json.dumps(kwargs)))
+        del kwargs  # the triggerer keeps the trigger, not what it was built from
         trigger.trigger_id = index
         await enter_triggerer_harness(index, portal)
         async for event in trigger.run():

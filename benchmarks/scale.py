@@ -33,6 +33,8 @@ LABELS = {
     "httpx": "(b) httpx.AsyncClient loop, httpx's own pool",
     "replicate": "(c) replicate 1.0 Prediction.async_wait",
 }
+#: Clients that are a pollers client run with other options (``run_pollers`` adds them).
+VARIANT_OF = {"trigger-fixed": "trigger", "trigger-quiet": "trigger"}
 PREDICTION_SECONDS = 3.0
 START_SECONDS = 0.3
 
@@ -150,7 +152,7 @@ def run_pollers(
         PYTHON,
         "-m",
         "benchmarks.pollers",
-        program or client.split("-")[0],
+        program or VARIANT_OF.get(client, client),
         str(n),
         str(interval),
         emulator.base_url,
