@@ -25,7 +25,8 @@ from airflow_provider_kontext.models import DEFAULT_MODEL
 from airflow_provider_kontext.models.arguments import check_number
 from airflow_provider_kontext.operators.arguments import MODEL_INPUTS, EditArguments
 from airflow_provider_kontext.operators.batch_finish import BatchFinisher
-from airflow_provider_kontext.operators.batch_steps import BatchCreator, adopt_orphans, redo_canceled
+from airflow_provider_kontext.operators.batch_kill import redo_canceled
+from airflow_provider_kontext.operators.batch_steps import BatchCreator, adopt_orphans
 from airflow_provider_kontext.operators.batch_wait import wait_for_batch
 
 if TYPE_CHECKING:

@@ -4,12 +4,14 @@ As the single edit cancels its prediction when its task is killed (``cancel_on_k
 batch stops creating and cancels each prediction it created that is not known to be over. What
 already succeeded is never touched (its outputs are paid for: a retry saves them), nor is a
 prediction whose cancel answers that it succeeded meanwhile. A prediction the kill canceled is
-recorded ``killed``: a retry edits that image again, as the single edit's retry does.
+recorded ``killed``: a retry edits that image again, as the single edit's retry does. The kill
+stores which predictions it cancels before the first cancel goes out (:func:`mark_killed`).
 
 Airflow calls ``on_kill`` from the task's signal handler, on the thread it interrupted, which may
 hold the ledger's lock or the channel to the task state store: the work runs on a thread of its
 own, waited for a bounded time, so the handler never waits on the thread it interrupted. While the
-task is deferred the trigger cancels instead (:meth:`FluxKontextBatchTrigger.on_kill`).
+task is deferred the trigger cancels instead (:meth:`FluxKontextBatchTrigger.on_kill`), and the
+next try finds those predictions canceled and edits them again (:func:`redo_canceled`).
 """
 
 from __future__ import annotations
@@ -113,3 +115,46 @@ def cancel_unfinished(
             "Task killed: still canceling after %.0fs; the rest go on while the process lives", seconds
         )
     return thread
+
+
+def redo_canceled(op: Any, ledger: BatchLedger, log: Any) -> list[int]:
+    """Return the images whose prediction an earlier try created and something canceled since.
+
+    A kill of the deferred task cancels its predictions in the triggerer, which cannot record it:
+    a retry edits those images again, as the single edit's retry does, and records them ``killed``
+    until then. Read in one sweep of the account's list; where it cannot be read, the wait settles
+    them (:meth:`~.batch_finish.BatchFinisher.settle` takes such a cancel for a kill too).
+    """
+    import asyncio
+
+    from airflow_provider_kontext.triggers.batch import sweep
+
+    created = {
+        str(entry["id"]): index
+        for index, entry in ledger.entries()
+        if entry and entry.get("s") == CREATED and entry.get("id")
+    }
+    if not created:
+        return []
+
+    async def read() -> dict[str, dict[str, Any]]:
+        try:
+            return await sweep(op.hook, set(created), ledger.window)
+        finally:
+            await op.hook.aclose()
+
+    try:
+        found = asyncio.run(read())
+    except FluxKontextError as exc:
+        log.warning("Could not read the earlier tries' predictions before creating (the wait will): %s", exc)
+        return []
+    redo = sorted(created[pid] for pid, item in found.items() if item.get("status") in NOTHING_KEPT)
+    for pid, index in created.items():
+        if index in redo:
+            ledger.update(index, pid, frozenset({CREATED}), flush=False, s=KILLED, e=CANCELED_AFTER_ITS_TRY)
+    if redo:
+        ledger.flush()
+        log.info(
+            "Batch: %d images whose predictions were canceled after an earlier try: edited again", len(redo)
+        )
+    return redo

@@ -260,51 +260,6 @@ def item_request(op: CreatingTask, item: BatchItem, seed_from: str | None) -> Ed
     return validated_request(op.model, arguments, item.image, op.extra_input, None, seed_from)
 
 
-def redo_canceled(op: CreatingTask, ledger: BatchLedger, log: Any) -> list[int]:
-    """Return the images whose prediction an earlier try created and something canceled since.
-
-    A kill of the deferred task cancels its predictions in the triggerer, which cannot record it:
-    a retry edits those images again, as the single edit's retry does, and records them ``killed``
-    until then. Read in one sweep of the account's list; where it cannot be read, the wait settles
-    them (:meth:`~.batch_finish.BatchFinisher.settle` takes such a cancel for a kill too).
-    """
-    import asyncio
-
-    from airflow_provider_kontext.edits.batch_ledger import KILLED
-    from airflow_provider_kontext.operators.batch_kill import CANCELED_AFTER_ITS_TRY, NOTHING_KEPT
-    from airflow_provider_kontext.triggers.batch import sweep
-
-    created = {
-        str(entry["id"]): index
-        for index, entry in ledger.entries()
-        if entry and entry.get("s") == CREATED and entry.get("id")
-    }
-    if not created:
-        return []
-
-    async def read() -> dict[str, dict[str, Any]]:
-        try:
-            return await sweep(op.hook, set(created), ledger.window)
-        finally:
-            await op.hook.aclose()
-
-    try:
-        found = asyncio.run(read())
-    except FluxKontextError as exc:
-        log.warning("Could not read the earlier tries' predictions before creating (the wait will): %s", exc)
-        return []
-    redo = sorted(created[pid] for pid, item in found.items() if item.get("status") in NOTHING_KEPT)
-    for pid, index in created.items():
-        if index in redo:
-            ledger.update(index, pid, frozenset({CREATED}), flush=False, s=KILLED, e=CANCELED_AFTER_ITS_TRY)
-    if redo:
-        ledger.flush()
-        log.info(
-            "Batch: %d images whose predictions were canceled after an earlier try: edited again", len(redo)
-        )
-    return redo
-
-
 def adopt_orphans(
     op: CreatingTask,
     ledger: BatchLedger,
