@@ -11,14 +11,16 @@ already past.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
-from airflow_provider_kontext.models import Prediction
+from airflow_provider_kontext.models import Prediction, PredictionStatus
 
 #: A server ``created_at`` further than this from the local clock is reported as clock skew.
 CLOCK_SKEW_SECONDS = 60.0
 #: Replicate stops any prediction after 30 minutes; the default deadline when none is given.
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+#: A cancel this close to a prediction's ``deadline`` (or after it) is taken for the deadline's.
+DEADLINE_SLACK = timedelta(seconds=1)
 
 _skew_reported: set[str] = set()
 
@@ -94,3 +96,21 @@ def _report_skew(prediction: Prediction, offset: float, warn: Callable[..., None
         abs(offset),
         "before" if offset < 0 else "after",
     )
+
+
+def canceled_at_deadline(prediction: Prediction) -> bool:
+    """Return whether the server canceled ``prediction`` at its ``deadline`` (the ``Cancel-After`` sent).
+
+    Replicate cancels a prediction still running at its deadline (one not yet started ends
+    ``aborted``), so an edit whose timeout the server reached first ends ``canceled``, as if someone
+    had canceled it. Both times are the server's: the answer holds whatever the clocks say.
+    """
+    if prediction.status is not PredictionStatus.CANCELED:
+        return False
+    if prediction.deadline is None or prediction.completed_at is None:
+        return False
+    return _utc(prediction.completed_at) >= _utc(prediction.deadline) - DEADLINE_SLACK
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)

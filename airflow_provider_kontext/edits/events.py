@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from airflow_provider_kontext.edits.deadlines import canceled_at_deadline
 from airflow_provider_kontext.edits.lineage import public_location
 from airflow_provider_kontext.models import Prediction, PredictionStatus
 
@@ -84,6 +85,8 @@ class PredictionEvent(BaseModel):
     #: The seed the model used: from its "Using seed: N" log line when any read saw it, else the
     #: input's seed (``None`` when neither is known: a random seed reported only in logs not read).
     seed: int | None = None
+    #: ``canceled`` by the server at the prediction's deadline (the ``Cancel-After`` its create sent).
+    at_deadline: bool = False
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any] | PredictionEvent) -> PredictionEvent:
@@ -191,6 +194,7 @@ def prediction_event(
         shape=prediction.shape,
         input_location=public_location((prediction.input or {}).get("input_image")),
         seed=seed_of(prediction, seed),
+        at_deadline=canceled_at_deadline(prediction),
     )
 
 

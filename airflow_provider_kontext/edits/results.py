@@ -61,6 +61,10 @@ class PredictionResultMixin:
     #: Saved outputs get thumbnails for the UI (:mod:`.thumbnails`); ``False`` saves the worker
     #: the decoding (about 0.1 s of CPU per image), and the plugin makes them when first shown.
     save_thumbnails: bool = True
+    #: Whether a retry starts a new prediction (the operator; not a sensor, which waits for a given
+    #: one): then a prediction the server canceled at the deadline its create set fails as the
+    #: timeout it is, with retries, not as a final ``canceled``.
+    retry_starts_anew: bool = True
 
     def _edit_trace(self, event: PredictionEvent) -> dict[str, Any]:
         """Return what the task knows of the edit's inputs.
@@ -108,6 +112,13 @@ class PredictionResultMixin:
         if event.status == "error":
             raise FluxKontextPredictionFailed(str(event.message), prediction_id=prediction_id, status="error")
         self._finished = True
+        if event.status == "canceled" and event.at_deadline and self.retry_starts_anew:
+            raise FluxKontextPredictionFailed(  # the edit's own timeout, reached first on the server
+                f"Prediction {prediction_id} did not finish within the timeout: the server canceled it "
+                "at the deadline its create set (Cancel-After)",
+                prediction_id=prediction_id,
+                status="timeout",
+            )
         if event.status == "succeeded":
             return
         message = f"Prediction {prediction_id} {event.status}" + (f": {event.error}" if event.error else "")

@@ -154,7 +154,9 @@ class BatchFinisher:
 
         Canceled by this batch's kill (marked before the cancel went out), or canceled after the try
         that created it ended (a kill of the deferred task cancels in the triggerer, which cannot
-        record it): ``killed``, which a retry edits again. Otherwise how it ended.
+        record it): ``killed``, which a retry edits again. Canceled by the server at the deadline
+        its create set (``Cancel-After``, the batch's timeout): ``timeout``, redone too. Otherwise
+        how it ended.
         """
         from airflow_provider_kontext.operators.batch_kill import (
             CANCELED_AFTER_ITS_TRY,
@@ -166,6 +168,8 @@ class BatchFinisher:
         entry = self.ledger.entry(index) or {}
         if outcome in NOTHING_KEPT and entry.get("k"):
             return {"s": KILLED, "e": KILLED_WHY}
+        if outcome == "canceled" and _canceled_at_deadline(item):  # the timeout, reached on the server
+            return {"s": "timeout", "e": "did not finish within the timeout (canceled at its deadline)"}
         if outcome == "canceled" and int(entry.get("r") or 0) < self.try_number:
             return {"s": KILLED, "e": CANCELED_AFTER_ITS_TRY}
         return {"s": outcome, "e": _error_text(item, self.op.hook.redact)}
@@ -277,6 +281,19 @@ class BatchFinisher:
             self.log.warning("%s", message)
         self.ledger.finish(Series.of(context)._asdict())
         return [list(row["outputs"]) if row["status"] == SUCCEEDED else [] for row in summaries]
+
+
+def _canceled_at_deadline(item: dict[str, Any]) -> bool:
+    """Return whether the list item is of a prediction the server canceled at its ``Cancel-After``."""
+    from pydantic import ValidationError
+
+    from airflow_provider_kontext.edits.deadlines import canceled_at_deadline
+    from airflow_provider_kontext.models import Prediction
+
+    try:
+        return canceled_at_deadline(Prediction.model_validate(item))
+    except ValidationError:
+        return False
 
 
 def _error_text(item: dict[str, Any], redact: Any) -> str | None:

@@ -57,6 +57,8 @@ class FluxKontextPredictionSensor(ConnectionArguments, PredictionResultMixin, Ba
     template_fields: Sequence[str] = ("prediction_id", "output_path")
     operator_extra_links = (FluxKontextPredictionLink(),)
     ui_color = "#e4dcf7"
+    #: It waits for a prediction it did not start: a retry would find the same one.
+    retry_starts_anew = False
 
     def __init__(
         self,

@@ -198,6 +198,7 @@ def test_prediction_event_fields():
         "shape": None,
         "input_location": None,  # a data: input image has no location (and is never carried)
         "seed": None,  # no "Using seed" line, no seed in the input
+        "at_deadline": False,  # not canceled at the deadline its create set
     }
     assert (
         json.loads(json.dumps(event.payload())) == event.payload()

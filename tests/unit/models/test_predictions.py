@@ -250,3 +250,34 @@ def test_images_api_without_a_usable_item_parses_to_no_output():
 def test_prediction_deadline_is_read_leniently(value, expected):
     prediction = Prediction.model_validate({"id": "p", "status": "starting", "deadline": value})
     assert (prediction.deadline.isoformat() if prediction.deadline else None) == expected
+
+
+def test_a_cancel_at_the_deadline_is_told_from_any_other_on_the_servers_times_alone() -> None:
+    from airflow_provider_kontext.edits.deadlines import canceled_at_deadline
+
+    def canceled(**times: str) -> Prediction:
+        return Prediction.model_validate({"id": "p", "status": "canceled", **times})
+
+    assert canceled_at_deadline(
+        canceled(deadline="2026-12-06T10:01:00Z", completed_at="2026-12-06T10:01:00.3Z")
+    )
+    assert canceled_at_deadline(
+        canceled(deadline="2026-12-06T10:01:00Z", completed_at="2026-12-06T10:00:59.5Z")
+    )
+    assert not canceled_at_deadline(
+        canceled(deadline="2026-12-06T10:01:00Z", completed_at="2026-12-06T10:00:50Z")
+    )
+    assert not canceled_at_deadline(canceled(completed_at="2026-12-06T10:01:00Z"))  # no Cancel-After sent
+    zoneless = canceled(deadline="2026-12-06T10:01:00", completed_at="2026-12-06T10:01:00Z")
+    assert not canceled_at_deadline(zoneless)  # a deadline no clock can place counts as none
+    naive_end = canceled(deadline="2026-12-06T10:01:00Z", completed_at="2026-12-06T10:01:00")
+    assert canceled_at_deadline(naive_end)  # a zone-less completed_at is read as UTC
+    aborted = Prediction.model_validate(
+        {
+            "id": "p",
+            "status": "aborted",
+            "deadline": "2026-12-06T10:01:00Z",
+            "completed_at": "2026-12-06T10:01:00Z",
+        }
+    )
+    assert not canceled_at_deadline(aborted)  # never started: redone as it is

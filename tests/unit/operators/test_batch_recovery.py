@@ -332,6 +332,36 @@ def test_a_prediction_an_earlier_try_created_and_found_canceled_is_taken_for_a_k
     assert [(entry or {}).get("s") for _, entry in this_try.entries()] == ["canceled", "canceled"]
 
 
+def test_a_prediction_the_server_canceled_at_its_deadline_is_recorded_a_timeout() -> None:
+    """Check that the batch records a cancel at the ``Cancel-After`` its create sent as ``timeout``.
+
+    Recorded ``canceled``, it was a final failure; the batch's own deadline gives ``timeout``, which
+    a retry redoes.
+    """
+    from types import SimpleNamespace
+
+    from airflow_provider_kontext.edits.batch_items import BatchItem
+    from airflow_provider_kontext.operators.batch_finish import BatchFinisher
+
+    ledger = _created_ledger(FakeStore(), try_number=1)
+    op = SimpleNamespace(hook=SimpleNamespace(redact=str), _timeout_seconds=lambda: 60.0)
+    items = [BatchItem(n, f"{n}.png", "p", None, f"{n}.png", f"f{n}") for n in (0, 1)]
+    deadline = "2026-12-06T10:01:00+00:00"
+    ended = {
+        "p0": {"id": "p0", "status": "canceled", "deadline": deadline, "completed_at": deadline},
+        "p1": {
+            "id": "p1",
+            "status": "canceled",
+            "deadline": deadline,
+            "completed_at": "2026-12-06T10:00:10Z",
+        },
+    }
+    BatchFinisher(op, ledger, log=mock.Mock(), try_number=1).settle(
+        items, dict.fromkeys(ended, time.time() + 600), ended, None
+    )
+    assert [(entry or {}).get("s") for _, entry in ledger.entries()] == ["timeout", "canceled"]
+
+
 @options(prediction_seconds=30.0)
 def test_a_retry_after_the_deferred_batch_was_killed_edits_the_canceled_images_again(
     emu: FluxKontextEmulator, shots: Path

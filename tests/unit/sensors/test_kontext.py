@@ -204,6 +204,15 @@ def test_a_seed_the_event_lacks_is_read_once_and_a_failed_read_leaves_none(hook)
     assert pushed(context)["prediction"]["seed"] is None
 
 
+def test_a_prediction_canceled_at_its_deadline_fails_the_sensor_without_retry(hook):
+    """Check that the sensor, which did not start the prediction, takes a deadline's cancel as final."""
+    at_deadline = make_prediction(
+        "canceled", deadline="2025-05-01T10:05:00+00:00", completed_at="2025-05-01T10:05:00+00:00"
+    )
+    with pytest.raises(FluxKontextPredictionFailedNoRetry, match="canceled"):
+        make_sensor(deferrable=True).execute_complete(make_context(), prediction_event(at_deadline).payload())
+
+
 @pytest.mark.parametrize("status", ["failed", "canceled"])
 def test_a_failed_prediction_fails_without_retry_or_is_skipped_with_soft_fail(hook, status):
     event = prediction_event(make_prediction(status, error="NSFW content detected")).payload()

@@ -155,6 +155,32 @@ def test_complete_timeout_fails_even_if_cancel_fails(hook):
     assert any("Could not cancel" in line for line in logged(op, "warning"))
 
 
+def test_a_prediction_the_server_canceled_at_its_deadline_fails_as_a_timeout_with_retries(hook):
+    """Check that a cancel at the ``Cancel-After`` the create sent is the edit's timeout, not a final cancel.
+
+    The server reaches the deadline as the worker's clock does: whichever came first decided
+    between a retryable timeout and a ``canceled`` that failed without retries.
+    """
+    at_deadline = make_prediction(
+        "canceled", deadline="2025-05-01T10:05:00+00:00", completed_at="2025-05-01T10:05:00.2+00:00"
+    )
+    event = prediction_event(at_deadline)
+    assert event.at_deadline
+    with pytest.raises(FluxKontextPredictionFailed, match="did not finish within the timeout") as info:
+        make_op().execute_complete(stored_context(), event.payload())
+    assert not isinstance(info.value, FluxKontextPredictionFailedNoRetry)
+    assert info.value.status == "timeout"
+    hook.cancel_prediction.assert_not_called()  # the server already did
+
+    earlier = make_prediction(  # canceled by someone a minute before the deadline: as it ended
+        "canceled", deadline="2025-05-01T10:05:00+00:00", completed_at="2025-05-01T10:04:00+00:00"
+    )
+    assert not prediction_event(earlier).at_deadline
+    with pytest.raises(FluxKontextPredictionFailedNoRetry):
+        make_op().execute_complete(stored_context(), prediction_event(earlier).payload())
+    assert not prediction_event(make_prediction("canceled")).at_deadline  # no deadline was sent
+
+
 def test_complete_error_event(hook):
     event = {"status": "error", "prediction_id": PID, "message": "Polling failed: HTTP 401"}
     with pytest.raises(FluxKontextPredictionFailed, match="HTTP 401") as info:
