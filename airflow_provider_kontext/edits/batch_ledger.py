@@ -32,6 +32,9 @@ MAX_ERROR = 200
 CREATING = "creating"
 CREATED = "created"
 SUCCEEDED = "succeeded"
+#: What :meth:`BatchLedger.update` expects of an entry still waiting on its prediction: a record
+#: another thread made meanwhile (the kill's, the finish's) stands.
+ONLY_CREATED = frozenset({CREATED})
 #: A prediction canceled because the task was killed: nothing billed is kept, so a retry redoes it.
 KILLED = "killed"
 #: Terminal statuses of a prediction.
@@ -158,6 +161,14 @@ class BatchLedger:
     def entries(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
         """Iterate over ``(index, entry)`` of every image, in order."""
         return iter(enumerate(self._entries))
+
+    def waiting(self) -> dict[str, int]:
+        """Return the predictions recorded ``created`` (not known to be over): image index by id."""
+        return {
+            str(entry["id"]): index
+            for index, entry in enumerate(self._entries)
+            if entry and entry.get("s") == CREATED and entry.get("id")
+        }
 
     def open_window(self, created_after: str) -> None:
         """Record where the batch's creates start in the account's list (once; retries keep it)."""

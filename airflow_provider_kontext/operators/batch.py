@@ -336,9 +336,8 @@ class FluxKontextBatchEditOperator(EditArguments, PredictionResultMixin, BaseOpe
         """Return the predictions still to wait for, with each one's deadline (Unix time)."""
         timeout = self._timeout_seconds()
         return {
-            str(entry["id"]): float(entry.get("t", time.time())) + timeout
-            for _, entry in ledger.entries()
-            if entry and entry.get("s") == CREATED and entry.get("id")
+            prediction_id: float((ledger.entry(index) or {}).get("t", time.time())) + timeout
+            for prediction_id, index in ledger.waiting().items()
         }
 
     def _finish(

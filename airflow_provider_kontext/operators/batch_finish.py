@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
-from airflow_provider_kontext.edits.batch_ledger import CREATED, KILLED, SUCCEEDED, TERMINAL, BatchLedger
+from airflow_provider_kontext.edits.batch_ledger import KILLED, ONLY_CREATED, SUCCEEDED, TERMINAL, BatchLedger
 from airflow_provider_kontext.edits.batch_results import (
     counts_of,
     failure_message,
@@ -47,9 +47,6 @@ NO_STORE = (
 )
 #: Finished images recorded per write of the ledger while outputs are saved.
 FLUSH_EVERY = 50
-#: The finish records an outcome only over an entry still waiting on its prediction: a kill's
-#: record made meanwhile (on its own thread) stands.
-STILL_CREATED = frozenset({CREATED})
 
 
 class FinishingTask(Protocol):
@@ -111,11 +108,7 @@ class BatchFinisher:
         unread = [pid for pid in pending if finals.get(pid, {}).get("status") not in TERMINAL]
         if unread:
             finals.update(asyncio.run(self._read(unread)))
-        index_of = {
-            str(entry["id"]): index
-            for index, entry in self.ledger.entries()
-            if entry and entry.get("s") == CREATED and entry.get("id")
-        }
+        index_of = self.ledger.waiting()
         to_save: list[tuple[int, str, dict[str, Any]]] = []
         now = time.time()
         for prediction_id, deadline in pending.items():
@@ -128,7 +121,7 @@ class BatchFinisher:
                 to_save.append((index, prediction_id, item))
             elif outcome in TERMINAL or outcome == "lost":
                 ending = self._ending(index, item)
-                self.ledger.update(index, prediction_id, STILL_CREATED, flush=False, **ending)
+                self.ledger.update(index, prediction_id, ONLY_CREATED, flush=False, **ending)
             elif now >= deadline:
                 answer = self.op._cancel(prediction_id, "it did not finish within the timeout")
                 if answer is None:  # not canceled: a retry waits for it, as for one still running
@@ -137,7 +130,7 @@ class BatchFinisher:
                     to_save.append((index, prediction_id, answer.model_dump(mode="json", exclude={"logs"})))
                 else:
                     why = f"did not finish within {self.op._timeout_seconds():.0f}s"
-                    self.ledger.update(index, prediction_id, STILL_CREATED, flush=False, s="timeout", e=why)
+                    self.ledger.update(index, prediction_id, ONLY_CREATED, flush=False, s="timeout", e=why)
             else:
                 self.unsettled[index] = (
                     message or f"prediction {prediction_id} is still {outcome or 'unknown'}"
@@ -220,7 +213,7 @@ class BatchFinisher:
                 return
             else:
                 outcome = {"s": SUCCEEDED, "o": outputs}
-        self.ledger.update(index, prediction_id, STILL_CREATED, flush=False, **outcome)
+        self.ledger.update(index, prediction_id, ONLY_CREATED, flush=False, **outcome)
         with self._lock:
             self._saved += 1
             flush = self._saved % FLUSH_EVERY == 0

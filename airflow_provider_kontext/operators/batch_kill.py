@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from airflow_provider_kontext.edits.batch_ledger import CREATED, KILLED, TERMINAL, BatchLedger
+from airflow_provider_kontext.edits.batch_ledger import CREATED, KILLED, ONLY_CREATED, TERMINAL, BatchLedger
 from airflow_provider_kontext.exceptions import FluxKontextError
 
 #: Longest ``on_kill`` waits for the cancels (the rest go on in the background while the process lives).
@@ -50,7 +50,7 @@ def mark_killed(ledger: BatchLedger, targets: list[tuple[int, str]], log: Any) -
     this process.
     """
     for index, prediction_id in targets:
-        ledger.update(index, prediction_id, frozenset({CREATED}), flush=False, k=1)
+        ledger.update(index, prediction_id, ONLY_CREATED, flush=False, k=1)
     try:
         ledger.flush()
     except Exception as exc:  # the kill goes on: its cancels matter more
@@ -91,12 +91,9 @@ def cancel_unfinished(
 
     def work() -> None:
         targets = [
-            (index, str(entry["id"]))
-            for index, entry in ledger.entries()
-            if entry
-            and entry.get("s") == CREATED
-            and entry.get("id")
-            and (finals.get(str(entry["id"])) or {}).get("status") not in TERMINAL
+            (index, prediction_id)
+            for prediction_id, index in ledger.waiting().items()
+            if (finals.get(prediction_id) or {}).get("status") not in TERMINAL
         ]
         if not targets:
             return
@@ -129,11 +126,7 @@ def redo_canceled(op: Any, ledger: BatchLedger, log: Any) -> list[int]:
 
     from airflow_provider_kontext.triggers.batch import sweep
 
-    created = {
-        str(entry["id"]): index
-        for index, entry in ledger.entries()
-        if entry and entry.get("s") == CREATED and entry.get("id")
-    }
+    created = ledger.waiting()
     if not created:
         return []
 
@@ -148,10 +141,10 @@ def redo_canceled(op: Any, ledger: BatchLedger, log: Any) -> list[int]:
     except FluxKontextError as exc:
         log.warning("Could not read the earlier tries' predictions before creating (the wait will): %s", exc)
         return []
-    redo = sorted(created[pid] for pid, item in found.items() if item.get("status") in NOTHING_KEPT)
-    for pid, index in created.items():
-        if index in redo:
-            ledger.update(index, pid, frozenset({CREATED}), flush=False, s=KILLED, e=CANCELED_AFTER_ITS_TRY)
+    canceled = {pid: created[pid] for pid, item in found.items() if item.get("status") in NOTHING_KEPT}
+    for pid, index in canceled.items():
+        ledger.update(index, pid, ONLY_CREATED, flush=False, s=KILLED, e=CANCELED_AFTER_ITS_TRY)
+    redo = sorted(canceled.values())
     if redo:
         ledger.flush()
         log.info(
