@@ -408,32 +408,28 @@ def test_images_added_to_the_folder_between_tries_are_matched_by_content(
 
 
 @options(prediction_seconds=30.0)
-def test_predictions_past_the_timeout_are_canceled_and_the_retry_redoes_them(
-    emu: FluxKontextEmulator, shots: Path
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        pytest.param(1, id="our-clock-first"),  # under Cancel-After's 5 s least: the wait cancels them
+        pytest.param(6, id="server-first"),  # the server cancels them at the Cancel-After it was sent
+    ],
+)
+def test_predictions_past_the_timeout_are_canceled_and_fail_as_a_retryable_timeout(
+    emu: FluxKontextEmulator, shots: Path, timeout: int
 ) -> None:
+    """Check both clocks that can reach the timeout against the emulator: either way a retryable timeout.
+
+    When the server reached it first (``Cancel-After``), the predictions ended ``canceled``, which
+    the batch recorded as a final failure.
+    """
     images = sorted(str(p) for p in shots.glob("*.png"))[:2]
     with pytest.raises(FluxKontextBatchFailed) as failure:
-        make_op(input_images=images, timeout=1).execute(make_context(FakeStore()))
+        make_op(input_images=images, timeout=timeout).execute(make_context(FakeStore()))
     assert not isinstance(failure.value, AirflowFailException)  # a timeout may be retried
     assert "2 of 2 images were not edited" in str(failure.value)
     assert "timeout" in str(failure.value)
     assert {emu.prediction(pid).status.value for pid in emu.predictions} == {"canceled"}
-
-
-@options(prediction_seconds=30.0)
-def test_predictions_the_server_cancels_at_the_timeout_it_was_sent_are_a_retryable_timeout(
-    emu: FluxKontextEmulator, shots: Path
-) -> None:
-    """Check the timeout the server reaches first (``Cancel-After``, at least 5 s) against the emulator.
-
-    It ended the predictions ``canceled``, which the batch recorded as a final failure.
-    """
-    images = sorted(str(p) for p in shots.glob("*.png"))[:2]
-    with pytest.raises(FluxKontextBatchFailed) as failure:
-        make_op(input_images=images, timeout=6).execute(make_context(FakeStore()))
-    assert not isinstance(failure.value, AirflowFailException)  # a timeout may be retried
-    assert "2 of 2 images were not edited" in str(failure.value)
-    assert "timeout" in str(failure.value)
 
 
 def test_an_unforeseen_error_in_one_create_is_reported_and_leaves_a_retryable_failure(
